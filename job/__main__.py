@@ -1,0 +1,3 @@
+from job.cli import app
+
+app(prog_name="finetune-job")

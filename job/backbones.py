@@ -1,0 +1,58 @@
+"""Registry of keras.applications backbones: constructor, preprocessing mode, minimum input size.
+
+Pure data; TensorFlow is imported only when a backbone is actually built, so config validation
+and `finetune-job --help` stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    constructor: str  # attribute of keras.applications
+    # keras.applications.imagenet_utils preprocessing mode: "caffe" (BGR, mean-centred),
+    # "tf" (scale to [-1, 1]), "torch" (scale to [0, 1], ImageNet mean/std), or "none" when the
+    # model carries its own rescaling (EfficientNet, ConvNeXt, MobileNetV3).
+    preprocess: str
+    min_size: int
+
+
+_ALL = [
+    Backbone("vgg16", "VGG16", "caffe", 32),
+    Backbone("vgg19", "VGG19", "caffe", 32),
+    Backbone("resnet50", "ResNet50", "caffe", 32),
+    Backbone("resnet101", "ResNet101", "caffe", 32),
+    Backbone("resnet50_v2", "ResNet50V2", "tf", 32),
+    Backbone("mobilenet", "MobileNet", "tf", 32),
+    Backbone("mobilenet_v2", "MobileNetV2", "tf", 32),
+    Backbone("mobilenet_v3_small", "MobileNetV3Small", "none", 32),
+    Backbone("mobilenet_v3_large", "MobileNetV3Large", "none", 32),
+    Backbone("efficientnet_b0", "EfficientNetB0", "none", 32),
+    Backbone("efficientnet_b1", "EfficientNetB1", "none", 32),
+    Backbone("efficientnet_b2", "EfficientNetB2", "none", 32),
+    Backbone("efficientnet_b3", "EfficientNetB3", "none", 32),
+    Backbone("efficientnet_v2_b0", "EfficientNetV2B0", "none", 32),
+    Backbone("efficientnet_v2_s", "EfficientNetV2S", "none", 32),
+    Backbone("xception", "Xception", "tf", 71),
+    Backbone("inception_v3", "InceptionV3", "tf", 75),
+    Backbone("densenet121", "DenseNet121", "torch", 32),
+    Backbone("densenet169", "DenseNet169", "torch", 32),
+    Backbone("densenet201", "DenseNet201", "torch", 32),
+    Backbone("convnext_tiny", "ConvNeXtTiny", "none", 32),
+]
+
+BACKBONES: dict[str, Backbone] = {b.name: b for b in _ALL}
+
+
+def get(name: str) -> Backbone:
+    """The registered backbone called `name`; KeyError carries a "did you mean" hint."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, BACKBONES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (one of: {', '.join(BACKBONES)})"
+        raise KeyError(f"unknown backbone '{name}'{hint}") from None

@@ -1,0 +1,144 @@
+"""The `finetune-job` command line: train, validate, predict.
+
+Only this layer exits: domain code raises typed errors (job.errors) that map to the contract's
+exit codes here. Nothing at module level imports TensorFlow, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import job
+
+app = typer.Typer(
+    name="finetune-job",
+    help="Fine-tune a keras.applications image classifier on a folder-per-class dataset in S3.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file (CONTRACT section 4).")]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override one key: --set train.batch_size=64 (dotted path, YAML-typed value)."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"finetune-job {job.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune a keras.applications image classifier on a folder-per-class dataset in S3."""
+
+
+def _fail(exc: BaseException) -> None:
+    """Log the error and exit with its code: one line for expected errors, a traceback otherwise."""
+    from job import logs
+    from job.errors import JobError, exit_code_for
+
+    code = exit_code_for(exc)
+    if isinstance(exc, JobError):
+        logs.get().error(str(exc), exit_code=code)
+        typer.echo(f"finetune-job: error: {exc}", err=True)
+    else:
+        logs.get().exception("unexpected error", exit_code=code)
+        typer.echo(f"finetune-job: unexpected error: {type(exc).__name__}: {exc}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path, sets: list[str] | None):
+    from job import config as config_lib
+    from job import logs
+
+    logs.setup()
+    cfg = config_lib.load(config, sets or [])
+    logs.bind(run_id=cfg.run_id)
+    return cfg
+
+
+@app.command()
+def train(config: ConfigOption, set_: SetOption = None) -> None:
+    """Run the job: stage the dataset, train head then fine-tune, evaluate, export to storage."""
+    from job import logs, metrics
+    from job.distribute import tf_config_workers
+
+    try:
+        cfg = _load(config, set_)
+        worker, _ = tf_config_workers()
+        metrics.start(run_id=cfg.run_id, backbone=cfg.model.backbone, version=job.__version__, worker=worker,
+                      is_chief=worker == 0, port=cfg.metrics.port, pushgateway=cfg.metrics.pushgateway,
+                      linger_seconds=cfg.metrics.linger_seconds)
+    except BaseException as exc:  # noqa: BLE001 - every failure leaves through _fail
+        _fail(exc)
+    try:
+        from job import pipeline
+
+        summary = pipeline.train(cfg)
+    except BaseException as exc:  # noqa: BLE001
+        metrics.finish(False)
+        _fail(exc)
+    logs.get().info("run finished", **summary)
+    metrics.finish(True)
+
+
+@app.command()
+def validate(config: ConfigOption, set_: SetOption = None) -> None:
+    """Check config, storage access and dataset layout; print class counts per split. Trains nothing."""
+    try:
+        cfg = _load(config, set_)
+        from job import pipeline
+
+        counts = pipeline.validate(cfg)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+    classes = list(next(iter(counts.values())))
+    splits = list(counts)
+    width = max(len(c) for c in classes + ["class"])
+    typer.echo(f"{'class':<{width}}  " + "  ".join(f"{s:>10}" for s in splits))
+    for c in classes:
+        typer.echo(f"{c:<{width}}  " + "  ".join(f"{counts[s][c]:>10}" for s in splits))
+    typer.echo(f"{'total':<{width}}  " + "  ".join(f"{sum(counts[s].values()):>10}" for s in splits))
+    typer.echo(f"ok: {len(classes)} classes, run_id {cfg.run_id}", err=True)
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option("--model", "-m", help="An exported run: local folder or s3://bucket/prefix/run_id.")],
+    images: Annotated[list[str], typer.Argument(help="Image files or s3:// URIs.")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many labels to print per image.")] = 3,
+    endpoint_url: Annotated[str, typer.Option(help="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per image.")] = False,
+) -> None:
+    """Classify images with an exported run; prints the top-k labels with probabilities."""
+    from job import logs
+
+    try:
+        logs.setup(json=False if not as_json else True, level="WARNING")
+        from job import pipeline
+
+        results = pipeline.predict(model, images, top_k, endpoint_url)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+    for r in results:
+        if as_json:
+            typer.echo(json.dumps(r))
+        else:
+            typer.echo(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,278 @@
+"""The job's configuration (CONTRACT section 4): pydantic models and file + env + --set resolution.
+
+Precedence: --set > FINETUNE_* environment > YAML file > defaults. Everything is validated before
+any work; problems become one ConfigError line that names the key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import os
+import secrets
+import urllib.parse
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from job import backbones
+from job.errors import ConfigError
+
+ENV_PREFIX = "FINETUNE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    uri: str = Field(min_length=1)
+    image_size: tuple[int, int] = (180, 180)
+    validation_split: float = Field(0.2, ge=0.0, lt=1.0)
+    cache_dir: str = "/tmp/finetune-job/cache"
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class ModelConfig(_Section):
+    backbone: str = "mobilenet_v2"
+    weights: str = "imagenet"
+    head_units: int = Field(256, ge=0)
+    head_dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        try:
+            backbones.get(v)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        return v
+
+
+class HeadConfig(_Section):
+    epochs: int = Field(10, ge=0)
+    learning_rate: float = Field(1.0e-3, gt=0.0)
+    mode: Literal["cached_features", "end_to_end"] = "cached_features"
+    augment: bool = True
+
+
+class FinetuneConfig(_Section):
+    epochs: int = Field(10, ge=0)
+    learning_rate: float = Field(1.0e-5, gt=0.0)
+    # Top N layers of the base, or the name of the first layer to unfreeze.
+    unfreeze: Union[int, str] = 20
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _sane_unfreeze(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be a layer count >= 0 or a layer name")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must be a layer count >= 0 or a layer name")
+        return v
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(32, ge=1)
+    seed: int = 1337
+    mixed_precision: Union[Literal["auto"], bool] = "auto"
+    head: HeadConfig = HeadConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    early_stopping_patience: int = Field(3, ge=0)  # 0 = no early stopping
+
+
+class DistributionConfig(_Section):
+    strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
+    cpu_replicas: int = Field(0, ge=0, le=64)
+
+
+class OutputConfig(_Section):
+    uri: str = Field(min_length=1)
+    overwrite: bool = False
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0)
+    keep: int = Field(3, ge=1)
+
+
+class MetricsConfig(_Section):
+    port: int = Field(8000, ge=0, le=65535)
+    pushgateway: str = ""
+    linger_seconds: float = Field(15.0, ge=0.0)
+
+
+class S3Config(_Section):
+    endpoint_url: str = ""
+
+
+class Config(_Section):
+    run_id: str = ""
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    distribution: DistributionConfig = DistributionConfig()
+    output: OutputConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    s3: S3Config = S3Config()
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v: str) -> str:
+        if v and (not all(c.isalnum() or c in "._-" for c in v) or v.startswith(".")):
+            raise ValueError("only letters, digits, '.', '_' and '-' (it becomes a storage prefix)")
+        return v
+
+    @model_validator(mode="after")
+    def _image_size_fits_backbone(self) -> Config:
+        minimum = backbones.get(self.model.backbone).min_size
+        if min(self.data.image_size) < minimum or max(self.data.image_size) > 4096:
+            raise ValueError(
+                f"data.image_size {list(self.data.image_size)} is outside what {self.model.backbone} "
+                f"accepts (each side {minimum}..4096)"
+            )
+        return self
+
+
+def default_run_id() -> str:
+    """UTC timestamp plus a short random suffix: sortable and unique enough for concurrent runs."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def _set_path(tree: dict, path: list[str], value: Any, source: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{'.'.join(path)}' goes below '{part}', which is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML-typed value: `64` -> int, `true` -> bool, `[64, 64]` -> list, else the string."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any, str]]:
+    """FINETUNE_TRAIN__BATCH_SIZE=64 -> (["train", "batch_size"], 64).
+
+    Variables whose first part is not a config section are ignored: Kubernetes injects
+    FINETUNE_JOB_SERVICE_HOST and friends for a Service called finetune-job.
+    """
+    sections = set(Config.model_fields)
+    found = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if path[0] in sections:
+            found.append((path, _parse_value(environ[name]), f"environment variable {name}"))
+    return found
+
+
+def _set_overrides(assignments: list[str]) -> list[tuple[list[str], Any, str]]:
+    found = []
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.batch_size=64")
+        found.append((key.strip().split("."), _parse_value(raw), f"--set {key.strip()}"))
+    return found
+
+
+def _describe(loc: tuple, model: type[BaseModel] = None) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _field_names_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return list(model.model_fields)
+        model = ann
+    return list(model.model_fields)
+
+
+def _one_line(err: ValidationError) -> str:
+    """The first pydantic error, as `key: problem` on one line, with a did-you-mean for typos."""
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not isinstance(p, int) or e["type"] != "union_tag_invalid")
+    key = _describe(loc)
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _field_names_at(loc[:-1]), n=1)
+        hint = f" (did you mean '{_describe(loc[:-1] + (close[0],))}'?)" if close else ""
+        return f"config: unknown key '{key}'{hint}"
+    if e["type"] == "missing":
+        return f"config: '{key}' is required"
+    msg = e["msg"].removeprefix("Value error, ")
+    if key:
+        given = e.get("input")
+        shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+        return f"config: {key}: {msg}{shown}"
+    return f"config: {msg}"
+
+
+def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: dict | None = None) -> Config:
+    """Resolve defaults < file < environment < --set into a validated Config, or raise ConfigError."""
+    environ = dict(os.environ if environ is None else environ)
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} cannot be read: {e}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: expected a mapping of keys at the top level")
+        tree = loaded or {}
+    for keys, value, source in _env_overrides(environ) + _set_overrides(list(assignments)):
+        _set_path(tree, keys, value, source)
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+    if not cfg.run_id:
+        cfg.run_id = default_run_id()
+    return cfg
+
+
+def _redact_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    return url
+
+
+def redacted(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data, with credentials embedded in URLs masked."""
+    data = cfg.model_dump(mode="json")
+    data["s3"]["endpoint_url"] = _redact_url(data["s3"]["endpoint_url"])
+    data["metrics"]["pushgateway"] = _redact_url(data["metrics"]["pushgateway"])
+    data["data"]["uri"] = _redact_url(data["data"]["uri"])
+    data["output"]["uri"] = _redact_url(data["output"]["uri"])
+    return data
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(redacted(cfg), sort_keys=False)

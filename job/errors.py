@@ -1,0 +1,36 @@
+"""Typed errors raised by the domain code; only the CLI turns them into exit codes."""
+
+
+class JobError(Exception):
+    """An expected failure with a one-line message and a documented exit code."""
+
+    exit_code = 1
+
+
+class ConfigError(JobError):
+    """Invalid configuration or usage."""
+
+    exit_code = 2
+
+
+class DataError(JobError):
+    """Missing or empty dataset layout, or too many undecodable images."""
+
+    exit_code = 3
+
+
+class StorageError(JobError):
+    """Storage unreachable, access denied, or artifacts in the way."""
+
+    exit_code = 4
+
+
+class Preempted(JobError):
+    """Stopped by SIGTERM/SIGINT after a checkpoint was saved."""
+
+    exit_code = 143
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """Exit code of the contract for any exception: typed errors carry theirs, the rest is 1."""
+    return exc.exit_code if isinstance(exc, JobError) else 1

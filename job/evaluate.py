@@ -1,0 +1,104 @@
+"""Classification metrics from predicted probabilities, and the two plots. NumPy and matplotlib only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+_EPS = 1e-7
+
+
+def loss_and_accuracy(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Mean sparse categorical cross-entropy and accuracy."""
+    if len(labels) == 0:
+        return float("nan"), float("nan")
+    picked = np.clip(probs[np.arange(len(labels)), labels], _EPS, 1.0)
+    return float(-np.log(picked).mean()), float((probs.argmax(-1) == labels).mean())
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (labels, predicted), 1)
+    return cm
+
+
+def report(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    """accuracy, loss, per-class precision/recall/f1/support and the confusion matrix."""
+    loss, accuracy = loss_and_accuracy(probs, labels)
+    cm = confusion_matrix(labels, probs.argmax(-1) if len(labels) else labels, len(classes))
+    tp = np.diag(cm).astype(float)
+    predicted = cm.sum(0).astype(float)
+    support = cm.sum(1).astype(float)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    per_class = {
+        c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+        for i, c in enumerate(classes)
+    }
+    return {
+        "examples": int(len(labels)),
+        "accuracy": accuracy,
+        "loss": loss,
+        "macro_f1": float(f1.mean()) if len(classes) else 0.0,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def plot_curves(history: dict[str, list[dict]], path: Path) -> None:
+    """Loss and accuracy per epoch for both phases on one time axis, the phase boundary marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for phase, records in history.items():
+        if not records:
+            continue
+        x = [offset + r["epoch"] for r in records]
+        for ax, key in zip(axes, ("loss", "accuracy")):
+            ax.plot(x, [r[key] for r in records], marker="o", label=f"{phase} train")
+            if "val_" + key in records[0]:
+                ax.plot(x, [r["val_" + key] for r in records], marker="s", linestyle="--", label=f"{phase} validation")
+        if offset:
+            for ax in axes:
+                ax.axvline(offset + 0.5, color="grey", linestyle=":")
+                ax.text(offset + 0.55, ax.get_ylim()[1], f" {phase}", va="top", color="grey")
+        offset += len(records)
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.set_xlabel("epoch (both phases)")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    size = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if len(classes) <= 30:
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

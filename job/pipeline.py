@@ -1,0 +1,315 @@
+"""The commands' work, step by step in the order data flows:
+
+config -> storage (listing, staging) -> dataset -> model -> train (head, fine-tune) -> evaluate -> export.
+
+TensorFlow is imported inside `train` and `predict` only: `validate` and `--help` never load it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from job import evaluate, logs, metrics, storage
+from job import layout as layout_lib
+from job.config import Config, to_yaml
+from job.errors import ConfigError, DataError, StorageError
+
+log = logs.get()
+
+
+# ---------------------------------------------------------------- storage and layout
+
+
+def read_layout(cfg: Config) -> layout_lib.Layout:
+    """List the dataset (no downloads), check its layout, and carve the validation split if needed."""
+    store = storage.open_store(cfg.data.uri, cfg.s3.endpoint_url)
+    found = layout_lib.discover([e.rel for e in store.list()], cfg.data.uri.rstrip("/"))
+    if found.ignored:
+        log.warning("objects ignored (not images in a class folder)", count=len(found.ignored), examples=found.ignored[:5])
+    return layout_lib.split_validation(found, cfg.data.validation_split, cfg.train.seed)
+
+
+def output_state(cfg: Config) -> tuple[storage.Store, str]:
+    """The run's output store and its state: 'complete', 'empty' or 'incomplete'."""
+    out = storage.open_store(storage.join(cfg.output.uri, cfg.run_id), cfg.s3.endpoint_url)
+    if out.exists("_SUCCESS"):
+        return out, "complete"
+    return out, "incomplete" if out.list() else "empty"
+
+
+def validate(cfg: Config) -> dict[str, dict[str, int]]:
+    """Storage access and dataset layout: what `finetune-job validate` prints. Trains nothing."""
+    layout = read_layout(cfg)
+    output_state(cfg)  # proves the output location is reachable with these credentials
+    return layout.counts()
+
+
+def stage_and_check(cfg: Config, layout: layout_lib.Layout) -> tuple[layout_lib.Layout, Path, list[str]]:
+    """Download the dataset to the cache and drop undecodable files; DataError past max_bad_fraction."""
+    from job import dataset
+
+    store = storage.open_store(cfg.data.uri, cfg.s3.endpoint_url)
+    wanted = {p for per in layout.files.values() for ps in per.values() for p in ps}
+    entries = [e for e in store.list() if e.rel in wanted]
+    with logs.progress("staging", len(entries)) as advance:
+        root, stats = storage.stage(store, entries, Path(cfg.data.cache_dir), advance)
+    log.info("dataset staged", root=str(root), **stats)
+
+    paths = sorted(wanted)
+    bad = sorted(os.path.relpath(p, root) for p in dataset.find_undecodable([str(root / p) for p in paths]))
+    for rel in bad:
+        log.warning("undecodable image skipped", file=storage.join(cfg.data.uri, rel))
+    metrics.bad_images(len(bad))
+    fraction = len(bad) / max(len(paths), 1)
+    if fraction > cfg.data.max_bad_fraction:
+        raise DataError(
+            f"{len(bad)} of {len(paths)} images cannot be decoded ({fraction:.1%} > data.max_bad_fraction "
+            f"{cfg.data.max_bad_fraction:.1%}), e.g. {storage.join(cfg.data.uri, bad[0])}"
+        )
+    cleaned = layout_lib.without(layout, set(bad))
+    for split, per in cleaned.files.items():
+        empty = [c for c, ps in per.items() if not ps]
+        if empty:
+            raise DataError(f"{cfg.data.uri}/{split}/: no decodable images left in {', '.join(empty)}")
+    return cleaned, root, bad
+
+
+def resolve_weights(cfg: Config, work: Path) -> tuple[str | None, bool]:
+    """(local weights file or None, download ImageNet weights?) from `model.weights`."""
+    weights = cfg.model.weights
+    if weights in ("imagenet", "none"):
+        return None, weights == "imagenet"
+    if storage.is_s3(weights):
+        parent, _, name = weights.rstrip("/").rpartition("/")
+        local = work / "weights" / name
+        storage.open_store(parent, cfg.s3.endpoint_url).download(name, local)
+        return str(local), False
+    if not Path(weights).expanduser().is_file():
+        raise ConfigError(f"config: model.weights: no weights file at {weights} (imagenet | none | a path | s3://...)")
+    return str(Path(weights).expanduser()), False
+
+
+# ---------------------------------------------------------------- train
+
+
+def train(cfg: Config) -> dict:
+    """The whole job. Returns the summary that the CLI logs last."""
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    out, state = output_state(cfg)
+    if state == "complete" and not cfg.output.overwrite:
+        return {"status": "already complete", "artifacts": out.uri}
+    if state != "empty":
+        if not cfg.output.overwrite:
+            raise StorageError(f"{out.uri} holds an incomplete run; use another run_id or set output.overwrite=true")
+        log.warning("overwriting existing run", artifacts=out.uri)
+        out.delete_all()
+
+    layout = read_layout(cfg)
+    log.info("dataset listed", uri=cfg.data.uri, classes=len(layout.classes), counts=layout.counts())
+
+    from job import distribute
+
+    cluster = distribute.setup(cfg.distribution.strategy, cfg.distribution.cpu_replicas, cfg.train.mixed_precision)
+    logs.bind(worker=cluster.worker_index)
+    log.info("strategy ready", strategy=cluster.kind, replicas=cluster.replicas, workers=cluster.num_workers,
+             mixed_precision=cluster.mixed_precision)
+
+    import keras
+
+    from job import dataset, model, train as loop
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    work = Path(cfg.data.cache_dir) / "runs" / cfg.run_id / f"worker-{cluster.worker_index}"
+    work.mkdir(parents=True, exist_ok=True)
+    global_batch = cfg.train.batch_size
+    per_replica = loop.per_replica_batch(global_batch, cluster)
+
+    # The model first: a bad `unfreeze` or weights file must fail before any download.
+    weights_file, imagenet = resolve_weights(cfg, work)
+    size = tuple(cfg.data.image_size)
+    with cluster.strategy.scope():
+        parts = model.build(cfg.model.backbone, weights_file, size, len(layout.classes),
+                            cfg.model.head_units, cfg.model.head_dropout, imagenet=imagenet)
+        augment = model.augmentation(cfg.train.seed) if cfg.train.head.augment else None
+    unfreeze = model.check_unfreeze(parts.base, cfg.train.finetune.unfreeze, cfg.model.backbone)
+
+    t0 = time.monotonic()
+    metrics.set_phase("staging")
+    layout, root, bad = stage_and_check(cfg, layout)
+    timings["staging_seconds"] = round(time.monotonic() - t0, 3)
+
+    def local(split: str) -> tuple[list[str], list[int]]:
+        paths, labels = layout.items(split)
+        return [str(root / p) for p in paths], labels
+
+    train_paths, train_labels = local("train")
+    val_paths, val_labels = local("validation") if "validation" in layout.files else ([], [])
+    # Each worker reads its own shard of the training files; validation is the same on every worker.
+    shard = slice(cluster.worker_index, None, cluster.num_workers)
+    my_paths, my_labels = train_paths[shard], train_labels[shard]
+
+    def images(paths, labels, shuffle):
+        return lambda ctx: dataset.image_dataset(paths, labels, size, per_replica, shuffle=shuffle,
+                                                 seed=cfg.train.seed, repeat=True)
+
+    val_images = dataset.image_dataset(val_paths, val_labels, size, 64) if val_paths else None
+    history: dict[str, list[dict]] = {}
+
+    # Phase 1: the head on the frozen base.
+    head_cfg = cfg.train.head
+    t0 = time.monotonic()
+    if head_cfg.mode == "cached_features" and head_cfg.epochs > 0:
+        metrics.set_phase("head")
+        train_feats = dataset.extract_features(parts.features, my_paths, size, work / "features" / "train.npy")
+        val_feats = (dataset.extract_features(parts.features, val_paths, size, work / "features" / "validation.npy")
+                     if val_paths else None)
+        timings["feature_cache_seconds"] = round(time.monotonic() - t0, 3)
+        phase = loop.Phase(
+            "head", parts.head,
+            lambda ctx: dataset.feature_dataset(train_feats, my_labels, per_replica, shuffle=True,
+                                                seed=cfg.train.seed, repeat=True),
+            len(train_paths), head_cfg.epochs, head_cfg.learning_rate,
+            loop.validator(parts.head, dataset.feature_dataset(val_feats, val_labels, 256) if val_paths else None),
+        )
+    else:
+        phase = loop.Phase("head", parts.model, images(my_paths, my_labels, True), len(train_paths),
+                           head_cfg.epochs, head_cfg.learning_rate, loop.validator(parts.model, val_images), augment)
+    result = loop.run_phase(phase, cluster, global_batch, cfg.train.early_stopping_patience)
+    history["head"] = result.history
+    timings["head_seconds"] = round(time.monotonic() - t0, 3)
+
+    # Phase 2: fine-tune the top of the base at a low learning rate; the head carries over.
+    ft = cfg.train.finetune
+    t0 = time.monotonic()
+    if ft.epochs > 0 and unfreeze > 0:
+        with cluster.strategy.scope():
+            model.unfreeze_top(parts.base, unfreeze)
+        phase = loop.Phase("finetune", parts.model, images(my_paths, my_labels, True), len(train_paths),
+                           ft.epochs, ft.learning_rate, loop.validator(parts.model, val_images), augment)
+        history["finetune"] = loop.run_phase(phase, cluster, global_batch, cfg.train.early_stopping_patience).history
+    else:
+        history["finetune"] = []
+    timings["finetune_seconds"] = round(time.monotonic() - t0, 3)
+
+    # Evaluation on validation and test: the same on every worker; only the chief writes.
+    t0 = time.monotonic()
+    metrics.set_phase("evaluate")
+    reports = {}
+    for split in ("validation", "test"):
+        if split in layout.files:
+            paths, labels = local(split)
+            probs, truth = loop.predict(parts.model, dataset.image_dataset(paths, labels, size, 64))
+            reports[split] = evaluate.report(probs, truth, layout.classes)
+    timings["evaluate_seconds"] = round(time.monotonic() - t0, 3)
+    if not cluster.is_chief:
+        return {"status": "done (worker)", "artifacts": out.uri}
+
+    t0 = time.monotonic()
+    metrics.set_phase("export")
+    folder = work / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    export_artifacts(cfg, parts, layout, history, reports, bad, folder)
+    timings["export_seconds"] = round(time.monotonic() - t0, 3)
+    timings["total_seconds"] = round(time.monotonic() - started, 3)
+
+    from job import export
+
+    export.write_manifest(folder, {
+        "run_id": cfg.run_id,
+        "versions": export.versions(),
+        "backbone": cfg.model.backbone,
+        "classes": layout.classes,
+        "dataset": {"uri": cfg.data.uri, "counts": layout.counts(), "bad_images": len(bad)},
+        "strategy": {"kind": cluster.kind, "replicas": cluster.replicas, "workers": cluster.num_workers,
+                     "mixed_precision": cluster.mixed_precision},
+        "timings": timings,
+    })
+    export.upload(folder, out)
+    headline = reports.get("test") or reports.get("validation") or {}
+    return {
+        "status": "complete",
+        "artifacts": out.uri,
+        "test_accuracy": reports.get("test", {}).get("accuracy"),
+        "val_accuracy": reports.get("validation", {}).get("accuracy"),
+        "accuracy": headline.get("accuracy"),
+        "seconds": timings["total_seconds"],
+    }
+
+
+def export_artifacts(cfg: Config, parts, layout: layout_lib.Layout, history: dict, reports: dict,
+                     bad: list[str], folder: Path) -> None:
+    """Everything of CONTRACT section 6 except the manifest and _SUCCESS, into a local folder."""
+    from job import export
+
+    classes = layout.classes
+    clean = export.clean_copy(parts, cfg, classes)
+    export.write_saved_model(clean, classes, tuple(cfg.data.image_size), folder / "saved_model")
+    clean.save(folder / "model.keras")
+    (folder / "labels.txt").write_text("\n".join(classes) + "\n")
+    export.write_json(folder / "metrics.json", {**reports, "bad_images": bad})
+    export.write_json(folder / "history.json", history)
+    evaluate.plot_curves(history, folder / "curves.png")
+    split = "test" if "test" in reports else "validation"
+    if split in reports:
+        evaluate.plot_confusion(reports[split]["confusion_matrix"], classes, folder / "confusion_matrix.png",
+                                f"{split} confusion matrix")
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+
+
+# ---------------------------------------------------------------- predict
+
+
+def fetch_run(model_uri: str, endpoint: str = "") -> Path:
+    """A complete exported run as a local folder, its files checked against the manifest."""
+    import json
+
+    from job.export import MANIFEST, SUCCESS, sha256
+
+    store = storage.open_store(model_uri, endpoint)
+    if not store.exists(SUCCESS):
+        raise StorageError(f"{model_uri}: not a complete run (no {SUCCESS})")
+    if isinstance(store, storage.LocalStore):
+        folder = store.root
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="finetune-job-model-"))
+        wanted = [e for e in store.list() if e.rel in (MANIFEST, "labels.txt") or e.rel.startswith("saved_model/")]
+        storage.stage(store, wanted, folder)
+        folder = folder / store.bucket / store.prefix
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for rel, info in manifest["files"].items():
+        if rel.startswith("saved_model/") or rel == "labels.txt":
+            if not (folder / rel).is_file() or sha256(folder / rel) != info["sha256"]:
+                raise StorageError(f"{model_uri}/{rel}: does not match the manifest's checksum")
+    return folder
+
+
+def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "") -> list[dict]:
+    """Top-k labels with probabilities for each image (local path or s3:// URI)."""
+    folder = fetch_run(model_uri, endpoint)
+    blobs = []
+    for uri in images:
+        if storage.is_s3(uri):
+            parent, _, name = uri.rpartition("/")
+            blobs.append(storage.open_store(parent, endpoint).read(name))
+        else:
+            try:
+                blobs.append(Path(uri).read_bytes())
+            except OSError as e:
+                raise ConfigError(f"{uri}: cannot read image ({e.strerror})") from None
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
+    results = []
+    for uri, blob in zip(images, blobs):
+        try:
+            probs = serve(image_bytes=tf.constant([blob]))["probabilities"].numpy()[0]
+        except tf.errors.InvalidArgumentError:
+            raise DataError(f"{uri}: not a decodable image") from None
+        labels = (folder / "labels.txt").read_text().splitlines()
+        order = probs.argsort()[::-1][:top_k]
+        results.append({"image": uri, "top": [{"label": labels[i], "probability": float(probs[i])} for i in order]})
+    return results

@@ -1,0 +1,288 @@
+"""Where bytes come from and go to: S3-compatible storage through one boto3 client, or a local folder.
+
+TensorFlow has no s3:// filesystem, so datasets are staged to local disk with parallel GETs and
+tf.data reads local files. Botocore's standard retry mode handles transient 5xx, throttling and
+connection resets; every failed attempt is counted in finetune_job_s3_errors_total.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from job import metrics
+from job.errors import StorageError
+
+DOWNLOAD_THREADS = 32
+INDEX_NAME = ".finetune-job-staged.json"
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One object below a store's root: path relative to the root, size, and ETag (or mtime locally)."""
+
+    rel: str
+    size: int
+    etag: str
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def endpoint_url(configured: str = "") -> str:
+    """The S3 endpoint in effect: the config's, else AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS."""
+    return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
+_clients: dict[str, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _count_failed_attempt(attempts=None, response=None, caught_exception=None, operation=None, **_):
+    """needs-retry hook: runs after every attempt; counts the ones that failed (404s are answers)."""
+    status = response[0].status_code if response else None
+    if caught_exception is not None or (status is not None and status >= 400 and status not in (404, 304)):
+        metrics.s3_error(getattr(operation, "name", "unknown"))
+
+
+def client(endpoint: str = ""):
+    """One boto3 S3 client per endpoint, shared by all threads (boto3 clients are thread-safe)."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    url = endpoint_url(endpoint)
+    with _clients_lock:
+        if url not in _clients:
+            cfg = BotoConfig(
+                retries={"mode": "standard", "max_attempts": 5},
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=DOWNLOAD_THREADS + 8,
+                # Custom endpoints (MinIO, Ceph, moto) want path-style addressing.
+                s3={"addressing_style": "path"} if url else {},
+            )
+            c = boto3.session.Session().client("s3", endpoint_url=url or None, config=cfg)
+            c.meta.events.register("needs-retry.s3", _count_failed_attempt)
+            _clients[url] = c
+        return _clients[url]
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn botocore failures into one-line StorageErrors that say what was being done."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        yield
+    except StorageError:
+        raise
+    except NoCredentialsError:
+        raise StorageError(f"{what}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                           "a profile, or an IAM role)") from None
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _DENIED or status == 403:
+            raise StorageError(f"{what}: access denied ({code or status})") from None
+        if code == "NoSuchBucket":
+            raise StorageError(f"{what}: bucket does not exist") from None
+        raise StorageError(f"{what}: {code or status}: {e.response.get('Error', {}).get('Message', e)}") from None
+    except BotoCoreError as e:
+        raise StorageError(f"{what}: storage unreachable ({e})") from None
+    except OSError as e:
+        raise StorageError(f"{what}: {e.strerror or e}") from None
+
+
+class S3Store:
+    """Objects below s3://bucket/prefix/."""
+
+    def __init__(self, uri: str, endpoint: str = ""):
+        parsed = urllib.parse.urlsplit(uri)
+        self.uri = uri.rstrip("/")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.client = client(endpoint)
+        if not self.bucket:
+            raise StorageError(f"{uri}: no bucket in the URI (expected s3://bucket/prefix)")
+
+    def _key(self, rel: str) -> str:
+        return "/".join(p for p in (self.prefix, rel.strip("/")) if p)
+
+    def list(self, sub: str = "") -> list[Entry]:
+        base = self._key(sub)
+        base = base + "/" if base else ""
+        root = self.prefix + "/" if self.prefix else ""
+        out = []
+        with storage_errors(f"listing {join(self.uri, sub)}"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                for obj in page.get("Contents", []):
+                    out.append(Entry(obj["Key"][len(root):], obj["Size"], obj["ETag"].strip('"')))
+        return out
+
+    def exists(self, rel: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with storage_errors(f"checking {join(self.uri, rel)}"):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+    def download(self, rel: str, dest: Path) -> int:
+        """Atomic download to dest (a temporary name, then rename); returns the bytes written."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{threading.get_ident()}.part")
+        with storage_errors(f"downloading {join(self.uri, rel)}"):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(body, f, 1 << 20)
+        os.replace(tmp, dest)
+        size = dest.stat().st_size
+        metrics.s3_bytes_downloaded(size)
+        return size
+
+    def upload(self, src: Path, rel: str) -> None:
+        with storage_errors(f"uploading {join(self.uri, rel)}"):
+            self.client.upload_file(str(src), self.bucket, self._key(rel), Callback=metrics.s3_bytes_uploaded)
+
+    def read(self, rel: str) -> bytes:
+        with storage_errors(f"reading {join(self.uri, rel)}"):
+            data = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+        metrics.s3_bytes_downloaded(len(data))
+        return data
+
+    def delete_all(self) -> None:
+        keys = [e.rel for e in self.list()]
+        with storage_errors(f"deleting {self.uri}"):
+            for i in range(0, len(keys), 1000):
+                batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+class LocalStore:
+    """Files below a local folder; same interface as S3Store."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/") or "/"
+        self.root = Path(uri.removeprefix("file://")).expanduser()
+
+    def list(self, sub: str = "") -> list[Entry]:
+        base = self.root / sub
+        out = []
+        with storage_errors(f"listing {base}"):
+            if not base.is_dir():
+                return []
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    p = Path(dirpath, name)
+                    st = p.stat()
+                    out.append(Entry(p.relative_to(self.root).as_posix(), st.st_size, str(st.st_mtime_ns)))
+        return out
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).exists()
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def download(self, rel: str, dest: Path) -> int:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with storage_errors(f"copying {self.root / rel}"):
+            shutil.copyfile(self.root / rel, dest)
+        return dest.stat().st_size
+
+    def upload(self, src: Path, rel: str) -> None:
+        dest = self.root / rel
+        with storage_errors(f"writing {dest}"):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.part")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+
+    def read(self, rel: str) -> bytes:
+        with storage_errors(f"reading {self.root / rel}"):
+            return (self.root / rel).read_bytes()
+
+    def delete_all(self) -> None:
+        with storage_errors(f"deleting {self.root}"):
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+Store = S3Store | LocalStore
+
+
+def open_store(uri: str, endpoint: str = "") -> Store:
+    if is_s3(uri):
+        return S3Store(uri, endpoint)
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"{uri}: unsupported scheme (use s3://bucket/prefix or a local path)")
+    return LocalStore(uri)
+
+
+def stage(store: Store, entries: list[Entry], cache_dir: Path,
+          progress: Callable[[int], None] | None = None) -> tuple[Path, dict[str, int]]:
+    """Make `entries` available as local files and return the local root they live under.
+
+    A local store is used in place. For S3, files go to <cache_dir>/<bucket>/<prefix>/ with parallel
+    GETs; a file already staged with the same size and ETag is not downloaded again (an index next
+    to the files remembers the ETags).
+    """
+    if isinstance(store, LocalStore):
+        if progress:
+            progress(len(entries))
+        return store.root, {"downloaded": 0, "reused": len(entries), "bytes": 0}
+    root = Path(cache_dir) / store.bucket / store.prefix
+    root.mkdir(parents=True, exist_ok=True)
+    index_path = root / INDEX_NAME
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    todo = []
+    for e in entries:
+        known = index.get(e.rel)
+        local = root / e.rel
+        if known == [e.size, e.etag] and local.is_file() and local.stat().st_size == e.size:
+            continue
+        todo.append(e)
+    stats = {"downloaded": 0, "reused": len(entries) - len(todo), "bytes": 0}
+    if progress and stats["reused"]:
+        progress(stats["reused"])
+    try:
+        with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage") as pool:
+            futures = {pool.submit(store.download, e.rel, root / e.rel): e for e in todo}
+            try:
+                for fut in as_completed(futures):
+                    e = futures[fut]
+                    stats["bytes"] += fut.result()
+                    stats["downloaded"] += 1
+                    index[e.rel] = [e.size, e.etag]
+                    if progress:
+                        progress(1)
+            except BaseException:
+                for fut in futures:  # one failure ends the staging now, not after every queued GET
+                    fut.cancel()
+                raise
+    finally:
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_path)
+    return root, stats

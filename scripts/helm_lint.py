@@ -1,0 +1,195 @@
+"""`make helm-lint`: lint and render helm/finetune-job with the real Helm engine, no helm binary.
+
+For the chart defaults and for each ci/*-values.yaml: `helm lint --strict` (against each supported
+Kubernetes version), then a render whose every manifest is validated against the Kubernetes
+OpenAPI schemas of those versions (kubernetes-validate, strict: unknown fields are errors). The
+Prometheus Operator kinds (PodMonitor, PrometheusRule) are not in the core schemas; they are
+checked against the structural schemas below. Exits 1 on any finding.
+
+The tests (tests/test_chart.py) use the same functions.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import jsonschema
+import kubernetes_validate
+import yaml
+
+CHART = Path(__file__).resolve().parents[1] / "helm" / "finetune-job"
+KUBE_VERSIONS = ("1.29.0", "1.33.0")
+RELEASE = {"name": "finetune", "namespace": "ml", "revision": 1, "is_install": True}
+
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+        "labels": _LABELS,
+        "annotations": _LABELS,
+    },
+}
+# The fields of monitoring.coreos.com/v1 this chart uses, as the operator's CRDs define them.
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "podMetricsEndpoints"],
+                "properties": {
+                    "selector": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array"}},
+                    },
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["port"],
+                            "properties": {
+                                "port": {"type": "string", "minLength": 1},
+                                "path": {"type": "string", "pattern": "^/"},
+                                "interval": {"type": "string", "pattern": "^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["groups"],
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "properties": {
+                                "name": {"type": "string", "minLength": 1},
+                                "interval": {"type": "string"},
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "required": ["expr"],
+                                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                        "properties": {
+                                            "alert": {"type": "string", "minLength": 1},
+                                            "record": {"type": "string", "minLength": 1},
+                                            "expr": {"type": ["string", "integer"]},
+                                            "for": {"type": "string"},
+                                            "keep_firing_for": {"type": "string"},
+                                            "labels": _LABELS,
+                                            "annotations": _LABELS,
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
+            },
+        },
+    },
+}
+
+
+def value_sets(chart: Path = CHART) -> dict[str, dict[str, Any] | None]:
+    """The value sets the chart is checked with: its defaults and each ci/*-values.yaml."""
+    sets: dict[str, dict[str, Any] | None] = {"defaults": None}
+    for path in sorted((chart / "ci").glob("*-values.yaml")):
+        sets[f"ci/{path.name}"] = yaml.safe_load(path.read_text()) or {}
+    return sets
+
+
+def lint(values: dict[str, Any] | None, kube_version: str, chart: Path = CHART) -> list[str]:
+    """`helm lint --strict` findings of warning level and above (info, e.g. "icon is recommended", is not one)."""
+    report = helm_python.lint(chart, values, strict=True, kube_version=f"v{kube_version}")
+    found = [f"{m['path']}: {m['error'].strip()}" for m in report["messages"] if m["severity"] >= 2]
+    return found + [e.strip() for e in report["errors"] if not any(e.strip() in f for f in found)]
+
+
+def render(values: dict[str, Any] | None = None, chart: Path = CHART, **release: Any) -> list[dict[str, Any]]:
+    """The manifests a release would apply (hooks included, NOTES.txt not), parsed."""
+    with helm_python.Chart.load(chart) as loaded:
+        rendered = loaded.render(values, **{**RELEASE, **release})
+    return [
+        doc
+        for name, text in sorted(rendered.items())
+        if not name.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def notes(values: dict[str, Any] | None = None, chart: Path = CHART, **release: Any) -> str:
+    """The rendered NOTES.txt."""
+    with helm_python.Chart.load(chart) as loaded:
+        rendered = loaded.render(values, **{**RELEASE, **release})
+    return next(text for name, text in rendered.items() if name.endswith("NOTES.txt"))
+
+
+def validate(manifest: dict[str, Any], kube_version: str) -> str | None:
+    """Why `manifest` is invalid for that Kubernetes version, or None."""
+    where = f"{manifest.get('kind')}/{manifest.get('metadata', {}).get('name')}"
+    crd = CRD_SCHEMAS.get((manifest.get("apiVersion"), manifest.get("kind")))
+    try:
+        if crd is not None:
+            jsonschema.validate(manifest, crd)
+        else:
+            kubernetes_validate.validate(manifest, kube_version, strict=True)
+    except jsonschema.ValidationError as e:
+        path = ".".join(str(p) for p in e.absolute_path)
+        return f"{where} (Kubernetes {kube_version}): {path}: {e.message}"
+    except kubernetes_validate.SchemaNotFoundError as e:
+        return f"{where}: {e.message}"
+    return None
+
+
+def check(name: str, values: dict[str, Any] | None, chart: Path = CHART) -> list[str]:
+    """Every finding for one value set."""
+    problems = [f"lint (Kubernetes {v}): {p}" for v in KUBE_VERSIONS for p in lint(values, v, chart)]
+    try:
+        manifests = render(values, chart)
+    except helm_python.HelmError as e:
+        problems.append(f"render: {e}")
+    else:
+        problems += [p for v in KUBE_VERSIONS for m in manifests if (p := validate(m, v))]
+    return [f"{name}: {p}" for p in problems]
+
+
+def main() -> int:
+    problems = []
+    for name, values in value_sets().items():
+        found = check(name, values)
+        print(f"{'FAIL' if found else 'ok  '} {name}")
+        problems += found
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
