@@ -1,0 +1,38 @@
+# finetune-job developer commands. Everything runs from ./.venv, which `make install` creates.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# tensorflow-cpu here and in CI; the Docker image installs the `gpu` extra instead.
+EXTRAS ?= cpu,test
+IMAGE ?= finetune-job:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.PHONY: install test run-local bench lint helm-lint docker-build clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+test: install
+	$(PY) -m pytest tests
+
+run-local: install
+	$(PY) scripts/run_local.py
+
+bench: install
+	$(PY) bench/run.py
+
+lint: install
+	$(VENV)/bin/ruff check job tests scripts bench
+
+helm-lint: install
+	$(PY) scripts/helm_lint.py
+
+docker-build:
+	docker build -t $(IMAGE) .
+
+clean:
+	rm -rf $(VENV) run-local bench/results .pytest_cache

@@ -1,0 +1,132 @@
+"""Shared fixtures: a real S3 server on 127.0.0.1 (moto), the sample dataset, pre-trained base weights,
+and a helper that runs the real `finetune-job` console script in a subprocess."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+CLI = str(VENV_BIN / "finetune-job")
+SIZE = 32
+
+
+@dataclass
+class S3:
+    endpoint: str
+    client: object
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": self.endpoint}
+
+    def bucket(self) -> str:
+        name = "t-" + uuid.uuid4().hex[:12]
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def upload_dir(self, folder: Path, bucket: str, prefix: str) -> None:
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_file():
+                self.client.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(folder).as_posix()}")
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server) -> S3:
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(k, v)
+    client = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="test", aws_secret_access_key="test",
+                          region_name="us-east-1")
+    return S3(s3_server, client)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """3 learnable classes, 30 train + 10 test images each, 32x32, PNG and JPEG."""
+    from job.sample_data import write_sample_dataset
+
+    root = tmp_path_factory.mktemp("sample")
+    write_sample_dataset(root, classes=3, per_class=30, size=SIZE, seed=0, test_per_class=10)
+    return root
+
+
+@pytest.fixture(scope="session")
+def base_weights(sample_data, tmp_path_factory) -> Path:
+    """A MobileNetV2 base trained here (ImageNet weights cannot be downloaded on CI)."""
+    out = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
+    code = ("import sys; from pathlib import Path; from job.sample_data import pretrain_base_weights as p; "
+            "p(Path(sys.argv[1]), Path(sys.argv[2]))")
+    subprocess.run([sys.executable, "-c", code, str(sample_data), str(out)], check=True, timeout=600,
+                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True)
+    return out
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def records(self) -> list[dict]:
+        import json
+
+        out = []
+        for line in self.stdout.splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> Result:
+    """Run the real console script; stdout is not a TTY, so logs are JSON lines."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if not k.startswith("FINETUNE_")} | {
+        k: v for k, v in (env or {}).items() if k.startswith("FINETUNE_")}
+    p = subprocess.run([CLI, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+def write_config(path: Path, **sections) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def need_tool(name: str) -> str:
+    """Path of a system tool; missing tools skip on a user's machine (reason printed) and fail in CI."""
+    found = shutil.which(name)
+    if found:
+        return found
+    msg = f"{name} is not installed (apt-get install {name}); .ci/run installs it"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)

@@ -1,0 +1,45 @@
+"""The CLI surface: fast --help without TensorFlow, --version, commands listed."""
+
+import subprocess
+import sys
+
+from conftest import CLI
+from typer.testing import CliRunner
+
+import job
+from job.cli import app
+
+PURE = ["job.cli", "job.config", "job.layout", "job.errors", "job.backbones", "job.storage", "job.pipeline",
+        "job.metrics", "job.logs", "job.evaluate", "job.distribute"]
+
+
+def test_help_lists_commands():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "validate", "predict"):
+        assert command in result.output
+
+
+def test_each_command_has_help():
+    for command in ("train", "validate", "predict"):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and ("--config" in result.output or "--model" in result.output)
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"finetune-job {job.__version__}"
+
+
+def test_pure_modules_and_help_import_no_tensorflow():
+    code = f"import sys; import {', '.join(PURE)}; assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    code = ("import sys; from job.cli import app; sys.argv=['finetune-job','--help']\n"
+            "try: app()\nexcept SystemExit: pass\nassert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+
+
+def test_console_script_and_module_entry_points():
+    for argv in ([CLI, "--version"], [sys.executable, "-m", "job", "--version"]):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == f"finetune-job {job.__version__}"

@@ -1,0 +1,98 @@
+"""Config resolution: file < env < --set, validation with one-line errors. No TensorFlow."""
+
+import pytest
+
+from job import config
+from job.errors import ConfigError
+
+BASE = "data: {uri: s3://b/data, image_size: [64, 64]}\noutput: {uri: s3://b/out}\n"
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(BASE + "train: {batch_size: 8, head: {epochs: 4}}\n")
+    return p
+
+
+def test_defaults_and_file(cfg_file):
+    cfg = config.load(cfg_file, environ={})
+    assert cfg.train.batch_size == 8 and cfg.train.head.epochs == 4
+    assert cfg.train.finetune.learning_rate == 1e-5 and cfg.model.backbone == "mobilenet_v2"
+    assert cfg.data.image_size == (64, 64)
+    assert len(cfg.run_id) > 16 and cfg.run_id[:8].isdigit()
+
+
+def test_precedence_set_over_env_over_file(cfg_file):
+    env = {"FINETUNE_TRAIN__BATCH_SIZE": "16", "FINETUNE_TRAIN__HEAD__EPOCHS": "2"}
+    cfg = config.load(cfg_file, ["train.batch_size=64"], environ=env)
+    assert cfg.train.batch_size == 64  # --set beats env
+    assert cfg.train.head.epochs == 2  # env beats file
+
+
+def test_values_are_yaml_typed(cfg_file):
+    cfg = config.load(cfg_file, ["data.image_size=[96, 128]", "output.overwrite=true", "train.finetune.unfreeze=block_16_expand",
+                                 "run_id=abc"], environ={})
+    assert cfg.data.image_size == (96, 128) and cfg.output.overwrite is True
+    assert cfg.train.finetune.unfreeze == "block_16_expand" and cfg.run_id == "abc"
+
+
+def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
+    # Kubernetes injects these for a Service called finetune-job.
+    cfg = config.load(cfg_file, environ={"FINETUNE_JOB_SERVICE_HOST": "10.0.0.1", "FINETUNE_JOB_PORT": "tcp://x"})
+    assert cfg.train.batch_size == 8
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.batch_sise=3", "unknown key 'train.batch_sise' (did you mean 'train.batch_size'?)"),
+        ("trian.batch_size=3", "unknown key 'trian' (did you mean 'train'?)"),
+        ("train.batch_size=abc", "train.batch_size:"),
+        ("train.batch_size=0", "train.batch_size:"),
+        ("data.image_size=[16, 16]", "data.image_size [16, 16] is outside what mobilenet_v2 accepts"),
+        ("model.backbone=resnet51", "did you mean 'resnet50'"),
+        ("train.head.mode=fast", "train.head.mode:"),
+        ("train.finetune.unfreeze=-2", "train.finetune.unfreeze:"),
+        ("run_id=../escape", "run_id:"),
+        ("batch_size", "expected KEY=VALUE"),
+        ("train.batch_size.x=1", "not a section"),
+    ],
+)
+def test_bad_values_name_the_key_on_one_line(cfg_file, override, expected):
+    with pytest.raises(ConfigError) as e:
+        config.load(cfg_file, [override], environ={})
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_xception_minimum_size(cfg_file):
+    with pytest.raises(ConfigError, match="each side 71"):
+        config.load(cfg_file, ["model.backbone=xception"], environ={})
+    assert config.load(cfg_file, ["model.backbone=xception", "data.image_size=[71, 80]"], environ={})
+
+
+def test_env_typo_is_caught(cfg_file):
+    with pytest.raises(ConfigError, match="did you mean 'train.batch_size'"):
+        config.load(cfg_file, environ={"FINETUNE_TRAIN__BATCHSIZE": "4"})
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.yaml", environ={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad, environ={})
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="'data' is required"):
+        config.load(empty, environ={})
+
+
+def test_redaction_masks_credentials_in_urls(cfg_file):
+    cfg = config.load(cfg_file, ["s3.endpoint_url=http://key:secret@minio:9000",
+                                 "metrics.pushgateway=http://u:p@pgw:9091"], environ={})
+    text = config.to_yaml(cfg)
+    assert "secret" not in text and ":p@" not in text
+    assert "http://***@minio:9000" in text

@@ -1,0 +1,67 @@
+"""Class discovery and the stratified split: pure logic, no TensorFlow."""
+
+import sys
+from collections import Counter
+
+import pytest
+
+from job.errors import DataError, exit_code_for
+from job.layout import discover, split_validation, without
+
+
+def rels(spec: dict[str, dict[str, int]]) -> list[str]:
+    return [f"{s}/{c}/img{i}.jpg" for s, per in spec.items() for c, n in per.items() for i in range(n)]
+
+
+def test_classes_are_sorted_train_folders():
+    layout = discover(rels({"train": {"zebra": 2, "ant": 3}, "test": {"ant": 1, "zebra": 1}}), "s3://b/d")
+    assert layout.classes == ["ant", "zebra"]
+    paths, labels = layout.items("train")
+    assert Counter(labels) == {0: 3, 1: 2}
+    assert all(p.startswith("train/ant/") for p, lab in zip(paths, labels) if lab == 0)
+
+
+def test_non_images_and_loose_files_are_ignored():
+    layout = discover(rels({"train": {"a": 2, "b": 2}}) + ["train/a/notes.txt", "train/readme.md", "other/x.jpg",
+                                                            "train/.hidden/x.jpg"], "d")
+    assert layout.counts() == {"train": {"a": 2, "b": 2}}
+    assert sorted(layout.ignored) == ["train/a/notes.txt", "train/readme.md"]
+
+
+@pytest.mark.parametrize(
+    "objects, message",
+    [
+        (rels({"validation": {"a": 1, "b": 1}}), "no train/ folder"),
+        (rels({"train": {"a": 3}}), "at least 2 are needed"),
+        (rels({"train": {"a": 3, "b": 2}}) + ["train/c/"], "train/: class folder(s) with no images: c"),
+        (rels({"train": {"a": 3, "b": 2}, "test": {"a": 1}}), "test/: class folders differ from train/ (missing b)"),
+        (rels({"train": {"a": 3, "b": 2}, "validation": {"a": 1, "b": 1, "c": 1}}), "not in train/: c"),
+    ],
+)
+def test_bad_layouts_say_what_and_where(objects, message):
+    with pytest.raises(DataError) as e:
+        discover(objects, "s3://b/d")
+    assert message in str(e.value) and "s3://b/d" in str(e.value)
+    assert exit_code_for(e.value) == 3
+
+
+def test_split_is_stratified_seeded_and_disjoint():
+    layout = discover(rels({"train": {"a": 50, "b": 10, "c": 2}}), "d")
+    one = split_validation(layout, 0.2, seed=7)
+    assert one.counts()["validation"] == {"a": 10, "b": 2, "c": 1}
+    assert one.counts()["train"] == {"a": 40, "b": 8, "c": 1}
+    for c in layout.classes:
+        assert not set(one.files["train"][c]) & set(one.files["validation"][c])
+        assert sorted(one.files["train"][c] + one.files["validation"][c]) == sorted(layout.files["train"][c])
+    assert split_validation(layout, 0.2, seed=7).files == one.files  # same seed, same split
+    assert split_validation(layout, 0.2, seed=8).files != one.files
+
+
+def test_existing_validation_folder_wins():
+    layout = discover(rels({"train": {"a": 5, "b": 5}, "validation": {"a": 1, "b": 1}}), "d")
+    assert split_validation(layout, 0.5, 0).counts()["validation"] == {"a": 1, "b": 1}
+
+
+def test_without_drops_bad_files():
+    layout = discover(rels({"train": {"a": 3, "b": 2}}), "d")
+    assert without(layout, {"train/a/img0.jpg"}).counts()["train"] == {"a": 2, "b": 2}

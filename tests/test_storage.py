@@ -1,0 +1,79 @@
+"""Storage against a real S3 server on 127.0.0.1: listing with pagination, staging, re-use, failures."""
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from job import storage
+from job.errors import StorageError
+
+
+def test_listing_paginates_past_1000_keys(s3):
+    bucket = s3.bucket()
+    keys = [f"d/train/c{i % 2}/{i:05d}.png" for i in range(1003)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3.client.put_object(Bucket=bucket, Key=k, Body=b"x"), keys))
+    entries = storage.open_store(f"s3://{bucket}/d", s3.endpoint).list()
+    assert sorted(e.rel for e in entries) == sorted(k.removeprefix("d/") for k in keys)
+
+
+def test_stage_downloads_once_and_refetches_changed_objects(s3, tmp_path):
+    bucket = s3.bucket()
+    for i in range(20):
+        s3.client.put_object(Bucket=bucket, Key=f"ds/train/a/{i}.png", Body=f"image {i}".encode())
+    store = storage.open_store(f"s3://{bucket}/ds", s3.endpoint)
+    root, stats = storage.stage(store, store.list(), tmp_path)
+    assert stats["downloaded"] == 20 and stats["reused"] == 0
+    assert (root / "train/a/7.png").read_bytes() == b"image 7"
+
+    _, again = storage.stage(store, store.list(), tmp_path)
+    assert again["downloaded"] == 0 and again["reused"] == 20  # same size and ETag: nothing new
+
+    s3.client.put_object(Bucket=bucket, Key="ds/train/a/7.png", Body=b"IMAGE 7")  # same size, new ETag
+    _, changed = storage.stage(store, store.list(), tmp_path)
+    assert changed["downloaded"] == 1
+    assert (root / "train/a/7.png").read_bytes() == b"IMAGE 7"
+
+
+def test_local_folder_is_used_in_place(tmp_path):
+    (tmp_path / "train/a").mkdir(parents=True)
+    (tmp_path / "train/a/x.png").write_bytes(b"1")
+    store = storage.open_store(str(tmp_path))
+    assert [e.rel for e in store.list()] == ["train/a/x.png"]
+    root, stats = storage.stage(store, store.list(), tmp_path / "cache")
+    assert root == tmp_path and stats["downloaded"] == 0
+
+
+def test_upload_read_exists_delete(s3, tmp_path):
+    bucket = s3.bucket()
+    store = storage.open_store(f"s3://{bucket}/runs/r1", s3.endpoint)
+    f = tmp_path / "f.txt"
+    f.write_text("hello")
+    assert not store.exists("f.txt")
+    store.upload(f, "sub/f.txt")
+    assert store.exists("sub/f.txt") and store.read("sub/f.txt") == b"hello"
+    store.delete_all()
+    assert s3.keys(bucket) == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_storage_is_a_storage_error(tmp_path):
+    store = storage.open_store("s3://bucket/data", f"http://127.0.0.1:{_closed_port()}")
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="storage unreachable"):
+        store.list()
+    assert time.monotonic() - t0 < 60  # the contract's bound, not a performance assertion
+
+
+def test_missing_bucket_and_bad_scheme(s3):
+    with pytest.raises(StorageError, match="bucket does not exist"):
+        storage.open_store("s3://no-such-bucket-here/x", s3.endpoint).list()
+    with pytest.raises(StorageError, match="unsupported scheme"):
+        storage.open_store("gs://bucket/x")

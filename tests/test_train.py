@@ -1,0 +1,165 @@
+"""End to end: a small learnable dataset in a real S3 server -> `finetune-job train` (real TensorFlow,
+2 CPU replicas) -> every artifact of CONTRACT section 6 in storage, a SavedModel that classifies bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import SIZE, run_cli, write_config
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = ["saved_model/saved_model.pb", "model.keras", "labels.txt", "metrics.json", "history.json", "curves.png",
+             "confusion_matrix.png", "config.yaml", "manifest.json", "_SUCCESS"]
+
+
+@pytest.fixture(scope="module")
+def trained(s3, sample_data, base_weights, tmp_path_factory):
+    """One training run shared by the tests below."""
+    bucket = s3.bucket()
+    s3.upload_dir(sample_data, bucket, "datasets/shapes")
+    # One grayscale image and one corrupt file among the real ones.
+    gray = Image.open(sample_data / "train/circle/circle_0000.png").convert("L")
+    buf = io.BytesIO()
+    gray.save(buf, "PNG")
+    s3.client.put_object(Bucket=bucket, Key="datasets/shapes/train/circle/gray.png", Body=buf.getvalue())
+    s3.client.put_object(Bucket=bucket, Key="datasets/shapes/train/square/corrupt.jpg", Body=b"\xff\xd8not a jpeg")
+    s3.client.upload_file(str(base_weights), bucket, "weights/mobilenet_v2_32.weights.h5")
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = write_config(
+        tmp / "config.yaml",
+        run_id="e2e",
+        data={"uri": f"s3://{bucket}/datasets/shapes", "image_size": [SIZE, SIZE], "cache_dir": str(tmp / "cache"),
+              "max_bad_fraction": 0.05},
+        model={"backbone": "mobilenet_v2", "weights": f"s3://{bucket}/weights/mobilenet_v2_32.weights.h5",
+               "head_units": 32},
+        train={"batch_size": 16, "head": {"epochs": 4}, "finetune": {"epochs": 2, "unfreeze": 10}},
+        distribution={"cpu_replicas": 2},
+        output={"uri": f"s3://{bucket}/models/shapes"},
+        metrics={"port": 0, "linger_seconds": 0},
+    )
+    result = run_cli("train", "--config", str(cfg), env=s3.env())
+    return {"bucket": bucket, "config": cfg, "result": result, "tmp": tmp, "prefix": "models/shapes/e2e"}
+
+
+def test_train_succeeds_and_logs_json(trained):
+    result = trained["result"]
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    records = result.records()
+    assert records and all(r.get("run_id") == "e2e" for r in records)
+    skipped = [r for r in records if r["event"] == "undecodable image skipped"]
+    assert [r["file"].rsplit("/", 2)[-2:] for r in skipped] == [["square", "corrupt.jpg"]]
+    strategy = next(r for r in records if r["event"] == "strategy ready")
+    assert strategy["replicas"] == 2 and strategy["strategy"] == "mirrored"
+    summary = records[-1]
+    assert summary["event"] == "run finished" and summary["status"] == "complete"
+    assert summary["artifacts"].endswith("/models/shapes/e2e") and summary["accuracy"] > 0.6
+
+
+def test_every_artifact_is_in_storage(trained, s3):
+    keys = {k.removeprefix(trained["prefix"] + "/") for k in s3.keys(trained["bucket"], trained["prefix"])}
+    for name in ARTIFACTS:
+        assert name in keys, name
+    manifest = json.loads(s3.client.get_object(Bucket=trained["bucket"], Key=f"{trained['prefix']}/manifest.json")["Body"].read())
+    assert set(manifest["files"]) == keys - {"manifest.json", "_SUCCESS"}
+    for name in ("labels.txt", "saved_model/saved_model.pb", "model.keras"):
+        body = s3.client.get_object(Bucket=trained["bucket"], Key=f"{trained['prefix']}/{name}")["Body"].read()
+        assert manifest["files"][name] == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert manifest["versions"]["tensorflow"] and manifest["classes"] == ["circle", "square", "triangle"]
+    counts = manifest["dataset"]["counts"]
+    assert counts["test"] == {"circle": 10, "square": 10, "triangle": 10}
+    assert sum(counts["train"].values()) + sum(counts["validation"].values()) == 90 + 1  # 90 + the gray one; corrupt.jpg dropped
+    assert manifest["dataset"]["bad_images"] == 1
+    assert {"staging_seconds", "head_seconds", "finetune_seconds", "export_seconds"} <= set(manifest["timings"])
+
+
+def _get(s3, trained, name) -> bytes:
+    return s3.client.get_object(Bucket=trained["bucket"], Key=f"{trained['prefix']}/{name}")["Body"].read()
+
+
+def test_reports_history_plots_and_config(trained, s3):
+    labels = _get(s3, trained, "labels.txt").decode().splitlines()
+    assert labels == ["circle", "square", "triangle"]
+    metrics = json.loads(_get(s3, trained, "metrics.json"))
+    for split in ("validation", "test"):
+        report = metrics[split]
+        assert set(report["per_class"]) == set(labels)
+        assert set(report["per_class"]["circle"]) == {"precision", "recall", "f1", "support"}
+        cm = np.array(report["confusion_matrix"])
+        assert cm.shape == (3, 3) and cm.sum() == report["examples"]
+        assert report["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert metrics["test"]["accuracy"] > 0.6  # chance is 1/3
+    history = json.loads(_get(s3, trained, "history.json"))
+    assert 1 <= len(history["head"]) <= 4 and 1 <= len(history["finetune"]) <= 2
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history["head"][0])
+    for png in ("curves.png", "confusion_matrix.png"):
+        assert _get(s3, trained, png)[:8] == b"\x89PNG\r\n\x1a\n"
+    saved_cfg = yaml.safe_load(_get(s3, trained, "config.yaml"))
+    assert saved_cfg["run_id"] == "e2e" and saved_cfg["train"]["batch_size"] == 16
+    assert "test" not in json.dumps(saved_cfg["s3"])  # the credentials never reach the artifacts
+
+
+def test_saved_model_classifies_encoded_bytes(trained, s3, sample_data, tmp_path):
+    import tensorflow as tf
+
+    for key in s3.keys(trained["bucket"], trained["prefix"] + "/saved_model/"):
+        dest = tmp_path / key.removeprefix(trained["prefix"] + "/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        s3.client.download_file(trained["bucket"], key, str(dest))
+    serve = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"]
+    files = sorted((sample_data / "test").rglob("*.*"))
+    out = serve(image_bytes=tf.constant([f.read_bytes() for f in files]))
+    assert out["probabilities"].shape == (len(files), 3)
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(1), 1.0, rtol=1e-4)
+    predicted = [label.decode() for label in out["label"].numpy()]
+    truth = [f.parent.name for f in files]
+    assert np.mean([p == t for p, t in zip(predicted, truth)]) > 0.6
+
+
+def test_rerun_of_a_complete_run_does_nothing(trained, s3):
+    before = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(
+        Bucket=trained["bucket"], Prefix=trained["prefix"])["Contents"]}
+    again = run_cli("train", "--config", str(trained["config"]), env=s3.env(), timeout=120)
+    assert again.returncode == 0
+    assert any(r.get("status") == "already complete" for r in again.records())
+    after = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(
+        Bucket=trained["bucket"], Prefix=trained["prefix"])["Contents"]}
+    assert after == before
+
+
+def test_validate_prints_counts(trained, s3):
+    out = run_cli("validate", "--config", str(trained["config"]), env=s3.env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines() if line.strip()}
+    assert rows["class"] == ["train", "validation", "test"]
+    assert rows["circle"][2] == "10" and rows["total"][2] == "30"
+    assert int(rows["square"][0]) + int(rows["square"][1]) == 31  # corrupt.jpg is only found when decoding
+
+
+def test_predict_command_reads_model_and_images_from_s3(trained, s3):
+    uri = f"s3://{trained['bucket']}/{trained['prefix']}"
+    image = f"s3://{trained['bucket']}/datasets/shapes/test/triangle/triangle_0001.png"
+    out = run_cli("predict", "--model", uri, image, "--top-k", "2", "--json", env=s3.env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["image"] == image and len(result["top"]) == 2
+    assert result["top"][0]["probability"] >= result["top"][1]["probability"]
+    assert {t["label"] for t in result["top"]} <= {"circle", "square", "triangle"}
+
+
+def test_predict_refuses_tampered_model(trained, s3):
+    bucket, prefix = trained["bucket"], "models/shapes/tampered"
+    for key in s3.keys(bucket, trained["prefix"]):
+        s3.client.copy_object(Bucket=bucket, Key=key.replace(trained["prefix"], prefix),
+                              CopySource={"Bucket": bucket, "Key": key})
+    s3.client.put_object(Bucket=bucket, Key=f"{prefix}/labels.txt", Body=b"a\nb\nc\n")
+    out = run_cli("predict", "--model", f"s3://{bucket}/{prefix}", str(Path(__file__)), env=s3.env(), timeout=120)
+    assert out.returncode == 4 and "checksum" in out.stderr and "Traceback" not in out.stderr
