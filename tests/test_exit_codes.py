@@ -1,0 +1,132 @@
+"""Each documented exit code from the real console script: one clear line on stderr, no traceback."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from conftest import SIZE, run_cli, write_config
+
+
+def config(tmp_path, data_uri, out_uri, **extra):
+    sections = {
+        "data": {"uri": data_uri, "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
+        "model": {"backbone": "mobilenet_v2", "weights": "none", "head_units": 0},
+        "train": {"batch_size": 8, "head": {"epochs": 1}, "finetune": {"epochs": 0}},
+        "output": {"uri": out_uri},
+        "metrics": {"port": 0, "linger_seconds": 0},
+    }
+    for key, value in extra.items():
+        sections.setdefault(key, {}).update(value) if isinstance(value, dict) else sections.update({key: value})
+    return write_config(tmp_path / "c.yaml", **sections)
+
+
+def assert_one_line(result, code: int, *needles: str) -> str:
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("finetune-job: error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------ 2: invalid config or usage
+
+
+def test_unknown_key_exits_2(tmp_path):
+    cfg = config(tmp_path, "/nowhere", str(tmp_path / "out"))
+    result = run_cli("train", "--config", str(cfg), "--set", "train.learning_rate=0.1")
+    assert_one_line(result, 2, "train.learning_rate", "unknown key")
+
+
+def test_wrong_type_from_environment_exits_2(tmp_path):
+    cfg = config(tmp_path, "/nowhere", str(tmp_path / "out"))
+    result = run_cli("validate", "--config", str(cfg), env={"FINETUNE_TRAIN__BATCH_SIZE": "lots"})
+    assert_one_line(result, 2, "train.batch_size")
+
+
+def test_unfreeze_larger_than_base_exits_2_before_staging(tmp_path, sample_data):
+    cfg = config(tmp_path, str(sample_data), str(tmp_path / "out"),
+                 train={"finetune": {"epochs": 1, "unfreeze": 5000}})
+    result = run_cli("train", "--config", str(cfg))
+    assert_one_line(result, 2, "train.finetune.unfreeze", "5000 is more than the")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    assert_one_line(run_cli("train", "--config", str(tmp_path / "missing.yaml")), 2, "not found")
+
+
+# ------------------------------------------------------------------ 3: data errors
+
+
+def test_missing_train_folder_exits_3(tmp_path, s3):
+    bucket = s3.bucket()
+    s3.client.put_object(Bucket=bucket, Key="ds/validation/a/x.png", Body=b"x")
+    cfg = config(tmp_path, f"s3://{bucket}/ds", f"s3://{bucket}/out")
+    assert_one_line(run_cli("train", "--config", str(cfg), env=s3.env()), 3, "no train/ folder", f"s3://{bucket}/ds")
+
+
+def test_class_folders_differing_between_splits_exit_3(tmp_path, sample_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    shutil.rmtree(data / "test" / "square")
+    cfg = config(tmp_path, str(data), str(tmp_path / "out"))
+    assert_one_line(run_cli("validate", "--config", str(cfg)), 3, "test/", "missing square")
+
+
+def test_too_many_bad_images_exits_3(tmp_path, sample_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    for i in range(5):
+        (data / "train" / "circle" / f"broken{i}.png").write_bytes(b"\x89PNG broken")
+    cfg = config(tmp_path, str(data), str(tmp_path / "out"))
+    assert_one_line(run_cli("train", "--config", str(cfg)), 3, "5 of 125 images cannot be decoded",
+                    "data.max_bad_fraction")
+
+
+# ------------------------------------------------------------------ 4: storage errors
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_storage_exits_4_quickly(tmp_path):
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    cfg = config(tmp_path, "s3://bucket/ds", "s3://bucket/out", s3={"endpoint_url": endpoint})
+    t0 = time.monotonic()
+    result = run_cli("train", "--config", str(cfg), env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+                     timeout=90)
+    assert time.monotonic() - t0 < 60
+    assert_one_line(result, 4, "storage unreachable")
+
+
+def test_missing_bucket_exits_4(tmp_path, s3):
+    cfg = config(tmp_path, "s3://no-such-bucket-xyz/ds", "s3://no-such-bucket-xyz/out")
+    assert_one_line(run_cli("validate", "--config", str(cfg), env=s3.env()), 4, "bucket does not exist")
+
+
+def test_incomplete_existing_run_exits_4(tmp_path, s3, sample_data):
+    bucket = s3.bucket()
+    s3.client.put_object(Bucket=bucket, Key="out/r1/model.keras", Body=b"half")
+    cfg = config(tmp_path, str(sample_data), f"s3://{bucket}/out", run_id="r1")
+    assert_one_line(run_cli("train", "--config", str(cfg), env=s3.env()), 4, "incomplete run", "overwrite")
+    assert s3.keys(bucket) == ["out/r1/model.keras"]  # nothing lost
+
+
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_error_is_also_a_log_record(tmp_path, command):
+    cfg = config(tmp_path, str(tmp_path / "empty"), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    result = run_cli(command, "--config", str(cfg))
+    assert_one_line(result, 3, "no train/ folder")
+    assert any(r.get("level") == "error" and r.get("exit_code") == 3 for r in result.records())
