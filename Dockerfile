@@ -35,7 +35,10 @@ from job import backbones
 dest = Path(sys.argv[1])
 cache = Path(os.environ["KERAS_HOME"]) / "models"
 for name in sys.argv[2:]:
-    constructor = getattr(keras.applications, backbones.get(name).constructor)
+    try:
+        constructor = getattr(keras.applications, backbones.get(name).constructor)
+    except KeyError as e:
+        sys.exit(f"bake-weights: {e.args[0]}")
     before = set(cache.glob("*.h5"))
     constructor(include_top=False, weights="imagenet")
     (downloaded,) = set(cache.glob("*.h5")) - before

@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # tensorflow-cpu here and in CI; the Docker image installs the `gpu` extra instead.
 EXTRAS ?= cpu,test
-IMAGE ?= finetune-job:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= finetune-job:$(VERSION)
+# BAKE_WEIGHTS="mobilenet_v2 resnet50" bakes those ImageNet weights into the image (air-gapped clusters).
+BAKE_WEIGHTS ?=
 
 .PHONY: install test run-local bench lint helm-lint docker-build clean
 
@@ -32,7 +35,12 @@ helm-lint: install
 	$(PY) scripts/helm_lint.py
 
 docker-build:
-	docker build -t $(IMAGE) .
+	docker build -t $(IMAGE) \
+		--build-arg BAKE_WEIGHTS="$(BAKE_WEIGHTS)" \
+		--build-arg VERSION=$(VERSION) \
+		--build-arg REVISION=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
+		--build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+		.
 
 clean:
 	rm -rf $(VENV) run-local bench/results .pytest_cache

@@ -61,7 +61,10 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                             "properties": {
                                 "port": {"type": "string", "minLength": 1},
                                 "path": {"type": "string", "pattern": "^/"},
-                                "interval": {"type": "string", "pattern": "^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$"},
+                                "interval": {
+                                    "type": "string",
+                                    "pattern": "^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$",
+                                },
                             },
                         },
                     },
@@ -125,7 +128,7 @@ def value_sets(chart: Path = CHART) -> dict[str, dict[str, Any] | None]:
 
 
 def lint(values: dict[str, Any] | None, kube_version: str, chart: Path = CHART) -> list[str]:
-    """`helm lint --strict` findings of warning level and above (info, e.g. "icon is recommended", is not one)."""
+    """`helm lint --strict` findings of warning level and above ("icon is recommended" is only info)."""
     report = helm_python.lint(chart, values, strict=True, kube_version=f"v{kube_version}")
     found = [f"{m['path']}: {m['error'].strip()}" for m in report["messages"] if m["severity"] >= 2]
     return found + [e.strip() for e in report["errors"] if not any(e.strip() in f for f in found)]

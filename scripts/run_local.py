@@ -1,0 +1,185 @@
+"""`make run-local`: the whole job on this machine, from nothing.
+
+1. S3-compatible storage: MinIO (and Prometheus, Pushgateway, Grafana) with docker compose when a
+   Docker engine answers; otherwise an embedded S3 server (moto) on 127.0.0.1, and Debian's
+   `prometheus` on 127.0.0.1 when it is installed.
+2. A sample dataset made here: coloured shapes, 4 classes (see job/sample_data.py), put in storage.
+3. Base weights: ImageNet weights cannot be downloaded offline, so a MobileNetV2 base is pre-trained
+   on the sample data once (cached in run-local/weights/) and handed to the job as an s3:// weights
+   file, exactly as on an air-gapped cluster.
+4. `finetune-job train`, then `finetune-job predict` on three test images, then where everything is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "run-local"
+BIN = Path(sys.executable).parent
+BUCKET = "finetune-job"
+SIZE = 32
+
+
+def say(msg: str) -> None:
+    print(f"==> {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def docker_engine() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def start_storage():
+    """(endpoint, credentials env, stop function)."""
+    if docker_engine():
+        say("Docker engine found: starting MinIO, Prometheus, Pushgateway and Grafana (docker compose)")
+        subprocess.run(["docker", "compose", "up", "-d", "--wait"], cwd=ROOT, check=True)
+        env = {"AWS_ACCESS_KEY_ID": "minioadmin", "AWS_SECRET_ACCESS_KEY": "minioadmin"}
+        return "http://127.0.0.1:9000", env, {"metrics_port": 8000, "pushgateway": "http://127.0.0.1:9091",
+                                              "prometheus": "http://127.0.0.1:9090", "grafana": "http://127.0.0.1:3000"}
+    from moto.server import ThreadedMotoServer
+
+    say("no Docker engine: starting the embedded S3 server (moto) on 127.0.0.1")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    extra = {"metrics_port": free_port(), "server": server}
+    extra.update(start_prometheus(extra["metrics_port"]))
+    return f"http://{host}:{port}", {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}, extra
+
+
+def start_prometheus(metrics_port: int) -> dict:
+    """Debian's prometheus on 127.0.0.1:9090 scraping the job, left running for browsing afterwards."""
+    binary = shutil.which("prometheus")
+    if not binary:
+        say("prometheus not installed (apt-get install prometheus): metrics only on the job's /metrics")
+        return {}
+    folder = WORK / "prometheus"
+    pid_file = folder / "prometheus.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), 15)
+            time.sleep(1)
+        except (ProcessLookupError, ValueError):
+            pass
+    folder.mkdir(parents=True, exist_ok=True)
+    port = 9090 if _port_free(9090) else free_port()
+    (folder / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "2s"},
+        "rule_files": [str(ROOT / "helm/finetune-job/alerts/rules.yaml")],
+        "scrape_configs": [{"job_name": "finetune-job", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+    }))
+    proc = subprocess.Popen(
+        [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=open(folder / "prometheus.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    pid_file.write_text(str(proc.pid))
+    return {"prometheus": f"http://127.0.0.1:{port}", "prometheus_pid": proc.pid}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def main() -> int:
+    WORK.mkdir(exist_ok=True)
+    endpoint, creds, extra = start_storage()
+    env = {**os.environ, **creds, "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    if BUCKET not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+        s3.create_bucket(Bucket=BUCKET)
+
+    from job.sample_data import write_sample_dataset
+
+    data = WORK / "data"
+    if not (data / "train").is_dir():
+        counts = write_sample_dataset(data, classes=4, per_class=60, size=SIZE, seed=0, test_per_class=15)
+        say(f"sample dataset written to {data}: {counts}")
+    weights = WORK / "weights" / f"mobilenet_v2_{SIZE}.weights.h5"
+    if not weights.exists():
+        say("pre-training MobileNetV2 base weights on the sample data (once; ImageNet weights need internet)")
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                        "from job.sample_data import pretrain_base_weights as p; p(Path(sys.argv[1]), Path(sys.argv[2]))",
+                        str(data), str(weights)], check=True, env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    say(f"uploading the dataset to s3://{BUCKET}/datasets/shapes/ and the weights to s3://{BUCKET}/weights/")
+    for p in sorted(data.rglob("*")):
+        if p.is_file():
+            s3.upload_file(str(p), BUCKET, f"datasets/shapes/{p.relative_to(data).as_posix()}")
+    s3.upload_file(str(weights), BUCKET, f"weights/{weights.name}")
+
+    run_id = time.strftime("local-%Y%m%d-%H%M%S", time.gmtime())
+    config = WORK / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_id": run_id,
+        "data": {"uri": f"s3://{BUCKET}/datasets/shapes", "image_size": [SIZE, SIZE], "cache_dir": str(WORK / "cache")},
+        "model": {"backbone": "mobilenet_v2", "weights": f"s3://{BUCKET}/weights/{weights.name}", "head_units": 64},
+        "train": {"batch_size": 32, "head": {"epochs": 6}, "finetune": {"epochs": 3, "unfreeze": 20}},
+        "output": {"uri": f"s3://{BUCKET}/models/shapes"},
+        "metrics": {"port": extra["metrics_port"], "pushgateway": extra.get("pushgateway", ""), "linger_seconds": 3},
+    }, sort_keys=False))
+    say(f"finetune-job train --config {config.relative_to(ROOT)}")
+    rc = subprocess.run([str(BIN / "finetune-job"), "train", "--config", str(config)], env=env).returncode
+    if rc != 0:
+        say(f"the job failed with exit code {rc}")
+        return rc
+
+    artifacts = f"s3://{BUCKET}/models/shapes/{run_id}"
+    local = WORK / "artifacts" / run_id
+    prefix = f"models/shapes/{run_id}/"
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            dest = local / obj["Key"][len(prefix):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(BUCKET, obj["Key"], str(dest))
+    samples = [str(sorted((data / "test" / c).iterdir())[0]) for c in sorted(os.listdir(data / "test"))[:3]]
+    say("finetune-job predict on three test images")
+    subprocess.run([str(BIN / "finetune-job"), "predict", "--model", str(local), *samples], env=env, check=False)
+
+    import json
+
+    metrics = json.loads((local / "metrics.json").read_text())
+    print()
+    print("finetune-job run-local: done")
+    print(f"  run_id          {run_id}")
+    print(f"  test accuracy   {metrics['test']['accuracy']:.3f}  (validation {metrics['validation']['accuracy']:.3f})")
+    print(f"  artifacts       {artifacts}/  (S3 endpoint {endpoint})")
+    print(f"  local copy      {local}/")
+    print(f"  metrics         {local / 'metrics.json'}, {local / 'curves.png'}, {local / 'confusion_matrix.png'}")
+    if "prometheus" in extra:
+        print(f"  Prometheus      {extra['prometheus']}  (query finetune_job_val_accuracy; "
+              f"stop with: kill {extra.get('prometheus_pid', '$(docker compose ps -q prometheus)')})")
+    if "grafana" in extra:
+        print(f"  Grafana         {extra['grafana']}  (dashboard: finetune-job)")
+    if "server" in extra:
+        print("  note            the embedded S3 server stops with this command; the local copy stays")
+        extra["server"].stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

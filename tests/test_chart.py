@@ -1,0 +1,739 @@
+"""The Helm chart helm/finetune-job, through the real Helm engine (helm-python-sdk, no helm binary).
+
+Lint and render with the defaults and every ci/*-values.yaml, Kubernetes schema validation, the
+values schema, the "restricted" Pod Security Standard, where credentials go, the multi-worker
+wiring (the rendered TF_CONFIG shell wrapper is executed), and, marked slow, the rendered Job's
+command, args and environment running the real job end to end against an S3 server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import boto3
+import helm_python
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import helm_lint  # noqa: E402  (scripts/ is not a package)
+
+CHART = helm_lint.CHART
+VALUE_SETS = helm_lint.value_sets()
+VENV_BIN = Path(sys.executable).parent
+CONFIG_FILE = "/etc/finetune-job/config.yaml"
+
+helm_python.disable_logging()
+
+
+render = (
+    helm_lint.render
+)  # (values, **release) -> manifests; release "finetune" in namespace "ml", revision 1
+
+
+def only(manifests: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [m for m in manifests if m["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {[m['metadata']['name'] for m in found]}"
+    return found[0]
+
+
+def kinds(manifests: list[dict[str, Any]]) -> list[str]:
+    return sorted(m["kind"] for m in manifests)
+
+
+def job_container(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = only(manifests, "Job")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def job_config(manifests: list[dict[str, Any]]) -> str:
+    """The config.yaml the Job mounts."""
+    (text,) = [
+        m["data"]["config.yaml"] for m in manifests if m["kind"] == "ConfigMap" and "config.yaml" in m["data"]
+    ]
+    return text
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def pod_specs(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every pod spec: the Job's template and the helm test pod."""
+    specs = [m["spec"]["template"]["spec"] for m in manifests if m["kind"] == "Job"]
+    return specs + [m["spec"] for m in manifests if m["kind"] == "Pod"]
+
+
+# ------------------------------------------------------------------ lint, render, Kubernetes schemas
+
+
+@pytest.mark.parametrize("kube_version", helm_lint.KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_lint_strict(value_set: str, kube_version: str) -> None:
+    assert helm_lint.lint(VALUE_SETS[value_set], kube_version) == []
+
+
+def test_ci_values_cover_the_features() -> None:
+    assert set(VALUE_SETS) >= {
+        "defaults",
+        "ci/gpu-values.yaml",
+        "ci/multiworker-values.yaml",
+        "ci/monitoring-values.yaml",
+        "ci/existing-secret-values.yaml",
+    }
+
+
+@pytest.mark.parametrize("kube_version", helm_lint.KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rendered_manifests_are_valid_kubernetes(value_set: str, kube_version: str) -> None:
+    manifests = render(VALUE_SETS[value_set])
+    assert "Job" in kinds(manifests)
+    # Core kinds: Kubernetes' own OpenAPI schemas (strict: unknown fields fail). PodMonitor and
+    # PrometheusRule are CRDs, absent from those schemas: helm_lint.CRD_SCHEMAS checks them.
+    problems = [p for m in manifests if (p := helm_lint.validate(m, kube_version))]
+    assert problems == []
+
+
+def test_validation_catches_a_broken_manifest() -> None:
+    job = only(render(), "Job")
+    job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
+    job["spec"]["completionz"] = 1
+    assert helm_lint.validate(job, "1.29.0")
+    monitor = only(render(VALUE_SETS["ci/monitoring-values.yaml"]), "PodMonitor")
+    monitor["spec"]["podMetricsEndpoints"][0]["port"] = 8000
+    assert helm_lint.validate(monitor, "1.33.0")
+
+
+def test_make_helm_lint_passes() -> None:
+    result = subprocess.run(
+        [sys.executable, str(Path(helm_lint.__file__))], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_defaults_render_the_expected_objects() -> None:
+    assert kinds(render()) == ["ConfigMap", "Job", "Pod", "ServiceAccount"]
+
+
+# ------------------------------------------------------------------ values.yaml and values.schema.json
+
+
+def test_every_value_is_documented_by_a_comment_starting_with_its_name() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    for number, line in enumerate(lines):
+        key = re.match(r"^(\s*)([A-Za-z_][\w.-]*):", line)
+        if not key:
+            continue
+        indent, name = key.groups()
+        above = number - 1
+        block = []
+        while above >= 0 and lines[above].startswith(f"{indent}#"):
+            block.insert(0, lines[above].strip())
+            above -= 1
+        if not block or not block[0].startswith(f"# {name}:"):
+            undocumented.append(f"line {number + 1}: {name}")
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_schema_accepts_the_shipped_values(value_set: str) -> None:
+    with helm_python.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values(VALUE_SETS[value_set]))
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"replicas": 2}, "additional properties 'replicas'"),
+        ({"image": {"registry": "x"}}, "additional properties 'registry'"),
+        ({"workers": -1}, "/workers"),
+        ({"workers": 0}, "/workers"),
+        ({"workers": "3"}, "/workers"),
+        ({"backoffLimit": -1}, "/backoffLimit"),
+        ({"activeDeadlineSeconds": "1d"}, "/activeDeadlineSeconds"),
+        ({"podMonitor": {"enabled": "yes"}}, "/podMonitor/enabled"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"multiWorker": {"port": 70000}}, "/multiWorker/port"),
+        ({"s3": {"endpointUrl": "minio:9000"}}, "/s3/endpointUrl"),
+        ({"config": {"train": {"batch_size": "big"}}}, "/config/train/batch_size"),
+        ({"config": {"model": {"backbone": "ResNet50"}}}, "/config/model/backbone"),
+        ({"config": {"data": {"image_size": [180]}}}, "/config/data/image_size"),
+        ({"config": {"run_id": "a b"}}, "/config/run_id"),
+        ({"config": {"run_id": ".hidden"}}, "/config/run_id"),
+        ({"config": {"trian": {}}}, "additional properties 'trian'"),
+        ({"config": {"metrics": {"port": -5}}}, "/config/metrics/port"),
+        (
+            {"cache": {"persistence": {"accessModes": ["ReadWriteSometimes"]}}},
+            "/cache/persistence/accessModes",
+        ),
+    ],
+)
+def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=re.escape(complaint)):
+        render(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"s3": {"accessKeyId": "AKIA", "secretAccessKey": "s", "existingSecret": "creds"}}, "not both"),
+        ({"s3": {"accessKeyId": "AKIA"}}, "go together"),
+        ({"podMonitor": {"enabled": True}, "config": {"metrics": {"port": 0}}}, "needs config.metrics.port"),
+    ],
+)
+def test_contradictory_values_fail_with_a_message(values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(complaint)):
+        render(values)
+
+
+def _model_fields(model: Any) -> dict[str, Any]:
+    from pydantic import BaseModel
+
+    return {
+        name: _model_fields(field.annotation)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        else None
+        for name, field in model.model_fields.items()
+    }
+
+
+def _schema_fields(schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: _schema_fields(sub) if "properties" in sub else None
+        for name, sub in schema["properties"].items()
+    }
+
+
+def test_values_schema_config_has_the_keys_of_the_jobs_config() -> None:
+    from job.config import Config
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert _schema_fields(schema["properties"]["config"]) == _model_fields(Config)
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rendered_config_is_accepted_by_the_job(value_set: str, tmp_path: Path) -> None:
+    from job import config
+
+    manifests = render(VALUE_SETS[value_set])
+    path = tmp_path / "config.yaml"
+    path.write_text(job_config(manifests))
+    env = {k: v for k, v in env_of(job_container(manifests)).items() if isinstance(v, str)}
+    resolved = config.load(path, environ=env)
+    assert resolved.run_id == env["FINETUNE_RUN_ID"]
+    assert resolved.data.cache_dir == "/var/cache/finetune-job"
+    assert resolved.train.finetune.learning_rate == pytest.approx(1e-5)
+
+
+# ------------------------------------------------------------------ the Job
+
+
+def test_job_policies() -> None:
+    job = only(
+        render({"backoffLimit": 5, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 0}), "Job"
+    )
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 5
+    assert spec["activeDeadlineSeconds"] == 3600
+    assert spec["ttlSecondsAfterFinished"] == 0
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 60
+    fail, ignore = spec["podFailurePolicy"]["rules"]
+    assert fail == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "train", "operator": "In", "values": [2, 3]},
+    }
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    unlimited = only(render({"activeDeadlineSeconds": None, "ttlSecondsAfterFinished": None}), "Job")["spec"]
+    assert "activeDeadlineSeconds" not in unlimited and "ttlSecondsAfterFinished" not in unlimited
+
+
+def test_job_name_and_run_id_change_with_the_revision() -> None:
+    first, second = render(revision=1), render(revision=2, is_install=False, is_upgrade=True)
+    assert only(first, "Job")["metadata"]["name"] == "finetune-finetune-job-1"
+    assert only(second, "Job")["metadata"]["name"] == "finetune-finetune-job-2"
+    assert env_of(job_container(first))["FINETUNE_RUN_ID"] == "finetune-1"
+    assert env_of(job_container(second))["FINETUNE_RUN_ID"] == "finetune-2"
+    # A configured run_id wins (and stays the same across revisions: the run resumes).
+    fixed = render({"config": {"run_id": "flowers-v7"}}, revision=9)
+    assert env_of(job_container(fixed))["FINETUNE_RUN_ID"] == "flowers-v7"
+
+
+def test_long_release_names_stay_within_dns_limits() -> None:
+    manifests = render({"workers": 12}, name="a" * 53, revision=123456)
+    job = only(manifests, "Job")["metadata"]["name"]
+    assert len(f"{job}-11") <= 63  # Indexed Job pod hostnames; the job-name label of the pods
+    assert len(only(manifests, "Service")["metadata"]["name"]) <= 63
+    assert len(only(manifests, "Pod")["metadata"]["name"]) <= 63
+
+
+def test_container_command_config_and_environment() -> None:
+    extra = [{"name": "AWS_CA_BUNDLE", "value": "/etc/ssl/certs/ca.pem"}]
+    manifests = render(
+        {
+            "pushgateway": {"url": "http://pgw:9091"},
+            "s3": {"endpointUrl": "http://minio:9000"},
+            "extraEnv": extra,
+        }
+    )
+    assert [p for m in manifests if (p := helm_lint.validate(m, "1.29.0"))] == []
+    container = job_container(manifests)
+    assert container["command"] == ["finetune-job"]
+    assert container["args"] == ["train", "--config", CONFIG_FILE]
+    env = env_of(container)
+    assert env["FINETUNE_METRICS__PUSHGATEWAY"] == "http://pgw:9091"
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    assert env["HOME"] == "/tmp" and env["KERAS_HOME"] == "/tmp/.keras"
+    assert env["AWS_CA_BUNDLE"] == "/etc/ssl/certs/ca.pem"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[env["FINETUNE_DATA__CACHE_DIR"]] == "cache"
+    assert mounts[os.path.dirname(CONFIG_FILE)] == "config"
+    assert container["ports"] == [{"name": "metrics", "containerPort": 8000, "protocol": "TCP"}]
+    config = yaml.safe_load(job_config(manifests))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+    assert config.keys() == values.keys()
+    assert config["data"]["uri"] == values["data"]["uri"]
+    assert "endpoint_url" not in json.dumps(config) and "pushgateway" not in json.dumps(config)
+
+
+def test_writable_volumes() -> None:
+    pod = only(render(), "Job")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tmp"]["emptyDir"]["sizeLimit"] == "4Gi"
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["cache"] == {"name": "cache", "emptyDir": {"sizeLimit": "20Gi"}}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["tmp"] == "/tmp" and mounts["dshm"] == "/dev/shm"
+
+
+def test_cache_on_a_persistent_volume_claim() -> None:
+    manifests = render({"cache": {"persistence": {"enabled": True, "size": "80Gi", "storageClass": "fast"}}})
+    claim = only(manifests, "PersistentVolumeClaim")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "80Gi"
+    assert claim["spec"]["storageClassName"] == "fast"
+    volumes = {v["name"]: v for v in only(manifests, "Job")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    # The helm test pod must not wait for a ReadWriteOnce claim the Job holds.
+    test_volumes = {v["name"]: v for v in only(manifests, "Pod")["spec"]["volumes"]}
+    assert "emptyDir" in test_volumes["cache"]
+
+    existing = render({"cache": {"persistence": {"enabled": True, "existingClaim": "datasets"}}})
+    assert "PersistentVolumeClaim" not in kinds(existing)
+    volumes = {v["name"]: v for v in only(existing, "Job")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "datasets"
+
+
+def test_gpu_values() -> None:
+    manifests = render(VALUE_SETS["ci/gpu-values.yaml"])
+    pod = only(manifests, "Job")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["priorityClassName"] == "training"
+    config = yaml.safe_load(job_config(manifests))
+    assert config["model"]["weights"] == "/opt/finetune-job/weights/resnet50.h5"
+
+
+def test_scheduling_values_pass_through() -> None:
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                ]
+            }
+        }
+    }
+    values = {
+        "affinity": affinity,
+        "podLabels": {"team": "vision"},
+        "podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+        "imagePullSecrets": [{"name": "regcred"}],
+    }
+    pod = only(render(values), "Job")["spec"]["template"]
+    assert pod["spec"]["affinity"] == affinity
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["metadata"]["labels"]["team"] == "vision"
+    assert pod["metadata"]["annotations"] == values["podAnnotations"]
+
+
+def test_kueue_queue_label_only_when_set() -> None:
+    assert "kueue.x-k8s.io/queue-name" not in only(render(), "Job")["metadata"]["labels"]
+    job = only(render({"kueue": {"queueName": "team-a"}}), "Job")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+
+
+# ------------------------------------------------------------------ security
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """Violations of the Kubernetes "restricted" Pod Security Standard (v1.29+), plus a read-only root."""
+    found = []
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            found.append(field)
+    allowed_volumes = {
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    }
+    for volume in pod.get("volumes", []):
+        kind = (set(volume) - {"name"}).pop()
+        if kind not in allowed_volumes:
+            found.append(f"volume {volume['name']}: {kind}")
+    pod_sc = pod.get("securityContext", {})
+    if pod_sc.get("runAsUser") == 0:
+        found.append("pod runAsUser 0")
+    if pod_sc.get("sysctls"):
+        found.append("sysctls")
+    for container in pod["containers"] + pod.get("initContainers", []):
+        sc = container.get("securityContext", {})
+        name = container["name"]
+        if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
+            found.append(f"{name}: runAsNonRoot")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) in (0, None):
+            found.append(f"{name}: runAsUser")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation")
+        if sc.get("privileged"):
+            found.append(f"{name}: privileged")
+        if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+            found.append(f"{name}: capabilities.drop")
+        if set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: capabilities.add")
+        profile = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        if profile not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            found.append(f"{name}: readOnlyRootFilesystem")
+        if any("hostPort" in p for p in container.get("ports", [])):
+            found.append(f"{name}: hostPort")
+    return found
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_pods_meet_the_restricted_pod_security_standard(value_set: str) -> None:
+    specs = pod_specs(render(VALUE_SETS[value_set]))
+    assert len(specs) == 2
+    for pod in specs:
+        assert restricted_violations(pod) == []
+        assert pod["automountServiceAccountToken"] is False
+
+
+def test_the_checker_sees_violations() -> None:
+    pod = pod_specs(render())[0]
+    pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    pod["hostNetwork"] = True
+    context = pod["containers"][0]["securityContext"]
+    for field in ("allowPrivilegeEscalation", "capabilities", "readOnlyRootFilesystem"):
+        del context[field]
+    assert set(restricted_violations(pod)) == {
+        "hostNetwork",
+        "volume host: hostPath",
+        "train: allowPrivilegeEscalation",
+        "train: capabilities.drop",
+        "train: readOnlyRootFilesystem",
+    }
+
+
+def test_service_account_with_irsa_annotations_and_no_token() -> None:
+    role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/trainer"}
+    manifests = render({"serviceAccount": {"annotations": role}})
+    account = only(manifests, "ServiceAccount")
+    assert account["metadata"]["annotations"] == role
+    assert account["automountServiceAccountToken"] is False
+    assert (
+        only(manifests, "Job")["spec"]["template"]["spec"]["serviceAccountName"]
+        == account["metadata"]["name"]
+    )
+    # IRSA: no credentials anywhere, the AWS SDK uses the web identity token EKS injects.
+    assert "Secret" not in kinds(manifests)
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & env_of(job_container(manifests)).keys()
+
+
+def test_s3_credentials_appear_only_in_the_secret() -> None:
+    key_id, secret = "AKIAWIRINGTEST0000001", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzzSECRET"
+    values = {"s3": {"accessKeyId": key_id, "secretAccessKey": secret}}
+    manifests = render(values)
+    secret_manifest = only(manifests, "Secret")
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret_manifest["data"].items()}
+    assert decoded == {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
+    forms = {key_id, secret, *(base64.b64encode(s.encode()).decode() for s in (key_id, secret))}
+    elsewhere = [m for m in manifests if m is not secret_manifest] + [helm_lint.notes(values)]
+    leaks = [form for doc in elsewhere for form in forms if form in json.dumps(doc)]
+    assert leaks == []
+    for pod in pod_specs(manifests):
+        env = env_of(pod["containers"][0])
+        for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[variable] == {
+                "secretKeyRef": {"name": secret_manifest["metadata"]["name"], "key": variable}
+            }
+
+
+def test_existing_secret() -> None:
+    manifests = render(VALUE_SETS["ci/existing-secret-values.yaml"])
+    assert "Secret" not in kinds(manifests)
+    assert "ServiceAccount" not in kinds(manifests)
+    pod = only(manifests, "Job")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "trainer"
+    env = env_of(pod["containers"][0])
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "minio-credentials", "key": "root-user"}}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": "minio-credentials", "key": "root-password"}
+    }
+    assert env["AWS_REGION"] == env["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert pod["containers"][0]["image"].startswith("registry.example.com/ml/finetune-job@sha256:")
+
+
+# ------------------------------------------------------------------ multi-worker
+
+
+def test_single_worker_has_no_multi_worker_parts() -> None:
+    manifests = render()
+    job = only(manifests, "Job")
+    assert "Service" not in kinds(manifests)
+    assert "completionMode" not in job["spec"] and "subdomain" not in job["spec"]["template"]["spec"]
+    assert "TF_CONFIG_CLUSTER" not in env_of(job_container(manifests))
+
+
+def test_multiworker_indexed_job_and_headless_service() -> None:
+    manifests = render(VALUE_SETS["ci/multiworker-values.yaml"])
+    job, service = only(manifests, "Job"), only(manifests, "Service")
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-training"
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    pod = job["spec"]["template"]
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    # The Service selects exactly this Job's pods (Kubernetes adds the job-name label to them).
+    pod_labels = {**pod["metadata"]["labels"], "batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert ports["worker"] == service["spec"]["ports"][0]["port"] == 12345
+    claim = only(manifests, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def run_rendered(
+    container: dict[str, Any], env: dict[str, str], **kwargs: Any
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        container["command"] + container["args"], env=env, capture_output=True, text=True, **kwargs
+    )
+
+
+@pytest.fixture
+def fake_finetune_job(tmp_path: Path) -> Path:
+    """A `finetune-job` that prints TF_CONFIG and its arguments, one per line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "finetune-job"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$TF_CONFIG" "$@"\n')
+    fake.chmod(0o755)
+    return bin_dir
+
+
+def test_tf_config_wrapper_runs(fake_finetune_job: Path) -> None:
+    manifests = render(VALUE_SETS["ci/multiworker-values.yaml"])
+    job, service = only(manifests, "Job"), only(manifests, "Service")
+    container = job_container(manifests)
+    env = {k: v for k, v in env_of(container).items() if isinstance(v, str)}
+    env |= {"PATH": f"{fake_finetune_job}:/usr/bin:/bin", "JOB_COMPLETION_INDEX": "1"}
+    result = run_rendered(container, env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    tf_config, *args = result.stdout.splitlines()
+    name, domain = job["metadata"]["name"], service["metadata"]["name"]
+    assert json.loads(tf_config) == {
+        "cluster": {"worker": [f"{name}-{index}.{domain}:12345" for index in range(3)]},
+        "task": {"type": "worker", "index": 1},
+    }
+    assert args == ["train", "--config", CONFIG_FILE]
+    # ...and the job reads it as worker 1 of 3.
+    from job.distribute import tf_config_workers
+
+    assert tf_config_workers({"TF_CONFIG": tf_config}) == (1, 3)
+
+    del env["JOB_COMPLETION_INDEX"]
+    missing = run_rendered(container, env, timeout=30)
+    assert missing.returncode == 2  # a config error: podFailurePolicy fails the Job at once
+    assert "JOB_COMPLETION_INDEX" in missing.stderr
+
+
+# ------------------------------------------------------------------ monitoring
+
+
+def test_monitoring_objects() -> None:
+    manifests = render(VALUE_SETS["ci/monitoring-values.yaml"])
+    pod = only(manifests, "Job")["spec"]["template"]
+    monitor = only(manifests, "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert ports["metrics"] == 9100  # config.metrics.port of the monitoring values
+    assert env_of(pod["spec"]["containers"][0])["FINETUNE_METRICS__PUSHGATEWAY"].startswith("http://")
+
+    rule = only(manifests, "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load((CHART / "alerts" / "rules.yaml").read_text())["groups"]
+
+    dashboards = {
+        m["metadata"]["name"]: m
+        for m in manifests
+        if m["kind"] == "ConfigMap" and "dashboard" in m["metadata"]["name"]
+    }
+    files = sorted((CHART / "dashboards").glob("*.json"))
+    assert files and len(dashboards) == len(files)
+    for configmap in dashboards.values():
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert configmap["metadata"]["namespace"] == "monitoring"
+        assert configmap["metadata"]["annotations"] == {"grafana_folder": "Training"}
+        ((file_name, text),) = configmap["data"].items()
+        assert json.loads(text) == json.loads((CHART / "dashboards" / file_name).read_text())
+
+
+def test_monitoring_is_off_by_default_and_port_zero_opens_no_port() -> None:
+    manifests = render({"config": {"metrics": {"port": 0}}})
+    assert {"PodMonitor", "PrometheusRule"}.isdisjoint(kinds(manifests))
+    assert not [m for m in manifests if m["metadata"].get("labels", {}).get("grafana_dashboard")]
+    assert "ports" not in job_container(manifests)
+
+
+# ------------------------------------------------------------------ helm test hook and NOTES
+
+
+def test_helm_test_hook_validates_with_the_jobs_wiring() -> None:
+    manifests = render()
+    pod = only(manifests, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (validate,) = pod["spec"]["containers"]
+    assert validate["command"] == ["finetune-job"]
+    assert validate["args"] == ["validate", "--config", CONFIG_FILE]
+    assert validate["env"] == job_container(manifests)["env"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert "Pod" not in kinds(render({"helmTest": {"enabled": False}}))
+
+
+def test_notes_say_how_to_follow_the_run() -> None:
+    text = helm_lint.notes({"config": {"output": {"uri": "s3://models/flowers/"}}})
+    assert "kubectl -n ml logs -f job/finetune-finetune-job-1" in text
+    assert "port-forward job/finetune-finetune-job-1 8000:8000" in text
+    assert "s3://models/flowers/finetune-1/_SUCCESS" in text
+    assert "helm test finetune" in text
+    multi = helm_lint.notes(VALUE_SETS["ci/multiworker-values.yaml"])
+    assert "-l batch.kubernetes.io/job-name=finetune-finetune-job-1 --prefix" in multi
+
+
+# ------------------------------------------------------------------ the wiring, end to end
+
+
+def resolve_env(container: dict[str, Any], manifests: list[dict[str, Any]]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: values, and secretKeyRefs looked up
+    in the rendered Secrets."""
+    secrets = {m["metadata"]["name"]: m["data"] for m in manifests if m["kind"] == "Secret"}
+    env = {}
+    for variable in container["env"]:
+        if "value" in variable:
+            env[variable["name"]] = variable["value"]
+        else:
+            ref = variable["valueFrom"]["secretKeyRef"]
+            env[variable["name"]] = base64.b64decode(secrets[ref["name"]][ref["key"]]).decode()
+    return env
+
+
+def localise(
+    container: dict[str, Any], pod: dict[str, Any], manifests: list[dict[str, Any]], root: Path
+) -> tuple[list[str], dict[str, str]]:
+    """The container's argv and environment with each volume mount path moved under `root`
+    (ConfigMap volumes filled with their data); nothing else changes."""
+    configmaps = {m["metadata"]["name"]: m["data"] for m in manifests if m["kind"] == "ConfigMap"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    moved = {}
+    for mount in container["volumeMounts"]:
+        local = root / mount["name"]
+        local.mkdir(parents=True, exist_ok=True)
+        source = volumes[mount["name"]]
+        if "configMap" in source:
+            for file_name, text in configmaps[source["configMap"]["name"]].items():
+                (local / file_name).write_text(text)
+        moved[mount["mountPath"]] = str(local)
+
+    def rewrite(text: str) -> str:
+        for path in sorted(moved, key=len, reverse=True):
+            if text == path or text.startswith(path + "/"):
+                return moved[path] + text[len(path) :]
+        return text
+
+    argv = [rewrite(a) for a in container["command"] + container["args"]]
+    env = {k: rewrite(v) for k, v in resolve_env(container, manifests).items()}
+    return argv, env
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_rendered_job_runs_end_to_end_against_s3(s3_server: str, tmp_path: Path) -> None:
+    """s3_server: the moto S3 server of tests/conftest.py, on 127.0.0.1."""
+    from job.sample_data import write_sample_dataset
+
+    bucket = "chart-wiring"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="wiring-key",
+        aws_secret_access_key="wiring-secret",
+    )
+    s3.create_bucket(Bucket=bucket)
+    dataset = tmp_path / "dataset"
+    write_sample_dataset(dataset, classes=3, per_class=12, size=32, seed=0)
+    for path in sorted(p for p in dataset.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), bucket, f"datasets/shapes/{path.relative_to(dataset).as_posix()}")
+
+    values = {
+        "s3": {
+            "endpointUrl": s3_server,
+            "region": "us-east-1",
+            "accessKeyId": "wiring-key",
+            "secretAccessKey": "wiring-secret",
+        },
+        "config": {
+            "data": {"uri": f"s3://{bucket}/datasets/shapes", "image_size": [32, 32]},
+            "model": {"backbone": "mobilenet_v2", "weights": "none"},
+            "train": {"batch_size": 16, "head": {"epochs": 2}, "finetune": {"epochs": 1}},
+            "output": {"uri": f"s3://{bucket}/models/shapes"},
+            "metrics": {"port": 0, "linger_seconds": 0},
+        },
+    }
+    manifests = render(values, name="wiring", revision=1)
+    path_env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin"}
+
+    # The helm test hook first (it trains nothing), then the Job itself.
+    test_pod = only(manifests, "Pod")["spec"]
+    argv, env = localise(test_pod["containers"][0], test_pod, manifests, tmp_path / "validate-pod")
+    validated = subprocess.run(argv, env=env | path_env, capture_output=True, text=True, timeout=300)
+    assert validated.returncode == 0, validated.stdout[-3000:] + validated.stderr[-3000:]
+
+    pod = only(manifests, "Job")["spec"]["template"]["spec"]
+    argv, env = localise(pod["containers"][0], pod, manifests, tmp_path / "train-pod")
+    assert argv[0] == "finetune-job" and env["FINETUNE_RUN_ID"] == "wiring-1"
+    trained = subprocess.run(argv, env=env | path_env, capture_output=True, text=True, timeout=840)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="models/shapes/wiring-1/")
+    keys = {o["Key"].removeprefix("models/shapes/wiring-1/") for o in listed.get("Contents", [])}
+    assert "_SUCCESS" in keys
+    assert "labels.txt" in keys
