@@ -73,14 +73,15 @@ def _load(config: Path, sets: list[str] | None):
 @app.command()
 def train(config: ConfigOption, set_: SetOption = None) -> None:
     """Run the job: stage the dataset, train head then fine-tune, evaluate, export to storage."""
-    from job import logs, metrics
+    from job import logs, metrics, signals
     from job.distribute import tf_config_workers
 
     try:
+        signals.install()
         cfg = _load(config, set_)
         worker, _ = tf_config_workers()
         metrics.start(run_id=cfg.run_id, backbone=cfg.model.backbone, version=job.__version__, worker=worker,
-                      is_chief=worker == 0, port=cfg.metrics.port, pushgateway=cfg.metrics.pushgateway,
+                      is_chief=worker == 0, host=cfg.metrics.host, port=cfg.metrics.port, pushgateway=cfg.metrics.pushgateway,
                       linger_seconds=cfg.metrics.linger_seconds)
     except BaseException as exc:  # noqa: BLE001 - every failure leaves through _fail
         _fail(exc)

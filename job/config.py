@@ -86,6 +86,9 @@ class TrainConfig(_Section):
 class DistributionConfig(_Section):
     strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
     cpu_replicas: int = Field(0, ge=0, le=64)
+    # Multi-worker: how long a worker waits for the others (start-up, then each collective) before it
+    # fails with a clear message instead of hanging.
+    connect_timeout_seconds: float = Field(300.0, gt=0.0)
 
 
 class OutputConfig(_Section):
@@ -100,6 +103,7 @@ class CheckpointConfig(_Section):
 
 class MetricsConfig(_Section):
     port: int = Field(8000, ge=0, le=65535)
+    host: str = "0.0.0.0"  # address the /metrics server binds; 127.0.0.1 keeps it local
     pushgateway: str = ""
     linger_seconds: float = Field(15.0, ge=0.0)
 
@@ -250,6 +254,10 @@ def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: d
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
     if not cfg.run_id:
+        from job.distribute import tf_config_workers
+
+        if tf_config_workers(environ)[1] > 1:
+            raise ConfigError("config: run_id: required when TF_CONFIG lists several workers (all must share it)")
         cfg.run_id = default_run_id()
     return cfg
 

@@ -1,15 +1,22 @@
 """tf.data pipelines over staged files: the decode check, image batches, and cached base features.
 
 The same `decode_and_resize` runs in training and inside the exported SavedModel, so serving sees
-exactly the preprocessing the model was trained with.
+exactly the preprocessing the model was trained with. Decoding and antialiased resizing cost more
+than a training step of a small model on a GPU; given a cache folder, `image_dataset` does them once
+and later epochs read the decoded pixels back from disk (the page cache, in practice).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+from job import logs
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -44,9 +51,18 @@ def find_undecodable(paths: list[str]) -> list[str]:
 
 
 def image_dataset(paths: list[str], labels: list[int], image_size: tuple[int, int], batch_size: int,
-                  *, shuffle: bool = False, seed: int = 0, repeat: bool = False) -> tf.data.Dataset:
-    """(image float32 0..255, label int32) batches, decoded and resized in parallel, prefetched."""
-    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, np.int32)))
+                  *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
+                  cache_dir: Path | None = None) -> tf.data.Dataset:
+    """(image float32 0..255, label int32) batches, decoded and resized in parallel, prefetched.
+
+    With `cache_dir`, the images are decoded and resized once into a file there (`cache_images`) and
+    every epoch reads rows of it: no decoding after the first pass, and no image held in memory.
+    """
+    labels = np.asarray(labels, np.int32)
+    cache = cache_images(paths, image_size, Path(cache_dir)) if cache_dir is not None else None
+    if cache is not None:
+        return _cached_image_dataset(cache, labels, batch_size, shuffle=shuffle, seed=seed, repeat=repeat)
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
     if shuffle:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -57,6 +73,77 @@ def image_dataset(paths: list[str], labels: list[int], image_size: tuple[int, in
 
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=not shuffle)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def cache_images(paths: list[str], image_size: tuple[int, int], cache_dir: Path) -> Path | None:
+    """Decode and resize every image once into a uint8 `.npy` file [n, h, w, 3] under `cache_dir`.
+
+    The file name carries a digest of the paths, their sizes and modification times, and the image
+    size, so a changed dataset gets a new file and an unchanged one (a re-run, a resumed pod) reuses
+    it. Pixels are rounded to 8 bits: at most half a grey level from `decode_and_resize`'s floats.
+    None (decode every epoch) when the file would take more than half the free space there.
+    """
+    h, w = image_size
+    digest = hashlib.sha256(f"{h}x{w}".encode())
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"\0{path}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    out = Path(cache_dir) / f"images-{h}x{w}-{digest.hexdigest()[:20]}.npy"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need, free = len(paths) * h * w * 3, shutil.disk_usage(out.parent).free
+    if need > free // 2:
+        logs.get().warning("image cache skipped: not enough free disk, decoding every epoch",
+                           folder=str(cache_dir), needed_bytes=need, free_bytes=free)
+        return None
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    # Written with plain writes, not through a memory map: the rows never count as this process's memory.
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
+                                                 "shape": (len(paths), h, w, 3)})
+        for images, _ in image_dataset(paths, np.zeros(len(paths), np.int32), image_size, 64):
+            f.write(tf.cast(tf.round(images), tf.uint8).numpy().tobytes())
+    os.replace(tmp, out)
+    return out
+
+
+def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
+                          *, shuffle: bool, seed: int, repeat: bool) -> tf.data.Dataset:
+    """Batches of rows of a `cache_images` file, read with positional reads (pread)."""
+    with open(cache, "rb") as f:
+        np.lib.format.read_magic(f)
+        shape, _, _ = np.lib.format.read_array_header_2_0(f)
+        offset = f.tell()
+    row_shape = shape[1:]
+    row_bytes = int(np.prod(row_shape))
+    ds = tf.data.Dataset.range(len(labels))
+    if shuffle:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+
+    def read(idx):
+        out = np.empty((len(idx), *row_shape), np.uint8)
+        fd = os.open(cache, os.O_RDONLY)
+        try:
+            if len(idx) and np.all(np.diff(idx) == 1):  # in order (evaluation): one read for the batch
+                out[:] = np.frombuffer(os.pread(fd, row_bytes * len(idx), offset + int(idx[0]) * row_bytes),
+                                       np.uint8).reshape(out.shape)
+            else:
+                for j, i in enumerate(idx):
+                    out[j] = np.frombuffer(os.pread(fd, row_bytes, offset + int(i) * row_bytes),
+                                           np.uint8).reshape(row_shape)
+        finally:
+            os.close(fd)
+        return out, labels[idx]
+
+    def load(idx):
+        x, y = tf.numpy_function(read, [idx], (tf.uint8, tf.int32), stateful=False)
+        return tf.cast(tf.ensure_shape(x, [None, *row_shape]), tf.float32), tf.ensure_shape(y, [None])
+
+    ds = ds.batch(batch_size).map(load, num_parallel_calls=AUTOTUNE, deterministic=not shuffle)
+    return ds.prefetch(AUTOTUNE)
 
 
 def extract_features(feature_model, paths: list[str], image_size: tuple[int, int], out: Path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from job.errors import ConfigError
@@ -23,6 +24,8 @@ class Cluster:
     worker_index: int
     num_workers: int
     mixed_precision: bool
+    # Mean of a Python float over all workers (identity on one worker): decisions every worker shares.
+    agree: Callable[[float], float] = float
 
     @property
     def is_chief(self) -> bool:
@@ -53,7 +56,7 @@ def tf_config_workers(environ=os.environ) -> tuple[int, int]:
     return index, max(total, 1)
 
 
-def setup(strategy: str, cpu_replicas: int, mixed_precision: str | bool) -> Cluster:
+def setup(strategy: str, cpu_replicas: int, mixed_precision: str | bool, connect_timeout: float = 300.0) -> Cluster:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -77,11 +80,53 @@ def setup(strategy: str, cpu_replicas: int, mixed_precision: str | bool) -> Clus
         keras.mixed_precision.set_global_policy("mixed_float16")
 
     if kind == "multi_worker":
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=300)
-        dist = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        dist = _multi_worker(tf, worker_index, num_workers, connect_timeout)
     elif kind == "mirrored":
         devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
         dist = tf.distribute.MirroredStrategy(devices)
     else:
         dist = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-    return Cluster(dist, kind, worker_index, num_workers, use_mp)
+    cluster = Cluster(dist, kind, worker_index, num_workers, use_mp)
+    if num_workers > 1:
+        mean = tf.function(lambda v: dist.reduce(tf.distribute.ReduceOp.MEAN, dist.run(tf.identity, args=(v,)), axis=None))
+        cluster.agree = lambda value: float(mean(tf.constant(value, tf.float32)))
+    return cluster
+
+
+_WATCHDOG = """
+import json, os, select, signal, sys, time
+parent, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+ready, _, _ = select.select([sys.stdin], [], [], timeout)
+if ready:
+    sys.exit(0)  # the parent said it is up (or exited on its own): nothing to do
+print(json.dumps({"event": message, "level": "error", "worker_pid": parent}), flush=True)
+print("finetune-job: error: " + message, file=sys.stderr, flush=True)
+os.kill(parent, signal.SIGKILL)
+"""
+
+
+def _multi_worker(tf, worker_index: int, num_workers: int, timeout: float):
+    """MultiWorkerMirroredStrategy that fails with one clear line, not a hang, if the others never answer.
+
+    TensorFlow's cluster start-up blocks inside C++ while holding the GIL, so no Python thread in
+    this process could time it out: a small watchdog process does. Unless the strategy is up and a
+    first all-reduce over every worker has completed within `timeout` seconds, it prints the reason
+    and kills the worker (exit 137; Kubernetes retries the pod). After start-up, collectives time
+    out by themselves after the same time.
+    """
+    import subprocess
+    import sys
+
+    message = (f"worker {worker_index} could not reach all {num_workers} workers in TF_CONFIG within {timeout:.0f} s "
+               "(distribution.connect_timeout_seconds); check that every worker runs and its port is reachable")
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
+                                stdin=subprocess.PIPE)
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
+    dist = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    count = tf.function(lambda: dist.reduce(tf.distribute.ReduceOp.SUM, dist.run(lambda: tf.constant(1.0)), axis=None))
+    answered = int(count())
+    watchdog.stdin.close()
+    watchdog.wait()
+    if answered != dist.num_replicas_in_sync:
+        raise RuntimeError(f"all-reduce over the workers gave {answered}, expected {dist.num_replicas_in_sync}")
+    return dist

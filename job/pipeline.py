@@ -8,6 +8,7 @@ TensorFlow is imported inside `train` and `predict` only: `validate` and `--help
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -96,31 +97,35 @@ def resolve_weights(cfg: Config, work: Path) -> tuple[str | None, bool]:
 
 
 def train(cfg: Config) -> dict:
-    """The whole job. Returns the summary that the CLI logs last."""
+    """The whole job. Returns the summary that the CLI logs last.
+
+    An incomplete run with the same run_id resumes from its latest checkpoint.
+    """
     started = time.monotonic()
     timings: dict[str, float] = {}
     out, state = output_state(cfg)
     if state == "complete" and not cfg.output.overwrite:
         return {"status": "already complete", "artifacts": out.uri}
-    if state != "empty":
-        if not cfg.output.overwrite:
-            raise StorageError(f"{out.uri} holds an incomplete run; use another run_id or set output.overwrite=true")
-        log.warning("overwriting existing run", artifacts=out.uri)
-        out.delete_all()
 
     layout = read_layout(cfg)
     log.info("dataset listed", uri=cfg.data.uri, classes=len(layout.classes), counts=layout.counts())
 
     from job import distribute
 
-    cluster = distribute.setup(cfg.distribution.strategy, cfg.distribution.cpu_replicas, cfg.train.mixed_precision)
+    cluster = distribute.setup(cfg.distribution.strategy, cfg.distribution.cpu_replicas, cfg.train.mixed_precision,
+                               cfg.distribution.connect_timeout_seconds)
     logs.bind(worker=cluster.worker_index)
     log.info("strategy ready", strategy=cluster.kind, replicas=cluster.replicas, workers=cluster.num_workers,
              mixed_precision=cluster.mixed_precision)
+    if state != "empty" and cfg.output.overwrite and cluster.is_chief:
+        log.warning("overwriting existing run", artifacts=out.uri)
+        out.delete_all()
 
     import keras
 
-    from job import dataset, model, train as loop
+    from job import dataset, model, signals
+    from job import train as loop
+    from job.checkpoint import Checkpoints
 
     keras.utils.set_random_seed(cfg.train.seed)
     work = Path(cfg.data.cache_dir) / "runs" / cfg.run_id / f"worker-{cluster.worker_index}"
@@ -136,6 +141,9 @@ def train(cfg: Config) -> dict:
                             cfg.model.head_units, cfg.model.head_dropout, imagenet=imagenet)
         augment = model.augmentation(cfg.train.seed) if cfg.train.head.augment else None
     unfreeze = model.check_unfreeze(parts.base, cfg.train.finetune.unfreeze, cfg.model.backbone)
+    ckpt = Checkpoints(parts.model, out, work, cluster, cfg.checkpoint.keep)
+    run = ckpt.fetch() if state == "incomplete" and not cfg.output.overwrite else None
+    run = run or loop.new_state()
 
     t0 = time.monotonic()
     metrics.set_phase("staging")
@@ -152,48 +160,53 @@ def train(cfg: Config) -> dict:
     shard = slice(cluster.worker_index, None, cluster.num_workers)
     my_paths, my_labels = train_paths[shard], train_labels[shard]
 
-    def images(paths, labels, shuffle):
-        return lambda ctx: dataset.image_dataset(paths, labels, size, per_replica, shuffle=shuffle,
-                                                 seed=cfg.train.seed, repeat=True)
+    def images(paths, labels):
+        return lambda ctx: dataset.image_dataset(paths, labels, size, per_replica, shuffle=True,
+                                                 seed=cfg.train.seed + len(run["history"]["finetune"]), repeat=True)
 
     val_images = dataset.image_dataset(val_paths, val_labels, size, 64) if val_paths else None
-    history: dict[str, list[dict]] = {}
+    patience, every = cfg.train.early_stopping_patience, cfg.checkpoint.every_steps
 
     # Phase 1: the head on the frozen base.
     head_cfg = cfg.train.head
     t0 = time.monotonic()
-    if head_cfg.mode == "cached_features" and head_cfg.epochs > 0:
-        metrics.set_phase("head")
-        train_feats = dataset.extract_features(parts.features, my_paths, size, work / "features" / "train.npy")
-        val_feats = (dataset.extract_features(parts.features, val_paths, size, work / "features" / "validation.npy")
-                     if val_paths else None)
-        timings["feature_cache_seconds"] = round(time.monotonic() - t0, 3)
-        phase = loop.Phase(
-            "head", parts.head,
-            lambda ctx: dataset.feature_dataset(train_feats, my_labels, per_replica, shuffle=True,
-                                                seed=cfg.train.seed, repeat=True),
-            len(train_paths), head_cfg.epochs, head_cfg.learning_rate,
-            loop.validator(parts.head, dataset.feature_dataset(val_feats, val_labels, 256) if val_paths else None),
-        )
-    else:
-        phase = loop.Phase("head", parts.model, images(my_paths, my_labels, True), len(train_paths),
-                           head_cfg.epochs, head_cfg.learning_rate, loop.validator(parts.model, val_images), augment)
-    result = loop.run_phase(phase, cluster, global_batch, cfg.train.early_stopping_patience)
-    history["head"] = result.history
+    if run["phase"] == "head":
+        if head_cfg.mode == "cached_features" and head_cfg.epochs > 0:
+            metrics.set_phase("head")
+            # Features depend only on the frozen base and the files: a resumed run on the same pod reuses them.
+            train_feats = cached_features(parts.features, my_paths, size, work / "features" / "train.npy")
+            val_feats = cached_features(parts.features, val_paths, size, work / "features" / "validation.npy")
+            signals.check("feature extraction")
+            timings["feature_cache_seconds"] = round(time.monotonic() - t0, 3)
+            phase = loop.Phase(
+                "head", parts.head,
+                lambda ctx: dataset.feature_dataset(train_feats, my_labels, per_replica, shuffle=True,
+                                                    seed=cfg.train.seed, repeat=True),
+                len(train_paths), head_cfg.epochs, head_cfg.learning_rate,
+                loop.validator(parts.head, dataset.feature_dataset(val_feats, val_labels, 256) if val_paths else None),
+            )
+        else:
+            phase = loop.Phase("head", parts.model, images(my_paths, my_labels), len(train_paths), head_cfg.epochs,
+                               head_cfg.learning_rate, loop.validator(parts.model, val_images), augment)
+        loop.run_phase(phase, cluster, global_batch, patience, every, ckpt, run)
     timings["head_seconds"] = round(time.monotonic() - t0, 3)
 
     # Phase 2: fine-tune the top of the base at a low learning rate; the head carries over.
     ft = cfg.train.finetune
     t0 = time.monotonic()
-    if ft.epochs > 0 and unfreeze > 0:
+    if run["phase"] in ("head", "finetune") and ft.epochs > 0 and unfreeze > 0:
         with cluster.strategy.scope():
             model.unfreeze_top(parts.base, unfreeze)
-        phase = loop.Phase("finetune", parts.model, images(my_paths, my_labels, True), len(train_paths),
+        phase = loop.Phase("finetune", parts.model, images(my_paths, my_labels), len(train_paths),
                            ft.epochs, ft.learning_rate, loop.validator(parts.model, val_images), augment)
-        history["finetune"] = loop.run_phase(phase, cluster, global_batch, cfg.train.early_stopping_patience).history
-    else:
-        history["finetune"] = []
+        loop.run_phase(phase, cluster, global_batch, patience, every, ckpt, run)
     timings["finetune_seconds"] = round(time.monotonic() - t0, 3)
+    if run["phase"] == "trained":
+        ckpt.restore()
+    else:
+        run.update(phase="trained", epoch=0, step=0)
+        ckpt.save(run)  # evaluation and export can now be redone without training again
+    signals.check("evaluation")
 
     # Evaluation on validation and test: the same on every worker; only the chief writes.
     t0 = time.monotonic()
@@ -205,14 +218,18 @@ def train(cfg: Config) -> dict:
             probs, truth = loop.predict(parts.model, dataset.image_dataset(paths, labels, size, 64))
             reports[split] = evaluate.report(probs, truth, layout.classes)
     timings["evaluate_seconds"] = round(time.monotonic() - t0, 3)
+    log.info("training done", weights_sha256=weights_fingerprint(parts.model),
+             epochs={k: len(v) for k, v in run["history"].items()})
     if not cluster.is_chief:
         return {"status": "done (worker)", "artifacts": out.uri}
 
+    signals.check("export")
     t0 = time.monotonic()
     metrics.set_phase("export")
     folder = work / "artifacts"
-    folder.mkdir(parents=True, exist_ok=True)
-    export_artifacts(cfg, parts, layout, history, reports, bad, folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    export_artifacts(cfg, parts, layout, run["history"], reports, bad, folder)
     timings["export_seconds"] = round(time.monotonic() - t0, 3)
     timings["total_seconds"] = round(time.monotonic() - started, 3)
 
@@ -237,7 +254,40 @@ def train(cfg: Config) -> dict:
         "val_accuracy": reports.get("validation", {}).get("accuracy"),
         "accuracy": headline.get("accuracy"),
         "seconds": timings["total_seconds"],
+        "s3_errors": s3_errors_counted(),
     }
+
+
+def cached_features(extractor, paths: list[str], size, path: Path):
+    """The frozen base's features of `paths`: computed once, reused by a run resumed on the same disk."""
+    if not paths:
+        return None
+    import numpy as np
+
+    from job import dataset
+
+    if path.exists():  # written under a temporary name and renamed, so it is complete
+        features = np.load(path, mmap_mode="r")
+        if features.shape[0] == len(paths):
+            log.info("reusing cached features", file=str(path))
+            return features
+    return dataset.extract_features(extractor, paths, size, path)
+
+
+def s3_errors_counted() -> int:
+    """finetune_job_s3_errors_total summed over operations: failed attempts that were retried or fatal."""
+    return int(sum(sample.value for family in metrics.REGISTRY.collect() if family.name == "finetune_job_s3_errors"
+                   for sample in family.samples if sample.name.endswith("_total")))
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 over all weights: equal on every worker of a multi-worker run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(w.tobytes())
+    return h.hexdigest()
 
 
 def export_artifacts(cfg: Config, parts, layout: layout_lib.Layout, history: dict, reports: dict,

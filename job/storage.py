@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -22,6 +24,7 @@ from job import metrics
 from job.errors import StorageError
 
 DOWNLOAD_THREADS = 32
+STREAM_ATTEMPTS = 5
 INDEX_NAME = ".finetune-job-staged.json"
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
 
@@ -146,13 +149,28 @@ class S3Store:
                 raise
 
     def download(self, rel: str, dest: Path) -> int:
-        """Atomic download to dest (a temporary name, then rename); returns the bytes written."""
+        """Atomic download to dest (a temporary name, then rename); returns the bytes written.
+
+        Botocore retries failed requests; a connection dropped while the body streams is retried
+        here, with the same backoff, since botocore has already handed the response over.
+        """
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{threading.get_ident()}.part")
         with storage_errors(f"downloading {join(self.uri, rel)}"):
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
-            with open(tmp, "wb") as f:
-                shutil.copyfileobj(body, f, 1 << 20)
+            for attempt in range(1, STREAM_ATTEMPTS + 1):
+                try:
+                    body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
+                    with open(tmp, "wb") as f:
+                        shutil.copyfileobj(body, f, 1 << 20)
+                    break
+                except (ResponseStreamingError, ReadTimeoutError, BotoConnectionError):
+                    metrics.s3_error("GetObject")
+                    if attempt == STREAM_ATTEMPTS:
+                        raise
+                    time.sleep(min(20.0, random.uniform(0, 2**attempt)))
         os.replace(tmp, dest)
         size = dest.stat().st_size
         metrics.s3_bytes_downloaded(size)
@@ -168,12 +186,14 @@ class S3Store:
         metrics.s3_bytes_downloaded(len(data))
         return data
 
-    def delete_all(self) -> None:
-        keys = [e.rel for e in self.list()]
-        with storage_errors(f"deleting {self.uri}"):
-            for i in range(0, len(keys), 1000):
-                batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
+    def delete(self, rels: list[str]) -> None:
+        with storage_errors(f"deleting below {self.uri}"):
+            for i in range(0, len(rels), 1000):
+                batch = [{"Key": self._key(k)} for k in rels[i : i + 1000]]
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def delete_all(self) -> None:
+        self.delete([e.rel for e in self.list()])
 
 
 class LocalStore:
@@ -220,6 +240,11 @@ class LocalStore:
     def read(self, rel: str) -> bytes:
         with storage_errors(f"reading {self.root / rel}"):
             return (self.root / rel).read_bytes()
+
+    def delete(self, rels: list[str]) -> None:
+        with storage_errors(f"deleting below {self.root}"):
+            for rel in rels:
+                (self.root / rel).unlink(missing_ok=True)
 
     def delete_all(self) -> None:
         with storage_errors(f"deleting {self.root}"):

@@ -4,6 +4,9 @@ Keras 3 `model.fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20
 runs a custom distributed step (`strategy.run` inside a `tf.function`, loss averaged over the
 GLOBAL batch) that serves all of them. Datasets come from `distribute_datasets_from_function`, so
 each worker reads only its shard and each replica gets global_batch / replicas examples.
+
+Every decision that must be the same on all workers (stop for SIGTERM, early stopping) goes
+through an all-reduce, so workers never disagree and hang.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from job import evaluate, logs, metrics
+from job import evaluate, logs, metrics, signals
+from job.checkpoint import Checkpoints
 from job.distribute import Cluster
 from job.errors import ConfigError
 
@@ -36,13 +40,6 @@ class Phase:
     augment: keras.Model | None = None
 
 
-@dataclass
-class PhaseResult:
-    history: list[dict] = field(default_factory=list)
-    best_epoch: int = 0
-    seconds: float = 0.0
-
-
 def per_replica_batch(global_batch: int, cluster: Cluster) -> int:
     replicas = cluster.replicas
     if global_batch % replicas:
@@ -58,7 +55,7 @@ def _optimizer(learning_rate: float, cluster: Cluster) -> keras.optimizers.Optim
 def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global_batch: int):
     strategy = cluster.strategy
 
-    def replica_step(x, y):
+    def replica_step(x, y, stop):
         with tf.GradientTape() as tape:
             if augment is not None:
                 x = augment(x, training=True)
@@ -69,13 +66,14 @@ def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global
         variables = model.trainable_variables
         optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
-        return tf.reduce_sum(per_example), correct
+        return tf.reduce_sum(per_example), correct, tf.identity(stop)
 
     @tf.function
-    def step(x, y):
-        loss_sum, correct = strategy.run(replica_step, args=(x, y))
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+    def step(x, y, stop):
+        # `stop` rides along with the gradients' all-reduce: if any worker was asked to stop,
+        # every worker learns it after this same step.
+        sums = strategy.run(replica_step, args=(x, y, stop))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums]
 
     return step
 
@@ -108,65 +106,90 @@ def validator(model: keras.Model, dataset: tf.data.Dataset | None) -> Callable[[
     return run
 
 
-def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int) -> PhaseResult:
-    """Train one phase with early stopping on validation loss, restoring the best epoch's weights."""
-    result = PhaseResult()
+def new_state() -> dict:
+    """The run state that checkpoints carry (JSON)."""
+    return {"phase": "head", "epoch": 0, "step": 0, "sums": [0.0, 0.0], "best": None, "best_epoch": 0,
+            "patience_used": 0, "history": {"head": [], "finetune": []}}
+
+
+def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int, every_steps: int,
+              ckpt: Checkpoints, state: dict) -> None:
+    """Train one phase with early stopping on validation loss, restoring the best epoch's weights.
+
+    `state` is the run state; when it names this phase the phase resumes from the fetched
+    checkpoint (epochs done, steps done in the current epoch). It is updated in place.
+    """
     if phase.epochs <= 0:
         log.info("phase skipped", phase=phase.name, reason="epochs is 0")
-        return result
-    started = time.monotonic()
+        return
     strategy = cluster.strategy
     steps = max(1, math.ceil(phase.examples / global_batch))
+    variables = phase.model.trainable_variables
     with strategy.scope():
         optimizer = _optimizer(phase.learning_rate, cluster)
-        optimizer.build(phase.model.trainable_variables)
+        optimizer.build(variables)
+        best_copy = [tf.Variable(v.value, trainable=False) for v in variables]
         dataset = strategy.distribute_datasets_from_function(phase.dataset_fn)
+    if state["phase"] == phase.name and (state["epoch"] or state["step"]):
+        ckpt.restore(optimizer=optimizer, best=best_copy)
+    else:
+        state.update(new_state(), history=state["history"], phase=phase.name)
     iterator = iter(dataset)
     step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch)
     metrics.set_phase(phase.name)
-    log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps,
-             trainable_weights=len(phase.model.trainable_variables), replicas=cluster.replicas)
+    log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps, from_epoch=state["epoch"] + 1,
+             trainable_weights=len(variables), replicas=cluster.replicas)
 
-    best, best_weights, patience_used = math.inf, None, 0
+    def save():
+        ckpt.save(state, optimizer=optimizer, best=best_copy)
+
     local_images = global_batch // cluster.num_workers
-    for epoch in range(1, phase.epochs + 1):
+    history = state["history"][phase.name]
+    while state["epoch"] < phase.epochs:
+        epoch = state["epoch"] + 1
         metrics.epoch_started(phase.name, epoch, phase.epochs, steps)
-        loss_sum = correct = 0.0
         epoch_start = time.monotonic()
-        with logs.progress(f"{phase.name} epoch {epoch}/{phase.epochs}", steps) as advance:
-            for _ in range(steps):
+        with logs.progress(f"{phase.name} epoch {epoch}/{phase.epochs}", steps - state["step"]) as advance:
+            while state["step"] < steps:
                 t0 = time.perf_counter()
                 x, y = next(iterator)
                 waited_for_data = time.perf_counter() - t0
-                step_loss, step_correct = step(x, y)
+                loss_sum, correct, stop = step(x, y, tf.constant(float(signals.requested())))
                 # Reading the results waits for the step: the timing is the step's, not its dispatch.
-                loss_sum += float(step_loss)
-                correct += float(step_correct)
+                state["sums"][0] += float(loss_sum)
+                state["sums"][1] += float(correct)
+                state["step"] += 1
                 metrics.step_done(phase.name, local_images, time.perf_counter() - t0, waited_for_data)
                 advance(1)
+                if float(stop) > 0:
+                    save()
+                    raise signals.stopped(f"in {phase.name} epoch {epoch} after step {state['step']}, checkpoint saved")
+                if every_steps and state["step"] % every_steps == 0 and state["step"] < steps:
+                    save()
         seen = steps * global_batch
-        record = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
+        record = {"epoch": epoch, "loss": state["sums"][0] / seen, "accuracy": state["sums"][1] / seen,
                   "seconds": round(time.monotonic() - epoch_start, 3)}
         val = phase.validate()
         if val is not None:
             record["val_loss"], record["val_accuracy"] = val
-        result.history.append(record)
+        history.append(record)
         metrics.epoch_done(phase.name, epoch, train_loss=record["loss"], train_accuracy=record["accuracy"],
                            val_loss=record.get("val_loss", math.nan), val_accuracy=record.get("val_accuracy", math.nan))
         log.info("epoch done", phase=phase.name, **record)
 
-        monitored = record.get("val_loss", record["loss"])
-        if monitored < best:
-            best, result.best_epoch, patience_used = monitored, epoch, 0
-            best_weights = [v.numpy() for v in phase.model.trainable_variables]
+        monitored = cluster.agree(record.get("val_loss", record["loss"]))
+        state.update(epoch=epoch, step=0, sums=[0.0, 0.0])
+        if state["best"] is None or monitored < state["best"]:
+            state.update(best=monitored, best_epoch=epoch, patience_used=0)
+            for copy, variable in zip(best_copy, variables):
+                copy.assign(variable.value)
         else:
-            patience_used += 1
-            if patience and patience_used >= patience:
-                log.info("early stopping", phase=phase.name, epoch=epoch, best_epoch=result.best_epoch)
-                break
-    if best_weights is not None and result.best_epoch != len(result.history):
-        for variable, value in zip(phase.model.trainable_variables, best_weights):
-            variable.assign(value)
-        log.info("restored best weights", phase=phase.name, best_epoch=result.best_epoch)
-    result.seconds = round(time.monotonic() - started, 3)
-    return result
+            state["patience_used"] += 1
+            if patience and state["patience_used"] >= patience:
+                log.info("early stopping", phase=phase.name, epoch=epoch, best_epoch=state["best_epoch"])
+                state["epoch"] = phase.epochs
+        save()
+    if state["best_epoch"] != len(history):
+        for variable, copy in zip(variables, best_copy):
+            variable.assign(copy.value())
+        log.info("restored best weights", phase=phase.name, best_epoch=state["best_epoch"])

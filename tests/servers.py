@@ -1,12 +1,10 @@
-"""Real servers on 127.0.0.1 for tests and local runs: Prometheus, Pushgateway (Debian's binaries) and an
-S3 server (moto). Each is a context manager that leaves no process behind. Standard library only (plus
-moto for the S3 server), so scripts can use it too."""
+"""Debian's Prometheus and Pushgateway on 127.0.0.1, for tests and local runs: each is a context manager
+that leaves no process behind. Standard library only, so scripts can use it too."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
 import socket
 import subprocess
@@ -17,8 +15,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-PUSHGATEWAY = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
+PROMETHEUS = "prometheus"
+PUSHGATEWAY = "prometheus-pushgateway"
 
 
 def free_port() -> int:
@@ -158,7 +156,7 @@ def prometheus(
         (workdir / "prometheus.yml").write_text(json.dumps(config, indent=2))
         port = free_port()
         args = [
-            PROMETHEUS,
+            shutil.which(PROMETHEUS) or PROMETHEUS,
             f"--config.file={workdir / 'prometheus.yml'}",
             f"--storage.tsdb.path={workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
@@ -177,18 +175,3 @@ def static_scrape(job: str, *addresses: str, honor_labels: bool = False) -> dict
         "honor_labels": honor_labels,
         "static_configs": [{"targets": list(addresses)}],
     }
-
-
-@contextlib.contextmanager
-def s3_server():
-    """moto's S3 server on 127.0.0.1 (a free port); yields its endpoint URL. Request logs silenced."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()

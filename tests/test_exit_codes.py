@@ -115,12 +115,15 @@ def test_missing_bucket_exits_4(tmp_path, s3):
     assert_one_line(run_cli("validate", "--config", str(cfg), env=s3.env()), 4, "bucket does not exist")
 
 
-def test_incomplete_existing_run_exits_4(tmp_path, s3, sample_data):
+def test_incomplete_run_without_checkpoints_is_redone_not_refused(tmp_path, s3, sample_data, base_weights):
     bucket = s3.bucket()
-    s3.client.put_object(Bucket=bucket, Key="out/r1/model.keras", Body=b"half")
-    cfg = config(tmp_path, str(sample_data), f"s3://{bucket}/out", run_id="r1")
-    assert_one_line(run_cli("train", "--config", str(cfg), env=s3.env()), 4, "incomplete run", "overwrite")
-    assert s3.keys(bucket) == ["out/r1/model.keras"]  # nothing lost
+    s3.client.put_object(Bucket=bucket, Key="out/r1/model.keras", Body=b"half")  # a crash before any checkpoint
+    cfg = config(tmp_path, str(sample_data), f"s3://{bucket}/out", run_id="r1",
+                 model={"weights": str(base_weights)})
+    result = run_cli("train", "--config", str(cfg), env=s3.env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "out/r1/_SUCCESS" in s3.keys(bucket)
+    assert s3.client.get_object(Bucket=bucket, Key="out/r1/model.keras")["Body"].read() != b"half"
 
 
 @pytest.mark.parametrize("command", ["train", "validate"])

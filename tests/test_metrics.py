@@ -12,8 +12,9 @@ import types
 import urllib.error
 
 import pytest
+from conftest import need_tool
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, get, pushgateway
+from servers import PUSHGATEWAY, free_port, get, pushgateway
 from structlog.testing import capture_logs
 
 from job import metrics
@@ -21,6 +22,7 @@ from job import metrics
 
 @pytest.fixture(scope="module")
 def gateway():
+    need_tool(PUSHGATEWAY)
     with pushgateway() as pg:
         yield pg
 

@@ -1,0 +1,46 @@
+"""SIGTERM/SIGINT (preemption, eviction, node drain): ask the training loop to stop at the next step.
+
+The handler only sets a flag; the loop saves a checkpoint at the next step boundary and raises
+Preempted (exit 143). A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from job import logs
+from job.errors import Preempted
+
+_requested = threading.Event()
+_signal_name = ["SIGTERM"]
+
+
+def _handler(signum, frame):
+    _signal_name[0] = signal.Signals(signum).name
+    logs.get().warning("stop requested: checkpointing at the next step boundary", signal=_signal_name[0])
+    _requested.set()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def install() -> None:
+    """Route SIGTERM and SIGINT to the flag (main thread only, as Python requires)."""
+    _requested.clear()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+
+def requested() -> bool:
+    return _requested.is_set()
+
+
+def check(where: str) -> None:
+    """Outside training steps there is nothing new to save: stop right here."""
+    if _requested.is_set():
+        raise Preempted(f"stopped by {_signal_name[0]} during {where}; re-run the same run_id to resume")
+
+
+def stopped(where: str) -> Preempted:
+    return Preempted(f"stopped by {_signal_name[0]} {where}; re-run the same run_id to resume")

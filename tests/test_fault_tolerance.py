@@ -1,0 +1,249 @@
+"""Scale-out and fault tolerance with real processes, a real S3 server and 127.0.0.1 only:
+two workers with TF_CONFIG, SIGTERM and resume, storage faults, a stopped server, kill -9 in the upload."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import CLI, SIZE, run_cli, write_config
+from fault_proxy import FaultProxy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dataset(s3, sample_data, base_weights):
+    bucket = s3.bucket()
+    s3.upload_dir(sample_data, bucket, "data")
+    s3.client.upload_file(str(base_weights), bucket, "weights/base.weights.h5")
+    return bucket
+
+
+def make_config(path, bucket, run_id, cache, **overrides):
+    sections = {
+        "run_id": run_id,
+        "data": {"uri": f"s3://{bucket}/data", "image_size": [SIZE, SIZE], "cache_dir": str(cache)},
+        "model": {"backbone": "mobilenet_v2", "weights": f"s3://{bucket}/weights/base.weights.h5", "head_units": 32},
+        "train": {"batch_size": 16, "head": {"epochs": 2}, "finetune": {"epochs": 2, "unfreeze": 10},
+                  "early_stopping_patience": 0},
+        "output": {"uri": f"s3://{bucket}/runs"},
+        "metrics": {"port": 0, "linger_seconds": 0},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, dict):
+                    sections[key].setdefault(k, {}).update(v)
+                else:
+                    sections.setdefault(key, {})[k] = v
+        else:
+            sections[key] = value
+    return write_config(path, **sections)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+class Running:
+    """`finetune-job train` in the background with its JSON log read line by line."""
+
+    def __init__(self, config, env):
+        full = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env}
+        self.proc = subprocess.Popen([CLI, "train", "--config", str(config)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=full)
+        self.lines: list[dict] = []
+        self.stderr = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.lines.append(json.loads(line))
+
+    def _read_err(self):
+        self.stderr = self.proc.stderr.read()
+
+    def wait_for(self, predicate, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for r in list(self.lines):
+                if predicate(r):
+                    return r
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                for r in list(self.lines):
+                    if predicate(r):
+                        return r
+                raise AssertionError(f"exited {self.proc.returncode} before the awaited record: {self.stderr[-2000:]}")
+            time.sleep(0.05)
+        raise AssertionError("timed out waiting for a log record")
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        return rc
+
+
+def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(s3, dataset, tmp_path):
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        cfg = make_config(tmp_path / f"w{index}.yaml", dataset, "two-workers", tmp_path / f"cache{index}",
+                          distribution={"connect_timeout_seconds": 120})
+        env = {**s3.env(), "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        procs.append(Running(cfg, env))
+    codes = [p.wait(600) for p in procs]
+    assert codes == [0, 0], [p.stderr[-1500:] for p in procs]
+    done = [next(r for r in p.lines if r["event"] == "training done") for p in procs]
+    assert done[0]["weights_sha256"] == done[1]["weights_sha256"]
+    assert [next(r for r in p.lines if r["event"] == "strategy ready")["workers"] for p in procs] == [2, 2]
+    assert procs[0].lines[-1]["status"] == "complete" and procs[1].lines[-1]["status"] == "done (worker)"
+    assert not any(r["event"] == "checkpoint saved" for r in procs[1].lines)  # the chief alone uploads
+    keys = s3.keys(dataset, "runs/two-workers/")
+    assert "runs/two-workers/_SUCCESS" in keys
+    manifest = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/two-workers/manifest.json")["Body"].read())
+    assert manifest["strategy"]["workers"] == 2 and manifest["strategy"]["kind"] == "multi_worker"
+
+    single = run_cli("train", "--config", str(make_config(tmp_path / "one.yaml", dataset, "one-worker",
+                                                          tmp_path / "cache-single")), env=s3.env())
+    assert single.returncode == 0, single.stderr[-1500:]
+    multi_acc = procs[0].lines[-1]["test_accuracy"]
+    single_acc = single.records()[-1]["test_accuracy"]
+    assert multi_acc > 0.55 and abs(multi_acc - single_acc) <= 0.2, (multi_acc, single_acc)
+
+
+def test_a_worker_alone_fails_clearly_within_the_timeout(s3, dataset, tmp_path):
+    ports = free_ports(2)
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": 0}}
+    cfg = make_config(tmp_path / "c.yaml", dataset, "lonely", tmp_path / "cache",
+                      distribution={"connect_timeout_seconds": 10})
+    t0 = time.monotonic()
+    result = run_cli("train", "--config", str(cfg), env={**s3.env(), "TF_CONFIG": json.dumps(tf_config)}, timeout=120)
+    assert time.monotonic() - t0 < 90
+    assert result.returncode != 0
+    assert "could not reach all 2 workers in TF_CONFIG within 10 s" in result.stderr
+
+
+def test_sigterm_in_finetuning_checkpoints_and_the_rerun_resumes(s3, dataset, tmp_path):
+    cfg = make_config(tmp_path / "c.yaml", dataset, "preempted", tmp_path / "cache",
+                      train={"finetune": {"epochs": 3}}, checkpoint={"every_steps": 2})
+    job = Running(cfg, s3.env())
+    job.wait_for(lambda r: r["event"] == "epoch done" and r.get("phase") == "finetune" and r["epoch"] == 1)
+    t0 = time.monotonic()
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait(30) == 143
+    assert time.monotonic() - t0 < 30
+    assert "stopped by SIGTERM in finetune" in job.stderr and "Traceback" not in job.stderr
+    saved = [r for r in job.lines if r["event"] == "checkpoint saved"][-1]
+    assert saved["phase"] == "finetune" and saved["epochs_done"] >= 1
+    keys = s3.keys(dataset, "runs/preempted/")
+    assert "runs/preempted/checkpoints/checkpoint" in keys and "runs/preempted/_SUCCESS" not in keys
+
+    again = run_cli("train", "--config", str(cfg), env=s3.env())
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = next(r for r in again.records() if r["event"] == "resuming from checkpoint")
+    assert resumed["phase"] == "finetune" and resumed["epochs_done"] == saved["epochs_done"]
+    assert resumed["steps_done"] == saved["steps_done"]
+    assert not any(r["event"] == "phase started" and r["phase"] == "head" for r in again.records())
+    history = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/preempted/history.json")["Body"].read())
+    assert [r["epoch"] for r in history["head"]] == [1, 2]
+    assert [r["epoch"] for r in history["finetune"]] == [1, 2, 3]  # every configured epoch, once
+    assert "runs/preempted/_SUCCESS" in s3.keys(dataset, "runs/preempted/")
+
+
+def test_storage_faults_are_retried_and_counted(s3, dataset, tmp_path):
+    with FaultProxy(s3.endpoint, share=0.15, seed=1) as proxy:
+        cfg = make_config(tmp_path / "c.yaml", dataset, "faulty", tmp_path / "cache", s3={"endpoint_url": proxy.url},
+                          train={"finetune": {"epochs": 1}})
+        result = run_cli("train", "--config", str(cfg), env={k: v for k, v in s3.env().items()
+                                                               if k != "AWS_ENDPOINT_URL"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert proxy.counts["500"] + proxy.counts["503"] + proxy.counts["reset"] > 5
+    summary = result.records()[-1]
+    assert summary["status"] == "complete" and summary["s3_errors"] > 0
+    assert "runs/faulty/_SUCCESS" in s3.keys(dataset, "runs/faulty/")
+
+
+def test_stopped_storage_exits_4_within_60_seconds(sample_data, base_weights, tmp_path):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="t", aws_secret_access_key="t",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket="stopped-bucket")
+    for p in sorted(sample_data.rglob("*.*")):
+        client.upload_file(str(p), "stopped-bucket", f"data/{p.relative_to(sample_data).as_posix()}")
+    client.upload_file(str(base_weights), "stopped-bucket", "weights/base.weights.h5")
+    cfg = make_config(tmp_path / "c.yaml", "stopped-bucket", "stopped", tmp_path / "cache", train={"head": {"epochs": 20}})
+    env = {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    job = Running(cfg, env)
+    job.wait_for(lambda r: r["event"] == "phase started")
+    server.stop()
+    t0 = time.monotonic()
+    assert job.wait(90) == 4
+    assert time.monotonic() - t0 < 60
+    assert "storage unreachable" in job.stderr and "Traceback" not in job.stderr
+
+
+def test_kill_9_during_the_upload_never_looks_complete_and_the_rerun_completes(s3, dataset, tmp_path):
+    cfg = make_config(tmp_path / "c.yaml", dataset, "killed", tmp_path / "cache", train={"finetune": {"epochs": 1}})
+    job = Running(cfg, s3.env())
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.proc.poll() is None:
+        keys = s3.keys(dataset, "runs/killed/")
+        if any(not k.startswith("runs/killed/checkpoints/") for k in keys):
+            job.proc.kill()
+            break
+        time.sleep(0.02)
+    job.wait(30)
+    assert job.proc.returncode == -signal.SIGKILL, "the upload finished before it could be interrupted"
+    keys = s3.keys(dataset, "runs/killed/")
+    assert "runs/killed/_SUCCESS" not in keys
+    refused = run_cli("predict", "--model", f"s3://{dataset}/runs/killed", "x.png", env=s3.env(), timeout=120)
+    assert refused.returncode == 4 and "not a complete run" in refused.stderr
+
+    again = run_cli("train", "--config", str(cfg), env=s3.env())
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = next(r for r in again.records() if r["event"] == "resuming from checkpoint")
+    assert resumed["phase"] == "trained"  # nothing is trained twice
+    manifest = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/killed/manifest.json")["Body"].read())
+    keys = set(s3.keys(dataset, "runs/killed/"))
+    assert {f"runs/killed/{name}" for name in manifest["files"]} <= keys
+    assert "runs/killed/_SUCCESS" in keys
+
+
+def test_runs_never_touch_each_others_prefixes(s3, dataset):
+    runs = {k.split("/")[1] for k in s3.keys(dataset, "runs/")}
+    for run in runs:
+        manifest_key = f"runs/{run}/manifest.json"
+        if manifest_key in s3.keys(dataset, f"runs/{run}/"):
+            manifest = json.loads(s3.client.get_object(Bucket=dataset, Key=manifest_key)["Body"].read())
+            assert manifest["run_id"] == run
