@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,7 +25,7 @@ app = typer.Typer(
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file (CONTRACT section 4).")]
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override one key: --set train.batch_size=64 (dotted path, YAML-typed value)."),
 ]
 
@@ -81,7 +81,8 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
         cfg = _load(config, set_)
         worker, _ = tf_config_workers()
         metrics.start(run_id=cfg.run_id, backbone=cfg.model.backbone, version=job.__version__, worker=worker,
-                      is_chief=worker == 0, host=cfg.metrics.host, port=cfg.metrics.port, pushgateway=cfg.metrics.pushgateway,
+                      is_chief=worker == 0, host=cfg.metrics.host, port=cfg.metrics.port,
+                      pushgateway=cfg.metrics.pushgateway,
                       linger_seconds=cfg.metrics.linger_seconds)
     except BaseException as exc:  # noqa: BLE001 - every failure leaves through _fail
         _fail(exc)
@@ -128,7 +129,7 @@ def predict(
     from job import logs
 
     try:
-        logs.setup(json=False if not as_json else True, level="WARNING")
+        logs.setup(json=as_json, level="WARNING")
         from job import pipeline
 
         results = pipeline.predict(model, images, top_k, endpoint_url)

@@ -12,7 +12,7 @@ import os
 import secrets
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,7 +62,7 @@ class FinetuneConfig(_Section):
     epochs: int = Field(10, ge=0)
     learning_rate: float = Field(1.0e-5, gt=0.0)
     # Top N layers of the base, or the name of the first layer to unfreeze.
-    unfreeze: Union[int, str] = 20
+    unfreeze: int | str = 20
 
     @field_validator("unfreeze")
     @classmethod
@@ -77,7 +77,7 @@ class FinetuneConfig(_Section):
 class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1)
     seed: int = 1337
-    mixed_precision: Union[Literal["auto"], bool] = "auto"
+    mixed_precision: Literal["auto"] | bool = "auto"
     head: HeadConfig = HeadConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     early_stopping_patience: int = Field(3, ge=0)  # 0 = no early stopping

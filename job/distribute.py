@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from job.errors import ConfigError
@@ -88,7 +88,8 @@ def setup(strategy: str, cpu_replicas: int, mixed_precision: str | bool, connect
         dist = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     cluster = Cluster(dist, kind, worker_index, num_workers, use_mp)
     if num_workers > 1:
-        mean = tf.function(lambda v: dist.reduce(tf.distribute.ReduceOp.MEAN, dist.run(tf.identity, args=(v,)), axis=None))
+        mean = tf.function(
+            lambda v: dist.reduce(tf.distribute.ReduceOp.MEAN, dist.run(tf.identity, args=(v,)), axis=None))
         cluster.agree = lambda value: float(mean(tf.constant(value, tf.float32)))
     return cluster
 

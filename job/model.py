@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+
 import keras
 
 from job import backbones
@@ -52,7 +53,8 @@ def build(backbone: str, weights_file: str | None, image_size: tuple[int, int], 
     try:
         base = constructor(include_top=False, weights=weights, input_shape=shape)
     except (ValueError, OSError) as e:
-        raise ConfigError(f"config: model.weights: {weights} does not fit {backbone}: {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"config: model.weights: {weights} does not fit {backbone}: {reason}") from None
     except Exception as e:  # keras.utils.get_file raises a bare Exception when the download fails
         if not imagenet:
             raise

@@ -29,7 +29,8 @@ def read_layout(cfg: Config) -> layout_lib.Layout:
     store = storage.open_store(cfg.data.uri, cfg.s3.endpoint_url)
     found = layout_lib.discover([e.rel for e in store.list()], cfg.data.uri.rstrip("/"))
     if found.ignored:
-        log.warning("objects ignored (not images in a class folder)", count=len(found.ignored), examples=found.ignored[:5])
+        log.warning("objects ignored (not images in a class folder)", count=len(found.ignored),
+                    examples=found.ignored[:5])
     return layout_lib.split_validation(found, cfg.data.validation_split, cfg.train.seed)
 
 
@@ -331,9 +332,9 @@ def fetch_run(model_uri: str, endpoint: str = "") -> Path:
         folder = folder / store.bucket / store.prefix
     manifest = json.loads((folder / MANIFEST).read_text())
     for rel, info in manifest["files"].items():
-        if rel.startswith("saved_model/") or rel == "labels.txt":
-            if not (folder / rel).is_file() or sha256(folder / rel) != info["sha256"]:
-                raise StorageError(f"{model_uri}/{rel}: does not match the manifest's checksum")
+        needed = rel.startswith("saved_model/") or rel == "labels.txt"
+        if needed and (not (folder / rel).is_file() or sha256(folder / rel) != info["sha256"]):
+            raise StorageError(f"{model_uri}/{rel}: does not match the manifest's checksum")
     return folder
 
 

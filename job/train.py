@@ -137,8 +137,8 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int, 
     iterator = iter(dataset)
     step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch)
     metrics.set_phase(phase.name)
-    log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps, from_epoch=state["epoch"] + 1,
-             trainable_weights=len(variables), replicas=cluster.replicas)
+    log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps,
+             from_epoch=state["epoch"] + 1, trainable_weights=len(variables), replicas=cluster.replicas)
 
     def save():
         ckpt.save(state, optimizer=optimizer, best=best_copy)

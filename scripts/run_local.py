@@ -89,13 +89,15 @@ def start_prometheus(metrics_port: int) -> dict:
     (folder / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "2s"},
         "rule_files": [str(ROOT / "helm/finetune-job/alerts/rules.yaml")],
-        "scrape_configs": [{"job_name": "finetune-job", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+        "scrape_configs": [{"job_name": "finetune-job",
+                            "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
     }))
-    proc = subprocess.Popen(
-        [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=open(folder / "prometheus.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(folder / "prometheus.log", "w") as log:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     pid_file.write_text(str(proc.pid))
     return {"prometheus": f"http://127.0.0.1:{port}", "prometheus_pid": proc.pid}
 
@@ -123,9 +125,10 @@ def main() -> int:
     weights = WORK / "weights" / f"mobilenet_v2_{SIZE}.weights.h5"
     if not weights.exists():
         say("pre-training MobileNetV2 base weights on the sample data (once; ImageNet weights need internet)")
-        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                        "from job.sample_data import pretrain_base_weights as p; p(Path(sys.argv[1]), Path(sys.argv[2]))",
-                        str(data), str(weights)], check=True, env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        code = ("import sys; from pathlib import Path; from job.sample_data import pretrain_base_weights as p; "
+                "p(Path(sys.argv[1]), Path(sys.argv[2]))")
+        subprocess.run([sys.executable, "-c", code, str(data), str(weights)], check=True,
+                       env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"})
     say(f"uploading the dataset to s3://{BUCKET}/datasets/shapes/ and the weights to s3://{BUCKET}/weights/")
     for p in sorted(data.rglob("*")):
         if p.is_file():

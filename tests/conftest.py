@@ -3,6 +3,7 @@ and a helper that runs the real `finetune-job` console script in a subprocess.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -58,7 +59,8 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def s3(s3_server) -> S3:
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in creds.items():
         os.environ.setdefault(k, v)
     client = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="test", aws_secret_access_key="test",
                           region_name="us-east-1")
@@ -98,10 +100,8 @@ class Result:
         out = []
         for line in self.stdout.splitlines():
             if line.startswith("{"):
-                try:
+                with contextlib.suppress(ValueError):
                     out.append(json.loads(line))
-                except ValueError:
-                    pass
         return out
 
 

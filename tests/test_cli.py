@@ -34,8 +34,9 @@ def test_version():
 def test_pure_modules_and_help_import_no_tensorflow():
     code = f"import sys; import {', '.join(PURE)}; assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    code = ("import sys; from job.cli import app; sys.argv=['finetune-job','--help']\n"
-            "try: app()\nexcept SystemExit: pass\nassert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
+    code = ("import sys; from job.cli import app; sys.argv=['finetune-job', '--help']\n"
+            "try: app()\nexcept SystemExit: pass\n"
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
 
 

@@ -31,8 +31,8 @@ def test_precedence_set_over_env_over_file(cfg_file):
 
 
 def test_values_are_yaml_typed(cfg_file):
-    cfg = config.load(cfg_file, ["data.image_size=[96, 128]", "output.overwrite=true", "train.finetune.unfreeze=block_16_expand",
-                                 "run_id=abc"], environ={})
+    cfg = config.load(cfg_file, ["data.image_size=[96, 128]", "output.overwrite=true",
+                                 "train.finetune.unfreeze=block_16_expand", "run_id=abc"], environ={})
     assert cfg.data.image_size == (96, 128) and cfg.output.overwrite is True
     assert cfg.train.finetune.unfreeze == "block_16_expand" and cfg.run_id == "abc"
 

@@ -140,7 +140,8 @@ def test_a_worker_alone_fails_clearly_within_the_timeout(s3, dataset, tmp_path):
     cfg = make_config(tmp_path / "c.yaml", dataset, "lonely", tmp_path / "cache",
                       distribution={"connect_timeout_seconds": 10})
     t0 = time.monotonic()
-    result = run_cli("train", "--config", str(cfg), env={**s3.env(), "TF_CONFIG": json.dumps(tf_config)}, timeout=120)
+    env = {**s3.env(), "TF_CONFIG": json.dumps(tf_config)}
+    result = run_cli("train", "--config", str(cfg), env=env, timeout=120)
     assert time.monotonic() - t0 < 90
     assert result.returncode != 0
     assert "could not reach all 2 workers in TF_CONFIG within 10 s" in result.stderr
@@ -201,7 +202,8 @@ def test_stopped_storage_exits_4_within_60_seconds(sample_data, base_weights, tm
     for p in sorted(sample_data.rglob("*.*")):
         client.upload_file(str(p), "stopped-bucket", f"data/{p.relative_to(sample_data).as_posix()}")
     client.upload_file(str(base_weights), "stopped-bucket", "weights/base.weights.h5")
-    cfg = make_config(tmp_path / "c.yaml", "stopped-bucket", "stopped", tmp_path / "cache", train={"head": {"epochs": 20}})
+    cfg = make_config(tmp_path / "c.yaml", "stopped-bucket", "stopped", tmp_path / "cache",
+                      train={"head": {"epochs": 20}})
     env = {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": endpoint}
     job = Running(cfg, env)

@@ -1,6 +1,5 @@
 """Class discovery and the stratified split: pure logic, no TensorFlow."""
 
-import sys
 from collections import Counter
 
 import pytest

@@ -68,15 +68,18 @@ def test_every_artifact_is_in_storage(trained, s3):
     keys = {k.removeprefix(trained["prefix"] + "/") for k in s3.keys(trained["bucket"], trained["prefix"])}
     for name in ARTIFACTS:
         assert name in keys, name
-    manifest = json.loads(s3.client.get_object(Bucket=trained["bucket"], Key=f"{trained['prefix']}/manifest.json")["Body"].read())
-    assert set(manifest["files"]) == keys - {"manifest.json", "_SUCCESS"}
+    manifest = json.loads(_get(s3, trained, "manifest.json"))
+    checkpoints = {k for k in keys if k.startswith("checkpoints/")}
+    assert "checkpoints/checkpoint" in checkpoints  # kept for resumption; not part of the artifacts
+    assert set(manifest["files"]) == keys - checkpoints - {"manifest.json", "_SUCCESS"}
     for name in ("labels.txt", "saved_model/saved_model.pb", "model.keras"):
-        body = s3.client.get_object(Bucket=trained["bucket"], Key=f"{trained['prefix']}/{name}")["Body"].read()
+        body = _get(s3, trained, name)
         assert manifest["files"][name] == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     assert manifest["versions"]["tensorflow"] and manifest["classes"] == ["circle", "square", "triangle"]
     counts = manifest["dataset"]["counts"]
     assert counts["test"] == {"circle": 10, "square": 10, "triangle": 10}
-    assert sum(counts["train"].values()) + sum(counts["validation"].values()) == 90 + 1  # 90 + the gray one; corrupt.jpg dropped
+    # 90 images + the gray one; corrupt.jpg dropped
+    assert sum(counts["train"].values()) + sum(counts["validation"].values()) == 90 + 1
     assert manifest["dataset"]["bad_images"] == 1
     assert {"staging_seconds", "head_seconds", "finetune_seconds", "export_seconds"} <= set(manifest["timings"])
 
