@@ -133,3 +133,35 @@ def test_error_is_also_a_log_record(tmp_path, command):
     result = run_cli(command, "--config", str(cfg))
     assert_one_line(result, 3, "no train/ folder")
     assert any(r.get("level") == "error" and r.get("exit_code") == 3 for r in result.records())
+
+
+@pytest.fixture
+def auth_checking_s3():
+    """A second S3 server process that checks credentials (moto's IAM auth on from the first request)."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _closed_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_access_denied_exits_4(tmp_path, auth_checking_s3):
+    cfg = config(tmp_path, "s3://bucket/ds", "s3://bucket/out", s3={"endpoint_url": auth_checking_s3})
+    unknown_key = {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN", "AWS_SECRET_ACCESS_KEY": "x"}
+    result = run_cli("validate", "--config", str(cfg), env=unknown_key, timeout=90)
+    assert_one_line(result, 4, "access denied", "s3://bucket/ds")
