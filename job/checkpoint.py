@@ -45,6 +45,9 @@ class Checkpoints:
     def fetch(self) -> dict | None:
         """Download the latest checkpoint from storage (every worker); return its run state."""
         entries = {e.rel.removeprefix(REMOTE + "/"): e for e in self.store.list(REMOTE)}
+        # Number after every checkpoint file in storage, also those of an attempt that died before
+        # its index was uploaded: a number is never reused for different contents.
+        self.number = max((_number(name) for name in entries if name != STATE_FILE), default=0)
         if STATE_FILE not in entries:
             return None
         shutil.rmtree(self.restore_dir, ignore_errors=True)
@@ -53,7 +56,6 @@ class Checkpoints:
         if index is None or not index.model_checkpoint_path:
             return None
         name = Path(index.model_checkpoint_path).name
-        self.number = int(name.rsplit("-", 1)[1])
         for rel in entries:
             if rel.startswith(name + "."):
                 self.store.download(f"{REMOTE}/{rel}", self.restore_dir / rel)
@@ -76,6 +78,7 @@ class Checkpoints:
         manager = tf.train.CheckpointManager(self._checkpoint(**objects), str(self.dir), max_to_keep=self.keep)
         self.number += 1
         path = manager.save(checkpoint_number=self.number)
+        self.saved = Path(path).name
         if not self.cluster.is_chief:
             shutil.rmtree(self.dir, ignore_errors=True)
             return
@@ -85,15 +88,21 @@ class Checkpoints:
                  epochs_done=state["epoch"], steps_done=state["step"])
 
     def _mirror(self) -> None:
-        local = {p.name: p for p in self.dir.iterdir() if p.is_file()}
-        remote = {e.rel.removeprefix(REMOTE + "/"): e.size for e in self.store.list(REMOTE)}
-        for name, path in sorted(local.items()):
-            if name != STATE_FILE and remote.get(name) != path.stat().st_size:
-                self.store.upload(path, f"{REMOTE}/{name}")
-        self.store.upload(local[STATE_FILE], f"{REMOTE}/{STATE_FILE}")
-        stale = [name for name in remote if name not in local]
+        """Upload the new checkpoint, then the index naming it; keep the newest `keep` in storage."""
+        for path in sorted(self.dir.glob(self.saved + ".*")):
+            self.store.upload(path, f"{REMOTE}/{path.name}")
+        self.store.upload(self.dir / STATE_FILE, f"{REMOTE}/{STATE_FILE}")
+        remote = [e.rel.removeprefix(REMOTE + "/") for e in self.store.list(REMOTE)]
+        numbers = sorted({_number(name) for name in remote if name != STATE_FILE})
+        kept = set(numbers[-self.keep:])
+        stale = [name for name in remote if name != STATE_FILE and _number(name) not in kept]
         if stale:
             self.store.delete([f"{REMOTE}/{name}" for name in stale])
+
+
+def _number(name: str) -> int:
+    """ckpt-12.index -> 12."""
+    return int(name.split(".", 1)[0].rsplit("-", 1)[1])
 
 
 def storage_name(store: Store, name: str) -> str:

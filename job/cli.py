@@ -45,11 +45,22 @@ def main(
     """Fine-tune a keras.applications image classifier on a folder-per-class dataset in S3."""
 
 
+_PEER_ERRORS = {"UnavailableError", "CancelledError", "AbortedError", "DeadlineExceededError"}
+
+
 def _fail(exc: BaseException) -> None:
     """Log the error and exit with its code: one line for expected errors, a traceback otherwise."""
-    from job import logs
-    from job.errors import JobError, exit_code_for
+    import os
 
+    from job import logs
+    from job.distribute import tf_config_workers
+    from job.errors import JobError, WorkerLost, exit_code_for
+
+    several = tf_config_workers()[1] > 1
+    if several and type(exc).__name__ in _PEER_ERRORS and type(exc).__module__.startswith("tensorflow"):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        exc = WorkerLost(f"lost contact with another worker mid-run ({first}); "
+                         "the Job's next attempt resumes from the last checkpoint")
     code = exit_code_for(exc)
     if isinstance(exc, JobError):
         logs.get().error(str(exc), exit_code=code)
@@ -57,6 +68,11 @@ def _fail(exc: BaseException) -> None:
     else:
         logs.get().exception("unexpected error", exit_code=code)
         typer.echo(f"finetune-job: unexpected error: {type(exc).__name__}: {exc}", err=True)
+    if several and "tensorflow" in sys.modules:
+        # TensorFlow's exit waits at a shutdown barrier for every worker (minutes when one is gone).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     raise typer.Exit(code)
 
 
@@ -91,7 +107,9 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
 
         summary = pipeline.train(cfg)
     except BaseException as exc:  # noqa: BLE001
-        metrics.finish(False)
+        from job.errors import Preempted
+
+        metrics.finish(False, preempted=isinstance(exc, Preempted))
         _fail(exc)
     logs.get().info("run finished", **summary)
     metrics.finish(True)

@@ -24,7 +24,8 @@ ENV_PREFIX = "FINETUNE_"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Values are YAML-typed, so FINETUNE_RUN_ID=20240101 arrives as a number: strings accept numbers.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class DataConfig(_Section):
@@ -194,7 +195,7 @@ def _set_overrides(assignments: list[str]) -> list[tuple[list[str], Any, str]]:
     return found
 
 
-def _describe(loc: tuple, model: type[BaseModel] = None) -> str:
+def _describe(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
 
@@ -209,11 +210,34 @@ def _field_names_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _field_path(loc: tuple) -> tuple:
+    """The config key of an error location, without pydantic's union-member tags ('int', "literal['auto']")."""
+    path, model = [], Config
+    for part in loc:
+        fields = model.model_fields if model else {}
+        if str(part) not in fields:
+            if not path or model is not None:
+                path.append(part)  # an unknown key: keep it, it is what the user wrote
+            break
+        path.append(part)
+        ann = fields[str(part)].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return tuple(path)
+
+
 def _one_line(err: ValidationError) -> str:
-    """The first pydantic error, as `key: problem` on one line, with a did-you-mean for typos."""
-    e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not isinstance(p, int) or e["type"] != "union_tag_invalid")
+    """The first pydantic error, as `key: problem` on one line, with a did-you-mean for typos.
+
+    A value that fits none of a union's forms gets all of them: "Input should be 'auto' or ... boolean".
+    """
+    errors = err.errors()
+    e = errors[0]
+    loc = _field_path(e["loc"]) if e["type"] != "extra_forbidden" else tuple(e["loc"])
     key = _describe(loc)
+    same_key = [x for x in errors if x["type"] != "extra_forbidden" and _field_path(x["loc"]) == loc]
+    if len(same_key) > 1:
+        msgs = list(dict.fromkeys(x["msg"].removeprefix("Value error, ") for x in same_key))
+        e = {**e, "msg": " or ".join(msgs)}
     if e["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(loc[-1]), _field_names_at(loc[:-1]), n=1)
         hint = f" (did you mean '{_describe(loc[:-1] + (close[0],))}'?)" if close else ""

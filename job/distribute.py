@@ -112,8 +112,8 @@ def _multi_worker(tf, worker_index: int, num_workers: int, timeout: float):
     TensorFlow's cluster start-up blocks inside C++ while holding the GIL, so no Python thread in
     this process could time it out: a small watchdog process does. Unless the strategy is up and a
     first all-reduce over every worker has completed within `timeout` seconds, it prints the reason
-    and kills the worker (exit 137; Kubernetes retries the pod). After start-up, collectives time
-    out by themselves after the same time.
+    and kills the worker (exit 137; Kubernetes retries the pod). Collectives after start-up have no
+    timeout of their own: a slow peer (staging a large dataset) is waited for, not failed.
     """
     import subprocess
     import sys
@@ -122,8 +122,7 @@ def _multi_worker(tf, worker_index: int, num_workers: int, timeout: float):
                "(distribution.connect_timeout_seconds); check that every worker runs and its port is reachable")
     watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
                                 stdin=subprocess.PIPE)
-    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
-    dist = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    dist = tf.distribute.MultiWorkerMirroredStrategy()
     count = tf.function(lambda: dist.reduce(tf.distribute.ReduceOp.SUM, dist.run(lambda: tf.constant(1.0)), axis=None))
     answered = int(count())
     watchdog.stdin.close()

@@ -25,6 +25,12 @@ class StorageError(JobError):
     exit_code = 4
 
 
+class WorkerLost(JobError):
+    """Another worker of a multi-worker run went away mid-run (exit 1: the Job's next attempt resumes)."""
+
+    exit_code = 1
+
+
 class Preempted(JobError):
     """Stopped by SIGTERM/SIGINT after a checkpoint was saved."""
 

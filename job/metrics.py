@@ -39,7 +39,7 @@ log = structlog.get_logger()
 JOB = "finetune-job"
 PHASES = ("staging", "head", "finetune", "evaluate", "export")
 TRAINING_PHASES = ("head", "finetune")
-STATUSES = ("running", "succeeded", "failed")
+STATUSES = ("running", "succeeded", "failed", "preempted")
 # The S3 operations the job's storage code performs; anything else is counted as "other" so that a
 # surprising botocore operation name cannot grow the label set.
 S3_OPERATIONS = (
@@ -281,11 +281,14 @@ def checkpoint_saved() -> None:
     CHECKPOINTS.labels(**_run.labels).inc()
 
 
-def finish(success: bool) -> None:
+def finish(success: bool, preempted: bool = False) -> None:
     """End the run: record its status, push the final state (the chief) or remove this worker's
-    group (the others), keep /metrics up for `linger_seconds` so the last values get scraped, stop."""
+    group (the others), keep /metrics up for `linger_seconds` so the last values get scraped, stop.
+
+    A preempted run (SIGTERM, checkpoint saved) is "preempted", not "failed": it resumes, and
+    FinetuneJobFailed must not fire on every routine eviction."""
     run = _run.labels
-    status = "succeeded" if success else "failed"
+    status = "succeeded" if success else "preempted" if preempted else "failed"
     for name in STATUSES:
         RUN_STATUS.labels(**run, status=name).set(name == status)
     if success:

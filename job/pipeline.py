@@ -7,6 +7,7 @@ TensorFlow is imported inside `train` and `predict` only: `validate` and `--help
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -51,16 +52,18 @@ def validate(cfg: Config) -> dict[str, dict[str, int]]:
 
 def stage_and_check(cfg: Config, layout: layout_lib.Layout) -> tuple[layout_lib.Layout, Path, list[str]]:
     """Download the dataset to the cache and drop undecodable files; DataError past max_bad_fraction."""
-    from job import dataset
+    from job import dataset, signals
 
     store = storage.open_store(cfg.data.uri, cfg.s3.endpoint_url)
     wanted = {p for per in layout.files.values() for ps in per.values() for p in ps}
     entries = [e for e in store.list() if e.rel in wanted]
     with logs.progress("staging", len(entries)) as advance:
-        root, stats = storage.stage(store, entries, Path(cfg.data.cache_dir), advance)
+        root, stats = storage.stage(store, entries, Path(cfg.data.cache_dir), advance,
+                                    stop=lambda: signals.check("staging"))
     log.info("dataset staged", root=str(root), **stats)
 
     paths = sorted(wanted)
+    signals.check("staging")
     bad = sorted(os.path.relpath(p, root) for p in dataset.find_undecodable([str(root / p) for p in paths]))
     for rel in bad:
         log.warning("undecodable image skipped", file=storage.join(cfg.data.uri, rel))
@@ -118,9 +121,13 @@ def train(cfg: Config) -> dict:
     logs.bind(worker=cluster.worker_index)
     log.info("strategy ready", strategy=cluster.kind, replicas=cluster.replicas, workers=cluster.num_workers,
              mixed_precision=cluster.mixed_precision)
-    if state != "empty" and cfg.output.overwrite and cluster.is_chief:
-        log.warning("overwriting existing run", artifacts=out.uri)
-        out.delete_all()
+    if state == "complete" and cfg.output.overwrite:
+        # Only a complete run is redone from scratch: an incomplete one is this run's own earlier
+        # attempt (a preempted or failed pod of the same Job) and resumes.
+        if cluster.is_chief:
+            log.warning("overwriting the complete run", artifacts=out.uri)
+            out.delete_all()
+        state = "empty"
 
     import keras
 
@@ -143,7 +150,7 @@ def train(cfg: Config) -> dict:
         augment = model.augmentation(cfg.train.seed) if cfg.train.head.augment else None
     unfreeze = model.check_unfreeze(parts.base, cfg.train.finetune.unfreeze, cfg.model.backbone)
     ckpt = Checkpoints(parts.model, out, work, cluster, cfg.checkpoint.keep)
-    run = ckpt.fetch() if state == "incomplete" and not cfg.output.overwrite else None
+    run = ckpt.fetch() if state == "incomplete" else None
     run = run or loop.new_state()
 
     t0 = time.monotonic()
@@ -157,6 +164,14 @@ def train(cfg: Config) -> dict:
 
     train_paths, train_labels = local("train")
     val_paths, val_labels = local("validation") if "validation" in layout.files else ([], [])
+    if cluster.num_workers > 1:
+        # Every worker must run the same number of steps: a listing that changed between workers' starts
+        # would make them disagree and hang. All fail together instead.
+        differs = any(cluster.agree(float(n)) != n for n in (len(train_paths), len(val_paths)))
+        if cluster.agree(float(differs)) > 0:
+            raise DataError(f"the workers see different datasets under {cfg.data.uri} (did it change while the "
+                            f"run started?); this worker has {len(train_paths)} training and {len(val_paths)} "
+                            "validation images")
     # Each worker reads its own shard of the training files; validation is the same on every worker.
     shard = slice(cluster.worker_index, None, cluster.num_workers)
     my_paths, my_labels = train_paths[shard], train_labels[shard]
@@ -171,12 +186,18 @@ def train(cfg: Config) -> dict:
     # Phase 1: the head on the frozen base.
     head_cfg = cfg.train.head
     t0 = time.monotonic()
-    if run["phase"] == "head":
+    head_finished = run["phase"] == "head" and run["epoch"] >= head_cfg.epochs > 0
+    if head_finished:
+        # Resumed from the head phase's last checkpoint: restore it (and its best epoch), no features needed.
+        phase = loop.Phase("head", parts.head, None, len(train_paths), head_cfg.epochs, head_cfg.learning_rate,
+                           lambda: None)
+        loop.run_phase(phase, cluster, global_batch, patience, every, ckpt, run)
+    elif run["phase"] == "head":
         if head_cfg.mode == "cached_features" and head_cfg.epochs > 0:
             metrics.set_phase("head")
             # Features depend only on the frozen base and the files: a resumed run on the same pod reuses them.
-            train_feats = cached_features(parts.features, my_paths, size, work / "features" / "train.npy")
-            val_feats = cached_features(parts.features, val_paths, size, work / "features" / "validation.npy")
+            train_feats = cached_features(cfg, parts.features, my_paths, work / "features" / "train")
+            val_feats = cached_features(cfg, parts.features, val_paths, work / "features" / "validation")
             signals.check("feature extraction")
             timings["feature_cache_seconds"] = round(time.monotonic() - t0, 3)
             phase = loop.Phase(
@@ -259,20 +280,27 @@ def train(cfg: Config) -> dict:
     }
 
 
-def cached_features(extractor, paths: list[str], size, path: Path):
-    """The frozen base's features of `paths`: computed once, reused by a run resumed on the same disk."""
+def cached_features(cfg: Config, extractor, paths: list[str], stem: Path):
+    """The frozen base's features of `paths`: computed once, reused by a run resumed on the same disk.
+
+    The file name carries a digest of what the features depend on (files, sizes, backbone, weights,
+    image size), so changed inputs never meet stale features.
+    """
     if not paths:
         return None
+    import hashlib
+
     import numpy as np
 
     from job import dataset
 
+    digest = hashlib.sha256(json.dumps([cfg.model.backbone, cfg.model.weights, list(cfg.data.image_size),
+                                        [(p, os.path.getsize(p)) for p in paths]]).encode()).hexdigest()[:16]
+    path = stem.with_name(f"{stem.name}-{digest}.npy")
     if path.exists():  # written under a temporary name and renamed, so it is complete
-        features = np.load(path, mmap_mode="r")
-        if features.shape[0] == len(paths):
-            log.info("reusing cached features", file=str(path))
-            return features
-    return dataset.extract_features(extractor, paths, size, path)
+        log.info("reusing cached features", file=str(path))
+        return np.load(path, mmap_mode="r")
+    return dataset.extract_features(extractor, paths, tuple(cfg.data.image_size), path)
 
 
 def s3_errors_counted() -> int:

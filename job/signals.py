@@ -17,8 +17,8 @@ _signal_name = ["SIGTERM"]
 
 
 def _handler(signum, frame):
+    # Only set the flag here: logging could deadlock on a lock the interrupted code holds.
     _signal_name[0] = signal.Signals(signum).name
-    logs.get().warning("stop requested: checkpointing at the next step boundary", signal=_signal_name[0])
     _requested.set()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -39,8 +39,9 @@ def requested() -> bool:
 def check(where: str) -> None:
     """Outside training steps there is nothing new to save: stop right here."""
     if _requested.is_set():
-        raise Preempted(f"stopped by {_signal_name[0]} during {where}; re-run the same run_id to resume")
+        raise stopped(f"during {where}")
 
 
 def stopped(where: str) -> Preempted:
+    logs.get().warning("stop requested", signal=_signal_name[0], where=where)
     return Preempted(f"stopped by {_signal_name[0]} {where}; re-run the same run_id to resume")

@@ -87,6 +87,7 @@ def client(endpoint: str = ""):
 @contextlib.contextmanager
 def storage_errors(what: str) -> Iterator[None]:
     """Turn botocore failures into one-line StorageErrors that say what was being done."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
@@ -97,17 +98,24 @@ def storage_errors(what: str) -> Iterator[None]:
         raise StorageError(f"{what}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                            "a profile, or an IAM role)") from None
     except ClientError as e:
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in _DENIED or status == 403:
-            raise StorageError(f"{what}: access denied ({code or status})") from None
-        if code == "NoSuchBucket":
-            raise StorageError(f"{what}: bucket does not exist") from None
-        raise StorageError(f"{what}: {code or status}: {e.response.get('Error', {}).get('Message', e)}") from None
+        raise _client_error(what, e) from None
+    except S3UploadFailedError as e:  # the transfer manager wraps the ClientError that caused it
+        cause = e.__context__
+        raise (_client_error(what, cause) if isinstance(cause, ClientError) else StorageError(f"{what}: {e}")) from None
     except BotoCoreError as e:
         raise StorageError(f"{what}: storage unreachable ({e})") from None
     except OSError as e:
         raise StorageError(f"{what}: {e.strerror or e}") from None
+
+
+def _client_error(what: str, e) -> StorageError:
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code in _DENIED or status == 403:
+        return StorageError(f"{what}: access denied ({code or status})")
+    if code == "NoSuchBucket":
+        return StorageError(f"{what}: bucket does not exist")
+    return StorageError(f"{what}: {code or status}: {e.response.get('Error', {}).get('Message', e)}")
 
 
 class S3Store:
@@ -154,19 +162,18 @@ class S3Store:
         Botocore retries failed requests; a connection dropped while the body streams is retried
         here, with the same backoff, since botocore has already handed the response over.
         """
-        from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
 
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{threading.get_ident()}.part")
         with storage_errors(f"downloading {join(self.uri, rel)}"):
             for attempt in range(1, STREAM_ATTEMPTS + 1):
+                body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]  # botocore retries
                 try:
-                    body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
                     with open(tmp, "wb") as f:
                         shutil.copyfileobj(body, f, 1 << 20)
                     break
-                except (ResponseStreamingError, ReadTimeoutError, BotoConnectionError):
+                except (ResponseStreamingError, ReadTimeoutError):
                     metrics.s3_error("GetObject")
                     if attempt == STREAM_ATTEMPTS:
                         raise
@@ -262,13 +269,14 @@ def open_store(uri: str, endpoint: str = "") -> Store:
     return LocalStore(uri)
 
 
-def stage(store: Store, entries: list[Entry], cache_dir: Path,
-          progress: Callable[[int], None] | None = None) -> tuple[Path, dict[str, int]]:
+def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callable[[int], None] | None = None,
+          stop: Callable[[], None] | None = None) -> tuple[Path, dict[str, int]]:
     """Make `entries` available as local files and return the local root they live under.
 
     A local store is used in place. For S3, files go to <cache_dir>/<bucket>/<prefix>/ with parallel
     GETs; a file already staged with the same size and ETag is not downloaded again (an index next
-    to the files remembers the ETags).
+    to the files remembers the ETags; it is saved every few hundred files and when staging ends
+    or fails). `stop` is called after each file and may raise to end the staging (SIGTERM).
     """
     if isinstance(store, LocalStore):
         if progress:
@@ -291,23 +299,29 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path,
     stats = {"downloaded": 0, "reused": len(entries) - len(todo), "bytes": 0}
     if progress and stats["reused"]:
         progress(stats["reused"])
-    try:
-        with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage") as pool:
-            futures = {pool.submit(store.download, e.rel, root / e.rel): e for e in todo}
-            try:
-                for fut in as_completed(futures):
-                    e = futures[fut]
-                    stats["bytes"] += fut.result()
-                    stats["downloaded"] += 1
-                    index[e.rel] = [e.size, e.etag]
-                    if progress:
-                        progress(1)
-            except BaseException:
-                for fut in futures:  # one failure ends the staging now, not after every queued GET
-                    fut.cancel()
-                raise
-    finally:
-        tmp = index_path.with_suffix(".tmp")
+    def save_index():
+        tmp = index_path.with_name(f"{INDEX_NAME}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(index))
         os.replace(tmp, index_path)
+
+    pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage")
+    ok = False
+    try:
+        futures = {pool.submit(store.download, e.rel, root / e.rel): e for e in todo}
+        for fut in as_completed(futures):
+            e = futures[fut]
+            stats["bytes"] += fut.result()
+            stats["downloaded"] += 1
+            index[e.rel] = [e.size, e.etag]
+            if progress:
+                progress(1)
+            if stats["downloaded"] % 500 == 0:
+                save_index()
+            if stop:
+                stop()
+        ok = True
+    finally:
+        # One failure (or a stop) ends the staging now, not after every queued GET.
+        pool.shutdown(wait=ok, cancel_futures=True)
+        save_index()
     return root, stats

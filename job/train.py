@@ -64,7 +64,10 @@ def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
         variables = model.trainable_variables
-        optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        grads = tape.gradient(scaled, variables)
+        if cluster.mixed_precision and cluster.replicas > 1:
+            grads = _agree_on_overflow(grads)
+        optimizer.apply_gradients(zip(grads, variables))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
         return tf.reduce_sum(per_example), correct, tf.identity(stop)
 
@@ -76,6 +79,17 @@ def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums]
 
     return step
+
+
+def _agree_on_overflow(grads):
+    """Under loss scaling, Keras checks only this replica's gradients for inf/NaN before they are summed
+    over replicas: one replica could skip the step (and halve the scale) while another applies it, or
+    workers could disagree and hang. Make every replica see an overflow anywhere as its own."""
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    overflows = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+    poison = tf.where(overflows > 0, float("nan"), 1.0)
+    return [g * tf.cast(poison, g.dtype) for g in grads]
 
 
 def inference(model: keras.Model):
@@ -129,11 +143,16 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int, 
         optimizer = _optimizer(phase.learning_rate, cluster)
         optimizer.build(variables)
         best_copy = [tf.Variable(v.value, trainable=False) for v in variables]
-        dataset = strategy.distribute_datasets_from_function(phase.dataset_fn)
     if state["phase"] == phase.name and (state["epoch"] or state["step"]):
         ckpt.restore(optimizer=optimizer, best=best_copy)
     else:
         state.update(new_state(), history=state["history"], phase=phase.name)
+    history = state["history"][phase.name]
+    if state["epoch"] >= phase.epochs:  # resumed after this phase's last epoch: only its best weights remain
+        _restore_best(phase, state, variables, best_copy, history)
+        return
+    with strategy.scope():
+        dataset = strategy.distribute_datasets_from_function(phase.dataset_fn)
     iterator = iter(dataset)
     step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch)
     metrics.set_phase(phase.name)
@@ -144,7 +163,6 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int, 
         ckpt.save(state, optimizer=optimizer, best=best_copy)
 
     local_images = global_batch // cluster.num_workers
-    history = state["history"][phase.name]
     while state["epoch"] < phase.epochs:
         epoch = state["epoch"] + 1
         metrics.epoch_started(phase.name, epoch, phase.epochs, steps)
@@ -189,7 +207,11 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int, 
                 log.info("early stopping", phase=phase.name, epoch=epoch, best_epoch=state["best_epoch"])
                 state["epoch"] = phase.epochs
         save()
-    if state["best_epoch"] != len(history):
+    _restore_best(phase, state, variables, best_copy, history)
+
+
+def _restore_best(phase: Phase, state: dict, variables, best_copy, history: list[dict]) -> None:
+    if state["best_epoch"] and state["best_epoch"] != len(history):
         for variable, copy in zip(variables, best_copy):
             variable.assign(copy.value())
         log.info("restored best weights", phase=phase.name, best_epoch=state["best_epoch"])

@@ -166,3 +166,26 @@ def test_predict_refuses_tampered_model(trained, s3):
     s3.client.put_object(Bucket=bucket, Key=f"{prefix}/labels.txt", Body=b"a\nb\nc\n")
     out = run_cli("predict", "--model", f"s3://{bucket}/{prefix}", str(Path(__file__)), env=s3.env(), timeout=120)
     assert out.returncode == 4 and "checksum" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_mixed_precision_path_trains_on_two_replicas(s3, sample_data, base_weights, tmp_path):
+    """The GPU path (mixed_float16, loss scaling, the replicas' shared overflow check), forced on CPU."""
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        run_id="mixed",
+        data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
+        model={"backbone": "mobilenet_v2", "weights": str(base_weights), "head_units": 32},
+        train={"batch_size": 16, "mixed_precision": True, "head": {"epochs": 2, "mode": "end_to_end"},
+               "finetune": {"epochs": 1, "unfreeze": 10}},
+        distribution={"cpu_replicas": 2},
+        output={"uri": str(tmp_path / "out")},
+        metrics={"port": 0, "linger_seconds": 0},
+    )
+    result = run_cli("train", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = result.records()
+    assert next(r for r in records if r["event"] == "strategy ready")["mixed_precision"] is True
+    epochs = [r for r in records if r["event"] == "epoch done"]
+    assert len(epochs) == 3 and all(np.isfinite(r["loss"]) for r in epochs)
+    assert records[-1]["test_accuracy"] > 0.5
+    assert json.loads((tmp_path / "out/mixed/manifest.json").read_text())["strategy"]["mixed_precision"] is True
