@@ -24,6 +24,7 @@ class Cluster:
     worker_index: int
     num_workers: int
     mixed_precision: bool
+    xla: bool = False  # compile the training step with XLA (GPUs only: on CPU it is 5-8x slower)
     # Mean of a Python float over all workers (identity on one worker): decisions every worker shares.
     agree: Callable[[float], float] = float
 
@@ -70,6 +71,10 @@ def setup(strategy: str, cpu_replicas: int, mixed_precision: str | bool, connect
     if not gpus and cpu_replicas > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+        # The logical devices share one intra-op pool: with every core per op the replicas fight over
+        # them (2 replicas 0.70-0.80x one replica; with cores // replicas threads 1.06x, docs/BENCHMARKS.md).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, cores // cpu_replicas))
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
 
@@ -86,7 +91,7 @@ def setup(strategy: str, cpu_replicas: int, mixed_precision: str | bool, connect
         dist = tf.distribute.MirroredStrategy(devices)
     else:
         dist = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-    cluster = Cluster(dist, kind, worker_index, num_workers, use_mp)
+    cluster = Cluster(dist, kind, worker_index, num_workers, use_mp, xla=bool(gpus))
     if num_workers > 1:
         mean = tf.function(
             lambda v: dist.reduce(tf.distribute.ReduceOp.MEAN, dist.run(tf.identity, args=(v,)), axis=None))

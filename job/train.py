@@ -55,7 +55,7 @@ def _optimizer(learning_rate: float, cluster: Cluster) -> keras.optimizers.Optim
 def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global_batch: int):
     strategy = cluster.strategy
 
-    def replica_step(x, y, stop):
+    def forward_backward(x, y):
         with tf.GradientTape() as tape:
             if augment is not None:
                 x = augment(x, training=True)
@@ -63,20 +63,49 @@ def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global
             per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
-        variables = model.trainable_variables
-        grads = tape.gradient(scaled, variables)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
+        return grads, tf.reduce_sum(per_example), correct
+
+    def replica_step(x, y, stop, compute=forward_backward):
+        grads, loss_sum, correct = compute(x, y)
         if cluster.mixed_precision and cluster.replicas > 1:
             grads = _agree_on_overflow(grads)
-        optimizer.apply_gradients(zip(grads, variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
-        return tf.reduce_sum(per_example), correct, tf.identity(stop)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss_sum, correct, tf.identity(stop)
 
-    @tf.function
+    def make(replica_fn):
+        @tf.function
+        def step(x, y, stop):
+            # `stop` rides along with the gradients' all-reduce: if any worker was asked to stop,
+            # every worker learns it after this same step.
+            sums = strategy.run(replica_fn, args=(x, y, stop))
+            return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums]
+
+        return step
+
+    plain = make(replica_step)
+    # XLA compiles the forward and backward pass of each replica; the gradients' all-reduce and the
+    # optimizer update stay outside it (XLA compiles for one device). The random augmentation layers
+    # do not support XLA, so augmented phases stay plain.
+    if not cluster.xla or augment is not None:
+        return plain
+    xla_forward_backward = tf.function(forward_backward, jit_compile=True)
+    compiled = make(lambda x, y, stop: replica_step(x, y, stop, compute=xla_forward_backward))
+    chosen = []
+
     def step(x, y, stop):
-        # `stop` rides along with the gradients' all-reduce: if any worker was asked to stop,
-        # every worker learns it after this same step.
-        sums = strategy.run(replica_step, args=(x, y, stop))
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums]
+        if chosen:
+            return chosen[0](x, y, stop)
+        try:
+            result = compiled(x, y, stop)
+            chosen.append(compiled)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, NotImplementedError) as e:
+            # A compile failure happens before any variable changes: fall back to the plain step.
+            log.warning("XLA compilation failed, training without it", reason=str(e).splitlines()[0][:200])
+            chosen.append(plain)
+            result = plain(x, y, stop)
+        return result
 
     return step
 

@@ -1,0 +1,100 @@
+"""`make bench` runs in its quick mode so that it cannot rot: the results must be well formed. Nothing
+here asserts a timing (CONTRACT section 9: benchmarks are never timed unit tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("startup", "input_pipeline", "training_loop", "head_phase", "memory")
+
+
+def numbers(tree, where: str = ""):
+    """(path, value) of every number in a JSON tree; booleans are not numbers here."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from numbers(v, f"{where}.{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from numbers(v, f"{where}[{i}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield where, tree
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_well_formed_results(tmp_path):
+    out = tmp_path / "latest.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    result = json.loads(out.read_text())
+
+    assert result["mode"] == "quick"
+    machine = result["machine"]
+    assert machine["cores"] > 0 and machine["ram_gib"] > 0
+    assert machine["cpu_model"] and machine["tensorflow"] != "not installed"
+    assert len(result["load_average"]["before"]) == 3
+
+    sections = result["sections"]
+    assert set(SECTIONS) | {"gpu"} <= set(sections)
+    for name in SECTIONS:
+        section = sections[name]
+        assert section["conditions"], f"{name}: no conditions recorded"
+        assert section["measurements"] and section["targets"], name
+        for key, t in section["targets"].items():
+            assert {"value", "target", "better", "unit"} <= set(t), f"{name}.{key}"
+            assert t["better"] in ("higher", "lower") and isinstance(t["met"], bool), f"{name}.{key}"
+        checked = [section["measurements"], section["targets"], section.get("context", {})]
+        for where, value in numbers(checked, name):
+            if where.endswith(".target"):
+                continue  # a target's limit, not a measurement
+            assert math.isfinite(value) and value > 0, f"{where} = {value}"
+    assert isinstance(sections["gpu"]["available"], bool) and sections["gpu"]["note"]
+
+    rows = result["summary"]
+    assert len(rows) == sum(len(sections[n]["targets"]) for n in SECTIONS)
+    assert out.read_text().endswith("\n")
+
+
+def test_image_cache_gives_the_decoded_images(tmp_path):
+    """The fast path the bench measures (decoded pixels cached on disk) feeds training the same images
+    and labels as decoding every epoch: within 8-bit rounding, in evaluation order and shuffled."""
+    import numpy as np
+
+    from job import dataset
+    from job.sample_data import write_sample_dataset
+
+    write_sample_dataset(tmp_path / "data", classes=2, per_class=9, size=40, seed=1, test_per_class=0)
+    paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.*"))
+    ids = list(range(len(paths)))  # one label per image identifies it
+    size = (24, 32)
+    decoded = {int(y): x for xs, ys in dataset.image_dataset(paths, ids, size, 5)
+               for x, y in zip(xs.numpy(), ys.numpy())}
+
+    cache = tmp_path / "cache"
+    in_order = dataset.image_dataset(paths, ids, size, 5, cache_dir=cache)
+    got = [(int(y), x) for xs, ys in in_order for x, y in zip(xs.numpy(), ys.numpy())]
+    assert [y for y, _ in got] == ids
+    assert all(x.dtype == np.float32 and x.shape == (*size, 3) for _, x in got)
+    assert max(float(np.abs(x - decoded[y]).max()) for y, x in got) <= 0.5
+    assert len(list(cache.glob("*.npy"))) == 1
+
+    def pairs(ds):
+        out = []
+        for xs, ys in ds:
+            for x, y in zip(xs.numpy(), ys.numpy()):
+                assert float(np.abs(x - decoded[int(y)]).max()) <= 0.5
+                out.append(int(y))
+        return out
+
+    seen = pairs(dataset.image_dataset(paths, ids, size, 4, shuffle=True, seed=3, cache_dir=cache))
+    assert sorted(seen) == ids and seen != ids  # one epoch: a permutation, not the files' order
+    repeated = dataset.image_dataset(paths, ids, size, 4, shuffle=True, seed=3, repeat=True, cache_dir=cache)
+    assert len(pairs(repeated.take(math.ceil(2 * len(paths) / 4)))) == 4 * math.ceil(2 * len(paths) / 4)
+    assert len(list(cache.glob("*.npy"))) == 1  # reused, not rebuilt
