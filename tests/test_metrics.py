@@ -250,6 +250,16 @@ def test_pushgateway_failure_push_has_no_success_timestamp(run, gateway):
     assert "finetune_job_last_success_timestamp_seconds" not in final
 
 
+def test_a_preempted_run_is_not_reported_failed(run, gateway):
+    run(run_id="run-preempted", pushgateway=gateway.url, push_interval_seconds=60)
+    metrics.set_phase("finetune")
+    metrics.finish(False, preempted=True)
+    final = group(gateway, "run-preempted")
+    assert pushed_value(final, "finetune_job_run_status", status="preempted") == 1
+    assert pushed_value(final, "finetune_job_run_status", status="failed") == 0
+    assert "finetune_job_last_success_timestamp_seconds" not in final
+
+
 def test_only_the_chief_pushes_the_final_summary(run, gateway):
     run(run_id="run-multi", worker=0, is_chief=True, pushgateway=gateway.url)
     metrics.step_done("head", 4, 0.1, 0.0)

@@ -184,7 +184,7 @@ def test_final_values_are_consistent(observed):
     for phase in ("head", "finetune"):
         assert epochs[phase] == EPOCHS[phase]  # no early stopping in these runs
         assert images[phase] == epochs[phase] * steps[phase] * 8  # batch 8, one worker
-    assert one(f"finetune_job_run_status{{{sel}}}") == {"running": 0, "succeeded": 1, "failed": 0}
+    assert one(f"finetune_job_run_status{{{sel}}}") == {"running": 0, "succeeded": 1, "failed": 0, "preempted": 0}
     assert one(f"finetune_job_phase{{{sel}}}")["export"] == 1
     dataset_bytes = sum(p.stat().st_size for p in (observed["tmp"] / "data").rglob("*") if p.is_file())
     assert one(f"finetune_job_s3_bytes_downloaded_total{{{sel}}}")[""] >= dataset_bytes
