@@ -108,6 +108,14 @@ def cache_images(paths: list[str], image_size: tuple[int, int], cache_dir: Path)
     return out
 
 
+def _indices(n: int, *, shuffle: bool, seed: int, repeat: bool) -> tf.data.Dataset:
+    """Row indices 0..n-1, reshuffled every epoch when asked, repeated forever when asked."""
+    ds = tf.data.Dataset.range(n)
+    if shuffle:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    return ds.repeat() if repeat else ds
+
+
 def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
                           *, shuffle: bool, seed: int, repeat: bool) -> tf.data.Dataset:
     """Batches of rows of a `cache_images` file, read with positional reads (pread)."""
@@ -117,11 +125,7 @@ def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
         offset = f.tell()
     row_shape = shape[1:]
     row_bytes = int(np.prod(row_shape))
-    ds = tf.data.Dataset.range(len(labels))
-    if shuffle:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+    ds = _indices(len(labels), shuffle=shuffle, seed=seed, repeat=repeat)
 
     def read(idx):
         out = np.empty((len(idx), *row_shape), np.uint8)
@@ -173,11 +177,7 @@ def feature_dataset(features: np.ndarray, labels: list[int], batch_size: int,
     """(feature float32, label int32) batches read from the memory-mapped feature file."""
     labels = np.asarray(labels, np.int32)
     dim = features.shape[1]
-    ds = tf.data.Dataset.range(len(labels))
-    if shuffle:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+    ds = _indices(len(labels), shuffle=shuffle, seed=seed, repeat=repeat)
 
     def gather(idx):
         order = np.sort(idx)  # sorted reads from the memory map; order inside a batch does not matter
