@@ -151,8 +151,11 @@ def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
 
 
 def extract_features(feature_model, paths: list[str], image_size: tuple[int, int], out: Path,
-                     batch_size: int = 64) -> np.ndarray:
+                     batch_size: int = 64, cache_dir: Path | None = None) -> np.ndarray:
     """Run the frozen base once over un-augmented images; features go to a .npy file on disk.
+
+    With `cache_dir` the images come through the image cache (`image_dataset`), built here once and
+    read again by the fine-tuning phase instead of decoding every image a second time.
 
     The file is memory-mapped back, so the head phase never holds every feature in RAM.
     """
@@ -162,7 +165,7 @@ def extract_features(feature_model, paths: list[str], image_size: tuple[int, int
     tmp = out.with_suffix(".part.npy")
     features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(paths), dim))
     start = 0
-    for images, _ in image_dataset(paths, [0] * len(paths), image_size, batch_size):
+    for images, _ in image_dataset(paths, [0] * len(paths), image_size, batch_size, cache_dir=cache_dir):
         batch = extract(images).numpy()
         features[start : start + len(batch)] = batch
         start += len(batch)

@@ -377,3 +377,9 @@ def _sample_device_memory() -> None:
             )
     except (RuntimeError, ValueError) as exc:
         log.debug("device_memory_unavailable", error=str(exc))
+
+
+def s3_errors_total() -> int:
+    """finetune_job_s3_errors_total of this run, summed over operations (for the run's summary line)."""
+    return int(sum(sample.value for family in S3_ERRORS.collect() for sample in family.samples
+                   if sample.name.endswith("_total")))

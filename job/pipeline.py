@@ -7,6 +7,7 @@ TensorFlow is imported inside `train` and `predict` only: `validate` and `--help
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,14 +26,18 @@ log = logs.get()
 # ---------------------------------------------------------------- storage and layout
 
 
-def read_layout(cfg: Config) -> layout_lib.Layout:
-    """List the dataset (no downloads), check its layout, and carve the validation split if needed."""
+def read_layout(cfg: Config) -> tuple[layout_lib.Layout, list[storage.Entry]]:
+    """List the dataset once (no downloads), check its layout, and carve the validation split if needed.
+
+    The listing comes back too: staging needs its sizes and ETags, and a second listing of a large
+    dataset costs a request per thousand objects."""
     store = storage.open_store(cfg.data.uri, cfg.s3.endpoint_url)
-    found = layout_lib.discover([e.rel for e in store.list()], cfg.data.uri.rstrip("/"))
+    entries = store.list()
+    found = layout_lib.discover([e.rel for e in entries], cfg.data.uri.rstrip("/"))
     if found.ignored:
         log.warning("objects ignored (not images in a class folder)", count=len(found.ignored),
                     examples=found.ignored[:5])
-    return layout_lib.split_validation(found, cfg.data.validation_split, cfg.train.seed)
+    return layout_lib.split_validation(found, cfg.data.validation_split, cfg.train.seed), entries
 
 
 def output_state(cfg: Config) -> tuple[storage.Store, str]:
@@ -45,18 +50,19 @@ def output_state(cfg: Config) -> tuple[storage.Store, str]:
 
 def validate(cfg: Config) -> dict[str, dict[str, int]]:
     """Storage access and dataset layout: what `finetune-job validate` prints. Trains nothing."""
-    layout = read_layout(cfg)
+    layout, _ = read_layout(cfg)
     output_state(cfg)  # proves the output location is reachable with these credentials
     return layout.counts()
 
 
-def stage_and_check(cfg: Config, layout: layout_lib.Layout) -> tuple[layout_lib.Layout, Path, list[str]]:
+def stage_and_check(cfg: Config, layout: layout_lib.Layout,
+                    listing: list[storage.Entry]) -> tuple[layout_lib.Layout, Path, list[str]]:
     """Download the dataset to the cache and drop undecodable files; DataError past max_bad_fraction."""
     from job import dataset, signals
 
     store = storage.open_store(cfg.data.uri, cfg.s3.endpoint_url)
     wanted = {p for per in layout.files.values() for ps in per.values() for p in ps}
-    entries = [e for e in store.list() if e.rel in wanted]
+    entries = [e for e in listing if e.rel in wanted]
     with logs.progress("staging", len(entries)) as advance:
         root, stats = storage.stage(store, entries, Path(cfg.data.cache_dir), advance,
                                     stop=lambda: signals.check("staging"))
@@ -111,7 +117,7 @@ def train(cfg: Config) -> dict:
     if state == "complete" and not cfg.output.overwrite:
         return {"status": "already complete", "artifacts": out.uri}
 
-    layout = read_layout(cfg)
+    layout, listing = read_layout(cfg)
     log.info("dataset listed", uri=cfg.data.uri, classes=len(layout.classes), counts=layout.counts())
 
     from job import distribute
@@ -155,7 +161,7 @@ def train(cfg: Config) -> dict:
 
     t0 = time.monotonic()
     metrics.set_phase("staging")
-    layout, root, bad = stage_and_check(cfg, layout)
+    layout, root, bad = stage_and_check(cfg, layout, listing)
     timings["staging_seconds"] = round(time.monotonic() - t0, 3)
 
     def local(split: str) -> tuple[list[str], list[int]]:
@@ -201,8 +207,8 @@ def train(cfg: Config) -> dict:
         if head_cfg.mode == "cached_features" and head_cfg.epochs > 0:
             metrics.set_phase("head")
             # Features depend only on the frozen base and the files: a resumed run on the same pod reuses them.
-            train_feats = cached_features(cfg, parts.features, my_paths, work / "features" / "train")
-            val_feats = cached_features(cfg, parts.features, val_paths, work / "features" / "validation")
+            train_feats = cached_features(cfg, parts.features, my_paths, work / "features" / "train", image_cache)
+            val_feats = cached_features(cfg, parts.features, val_paths, work / "features" / "validation", image_cache)
             signals.check("feature extraction")
             timings["feature_cache_seconds"] = round(time.monotonic() - t0, 3)
             phase = loop.Phase(
@@ -281,20 +287,20 @@ def train(cfg: Config) -> dict:
         "val_accuracy": reports.get("validation", {}).get("accuracy"),
         "accuracy": headline.get("accuracy"),
         "seconds": timings["total_seconds"],
-        "s3_errors": s3_errors_counted(),
+        "s3_errors": metrics.s3_errors_total(),
     }
 
 
-def cached_features(cfg: Config, extractor, paths: list[str], stem: Path):
+def cached_features(cfg: Config, extractor, paths: list[str], stem: Path, image_cache: Path):
     """The frozen base's features of `paths`: computed once, reused by a run resumed on the same disk.
+
+    The images are read through the image cache, which fine-tuning then reuses: one decode pass.
 
     The file name carries a digest of what the features depend on (files, sizes, backbone, weights,
     image size), so changed inputs never meet stale features.
     """
     if not paths:
         return None
-    import hashlib
-
     import numpy as np
 
     from job import dataset
@@ -305,19 +311,11 @@ def cached_features(cfg: Config, extractor, paths: list[str], stem: Path):
     if path.exists():  # written under a temporary name and renamed, so it is complete
         log.info("reusing cached features", file=str(path))
         return np.load(path, mmap_mode="r")
-    return dataset.extract_features(extractor, paths, tuple(cfg.data.image_size), path)
-
-
-def s3_errors_counted() -> int:
-    """finetune_job_s3_errors_total summed over operations: failed attempts that were retried or fatal."""
-    return int(sum(sample.value for family in metrics.REGISTRY.collect() if family.name == "finetune_job_s3_errors"
-                   for sample in family.samples if sample.name.endswith("_total")))
+    return dataset.extract_features(extractor, paths, tuple(cfg.data.image_size), path, cache_dir=image_cache)
 
 
 def weights_fingerprint(model) -> str:
     """sha256 over all weights: equal on every worker of a multi-worker run."""
-    import hashlib
-
     h = hashlib.sha256()
     for w in model.get_weights():
         h.update(w.tobytes())
@@ -349,8 +347,6 @@ def export_artifacts(cfg: Config, parts, layout: layout_lib.Layout, history: dic
 
 def fetch_run(model_uri: str, endpoint: str = "") -> Path:
     """A complete exported run as a local folder, its files checked against the manifest."""
-    import json
-
     from job.export import MANIFEST, SUCCESS, sha256
 
     store = storage.open_store(model_uri, endpoint)
@@ -387,13 +383,13 @@ def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "") -
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
+    labels = (folder / "labels.txt").read_text().splitlines()
     results = []
     for uri, blob in zip(images, blobs):
         try:
             probs = serve(image_bytes=tf.constant([blob]))["probabilities"].numpy()[0]
         except tf.errors.InvalidArgumentError:
             raise DataError(f"{uri}: not a decodable image") from None
-        labels = (folder / "labels.txt").read_text().splitlines()
         order = probs.argsort()[::-1][:top_k]
         results.append({"image": uri, "top": [{"label": labels[i], "probability": float(probs[i])} for i in order]})
     return results

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import need_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -208,9 +209,7 @@ def test_compose_file_for_run_local() -> None:
 
 
 def test_local_prometheus_config() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus; .ci/run does)")
+    promtool = need_tool("promtool")
     result = subprocess.run(
         [promtool, "check", "config", str(ROOT / "deploy/local/prometheus.yml")],
         capture_output=True,
