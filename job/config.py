@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from job import backbones
+from job import backbones, recipe
 from job.errors import ConfigError
 
 ENV_PREFIX = "FINETUNE_"
@@ -52,26 +52,41 @@ class ModelConfig(_Section):
         return v
 
 
+Augment = bool | list[str | dict[str, float]]
+
+
+def _check_augment(v: Augment) -> Augment:
+    recipe.augment_ops(v)  # ValueError -> a one-line config error naming the key
+    return v
+
+
 class HeadConfig(_Section):
     epochs: int = Field(10, ge=0)
     learning_rate: float = Field(1.0e-3, gt=0.0)
     mode: Literal["cached_features", "end_to_end"] = "cached_features"
-    augment: bool = True
+    # Applies when the head sees images (end_to_end); cached features are computed once, un-augmented.
+    augment: Augment = False
+
+    _augment = field_validator("augment")(_check_augment)
 
 
 class FinetuneConfig(_Section):
     epochs: int = Field(10, ge=0)
-    learning_rate: float = Field(1.0e-5, gt=0.0)
-    # Top N layers of the base, or the name of the first layer to unfreeze.
-    unfreeze: int | str = 20
+    learning_rate: float = Field(1.0e-4, gt=0.0)
+    # "all" (every layer but BatchNormalization), the top N layers of the base, or the name of the
+    # first layer to unfreeze.
+    unfreeze: int | str = "all"
+    augment: Augment = False
+
+    _augment = field_validator("augment")(_check_augment)
 
     @field_validator("unfreeze")
     @classmethod
     def _sane_unfreeze(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 0:
-            raise ValueError("must be a layer count >= 0 or a layer name")
+            raise ValueError("must be all, a layer count >= 0 or a layer name")
         if isinstance(v, str) and not v.strip():
-            raise ValueError("must be a layer count >= 0 or a layer name")
+            raise ValueError("must be all, a layer count >= 0 or a layer name")
         return v
 
 
@@ -82,6 +97,18 @@ class TrainConfig(_Section):
     head: HeadConfig = HeadConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     early_stopping_patience: int = Field(3, ge=0)  # 0 = no early stopping
+    early_stopping_metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)  # > 0: AdamW (decoupled weight decay)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    class_weight: Literal["none", "auto"] | dict[str, float] = "none"
+
+    @field_validator("class_weight")
+    @classmethod
+    def _positive_weights(cls, v):
+        if isinstance(v, dict) and any(w <= 0 for w in v.values()):
+            raise ValueError("class weights must be > 0")
+        return v
 
 
 class DistributionConfig(_Section):

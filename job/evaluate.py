@@ -45,6 +45,8 @@ def report(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
         "accuracy": accuracy,
         "loss": loss,
         "macro_f1": float(f1.mean()) if len(classes) else 0.0,
+        # Mean recall over the classes present: accuracy that an imbalanced split cannot inflate.
+        "balanced_accuracy": float(recall[support > 0].mean()) if (support > 0).any() else 0.0,
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }

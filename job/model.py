@@ -84,16 +84,27 @@ def build(backbone: str, weights_file: str | None, image_size: tuple[int, int], 
     return Parts(model, base, features, head)
 
 
-def augmentation(seed: int) -> keras.Sequential:
-    """Random flips, small rotations and zooms; active only when called with training=True."""
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.08, seed=seed + 1),
-            keras.layers.RandomZoom(0.1, seed=seed + 2),
-        ],
-        name="augment",
-    )
+def _augment_layer(name: str, factor: float, seed: int) -> keras.layers.Layer:
+    pixels = (0, 255)  # the model's input range: preprocessing comes after augmentation
+    if name in ("flip", "vertical_flip"):
+        return keras.layers.RandomFlip("horizontal" if name == "flip" else "vertical", seed=seed)
+    if name == "rotation":
+        return keras.layers.RandomRotation(factor, seed=seed)
+    if name == "zoom":
+        return keras.layers.RandomZoom(factor, seed=seed)
+    if name == "translation":
+        return keras.layers.RandomTranslation(factor, factor, seed=seed)
+    if name == "contrast":
+        return keras.layers.RandomContrast(factor, value_range=pixels, seed=seed)
+    return keras.layers.RandomBrightness(factor, value_range=pixels, seed=seed)
+
+
+def augmentation(ops: list[tuple[str, float]], seed: int) -> keras.Sequential | None:
+    """Keras preprocessing layers for `ops` (job.recipe.augment_ops); active only with training=True."""
+    if not ops:
+        return None
+    return keras.Sequential([_augment_layer(name, factor, seed + i) for i, (name, factor) in enumerate(ops)],
+                            name="augment")
 
 
 def unfreezable_layers(base: keras.Model) -> list[keras.layers.Layer]:
@@ -101,8 +112,10 @@ def unfreezable_layers(base: keras.Model) -> list[keras.layers.Layer]:
 
 
 def check_unfreeze(base: keras.Model, unfreeze: int | str, backbone: str) -> int:
-    """Number of top layers `unfreeze` names; ConfigError when it does not fit this base."""
+    """Number of top layers `unfreeze` names ("all", a count, a layer name); ConfigError when it does not fit."""
     layers = unfreezable_layers(base)
+    if unfreeze == "all":
+        return len(layers)
     if isinstance(unfreeze, int):
         if unfreeze > len(layers):
             raise ConfigError(

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from job import evaluate, logs, metrics, storage
+from job import evaluate, logs, metrics, recipe, storage
 from job import layout as layout_lib
 from job.config import Config, to_yaml
 from job.errors import ConfigError, DataError, StorageError
@@ -136,12 +136,16 @@ def train(cfg: Config) -> dict:
         state = "empty"
 
     import keras
+    import tensorflow as tf
 
     from job import dataset, model, signals
     from job import train as loop
     from job.checkpoint import Checkpoints
 
+    # Same seed, data and strategy on CPU -> the same weights: seeded Python/NumPy/TensorFlow generators,
+    # deterministic kernels and a deterministic tf.data order.
     keras.utils.set_random_seed(cfg.train.seed)
+    tf.config.experimental.enable_op_determinism()
     work = Path(cfg.data.cache_dir) / "runs" / cfg.run_id / f"worker-{cluster.worker_index}"
     work.mkdir(parents=True, exist_ok=True)
     global_batch = cfg.train.batch_size
@@ -153,7 +157,12 @@ def train(cfg: Config) -> dict:
     with cluster.strategy.scope():
         parts = model.build(cfg.model.backbone, weights_file, size, len(layout.classes),
                             cfg.model.head_units, cfg.model.head_dropout, imagenet=imagenet)
-        augment = model.augmentation(cfg.train.seed) if cfg.train.head.augment else None
+        head_augment = (model.augmentation(recipe.augment_ops(cfg.train.head.augment), cfg.train.seed)
+                        if cfg.train.head.mode == "end_to_end" else None)
+        finetune_augment = model.augmentation(recipe.augment_ops(cfg.train.finetune.augment), cfg.train.seed + 100)
+    if cfg.train.head.augment and cfg.train.head.mode == "cached_features":
+        log.warning("train.head.augment has no effect with train.head.mode cached_features (features are "
+                    "computed once from un-augmented images); use end_to_end to augment the head phase")
     unfreeze = model.check_unfreeze(parts.base, cfg.train.finetune.unfreeze, cfg.model.backbone)
     ckpt = Checkpoints(parts.model, out, work, cluster, cfg.checkpoint.keep)
     run = ckpt.fetch() if state == "incomplete" else None
@@ -192,7 +201,7 @@ def train(cfg: Config) -> dict:
 
     val_images = (dataset.image_dataset(val_paths, val_labels, size, 64, cache_dir=image_cache)
                   if val_paths else None)
-    patience, every = cfg.train.early_stopping_patience, cfg.checkpoint.every_steps
+    options = training_options(cfg, layout)
 
     # Phase 1: the head on the frozen base.
     head_cfg = cfg.train.head
@@ -202,7 +211,7 @@ def train(cfg: Config) -> dict:
         # Resumed from the head phase's last checkpoint: restore it (and its best epoch), no features needed.
         phase = loop.Phase("head", parts.head, None, len(train_paths), head_cfg.epochs, head_cfg.learning_rate,
                            lambda: None)
-        loop.run_phase(phase, cluster, global_batch, patience, every, ckpt, run)
+        loop.run_phase(phase, cluster, global_batch, options, ckpt, run)
     elif run["phase"] == "head":
         if head_cfg.mode == "cached_features" and head_cfg.epochs > 0:
             metrics.set_phase("head")
@@ -220,8 +229,8 @@ def train(cfg: Config) -> dict:
             )
         else:
             phase = loop.Phase("head", parts.model, images(my_paths, my_labels), len(train_paths), head_cfg.epochs,
-                               head_cfg.learning_rate, loop.validator(parts.model, val_images), augment)
-        loop.run_phase(phase, cluster, global_batch, patience, every, ckpt, run)
+                               head_cfg.learning_rate, loop.validator(parts.model, val_images), head_augment)
+        loop.run_phase(phase, cluster, global_batch, options, ckpt, run)
     timings["head_seconds"] = round(time.monotonic() - t0, 3)
 
     # Phase 2: fine-tune the top of the base at a low learning rate; the head carries over.
@@ -231,8 +240,8 @@ def train(cfg: Config) -> dict:
         with cluster.strategy.scope():
             model.unfreeze_top(parts.base, unfreeze)
         phase = loop.Phase("finetune", parts.model, images(my_paths, my_labels), len(train_paths),
-                           ft.epochs, ft.learning_rate, loop.validator(parts.model, val_images), augment)
-        loop.run_phase(phase, cluster, global_batch, patience, every, ckpt, run)
+                           ft.epochs, ft.learning_rate, loop.validator(parts.model, val_images), finetune_augment)
+        loop.run_phase(phase, cluster, global_batch, options, ckpt, run)
     timings["finetune_seconds"] = round(time.monotonic() - t0, 3)
     if run["phase"] == "trained":
         ckpt.restore()
@@ -251,7 +260,8 @@ def train(cfg: Config) -> dict:
             probs, truth = loop.predict(parts.model, dataset.image_dataset(paths, labels, size, 64))
             reports[split] = evaluate.report(probs, truth, layout.classes)
     timings["evaluate_seconds"] = round(time.monotonic() - t0, 3)
-    log.info("training done", weights_sha256=weights_fingerprint(parts.model),
+    fingerprint = weights_fingerprint(parts.model)
+    log.info("training done", weights_sha256=fingerprint,
              epochs={k: len(v) for k, v in run["history"].items()})
     if not cluster.is_chief:
         return {"status": "done (worker)", "artifacts": out.uri}
@@ -276,6 +286,8 @@ def train(cfg: Config) -> dict:
         "dataset": {"uri": cfg.data.uri, "counts": layout.counts(), "bad_images": len(bad)},
         "strategy": {"kind": cluster.kind, "replicas": cluster.replicas, "workers": cluster.num_workers,
                      "mixed_precision": cluster.mixed_precision},
+        "seed": cfg.train.seed,
+        "weights_sha256": fingerprint,
         "timings": timings,
     })
     export.upload(folder, out)
@@ -289,6 +301,22 @@ def train(cfg: Config) -> dict:
         "seconds": timings["total_seconds"],
         "s3_errors": metrics.s3_errors_total(),
     }
+
+
+def training_options(cfg: Config, layout: layout_lib.Layout):
+    """The loop's shared options from train.*, class weights resolved against the training counts."""
+    from job import train as loop
+
+    t = cfg.train
+    try:
+        weights = recipe.class_weights(t.class_weight, layout.classes, layout.counts()["train"])
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+    if weights:
+        log.info("class weights", weights=dict(zip(layout.classes, [round(w, 4) for w in weights])))
+    return loop.Options(patience=t.early_stopping_patience, metric=t.early_stopping_metric,
+                        label_smoothing=t.label_smoothing, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule,
+                        class_weights=tuple(weights) if weights else None, every_steps=cfg.checkpoint.every_steps)
 
 
 def cached_features(cfg: Config, extractor, paths: list[str], stem: Path, image_cache: Path):

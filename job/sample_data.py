@@ -1,21 +1,32 @@
-"""A small synthetic, learnable image dataset, made here (no downloads): coloured shapes on noise.
+"""A small synthetic, learnable image dataset, made here (no downloads): shapes on noise.
 
-Used by `make run-local` and the tests. Each class is a shape with its own colour family, drawn at
-random positions and sizes on a noisy background, saved as PNG and JPEG.
+Used by `make run-local`, the tests and the quality benchmark. Each class is a shape drawn at a random
+position and size on a noisy background, saved as PNG and JPEG. With `random_colours` the colour says
+nothing about the class (only the shape does); otherwise each class has its own colour family.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
-COLOURS = ((220, 40, 40), (40, 180, 60), (40, 80, 220), (230, 200, 30), (180, 50, 200), (30, 200, 200))
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar", "diamond", "star", "hexagon", "arrow")
+COLOURS = ((220, 40, 40), (40, 180, 60), (40, 80, 220), (230, 200, 30), (180, 50, 200), (30, 200, 200),
+           (240, 140, 30), (200, 200, 200), (120, 220, 120), (230, 110, 170))
 
 
-def _draw(shape: str, colour: tuple[int, int, int], size: int, rng: random.Random) -> Image.Image:
+def _polygon(cx: float, cy: float, radii: list[float], turn: float = -math.pi / 2) -> list[tuple[float, float]]:
+    """Vertices at equal angles around (cx, cy), one per radius, the first pointing up."""
+    step = 2 * math.pi / len(radii)
+    return [(cx + r * math.cos(turn + k * step), cy + r * math.sin(turn + k * step)) for k, r in enumerate(radii)]
+
+
+def draw(shape: str, colour: tuple[int, int, int] | None, size: int, rng: random.Random) -> Image.Image:
+    """One `size` x `size` image of `shape` in a shade of `colour` (None: a random bright colour)."""
     bg = tuple(rng.randint(0, 90) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     px = img.load()
@@ -24,8 +35,10 @@ def _draw(shape: str, colour: tuple[int, int, int], size: int, rng: random.Rando
     d = ImageDraw.Draw(img)
     r = rng.uniform(0.22, 0.4) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    colour = colour or tuple(rng.randint(110, 255) for _ in range(3))
     col = tuple(max(0, min(255, c + rng.randint(-30, 30))) for c in colour)
     box = (cx - r, cy - r, cx + r, cy + r)
+    w = r / 3
     if shape == "circle":
         d.ellipse(box, fill=col)
     elif shape == "square":
@@ -33,34 +46,47 @@ def _draw(shape: str, colour: tuple[int, int, int], size: int, rng: random.Rando
     elif shape == "triangle":
         d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=col)
     elif shape == "cross":
-        w = r / 3
         d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=col)
         d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=col)
     elif shape == "ring":
-        d.ellipse(box, outline=col, width=max(2, int(r / 3)))
-    else:
+        d.ellipse(box, outline=col, width=max(2, int(w)))
+    elif shape == "bar":
         d.rectangle((cx - r, cy - r / 4, cx + r, cy + r / 4), fill=col)
+    elif shape == "diamond":
+        d.polygon(_polygon(cx, cy, [r] * 4), fill=col)
+    elif shape == "star":
+        d.polygon(_polygon(cx, cy, [r, r * 0.4] * 5), fill=col)
+    elif shape == "hexagon":
+        d.polygon(_polygon(cx, cy, [r] * 6, turn=0.0), fill=col)
+    elif shape == "arrow":
+        d.rectangle((cx - r, cy - w / 2, cx, cy + w / 2), fill=col)
+        d.polygon([(cx, cy - r * 0.6), (cx + r, cy), (cx, cy + r * 0.6)], fill=col)
+    else:
+        raise ValueError(f"unknown shape {shape!r} (one of {', '.join(SHAPES)})")
     return img
 
 
 def write_sample_dataset(root: Path, classes: int = 3, per_class: int = 40, size: int = 48, seed: int = 0,
-                         test_per_class: int | None = None) -> dict[str, dict[str, int]]:
+                         test_per_class: int | None = None, shapes: tuple[str, ...] | None = None,
+                         random_colours: bool = False) -> dict[str, dict[str, int]]:
     """Write root/train/<class>/ and root/test/<class>/ images; returns the counts per split and class.
 
-    Every third image is a JPEG, the rest PNG. `test_per_class` defaults to a quarter of `per_class`.
+    The classes are `shapes`, else the first `classes` of SHAPES. Every third image is a JPEG, the
+    rest PNG. `test_per_class` defaults to a quarter of `per_class`.
     """
-    if not 2 <= classes <= len(SHAPES):
-        raise ValueError(f"classes must be 2..{len(SHAPES)}")
+    shapes = tuple(shapes or SHAPES[:classes])
+    if not 2 <= len(shapes) <= len(SHAPES) or not set(shapes) <= set(SHAPES):
+        raise ValueError(f"classes must be 2..{len(SHAPES)} of {', '.join(SHAPES)}")
     rng = random.Random(seed)
     test_per_class = max(2, per_class // 4) if test_per_class is None else test_per_class
     counts: dict[str, dict[str, int]] = {}
     for split, n in (("train", per_class), ("test", test_per_class)):
-        for k in range(classes):
-            name = SHAPES[k]
+        for name in shapes:
             folder = Path(root) / split / name
             folder.mkdir(parents=True, exist_ok=True)
+            colour = None if random_colours else COLOURS[SHAPES.index(name)]
             for i in range(n):
-                img = _draw(name, COLOURS[k], size, rng)
+                img = draw(name, colour, size, rng)
                 if i % 3 == 2:
                     img.save(folder / f"{name}_{i:04d}.jpg", quality=90)
                 else:
@@ -69,37 +95,52 @@ def write_sample_dataset(root: Path, classes: int = 3, per_class: int = 40, size
     return counts
 
 
-def pretrain_base_weights(data_root: Path, out: Path, backbone: str = "mobilenet_v2", size: int = 32,
-                          epochs: int = 8, seed: int = 0) -> Path:
-    """Train a backbone from scratch on the sample data and save its weights (a `.weights.h5` file).
+def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: str = "mobilenet_v2",
+                  epochs: int = 8, seed: int = 0, batch_size: int = 16, augment: bool = False,
+                  bn_momentum: float = 0.8) -> Path:
+    """Train a backbone from scratch on `images` (uint8 [n, h, w, 3]) and save the base's weights.
 
-    Stands in for ImageNet weights where they cannot be downloaded (CI, the offline demo): the job
-    then loads it through `model.weights`, exactly as an air-gapped cluster loads a real one.
+    Stands in for ImageNet weights where they cannot be downloaded (CI, the offline demo, the quality
+    benchmark): the job then loads it through `model.weights`, exactly as an air-gapped cluster loads a
+    real one. `augment` (random flips and shifts) keeps the features from memorising the source images
+    when there are enough steps to learn them through it (thousands, not tens).
     """
     import keras
 
     from job import backbones
-    from job.dataset import image_dataset
-    from job.layout import discover
 
     keras.utils.set_random_seed(seed)
-    rels = [p.relative_to(data_root).as_posix() for p in sorted(Path(data_root).rglob("*")) if p.is_file()]
-    layout = discover(rels, str(data_root))
-    paths, labels = layout.items("train")
     spec = backbones.get(backbone)
-    base = getattr(keras.applications, spec.constructor)(include_top=False, weights=None, input_shape=(size, size, 3))
+    shape = images.shape[1:]
+    base = getattr(keras.applications, spec.constructor)(include_top=False, weights=None, input_shape=shape)
     for layer in base.layers:
         # Few steps here: let BatchNormalization's moving statistics catch up (0.999 needs thousands),
-        # since the job runs the base in inference mode and would otherwise see the initial ones.
+        # since the job runs the base in inference mode and would otherwise see the initial ones. With
+        # tens of steps even 0.9 leaves them off enough that every image gets the same features.
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.8
-    inputs = keras.Input((size, size, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+            layer.momentum = bn_momentum
+    inputs = x = keras.Input(shape)
+    if augment:
+        x = keras.layers.RandomFlip("horizontal", seed=seed)(x)
+        x = keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1)(x)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)
     x = keras.layers.GlobalAveragePooling2D()(base(x))
-    net = keras.Model(inputs, keras.layers.Dense(len(layout.classes), activation="softmax")(x))
+    net = keras.Model(inputs, keras.layers.Dense(int(labels.max()) + 1, activation="softmax")(x))
     net.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    data = image_dataset([str(Path(data_root) / p) for p in paths], labels, (size, size), 16, shuffle=True, seed=seed)
-    net.fit(data, epochs=epochs, verbose=0)
+    net.fit(images.astype("float32"), labels, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0)
     out.parent.mkdir(parents=True, exist_ok=True)
     base.save_weights(out)
     return out
+
+
+def pretrain_base_weights(data_root: Path, out: Path, backbone: str = "mobilenet_v2", size: int = 32,
+                          epochs: int = 8, seed: int = 0) -> Path:
+    """`pretrain_base` on the train/ images of a folder-per-class dataset, resized to `size`."""
+    from job.dataset import image_dataset
+    from job.layout import discover
+
+    rels = [p.relative_to(data_root).as_posix() for p in sorted(Path(data_root).rglob("*")) if p.is_file()]
+    paths, labels = discover(rels, str(data_root)).items("train")
+    batches = image_dataset([str(Path(data_root) / p) for p in paths], labels, (size, size), 256)
+    images = np.concatenate([x.numpy() for x, _ in batches]).round().astype(np.uint8)
+    return pretrain_base(images, np.asarray(labels), out, backbone, epochs, seed)

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from job import evaluate, logs, metrics, signals
+from job import evaluate, logs, metrics, recipe, signals
 from job.checkpoint import Checkpoints
 from job.distribute import Cluster
 from job.errors import ConfigError
@@ -40,6 +40,19 @@ class Phase:
     augment: keras.Model | None = None
 
 
+@dataclass(frozen=True)
+class Options:
+    """What every phase shares: train.* beyond the phases' own epochs and learning rates."""
+
+    patience: int = 3  # epochs without improvement before stopping; 0 = never stop early
+    metric: str = "val_loss"  # val_loss | val_accuracy (job.recipe.is_better)
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0  # > 0: AdamW
+    lr_schedule: str = "constant"  # constant | cosine (with linear warm-up)
+    class_weights: tuple[float, ...] | None = None  # per class index; None = unweighted
+    every_steps: int = 0  # checkpoint every N steps inside an epoch; 0 = at epoch ends only
+
+
 def per_replica_batch(global_batch: int, cluster: Cluster) -> int:
     replicas = cluster.replicas
     if global_batch % replicas:
@@ -47,20 +60,47 @@ def per_replica_batch(global_batch: int, cluster: Cluster) -> int:
     return global_batch // replicas
 
 
-def _optimizer(learning_rate: float, cluster: Cluster) -> keras.optimizers.Optimizer:
-    opt = keras.optimizers.Adam(learning_rate)
+def _optimizer(learning_rate: float, total_steps: int, options: Options,
+               cluster: Cluster) -> keras.optimizers.Optimizer:
+    """Adam, or AdamW with weight decay (biases exempt); constant rate or cosine decay after a warm-up."""
+    rate = learning_rate
+    if options.lr_schedule == "cosine":
+        warmup = recipe.warmup_steps(total_steps)
+        rate = keras.optimizers.schedules.CosineDecay(0.0, max(1, total_steps - warmup), warmup_target=learning_rate,
+                                                      warmup_steps=warmup)
+    if options.weight_decay > 0:
+        opt = keras.optimizers.AdamW(rate, weight_decay=options.weight_decay)
+        opt.exclude_from_weight_decay(var_names=["bias"])
+    else:
+        opt = keras.optimizers.Adam(rate)
     return keras.mixed_precision.LossScaleOptimizer(opt) if cluster.mixed_precision else opt
 
 
-def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global_batch: int):
+def _loss_fn(options: Options, num_classes: int):
+    """Per-example cross-entropy with the recipe's label smoothing and class weights."""
+    weights = tf.constant(options.class_weights, tf.float32) if options.class_weights else None
+
+    def per_example_loss(y, probs):
+        if options.label_smoothing:
+            loss = keras.losses.categorical_crossentropy(tf.one_hot(y, num_classes), probs,
+                                                         label_smoothing=options.label_smoothing)
+        else:
+            loss = keras.losses.sparse_categorical_crossentropy(y, probs)
+        return loss * tf.gather(weights, y) if weights is not None else loss
+
+    return per_example_loss
+
+
+def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global_batch: int, options: Options):
     strategy = cluster.strategy
+    per_example_loss = _loss_fn(options, int(model.output.shape[-1]))
 
     def forward_backward(x, y):
         with tf.GradientTape() as tape:
             if augment is not None:
                 x = augment(x, training=True)
             probs = model(x, training=True)
-            per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
+            per_example = per_example_loss(y, probs)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, model.trainable_variables)
@@ -155,9 +195,9 @@ def new_state() -> dict:
             "patience_used": 0, "history": {"head": [], "finetune": []}}
 
 
-def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int, every_steps: int,
+def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Options,
               ckpt: Checkpoints, state: dict) -> None:
-    """Train one phase with early stopping on validation loss, restoring the best epoch's weights.
+    """Train one phase with early stopping on `options.metric`, restoring the best epoch's weights.
 
     `state` is the run state; when it names this phase the phase resumes from the fetched
     checkpoint (epochs done, steps done in the current epoch). It is updated in place.
@@ -169,7 +209,7 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int, 
     steps = max(1, math.ceil(phase.examples / global_batch))
     variables = phase.model.trainable_variables
     with strategy.scope():
-        optimizer = _optimizer(phase.learning_rate, cluster)
+        optimizer = _optimizer(phase.learning_rate, steps * phase.epochs, options, cluster)
         optimizer.build(variables)
         best_copy = [tf.Variable(v.value, trainable=False) for v in variables]
     if state["phase"] == phase.name and (state["epoch"] or state["step"]):
@@ -183,7 +223,7 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int, 
     with strategy.scope():
         dataset = strategy.distribute_datasets_from_function(phase.dataset_fn)
     iterator = iter(dataset)
-    step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch)
+    step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch, options)
     metrics.set_phase(phase.name)
     log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps,
              from_epoch=state["epoch"] + 1, trainable_weights=len(variables), replicas=cluster.replicas)
@@ -211,7 +251,7 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int, 
                 if float(stop) > 0:
                     save()
                     raise signals.stopped(f"in {phase.name} epoch {epoch} after step {state['step']}, checkpoint saved")
-                if every_steps and state["step"] % every_steps == 0 and state["step"] < steps:
+                if options.every_steps and state["step"] % options.every_steps == 0 and state["step"] < steps:
                     save()
         seen = steps * global_batch
         record = {"epoch": epoch, "loss": state["sums"][0] / seen, "accuracy": state["sums"][1] / seen,
@@ -224,15 +264,17 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, patience: int, 
                            val_loss=record.get("val_loss", math.nan), val_accuracy=record.get("val_accuracy", math.nan))
         log.info("epoch done", phase=phase.name, **record)
 
-        monitored = cluster.agree(record.get("val_loss", record["loss"]))
+        # Without validation data, early stopping watches the training loss and accuracy.
+        monitored = tuple(cluster.agree(record.get(k, record[k.removeprefix("val_")]))
+                          for k in ("val_loss", "val_accuracy"))
         state.update(epoch=epoch, step=0, sums=[0.0, 0.0])
-        if state["best"] is None or monitored < state["best"]:
-            state.update(best=monitored, best_epoch=epoch, patience_used=0)
+        if recipe.is_better(options.metric, monitored, state["best"]):
+            state.update(best=list(monitored), best_epoch=epoch, patience_used=0)
             for copy, variable in zip(best_copy, variables):
                 copy.assign(variable.value)
         else:
             state["patience_used"] += 1
-            if patience and state["patience_used"] >= patience:
+            if options.patience and state["patience_used"] >= options.patience:
                 log.info("early stopping", phase=phase.name, epoch=epoch, best_epoch=state["best_epoch"])
                 state["epoch"] = phase.epochs
         save()

@@ -18,7 +18,8 @@ def cfg_file(tmp_path):
 def test_defaults_and_file(cfg_file):
     cfg = config.load(cfg_file, environ={})
     assert cfg.train.batch_size == 8 and cfg.train.head.epochs == 4
-    assert cfg.train.finetune.learning_rate == 1e-5 and cfg.model.backbone == "mobilenet_v2"
+    assert cfg.train.finetune.learning_rate == 1e-4 and cfg.model.backbone == "mobilenet_v2"
+    assert cfg.train.finetune.unfreeze == "all" and cfg.train.finetune.augment is False
     assert cfg.data.image_size == (64, 64)
     assert len(cfg.run_id) > 16 and cfg.run_id[:8].isdigit()
 
@@ -35,6 +36,19 @@ def test_values_are_yaml_typed(cfg_file):
                                  "train.finetune.unfreeze=block_16_expand", "run_id=abc"], environ={})
     assert cfg.data.image_size == (96, 128) and cfg.output.overwrite is True
     assert cfg.train.finetune.unfreeze == "block_16_expand" and cfg.run_id == "abc"
+
+
+def test_recipe_keys_take_their_documented_forms(cfg_file):
+    cfg = config.load(cfg_file, ["train.finetune.augment=[flip, {rotation: 0.1}]", "train.head.augment=true",
+                                 "train.finetune.unfreeze=all", "train.early_stopping_metric=val_accuracy",
+                                 "train.class_weight={cat: 2.5}", "train.lr_schedule=cosine",
+                                 "train.weight_decay=0.01", "train.label_smoothing=0.1"], environ={})
+    t = cfg.train
+    assert t.finetune.augment == ["flip", {"rotation": 0.1}] and t.head.augment is True
+    assert t.finetune.unfreeze == "all" and t.early_stopping_metric == "val_accuracy"
+    assert t.class_weight == {"cat": 2.5} and t.lr_schedule == "cosine"
+    assert (t.weight_decay, t.label_smoothing) == (0.01, 0.1)
+    assert config.load(cfg_file, ["train.finetune.unfreeze=30"], environ={}).train.finetune.unfreeze == 30
 
 
 def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
@@ -54,6 +68,15 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("model.backbone=resnet51", "did you mean 'resnet50'"),
         ("train.head.mode=fast", "train.head.mode:"),
         ("train.finetune.unfreeze=-2", "train.finetune.unfreeze:"),
+        ("train.finetune.augment=[flip, spin]", "unknown augmentation op 'spin' (one of: flip,"),
+        ("train.head.augment=[{rotation: 1.5}]", "train.head.augment: augmentation op 'rotation': factor must be"),
+        ("train.finetune.augment=sometimes", "train.finetune.augment:"),
+        ("train.early_stopping_metric=accuracy", "'val_loss' or 'val_accuracy'"),
+        ("train.lr_schedule=step", "train.lr_schedule:"),
+        ("train.label_smoothing=1.5", "train.label_smoothing:"),
+        ("train.weight_decay=-1", "train.weight_decay:"),
+        ("train.class_weight=balanced", "train.class_weight:"),
+        ("train.class_weight={cat: 0}", "class weights must be > 0"),
         ("run_id=../escape", "run_id:"),
         ("batch_size", "expected KEY=VALUE"),
         ("train.batch_size.x=1", "not a section"),

@@ -129,9 +129,11 @@ def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(s3, da
     single = run_cli("train", "--config", str(make_config(tmp_path / "one.yaml", dataset, "one-worker",
                                                           tmp_path / "cache-single")), env=s3.env())
     assert single.returncode == 0, single.stderr[-1500:]
+    # Both learned: clearly above chance (1/3; about 0.9 here). Exact equality is the workers' weights above,
+    # and tests/test_train.py's same-seed runs; two workers and one device see different batches.
     multi_acc = procs[0].lines[-1]["test_accuracy"]
     single_acc = single.records()[-1]["test_accuracy"]
-    assert multi_acc > 0.55 and abs(multi_acc - single_acc) <= 0.2, (multi_acc, single_acc)
+    assert multi_acc > 0.6 and single_acc > 0.6, (multi_acc, single_acc)
 
 
 def test_a_worker_alone_fails_clearly_within_the_timeout(s3, dataset, tmp_path):

@@ -1,0 +1,287 @@
+"""`make bench-quality`: the job's default recipe against a plain-Keras script on transfer tasks.
+
+    .venv/bin/python bench/quality.py [--quick] [--ablation] [--seeds 3] [--tasks a,b] [--recipes a,b]
+
+A MobileNetV2 base is pre-trained once on Fashion-MNIST *source* classes (cached in bench/cache/),
+then every task transfers it to *target* classes it never saw (bench/quality_data.py). On each task,
+side by side on exactly the same image files, for each seed:
+
+- `job_default`: `finetune-job train` as a subprocess, data and weights in S3 on 127.0.0.1, with a config
+  that names only data, backbone, weights, image size and seed (plus where to write and no metrics port);
+- `keras_seeds_recipe`: bench/keras_recipe.py, the seeds' recipe as a user would write it in Keras;
+- lower bounds: `job_head_only` (no fine-tuning) and `job_weights_none` (no pre-trained base).
+
+`--ablation` runs instead one recipe per row, each the default with one choice changed, and reports
+what each choice is worth on validation accuracy (how the defaults were chosen) and on test accuracy.
+Results: bench/results/quality.json (or quality-ablation.json) and the tables of docs/QUALITY.md.
+`--quick` is the same on one tiny task and one seed, for the test suite: it checks only that it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+import quality_data  # noqa: E402
+from run import S3Server, child_env, load_average, log, machine  # noqa: E402
+
+CLI = str(Path(sys.executable).parent / "finetune-job")
+BUCKET = "quality"
+IMAGE_SIZE = [32, 32]
+SOURCE = {"full": {"per_class": 2000, "epochs": 10, "batch_size": 32, "augment": True, "bn_momentum": 0.9},
+          "quick": {"per_class": 40, "epochs": 2, "batch_size": 16, "augment": False, "bn_momentum": 0.8}}
+
+# The comparison: what each run adds to the config that names only data, backbone, weights, size and seed.
+COMPARISON = {
+    "job_default": {},
+    "keras_seeds_recipe": None,  # bench/keras_recipe.py
+    "job_head_only": {"train": {"finetune": {"epochs": 0}}},
+    "job_weights_none": {"model": {"weights": "none"}},
+}
+# The ablation: the default with one choice changed per row (docs/QUALITY.md, "What each choice is worth").
+ABLATION = {
+    "default": {},
+    "finetune_unfreeze_30": {"train": {"finetune": {"unfreeze": 30}}},
+    "finetune_lr_3e-5": {"train": {"finetune": {"learning_rate": 3.0e-5}}},
+    "finetune_lr_3e-4": {"train": {"finetune": {"learning_rate": 3.0e-4}}},
+    "finetune_augment_true": {"train": {"finetune": {"augment": True}}},
+    "finetune_augment_flip_rotation_zoom": {"train": {"finetune": {"augment": ["flip", "rotation", "zoom"]}}},
+    "head_end_to_end_augmented": {"train": {"head": {"mode": "end_to_end", "augment": True}}},
+    "early_stopping_val_accuracy": {"train": {"early_stopping_metric": "val_accuracy"}},
+    "label_smoothing_0.1": {"train": {"label_smoothing": 0.1}},
+    "weight_decay_0.01": {"train": {"weight_decay": 0.01}},
+    "finetune_epochs_20": {"train": {"finetune": {"epochs": 20}}},
+    "lr_schedule_cosine": {"train": {"lr_schedule": "cosine"}},
+    "head_units_0": {"model": {"head_units": 0}},
+    "class_weight_auto": {"train": {"class_weight": "auto"}},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---------------------------------------------------------------- one run of each kind
+
+
+def pretrained_base(mode: str, cache: Path, env: dict) -> Path:
+    """The source-pretrained MobileNetV2 base (a .weights.h5 file), trained once per parameters."""
+    params = {**SOURCE[mode], "backbone": "mobilenet_v2", "size": IMAGE_SIZE, "classes": quality_data.SOURCE}
+    out = cache / f"base-{quality_data.source_key(params)}.weights.h5"
+    if out.is_file():
+        return out
+    log(f"pre-training the base on {len(quality_data.SOURCE)} source classes x {params['per_class']} images "
+        f"(once, cached in {out.parent})")
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; import quality_data as q; "
+            "from job.sample_data import pretrain_base; p = json.loads(sys.argv[2]); "
+            "x, y = q.source_images(p['per_class']); "
+            "pretrain_base(x, y, Path(sys.argv[3]), epochs=p['epochs'], batch_size=p['batch_size'], "
+            "augment=p['augment'], bn_momentum=p['bn_momentum'])")
+    tmp = out.with_name(f"part-{out.name}")
+    subprocess.run([sys.executable, "-c", code, str(HERE), json.dumps(params), str(tmp)], check=True, env=env)
+    tmp.replace(out)
+    return out
+
+
+def job_run(task: str, seed: int, name: str, extra: dict, tmp: Path, env: dict) -> dict:
+    """`finetune-job train` on the task in S3 (artifacts to a local folder); the scores of its metrics.json."""
+    run_id = f"{task}-{name}-s{seed}"
+    cfg = merge({
+        "run_id": run_id,
+        "data": {"uri": f"s3://{BUCKET}/tasks/{task}", "image_size": IMAGE_SIZE,
+                 "cache_dir": str(tmp / "cache" / run_id)},
+        "model": {"backbone": "mobilenet_v2", "weights": f"s3://{BUCKET}/weights/base.weights.h5"},
+        "train": {"seed": seed},
+        "output": {"uri": str(tmp / "runs")},
+        "metrics": {"port": 0, "linger_seconds": 0},
+    }, extra)
+    path = tmp / f"{run_id}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    t0 = time.monotonic()
+    with open(tmp / f"{run_id}.log", "w") as out:
+        p = subprocess.run([CLI, "train", "--config", str(path)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    seconds = time.monotonic() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{run_id}: finetune-job exited {p.returncode}; log: {tmp / f'{run_id}.log'}")
+    reports = json.loads((tmp / "runs" / run_id / "metrics.json").read_text())
+    history = json.loads((tmp / "runs" / run_id / "history.json").read_text())
+    return {**{split: _scores(reports[split]) for split in ("validation", "test")}, "seconds": round(seconds, 1),
+            "epochs": {phase: len(records) for phase, records in history.items()}}
+
+
+def _scores(report: dict) -> dict:
+    return {k: round(report[k], 4) for k in ("accuracy", "loss", "macro_f1", "balanced_accuracy")}
+
+
+def keras_run(folder: Path, weights: Path, seed: int, tmp: Path, env: dict, name: str) -> dict:
+    """bench/keras_recipe.py on the task's local files (the very files uploaded to S3)."""
+    from job import evaluate
+
+    result = tmp / f"{name}.json"
+    t0 = time.monotonic()
+    with open(tmp / f"{name}.log", "w") as out:
+        p = subprocess.run([sys.executable, str(HERE / "keras_recipe.py"), str(folder), str(weights), str(seed),
+                            str(result)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    seconds = time.monotonic() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{name}: keras_recipe.py exited {p.returncode}; log: {tmp / f'{name}.log'}")
+    raw = json.loads(result.read_text())
+    out = {"seconds": round(seconds, 1)}
+    for split in ("validation", "test"):
+        import numpy as np
+
+        labels = np.asarray(raw[split]["labels"])
+        classes = sorted(p.name for p in (folder / "train").iterdir())
+        probs = np.eye(len(classes), dtype=np.float32)[raw[split]["predicted"]]  # one-hot: accuracy, F1, recall
+        report = evaluate.report(probs, labels, classes)
+        out[split] = {**_scores(report), "loss": round(raw[split]["loss"], 4)}
+    return out
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def summarize(runs: list[dict]) -> dict:
+    """mean ± std (sample std over seeds) of each score."""
+    out = {}
+    for split in ("validation", "test"):
+        for key in ("accuracy", "macro_f1", "balanced_accuracy"):
+            values = [r[split][key] for r in runs]
+            out[f"{split}_{key}"] = {"mean": round(statistics.mean(values), 4),
+                                     "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+    out["seconds"] = round(statistics.mean(r["seconds"] for r in runs), 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one tiny task, one seed: shows that it runs")
+    parser.add_argument("--ablation", action="store_true", help="one row per recipe choice instead")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
+    parser.add_argument("--recipes", default="", help="comma-separated recipe names (default: all)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--docs", default=None, help="markdown file whose tables to refresh ('' for none)")
+    parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (seconds per run are then inflated)")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    seeds = list(range(1, 1 + (args.seeds or (1 if args.quick else 3))))
+    kind = "ablation" if args.ablation else "comparison"
+    recipes = ABLATION if args.ablation else COMPARISON
+    if args.recipes:
+        recipes = {k: v for k, v in recipes.items() if k in args.recipes.split(",")}
+    tasks = [t for t in quality_data.tasks(args.quick) if not args.tasks or t.name in args.tasks.split(",")]
+    out_path = args.out or ROOT / "bench" / "results" / ("quality-ablation.json" if args.ablation else "quality.json")
+    docs = Path(args.docs) if args.docs else None if args.docs == "" or args.quick else ROOT / "docs" / "QUALITY.md"
+
+    started = time.time()
+    before = load_average()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    s3 = S3Server()
+    results: dict = {}
+    try:
+        env = child_env(s3.endpoint)
+        base = pretrained_base(mode, args.cache, env)
+        items = [(BUCKET, "weights/base.weights.h5", base)]
+        folders = {}
+        for task in tasks:
+            folders[task.name] = quality_data.write_task(task, args.cache / "tasks")
+            items += [(BUCKET, f"tasks/{task.name}/{p.relative_to(folders[task.name]).as_posix()}", p)
+                      for p in sorted(folders[task.name].rglob("*.png"))]
+        s3.upload(items)
+        with tempfile.TemporaryDirectory(prefix="bench-quality-") as t:
+            tmp = Path(t)
+
+            def one(item):
+                task, seed, name = item
+                extra = recipes[name]
+                if extra is None:
+                    r = keras_run(folders[task.name], base, seed, tmp, env, f"{task.name}-{name}-s{seed}")
+                else:
+                    r = job_run(task.name, seed, name, extra, tmp, env)
+                log(f"{task.name} seed {seed} {name}: test {r['test']['accuracy']:.3f} "
+                    f"val {r['validation']['accuracy']:.3f} ({r['seconds']:.0f} s)")
+                return {"seed": seed, **r}
+
+            # Recipes alternate within a seed, so that load from elsewhere falls on all of them alike.
+            items = [(task, seed, name) for task in tasks for seed in seeds for name in recipes
+                     if name != "class_weight_auto" or task.minority]
+            with ThreadPoolExecutor(args.jobs) as pool:
+                done = list(pool.map(one, items))
+            for task in tasks:
+                runs = {name: [r for (t_, _, n), r in zip(items, done) if t_ is task and n == name] for name in recipes}
+                results[task.name] = {"task": task.__dict__ | {"classes": list(task.classes)},
+                                      "recipes": {k: {"runs": v, **summarize(v)} for k, v in runs.items() if v}}
+    finally:
+        s3.close()
+    report = {
+        "kind": kind, "mode": mode, "seeds": seeds,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1), "machine": machine(),
+        "load_average": {"before": before, "after": load_average()},
+        "conditions": conditions(mode), "tasks": results,
+    }
+    if kind == "comparison":
+        report["acceptance"] = acceptance(results)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {out_path}")
+    if docs is not None:
+        import quality_report
+
+        quality_report.refresh(docs, report)
+        log(f"refreshed the {kind} tables of {docs}")
+    return 0
+
+
+def conditions(mode: str) -> dict:
+    return {
+        "backbone": "mobilenet_v2", "image_size": IMAGE_SIZE,
+        "base": f"MobileNetV2 pre-trained here from scratch on Fashion-MNIST {', '.join(quality_data.SOURCE)}: "
+                + ", ".join(f"{k} {v}" for k, v in SOURCE[mode].items())
+                + f"; the targets are {', '.join(quality_data.TARGET)} (fashion tasks) and drawn shapes",
+        "storage": "moto S3 server on 127.0.0.1: the job stages the data and the weights from it and writes its "
+                   "artifacts and checkpoints to local disk; the Keras script reads the same files from local disk",
+        "job_config": "names only data.uri, data.image_size, model.backbone, model.weights, train.seed "
+                      "(plus run_id, output.uri, data.cache_dir and metrics.port 0, which do not touch the recipe): "
+                      "everything else is the default",
+        "keras_seeds_recipe": "bench/keras_recipe.py: Dense 128 + dropout 0.3 head, 10 epochs at 1e-3 on the frozen "
+                              "base; top 30 layers 5 epochs at 1e-4; BatchNormalization in inference mode; early "
+                              "stopping patience 3 restoring the best weights; batch 64",
+        "std": "sample standard deviation over seeds",
+        "determinism": "the job runs with TensorFlow op determinism: the same seed gives the same result "
+                       "whatever the load, so seeds measure the recipe's own variance",
+    }
+
+
+def acceptance(results: dict) -> dict:
+    """Issue 9's bar: +3 points over the Keras script on fashion-60, never more than 1 point below it."""
+    out = {}
+    for task, r in results.items():
+        job, keras = r["recipes"].get("job_default"), r["recipes"].get("keras_seeds_recipe")
+        if job and keras:
+            out[task] = round(job["test_accuracy"]["mean"] - keras["test_accuracy"]["mean"], 4)
+    return {"job_minus_keras_test_accuracy": out,
+            "fashion_60_margin_at_least_0.03": out.get("fashion-60", 0) >= 0.03 if "fashion-60" in out else None,
+            "never_more_than_0.01_below": all(v >= -0.01 for v in out.values()) if out else None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

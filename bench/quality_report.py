@@ -1,0 +1,110 @@
+"""Markdown tables of a bench/quality.py result, written into docs/QUALITY.md between markers.
+
+The prose of docs/QUALITY.md is written by people; only the text between
+`<!-- quality:NAME -->` and `<!-- /quality:NAME -->` is replaced, so a re-run refreshes the numbers
+and leaves the reading of them alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LABELS = {
+    "job_default": "**job, defaults**",
+    "keras_seeds_recipe": "plain Keras, seeds' recipe",
+    "job_head_only": "job, head only (lower bound)",
+    "job_weights_none": "job, `weights: none` (lower bound)",
+}
+
+
+def _pm(stat: dict, scale: float = 100.0) -> str:
+    return f"{stat['mean'] * scale:.1f} ± {stat['std'] * scale:.1f}"
+
+
+def comparison_tables(report: dict) -> str:
+    lines = []
+    tasks = report["tasks"]
+    names = list(next(iter(tasks.values()))["recipes"]) if tasks else []
+    lines.append("Test accuracy, % (mean ± std over seeds " + ", ".join(map(str, report["seeds"])) + "):")
+    lines.append("")
+    lines.append("| task | " + " | ".join(LABELS.get(n, n) for n in names) + " | job − Keras |")
+    lines.append("|---|" + "---|" * (len(names) + 1))
+    margins = report.get("acceptance", {}).get("job_minus_keras_test_accuracy", {})
+    for task, r in tasks.items():
+        cells = [_pm(r["recipes"][n]["test_accuracy"]) if n in r["recipes"] else "" for n in names]
+        margin = f"{margins[task] * 100:+.1f}" if task in margins else ""
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {margin} |")
+    lines.append("")
+    lines.append("Imbalanced and per-class view (test, %): macro-F1 and balanced accuracy, and validation "
+                 "accuracy (what the defaults were chosen on); mean wall time per run in seconds:")
+    lines.append("")
+    lines.append("| task | recipe | macro-F1 | balanced acc. | validation acc. | s/run |")
+    lines.append("|---|---|---|---|---|---|")
+    for task, r in tasks.items():
+        for n in names:
+            if n in r["recipes"]:
+                s = r["recipes"][n]
+                lines.append(f"| {task} | {LABELS.get(n, n)} | {_pm(s['test_macro_f1'])} | "
+                             f"{_pm(s['test_balanced_accuracy'])} | {_pm(s['validation_accuracy'])} | "
+                             f"{s['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def ablation_tables(report: dict) -> str:
+    """One row per recipe choice: its mean validation and test accuracy over tasks and seeds, and the change
+    against the default, per task in validation points."""
+    tasks = report["tasks"]
+    names = list(next(iter(tasks.values()))["recipes"]) if tasks else []
+    lines = ["Each row is the default with one choice changed. Δ is in accuracy points against the default, "
+             "per task on **validation** (mean over seeds), then the mean over tasks on validation and on test.",
+             "", "| recipe | " + " | ".join(f"Δ val {t}" for t in tasks) + " | Δ val mean | Δ test mean |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+
+    def avg(xs: list[float]) -> str:
+        return f"{sum(xs) / len(xs) * 100:+.1f}" if xs else ""
+
+    def mean(task: str, name: str, split: str) -> float | None:
+        r = tasks[task]["recipes"].get(name)
+        return r[f"{split}_accuracy"]["mean"] if r else None
+
+    for n in names:
+        cells, dv, dt = [], [], []
+        for task in tasks:
+            v, d = mean(task, n, "validation"), mean(task, "default", "validation")
+            if v is None or d is None:
+                cells.append("")
+                continue
+            cells.append(f"{(v - d) * 100:+.1f}")
+            dv.append(v - d)
+            dt.append(mean(task, n, "test") - mean(task, "default", "test"))
+        lines.append(f"| `{n}` | " + " | ".join(cells) + f" | {avg(dv)} | {avg(dt)} |")
+    lines.append("")
+    lines.append("Absolute validation accuracy of the default, %: " + ", ".join(
+        f"{t} {_pm(tasks[t]['recipes']['default']['validation_accuracy'])}" for t in tasks
+        if "default" in tasks[t]["recipes"]) + ".")
+    return "\n".join(lines)
+
+
+def conditions_table(report: dict) -> str:
+    m = report["machine"]
+    rows = [("when", f"{report['started']}, {report['seconds'] / 60:.0f} min"),
+            ("machine", f"{m['cpu_model']}, {m['cores']} cores, no GPU; load average "
+                        f"{report['load_average']['before'][0]} before, {report['load_average']['after'][0]} after"),
+            ("software", f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, Python {m['python']}")]
+    rows += list(report["conditions"].items())
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def refresh(path: Path, report: dict) -> None:
+    kind = report["kind"]
+    blocks = {f"{kind}": comparison_tables(report) if kind == "comparison" else ablation_tables(report),
+              f"{kind}-conditions": conditions_table(report)}
+    text = path.read_text() if path.exists() else ""
+    for name, body in blocks.items():
+        start, end = f"<!-- quality:{name} -->", f"<!-- /quality:{name} -->"
+        block = f"{start}\n{body}\n{end}"
+        if start in text and end in text:
+            text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+        else:
+            text += f"\n{block}\n"
+    path.write_text(text)

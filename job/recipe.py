@@ -1,0 +1,91 @@
+"""The training recipe's rules, as pure logic (no TensorFlow): augmentation ops and presets, class
+weights, the learning-rate schedule's shape, and early stopping's notion of "better".
+
+The defaults in job/config.py are what `make bench-quality` measured best (docs/QUALITY.md); the
+rules here turn them into numbers. Unit-tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+# Augmentation ops: name -> default factor. Each is a Keras preprocessing layer, active only while
+# training (job/model.py builds them). Factors follow Keras: rotation in fractions of a full turn,
+# zoom/translation in fractions of the image side, contrast/brightness in fractions of the range.
+AUGMENT_OPS: dict[str, float] = {
+    "flip": 1.0,  # horizontal flip (the factor is ignored)
+    "vertical_flip": 1.0,
+    "rotation": 0.05,
+    "zoom": 0.1,
+    "translation": 0.1,
+    "contrast": 0.2,
+    "brightness": 0.2,
+}
+# `augment: true`. The benchmark's choice: what helped across its tasks (docs/QUALITY.md).
+AUGMENT_PRESET: tuple[str, ...] = ("flip", "translation")
+
+AugmentSpec = bool | Sequence[str | Mapping[str, float]]
+
+
+def augment_ops(spec: AugmentSpec) -> list[tuple[str, float]]:
+    """`augment` config value -> [(op, factor)]; ValueError names an unknown op or a bad factor."""
+    if spec is True:
+        return [(name, AUGMENT_OPS[name]) for name in AUGMENT_PRESET]
+    if spec is False:
+        return []
+    ops = []
+    for item in spec:
+        if isinstance(item, str):
+            name, factor = item, None
+        elif isinstance(item, Mapping) and len(item) == 1:
+            (name, factor), = item.items()
+        else:
+            raise ValueError(f"each op is a name or {{name: factor}}, got {item!r}")
+        if name not in AUGMENT_OPS:
+            raise ValueError(f"unknown augmentation op '{name}' (one of: {', '.join(AUGMENT_OPS)})")
+        if factor is None:
+            factor = AUGMENT_OPS[name]
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise ValueError(f"augmentation op '{name}': factor must be a number in (0, 1], got {factor!r}")
+        ops.append((name, float(factor)))
+    return ops
+
+
+def class_weights(setting: str | Mapping[str, float], classes: list[str],
+                  counts: Mapping[str, int]) -> list[float] | None:
+    """Per-class loss weights in class-index order, or None for unweighted.
+
+    `auto`: n / (k * n_c), the "balanced" heuristic (scikit-learn's, the Keras guide's), so every class
+    contributes the same total weight and the mean weight over the training set stays 1. A mapping
+    names some classes; the others keep weight 1. ValueError for a class the dataset does not have.
+    """
+    if setting == "none":
+        return None
+    if setting == "auto":
+        total, k = sum(counts[c] for c in classes), len(classes)
+        return [total / (k * counts[c]) if counts[c] else 1.0 for c in classes]
+    unknown = sorted(set(setting) - set(classes))
+    if unknown:
+        raise ValueError(f"train.class_weight names classes the dataset does not have: {', '.join(unknown)}")
+    return [float(setting.get(c, 1.0)) for c in classes]
+
+
+def warmup_steps(total_steps: int) -> int:
+    """Linear warm-up before cosine decay: a tenth of the phase's steps, at least one."""
+    return max(1, math.ceil(total_steps / 10))
+
+
+def is_better(metric: str, value: tuple[float, float], best: Sequence[float] | None) -> bool:
+    """Whether a (val_loss, val_accuracy) epoch beats the best so far under `metric`.
+
+    val_loss: strictly lower loss. val_accuracy: strictly higher accuracy, or equal accuracy with lower
+    loss (small validation sets give many ties in accuracy; the loss breaks them).
+    """
+    if best is None:
+        return True
+    loss, accuracy = value
+    best_loss, best_accuracy = best
+    if metric == "val_loss":
+        return loss < best_loss
+    return accuracy > best_accuracy or (accuracy == best_accuracy and loss < best_loss)

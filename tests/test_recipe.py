@@ -1,0 +1,43 @@
+"""The recipe's rules (job/recipe.py): pure logic, no TensorFlow."""
+
+import pytest
+
+from job import recipe
+
+
+def test_augment_presets_and_lists():
+    assert recipe.augment_ops(False) == []
+    assert [name for name, _ in recipe.augment_ops(True)] == list(recipe.AUGMENT_PRESET)
+    assert recipe.augment_ops(["flip", {"rotation": 0.1}, "zoom"]) == [
+        ("flip", 1.0), ("rotation", 0.1), ("zoom", recipe.AUGMENT_OPS["zoom"])]
+    for bad, message in [(["spin"], "unknown augmentation op 'spin'"), ([{"zoom": 0}], "factor must be"),
+                         ([{"zoom": True}], "factor must be"), ([{"a": 1, "b": 2}], "a name or")]:
+        with pytest.raises(ValueError, match=message):
+            recipe.augment_ops(bad)
+
+
+def test_class_weights():
+    classes, counts = ["a", "b", "c"], {"a": 60, "b": 60, "c": 12}
+    assert recipe.class_weights("none", classes, counts) is None
+    auto = recipe.class_weights("auto", classes, counts)
+    assert auto == pytest.approx([132 / 180, 132 / 180, 132 / 36])
+    # every class carries the same total weight, and the mean weight per example is 1
+    assert len({round(w * counts[c], 9) for w, c in zip(auto, classes)}) == 1
+    assert sum(w * counts[c] for w, c in zip(auto, classes)) == pytest.approx(132)
+    assert recipe.class_weights({"c": 5.0}, classes, counts) == [1.0, 1.0, 5.0]
+    with pytest.raises(ValueError, match="does not have: d"):
+        recipe.class_weights({"d": 2.0}, classes, counts)
+
+
+def test_warmup_is_a_tenth_at_least_one_step():
+    assert [recipe.warmup_steps(n) for n in (1, 9, 10, 11, 100)] == [1, 1, 1, 2, 10]
+
+
+def test_early_stopping_comparisons():
+    assert recipe.is_better("val_loss", (0.5, 0.1), None)
+    assert recipe.is_better("val_loss", (0.4, 0.1), (0.5, 0.9))
+    assert not recipe.is_better("val_loss", (0.5, 0.9), (0.5, 0.1))  # strictly lower only
+    assert recipe.is_better("val_accuracy", (0.9, 0.8), (0.1, 0.7))
+    assert recipe.is_better("val_accuracy", (0.4, 0.7), (0.5, 0.7))  # a tie in accuracy: lower loss wins
+    assert not recipe.is_better("val_accuracy", (0.6, 0.7), (0.5, 0.7))
+    assert not recipe.is_better("val_accuracy", (0.1, 0.6), (0.5, 0.7))
