@@ -9,7 +9,7 @@ IMAGE ?= finetune-job:$(VERSION)
 # BAKE_WEIGHTS="mobilenet_v2 resnet50" bakes those ImageNet weights into the image (air-gapped clusters).
 BAKE_WEIGHTS ?=
 
-.PHONY: install test run-local bench bench-quality lint helm-lint docker-build clean
+.PHONY: install test test-fast run-local bench bench-quality lint helm-lint docker-build clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
+# Tests by tier: tests/unit (no TensorFlow, or tiny models on one CPU device; under 2 minutes),
+# tests/e2e (real training, real S3 server, Prometheus), tests/deploy (chart, Dockerfile, alerts).
 test: install
 	$(PY) -m pytest tests
+
+test-fast: install
+	$(PY) -m pytest tests/unit
 
 run-local: install
 	$(PY) scripts/run_local.py

@@ -252,7 +252,7 @@ def bench_training(cfg: dict, tmp: Path, env: dict) -> tuple[dict, dict]:
         "conditions": {
             **conditions,
             "phase": "fine-tune: top 20 base layers and the head trainable, Adam, no augmentation",
-            "job_loop": "job.train.run_phase (checkpoints to local disk at epoch ends, not timed)",
+            "job_loop": "job.loop.run_phase (checkpoints to local disk at epoch ends, not timed)",
             "model_fit": f"compile() defaults (jit_compile resolved to {one['model_fit_jit_compile']}), "
                          "metrics=['accuracy'], verbose=0, no strategy",
             "one_replica": "OneDeviceStrategy /cpu:0",

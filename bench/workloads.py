@@ -107,7 +107,7 @@ def input_pipeline(p: dict) -> dict:
     rel_paths, labels = layout.items("train")
     paths = [str(root / r) for r in rel_paths]
     t0 = time.perf_counter()
-    bad = dataset.find_undecodable(paths)
+    bad = dataset.find_bad(paths, 90_000_000)
     t_check = time.perf_counter() - t0
     assert not bad and len(paths) == n, (bad, len(paths), n)
 
@@ -166,15 +166,16 @@ def input_pipeline(p: dict) -> dict:
 
 
 def _run_phase(phase, cluster, global_batch: int, work: Path) -> list[dict]:
-    """job.train.run_phase exactly as the job calls it (checkpoints to a local folder); its epoch records."""
-    from job import storage, train
+    """job.loop.run_phase exactly as the job calls it (checkpoints to a local folder); its epoch records."""
+    from job import loop, storage
     from job.checkpoint import Checkpoints
+    from job.runstate import RunState
 
     work.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoints(phase.model, storage.LocalStore(str(work / "out")), work, cluster, keep=1)
-    state = train.new_state()
-    train.run_phase(phase, cluster, global_batch, 0, 0, ckpt, state)
-    return state["history"][phase.name]
+    state = RunState()
+    loop.run_phase(phase, cluster, global_batch, loop.Options(patience=0), ckpt, state)
+    return state.history[phase.name]
 
 
 def training(p: dict) -> dict:
@@ -191,7 +192,7 @@ def training(p: dict) -> dict:
 
     import keras
 
-    from job import dataset, model, train
+    from job import dataset, loop, model, recipe
 
     class EpochTimer(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -221,7 +222,7 @@ def training(p: dict) -> dict:
         return lambda ctx: dataset.image_dataset(paths, labels, size, b, shuffle=True, seed=seed, repeat=True)
 
     def job_seconds(on, phase_name: str, net, data_fn, lr: float, name: str, augment=None) -> list[float]:
-        phase = train.Phase(phase_name, net, data_fn, len(paths), epochs, lr, lambda: None, augment)
+        phase = loop.Phase(phase_name, net, data_fn, len(paths), epochs, lr, lambda: None, augment)
         history = _run_phase(phase, on, batch, work / name)
         return [max(r["seconds"], 1e-3) for r in history[1:]]  # epoch 1 traces: left out
 
@@ -237,7 +238,7 @@ def training(p: dict) -> dict:
         return net
 
     def finetune(on, net, name: str):
-        per_replica = train.per_replica_batch(batch, on)
+        per_replica = loop.per_replica_batch(batch, on)
         return lambda r: [steps * batch / s for s in job_seconds(on, "finetune", net, images(per_replica), 1e-4,
                                                                  f"{name}-{r}")]
 
@@ -259,14 +260,14 @@ def training(p: dict) -> dict:
 
     if p["compare"]:
         # Phase 1 both ways on the same images: the head on cached features, or images through the frozen
-        # base with augmentation (train.head.augment: true, the default) every step.
+        # base with augmentation (train.head.augment: true) every step.
         cached = build(cluster)
         t0 = time.perf_counter()
-        feats = dataset.extract_features(cached.features, paths, size, work / "features" / "train.npy")
+        feats = dataset.cached_features(cached.features, paths, ["bench"], work / "features", None)
         out["feature_extraction_seconds"] = time.perf_counter() - t0
         e2e = build(cluster)
         with cluster.strategy.scope():
-            augment = model.augmentation(seed)
+            augment = model.augmentation(recipe.augment_ops(True), seed)
 
         def features(ctx):
             return dataset.feature_dataset(feats, labels, batch, shuffle=True, seed=seed, repeat=True)

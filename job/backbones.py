@@ -6,7 +6,6 @@ and `finetune-job --help` stay fast.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 
@@ -53,6 +52,7 @@ def get(name: str) -> Backbone:
     try:
         return BACKBONES[name]
     except KeyError:
-        close = difflib.get_close_matches(name, BACKBONES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (one of: {', '.join(BACKBONES)})"
+        from job.errors import did_you_mean
+
+        hint = did_you_mean(name, BACKBONES) or f" (one of: {', '.join(BACKBONES)})"
         raise KeyError(f"unknown backbone '{name}'{hint}") from None

@@ -1,16 +1,17 @@
 """Checkpoints for resumption: tf.train.CheckpointManager on local disk, mirrored to
 <output.uri>/<run_id>/checkpoints/ by the chief.
 
-A checkpoint holds the whole model, the phase's optimizer, the best epoch's trainable weights
-(for early stopping's restore) and the run state as JSON in a string variable: phase, epochs done,
-steps done in the current epoch, the partial epoch's sums and the history so far. Non-chief
-workers of MultiWorkerMirroredStrategy must take part in every save, writing to a private
+A checkpoint holds the model, the phase's optimizer, the best epoch's trainable weights (for early
+stopping's restore) and the run state (job.runstate.RunState) as JSON in a string variable.
+Non-chief workers of MultiWorkerMirroredStrategy must take part in every save, writing to a private
 temporary folder that is removed afterwards (TensorFlow's rule for multi-worker checkpoints).
+Anything in the storage folder that is not a `ckpt-N.*` file (say, a `.part` left by an interrupted
+copy) is ignored.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,37 +19,52 @@ import tensorflow as tf
 
 from job import logs, metrics
 from job.distribute import Cluster
+from job.runstate import RunState
 from job.storage import Store
 
 REMOTE = "checkpoints"
 STATE_FILE = "checkpoint"  # CheckpointManager's own index of checkpoints; uploaded last
+_CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.(index|data-\d+-of-\d+)$")
 log = logs.get()
 
 
+def number(name: str) -> int | None:
+    """ckpt-12.index -> 12; None for anything that is not a checkpoint file."""
+    match = _CHECKPOINT_FILE.match(name)
+    return int(match.group(1)) if match else None
+
+
 class Checkpoints:
-    def __init__(self, model, store: Store, work: Path, cluster: Cluster, keep: int):
+    def __init__(self, model, store: Store, work: Path, cluster: Cluster, keep: int, guard=None):
         self.model = model
         self.store = store
         self.cluster = cluster
         self.keep = keep
+        self.guard = guard  # called before every upload; raises to stop writes (a lost lease)
         self.dir = work / ("checkpoints" if cluster.is_chief else f"checkpoints-worker-{cluster.worker_index}-tmp")
         self.restore_dir = work / "checkpoints-restore"
-        self.number = 0  # the last checkpoint's number; continues after a resume
+        self.number = 0  # the last checkpoint's number; continues after a resume, never reused
+        self.latest: str | None = None  # path prefix of the checkpoint to restore: fetched or saved last
         with tf.device("/cpu:0"):
             self.state_var = tf.Variable("{}", dtype=tf.string, trainable=False)
 
     def _checkpoint(self, **objects) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(model=self.model, state=self.state_var, **objects)
 
+    def _remote(self) -> dict[str, int]:
+        """{name: checkpoint number} of the checkpoint files in storage."""
+        names = (e.rel.removeprefix(REMOTE + "/") for e in self.store.list(REMOTE))
+        return {name: n for name in names if (n := number(name)) is not None}
+
     # ------------------------------------------------------------ resume
 
-    def fetch(self) -> dict | None:
+    def fetch(self) -> RunState | None:
         """Download the latest checkpoint from storage (every worker); return its run state."""
-        entries = {e.rel.removeprefix(REMOTE + "/"): e for e in self.store.list(REMOTE)}
+        remote = self._remote()
         # Number after every checkpoint file in storage, also those of an attempt that died before
         # its index was uploaded: a number is never reused for different contents.
-        self.number = max((_number(name) for name in entries if name != STATE_FILE), default=0)
-        if STATE_FILE not in entries:
+        self.number = max(remote.values(), default=0)
+        if not self.store.exists(f"{REMOTE}/{STATE_FILE}"):
             return None
         shutil.rmtree(self.restore_dir, ignore_errors=True)
         self.store.download(f"{REMOTE}/{STATE_FILE}", self.restore_dir / STATE_FILE)
@@ -56,53 +72,51 @@ class Checkpoints:
         if index is None or not index.model_checkpoint_path:
             return None
         name = Path(index.model_checkpoint_path).name
-        for rel in entries:
+        for rel in remote:
             if rel.startswith(name + "."):
                 self.store.download(f"{REMOTE}/{rel}", self.restore_dir / rel)
-        latest = str(self.restore_dir / name)
-        self.latest = latest
-        state = json.loads(tf.train.load_checkpoint(latest).get_tensor("state/.ATTRIBUTES/VARIABLE_VALUE"))
-        log.info("resuming from checkpoint", checkpoint=storage_name(self.store, name), phase=state["phase"],
-                 epochs_done=state["epoch"], steps_done=state["step"])
+        self.latest = str(self.restore_dir / name)
+        state = RunState.from_json(
+            tf.train.load_checkpoint(self.latest).get_tensor("state/.ATTRIBUTES/VARIABLE_VALUE").decode())
+        log.info("resuming from checkpoint", checkpoint=storage_name(self.store, name), phase=state.phase,
+                 epochs_done=state.epoch, steps_done=state.step)
         return state
 
     def restore(self, **objects) -> None:
-        """Load the fetched checkpoint into the model (and the given optimizer and best-weight copies)."""
+        """Load the latest checkpoint (fetched, or saved by this run) into the model and `objects`."""
+        if self.latest is None:
+            raise RuntimeError("no checkpoint to restore: none was fetched or saved")
         self._checkpoint(**objects).restore(self.latest).expect_partial()
 
     # ------------------------------------------------------------ save
 
-    def save(self, state: dict, **objects) -> None:
+    def save(self, state: RunState, **objects) -> None:
         """Save on every worker; the chief uploads the new files, its index last, and prunes old ones."""
-        self.state_var.assign(json.dumps(state))
+        self.state_var.assign(state.to_json())
         manager = tf.train.CheckpointManager(self._checkpoint(**objects), str(self.dir), max_to_keep=self.keep)
         self.number += 1
         path = manager.save(checkpoint_number=self.number)
-        self.saved = Path(path).name
         if not self.cluster.is_chief:
             shutil.rmtree(self.dir, ignore_errors=True)
             return
-        self._mirror()
+        self.latest = path
+        self._mirror(Path(path).name)
         metrics.checkpoint_saved()
-        log.info("checkpoint saved", checkpoint=storage_name(self.store, Path(path).name), phase=state["phase"],
-                 epochs_done=state["epoch"], steps_done=state["step"])
+        log.info("checkpoint saved", checkpoint=storage_name(self.store, Path(path).name), phase=state.phase,
+                 epochs_done=state.epoch, steps_done=state.step)
 
-    def _mirror(self) -> None:
+    def _mirror(self, name: str) -> None:
         """Upload the new checkpoint, then the index naming it; keep the newest `keep` in storage."""
-        for path in sorted(self.dir.glob(self.saved + ".*")):
+        if self.guard:
+            self.guard()
+        for path in sorted(self.dir.glob(name + ".*")):
             self.store.upload(path, f"{REMOTE}/{path.name}")
         self.store.upload(self.dir / STATE_FILE, f"{REMOTE}/{STATE_FILE}")
-        remote = [e.rel.removeprefix(REMOTE + "/") for e in self.store.list(REMOTE)]
-        numbers = sorted({_number(name) for name in remote if name != STATE_FILE})
-        kept = set(numbers[-self.keep:])
-        stale = [name for name in remote if name != STATE_FILE and _number(name) not in kept]
+        remote = self._remote()
+        kept = set(sorted(set(remote.values()))[-self.keep:])
+        stale = [f"{REMOTE}/{rel}" for rel, n in remote.items() if n not in kept]
         if stale:
-            self.store.delete([f"{REMOTE}/{name}" for name in stale])
-
-
-def _number(name: str) -> int:
-    """ckpt-12.index -> 12."""
-    return int(name.split(".", 1)[0].rsplit("-", 1)[1])
+            self.store.delete(stale)
 
 
 def storage_name(store: Store, name: str) -> str:

@@ -148,9 +148,9 @@ def predict(
 
     try:
         logs.setup(json=as_json, level="WARNING")
-        from job import pipeline
+        from job.predict import predict as classify
 
-        results = pipeline.predict(model, images, top_k, endpoint_url)
+        results = classify(model, images, top_k, endpoint_url)
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     for r in results:

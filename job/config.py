@@ -7,7 +7,6 @@ any work; problems become one ConfigError line that names the key.
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import os
 import secrets
 import urllib.parse
@@ -18,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from job import backbones, recipe
-from job.errors import ConfigError
+from job.errors import ConfigError, did_you_mean
 
 ENV_PREFIX = "FINETUNE_"
 
@@ -34,6 +33,8 @@ class DataConfig(_Section):
     validation_split: float = Field(0.2, ge=0.0, lt=1.0)
     cache_dir: str = "/tmp/finetune-job/cache"
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    # Larger images are skipped as bad, judged from the header before decoding (Pillow's own bomb limit).
+    max_image_pixels: int = Field(90_000_000, ge=1)
 
 
 class ModelConfig(_Section):
@@ -127,6 +128,9 @@ class OutputConfig(_Section):
 class CheckpointConfig(_Section):
     every_steps: int = Field(0, ge=0)
     keep: int = Field(3, ge=1)
+    # The run's lease on its output prefix (job/lease.py) is renewed every lease_seconds / 6; one not renewed
+    # for lease_seconds is taken over by the next attempt.
+    lease_seconds: float = Field(180.0, ge=3.0)
 
 
 class MetricsConfig(_Section):
@@ -266,8 +270,8 @@ def _one_line(err: ValidationError) -> str:
         msgs = list(dict.fromkeys(x["msg"].removeprefix("Value error, ") for x in same_key))
         e = {**e, "msg": " or ".join(msgs)}
     if e["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _field_names_at(loc[:-1]), n=1)
-        hint = f" (did you mean '{_describe(loc[:-1] + (close[0],))}'?)" if close else ""
+        parent = _describe(loc[:-1])
+        hint = did_you_mean(str(loc[-1]), _field_names_at(loc[:-1]), prefix=f"{parent}." if parent else "")
         return f"config: unknown key '{key}'{hint}"
     if e["type"] == "missing":
         return f"config: '{key}' is required"

@@ -9,14 +9,21 @@ and later epochs read the decoded pixels back from disk (the page cache, in prac
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from job import logs
+from job.files import atomic_path
+
+# The job checks image sizes itself (data.max_image_pixels) from the header, before any decoding.
+Image.MAX_IMAGE_PIXELS = None
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -32,21 +39,44 @@ def decode_and_resize(encoded: tf.Tensor, image_size: tuple[int, int]) -> tf.Ten
     return tf.ensure_shape(image, [*image_size, 3])
 
 
-def find_undecodable(paths: list[str]) -> list[str]:
-    """Paths that TensorFlow's own decoders cannot read, found in one parallel pass.
+def image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header without decoding it; None if the header is unreadable."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError):
+        return None
 
-    Using the decoders that training uses means a file that passes here cannot fail mid-epoch.
-    """
+
+def find_bad(paths: list[str], max_pixels: int) -> dict[str, str]:
+    """{path: reason} for images the job cannot train on: larger than `max_pixels` (from the header,
+    so a huge image is never decoded) or not decodable by TensorFlow's own decoders (the ones training
+    uses, so a file that passes here cannot fail mid-epoch)."""
+    bad = {}
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(image_size, paths))
+    for path, size in zip(paths, sizes):
+        if size is not None and size[0] * size[1] > max_pixels:
+            bad[path] = (f"too large: {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels "
+                         f"(data.max_image_pixels {max_pixels:,})")
+    rest = [p for p in paths if p not in bad]
+    for path in find_undecodable(rest):
+        bad[path] = "cannot be decoded"
+    return bad
+
+
+def find_undecodable(paths: list[str]) -> list[str]:
+    """Paths that TensorFlow's decoders cannot read, found in one parallel pass."""
     if not paths:
         return []
 
-    def probe(i, path):
+    def probe(index, path):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return i, tf.shape(image)[0]
+        return index, tf.shape(image)[0]
 
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
     ds = ds.map(probe, num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
-    good = {int(i) for i, _ in ds.batch(1024).as_numpy_iterator() for i in i}
+    good = {int(index) for batch, _ in ds.batch(1024).as_numpy_iterator() for index in batch}
     return [p for i, p in enumerate(paths) if i not in good]
 
 
@@ -97,14 +127,12 @@ def cache_images(paths: list[str], image_size: tuple[int, int], cache_dir: Path)
         logs.get().warning("image cache skipped: not enough free disk, decoding every epoch",
                            folder=str(cache_dir), needed_bytes=need, free_bytes=free)
         return None
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     # Written with plain writes, not through a memory map: the rows never count as this process's memory.
-    with open(tmp, "wb") as f:
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
                                                  "shape": (len(paths), h, w, 3)})
         for images, _ in image_dataset(paths, np.zeros(len(paths), np.int32), image_size, 64):
             f.write(tf.cast(tf.round(images), tf.uint8).numpy().tobytes())
-    os.replace(tmp, out)
     return out
 
 
@@ -150,28 +178,34 @@ def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
     return ds.prefetch(AUTOTUNE)
 
 
-def extract_features(feature_model, paths: list[str], image_size: tuple[int, int], out: Path,
-                     batch_size: int = 64, cache_dir: Path | None = None) -> np.ndarray:
-    """Run the frozen base once over un-augmented images; features go to a .npy file on disk.
+def cached_features(extractor, paths: list[str], key: list, folder: Path, image_cache: Path | None,
+                    batch_size: int = 64) -> np.ndarray | None:
+    """The frozen base's features of `paths` (memory-mapped [n, dim] float32), beside the image cache.
 
-    With `cache_dir` the images come through the image cache (`image_dataset`), built here once and
-    read again by the fine-tuning phase instead of decoding every image a second time.
-
-    The file is memory-mapped back, so the head phase never holds every feature in RAM.
+    Run once over un-augmented images read through the image cache (which fine-tuning then reuses:
+    one decode pass) and kept on disk, so a run resumed on the same disk reuses them. The file name
+    carries a digest of `key` (backbone, weights, image size) and of the files and their sizes, so
+    changed inputs never meet stale features.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    extract = tf.function(lambda x: feature_model(x, training=False))
-    dim = int(feature_model.output.shape[-1])
-    tmp = out.with_suffix(".part.npy")
-    features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(paths), dim))
-    start = 0
-    for images, _ in image_dataset(paths, [0] * len(paths), image_size, batch_size, cache_dir=cache_dir):
-        batch = extract(images).numpy()
-        features[start : start + len(batch)] = batch
-        start += len(batch)
-    features.flush()
-    del features
-    tmp.replace(out)
+    if not paths:
+        return None
+    digest = hashlib.sha256(json.dumps([key, [(p, os.path.getsize(p)) for p in paths]]).encode()).hexdigest()[:16]
+    out = Path(folder) / f"features-{digest}.npy"
+    if out.exists():  # written under a temporary name and renamed, so it is complete
+        logs.get().info("reusing cached features", file=str(out))
+        return np.load(out, mmap_mode="r")
+    extract = tf.function(lambda x: extractor(x, training=False))
+    size = tuple(extractor.input.shape[1:3])
+    with atomic_path(out) as tmp:
+        features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                             shape=(len(paths), int(extractor.output.shape[-1])))
+        start = 0
+        for images, _ in image_dataset(paths, [0] * len(paths), size, batch_size, cache_dir=image_cache):
+            batch = extract(images).numpy()
+            features[start : start + len(batch)] = batch
+            start += len(batch)
+        features.flush()
+        del features
     return np.load(out, mmap_mode="r")
 
 

@@ -25,8 +25,11 @@ class Cluster:
     num_workers: int
     mixed_precision: bool
     xla: bool = False  # compile the training step with XLA (GPUs only: on CPU it is 5-8x slower)
-    # Mean of a Python float over all workers (identity on one worker): decisions every worker shares.
-    agree: Callable[[float], float] = float
+    # Decisions every worker must share take one collective on every worker, whatever the values:
+    # `mean` averages floats over the workers, `gather` returns every worker's integers exactly
+    # (int64). On one worker both are the identity.
+    mean: Callable[[list[float]], list[float]] = list
+    gather: Callable[[list[int]], list[list[int]]] = lambda values: [list(values)]  # noqa: E731 (one worker)
 
     @property
     def is_chief(self) -> bool:
@@ -93,10 +96,23 @@ def setup(strategy: str, cpu_replicas: int, mixed_precision: str | bool, connect
         dist = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     cluster = Cluster(dist, kind, worker_index, num_workers, use_mp, xla=bool(gpus))
     if num_workers > 1:
-        mean = tf.function(
-            lambda v: dist.reduce(tf.distribute.ReduceOp.MEAN, dist.run(tf.identity, args=(v,)), axis=None))
-        cluster.agree = lambda value: float(mean(tf.constant(value, tf.float32)))
+        _collectives(tf, cluster)
     return cluster
+
+
+def _collectives(tf, cluster: Cluster) -> None:
+    dist = cluster.strategy
+    mean = tf.function(
+        lambda v: dist.reduce(tf.distribute.ReduceOp.MEAN, dist.run(tf.identity, args=(v,)), axis=None))
+    gather = tf.function(lambda v: dist.gather(dist.run(tf.identity, args=(v,)), axis=0))
+    per_worker = cluster.replicas // cluster.num_workers
+
+    def gather_ints(values: list[int]) -> list[list[int]]:
+        rows = gather(tf.constant([values], tf.int64)).numpy()  # one row per replica, a worker's alike
+        return [[int(x) for x in row] for row in rows[::per_worker]]
+
+    cluster.mean = lambda values: [float(x) for x in mean(tf.constant(values, tf.float64)).numpy()]
+    cluster.gather = gather_ints
 
 
 _WATCHDOG = """

@@ -40,3 +40,11 @@ class Preempted(JobError):
 def exit_code_for(exc: BaseException) -> int:
     """Exit code of the contract for any exception: typed errors carry theirs, the rest is 1."""
     return exc.exit_code if isinstance(exc, JobError) else 1
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """' (did you mean 'x'?)' for the closest of `choices`, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""

@@ -212,7 +212,8 @@ def start(
             # Training matters more than its metrics: go on without /metrics, loudly.
             log.warning("metrics_server_failed", host=host, port=port, error=str(exc))
         else:
-            log.info("metrics_serving", url=f"http://{host}:{_run.server.server_port}/metrics")
+            shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # all interfaces: this one works
+            log.info("metrics_serving", url=f"http://{shown}:{_run.server.server_port}/metrics", bind=host)
     if pushgateway:
         _run.pusher = threading.Thread(target=_push_periodically, args=(_run,), name="pusher", daemon=True)
         _run.pusher.start()

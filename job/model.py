@@ -9,13 +9,12 @@ pooled features, which lets phase 1 train it on cached features and phase 2 carr
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 import keras
 
 from job import backbones
-from job.errors import ConfigError, StorageError
+from job.errors import ConfigError, StorageError, did_you_mean
 
 
 @keras.saving.register_keras_serializable(package="finetune_job")
@@ -124,8 +123,7 @@ def check_unfreeze(base: keras.Model, unfreeze: int | str, backbone: str) -> int
         return unfreeze
     names = [layer.name for layer in layers]
     if unfreeze not in names:
-        close = difflib.get_close_matches(unfreeze, names, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(unfreeze, names)
         raise ConfigError(f"config: train.finetune.unfreeze: {backbone} has no layer '{unfreeze}'{hint}")
     return len(layers) - names.index(unfreeze)
 

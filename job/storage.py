@@ -22,6 +22,7 @@ from pathlib import Path
 
 from job import metrics
 from job.errors import StorageError
+from job.files import atomic_path, write_text
 
 DOWNLOAD_THREADS = 32
 STREAM_ATTEMPTS = 5
@@ -164,9 +165,7 @@ class S3Store:
         """
         from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
 
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{threading.get_ident()}.part")
-        with storage_errors(f"downloading {join(self.uri, rel)}"):
+        with storage_errors(f"downloading {join(self.uri, rel)}"), atomic_path(dest) as tmp:
             for attempt in range(1, STREAM_ATTEMPTS + 1):
                 body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]  # botocore retries
                 try:
@@ -178,7 +177,6 @@ class S3Store:
                     if attempt == STREAM_ATTEMPTS:
                         raise
                     time.sleep(min(20.0, random.uniform(0, 2**attempt)))
-        os.replace(tmp, dest)
         size = dest.stat().st_size
         metrics.s3_bytes_downloaded(size)
         return size
@@ -186,6 +184,51 @@ class S3Store:
     def upload(self, src: Path, rel: str) -> None:
         with storage_errors(f"uploading {join(self.uri, rel)}"):
             self.client.upload_file(str(src), self.bucket, self._key(rel), Callback=metrics.s3_bytes_uploaded)
+
+    # ------------------------------------------------------------ conditional writes (job.lease)
+
+    def put_new(self, rel: str, data: bytes) -> str | None:
+        """Create `rel` only where it does not exist (If-None-Match: *): its ETag, or None if it exists."""
+        return self._put_conditional(rel, data, IfNoneMatch="*")
+
+    def replace(self, rel: str, data: bytes, etag: str) -> str | None:
+        """Overwrite `rel` only while its ETag is still `etag` (If-Match): the new ETag, or None."""
+        return self._put_conditional(rel, data, IfMatch=f'"{etag}"')
+
+    def _put_conditional(self, rel: str, data: bytes, **condition) -> str | None:
+        from botocore.exceptions import ClientError
+
+        with storage_errors(f"writing {join(self.uri, rel)}"):
+            try:
+                reply = self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **condition)
+            except ClientError as e:
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status in (409, 412) or e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None  # the condition did not hold (or a concurrent conditional write won)
+                if status == 501:
+                    raise ConditionalWritesUnsupported(f"{self.uri}: no conditional writes") from None
+                raise
+        metrics.s3_bytes_uploaded(len(data))
+        return reply["ETag"].strip('"')
+
+    def stat(self, rel: str) -> tuple[str, float] | None:
+        """(ETag, seconds since it was last written by the server's own clock), or None if absent."""
+        from botocore.exceptions import ClientError
+
+        with storage_errors(f"checking {join(self.uri, rel)}"):
+            try:
+                reply = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+        import datetime as dt
+        import email.utils
+
+        now = email.utils.parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+        written = reply["LastModified"]
+        now, written = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc) for t in (now, written))
+        return reply["ETag"].strip('"'), max(0.0, (now - written).total_seconds())
 
     def read(self, rel: str) -> bytes:
         with storage_errors(f"reading {join(self.uri, rel)}"):
@@ -227,9 +270,6 @@ class LocalStore:
     def exists(self, rel: str) -> bool:
         return (self.root / rel).exists()
 
-    def path(self, rel: str) -> Path:
-        return self.root / rel
-
     def download(self, rel: str, dest: Path) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with storage_errors(f"copying {self.root / rel}"):
@@ -238,11 +278,36 @@ class LocalStore:
 
     def upload(self, src: Path, rel: str) -> None:
         dest = self.root / rel
-        with storage_errors(f"writing {dest}"):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.part")
+        with storage_errors(f"writing {dest}"), atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+
+    def put_new(self, rel: str, data: bytes) -> str | None:
+        path = self.root / rel
+        with storage_errors(f"writing {path}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return str(path.stat().st_mtime_ns)
+
+    def replace(self, rel: str, data: bytes, etag: str) -> str | None:
+        path = self.root / rel
+        found = self.stat(rel)
+        if found is None or found[0] != etag:
+            return None
+        with storage_errors(f"writing {path}"), atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+        return str(path.stat().st_mtime_ns)
+
+    def stat(self, rel: str) -> tuple[str, float] | None:
+        try:
+            st = (self.root / rel).stat()
+        except FileNotFoundError:
+            return None
+        return str(st.st_mtime_ns), max(0.0, time.time() - st.st_mtime)
 
     def read(self, rel: str) -> bytes:
         with storage_errors(f"reading {self.root / rel}"):
@@ -259,6 +324,10 @@ class LocalStore:
 
 
 Store = S3Store | LocalStore
+
+
+class ConditionalWritesUnsupported(StorageError):
+    """The storage rejects If-None-Match / If-Match writes (job.lease then warns and goes on)."""
 
 
 def open_store(uri: str, endpoint: str = "") -> Store:
@@ -300,9 +369,7 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
     if progress and stats["reused"]:
         progress(stats["reused"])
     def save_index():
-        tmp = index_path.with_name(f"{INDEX_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, index_path)
+        write_text(index_path, json.dumps(index))
 
     pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage")
     ok = False

@@ -151,7 +151,8 @@ def main() -> int:
         "data": {"uri": f"s3://{BUCKET}/datasets/shapes", "image_size": [SIZE, SIZE], "cache_dir": str(WORK / "cache")},
         "model": {"backbone": "mobilenet_v2", "weights": f"s3://{BUCKET}/weights/{weights.name}"},
         "output": {"uri": f"s3://{BUCKET}/models/shapes"},
-        "metrics": {"port": extra["metrics_port"], "pushgateway": extra.get("pushgateway", ""), "linger_seconds": 3},
+        "metrics": {"port": extra["metrics_port"], "host": "127.0.0.1", "pushgateway": extra.get("pushgateway", ""),
+                    "linger_seconds": 3},
     }, sort_keys=False))
     say(f"finetune-job train --config {config.relative_to(ROOT)}")
     rc = subprocess.run([str(BIN / "finetune-job"), "train", "--config", str(config)], env=env).returncode
@@ -180,7 +181,8 @@ def main() -> int:
     print(f"  test accuracy   {metrics['test']['accuracy']:.3f}  (validation {metrics['validation']['accuracy']:.3f})")
     print(f"  artifacts       {artifacts}/  (S3 endpoint {endpoint})")
     print(f"  local copy      {local}/")
-    print(f"  metrics         {local / 'metrics.json'}, {local / 'curves.png'}, {local / 'confusion_matrix.png'}")
+    print(f"  reports         {local / 'metrics.json'}, {local / 'curves.png'}, {local / 'confusion_matrix.png'}")
+    print(f"  /metrics        http://127.0.0.1:{extra['metrics_port']}/metrics  (while the job ran)")
     if "prometheus" in extra:
         print(f"  Prometheus      {extra['prometheus']}  (query finetune_job_val_accuracy; "
               f"stop with: kill {extra.get('prometheus_pid', '$(docker compose ps -q prometheus)')})")

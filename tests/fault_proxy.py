@@ -2,7 +2,9 @@
 500/503 (S3's SlowDown) or a reset connection, and relays the rest unchanged.
 
 A given request (method + path) fails at most `max_faults_per_request` times in a row, so a client
-that retries a few times always gets through: the test is about retries, not luck.
+that retries a few times always gets through: the test is about retries, not luck. `drop_headers`
+removes request headers on the way (say, the conditions of conditional writes: a storage that
+ignores them).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, share: float = 0.15, seed: int = 0, max_faults_per_request: int = 2):
+    def __init__(self, upstream: str, share: float = 0.15, seed: int = 0, max_faults_per_request: int = 2,
+                 drop_headers: tuple[str, ...] = ()):
         self.upstream = urllib.parse.urlsplit(upstream)
         self.share = share
         self.rng = random.Random(seed)
@@ -67,7 +70,8 @@ class FaultProxy:
                     self.wfile.write(payload)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                dropped = {"transfer-encoding", *(h.lower() for h in drop_headers)}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()

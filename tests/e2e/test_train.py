@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import SIZE, run_cli, write_config
+from conftest import SIZE, png_header_only, run_cli, write_config
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -32,6 +32,10 @@ def trained(s3, sample_data, base_weights, tmp_path_factory):
     gray.save(buf, "PNG")
     s3.client.put_object(Bucket=bucket, Key="datasets/shapes/train/circle/gray.png", Body=buf.getvalue())
     s3.client.put_object(Bucket=bucket, Key="datasets/shapes/train/square/corrupt.jpg", Body=b"\xff\xd8not a jpeg")
+    # A 25000x25000 PNG, as far as its header says: judged too large from the header, never decoded.
+    huge = tmp_path_factory.mktemp("huge") / "huge.png"
+    png_header_only(huge, 25000, 25000)
+    s3.client.upload_file(str(huge), bucket, "datasets/shapes/train/triangle/huge.png")
     s3.client.upload_file(str(base_weights), bucket, "weights/mobilenet_v2_32.weights.h5")
 
     tmp = tmp_path_factory.mktemp("e2e")
@@ -56,8 +60,10 @@ def test_train_succeeds_and_logs_json(trained):
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     records = result.records()
     assert records and all(r.get("run_id") == "e2e" for r in records)
-    skipped = [r for r in records if r["event"] == "undecodable image skipped"]
-    assert [r["file"].rsplit("/", 2)[-2:] for r in skipped] == [["square", "corrupt.jpg"]]
+    skipped = {r["file"].split("/shapes/", 1)[1]: r["reason"] for r in records if r["event"] == "bad image skipped"}
+    assert skipped == {"train/square/corrupt.jpg": "cannot be decoded",
+                       "train/triangle/huge.png": "too large: 25000x25000 = 625,000,000 pixels "
+                                                  "(data.max_image_pixels 90,000,000)"}
     strategy = next(r for r in records if r["event"] == "strategy ready")
     assert strategy["replicas"] == 2 and strategy["strategy"] == "mirrored"
     summary = records[-1]
@@ -79,10 +85,13 @@ def test_every_artifact_is_in_storage(trained, s3):
     assert manifest["versions"]["tensorflow"] and manifest["classes"] == ["circle", "square", "triangle"]
     counts = manifest["dataset"]["counts"]
     assert counts["test"] == {"circle": 10, "square": 10, "triangle": 10}
-    # 90 images + the gray one; corrupt.jpg dropped
+    # 90 images + the gray one; corrupt.jpg and huge.png dropped
     assert sum(counts["train"].values()) + sum(counts["validation"].values()) == 90 + 1
-    assert manifest["dataset"]["bad_images"] == 1
+    assert manifest["dataset"]["bad_images"] == 2
     assert {"staging_seconds", "head_seconds", "finetune_seconds", "export_seconds"} <= set(manifest["timings"])
+    # Evaluation read validation and test through the image cache: one decoded file per split, none twice.
+    cache = trained["tmp"] / "cache" / "runs" / "e2e" / "worker-0" / "cache"
+    assert len(list(cache.glob("images-*.npy"))) == 3
 
 
 def _get(s3, trained, name) -> bytes:
@@ -148,11 +157,14 @@ def test_validate_prints_counts(trained, s3):
     assert int(rows["square"][0]) + int(rows["square"][1]) == 31  # corrupt.jpg is only found when decoding
 
 
-def test_predict_command_reads_model_and_images_from_s3(trained, s3):
+def test_predict_command_reads_model_and_images_from_s3(trained, s3, tmp_path):
     uri = f"s3://{trained['bucket']}/{trained['prefix']}"
     image = f"s3://{trained['bucket']}/datasets/shapes/test/triangle/triangle_0001.png"
-    out = run_cli("predict", "--model", uri, image, "--top-k", "2", "--json", env=s3.env(), timeout=120)
+    (tmp_path / "tmp").mkdir()
+    out = run_cli("predict", "--model", uri, image, "--top-k", "2", "--json",
+                  env={**s3.env(), "TMPDIR": str(tmp_path / "tmp")}, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []  # the downloaded model is not left behind
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["image"] == image and len(result["top"]) == 2
     assert result["top"][0]["probability"] >= result["top"][1]["probability"]

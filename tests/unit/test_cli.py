@@ -10,7 +10,8 @@ import job
 from job.cli import app
 
 PURE = ["job.cli", "job.config", "job.layout", "job.errors", "job.backbones", "job.storage", "job.pipeline",
-        "job.metrics", "job.logs", "job.evaluate", "job.distribute"]
+        "job.metrics", "job.logs", "job.evaluate", "job.distribute", "job.recipe", "job.runstate", "job.files",
+        "job.lease", "job.predict"]
 
 
 def test_help_lists_commands():

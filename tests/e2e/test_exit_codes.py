@@ -87,7 +87,7 @@ def test_too_many_bad_images_exits_3(tmp_path, sample_data):
     for i in range(5):
         (data / "train" / "circle" / f"broken{i}.png").write_bytes(b"\x89PNG broken")
     cfg = config(tmp_path, str(data), str(tmp_path / "out"))
-    assert_one_line(run_cli("train", "--config", str(cfg)), 3, "5 of 125 images cannot be decoded",
+    assert_one_line(run_cli("train", "--config", str(cfg)), 3, "5 of 125 images are bad", "cannot be decoded",
                     "data.max_bad_fraction")
 
 

@@ -24,6 +24,7 @@ from job import evaluate, logs, metrics, recipe, signals
 from job.checkpoint import Checkpoints
 from job.distribute import Cluster
 from job.errors import ConfigError
+from job.runstate import RunState
 
 log = logs.get()
 
@@ -189,100 +190,83 @@ def validator(model: keras.Model, dataset: tf.data.Dataset | None) -> Callable[[
     return run
 
 
-def new_state() -> dict:
-    """The run state that checkpoints carry (JSON)."""
-    return {"phase": "head", "epoch": 0, "step": 0, "sums": [0.0, 0.0], "best": None, "best_epoch": 0,
-            "patience_used": 0, "history": {"head": [], "finetune": []}}
-
-
 def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Options,
-              ckpt: Checkpoints, state: dict) -> None:
-    """Train one phase with early stopping on `options.metric`, restoring the best epoch's weights.
+              ckpt: Checkpoints, state: RunState) -> None:
+    """Train one phase with early stopping on `options.metric`, then restore the best epoch's weights.
 
-    `state` is the run state; when it names this phase the phase resumes from the fetched
-    checkpoint (epochs done, steps done in the current epoch). It is updated in place.
+    When `state` is partway through this phase (a restored checkpoint), the phase resumes where it was:
+    epochs done, steps done in the current epoch, the optimizer and the best weights so far.
     """
     if phase.epochs <= 0:
         log.info("phase skipped", phase=phase.name, reason="epochs is 0")
         return
-    strategy = cluster.strategy
     steps = max(1, math.ceil(phase.examples / global_batch))
     variables = phase.model.trainable_variables
-    with strategy.scope():
+    with cluster.strategy.scope():
         optimizer = _optimizer(phase.learning_rate, steps * phase.epochs, options, cluster)
         optimizer.build(variables)
-        best_copy = [tf.Variable(v.value, trainable=False) for v in variables]
-    if state["phase"] == phase.name and (state["epoch"] or state["step"]):
-        ckpt.restore(optimizer=optimizer, best=best_copy)
+        best = [tf.Variable(v.value, trainable=False) for v in variables]
+    if state.resumes(phase.name):
+        ckpt.restore(optimizer=optimizer, best=best)
     else:
-        state.update(new_state(), history=state["history"], phase=phase.name)
-    history = state["history"][phase.name]
-    if state["epoch"] >= phase.epochs:  # resumed after this phase's last epoch: only its best weights remain
-        _restore_best(phase, state, variables, best_copy, history)
-        return
-    with strategy.scope():
-        dataset = strategy.distribute_datasets_from_function(phase.dataset_fn)
-    iterator = iter(dataset)
-    step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch, options)
-    metrics.set_phase(phase.name)
-    log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps,
-             from_epoch=state["epoch"] + 1, trainable_weights=len(variables), replicas=cluster.replicas)
+        state.start(phase.name)
+    if state.epoch < phase.epochs:
+        with cluster.strategy.scope():
+            batches = iter(cluster.strategy.distribute_datasets_from_function(phase.dataset_fn))
+        step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch, options)
+        metrics.set_phase(phase.name)
+        log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps,
+                 from_epoch=state.epoch + 1, trainable_weights=len(variables), replicas=cluster.replicas)
 
-    def save():
-        ckpt.save(state, optimizer=optimizer, best=best_copy)
+        def save():
+            ckpt.save(state, optimizer=optimizer, best=best)
 
-    local_images = global_batch // cluster.num_workers
-    while state["epoch"] < phase.epochs:
-        epoch = state["epoch"] + 1
-        metrics.epoch_started(phase.name, epoch, phase.epochs, steps)
-        epoch_start = time.monotonic()
-        with logs.progress(f"{phase.name} epoch {epoch}/{phase.epochs}", steps - state["step"]) as advance:
-            while state["step"] < steps:
-                t0 = time.perf_counter()
-                x, y = next(iterator)
-                waited_for_data = time.perf_counter() - t0
-                loss_sum, correct, stop = step(x, y, tf.constant(float(signals.requested())))
-                # Reading the results waits for the step: the timing is the step's, not its dispatch.
-                state["sums"][0] += float(loss_sum)
-                state["sums"][1] += float(correct)
-                state["step"] += 1
-                metrics.step_done(phase.name, local_images, time.perf_counter() - t0, waited_for_data)
-                advance(1)
-                if float(stop) > 0:
-                    save()
-                    raise signals.stopped(f"in {phase.name} epoch {epoch} after step {state['step']}, checkpoint saved")
-                if options.every_steps and state["step"] % options.every_steps == 0 and state["step"] < steps:
-                    save()
-        seen = steps * global_batch
-        record = {"epoch": epoch, "loss": state["sums"][0] / seen, "accuracy": state["sums"][1] / seen,
-                  "seconds": round(time.monotonic() - epoch_start, 3)}
-        val = phase.validate()
-        if val is not None:
-            record["val_loss"], record["val_accuracy"] = val
-        history.append(record)
-        metrics.epoch_done(phase.name, epoch, train_loss=record["loss"], train_accuracy=record["accuracy"],
-                           val_loss=record.get("val_loss", math.nan), val_accuracy=record.get("val_accuracy", math.nan))
-        log.info("epoch done", phase=phase.name, **record)
-
-        # Without validation data, early stopping watches the training loss and accuracy.
-        monitored = tuple(cluster.agree(record.get(k, record[k.removeprefix("val_")]))
-                          for k in ("val_loss", "val_accuracy"))
-        state.update(epoch=epoch, step=0, sums=[0.0, 0.0])
-        if recipe.is_better(options.metric, monitored, state["best"]):
-            state.update(best=list(monitored), best_epoch=epoch, patience_used=0)
-            for copy, variable in zip(best_copy, variables):
-                copy.assign(variable.value)
-        else:
-            state["patience_used"] += 1
-            if options.patience and state["patience_used"] >= options.patience:
-                log.info("early stopping", phase=phase.name, epoch=epoch, best_epoch=state["best_epoch"])
-                state["epoch"] = phase.epochs
-        save()
-    _restore_best(phase, state, variables, best_copy, history)
-
-
-def _restore_best(phase: Phase, state: dict, variables, best_copy, history: list[dict]) -> None:
-    if state["best_epoch"] and state["best_epoch"] != len(history):
-        for variable, copy in zip(variables, best_copy):
+        while state.epoch < phase.epochs:
+            record = _train_epoch(phase, cluster, global_batch, steps, batches, step, state, options, save)
+            # Without validation data, early stopping watches the training loss and accuracy.
+            monitored = tuple(cluster.mean([record.get("val_loss", record["loss"]),
+                                            record.get("val_accuracy", record["accuracy"])]))
+            if state.end_epoch(record, monitored, options.metric, options.patience, phase.epochs):
+                for copy, variable in zip(best, variables):
+                    copy.assign(variable.value)
+            elif state.epoch >= phase.epochs and record["epoch"] < phase.epochs:
+                log.info("early stopping", phase=phase.name, epoch=record["epoch"], best_epoch=state.best_epoch)
+            save()
+    if state.best_epoch and state.best_epoch != len(state.history[phase.name]):
+        for variable, copy in zip(variables, best):
             variable.assign(copy.value())
-        log.info("restored best weights", phase=phase.name, best_epoch=state["best_epoch"])
+        log.info("restored best weights", phase=phase.name, best_epoch=state.best_epoch)
+
+
+def _train_epoch(phase: Phase, cluster: Cluster, global_batch: int, steps: int, batches, step, state: RunState,
+                 options: Options, save: Callable[[], None]) -> dict:
+    """The rest of the current epoch (all of it unless resumed mid-epoch), then validation: its record."""
+    epoch = state.epoch + 1
+    metrics.epoch_started(phase.name, epoch, phase.epochs, steps)
+    started = time.monotonic()
+    local_images = global_batch // cluster.num_workers
+    with logs.progress(f"{phase.name} epoch {epoch}/{phase.epochs}", steps - state.step) as advance:
+        while state.step < steps:
+            t0 = time.perf_counter()
+            x, y = next(batches)
+            waited_for_data = time.perf_counter() - t0
+            loss_sum, correct, stop = step(x, y, tf.constant(float(signals.requested())))
+            # Reading the results waits for the step: the timing is the step's, not its dispatch.
+            state.add_step(float(loss_sum), float(correct))
+            metrics.step_done(phase.name, local_images, time.perf_counter() - t0, waited_for_data)
+            advance(1)
+            if float(stop) > 0:
+                save()
+                raise signals.stopped(f"in {phase.name} epoch {epoch} after step {state.step}, checkpoint saved")
+            if options.every_steps and state.step % options.every_steps == 0 and state.step < steps:
+                save()
+    seen = steps * global_batch
+    record = {"epoch": epoch, "loss": state.sums[0] / seen, "accuracy": state.sums[1] / seen,
+              "seconds": round(time.monotonic() - started, 3)}
+    val = phase.validate()
+    if val is not None:
+        record["val_loss"], record["val_accuracy"] = val
+    metrics.epoch_done(phase.name, epoch, train_loss=record["loss"], train_accuracy=record["accuracy"],
+                       val_loss=record.get("val_loss", math.nan), val_accuracy=record.get("val_accuracy", math.nan))
+    log.info("epoch done", phase=phase.name, **record)
+    return record

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import need_tool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 
 

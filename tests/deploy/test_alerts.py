@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import need_tool
 
-ALERTS = Path(__file__).resolve().parents[1] / "helm" / "finetune-job" / "alerts"
+ALERTS = Path(__file__).resolve().parents[2] / "helm" / "finetune-job" / "alerts"
 RULES, TESTS = ALERTS / "rules.yaml", ALERTS / "tests.yaml"
 EXPECTED = {"FinetuneJobStalled", "FinetuneJobFailed", "FinetuneJobDataWaitHigh", "FinetuneJobS3ErrorsRising"}
 

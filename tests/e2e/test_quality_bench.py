@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import need_fashion_mnist
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {"job_default", "keras_seeds_recipe", "job_head_only", "job_weights_none"}
 
 

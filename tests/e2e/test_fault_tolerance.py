@@ -35,6 +35,8 @@ def make_config(path, bucket, run_id, cache, **overrides):
         "train": {"batch_size": 16, "head": {"epochs": 2}, "finetune": {"epochs": 2, "unfreeze": 10},
                   "early_stopping_patience": 0},
         "output": {"uri": f"s3://{bucket}/runs"},
+        # A short lease: a run that died without releasing it is taken over within seconds, not minutes.
+        "checkpoint": {"lease_seconds": 6},
         "metrics": {"port": 0, "linger_seconds": 0},
     }
     for key, value in overrides.items():
@@ -164,7 +166,16 @@ def test_sigterm_in_finetuning_checkpoints_and_the_rerun_resumes(s3, dataset, tm
     keys = s3.keys(dataset, "runs/preempted/")
     assert "runs/preempted/checkpoints/checkpoint" in keys and "runs/preempted/_SUCCESS" not in keys
 
-    again = run_cli("train", "--config", str(cfg), env=s3.env())
+    # The same run resumed with fewer fine-tuning epochs and another unfreeze would export weights that were
+    # never trained as configured: refused, naming the keys, before any training.
+    changed = run_cli("train", "--config", str(cfg), "--set", "train.finetune.epochs=0",
+                      "--set", "train.finetune.unfreeze=5", env=s3.env())
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert "train.finetune.epochs: 3 -> 0; train.finetune.unfreeze: 10 -> 5" in changed.stderr
+    assert "Traceback" not in changed.stderr and changed.stderr.count("finetune-job: error:") == 1
+
+    again = run_cli("train", "--config", str(cfg), "--set", "train.finetune.epochs=3", "--set", "metrics.port=0",
+                    env=s3.env())  # the same values, and a key that is safe to change
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = next(r for r in again.records() if r["event"] == "resuming from checkpoint")
     assert resumed["phase"] == "finetune" and resumed["epochs_done"] == saved["epochs_done"]
@@ -223,25 +234,69 @@ def test_kill_9_during_the_upload_never_looks_complete_and_the_rerun_completes(s
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and job.proc.poll() is None:
         keys = s3.keys(dataset, "runs/killed/")
-        if any(not k.startswith("runs/killed/checkpoints/") for k in keys):
+        if any(not k.startswith(("runs/killed/checkpoints/", "runs/killed/_LEASE")) for k in keys):
             job.proc.kill()
             break
         time.sleep(0.02)
     job.wait(30)
     assert job.proc.returncode == -signal.SIGKILL, "the upload finished before it could be interrupted"
     keys = s3.keys(dataset, "runs/killed/")
-    assert "runs/killed/_SUCCESS" not in keys
+    assert "runs/killed/_SUCCESS" not in keys, keys
+    assert "runs/killed/checkpoints/checkpoint" in keys
     refused = run_cli("predict", "--model", f"s3://{dataset}/runs/killed", "x.png", env=s3.env(), timeout=120)
     assert refused.returncode == 4 and "not a complete run" in refused.stderr
 
     again = run_cli("train", "--config", str(cfg), env=s3.env())
     assert again.returncode == 0, again.stderr[-2000:]
+    # The killed run never released its lease: the rerun waits until it is stale, then takes it over.
+    assert any(r["event"] == "took over a stale lease" for r in again.records())
     resumed = next(r for r in again.records() if r["event"] == "resuming from checkpoint")
     assert resumed["phase"] == "trained"  # nothing is trained twice
     manifest = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/killed/manifest.json")["Body"].read())
     keys = set(s3.keys(dataset, "runs/killed/"))
     assert {f"runs/killed/{name}" for name in manifest["files"]} <= keys
     assert "runs/killed/_SUCCESS" in keys
+
+
+def test_a_second_job_with_the_same_run_id_exits_4_naming_the_holder(s3, dataset, tmp_path):
+    first = Running(make_config(tmp_path / "a.yaml", dataset, "twice", tmp_path / "cache-a",
+                                train={"head": {"epochs": 30}}), s3.env())
+    taken = first.wait_for(lambda r: r["event"] == "lease taken")
+    second = run_cli("train", "--config", str(make_config(tmp_path / "b.yaml", dataset, "twice", tmp_path / "cache-b")),
+                     env=s3.env(), timeout=120)
+    assert second.returncode == 4, second.stderr[-2000:]
+    assert f"is held by {taken['holder']} (" in second.stderr and " s old)" in second.stderr
+    assert second.stderr.count("finetune-job: error:") == 1 and "Traceback" not in second.stderr
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait(60) == 143
+    assert "runs/twice/_LEASE" not in s3.keys(dataset, "runs/twice/")  # released on the way out
+
+
+def test_three_workers_that_see_different_datasets_all_exit_3(s3, sample_data, base_weights, tmp_path):
+    """Worker 1's training count equals the mean of the three: with a float mean taken per split it ran one
+    all-reduce more than the others and the run hung. One exact all-gather on every worker instead."""
+    import shutil
+
+    bucket = s3.bucket()
+    s3.client.upload_file(str(base_weights), bucket, "weights/base.weights.h5")
+    ports = free_ports(3)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(3):
+        data = tmp_path / f"data{index}"
+        shutil.copytree(sample_data, data)
+        for extra in range(index):  # 90 + 0, 1, 2 training images
+            shutil.copy(data / "train/circle/circle_0000.png", data / f"train/circle/extra_{extra}.png")
+        cfg = make_config(tmp_path / f"w{index}.yaml", bucket, "three", tmp_path / f"cache{index}",
+                          data={"uri": str(data), "validation_split": 0.0}, train={"batch_size": 18},
+                          distribution={"connect_timeout_seconds": 120})
+        env = {**s3.env(), "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        procs.append(Running(cfg, env))
+    codes = [p.wait(300) for p in procs]
+    assert codes == [3, 3, 3], [p.stderr[-1500:] for p in procs]
+    for p in procs:
+        assert "the workers see different datasets" in p.stderr
+        assert "[[90, 0, 30], [91, 0, 30], [92, 0, 30]]" in p.stderr
 
 
 def test_runs_never_touch_each_others_prefixes(s3, dataset):

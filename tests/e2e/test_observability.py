@@ -19,7 +19,7 @@ import pytest
 from conftest import SIZE, need_tool, run_cli, write_config
 from servers import PROMETHEUS, PUSHGATEWAY, free_port, prometheus, pushgateway, static_scrape
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "helm" / "finetune-job" / "alerts" / "rules.yaml"
 SCRAPED = "finetune-job-pods"  # `job` label of the series scraped from the job
 PUSHED = "finetune-job"  # `job` label of the series pushed through the Pushgateway (its grouping key)

@@ -22,7 +22,7 @@ import helm_python
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import helm_lint  # noqa: E402  (scripts/ is not a package)
 
 CHART = helm_lint.CHART
@@ -223,7 +223,10 @@ def test_values_schema_config_has_the_keys_of_the_jobs_config() -> None:
 def test_rendered_config_is_accepted_by_the_job(value_set: str, tmp_path: Path) -> None:
     from job import config
 
-    manifests = render(VALUE_SETS[value_set])
+    # A small float: Helm's toYaml writes 1e-5 as 1e-05, which YAML 1.1 reads as a string.
+    values = {**(VALUE_SETS[value_set] or {})}
+    values["config"] = {**values.get("config", {}), "train": {"finetune": {"learning_rate": 1e-5}}}
+    manifests = render(values)
     path = tmp_path / "config.yaml"
     path.write_text(job_config(manifests))
     env = {k: v for k, v in env_of(job_container(manifests)).items() if isinstance(v, str)}

@@ -1,0 +1,32 @@
+"""Local files written safely: a temporary name beside the destination, renamed onto it when complete.
+
+A reader (a resumed run, another worker, tf.data) never sees a half-written file, and a failed write
+leaves nothing behind under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; on success it becomes `dest`, on failure it is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden, and unique per process and thread: parallel writers of one file never share a temporary.
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{threading.get_ident()}.part")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(dest: Path, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text)

@@ -1,0 +1,139 @@
+"""One writer per run: a lease object under the run's output prefix, taken with a conditional write.
+
+Two Jobs started with the same run_id would otherwise write over each other's checkpoints and
+artifacts. The chief takes `<output.uri>/<run_id>/_LEASE` with `If-None-Match: *` (AWS S3, MinIO and
+the test server honour it), renews it every `checkpoint.lease_seconds / 6` with `If-Match` on its
+own ETag, and deletes it when the run ends, whatever the reason (a SIGTERM-ed pod's successor takes
+it at once).
+
+A lease that exists is alive if it is renewed: the newcomer watches it for up to one renewal interval.
+Renewed -> another run holds it: exit 4 naming the holder and the lease's age. Not renewed for
+`checkpoint.lease_seconds` (by the storage server's clock) -> its holder died without letting go
+(kill -9, a lost node): the newcomer takes it over with `If-Match`, so of two newcomers only one can.
+Storage that ignores or rejects conditional writes gets a warning, and the run goes on without a lease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+from job import logs
+from job.errors import StorageError
+from job.storage import ConditionalWritesUnsupported, Store
+
+NAME = "_LEASE"
+log = logs.get()
+
+
+class Lease:
+    def __init__(self, store: Store, run_id: str, seconds: float):
+        self.store = store
+        self.run_id = run_id
+        self.seconds = seconds  # a lease not renewed for this long is taken over
+        self.renew_every = seconds / 6
+        self.holder = f"{socket.gethostname()}/pid-{os.getpid()}"
+        self.acquired = time.time()
+        self.etag: str | None = None  # ours while we hold it
+        self.lost: str | None = None  # why we no longer hold it
+        self.unsupported = False  # the storage ignores conditional writes: no lease, only a warning
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"holder": self.holder, "run_id": self.run_id, "acquired": self.acquired,
+                           "renewed": time.time()}).encode()
+
+    # ------------------------------------------------------------ taking it
+
+    def acquire(self) -> None:
+        """Take the lease or raise StorageError (exit 4) naming the live holder."""
+        try:
+            self.etag = self.store.put_new(NAME, self._body())
+            # A second create-if-absent must fail; where it succeeds too, the storage ignores the condition.
+            if self.etag is not None and self.store.put_new(NAME, self._body()) is not None:
+                return self._unsupported()
+        except ConditionalWritesUnsupported:
+            return self._unsupported()
+        if self.etag is not None:
+            return self._start()
+        self._wait_or_take_over()
+
+    def _unsupported(self) -> None:
+        self.etag, self.unsupported = None, True
+        log.warning("storage does not honour conditional writes: two runs with this run_id would not be "
+                    "detected", lease=f"{self.store.uri}/{NAME}")
+
+    def _wait_or_take_over(self) -> None:
+        """Someone's lease is there: watch it until it is renewed (a live holder) or goes stale."""
+        seen = self.store.stat(NAME)
+        # Ages come from whole-second timestamps (HTTP Date, S3 LastModified): allow for their rounding.
+        deadline = time.monotonic() + self.seconds + self.renew_every + 5
+        while time.monotonic() < deadline:
+            if seen is None:  # released meanwhile
+                self.etag = self.store.put_new(NAME, self._body())
+            elif seen[1] > self.seconds:
+                self.etag = self.store.replace(NAME, self._body(), seen[0])
+                if self.etag is not None:
+                    log.warning("took over a stale lease", lease=f"{self.store.uri}/{NAME}",
+                                seconds_since_renewed=round(seen[1]))
+            if self.etag is not None:
+                return self._start()
+            time.sleep(min(2.0, self.renew_every / 2))
+            now = self.store.stat(NAME)
+            if seen is not None and now is not None and now[0] != seen[0]:
+                raise self._held_by_another()
+            seen = now
+        raise self._held_by_another()
+
+    def _held_by_another(self) -> StorageError:
+        try:
+            info = json.loads(self.store.read(NAME))
+            age = f"{time.time() - float(info['acquired']):.0f} s old"
+            holder = info.get("holder", "unknown")
+        except (StorageError, ValueError, KeyError, TypeError):
+            holder, age = "unknown", "age unknown"
+        return StorageError(f"run {self.run_id} is being written by another run: its lease {self.store.uri}/{NAME} "
+                            f"is held by {holder} ({age}); use another run_id, or stop that run")
+
+    # ------------------------------------------------------------ holding it
+
+    def _start(self) -> None:
+        log.info("lease taken", lease=f"{self.store.uri}/{NAME}", holder=self.holder)
+        self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            try:
+                etag = self.store.replace(NAME, self._body(), self.etag)
+            except StorageError as e:
+                log.warning("lease renewal failed, will retry", reason=str(e))
+                continue
+            if etag is None:
+                self.lost = "another run took over this run's lease (it was not renewed in time)"
+                log.error("lease lost", reason=self.lost)
+                return
+            self.etag = etag
+
+    def check(self) -> None:
+        """Raise StorageError (exit 4) if the lease was lost: nothing more may be written."""
+        if self.lost:
+            raise StorageError(f"run {self.run_id}: {self.lost}; stopping before writing over it")
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease if it is still ours."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+        if (self.etag is None or self.lost) and not self.unsupported:
+            return
+        try:
+            current = self.store.stat(NAME)
+            if current is not None and (self.unsupported or current[0] == self.etag):
+                self.store.delete([NAME])
+        except StorageError as e:
+            log.warning("lease not released; it expires by itself", reason=str(e), seconds=self.seconds)

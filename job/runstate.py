@@ -1,0 +1,104 @@
+"""The run state that checkpoints carry: where training is, what it has seen, and for which config.
+
+Pure logic (no TensorFlow): the training loop changes it through its methods, the checkpoints store
+it as JSON next to the weights, and a resumed run reads it back and checks that its config still
+fits the one the checkpoint was trained with (`config_changes`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from job import recipe
+
+PHASES = ("head", "finetune")
+
+# Keys that may change between attempts of one run: where things go and how they are watched, the
+# hardware (a retried pod may land on another node), and the epoch budgets upwards (epochs added).
+SAFE_TO_CHANGE = ("run_id", "output.", "checkpoint.", "metrics.", "s3.", "distribution.", "data.cache_dir",
+                  "data.max_bad_fraction", "data.max_image_pixels", "export.")
+MAY_GROW = ("train.head.epochs", "train.finetune.epochs")
+
+
+@dataclass
+class RunState:
+    phase: str = "head"  # head | finetune | trained
+    epoch: int = 0  # epochs done in `phase`
+    step: int = 0  # steps done in the current epoch
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # loss and correct of the partial epoch
+    best: list[float] | None = None  # (val_loss, val_accuracy) of the best epoch so far
+    best_epoch: int = 0
+    patience_used: int = 0
+    history: dict[str, list[dict]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    config: dict[str, Any] = field(default_factory=dict)  # the training-relevant config, flattened
+
+    # ------------------------------------------------------------ JSON
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RunState:
+        return cls(**json.loads(text))
+
+    # ------------------------------------------------------------ transitions
+
+    def resumes(self, phase: str) -> bool:
+        """This state is partway through `phase` (a checkpoint of it was restored)."""
+        return self.phase == phase and (self.epoch > 0 or self.step > 0)
+
+    def start(self, phase: str) -> None:
+        """Begin `phase` from its first epoch; the history of earlier phases stays."""
+        self.phase, self.epoch, self.step, self.sums = phase, 0, 0, [0.0, 0.0]
+        self.best, self.best_epoch, self.patience_used = None, 0, 0
+
+    def add_step(self, loss_sum: float, correct: float) -> None:
+        self.sums[0] += loss_sum
+        self.sums[1] += correct
+        self.step += 1
+
+    def end_epoch(self, record: dict, monitored: tuple[float, float], metric: str, patience: int,
+                  epochs: int) -> bool:
+        """Record a finished epoch; True when it is the best so far. Early stopping ends the phase's
+        epochs when `patience` epochs in a row were not better."""
+        self.history[self.phase].append(record)
+        self.epoch, self.step, self.sums = record["epoch"], 0, [0.0, 0.0]
+        if recipe.is_better(metric, monitored, self.best):
+            self.best, self.best_epoch, self.patience_used = list(monitored), self.epoch, 0
+            return True
+        self.patience_used += 1
+        if patience and self.patience_used >= patience:
+            self.epoch = epochs
+        return False
+
+    def finish(self) -> None:
+        """Training is over: evaluation and export can be redone from here without training again."""
+        self.phase, self.epoch, self.step = "trained", 0, 0
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not (prefix + key).startswith("train.class_weight"):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def training_config(config: dict) -> dict[str, Any]:
+    """The flattened config minus the keys that are safe to change between attempts."""
+    return {k: v for k, v in flatten(config).items() if not k.startswith(SAFE_TO_CHANGE)}
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each training-relevant key that differs; epochs may only grow."""
+    changes = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if old == new or (key in MAY_GROW and isinstance(old, int) and isinstance(new, int) and new > old):
+            continue
+        changes.append(f"{key}: {old!r} -> {new!r}")
+    return changes

@@ -1,0 +1,100 @@
+"""Images on local disk -> batches: the bad-image check (too large from the header, undecodable), the
+image cache, the cached features, and classification reports. TensorFlow on one CPU, tiny data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import png_header_only
+
+tf = pytest.importorskip("tensorflow")
+
+from job import dataset, evaluate  # noqa: E402
+from job.sample_data import write_sample_dataset  # noqa: E402
+
+
+def test_bad_images_are_named_with_the_reason(tmp_path):
+    write_sample_dataset(tmp_path / "data", classes=2, per_class=3, size=32, seed=0, test_per_class=0)
+    good = sorted(str(p) for p in (tmp_path / "data").rglob("*.*"))
+    huge, broken, small_but_over = tmp_path / "huge.png", tmp_path / "broken.jpg", tmp_path / "over.png"
+    png_header_only(huge, 25000, 25000)
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    from PIL import Image
+
+    Image.new("RGB", (200, 100)).save(small_but_over)
+    bad = dataset.find_bad(good + [str(huge), str(broken), str(small_but_over)], max_pixels=10_000)
+    assert bad == {
+        str(huge): "too large: 25000x25000 = 625,000,000 pixels (data.max_image_pixels 10,000)",
+        str(small_but_over): "too large: 200x100 = 20,000 pixels (data.max_image_pixels 10,000)",
+        str(broken): "cannot be decoded",
+    }
+    assert dataset.find_bad(good + [str(small_but_over)], max_pixels=90_000_000) == {}
+
+
+def test_image_cache_gives_the_decoded_images(tmp_path):
+    """Decoded pixels cached on disk feed training the same images and labels as decoding every epoch:
+    within 8-bit rounding, in evaluation order and shuffled."""
+    write_sample_dataset(tmp_path / "data", classes=2, per_class=9, size=40, seed=1, test_per_class=0)
+    paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.*"))
+    ids = list(range(len(paths)))  # one label per image identifies it
+    size = (24, 32)
+    decoded = {int(y): x for xs, ys in dataset.image_dataset(paths, ids, size, 5)
+               for x, y in zip(xs.numpy(), ys.numpy())}
+
+    cache = tmp_path / "cache"
+    in_order = dataset.image_dataset(paths, ids, size, 5, cache_dir=cache)
+    got = [(int(y), x) for xs, ys in in_order for x, y in zip(xs.numpy(), ys.numpy())]
+    assert [y for y, _ in got] == ids
+    assert all(x.dtype == np.float32 and x.shape == (*size, 3) for _, x in got)
+    assert max(float(np.abs(x - decoded[y]).max()) for y, x in got) <= 0.5
+    assert len(list(cache.glob("*.npy"))) == 1
+
+    def pairs(ds):
+        out = []
+        for xs, ys in ds:
+            for x, y in zip(xs.numpy(), ys.numpy()):
+                assert float(np.abs(x - decoded[int(y)]).max()) <= 0.5
+                out.append(int(y))
+        return out
+
+    seen = pairs(dataset.image_dataset(paths, ids, size, 4, shuffle=True, seed=3, cache_dir=cache))
+    assert sorted(seen) == ids and seen != ids  # one epoch: a permutation, not the files' order
+    repeated = dataset.image_dataset(paths, ids, size, 4, shuffle=True, seed=3, repeat=True, cache_dir=cache)
+    assert len(pairs(repeated.take(math.ceil(2 * len(paths) / 4)))) == 4 * math.ceil(2 * len(paths) / 4)
+    assert len(list(cache.glob("*.npy"))) == 1  # reused, not rebuilt
+    assert not list(cache.glob(".*"))  # no temporary left behind
+
+
+def test_cached_features_are_computed_once_and_batched_with_their_labels(tmp_path):
+    write_sample_dataset(tmp_path / "data", classes=2, per_class=5, size=32, seed=2, test_per_class=0)
+    paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.*"))
+    inputs = tf.keras.Input((16, 16, 3))
+    extractor = tf.keras.Model(inputs, tf.keras.layers.GlobalAveragePooling2D()(inputs))  # mean colour
+    first = dataset.cached_features(extractor, paths, ["k"], tmp_path / "cache", tmp_path / "cache")
+    assert first.shape == (10, 3) and len(list((tmp_path / "cache").glob("features-*.npy"))) == 1
+    again = dataset.cached_features(extractor, paths, ["k"], tmp_path / "cache", None)
+    np.testing.assert_array_equal(first, again)
+    other = dataset.cached_features(extractor, paths, ["other weights"], tmp_path / "cache", None)
+    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2 and other.shape == first.shape
+
+    labels = list(range(10))
+    rows = {int(y): x for xs, ys in dataset.feature_dataset(first, labels, 4, shuffle=True, seed=0)
+            for x, y in zip(xs.numpy(), ys.numpy())}
+    assert sorted(rows) == labels
+    for i in labels:
+        np.testing.assert_array_equal(rows[i], first[i])
+
+
+def test_report_counts_and_balanced_accuracy():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    predicted = np.array([0, 0, 0, 1, 1, 0, 2, 2])
+    probs = np.eye(3, dtype=np.float32)[predicted] * 0.98 + 0.01
+    r = evaluate.report(probs, labels, ["a", "b", "c"])
+    assert r["confusion_matrix"] == [[3, 1, 0], [1, 1, 0], [0, 0, 2]]
+    assert r["accuracy"] == pytest.approx(6 / 8)
+    assert r["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2 + 1) / 3)
+    assert r["per_class"]["b"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert r["macro_f1"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)  # a: precision 3/4, recall 3/4
+    assert r["loss"] == pytest.approx(-(6 * np.log(0.99) + 2 * np.log(0.01)) / 8, rel=1e-5)

@@ -1,0 +1,126 @@
+"""The training loop and its checkpoints, driven directly with a tiny model on one CPU device: early
+stopping restores the best epoch, a crashed phase resumes at its next epoch with its optimizer, and
+`Checkpoints` on a local folder ignores stray files, never reuses numbers and restores what it saved."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+import keras  # noqa: E402
+
+from job import dataset, distribute, loop, storage  # noqa: E402
+from job.checkpoint import Checkpoints, number  # noqa: E402
+from job.runstate import RunState  # noqa: E402
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return distribute.setup("one_device", 0, False)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    return x, y
+
+
+def tiny_model(cluster) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    with cluster.strategy.scope():
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+
+
+def phase_of(model, data, epochs: int, validate) -> loop.Phase:
+    x, y = data
+    return loop.Phase("head", model, lambda ctx: dataset.feature_dataset(x, y, BATCH, shuffle=True, seed=1,
+                                                                         repeat=True),
+                      len(y), epochs, 0.05, validate)
+
+
+def checkpoints(model, folder, cluster) -> Checkpoints:
+    return Checkpoints(model, storage.LocalStore(str(folder / "out")), folder / "work", cluster, keep=2)
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path, cluster, data):
+    model = tiny_model(cluster)
+    scripted = iter([1.0, 0.5, 0.8, 0.9, 0.95, 0.97])  # best at epoch 2; patience 2 stops after epoch 4
+    snapshots = []
+
+    def validate():
+        snapshots.append([w.copy() for w in model.get_weights()])
+        return next(scripted), 0.5
+
+    state = RunState()
+    loop.run_phase(phase_of(model, data, 6, validate), cluster, BATCH, loop.Options(patience=2),
+                   checkpoints(model, tmp_path, cluster), state)
+    assert [r["epoch"] for r in state.history["head"]] == [1, 2, 3, 4]
+    assert state.best_epoch == 2 and state.epoch == 6
+    for restored, best in zip(model.get_weights(), snapshots[1]):
+        np.testing.assert_array_equal(restored, best)
+    assert not np.array_equal(model.get_weights()[0], snapshots[3][0])  # epoch 4 trained on
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crashed_phase_resumes_at_its_next_epoch(tmp_path, cluster, data):
+    model = tiny_model(cluster)
+    calls = []
+
+    def crash_in_epoch_3():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Crash  # after epoch 2's checkpoint, before epoch 3's
+        return 1.0 / len(calls), 0.5
+
+    with pytest.raises(Crash):
+        loop.run_phase(phase_of(model, data, 4, crash_in_epoch_3), cluster, BATCH, loop.Options(patience=0),
+                       checkpoints(model, tmp_path, cluster), RunState())
+
+    model = tiny_model(cluster)  # a new process: fresh weights, restored from storage
+    ckpt = checkpoints(model, tmp_path, cluster)
+    state = ckpt.fetch()
+    assert (state.phase, state.epoch, state.step) == ("head", 2, 0)
+    assert ckpt.number == 2
+    seen = []
+    loop.run_phase(phase_of(model, data, 4, lambda: (seen.append(1) or 0.1, 0.5)), cluster, BATCH,
+                   loop.Options(patience=0), ckpt, state)
+    assert len(seen) == 2 and [r["epoch"] for r in state.history["head"]] == [1, 2, 3, 4]
+    assert ckpt.number == 4  # numbering continued after the fetched checkpoint
+
+
+def test_checkpoints_ignore_stray_files_and_restore_what_they_saved(tmp_path, cluster):
+    model = tiny_model(cluster)
+    ckpt = checkpoints(model, tmp_path, cluster)
+    state = RunState(config={"train.seed": 1})
+    state.start("head")
+    ckpt.save(state)
+    saved = [w.copy() for w in model.get_weights()]
+    model.set_weights([np.zeros_like(w) for w in saved])
+    ckpt.restore()  # without a fetch: the checkpoint this run saved
+    for w, s in zip(model.get_weights(), saved):
+        np.testing.assert_array_equal(w, s)
+
+    remote = tmp_path / "out" / "checkpoints"
+    (remote / ".ckpt-7.index.123-456.part").write_bytes(b"half")  # an interrupted copy
+    (remote / "notes.txt").write_text("not a checkpoint")
+    for _ in range(3):
+        ckpt.save(state)
+    fresh = checkpoints(tiny_model(cluster), tmp_path, cluster)
+    assert fresh.fetch() == state and fresh.number == 4
+    names = sorted(p.name for p in remote.iterdir())
+    assert {number(n) for n in names} - {None} == {3, 4}  # keep=2 pruned 1 and 2, left the strays alone
+    assert ".ckpt-7.index.123-456.part" in names and "notes.txt" in names
+
+
+def test_checkpoint_file_names():
+    assert number("ckpt-12.index") == 12 and number("ckpt-3.data-00000-of-00001") == 3
+    assert number("checkpoint") is None and number(".ckpt-7.index.1-2.part") is None and number("x-1.txt") is None
