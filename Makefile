@@ -9,7 +9,7 @@ IMAGE ?= finetune-job:$(VERSION)
 # BAKE_WEIGHTS="mobilenet_v2 resnet50" bakes those ImageNet weights into the image (air-gapped clusters).
 BAKE_WEIGHTS ?=
 
-.PHONY: install test test-fast run-local bench bench-quality lint helm-lint docker-build clean
+.PHONY: install test test-fast run-local bench bench-quality bench-scale lint helm-lint docker-build clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ bench: install
 # plain-Keras script, 3 seeds; about 1.5 hours on 2 cores. ABLATION=1 runs one row per recipe choice.
 bench-quality: install
 	$(PY) bench/quality.py $(if $(ABLATION),--ablation)
+
+# 70,000 Fashion-MNIST images through one run as objects, a manifest and shards (about an hour on 2 cores).
+bench-scale: install
+	$(PY) bench/scale.py
 
 lint: install
 	$(VENV)/bin/ruff check job tests scripts bench

@@ -50,6 +50,28 @@ def comparison_tables(report: dict) -> str:
     return "\n".join(lines)
 
 
+def formats_table(report: dict) -> str:
+    """Each exported format of one default run, checked by the job on the task's test images."""
+    for task, r in report["tasks"].items():
+        for run in r["recipes"].get("job_default", {}).get("runs", []):
+            if "formats" in run:
+                lines = [f"{task}, seed {run['seed']}, the job's default recipe exporting every format, each checked "
+                         f"by the job in its own runtime on the task's test images:", "",
+                         "| format | test accuracy | agreement with the SavedModel | accuracy drop, points | size | "
+                         "latency, 1 image |", "|---|---|---|---|---|---|"]
+                reference = run["formats"]["saved_model"]["accuracy"]
+                for fmt, f in run["formats"].items():
+                    if "error" in f:
+                        lines.append(f"| {fmt} | {f['error']} | | | | |")
+                        continue
+                    agreement = "reference" if fmt == "saved_model" else f"{f['agreement'] * 100:.1f}%"
+                    lines.append(f"| {fmt} | {f['accuracy'] * 100:.1f}% | {agreement} | "
+                                 f"{(reference - f['accuracy']) * 100:.1f} | {f['bytes'] / 1e6:.1f} MB | "
+                                 f"{f['latency_ms_batch1']:.2f} ms |")
+                return "\n".join(lines)
+    return "(no run exported every format)"
+
+
 def ablation_tables(report: dict) -> str:
     """One row per recipe choice: its mean validation and test accuracy over tasks and seeds, and the change
     against the default, per task in validation points."""
@@ -99,6 +121,8 @@ def refresh(path: Path, report: dict) -> None:
     kind = report["kind"]
     blocks = {f"{kind}": comparison_tables(report) if kind == "comparison" else ablation_tables(report),
               f"{kind}-conditions": conditions_table(report)}
+    if kind == "comparison":
+        blocks["formats"] = formats_table(report)
     text = path.read_text() if path.exists() else ""
     for name, body in blocks.items():
         start, end = f"<!-- quality:{name} -->", f"<!-- /quality:{name} -->"

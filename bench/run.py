@@ -43,6 +43,10 @@ PROFILES = {
         "startup": {"help_runs": 9, "objects": 10_000, "validate_runs": 3},
         "memory": {"classes": 4, "per_class": 64, "factor": 4, "source_px": 64, "image_size": [64, 64],
                    "batch_size": 32},
+        "formats": {"classes": 4, "per_class": 60, "test_per_class": 50, "source_px": 48, "image_size": [64, 64],
+                    "batch_size": 32, "epochs": 6, "rounds": 5, "calls": 20},
+        "stages": {"classes": 5, "per_class": 60, "larger": 10, "source_px": 32, "image_size": [32, 32],
+                   "head_epochs": 8, "finetune_epochs": 3},
     },
     "quick": {
         "input": {"classes": 3, "per_class": 16, "source_px": 40, "image_size": [32, 32], "batch_size": 16,
@@ -52,6 +56,10 @@ PROFILES = {
         "startup": {"help_runs": 3, "objects": 200, "validate_runs": 1},
         "memory": {"classes": 2, "per_class": 8, "factor": 4, "source_px": 32, "image_size": [32, 32],
                    "batch_size": 16},
+        "formats": {"classes": 2, "per_class": 8, "test_per_class": 4, "source_px": 32, "image_size": [32, 32],
+                    "batch_size": 16, "epochs": 1, "rounds": 1, "calls": 2},
+        "stages": {"classes": 2, "per_class": 8, "larger": 2, "source_px": 32, "image_size": [32, 32],
+                   "head_epochs": 2, "finetune_epochs": 1},
     },
 }
 
@@ -367,6 +375,7 @@ def bench_memory(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
             "train": {"batch_size": cfg["batch_size"], "head": {"epochs": 1}, "finetune": {"epochs": 1}},
             "output": {"uri": "s3://bench-memory/models"},
             "metrics": {"port": 0, "linger_seconds": 0},
+            "export": {"formats": ["saved_model"]},
         }))
         log_file = tmp / f"memory-{label}.log"
         code, seconds, rss = peak_rss_run([CLI, "train", "--config", str(config)], env, log_file)
@@ -387,6 +396,116 @@ def bench_memory(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
         "measurements": runs,
         "targets": {"peak_rss_4n_vs_n": target(runs["4n"]["peak_rss_mib"] / runs["n"]["peak_rss_mib"], 1.25,
                                                "lower")},
+    }
+
+
+ALL_FORMATS = ["saved_model", "tf_serving", "tflite", "tflite_int8", "onnx"]
+TODAY_EVAL_EXPORT_SECONDS = 22.0  # issue 13's timeline of the 300-image task before this work: 7.5 + 14.4 s
+
+
+def bench_stages(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
+    """The job's own per-stage seconds (its manifest's timings) on the 300-image task and on one 10x larger,
+    from S3 like a real run, plus the head phase both ways (cached features vs end to end, 8 epochs)."""
+    runs = {}
+    plans = {
+        "small": (cfg["per_class"], {"head": {"epochs": cfg["head_epochs"]},
+                                     "finetune": {"epochs": cfg["finetune_epochs"]}}),
+        "larger": (cfg["per_class"] * cfg["larger"], {"head": {"epochs": cfg["head_epochs"]},
+                                                      "finetune": {"epochs": cfg["finetune_epochs"]}}),
+        "head_cached": (cfg["per_class"], {"head": {"epochs": cfg["head_epochs"]}, "finetune": {"epochs": 0}}),
+        "head_end_to_end": (cfg["per_class"], {"head": {"epochs": cfg["head_epochs"], "mode": "end_to_end"},
+                                               "finetune": {"epochs": 0}}),
+    }
+    uris: dict[int, str] = {}
+    for name, (per_class, train) in plans.items():
+        if per_class not in uris:
+            data = sample(tmp / f"stages-{per_class}", cfg["classes"], per_class, cfg["source_px"],
+                          test_per_class=max(2, per_class // 4))
+            uris[per_class] = s3.upload_dir(data, "bench-stages", f"n{per_class}")
+        uri = uris[per_class]
+        config = tmp / f"stages-{name}.yaml"
+        config.write_text(json.dumps({
+            "run_id": f"stages-{name}",
+            "data": {"uri": uri, "image_size": cfg["image_size"], "cache_dir": str(tmp / f"stages-cache-{name}")},
+            "model": {"backbone": BACKBONE, "weights": "none"},
+            "train": {**train, "early_stopping_patience": 0},
+            "output": {"uri": "s3://bench-stages/runs"},
+            "metrics": {"port": 0, "linger_seconds": 0},
+            "export": {"formats": ["saved_model"]},
+        }))
+        seconds, p = timed([CLI, "train", "--config", str(config)], env, timeout=1800)
+        check(p, f"finetune-job train ({name})")
+        manifest = json.loads(s3.client.get_object(Bucket="bench-stages",
+                                                   Key=f"runs/stages-{name}/manifest.json")["Body"].read())
+        runs[name] = {"images": sum(n for per in manifest["dataset"]["counts"].values() for n in per.values()),
+                      "wall_seconds": round(seconds, 2), "timings": manifest["timings"]}
+    small = runs["small"]["timings"]
+    eval_export = small["evaluate_seconds"] + small["export_seconds"] + small.get("upload_seconds", 0.0)
+    head = runs["head_cached"]["timings"]["head_seconds"] / runs["head_end_to_end"]["timings"]["head_seconds"]
+    return {
+        "conditions": {
+            "runs": f"finetune-job train from S3, {BACKBONE} (weights none), {cfg['image_size']} px, "
+                    f"{cfg['classes']} classes x {cfg['per_class']} images (small) and {cfg['larger']}x that (larger); "
+                    f"head {cfg['head_epochs']} epochs, fine-tuning {cfg['finetune_epochs']}, no early stopping, "
+                    "export.formats [saved_model] (as the job exported before the other formats), checkpoints by "
+                    "time (the default, every 300 s)",
+            "head": "head_cached and head_end_to_end: the head phase alone, 8 epochs, head_seconds (feature "
+                    "extraction included for cached)",
+            "today": f"evaluation + export before this work: {TODAY_EVAL_EXPORT_SECONDS} s on the same kind of task",
+        },
+        "measurements": runs,
+        "targets": {
+            "head_cached_vs_end_to_end_8_epochs": target(head, 0.5, "lower"),
+            "evaluate_plus_export_vs_today": target(eval_export / TODAY_EVAL_EXPORT_SECONDS, 0.5, "lower"),
+        },
+    }
+
+
+
+def bench_formats(cfg: dict, tmp: Path, env: dict) -> dict:
+    """One run exporting every format; then each format's size, accuracy and agreement (from the run's own
+    check) and its latency at batch 1 and 32, measured side by side in one process."""
+    data = sample(tmp / "formats-data", cfg["classes"], cfg["per_class"], cfg["source_px"],
+                  test_per_class=cfg["test_per_class"])
+    config = tmp / "formats.yaml"
+    config.write_text(json.dumps({
+        "run_id": "formats",
+        "data": {"uri": str(data), "image_size": cfg["image_size"], "cache_dir": str(tmp / "formats-cache")},
+        "model": {"backbone": BACKBONE, "weights": "none"},
+        "train": {"batch_size": cfg["batch_size"], "head": {"epochs": cfg["epochs"]},
+                  "finetune": {"epochs": cfg["epochs"], "learning_rate": 1e-3}},
+        "output": {"uri": str(tmp / "formats-out")},
+        "metrics": {"port": 0, "linger_seconds": 0},
+        "export": {"formats": ALL_FORMATS},
+    }))
+    seconds, p = timed([CLI, "train", "--config", str(config)], env, timeout=1800)
+    check(p, "finetune-job train (every format)")
+    run = tmp / "formats-out" / "formats"
+    checked = json.loads((run / "metrics.json").read_text())["formats"]
+    images = sorted(str(f) for f in (data / "test").rglob("*.*"))
+    latency = workload("formats", {"run": str(run), "image_size": cfg["image_size"], "images": images,
+                                   "work": str(tmp / "formats-latency"), "formats": ALL_FORMATS,
+                                   "rounds": cfg["rounds"], "calls": cfg["calls"]}, tmp, env)
+    table = {fmt: {"bytes": checked[fmt]["bytes"], "accuracy": checked[fmt]["accuracy"],
+                   "agreement_with_saved_model": checked[fmt].get("agreement", 1.0), **latency[fmt]}
+             for fmt in ALL_FORMATS}
+    return {
+        "conditions": {
+            "run": f"finetune-job train, {BACKBONE} (weights none, the whole model trained), "
+                   f"{cfg['classes']} classes x {cfg['per_class']} images, {cfg['image_size']} px, every format",
+            "check_images": len(images), "run_seconds": round(seconds, 1),
+            "latency": f"CPU, one process, formats alternating over {cfg['rounds']} rounds; batch 1: mean of "
+                       f"{cfg['calls']} calls; batch 32: one call / 32; median round",
+            "inputs": "saved_model and tf_serving through their serving_pixels signature; the others their "
+                      "own input (float32, or uint8 for tflite_int8)",
+        },
+        "measurements": table,
+        "targets": {
+            "tflite_agreement": target(table["tflite"]["agreement_with_saved_model"], 0.99, "higher", ""),
+            "onnx_agreement": target(table["onnx"]["agreement_with_saved_model"], 0.99, "higher", ""),
+            "tflite_int8_accuracy_drop": target(max(1e-4, table["saved_model"]["accuracy"]
+                                                    - table["tflite_int8"]["accuracy"]), 0.02, "lower", ""),
+        },
     }
 
 
@@ -446,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
         sections["training_loop"], sections["head_phase"] = bench_training(cfg["training"], tmp, env)
         log("memory: finetune-job train on n and 4n images")
         sections["memory"] = bench_memory(cfg["memory"], s3, tmp, env)
+        log("export formats: one run with every format, then latency at batch 1 and 32")
+        sections["formats"] = bench_formats(cfg["formats"], tmp, env)
+        log("stage budget: the job's own per-stage seconds, small and 10x larger; the head phase both ways")
+        sections["stages"] = bench_stages(cfg["stages"], s3, tmp, env)
         sections["gpu"] = bench_gpu()
     finally:
         s3.close()

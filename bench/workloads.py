@@ -172,7 +172,7 @@ def _run_phase(phase, cluster, global_batch: int, work: Path) -> list[dict]:
     from job.runstate import RunState
 
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpoints(phase.model, storage.LocalStore(str(work / "out")), work, cluster, keep=1)
+    ckpt = Checkpoints(storage.LocalStore(str(work / "out")), work, cluster, keep=1)
     state = RunState()
     loop.run_phase(phase, cluster, global_batch, loop.Options(patience=0), ckpt, state)
     return state.history[phase.name]
@@ -282,7 +282,35 @@ def training(p: dict) -> dict:
     return out
 
 
-SECTIONS = {"input_pipeline": input_pipeline, "training": training}
+def formats_latency(p: dict) -> dict:
+    """Latency of each exported format of a run, in its own runtime, at batch 1 and batch 32 (per image),
+    formats alternating round by round; the median round counts."""
+    import numpy as np
+
+    from job import dataset, formats, predict
+
+    run = Path(p["run"])
+    size = tuple(p["image_size"])
+    pixels = np.asarray(dataset.pixels(p["images"], size, Path(p["work"])), np.float32)
+    batch32 = np.resize(pixels, (32, *pixels.shape[1:]))
+    runners = {fmt: formats.runner(fmt, run / predict.artifact(fmt)) for fmt in p["formats"]}
+    samples: dict[str, dict[str, list[float]]] = {f: {"batch1_ms": [], "batch32_ms_per_image": []} for f in runners}
+    for r in runners.values():
+        r.predict(pixels[:1])
+        r.predict(batch32)
+    for _ in range(p["rounds"]):
+        for fmt, r in runners.items():
+            t0 = time.perf_counter()
+            for i in range(p["calls"]):
+                r.predict(pixels[i % len(pixels):][:1])
+            samples[fmt]["batch1_ms"].append((time.perf_counter() - t0) / p["calls"] * 1000)
+            t0 = time.perf_counter()
+            r.predict(batch32)
+            samples[fmt]["batch32_ms_per_image"].append((time.perf_counter() - t0) / 32 * 1000)
+    return {fmt: {k: _median(v) for k, v in s.items()} for fmt, s in samples.items()}
+
+
+SECTIONS = {"input_pipeline": input_pipeline, "training": training, "formats": formats_latency}
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
 """Checkpoints for resumption: tf.train.CheckpointManager on local disk, mirrored to
 <output.uri>/<run_id>/checkpoints/ by the chief.
 
-A checkpoint holds the model, the phase's optimizer, the best epoch's trainable weights (for early
-stopping's restore) and the run state (job.runstate.RunState) as JSON in a string variable.
+A checkpoint holds what changes: the weights being trained (the head alone in the head phase, whose
+base is frozen and comes from `model.weights` again on a resume; the whole model afterwards), the
+phase's optimizer, the best epoch's trainable weights (for early stopping's restore) and the run state
+(job.runstate.RunState) as JSON in a string variable.
 Non-chief workers of MultiWorkerMirroredStrategy must take part in every save, writing to a private
 temporary folder that is removed afterwards (TensorFlow's rule for multi-worker checkpoints).
 Anything in the storage folder that is not a `ckpt-N.*` file (say, a `.part` left by an interrupted
@@ -35,8 +37,7 @@ def number(name: str) -> int | None:
 
 
 class Checkpoints:
-    def __init__(self, model, store: Store, work: Path, cluster: Cluster, keep: int, guard=None):
-        self.model = model
+    def __init__(self, store: Store, work: Path, cluster: Cluster, keep: int, guard=None):
         self.store = store
         self.cluster = cluster
         self.keep = keep
@@ -49,7 +50,7 @@ class Checkpoints:
             self.state_var = tf.Variable("{}", dtype=tf.string, trainable=False)
 
     def _checkpoint(self, **objects) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(model=self.model, state=self.state_var, **objects)
+        return tf.train.Checkpoint(state=self.state_var, **objects)
 
     def _remote(self) -> dict[str, int]:
         """{name: checkpoint number} of the checkpoint files in storage."""
@@ -83,7 +84,7 @@ class Checkpoints:
         return state
 
     def restore(self, **objects) -> None:
-        """Load the latest checkpoint (fetched, or saved by this run) into the model and `objects`."""
+        """Load the latest checkpoint (fetched, or saved by this run) into `objects` (weights=, optimizer=, ...)."""
         if self.latest is None:
             raise RuntimeError("no checkpoint to restore: none was fetched or saved")
         self._checkpoint(**objects).restore(self.latest).expect_partial()

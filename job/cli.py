@@ -6,6 +6,7 @@ exit codes here. Nothing at module level imports TensorFlow, so `--help` is fast
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 from pathlib import Path
@@ -28,6 +29,14 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override one key: --set train.batch_size=64 (dotted path, YAML-typed value)."),
 ]
+
+
+class Format(str, enum.Enum):
+    saved_model = "saved_model"
+    tf_serving = "tf_serving"
+    tflite = "tflite"
+    tflite_int8 = "tflite_int8"
+    onnx = "onnx"
 
 
 def _version(value: bool) -> None:
@@ -142,6 +151,7 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many labels to print per image.")] = 3,
     endpoint_url: Annotated[str, typer.Option(help="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per image.")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="Which artifact of the run classifies.")] = "saved_model",
 ) -> None:
     """Classify images with an exported run; prints the top-k labels with probabilities."""
     from job import logs
@@ -150,7 +160,7 @@ def predict(
         logs.setup(json=as_json, level="WARNING")
         from job.predict import predict as classify
 
-        results = classify(model, images, top_k, endpoint_url)
+        results = classify(model, images, top_k, endpoint_url, str(getattr(fmt, "value", fmt)))
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     for r in results:
@@ -158,6 +168,29 @@ def predict(
             typer.echo(json.dumps(r))
         else:
             typer.echo(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+
+
+@app.command()
+def pack(
+    source: Annotated[str, typer.Option("--from", help="A folder-per-class dataset, or a manifest (.csv/.jsonl).")],
+    dest: Annotated[str, typer.Option("--to", help="Where the shards go: s3://bucket/prefix or a local folder.")],
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 256MB or 1GiB.")] = "256MB",
+    endpoint_url: Annotated[str, typer.Option(help="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).")] = "",
+) -> None:
+    """Turn a folder-per-class dataset or a manifest into tar shards (WebDataset convention) in storage."""
+    from job import logs
+
+    try:
+        logs.setup()
+        from job.pack import pack as write_shards
+        from job.pack import parse_size
+
+        result = write_shards(source, dest, parse_size(shard_size), endpoint_url)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+    images = sum(n for per in result["counts"].values() for n in per.values())
+    typer.echo(f"packed {images} images of {len(result['classes'])} classes into {len(result['shards'])} shards "
+               f"under {result['to']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,6 +35,8 @@ class DataConfig(_Section):
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     # Larger images are skipped as bad, judged from the header before decoding (Pillow's own bomb limit).
     max_image_pixels: int = Field(90_000_000, ge=1)
+    manifest: str = ""  # CSV (path,label[,split]) or JSON lines, local or s3://; paths relative to uri or full URIs
+    staging: Literal["auto", "copy", "stream"] = "auto"  # stream: shards read from storage every epoch
 
 
 class ModelConfig(_Section):
@@ -102,7 +104,7 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)  # > 0: AdamW (decoupled weight decay)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    class_weight: Literal["none", "auto"] | dict[str, float] = "none"
+    class_weight: Literal["none", "auto"] | dict[str, float] = "auto"
 
     @field_validator("class_weight")
     @classmethod
@@ -125,7 +127,18 @@ class OutputConfig(_Section):
     overwrite: bool = False
 
 
+class ExportConfig(_Section):
+    # Formats besides saved_model (always written). None: job.formats.DEFAULT_FORMATS, where a format that
+    # fails to convert is a warning; a format listed here that fails is an error (exit 1).
+    formats: list[Literal["saved_model", "tf_serving", "tflite", "tflite_int8", "onnx"]] | None = None
+    max_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0)  # int8 and other formats against the SavedModel
+    fail_on_accuracy_drop: bool = False
+
+
 class CheckpointConfig(_Section):
+    # At the first epoch or step boundary this long after the last checkpoint (0: every epoch end); always at
+    # a phase's end and on SIGTERM. every_steps adds one every N steps inside an epoch.
+    every_seconds: float = Field(300.0, ge=0.0)
     every_steps: int = Field(0, ge=0)
     keep: int = Field(3, ge=1)
     # The run's lease on its output prefix (job/lease.py) is renewed every lease_seconds / 6; one not renewed
@@ -151,6 +164,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     distribution: DistributionConfig = DistributionConfig()
     output: OutputConfig
+    export: ExportConfig = ExportConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
     s3: S3Config = S3Config()

@@ -9,6 +9,7 @@ and later epochs read the decoded pixels back from disk (the page cache, in prac
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -39,10 +40,11 @@ def decode_and_resize(encoded: tf.Tensor, image_size: tuple[int, int]) -> tf.Ten
     return tf.ensure_shape(image, [*image_size, 3])
 
 
-def image_size(path: str) -> tuple[int, int] | None:
-    """(width, height) from the file's header without decoding it; None if the header is unreadable."""
+def image_size(source) -> tuple[int, int] | None:
+    """(width, height) from an image's header (a path or a file-like object) without decoding it; None if
+    the header is unreadable."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             return image.size
     except (OSError, ValueError, SyntaxError):
         return None
@@ -52,32 +54,40 @@ def find_bad(paths: list[str], max_pixels: int) -> dict[str, str]:
     """{path: reason} for images the job cannot train on: larger than `max_pixels` (from the header,
     so a huge image is never decoded) or not decodable by TensorFlow's own decoders (the ones training
     uses, so a file that passes here cannot fail mid-epoch)."""
-    bad = {}
     with ThreadPoolExecutor(8) as pool:
         sizes = list(pool.map(image_size, paths))
-    for path, size in zip(paths, sizes):
-        if size is not None and size[0] * size[1] > max_pixels:
-            bad[path] = (f"too large: {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels "
-                         f"(data.max_image_pixels {max_pixels:,})")
+    bad = _too_large(paths, sizes, max_pixels)
     rest = [p for p in paths if p not in bad]
-    for path in find_undecodable(rest):
-        bad[path] = "cannot be decoded"
-    return bad
+    encoded = tf.data.Dataset.from_tensor_slices(rest).map(tf.io.read_file) if rest else None
+    return bad | {p: "cannot be decoded" for p in _undecodable(rest, encoded)}
 
 
-def find_undecodable(paths: list[str]) -> list[str]:
-    """Paths that TensorFlow's decoders cannot read, found in one parallel pass."""
-    if not paths:
+def find_bad_blobs(named: list[tuple[str, bytes]], max_pixels: int) -> dict[str, str]:
+    """`find_bad` for images in memory: {name: reason}."""
+    names = [n for n, _ in named]
+    bad = _too_large(names, [image_size(io.BytesIO(b)) for _, b in named], max_pixels)
+    rest = [(n, b) for n, b in named if n not in bad]
+    encoded = tf.data.Dataset.from_tensor_slices([b for _, b in rest]) if rest else None
+    return bad | {n: "cannot be decoded" for n in _undecodable([n for n, _ in rest], encoded)}
+
+
+def _too_large(names: list[str], sizes: list[tuple[int, int] | None], max_pixels: int) -> dict[str, str]:
+    return {name: (f"too large: {w}x{h} = {w * h:,} pixels (data.max_image_pixels {max_pixels:,})")
+            for name, (w, h) in ((n, s) for n, s in zip(names, sizes) if s) if w * h > max_pixels}
+
+
+def _undecodable(names: list[str], encoded: tf.data.Dataset | None) -> list[str]:
+    """The names whose encoded bytes TensorFlow's decoders cannot read, found in one parallel pass."""
+    if encoded is None:
         return []
 
-    def probe(index, path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return index, tf.shape(image)[0]
+    def probe(index, data):
+        return index, tf.shape(tf.io.decode_image(data, channels=3, expand_animations=False))[0]
 
-    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+    ds = tf.data.Dataset.zip(tf.data.Dataset.range(len(names)), encoded)
     ds = ds.map(probe, num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
     good = {int(index) for batch, _ in ds.batch(1024).as_numpy_iterator() for index in batch}
-    return [p for i, p in enumerate(paths) if i not in good]
+    return [n for i, n in enumerate(names) if i not in good]
 
 
 def image_dataset(paths: list[str], labels: list[int], image_size: tuple[int, int], batch_size: int,
@@ -136,6 +146,17 @@ def cache_images(paths: list[str], image_size: tuple[int, int], cache_dir: Path)
     return out
 
 
+def pixels(paths: list[str], image_size: tuple[int, int], cache_dir: Path) -> np.ndarray:
+    """The images as uint8 [n, h, w, 3]: memory-mapped from the image cache, or decoded into memory when
+    the cache cannot be written."""
+    cache = cache_images(paths, image_size, Path(cache_dir)) if paths else None
+    if cache is not None:
+        return np.load(cache, mmap_mode="r")
+    decoded = image_dataset(paths, [0] * len(paths), image_size, 64)
+    batches = [tf.cast(tf.round(x), tf.uint8).numpy() for x, _ in decoded]
+    return np.concatenate(batches) if batches else np.zeros((0, *image_size, 3), np.uint8)
+
+
 def _indices(n: int, *, shuffle: bool, seed: int, repeat: bool) -> tf.data.Dataset:
     """Row indices 0..n-1, reshuffled every epoch when asked, repeated forever when asked."""
     ds = tf.data.Dataset.range(n)
@@ -178,35 +199,36 @@ def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
     return ds.prefetch(AUTOTUNE)
 
 
-def cached_features(extractor, paths: list[str], key: list, folder: Path, image_cache: Path | None,
-                    batch_size: int = 64) -> np.ndarray | None:
-    """The frozen base's features of `paths` (memory-mapped [n, dim] float32), beside the image cache.
-
-    Run once over un-augmented images read through the image cache (which fine-tuning then reuses:
-    one decode pass) and kept on disk, so a run resumed on the same disk reuses them. The file name
-    carries a digest of `key` (backbone, weights, image size) and of the files and their sizes, so
-    changed inputs never meet stale features.
-    """
-    if not paths:
-        return None
-    digest = hashlib.sha256(json.dumps([key, [(p, os.path.getsize(p)) for p in paths]]).encode()).hexdigest()[:16]
-    out = Path(folder) / f"features-{digest}.npy"
-    if out.exists():  # written under a temporary name and renamed, so it is complete
+def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
+                    folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen base's features of a finite, unshuffled dataset of `count` (images, labels): (features
+    memory-mapped [count, dim] float32, labels), computed in one pass, written to disk as they come (not
+    held in memory) beside the image cache, so that a run resumed on the same disk reuses them. The file
+    names carry a digest of `key` (backbone, weights, image size, and what identifies the images: files
+    and sizes, or shards and ETags), so changed inputs never meet stale features."""
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    out, labels_out = Path(folder) / f"features-{digest}.npy", Path(folder) / f"labels-{digest}.npy"
+    if out.exists() and labels_out.exists():  # written under temporary names and renamed: complete
         logs.get().info("reusing cached features", file=str(out))
-        return np.load(out, mmap_mode="r")
+        return np.load(out, mmap_mode="r"), np.load(labels_out)
     extract = tf.function(lambda x: extractor(x, training=False))
-    size = tuple(extractor.input.shape[1:3])
+    labels = np.zeros((count,), np.int32)
     with atomic_path(out) as tmp:
         features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                             shape=(len(paths), int(extractor.output.shape[-1])))
+                                             shape=(count, int(extractor.output.shape[-1])))
         start = 0
-        for images, _ in image_dataset(paths, [0] * len(paths), size, batch_size, cache_dir=image_cache):
+        for images, ys in batches:
             batch = extract(images).numpy()
             features[start : start + len(batch)] = batch
+            labels[start : start + len(batch)] = ys.numpy()
             start += len(batch)
+        if start != count:
+            raise RuntimeError(f"feature extraction saw {start} images, expected {count}")
         features.flush()
         del features
-    return np.load(out, mmap_mode="r")
+    with atomic_path(labels_out) as tmp, open(tmp, "wb") as f:
+        np.save(f, labels)
+    return np.load(out, mmap_mode="r"), labels
 
 
 def feature_dataset(features: np.ndarray, labels: list[int], batch_size: int,

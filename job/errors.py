@@ -37,6 +37,12 @@ class Preempted(JobError):
     exit_code = 143
 
 
+class ExportFailed(JobError):
+    """A format listed in export.formats could not be written or failed its check (exit 1)."""
+
+    exit_code = 1
+
+
 def exit_code_for(exc: BaseException) -> int:
     """Exit code of the contract for any exception: typed errors carry theirs, the rest is 1."""
     return exc.exit_code if isinstance(exc, JobError) else 1

@@ -23,11 +23,14 @@ SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
 
 
-def clean_copy(parts: model_lib.Parts, cfg, classes: list[str]) -> keras.Model:
-    """The trained model rebuilt in float32 outside any distribution strategy, weights copied over.
+def clean_copy(parts: model_lib.Parts, cfg, classes: list[str], cluster) -> keras.Model:
+    """The trained model as it should be saved: float32, outside any distribution strategy.
 
-    What gets saved must not carry MirroredVariables or a mixed-precision policy.
+    What gets saved must not carry MirroredVariables or a mixed-precision policy: under those, the model
+    is rebuilt and its weights copied over; on one device in float32 it already is what gets saved.
     """
+    if cluster.kind == "one_device" and not cluster.mixed_precision:
+        return parts.model
     keras.mixed_precision.set_global_policy("float32")
     fresh = model_lib.build(cfg.model.backbone, None, tuple(cfg.data.image_size), len(classes),
                             cfg.model.head_units, cfg.model.head_dropout)
@@ -37,21 +40,26 @@ def clean_copy(parts: model_lib.Parts, cfg, classes: list[str]) -> keras.Model:
 
 def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[int, int], path: Path) -> None:
     """SavedModel whose `serving_default` takes `image_bytes` (1-D tf.string of encoded JPEG/PNG) and returns
-    `probabilities` [batch, classes] and `label` [batch]; decoding and resizing happen inside."""
+    `probabilities` [batch, classes] and `label` [batch]; decoding and resizing happen inside.
+
+    A second signature, `serving_pixels`, takes `images`: float32 [batch, h, w, 3] RGB pixels in 0..255,
+    already resized; the LiteRT and ONNX formats are converted from it (job/formats.py)."""
     labels = tf.constant(classes)
     shape = tf.TensorSpec([*image_size, 3], tf.float32)
 
-    def serve(image_bytes):
-        images = tf.map_fn(lambda b: decode_and_resize(b, image_size), image_bytes, fn_output_signature=shape)
+    def outputs(images):
         probs = model(images, training=False)
         return {"probabilities": probs, "label": tf.gather(labels, tf.argmax(probs, axis=-1))}
 
+    def serve(image_bytes):
+        return outputs(tf.map_fn(lambda b: decode_and_resize(b, image_size), image_bytes, fn_output_signature=shape))
+
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(
-        name="serving_default", fn=serve,
-        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
-    )
+    archive.add_endpoint(name="serving_default", fn=serve,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint(name="serving_pixels", fn=outputs,
+                         input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32, name="images")])
     archive.write_out(str(path), verbose=False)
 
 

@@ -5,14 +5,15 @@ runs a custom distributed step (`strategy.run` inside a `tf.function`, loss aver
 GLOBAL batch) that serves all of them. Datasets come from `distribute_datasets_from_function`, so
 each worker reads only its shard and each replica gets global_batch / replicas examples.
 
-Every decision that must be the same on all workers (stop for SIGTERM, early stopping) goes
-through an all-reduce, so workers never disagree and hang.
+Every decision that must be the same on all workers (stop for SIGTERM, a checkpoint that is due,
+early stopping) goes through an all-reduce, so workers never disagree and hang.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ class Phase:
     learning_rate: float
     validate: Callable[[], tuple[float, float] | None]  # (loss, accuracy) on validation, or None
     augment: keras.Model | None = None
+    saved: keras.Model | None = None  # what its checkpoints hold (default: `model`)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class Options:
     weight_decay: float = 0.0  # > 0: AdamW
     lr_schedule: str = "constant"  # constant | cosine (with linear warm-up)
     class_weights: tuple[float, ...] | None = None  # per class index; None = unweighted
-    every_steps: int = 0  # checkpoint every N steps inside an epoch; 0 = at epoch ends only
+    every_steps: int = 0  # checkpoint every N steps inside an epoch; 0 = by time and at phase ends only
+    every_seconds: float = 0.0  # checkpoint at the first epoch or step boundary this long after the last
+    # one (0: at every epoch end); always at a phase's end and on SIGTERM
 
 
 def per_replica_batch(global_batch: int, cluster: Cluster) -> int:
@@ -108,19 +112,19 @@ def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
         return grads, tf.reduce_sum(per_example), correct
 
-    def replica_step(x, y, stop, compute=forward_backward):
+    def replica_step(x, y, flags, compute=forward_backward):
         grads, loss_sum, correct = compute(x, y)
         if cluster.mixed_precision and cluster.replicas > 1:
             grads = _agree_on_overflow(grads)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss_sum, correct, tf.identity(stop)
+        return loss_sum, correct, tf.identity(flags)
 
     def make(replica_fn):
         @tf.function
-        def step(x, y, stop):
-            # `stop` rides along with the gradients' all-reduce: if any worker was asked to stop,
-            # every worker learns it after this same step.
-            sums = strategy.run(replica_fn, args=(x, y, stop))
+        def step(x, y, flags):
+            # `flags` ([stop asked, checkpoint due]) ride along with the gradients' all-reduce: if any
+            # worker was asked to stop, or is due to checkpoint, every worker learns it after this step.
+            sums = strategy.run(replica_fn, args=(x, y, flags))
             return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums]
 
         return step
@@ -132,20 +136,20 @@ def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global
     if not cluster.xla or augment is not None:
         return plain
     xla_forward_backward = tf.function(forward_backward, jit_compile=True)
-    compiled = make(lambda x, y, stop: replica_step(x, y, stop, compute=xla_forward_backward))
+    compiled = make(lambda x, y, flags: replica_step(x, y, flags, compute=xla_forward_backward))
     chosen = []
 
-    def step(x, y, stop):
+    def step(x, y, flags):
         if chosen:
-            return chosen[0](x, y, stop)
+            return chosen[0](x, y, flags)
         try:
-            result = compiled(x, y, stop)
+            result = compiled(x, y, flags)
             chosen.append(compiled)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, NotImplementedError) as e:
             # A compile failure happens before any variable changes: fall back to the plain step.
             log.warning("XLA compilation failed, training without it", reason=str(e).splitlines()[0][:200])
             chosen.append(plain)
-            result = plain(x, y, stop)
+            result = plain(x, y, flags)
         return result
 
     return step
@@ -162,9 +166,14 @@ def _agree_on_overflow(grads):
     return [g * tf.cast(poison, g.dtype) for g in grads]
 
 
+_traced: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def inference(model: keras.Model):
-    """A traced `model(x, training=False)`; build it once per model, not per call (no retracing)."""
-    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    """A traced `model(x, training=False)`, one per model: validation and evaluation share its trace."""
+    if model not in _traced:
+        _traced[model] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return _traced[model]
 
 
 def predict(model: keras.Model, dataset: tf.data.Dataset, infer=None) -> tuple[np.ndarray, np.ndarray]:
@@ -206,8 +215,9 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         optimizer = _optimizer(phase.learning_rate, steps * phase.epochs, options, cluster)
         optimizer.build(variables)
         best = [tf.Variable(v.value, trainable=False) for v in variables]
+    saved = phase.saved or phase.model
     if state.resumes(phase.name):
-        ckpt.restore(optimizer=optimizer, best=best)
+        ckpt.restore(weights=saved, optimizer=optimizer, best=best)
     else:
         state.start(phase.name)
     if state.epoch < phase.epochs:
@@ -217,29 +227,44 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         metrics.set_phase(phase.name)
         log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps,
                  from_epoch=state.epoch + 1, trainable_weights=len(variables), replicas=cluster.replicas)
-
-        def save():
-            ckpt.save(state, optimizer=optimizer, best=best)
-
+        saver = _Saver(ckpt, state, options.every_seconds, weights=saved, optimizer=optimizer, best=best)
         while state.epoch < phase.epochs:
-            record = _train_epoch(phase, cluster, global_batch, steps, batches, step, state, options, save)
+            record = _train_epoch(phase, cluster, global_batch, steps, batches, step, state, options, saver)
             # Without validation data, early stopping watches the training loss and accuracy.
-            monitored = tuple(cluster.mean([record.get("val_loss", record["loss"]),
-                                            record.get("val_accuracy", record["accuracy"])]))
-            if state.end_epoch(record, monitored, options.metric, options.patience, phase.epochs):
+            *monitored, due = cluster.mean([record.get("val_loss", record["loss"]),
+                                            record.get("val_accuracy", record["accuracy"]), float(saver.due())])
+            if state.end_epoch(record, tuple(monitored), options.metric, options.patience, phase.epochs):
                 for copy, variable in zip(best, variables):
                     copy.assign(variable.value)
             elif state.epoch >= phase.epochs and record["epoch"] < phase.epochs:
                 log.info("early stopping", phase=phase.name, epoch=record["epoch"], best_epoch=state.best_epoch)
-            save()
+            if state.epoch >= phase.epochs or not options.every_seconds or due > 0:
+                saver.save()
     if state.best_epoch and state.best_epoch != len(state.history[phase.name]):
         for variable, copy in zip(variables, best):
             variable.assign(copy.value())
         log.info("restored best weights", phase=phase.name, best_epoch=state.best_epoch)
 
 
+class _Saver:
+    """Checkpoints of a phase: when asked (phase end, SIGTERM, every_steps), and when `every` seconds have
+    passed since the last one. Whether one is due is this worker's clock; the loop puts it through an
+    all-reduce first, so that every worker saves at the same boundary."""
+
+    def __init__(self, ckpt: Checkpoints, state: RunState, every: float, **objects):
+        self.ckpt, self.state, self.every, self.objects = ckpt, state, every, objects
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return bool(self.every) and time.monotonic() - self.last >= self.every
+
+    def save(self) -> None:
+        self.ckpt.save(self.state, **self.objects)
+        self.last = time.monotonic()
+
+
 def _train_epoch(phase: Phase, cluster: Cluster, global_batch: int, steps: int, batches, step, state: RunState,
-                 options: Options, save: Callable[[], None]) -> dict:
+                 options: Options, saver: _Saver) -> dict:
     """The rest of the current epoch (all of it unless resumed mid-epoch), then validation: its record."""
     epoch = state.epoch + 1
     metrics.epoch_started(phase.name, epoch, phase.epochs, steps)
@@ -250,16 +275,18 @@ def _train_epoch(phase: Phase, cluster: Cluster, global_batch: int, steps: int, 
             t0 = time.perf_counter()
             x, y = next(batches)
             waited_for_data = time.perf_counter() - t0
-            loss_sum, correct, stop = step(x, y, tf.constant(float(signals.requested())))
+            flags = tf.constant([float(signals.requested()), float(saver.due())])
+            loss_sum, correct, agreed = step(x, y, flags)
+            stop, due = (float(v) for v in agreed)
             # Reading the results waits for the step: the timing is the step's, not its dispatch.
             state.add_step(float(loss_sum), float(correct))
             metrics.step_done(phase.name, local_images, time.perf_counter() - t0, waited_for_data)
             advance(1)
-            if float(stop) > 0:
-                save()
+            if stop > 0:
+                saver.save()
                 raise signals.stopped(f"in {phase.name} epoch {epoch} after step {state.step}, checkpoint saved")
-            if options.every_steps and state.step % options.every_steps == 0 and state.step < steps:
-                save()
+            if state.step < steps and (due > 0 or (options.every_steps and state.step % options.every_steps == 0)):
+                saver.save()
     seen = steps * global_batch
     record = {"epoch": epoch, "loss": state.sums[0] / seen, "accuracy": state.sums[1] / seen,
               "seconds": round(time.monotonic() - started, 3)}

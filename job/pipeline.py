@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class Run:
     cfg: Config
     out: storage.Store  # <output.uri>/<run_id>/
     layout: layout_lib.Layout
-    listing: list[storage.Entry]
+    source: Any  # job.sources.Source: where the images are, as listed
     cluster: Any  # job.distribute.Cluster
     work: Path  # this worker's local folder under data.cache_dir
     parts: Any  # job.model.Parts
@@ -60,8 +61,9 @@ class Run:
     state: RunState
     lease: Any = None  # job.lease.Lease (the chief's)
     timings: Timings = field(default_factory=Timings)
-    root: Path | None = None  # the staged dataset's local root
-    bad: dict[str, str] = field(default_factory=dict)  # relative path -> why it was skipped
+    mode: str = "copy"  # data.staging resolved: copy (local files, image cache) | stream (shards every epoch)
+    local: dict[str, Path] = field(default_factory=dict)  # image key -> local file (copy mode)
+    bad: dict[str, str] = field(default_factory=dict)  # image key -> why it was skipped
 
     @property
     def cache(self) -> Path:
@@ -72,12 +74,73 @@ class Run:
     def size(self) -> tuple[int, int]:
         return tuple(self.cfg.data.image_size)
 
+    def count(self, split: str) -> int:
+        return len(self.layout.items(split)[0]) if split in self.layout.files else 0
+
     def files(self, split: str) -> tuple[list[str], list[int]]:
-        """Local paths and label indices of one split ([] when the split is absent)."""
+        """Local paths and label indices of one split ([] when the split is absent; copy mode)."""
         if split not in self.layout.files:
             return [], []
-        paths, labels = self.layout.items(split)
-        return [str(self.root / p) for p in paths], labels
+        keys, labels = self.layout.items(split)
+        return [str(self.local[k]) for k in keys], labels
+
+    def _shards(self, split: str, mine: bool) -> tuple[list[str], set[str]]:
+        """Stream mode: the shards holding a split's images (this worker's share when `mine`), and its keys."""
+        keys = set(self.layout.items(split)[0]) if split in self.layout.files else set()
+        rels = sorted({k.split(":", 1)[0] for k in keys})
+        return (rels[self.cluster.worker_index::self.cluster.num_workers] if mine else rels), keys
+
+    def images(self, split: str, batch: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
+               mine: bool = False):
+        """(image float32 0..255, label) batches of a split: from the image cache (copy), or streamed from the
+        shards (stream). `mine`: only this worker's share of the images (training)."""
+        from job import dataset, stream
+
+        if self.mode == "stream":
+            rels, keys = self._shards(split, mine)
+            return stream.dataset(self.source.store, rels, self.layout.classes, keys, self.size, batch,
+                                  shuffle=shuffle, seed=seed, repeat=repeat)
+        paths, labels = self.files(split)
+        if mine:
+            share = slice(self.cluster.worker_index, None, self.cluster.num_workers)
+            paths, labels = paths[share], labels[share]
+        return dataset.image_dataset(paths, labels, self.size, batch, shuffle=shuffle, seed=seed, repeat=repeat,
+                                     cache_dir=self.cache)
+
+    def mine(self, split: str) -> int:
+        """How many images of a split this worker reads (stream: the images of its shards)."""
+        if self.mode != "stream":
+            return len(range(self.cluster.worker_index, self.count(split), self.cluster.num_workers))
+        rels, keys = self._shards(split, True)
+        return sum(1 for k in keys if k.split(":", 1)[0] in set(rels))
+
+    def identity(self, split: str, mine: bool) -> list:
+        """What identifies a split's images (this worker's share when `mine`), for the feature cache's key."""
+        if self.mode == "stream":
+            rels, keys = self._shards(split, mine)
+            etags = {e.rel: e.etag for es in self.source.shard_entries.values() for e in es}
+            return [[rel, etags[rel]] for rel in rels] + sorted(keys)
+        paths = self.files(split)[0]
+        if mine:
+            paths = paths[self.cluster.worker_index::self.cluster.num_workers]
+        return [[p, os.path.getsize(p)] for p in paths]
+
+    def pixels(self, split: str, limit: int | None = None):
+        """A split as uint8 [n, h, w, 3] pixels and labels (the exported formats' check and calibration)."""
+        import numpy as np
+
+        from job import dataset
+
+        if self.mode == "stream":
+            xs, ys = [], []
+            for images, labels in self.images(split, 64).take(-1 if limit is None else -(-limit // 64)):
+                xs.append(np.round(images.numpy()).astype(np.uint8))
+                ys.append(labels.numpy())
+            if not xs:
+                return np.zeros((0, *self.size, 3), np.uint8), np.zeros((0,), np.int32)
+            return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
+        paths, labels = self.files(split)
+        return dataset.pixels(paths, self.size, self.cache)[:limit], np.asarray(labels[:limit], np.int32)
 
     @functools.cached_property
     def options(self):
@@ -91,30 +154,23 @@ class Run:
         return loop.Options(patience=t.early_stopping_patience, metric=t.early_stopping_metric,
                             label_smoothing=t.label_smoothing, weight_decay=t.weight_decay,
                             lr_schedule=t.lr_schedule, class_weights=tuple(weights) if weights else None,
-                            every_steps=self.cfg.checkpoint.every_steps)
-
-    def my_training_files(self) -> tuple[list[str], list[int]]:
-        """This worker's share of the training files (every worker reads different ones)."""
-        paths, labels = self.files("train")
-        shard = slice(self.cluster.worker_index, None, self.cluster.num_workers)
-        return paths[shard], labels[shard]
+                            every_steps=self.cfg.checkpoint.every_steps,
+                            every_seconds=self.cfg.checkpoint.every_seconds)
 
 
 # ---------------------------------------------------------------- before TensorFlow (validate uses these)
 
 
-def read_layout(cfg: Config) -> tuple[layout_lib.Layout, list[storage.Entry]]:
-    """List the dataset once (no downloads), check its layout, and carve the validation split if needed.
+def read_layout(cfg: Config):
+    """List the dataset once (no image downloads), check its layout, carve the validation split if needed;
+    (layout, source). The source keeps the listing: staging needs its sizes and ETags, and a second listing
+    of a large dataset costs a request per thousand objects. Shards carve their split after staging."""
+    from job import sources
 
-    The listing comes back too: staging needs its sizes and ETags, and a second listing of a large
-    dataset costs a request per thousand objects."""
-    store = storage.open_store(cfg.data.uri, cfg.s3.endpoint_url)
-    entries = store.list()
-    found = layout_lib.discover([e.rel for e in entries], cfg.data.uri.rstrip("/"))
-    if found.ignored:
-        log.warning("objects ignored (not images in a class folder)", count=len(found.ignored),
-                    examples=found.ignored[:5])
-    return layout_lib.split_validation(found, cfg.data.validation_split, cfg.train.seed), entries
+    source = sources.open_source(cfg)
+    if source.kind == "shards":
+        return source.layout, source
+    return layout_lib.split_validation(source.layout, cfg.data.validation_split, cfg.train.seed), source
 
 
 def output_state(cfg: Config) -> tuple[storage.Store, str]:
@@ -126,9 +182,14 @@ def output_state(cfg: Config) -> tuple[storage.Store, str]:
 
 
 def validate(cfg: Config) -> dict[str, dict[str, int]]:
-    """Storage access and dataset layout: what `finetune-job validate` prints. Trains nothing."""
-    layout, _ = read_layout(cfg)
+    """Storage access and dataset layout: what `finetune-job validate` prints. Trains nothing.
+    Shards are counted from their index.json; without one they are read (labels checked on the way)."""
+    from job import sources
+
+    layout, source = read_layout(cfg)
     output_state(cfg)  # proves the output location is reachable with these credentials
+    if source.kind == "shards" and not source.images():
+        return sources.count_shards(source)
     return layout.counts()
 
 
@@ -165,7 +226,9 @@ def prepare(cfg: Config) -> Run | dict:
     out, state = output_state(cfg)
     if state == "complete" and not cfg.output.overwrite:
         return {"status": "already complete", "artifacts": out.uri}
-    layout, listing = read_layout(cfg)
+    timings = Timings()
+    with timings.measure("listing"):
+        layout, source = read_layout(cfg)
     log.info("dataset listed", uri=cfg.data.uri, classes=len(layout.classes), counts=layout.counts())
     class_weights(cfg, layout)  # a class name that the dataset does not have fails before any work
     cluster = _start_strategy(cfg)
@@ -183,14 +246,13 @@ def prepare(cfg: Config) -> Run | dict:
             state = "empty"
         from job.checkpoint import Checkpoints
 
-        ckpt = Checkpoints(parts.model, out, work, cluster, cfg.checkpoint.keep,
-                           guard=lease.check if lease else None)
+        ckpt = Checkpoints(out, work, cluster, cfg.checkpoint.keep, guard=lease.check if lease else None)
         resumed = _resume_point(cfg, ckpt, state)
     except BaseException:
         if lease:
             lease.release()
         raise
-    return Run(cfg, out, layout, listing, cluster, work, parts, unfreeze, ckpt, resumed, lease)
+    return Run(cfg, out, layout, source, cluster, work, parts, unfreeze, ckpt, resumed, lease, timings)
 
 
 def _start_strategy(cfg: Config):
@@ -220,9 +282,11 @@ def _build_model(cfg: Config, cluster, classes: list[str], work: Path):
     from job import loop, model
 
     # Same seed, data and strategy on CPU -> the same weights: seeded Python/NumPy/TensorFlow generators,
-    # deterministic kernels and a deterministic tf.data order.
+    # deterministic kernels and a deterministic tf.data order. Not on GPUs, where some kernels have no
+    # deterministic version (TensorFlow then raises) and the others cost speed.
     keras.utils.set_random_seed(cfg.train.seed)
-    tf.config.experimental.enable_op_determinism()
+    if not tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.enable_op_determinism()
     loop.per_replica_batch(cfg.train.batch_size, cluster)
     weights_file, imagenet = resolve_weights(cfg, work)
     with cluster.strategy.scope():
@@ -263,62 +327,109 @@ def _resume_point(cfg: Config, ckpt, output: str) -> RunState:
 
 
 def stage_data(run: Run) -> None:
-    """Download the dataset to the cache, drop bad images; DataError past `data.max_bad_fraction`."""
-    from job import dataset, signals
+    """Make the images readable: local files (copy) or shards read every epoch (stream); drop bad images,
+    DataError past `data.max_bad_fraction`; every worker agrees on the dataset."""
+    from job import signals, sources
 
     cfg = run.cfg
-    store = storage.open_store(cfg.data.uri, cfg.s3.endpoint_url)
-    wanted = {p for per in run.layout.files.values() for ps in per.values() for p in ps}
-    entries = [e for e in run.listing if e.rel in wanted]
+    run.mode = sources.staging_mode(run.source, cfg.data.staging, Path(cfg.data.cache_dir),
+                                    run.size[0] * run.size[1] * 3)
     metrics.set_phase("staging")
-    with logs.progress("staging", len(entries)) as advance:
-        run.root, stats = storage.stage(store, entries, Path(cfg.data.cache_dir), advance,
-                                        stop=lambda: signals.check("staging"))
-    log.info("dataset staged", root=str(run.root), **stats)
+    found = _survey(run) if run.mode == "stream" else _copy(run)
     signals.check("staging")
-    found = dataset.find_bad([str(run.root / p) for p in sorted(wanted)], cfg.data.max_image_pixels)
-    run.bad = {str(Path(p).relative_to(run.root)): reason for p, reason in sorted(found.items())}
-    for rel, reason in run.bad.items():
-        log.warning("bad image skipped", file=storage.join(cfg.data.uri, rel), reason=reason)
+    images = run.layout.counts()
+    total = sum(n for per in images.values() for n in per.values())
+    run.bad = dict(sorted(found.items()))
+    for key, reason in run.bad.items():
+        log.warning("bad image skipped", file=image_uri(cfg, key), reason=reason)
     metrics.bad_images(len(run.bad))
-    fraction = len(run.bad) / max(len(wanted), 1)
+    fraction = len(run.bad) / max(total, 1)
     if fraction > cfg.data.max_bad_fraction:
         example, reason = next(iter(run.bad.items()))
-        raise DataError(f"{len(run.bad)} of {len(wanted)} images are bad ({fraction:.1%} > data.max_bad_fraction "
-                        f"{cfg.data.max_bad_fraction:.1%}), e.g. {storage.join(cfg.data.uri, example)}: {reason}")
+        raise DataError(f"{len(run.bad)} of {total} images are bad ({fraction:.1%} > data.max_bad_fraction "
+                        f"{cfg.data.max_bad_fraction:.1%}), e.g. {image_uri(cfg, example)}: {reason}")
     run.layout = layout_lib.without(run.layout, set(run.bad))
     for split, per in run.layout.files.items():
-        empty = [c for c, ps in per.items() if not ps]
-        if empty:
-            raise DataError(f"{cfg.data.uri}/{split}/: no usable images left in {', '.join(empty)}")
+        emptied = [c for c, ps in per.items() if not ps and images[split][c]]
+        if emptied:
+            raise DataError(f"{cfg.data.uri}/{split}/: no usable images left in {', '.join(emptied)}")
     _workers_agree_on_dataset(run)
+
+
+def _copy(run: Run) -> dict[str, str]:
+    """Stage every image to local disk (shards: downloaded and extracted); {key: why it is bad}."""
+    from job import dataset, signals, sources
+
+    cfg, source = run.cfg, run.source
+    total = sum(map(len, source.shard_entries.values())) if source.kind == "shards" else len(source.entries)
+    with logs.progress("staging", total) as advance, run.timings.measure("download"):
+        run.local, layout, stats = sources.stage(source, Path(cfg.data.cache_dir), advance,
+                                                 stop=lambda: signals.check("staging"))
+    if source.kind == "shards":  # a sharded dataset's files are known once its shards are read
+        run.layout = layout_lib.split_validation(layout, cfg.data.validation_split, cfg.train.seed)
+    log.info("dataset staged", kind=source.kind, mode="copy", images=len(run.local), **stats)
+    signals.check("staging")
+    keys = sorted(run.local)
+    with run.timings.measure("bad_image_check"):
+        found = dataset.find_bad([str(run.local[k]) for k in keys], cfg.data.max_image_pixels)
+    key_of = {str(run.local[k]): k for k in keys}
+    return {key_of[p]: reason for p, reason in found.items()}
+
+
+def _survey(run: Run) -> dict[str, str]:
+    """Stream mode: one pass over every shard for the images' keys and labels and the bad ones; nothing is
+    kept on disk. {key: why it is bad}."""
+    from job import dataset, signals, stream
+
+    cfg, source, classes = run.cfg, run.source, run.layout.classes
+    files: dict[str, dict[str, list[str]]] = {}
+    bad: dict[str, str] = {}
+    with logs.progress("reading shards", sum(map(len, source.shard_entries.values()))) as advance, \
+            run.timings.measure("shard_survey"):
+        for split, entries in source.shard_entries.items():
+            per = files.setdefault(split, {c: [] for c in classes})
+            for entry in entries:
+                chunk = []
+                for key, image, label in stream.samples(source.store, [entry.rel], classes):
+                    per[classes[label]].append(key)
+                    chunk.append((key, image))
+                bad |= dataset.find_bad_blobs(chunk, cfg.data.max_image_pixels)
+                advance(1)
+                signals.check("staging")
+    layout = layout_lib.Layout(classes, {s: {c: sorted(ks) for c, ks in files[s].items()} for s in files})
+    run.layout = layout_lib.split_validation(layout, cfg.data.validation_split, cfg.train.seed)
+    log.info("dataset surveyed", kind="shards", mode="stream", shards=sum(map(len, source.shard_entries.values())),
+             images=sum(n for per in layout.counts().values() for n in per.values()),
+             training_shards_of_this_worker=run._shards("train", mine=True)[0])
+    return bad
+
+
+def image_uri(cfg: Config, key: str) -> str:
+    """Where an image key is for the user: a URI (a shard's sample: `<shard URI>:<member>`)."""
+    return key if "://" in key else storage.join(cfg.data.uri, key)
 
 
 def _workers_agree_on_dataset(run: Run) -> None:
     """Every worker must run the same number of steps: a listing that changed between workers' starts
     would make them disagree and hang. One exact all-gather on every worker; all fail together."""
-    counts = [len(run.files(split)[0]) for split in ("train", "validation", "test")]
+    counts = [run.count(split) for split in ("train", "validation", "test")]
     rows = run.cluster.gather(counts)
     if any(row != rows[0] for row in rows):
         raise DataError(f"the workers see different datasets under {run.cfg.data.uri} (did it change while the run "
                         f"started?): images per split (train, validation, test) by worker: {rows}")
 
 
-def _image_batches(run: Run, paths: list[str], labels: list[int]):
-    """A dataset_fn of shuffled, repeated per-replica batches from the image cache."""
-    from job import dataset, loop
+def _training_batches(run: Run):
+    """A dataset_fn of this worker's shuffled, repeated per-replica training batches."""
+    from job import loop
 
     per_replica = loop.per_replica_batch(run.cfg.train.batch_size, run.cluster)
     seed = run.cfg.train.seed + len(run.state.history["finetune"])  # a resumed run does not replay its order
-    return lambda ctx: dataset.image_dataset(paths, labels, run.size, per_replica, shuffle=True, seed=seed,
-                                             repeat=True, cache_dir=run.cache)
+    return lambda ctx: run.images("train", per_replica, shuffle=True, seed=seed, repeat=True, mine=True)
 
 
 def _validation_images(run: Run):
-    from job import dataset
-
-    paths, labels = run.files("validation")
-    return dataset.image_dataset(paths, labels, run.size, 64, cache_dir=run.cache) if paths else None
+    return run.images("validation", 64) if run.count("validation") else None
 
 
 def head_phase(run: Run) -> None:
@@ -328,36 +439,47 @@ def head_phase(run: Run) -> None:
     cfg, head = run.cfg, run.cfg.train.head
     if run.state.phase != "head":
         return  # resumed past it
-    paths, labels = run.my_training_files()
-    examples = len(run.files("train")[0])
+    examples = run.count("train")
     if head.augment and head.mode == "cached_features":
         log.warning("train.head.augment has no effect with train.head.mode cached_features (features are "
                     "computed once from un-augmented images); use end_to_end to augment the head phase")
     if run.state.resumes("head") and run.state.epoch >= head.epochs:
         # Resumed after the phase's last epoch: only its best weights are to be restored, no data needed.
-        phase = loop.Phase("head", run.parts.head, None, examples, head.epochs, head.learning_rate, lambda: None)
+        phase = loop.Phase("head", run.parts.head, None, examples, head.epochs, head.learning_rate, lambda: None,
+                           saved=run.parts.head)
     elif head.mode == "cached_features" and head.epochs > 0:
         metrics.set_phase("head")
-        key = [cfg.model.backbone, cfg.model.weights, list(cfg.data.image_size)]
         with run.timings.measure("feature_cache"):
-            train_features = dataset.cached_features(run.parts.features, paths, key, run.cache, run.cache)
-            val_paths, val_labels = run.files("validation")
-            val_features = dataset.cached_features(run.parts.features, val_paths, key, run.cache, run.cache)
+            train_features, train_labels = _features(run, "train", mine=True)
+            val_features, val_labels = _features(run, "validation", mine=False)
         signals.check("feature extraction")
         per_replica = loop.per_replica_batch(cfg.train.batch_size, run.cluster)
         phase = loop.Phase(
             "head", run.parts.head,
-            lambda ctx: dataset.feature_dataset(train_features, labels, per_replica, shuffle=True, seed=cfg.train.seed,
-                                                repeat=True),
+            lambda ctx: dataset.feature_dataset(train_features, train_labels, per_replica, shuffle=True,
+                                                seed=cfg.train.seed, repeat=True),
             examples, head.epochs, head.learning_rate,
             loop.validator(run.parts.head,
-                           dataset.feature_dataset(val_features, val_labels, 256) if val_paths else None))
+                           dataset.feature_dataset(val_features, val_labels, 256) if len(val_labels) else None),
+            saved=run.parts.head)
     else:
         with run.cluster.strategy.scope():
             augment = model.augmentation(recipe.augment_ops(head.augment), cfg.train.seed)
-        phase = loop.Phase("head", run.parts.model, _image_batches(run, paths, labels), examples, head.epochs,
-                           head.learning_rate, loop.validator(run.parts.model, _validation_images(run)), augment)
+        # The base is frozen: checkpoints hold the head, the base comes from model.weights again.
+        phase = loop.Phase("head", run.parts.model, _training_batches(run), examples, head.epochs,
+                           head.learning_rate, loop.validator(run.parts.model, _validation_images(run)), augment,
+                           saved=run.parts.head)
     loop.run_phase(phase, run.cluster, cfg.train.batch_size, run.options, run.ckpt, run.state)
+
+
+def _features(run: Run, split: str, mine: bool):
+    """The frozen base's features of a split (this worker's share when `mine`) and their labels, cached."""
+    from job import dataset
+
+    cfg = run.cfg
+    key = [cfg.model.backbone, cfg.model.weights, list(cfg.data.image_size), split, run.identity(split, mine)]
+    count = run.mine(split) if mine else run.count(split)
+    return dataset.cached_features(run.parts.features, run.images(split, 64, mine=mine), count, key, run.cache)
 
 
 def finetune_phase(run: Run) -> None:
@@ -366,19 +488,17 @@ def finetune_phase(run: Run) -> None:
 
     cfg, ft = run.cfg, run.cfg.train.finetune
     if run.state.phase in ("head", "finetune") and ft.epochs > 0 and run.unfreeze > 0:
-        paths, labels = run.my_training_files()
         with run.cluster.strategy.scope():
             model.unfreeze_top(run.parts.base, run.unfreeze)
             augment = model.augmentation(recipe.augment_ops(ft.augment), cfg.train.seed + 100)
-        phase = loop.Phase("finetune", run.parts.model, _image_batches(run, paths, labels), len(run.files("train")[0]),
-                           ft.epochs, ft.learning_rate, loop.validator(run.parts.model, _validation_images(run)),
-                           augment)
+        phase = loop.Phase("finetune", run.parts.model, _training_batches(run), run.count("train"), ft.epochs,
+                           ft.learning_rate, loop.validator(run.parts.model, _validation_images(run)), augment)
         loop.run_phase(phase, run.cluster, cfg.train.batch_size, run.options, run.ckpt, run.state)
     if run.state.phase == "trained":
-        run.ckpt.restore()  # a resumed run that had finished training: its final weights
+        run.ckpt.restore(weights=run.parts.model)  # a resumed run that had finished training: its final weights
     else:
         run.state.finish()
-        run.ckpt.save(run.state)  # evaluation and export can now be redone without training again
+        run.ckpt.save(run.state, weights=run.parts.model)  # evaluation and export can be redone without training
     signals.check("evaluation")
 
 
@@ -391,17 +511,16 @@ def class_weights(cfg: Config, layout: layout_lib.Layout) -> list[float] | None:
 
 
 def evaluate(run: Run) -> dict[str, dict]:
-    """Validation and test reports, the same on every worker; images come from the image cache."""
-    from job import dataset, loop
+    """Validation and test reports, the same on every worker; images from the image cache (or the shards)."""
+    from job import loop
 
     metrics.set_phase("evaluate")
     infer = loop.inference(run.parts.model)  # traced once for both splits
     reports = {}
     for split in ("validation", "test"):
-        paths, labels = run.files(split)
-        if paths:
-            batches = dataset.image_dataset(paths, labels, run.size, 64, cache_dir=run.cache)
-            reports[split] = evaluation.report(*loop.predict(run.parts.model, batches, infer), run.layout.classes)
+        if run.count(split):
+            probs, labels = loop.predict(run.parts.model, run.images(split, 64), infer)
+            reports[split] = evaluation.report(probs, labels, run.layout.classes)
     log.info("training done", weights_sha256=weights_fingerprint(run.parts.model),
              epochs={k: len(v) for k, v in run.state.history.items()})
     return reports
@@ -427,7 +546,7 @@ def export(run: Run, reports: dict, started: float) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     with run.timings.measure("export"):
-        export_artifacts(run, reports, folder)
+        checked = export_artifacts(run, reports, folder)
     run.timings["total_seconds"] = round(time.monotonic() - started, 3)
     strategy = {"kind": run.cluster.kind, "replicas": run.cluster.replicas, "workers": run.cluster.num_workers,
                 "mixed_precision": run.cluster.mixed_precision}
@@ -435,32 +554,71 @@ def export(run: Run, reports: dict, started: float) -> dict:
         "run_id": cfg.run_id, "versions": export_lib.versions(), "backbone": cfg.model.backbone,
         "classes": run.layout.classes, "seed": cfg.train.seed, "weights_sha256": weights_fingerprint(run.parts.model),
         "dataset": {"uri": cfg.data.uri, "counts": run.layout.counts(), "bad_images": len(run.bad)},
-        "strategy": strategy, "timings": dict(run.timings),
+        "strategy": strategy, "formats": checked, "timings": dict(run.timings),
     })
     if run.lease:
         run.lease.check()
-    export_lib.upload(folder, run.out)
+    with run.timings.measure("upload"):
+        export_lib.upload(folder, run.out)
     headline = reports.get("test") or reports.get("validation") or {}
     return {"status": "complete", "artifacts": run.out.uri, "test_accuracy": reports.get("test", {}).get("accuracy"),
             "val_accuracy": reports.get("validation", {}).get("accuracy"), "accuracy": headline.get("accuracy"),
+            "formats": sorted(f for f, r in checked.items() if "error" not in r),
             "seconds": run.timings["total_seconds"], "s3_errors": metrics.s3_errors_total()}
 
 
-def export_artifacts(run: Run, reports: dict, folder: Path) -> None:
-    """Everything of CONTRACT section 6 except the manifest and _SUCCESS, into a local folder."""
+def export_artifacts(run: Run, reports: dict, folder: Path) -> dict[str, dict]:
+    """Everything of CONTRACT section 6 except the manifest and _SUCCESS, into a local folder; returns each
+    exported format's check (accuracy, agreement with the SavedModel, size, latency)."""
     from job import export as export_lib
+    from job import model_card
 
     cfg, classes, history = run.cfg, run.layout.classes, run.state.history
-    clean = export_lib.clean_copy(run.parts, cfg, classes)
-    export_lib.write_saved_model(clean, classes, run.size, folder / "saved_model")
-    clean.save(folder / "model.keras")
+    measure = run.timings.measure
+    with measure("export_clean_copy"):
+        clean = export_lib.clean_copy(run.parts, cfg, classes, run.cluster)
+    with measure("export_saved_model"):
+        export_lib.write_saved_model(clean, classes, run.size, folder / "saved_model")
+    with measure("export_model_keras"):
+        clean.save(folder / "model.keras")
     (folder / "labels.txt").write_text("\n".join(classes) + "\n")
-    bad = [{"file": storage.join(cfg.data.uri, rel), "reason": reason} for rel, reason in run.bad.items()]
-    export_lib.write_json(folder / "metrics.json", {**reports, "bad_images": bad})
-    export_lib.write_json(folder / "history.json", history)
-    evaluation.plot_curves(history, folder / "curves.png")
-    split = "test" if "test" in reports else "validation"
-    if split in reports:
-        evaluation.plot_confusion(reports[split]["confusion_matrix"], classes, folder / "confusion_matrix.png",
-                                  f"{split} confusion matrix")
-    (folder / "config.yaml").write_text(to_yaml(cfg))
+    with measure("formats"):
+        checked = _export_formats(run, clean, folder)
+    with measure("export_reports"):
+        bad = [{"file": image_uri(cfg, key), "reason": reason} for key, reason in run.bad.items()]
+        export_lib.write_json(folder / "metrics.json", {**reports, "formats": checked, "bad_images": bad})
+        export_lib.write_json(folder / "history.json", history)
+        evaluation.plot_curves(history, folder / "curves.png")
+        split = "test" if "test" in reports else "validation"
+        if split in reports:
+            evaluation.plot_confusion(reports[split]["confusion_matrix"], classes, folder / "confusion_matrix.png",
+                                      f"{split} confusion matrix")
+        (folder / "config.yaml").write_text(to_yaml(cfg))
+        (folder / "MODEL_CARD.md").write_text(model_card.render(
+            cfg.run_id, redacted(cfg), classes, run.layout.counts(), reports, checked, len(run.bad),
+            export_lib.versions()))
+    return checked
+
+
+def _export_formats(run: Run, clean, folder: Path) -> dict[str, dict]:
+    """The formats of `export.formats`, each checked on the test split (else validation) from the image cache."""
+    import numpy as np
+
+    from job import formats
+
+    split = "test" if run.count("test") else "validation"
+    pixels, labels = run.pixels(split)
+
+    def calibration():
+        """int8 calibration: up to 256 training images spread over every class."""
+        if run.mode == "stream":
+            yield run.pixels("train", limit=256)[0]  # the shards are shuffled across classes by pack
+            return
+        rows = run.pixels("train")[0]
+        picked = rows[:: max(1, len(rows) // 256)][:256]
+        for start in range(0, len(picked), 32):
+            yield np.asarray(picked[start:start + 32])
+
+    e = run.cfg.export
+    return formats.export_all(folder, clean, run.size, run.layout.classes, e.formats, np.asarray(pixels),
+                              np.asarray(labels), calibration, e.max_accuracy_drop, e.fail_on_accuracy_drop, log)

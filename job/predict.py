@@ -16,26 +16,38 @@ from job import storage
 from job.errors import ConfigError, DataError, StorageError
 
 
+def artifact(fmt: str) -> str:
+    """The file or folder of a format inside a run."""
+    from job.formats import FILES
+
+    return "saved_model" if fmt == "saved_model" else FILES[fmt]
+
+
 @contextlib.contextmanager
-def fetched_run(model_uri: str, endpoint: str = "") -> Iterator[Path]:
-    """A complete exported run as a local folder, its SavedModel and labels checked against the manifest."""
+def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") -> Iterator[Path]:
+    """A complete exported run as a local folder, the format's files and the labels checked against the manifest."""
     from job.export import MANIFEST, SUCCESS, sha256
 
     store = storage.open_store(model_uri, endpoint)
     if not store.exists(SUCCESS):
         raise StorageError(f"{model_uri}: not a complete run (no {SUCCESS})")
+    target = artifact(fmt)
+
+    def needed(rel: str) -> bool:
+        return rel in (MANIFEST, "labels.txt") or rel == target or rel.startswith(target + "/")
+
     with contextlib.ExitStack() as stack:
         if isinstance(store, storage.LocalStore):
             folder = store.root
         else:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="finetune-job-model-")))
-            wanted = [e for e in store.list() if e.rel in (MANIFEST, "labels.txt") or e.rel.startswith("saved_model/")]
-            storage.stage(store, wanted, tmp)
+            storage.stage(store, [e for e in store.list() if needed(e.rel)], tmp)
             folder = tmp / store.bucket / store.prefix
         manifest = json.loads((folder / MANIFEST).read_text())
+        if not any(rel == target or rel.startswith(target + "/") for rel in manifest["files"]):
+            raise StorageError(f"{model_uri}: this run has no {fmt} (export.formats: see its manifest.json)")
         for rel, info in manifest["files"].items():
-            needed = rel.startswith("saved_model/") or rel == "labels.txt"
-            if needed and (not (folder / rel).is_file() or sha256(folder / rel) != info["sha256"]):
+            if needed(rel) and (not (folder / rel).is_file() or sha256(folder / rel) != info["sha256"]):
                 raise StorageError(f"{model_uri}/{rel}: does not match the manifest's checksum")
         yield folder
 
@@ -54,21 +66,45 @@ def read_images(images: list[str], endpoint: str = "") -> list[bytes]:
     return blobs
 
 
-def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "") -> list[dict]:
-    """Top-k labels with probabilities for each image (local path or s3:// URI)."""
-    with fetched_run(model_uri, endpoint) as folder:
+def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "", fmt: str = "saved_model") -> list[dict]:
+    """Top-k labels with probabilities for each image (local path or s3:// URI), with the chosen artifact."""
+    with fetched_run(model_uri, endpoint, fmt) as folder:
         blobs = read_images(images, endpoint)
-        import tensorflow as tf
-
-        serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
         labels = (folder / "labels.txt").read_text().splitlines()
+        classify = _classifier(fmt, folder / artifact(fmt))
         results = []
         for uri, blob in zip(images, blobs):
-            try:
-                probs = serve(image_bytes=tf.constant([blob]))["probabilities"].numpy()[0]
-            except tf.errors.InvalidArgumentError:
-                raise DataError(f"{uri}: not a decodable image") from None
+            probs = classify(uri, blob)
             order = probs.argsort()[::-1][:top_k]
             results.append({"image": uri, "top": [{"label": labels[i], "probability": float(probs[i])}
                                                   for i in order]})
     return results
+
+
+def _classifier(fmt: str, path: Path):
+    """(uri, encoded bytes) -> probabilities. The SavedModel decodes itself; the other formats get the pixels
+    the job's own decoder makes, as in training."""
+    import tensorflow as tf
+
+    if fmt in ("saved_model", "tf_serving"):
+        serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+        def probabilities(blob: bytes):
+            return serve(image_bytes=tf.constant([blob]))["probabilities"].numpy()[0]
+    else:
+        from job.dataset import decode_and_resize
+        from job.formats import runner
+
+        run = runner(fmt, path)
+        size = tuple(json.loads(Path(f"{path}.json").read_text())["input"]["shape"][1:3])
+
+        def probabilities(blob: bytes):
+            return run.predict(decode_and_resize(tf.constant(blob), size).numpy()[None])[0]
+
+    def classify(uri: str, blob: bytes):
+        try:
+            return probabilities(blob)
+        except tf.errors.InvalidArgumentError:
+            raise DataError(f"{uri}: not a decodable image") from None
+
+    return classify

@@ -25,6 +25,8 @@ from job.errors import StorageError
 from job.files import atomic_path, write_text
 
 DOWNLOAD_THREADS = 32
+RANGED_MIN = 16 * 2**20  # objects this large (tar shards) are fetched with parallel ranged GETs
+RANGED_CHUNK = 8 * 2**20
 STREAM_ATTEMPTS = 5
 INDEX_NAME = ".finetune-job-staged.json"
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
@@ -157,13 +159,18 @@ class S3Store:
                     return False
                 raise
 
-    def download(self, rel: str, dest: Path) -> int:
+    def download(self, rel: str, dest: Path, size: int = 0) -> int:
         """Atomic download to dest (a temporary name, then rename); returns the bytes written.
 
-        Botocore retries failed requests; a connection dropped while the body streams is retried
-        here, with the same backoff, since botocore has already handed the response over.
+        Objects of RANGED_MIN bytes and more (tar shards) go through boto3's transfer manager: parallel
+        ranged GETs, each retried on its own. Smaller ones are one GET: botocore retries failed requests,
+        and a connection dropped while the body streams is retried here, with the same backoff, since
+        botocore has already handed the response over.
         """
         from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+
+        if size >= RANGED_MIN:
+            return self._download_ranged(rel, dest)
 
         with storage_errors(f"downloading {join(self.uri, rel)}"), atomic_path(dest) as tmp:
             for attempt in range(1, STREAM_ATTEMPTS + 1):
@@ -180,6 +187,15 @@ class S3Store:
         size = dest.stat().st_size
         metrics.s3_bytes_downloaded(size)
         return size
+
+    def _download_ranged(self, rel: str, dest: Path) -> int:
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=RANGED_MIN, multipart_chunksize=RANGED_CHUNK, max_concurrency=8)
+        with storage_errors(f"downloading {join(self.uri, rel)}"), atomic_path(dest) as tmp:
+            self.client.download_file(self.bucket, self._key(rel), str(tmp), Config=config,
+                                      Callback=metrics.s3_bytes_downloaded)
+        return dest.stat().st_size
 
     def upload(self, src: Path, rel: str) -> None:
         with storage_errors(f"uploading {join(self.uri, rel)}"):
@@ -230,6 +246,12 @@ class S3Store:
         now, written = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc) for t in (now, written))
         return reply["ETag"].strip('"'), max(0.0, (now - written).total_seconds())
 
+    def open_stream(self, rel: str):
+        """The object's body as a file-like stream (read as it arrives; job.stream)."""
+        with storage_errors(f"reading {join(self.uri, rel)}"):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
+        return _Counted(body)
+
     def read(self, rel: str) -> bytes:
         with storage_errors(f"reading {join(self.uri, rel)}"):
             data = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
@@ -270,7 +292,7 @@ class LocalStore:
     def exists(self, rel: str) -> bool:
         return (self.root / rel).exists()
 
-    def download(self, rel: str, dest: Path) -> int:
+    def download(self, rel: str, dest: Path, size: int = 0) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with storage_errors(f"copying {self.root / rel}"):
             shutil.copyfile(self.root / rel, dest)
@@ -309,6 +331,10 @@ class LocalStore:
             return None
         return str(st.st_mtime_ns), max(0.0, time.time() - st.st_mtime)
 
+    def open_stream(self, rel: str):
+        with storage_errors(f"reading {self.root / rel}"):
+            return open(self.root / rel, "rb")  # noqa: SIM115 (the reader closes it)
+
     def read(self, rel: str) -> bytes:
         with storage_errors(f"reading {self.root / rel}"):
             return (self.root / rel).read_bytes()
@@ -321,6 +347,21 @@ class LocalStore:
     def delete_all(self) -> None:
         with storage_errors(f"deleting {self.root}"):
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+class _Counted:
+    """A response body whose bytes count in finetune_job_s3_bytes_downloaded_total as they are read."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.body.read(size if size is not None and size >= 0 else None)
+        metrics.s3_bytes_downloaded(len(data))
+        return data
+
+    def close(self) -> None:
+        self.body.close()
 
 
 Store = S3Store | LocalStore
@@ -374,7 +415,7 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
     pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage")
     ok = False
     try:
-        futures = {pool.submit(store.download, e.rel, root / e.rel): e for e in todo}
+        futures = {pool.submit(store.download, e.rel, root / e.rel, e.size): e for e in todo}
         for fut in as_completed(futures):
             e = futures[fut]
             stats["bytes"] += fut.result()

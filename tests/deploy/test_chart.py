@@ -719,6 +719,7 @@ def test_rendered_job_runs_end_to_end_against_s3(s3_server: str, tmp_path: Path)
             "train": {"batch_size": 16, "head": {"epochs": 2}, "finetune": {"epochs": 1}},
             "output": {"uri": f"s3://{bucket}/models/shapes"},
             "metrics": {"port": 0, "linger_seconds": 0},
+            "export": {"formats": ["saved_model"]},
         },
     }
     manifests = render(values, name="wiring", revision=1)

@@ -16,6 +16,7 @@ def config(tmp_path, data_uri, out_uri, **extra):
         "train": {"batch_size": 8, "head": {"epochs": 1}, "finetune": {"epochs": 0}},
         "output": {"uri": out_uri},
         "metrics": {"port": 0, "linger_seconds": 0},
+        "export": {"formats": ["saved_model"]},
     }
     for key, value in extra.items():
         sections.setdefault(key, {}).update(value) if isinstance(value, dict) else sections.update({key: value})

@@ -35,9 +35,11 @@ def make_config(path, bucket, run_id, cache, **overrides):
         "train": {"batch_size": 16, "head": {"epochs": 2}, "finetune": {"epochs": 2, "unfreeze": 10},
                   "early_stopping_patience": 0},
         "output": {"uri": f"s3://{bucket}/runs"},
-        # A short lease: a run that died without releasing it is taken over within seconds, not minutes.
-        "checkpoint": {"lease_seconds": 6},
+        # A short lease: a run that died without releasing it is taken over within seconds, not minutes;
+        # a checkpoint at every epoch's end (the default is by time, every 5 minutes).
+        "checkpoint": {"lease_seconds": 6, "every_seconds": 0},
         "metrics": {"port": 0, "linger_seconds": 0},
+        "export": {"formats": ["saved_model"]},
     }
     for key, value in overrides.items():
         if isinstance(value, dict):

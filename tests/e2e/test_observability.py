@@ -91,6 +91,7 @@ def training_config(tmp: Path, bucket: str, run_id: str, metrics: dict, weights:
         distribution={"cpu_replicas": 0},
         output={"uri": f"s3://{bucket}/models/shapes"},
         metrics={"host": "127.0.0.1", "linger_seconds": 5, **metrics},
+        export={"formats": ["saved_model"]},
     )
 
 

@@ -50,6 +50,7 @@ def trained(s3, sample_data, base_weights, tmp_path_factory):
         distribution={"cpu_replicas": 2},
         output={"uri": f"s3://{bucket}/models/shapes"},
         metrics={"port": 0, "linger_seconds": 0},
+        export={"formats": ["saved_model", "tf_serving", "tflite", "tflite_int8", "onnx"]},
     )
     result = run_cli("train", "--config", str(cfg), env=s3.env())
     return {"bucket": bucket, "config": cfg, "result": result, "tmp": tmp, "prefix": "models/shapes/e2e"}
@@ -193,6 +194,7 @@ def test_mixed_precision_path_trains_on_two_replicas(s3, sample_data, base_weigh
         distribution={"cpu_replicas": 2},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0, "linger_seconds": 0},
+        export={"formats": ["saved_model"]},
     )
     result = run_cli("train", "--config", str(cfg))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -232,6 +234,7 @@ def test_xla_step_trains_on_two_replicas(sample_data, base_weights, tmp_path):
         distribution={"cpu_replicas": 2},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0, "linger_seconds": 0},
+        export={"formats": ["saved_model"]},
     )
     out = subprocess.run([sys.executable, "-c", XLA_RUN, str(cfg)], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -254,6 +257,7 @@ def test_same_seed_data_and_strategy_give_identical_weights(sample_data, base_we
                    "finetune": {"epochs": 1, "unfreeze": 10, "augment": True}},
             output={"uri": str(tmp_path / "out")},
             metrics={"port": 0, "linger_seconds": 0},
+        export={"formats": ["saved_model"]},
         )
         result = run_cli("train", "--config", str(cfg))
         assert result.returncode == 0, result.stderr[-3000:]
@@ -264,3 +268,127 @@ def test_same_seed_data_and_strategy_give_identical_weights(sample_data, base_we
     first = run("a", 7)
     assert run("b", 7) == first
     assert run("c", 8) != first
+
+
+# ------------------------------------------------------------------ exported formats (export.formats defaults)
+
+FORMATS = ("saved_model", "tf_serving", "tflite", "tflite_int8", "onnx")
+
+
+@pytest.fixture(scope="module")
+def run_folder(trained, s3, tmp_path_factory):
+    """The run's artifacts downloaded as a user would."""
+    folder = tmp_path_factory.mktemp("run")
+    for key in s3.keys(trained["bucket"], trained["prefix"] + "/"):
+        rel = key.removeprefix(trained["prefix"] + "/")
+        if not rel.startswith("checkpoints/"):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            s3.client.download_file(trained["bucket"], key, str(folder / rel))
+    return folder
+
+
+def test_every_format_is_written_checked_and_recorded(run_folder):
+    for rel in ("tf_serving/classifier/1/saved_model.pb", "model.tflite", "model.tflite.json", "model_int8.tflite",
+                "model_int8.tflite.json", "model.onnx", "model.onnx.json", "MODEL_CARD.md"):
+        assert (run_folder / rel).is_file(), rel
+    checked = json.loads((run_folder / "metrics.json").read_text())["formats"]
+    assert json.loads((run_folder / "manifest.json").read_text())["formats"] == checked
+    assert set(checked) == set(FORMATS)
+    test_examples = json.loads((run_folder / "metrics.json").read_text())["test"]["examples"]
+    for fmt, r in checked.items():
+        assert r["examples"] == test_examples and r["bytes"] > 0 and r["latency_ms_batch1"] > 0, fmt
+        if fmt not in ("saved_model", "tflite_int8"):
+            assert r["agreement"] >= 0.99, fmt  # the job's own bar for float formats
+    assert checked["tf_serving"]["agreement"] == 1.0 and checked["tf_serving"]["accuracy"] == checked["saved_model"][
+        "accuracy"]
+    int8 = checked["tflite_int8"]
+    assert int8["accuracy_drop"] == pytest.approx(checked["saved_model"]["accuracy"] - int8["accuracy"], abs=1e-4)
+    assert checked["tflite"]["bytes"] < checked["saved_model"]["bytes"] and int8["bytes"] < checked["tflite"]["bytes"]
+    info = json.loads((run_folder / "model_int8.tflite.json").read_text())
+    assert info["input"]["shape"] == [None, SIZE, SIZE, 3] and info["input"]["dtype"] == "uint8"
+    assert info["labels"] == ["circle", "square", "triangle"]
+
+
+def _decoded(files, size):
+    import tensorflow as tf
+
+    from job.dataset import decode_and_resize
+
+    return np.stack([decode_and_resize(tf.constant(f.read_bytes()), size).numpy() for f in files])
+
+
+def test_each_format_classifies_encoded_test_images_in_its_own_runtime(run_folder, sample_data):
+    """TensorFlow for the SavedModels (bytes in), the LiteRT interpreter and onnxruntime (decoded pixels in)."""
+    import onnxruntime as ort
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    files = sorted((sample_data / "test").rglob("*.*"))
+    truth = np.array([["circle", "square", "triangle"].index(f.parent.name) for f in files])
+    blobs = tf.constant([f.read_bytes() for f in files])
+    probs = {}
+    for fmt, path in (("saved_model", "saved_model"), ("tf_serving", "tf_serving/classifier/1")):
+        probs[fmt] = tf.saved_model.load(str(run_folder / path)).signatures["serving_default"](
+            image_bytes=blobs)["probabilities"].numpy()
+    pixels = _decoded(files, (SIZE, SIZE))
+    session = ort.InferenceSession(str(run_folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    probs["onnx"] = session.run(None, {session.get_inputs()[0].name: pixels.astype(np.float32)})[0]
+    for fmt, name in (("tflite", "model.tflite"), ("tflite_int8", "model_int8.tflite")):
+        interpreter = Interpreter(model_path=str(run_folder / name))
+        source = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(source["index"], list(pixels.shape))
+        interpreter.allocate_tensors()
+        source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        interpreter.set_tensor(source["index"], (np.round(pixels) if fmt == "tflite_int8" else pixels).astype(
+            source["dtype"]))
+        interpreter.invoke()
+        out = interpreter.get_tensor(target["index"]).astype(np.float32)
+        scale, zero = target["quantization"]
+        probs[fmt] = (out - zero) * scale if target["dtype"] != np.float32 else out
+    np.testing.assert_array_equal(probs["tf_serving"], probs["saved_model"])  # the same SavedModel
+    for fmt in ("onnx", "tflite"):
+        np.testing.assert_allclose(probs[fmt], probs["saved_model"], atol=0.02)
+    for fmt, p in probs.items():
+        assert p.shape == (len(files), 3), fmt
+        assert (p.argmax(1) == truth).mean() > 0.6, fmt  # clearly above chance (1/3)
+
+
+def test_the_rest_request_of_the_readme_as_tf_serving_feeds_it(run_folder, sample_data):
+    """TF Serving's REST API turns {"b64": ...} into the bytes of a DT_STRING input and batches `instances` by
+    input name; the signature must take exactly that."""
+    import base64
+
+    import tensorflow as tf
+
+    files = sorted((sample_data / "test").rglob("*.png"))[:3]
+    body = json.dumps({"instances": [{"image_bytes": {"b64": base64.b64encode(f.read_bytes()).decode()}}
+                                     for f in files]})
+    request = json.loads(body)
+    signature = tf.saved_model.load(str(run_folder / "tf_serving/classifier/1")).signatures["serving_default"]
+    inputs = {name: tf.constant([base64.b64decode(i[name]["b64"]) for i in request["instances"]])
+              for name in request["instances"][0]}
+    assert set(inputs) == set(signature.structured_input_signature[1])
+    out = signature(**inputs)
+    assert out["probabilities"].shape == (3, 3) and out["label"].shape == (3,)
+    direct = signature(image_bytes=tf.constant([f.read_bytes() for f in files]))
+    np.testing.assert_array_equal(out["probabilities"].numpy(), direct["probabilities"].numpy())
+
+
+def test_predict_runs_each_format(trained, s3, run_folder):
+    uri = f"s3://{trained['bucket']}/{trained['prefix']}"
+    image = f"s3://{trained['bucket']}/datasets/shapes/test/square/square_0001.png"
+    tops = {}
+    for fmt in FORMATS:
+        out = run_cli("predict", "--model", uri, image, "--json", "--format", fmt, env=s3.env(), timeout=180)
+        assert out.returncode == 0, (fmt, out.stderr[-1500:])
+        tops[fmt] = json.loads(out.stdout.strip().splitlines()[-1])["top"][0]["label"]
+    assert tops["tf_serving"] == tops["saved_model"] and tops["onnx"] == tops["saved_model"]
+    assert set(tops.values()) <= {"circle", "square", "triangle"}
+
+
+def test_model_card_describes_the_run(run_folder):
+    card = (run_folder / "MODEL_CARD.md").read_text()
+    assert card.startswith("---\nlibrary_name: keras") and "# e2e: an image classifier of 3 classes" in card
+    assert "| circle |" in card and "## Known limits" in card and "## Training recipe" in card
+    for fmt in FORMATS:
+        assert f"| {fmt} |" in card

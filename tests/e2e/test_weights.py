@@ -22,6 +22,7 @@ def test_base_weights_come_from_the_s3_file(s3, sample_data, base_weights, tmp_p
         train={"batch_size": 16, "head": {"epochs": 1}, "finetune": {"epochs": 0}},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0, "linger_seconds": 0},
+        export={"formats": ["saved_model"]},
     )
     result = run_cli("train", "--config", str(cfg), env=s3.env())
     assert result.returncode == 0, result.stderr[-2000:]
@@ -46,6 +47,7 @@ def test_unknown_weights_file_exits_2(tmp_path, sample_data):
         model={"backbone": "mobilenet_v2", "weights": str(tmp_path / "nope.weights.h5")},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0},
+        export={"formats": ["saved_model"]},
     )
     result = run_cli("train", "--config", str(cfg))
     assert result.returncode == 2 and "model.weights: no weights file" in result.stderr
@@ -59,6 +61,7 @@ def test_weights_of_another_backbone_exit_2(tmp_path, sample_data, base_weights)
         model={"backbone": "densenet121", "weights": str(base_weights)},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0},
+        export={"formats": ["saved_model"]},
     )
     result = run_cli("train", "--config", str(cfg))
     assert result.returncode == 2 and "does not fit densenet121" in result.stderr, result.stderr[-1500:]

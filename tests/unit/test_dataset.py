@@ -70,17 +70,24 @@ def test_image_cache_gives_the_decoded_images(tmp_path):
 def test_cached_features_are_computed_once_and_batched_with_their_labels(tmp_path):
     write_sample_dataset(tmp_path / "data", classes=2, per_class=5, size=32, seed=2, test_per_class=0)
     paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.*"))
+    labels = list(range(10))
     inputs = tf.keras.Input((16, 16, 3))
     extractor = tf.keras.Model(inputs, tf.keras.layers.GlobalAveragePooling2D()(inputs))  # mean colour
-    first = dataset.cached_features(extractor, paths, ["k"], tmp_path / "cache", tmp_path / "cache")
-    assert first.shape == (10, 3) and len(list((tmp_path / "cache").glob("features-*.npy"))) == 1
-    again = dataset.cached_features(extractor, paths, ["k"], tmp_path / "cache", None)
-    np.testing.assert_array_equal(first, again)
-    other = dataset.cached_features(extractor, paths, ["other weights"], tmp_path / "cache", None)
-    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2 and other.shape == first.shape
 
-    labels = list(range(10))
-    rows = {int(y): x for xs, ys in dataset.feature_dataset(first, labels, 4, shuffle=True, seed=0)
+    def batches():
+        return dataset.image_dataset(paths, labels, (16, 16), 4, cache_dir=tmp_path / "cache")
+
+    first, first_labels = dataset.cached_features(extractor, batches(), 10, ["k", paths], tmp_path / "cache")
+    assert first.shape == (10, 3) and first_labels.tolist() == labels
+    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 1
+    again, _ = dataset.cached_features(extractor, batches().take(0), 10, ["k", paths], tmp_path / "cache")
+    np.testing.assert_array_equal(first, again)  # read back, not recomputed (the dataset given is empty)
+    dataset.cached_features(extractor, batches(), 10, ["other weights", paths], tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2
+    with pytest.raises(RuntimeError, match="saw 10 images, expected 11"):
+        dataset.cached_features(extractor, batches(), 11, ["wrong count"], tmp_path / "cache")
+
+    rows = {int(y): x for xs, ys in dataset.feature_dataset(first, first_labels, 4, shuffle=True, seed=0)
             for x, y in zip(xs.numpy(), ys.numpy())}
     assert sorted(rows) == labels
     for i in labels:

@@ -44,8 +44,8 @@ def phase_of(model, data, epochs: int, validate) -> loop.Phase:
                       len(y), epochs, 0.05, validate)
 
 
-def checkpoints(model, folder, cluster) -> Checkpoints:
-    return Checkpoints(model, storage.LocalStore(str(folder / "out")), folder / "work", cluster, keep=2)
+def checkpoints(folder, cluster) -> Checkpoints:
+    return Checkpoints(storage.LocalStore(str(folder / "out")), folder / "work", cluster, keep=2)
 
 
 def test_early_stopping_restores_the_best_epoch(tmp_path, cluster, data):
@@ -59,7 +59,7 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, cluster, data):
 
     state = RunState()
     loop.run_phase(phase_of(model, data, 6, validate), cluster, BATCH, loop.Options(patience=2),
-                   checkpoints(model, tmp_path, cluster), state)
+                   checkpoints(tmp_path, cluster), state)
     assert [r["epoch"] for r in state.history["head"]] == [1, 2, 3, 4]
     assert state.best_epoch == 2 and state.epoch == 6
     for restored, best in zip(model.get_weights(), snapshots[1]):
@@ -83,10 +83,10 @@ def test_a_crashed_phase_resumes_at_its_next_epoch(tmp_path, cluster, data):
 
     with pytest.raises(Crash):
         loop.run_phase(phase_of(model, data, 4, crash_in_epoch_3), cluster, BATCH, loop.Options(patience=0),
-                       checkpoints(model, tmp_path, cluster), RunState())
+                       checkpoints(tmp_path, cluster), RunState())
 
     model = tiny_model(cluster)  # a new process: fresh weights, restored from storage
-    ckpt = checkpoints(model, tmp_path, cluster)
+    ckpt = checkpoints(tmp_path, cluster)
     state = ckpt.fetch()
     assert (state.phase, state.epoch, state.step) == ("head", 2, 0)
     assert ckpt.number == 2
@@ -99,13 +99,13 @@ def test_a_crashed_phase_resumes_at_its_next_epoch(tmp_path, cluster, data):
 
 def test_checkpoints_ignore_stray_files_and_restore_what_they_saved(tmp_path, cluster):
     model = tiny_model(cluster)
-    ckpt = checkpoints(model, tmp_path, cluster)
+    ckpt = checkpoints(tmp_path, cluster)
     state = RunState(config={"train.seed": 1})
     state.start("head")
-    ckpt.save(state)
+    ckpt.save(state, weights=model)
     saved = [w.copy() for w in model.get_weights()]
     model.set_weights([np.zeros_like(w) for w in saved])
-    ckpt.restore()  # without a fetch: the checkpoint this run saved
+    ckpt.restore(weights=model)  # without a fetch: the checkpoint this run saved
     for w, s in zip(model.get_weights(), saved):
         np.testing.assert_array_equal(w, s)
 
@@ -113,8 +113,8 @@ def test_checkpoints_ignore_stray_files_and_restore_what_they_saved(tmp_path, cl
     (remote / ".ckpt-7.index.123-456.part").write_bytes(b"half")  # an interrupted copy
     (remote / "notes.txt").write_text("not a checkpoint")
     for _ in range(3):
-        ckpt.save(state)
-    fresh = checkpoints(tiny_model(cluster), tmp_path, cluster)
+        ckpt.save(state, weights=model)
+    fresh = checkpoints(tmp_path, cluster)
     assert fresh.fetch() == state and fresh.number == 4
     names = sorted(p.name for p in remote.iterdir())
     assert {number(n) for n in names} - {None} == {3, 4}  # keep=2 pruned 1 and 2, left the strays alone
@@ -124,3 +124,14 @@ def test_checkpoints_ignore_stray_files_and_restore_what_they_saved(tmp_path, cl
 def test_checkpoint_file_names():
     assert number("ckpt-12.index") == 12 and number("ckpt-3.data-00000-of-00001") == 3
     assert number("checkpoint") is None and number(".ckpt-7.index.1-2.part") is None and number("x-1.txt") is None
+
+
+@pytest.mark.parametrize("every_seconds, saves", [(3600.0, 1), (0.0, 4), (1e-9, 20)])
+def test_checkpoints_by_time(tmp_path, cluster, data, every_seconds, saves):
+    """Never more often than asked: an hour apart, only the phase's end; 0, every epoch end; due all the
+    time, every step boundary (4 mid-epoch + the epoch's end, 5 steps an epoch)."""
+    model = tiny_model(cluster)
+    ckpt = checkpoints(tmp_path, cluster)
+    loop.run_phase(phase_of(model, data, 4, lambda: (0.5, 0.5)), cluster, BATCH,
+                   loop.Options(patience=0, every_seconds=every_seconds), ckpt, RunState())
+    assert ckpt.number == saves

@@ -55,4 +55,4 @@ def test_config_changes_name_the_keys_that_matter():
                                                          "train.finetune.unfreeze": 5}))
     assert changes == ["train.finetune.epochs: 10 -> 0", "train.finetune.unfreeze: 'all' -> 5"]
     assert runstate.config_changes(base, _training(**same, **{"train.class_weight": "{a: 2}"})) == [
-        "train.class_weight: 'none' -> {'a': 2.0}"]
+        "train.class_weight: 'auto' -> {'a': 2.0}"]

@@ -1,0 +1,254 @@
+"""The formats users deploy with, converted from the run's SavedModel and each checked in its own runtime.
+
+    saved_model   saved_model/                         TensorFlow; `serving_default` takes encoded bytes
+    tf_serving    tf_serving/classifier/1/             the same SavedModel where TF Serving and KServe look
+    tflite        model.tflite + model.tflite.json     LiteRT, float16 weights, float32 pixels in
+    tflite_int8   model_int8.tflite + ….json           LiteRT, full integer, uint8 pixels in and out
+    onnx          model.onnx + model.onnx.json         onnxruntime, float32 pixels in
+
+LiteRT and ONNX have no image decoder, so those formats take decoded pixels: RGB, [batch, h, w, 3],
+0..255, resized (bilinear, antialiased, no crop) to the training size; the backbone's preprocessing is
+inside. Each is described by the JSON beside it. Converters: TensorFlow's own TFLiteConverter on the
+SavedModel's `serving_pixels` signature, and Keras' `Model.export(format="onnx")` (tf2onnx).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMATS = ("saved_model", "tf_serving", "tflite", "tflite_int8", "onnx")
+# What `export.formats` means when not set: every format that converted and ran for every backbone of
+# the registry (bench/formats.py, docs/BENCHMARKS.md). ONNX fails for the backbones with a Keras
+# Normalization layer (EfficientNet, ...), so it is written only when listed.
+DEFAULT_FORMATS = ("saved_model", "tf_serving", "tflite", "tflite_int8")
+SERVING_NAME = "classifier"  # tf_serving/<name>/<version>/: the model name in TF Serving's URLs
+FILES = {"tf_serving": f"tf_serving/{SERVING_NAME}/1", "tflite": "model.tflite",
+         "tflite_int8": "model_int8.tflite", "onnx": "model.onnx"}
+FLOAT_AGREEMENT = 0.99  # float formats must give the SavedModel's top-1 on at least this share of images
+LATENCY_RUNS = 20
+
+
+class ConversionError(Exception):
+    """A format could not be written or failed its check."""
+
+
+def convert(fmt: str, folder: Path, keras_model, image_size: tuple[int, int], calibration: Iterator[np.ndarray],
+            classes: list[str]) -> Path:
+    """Write `fmt` under `folder` (which holds saved_model/ already); its path."""
+    path = folder / FILES[fmt]
+    try:
+        if fmt == "tf_serving":
+            shutil.copytree(folder / "saved_model", path)
+            return path
+        if fmt == "onnx":
+            with warnings.catch_warnings():  # tf2onnx's use of deprecated NumPy names
+                warnings.simplefilter("ignore", FutureWarning)
+                keras_model.export(str(path), format="onnx", verbose=False)
+        else:
+            path.write_bytes(_tflite(folder / "saved_model", fmt == "tflite_int8", calibration))
+    except Exception as e:  # the converters raise anything from ValueError to ConverterError
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ConversionError(f"{fmt}: conversion failed: {type(e).__name__}: {first}") from None
+    _describe(path, fmt, image_size, classes)
+    return path
+
+
+def _tflite(saved_model: Path, int8: bool, calibration: Iterator[np.ndarray]) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_pixels"])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if not int8:
+        converter.target_spec.supported_types = [tf.float16]
+        return converter.convert()
+    h_w = None
+
+    def representative():
+        nonlocal h_w
+        for images in calibration:
+            h_w = images.shape[1:3]
+            for image in images:
+                yield {"images": image[None].astype(np.float32)}
+        # A black and a white frame: the input's quantization then spans 0..255 with scale 1, so uint8
+        # pixels go in as they are.
+        for value in (0.0, 255.0):
+            yield {"images": np.full((1, *h_w, 3), value, np.float32)}
+
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    return converter.convert()
+
+
+def _describe(path: Path, fmt: str, image_size: tuple[int, int], classes: list[str]) -> None:
+    if fmt == "tf_serving":
+        return
+    h, w = image_size
+    dtype = "uint8" if fmt == "tflite_int8" else "float32"
+    info = {
+        "format": fmt,
+        "runtime": "onnxruntime" if fmt == "onnx" else "LiteRT (ai-edge-litert) or TensorFlow Lite",
+        "input": {"shape": [None, h, w, 3], "dtype": dtype, "layout": "NHWC, RGB", "range": [0, 255],
+                  "resize": f"to {h}x{w}, bilinear with antialiasing, no crop (aspect ratio not kept)",
+                  "preprocessing": "inside the model: feed plain pixels"},
+        "output": {"shape": [None, len(classes)], "dtype": "uint8" if fmt == "tflite_int8" else "float32",
+                   "meaning": "class probabilities in the order of labels"},
+        "labels": classes,
+    }
+    if fmt == "tflite_int8":
+        info["input"]["quantization"] = "scale 1, zero point 0: the uint8 pixel values themselves"
+        info["output"]["quantization"] = "probability = (value - zero_point) * scale (see the model's output details)"
+    Path(f"{path}.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- running each format in its runtime
+
+
+@dataclass
+class Runner:
+    """Classifies a batch of pixels (uint8 [n, h, w, 3]) with one artifact; probabilities [n, classes]."""
+
+    fmt: str
+    predict: Callable[[np.ndarray], np.ndarray]
+
+
+def runner(fmt: str, path: Path) -> Runner:
+    if fmt in ("saved_model", "tf_serving"):
+        import tensorflow as tf
+
+        signature = tf.saved_model.load(str(path)).signatures["serving_pixels"]
+        return Runner(fmt, lambda x: signature(images=tf.constant(x, tf.float32))["probabilities"].numpy())
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return Runner(fmt, lambda x: session.run(None, {name: x.astype(np.float32)})[0])
+    return Runner(fmt, _litert(path))
+
+
+def _litert(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    shape: list[int] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        source = interpreter.get_input_details()[0]
+        if list(x.shape) != shape:
+            interpreter.resize_tensor_input(source["index"], list(x.shape))
+            interpreter.allocate_tensors()
+            shape[:] = list(x.shape)
+            source = interpreter.get_input_details()[0]
+        target = interpreter.get_output_details()[0]
+        if np.issubdtype(source["dtype"], np.integer) and not np.issubdtype(x.dtype, np.integer):
+            x = np.clip(np.round(x), 0, 255)  # float pixels (decoded, resized) to the uint8 input
+        interpreter.set_tensor(source["index"], x.astype(source["dtype"]))
+        interpreter.invoke()
+        out = interpreter.get_tensor(target["index"])
+        if target["dtype"] != np.float32:
+            scale, zero = target["quantization"]
+            out = (out.astype(np.float32) - zero) * scale
+        return out
+
+    return predict
+
+
+def check(run: Runner, pixels: np.ndarray, labels: np.ndarray, reference: np.ndarray | None,
+          path: Path) -> dict:
+    """Accuracy, agreement with the SavedModel's top-1, size and single-image latency of one format."""
+    probs = np.concatenate([run.predict(pixels[i:i + 64]) for i in range(0, len(pixels), 64)])
+    predicted = probs.argmax(-1)
+    one = pixels[:1]
+    run.predict(one)  # warm-up
+    times = []
+    for _ in range(LATENCY_RUNS):
+        t0 = time.perf_counter()
+        run.predict(one)
+        times.append(time.perf_counter() - t0)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    result = {"accuracy": float((predicted == labels).mean()) if len(labels) else None, "bytes": int(size),
+              "latency_ms_batch1": round(float(np.median(times)) * 1000, 3), "examples": int(len(labels))}
+    if reference is not None:
+        result["agreement"] = float((predicted == reference).mean()) if len(labels) else None
+    return result
+
+
+def export_all(folder: Path, keras_model, image_size: tuple[int, int], classes: list[str],
+               requested: list[str] | None, pixels: np.ndarray, labels: np.ndarray,
+               calibration: Callable[[], Iterator[np.ndarray]], max_drop: float, fail_on_drop: bool,
+               log) -> dict[str, dict]:
+    """Convert every requested format (None: the defaults) beside saved_model/ and check each on `pixels`.
+
+    A float format must agree with the SavedModel's top-1 on FLOAT_AGREEMENT of the images; int8 reports
+    its accuracy drop, flagged past `max_drop` (an error with `fail_on_drop`). A format the user listed
+    that fails raises ExportFailed (exit 1); a default one that fails is a warning and an entry here.
+    """
+    from job.errors import ExportFailed
+
+    explicit = requested is not None
+    wanted = [f for f in dict.fromkeys(requested if explicit else DEFAULT_FORMATS) if f != "saved_model"]
+    reference_run = runner("saved_model", folder / "saved_model")
+    results = {"saved_model": check(reference_run, pixels, labels, None, folder / "saved_model")}
+    reference = np.concatenate([reference_run.predict(pixels[i:i + 64]) for i in range(0, len(pixels), 64)])
+    reference = reference.argmax(-1)
+    for fmt in wanted:
+        started = time.monotonic()
+        try:
+            path = convert(fmt, folder, keras_model, image_size, calibration(), classes)
+            try:
+                result = check(runner(fmt, path), pixels, labels, reference, path)
+            except Exception as e:  # the runtime could not load or run it: as bad as not converting
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                raise ConversionError(f"{fmt}: check failed: {type(e).__name__}: {first}") from None
+            _judge(fmt, result, results["saved_model"], max_drop, fail_on_drop, log)
+        except ConversionError as e:
+            _remove(folder / FILES[fmt])
+            if explicit:
+                raise ExportFailed(f"export.formats: {e}") from None
+            log.warning("export format left out", format=fmt, reason=str(e))
+            results[fmt] = {"error": str(e)}
+            continue
+        result["seconds"] = round(time.monotonic() - started, 3)
+        results[fmt] = result
+        log.info("export format checked", format=fmt, **result)
+    return results
+
+
+def _remove(path: Path) -> None:
+    """A failed format leaves nothing behind: its file or folder and its description."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    path.unlink(missing_ok=True)
+    Path(f"{path}.json").unlink(missing_ok=True)
+
+
+def _judge(fmt: str, result: dict, reference: dict, max_drop: float, fail_on_drop: bool, log) -> None:
+    agreement = result.get("agreement")
+    if agreement is None:
+        return  # no images to check on
+    if fmt != "tflite_int8":
+        if agreement < FLOAT_AGREEMENT:
+            raise ConversionError(f"{fmt}: agrees with the SavedModel on {agreement:.1%} of images "
+                                  f"(at least {FLOAT_AGREEMENT:.0%} expected)")
+        return
+    drop = reference["accuracy"] - result["accuracy"]
+    result["accuracy_drop"] = round(drop, 4)
+    result["accuracy_drop_exceeded"] = drop > max_drop
+    if drop > max_drop:
+        message = (f"{fmt}: accuracy {result['accuracy']:.3f} is {drop:.3f} below the SavedModel's "
+                   f"(export.max_accuracy_drop {max_drop})")
+        if fail_on_drop:
+            from job.errors import ExportFailed
+
+            raise ExportFailed(f"{message}; export.fail_on_accuracy_drop is set")
+        log.warning("export accuracy drop", format=fmt, reason=message)

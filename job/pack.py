@@ -1,0 +1,84 @@
+"""`finetune-job pack`: a folder-per-class dataset or a manifest into tar shards in storage, once.
+
+    finetune-job pack --from s3://b/flowers --to s3://b/flowers-shards [--shard-size 256MB]
+    finetune-job pack --from s3://b/labels.csv --to s3://b/flowers-shards   # paths relative to the CSV's folder
+
+Each split's images are shuffled (seeded) across its shards, so that streaming reads a mix of classes
+from every shard; each sample is `<key>.<ext>` with `<key>.cls`; `classes.txt` and `index.json` (counts
+per split and class, samples per shard) go beside the shards. Images are copied as they are: the job
+skips undecodable ones when it trains. No TensorFlow.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from job import logs, shards, storage
+from job.errors import ConfigError
+
+log = logs.get()
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'256MB' -> 256,000,000; '1GiB' -> 1,073,741,824; a plain number is bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"--shard-size {text!r}: expected a size like 256MB, 1GiB or 100000000")
+    number, unit, suffix = float(match.group(1)), match.group(2).lower(), (match.group(3) or "").lower()
+    base = 1024 if suffix == "ib" else 1000
+    value = int(number * base ** "_kmgt".index(unit or "_"))
+    if value < 1024:
+        raise ConfigError(f"--shard-size {text!r}: at least 1 KB")
+    return value
+
+
+def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", seed: int = 0) -> dict:
+    """Write the shards; returns index.json's content plus where they went."""
+    from job import sources
+    from job.config import Config
+
+    manifest = source_uri if source_uri.lower().endswith((".csv", ".jsonl", ".json")) else ""
+    data_uri = source_uri.rsplit("/", 1)[0] if manifest else source_uri
+    cfg = Config.model_validate({"data": {"uri": data_uri, "manifest": manifest}, "output": {"uri": dest_uri},
+                                 "s3": {"endpoint_url": endpoint}, "model": {"weights": "none"}})
+    source = sources.open_source(cfg)
+    if source.kind == "shards":
+        raise ConfigError(f"--from {source_uri}: already shards")
+    dest = storage.open_store(dest_uri, endpoint)
+    layout = source.layout
+    shard_counts: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="finetune-job-pack-") as tmp, ThreadPoolExecutor(16) as pool:
+        for split, per in layout.files.items():
+            items = [(key, label) for label, c in enumerate(layout.classes) for key in per[c]]
+            random.Random(f"{seed}:{split}").shuffle(items)
+
+            writer = shards.ShardWriter(Path(tmp), split, shard_size, lambda path: _upload(dest, path, Path(tmp)))
+            for start in range(0, len(items), 256):  # 16 parallel GETs, 256 images in memory at most
+                chunk = items[start:start + 256]
+                for n, ((key, label), data) in enumerate(zip(chunk, pool.map(lambda i: _read(source, i[0]), chunk))):
+                    writer.add(f"{start + n:08d}", Path(key).suffix.lower(), data, label)
+            writer.close()
+            shard_counts.update(writer.counts)
+            log.info("split packed", split=split, images=len(items), shards=len(writer.counts))
+        index_file = Path(tmp) / shards.INDEX
+        index_file.write_text(shards.index(layout.classes, layout.counts(), shard_counts))
+        dest.upload(index_file, shards.INDEX)
+        classes_file = Path(tmp) / shards.CLASSES
+        classes_file.write_text("\n".join(layout.classes) + "\n")
+        dest.upload(classes_file, shards.CLASSES)
+    return {"to": dest.uri, "classes": layout.classes, "counts": layout.counts(), "shards": shard_counts}
+
+
+def _upload(dest, path: Path, tmp: Path) -> None:
+    dest.upload(path, path.relative_to(tmp).as_posix())
+    path.unlink()
+
+
+def _read(source, key: str) -> bytes:
+    store, entry = source.entries[key]
+    return store.read(entry.rel)

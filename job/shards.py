@@ -1,0 +1,139 @@
+"""Datasets as tar shards, in the WebDataset convention: `<split>/shard-NNNNNN.tar` under `data.uri`,
+each sample a group of adjacent members `<key>.<jpg|png|...>` with its label in `<key>.cls` (an index
+into `classes.txt` beside the shards) or `<key>.txt` (the class name). `finetune-job pack` writes them,
+with an `index.json` of the counts (so `validate` and streaming know the sizes without reading shards).
+
+Pure Python (tarfile), no TensorFlow. Problems are DataErrors (exit 3) naming the shard and member.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.errors import DataError
+from job.layout import IMAGE_EXTENSIONS, SPLITS
+
+SHARD = re.compile(r"^(train|validation|test)/shard-(\d{6})\.tar$")
+CLASSES = "classes.txt"
+INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    ext: str  # ".png", ...
+    image: bytes
+    label: int  # index into the classes
+
+
+def shard_names(rels: Iterable[str]) -> dict[str, list[str]]:
+    """{split: [shard paths in order]} of the shards among these relative paths (empty: not sharded)."""
+    found: dict[str, list[str]] = {}
+    for rel in rels:
+        match = SHARD.match(rel)
+        if match:
+            found.setdefault(match.group(1), []).append(rel)
+    return {s: sorted(found[s]) for s in SPLITS if s in found}
+
+
+def parse_classes(text: str, where: str) -> list[str]:
+    classes = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(classes) < 2:
+        raise DataError(f"{where}: {len(classes)} class(es); at least 2 are needed")
+    if len(set(classes)) != len(classes):
+        raise DataError(f"{where}: a class is listed twice")
+    return classes
+
+
+def samples(fileobj, name: str, classes: list[str] | None) -> Iterator[Sample]:
+    """The samples of one shard, read as a stream (a file or an HTTP body; no seeking)."""
+    current: dict[str, bytes] = {}
+    key = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                member_key, dot, ext = base.partition(".")
+                if not dot or base.startswith("."):
+                    continue
+                if member_key != key and key is not None:
+                    yield _sample(key, current, name, classes)
+                    current = {}
+                key = member_key
+                current["." + ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{name}: not a readable tar file ({type(e).__name__}: {e}); is it truncated?") from None
+    if key is not None:
+        yield _sample(key, current, name, classes)
+
+
+def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] | None) -> Sample:
+    images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
+    if len(images) != 1:
+        raise DataError(f"{name}: sample {key} has {len(images)} images ({', '.join(members)}); expected one")
+    if ".cls" in members:
+        raw = members[".cls"].decode("utf-8", "replace").strip()
+        if not raw.isdigit() or classes is None or int(raw) >= len(classes):
+            known = f"0..{len(classes) - 1}" if classes else f"no {CLASSES} beside the shards"
+            raise DataError(f"{name}: {key}.cls is {raw!r}, not a class index ({known})")
+        label = int(raw)
+    elif ".txt" in members:
+        raw = members[".txt"].decode("utf-8", "replace").strip()
+        if classes is None or raw not in classes:
+            raise DataError(f"{name}: {key}.txt names class {raw!r}, which {CLASSES} does not list")
+        label = classes.index(raw)
+    else:
+        raise DataError(f"{name}: {key}{images[0]} has no label ({key}.cls or {key}.txt)")
+    return Sample(key, images[0], members[images[0]], label)
+
+
+# ---------------------------------------------------------------- writing (finetune-job pack)
+
+
+class ShardWriter:
+    """Writes samples into `<folder>/<split>/shard-NNNNNN.tar` files of at most `max_bytes` each (one
+    sample may exceed it alone); `on_shard(path)` runs for each shard once it is complete."""
+
+    def __init__(self, folder: Path, split: str, max_bytes: int, on_shard):
+        self.folder, self.split, self.max_bytes, self.on_shard = Path(folder), split, max_bytes, on_shard
+        self.number, self.tar, self.path, self.size = -1, None, None, 0
+        self.counts: dict[str, int] = {}  # shard -> samples
+
+    def add(self, key: str, ext: str, image: bytes, label: int) -> None:
+        size = len(image) + 3 * 512
+        if self.tar is None or (self.size and self.size + size > self.max_bytes):
+            self._next()
+        for name, data in ((f"{key}{ext}", image), (f"{key}.cls", str(label).encode())):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            self.tar.addfile(info, io.BytesIO(data))
+        self.size += size
+        rel = self.path.relative_to(self.folder).as_posix()
+        self.counts[rel] = self.counts.get(rel, 0) + 1
+
+    def _next(self) -> None:
+        self.close()
+        self.number += 1
+        self.path = self.folder / self.split / f"shard-{self.number:06d}.tar"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tar, self.size = tarfile.open(self.path, "w"), 0  # noqa: SIM115 (closed in close())
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.on_shard(self.path)
+            self.tar = None
+
+
+def index(classes: list[str], counts: dict[str, dict[str, int]], shard_counts: dict[str, int]) -> str:
+    """index.json: classes, images per split and class, samples per shard."""
+    return json.dumps({"classes": classes, "counts": counts, "shards": shard_counts}, indent=2) + "\n"

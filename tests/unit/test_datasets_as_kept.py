@@ -1,0 +1,144 @@
+"""Manifests and tar shards (job/manifest.py, job/shards.py, job/pack.py): parsing, the strict checks with
+the file and line (or member) named, and `pack` round-tripping a folder dataset. No TensorFlow."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from job import manifest, shards, sources
+from job.config import Config
+from job.errors import DataError
+from job.pack import pack, parse_size
+from job.sample_data import write_sample_dataset
+
+
+def rows(text: str, name: str = "m.csv"):
+    return manifest.parse(text.encode(), name)
+
+
+def test_csv_and_jsonl_manifests():
+    csv_rows = rows("path,label,split\na/1.png,cat,train\ns3://other/x/2.jpg,dog,validation\n\n")
+    assert [(r.line, r.path, r.label, r.split) for r in csv_rows] == [
+        (2, "a/1.png", "cat", "train"), (3, "s3://other/x/2.jpg", "dog", "validation")]
+    jsonl = rows('{"path": "a/1.png", "label": "cat"}\n\n{"path": "b.png", "label": "dog", "split": "test"}\n',
+                 "m.jsonl")
+    assert [(r.line, r.split) for r in jsonl] == [(1, None), (3, "test")]
+    assert rows("\ufeffpath,label\nx.png,a\n")[0].path == "x.png"  # a BOM from Excel is fine
+
+
+@pytest.mark.parametrize("text, name, message", [
+    ("file,class\nx.png,a\n", "m.csv", "m.csv line 1: the header must be 'path,label' or 'path,label,split'"),
+    ("path,label\nx.png,\n", "m.csv", "m.csv line 2: empty label for x.png"),
+    ("path,label,split\nx.png,a,holdout\n", "m.csv", "m.csv line 2: unknown split 'holdout'"),
+    ("path,label\nx.png,a,extra\n", "m.csv", "m.csv line 2: 3 fields, expected 2"),
+    ("path,label\nnotes.txt,a\n", "m.csv", "m.csv line 2: notes.txt is not an image"),
+    ('{"path": "x.png"}\n', "m.jsonl", 'm.jsonl line 1: expected an object with "path" and "label"'),
+    ("{nope\n", "m.jsonl", "m.jsonl line 1: not a JSON object"),
+    ("path,label\n", "m.csv", "m.csv: no entries"),
+])
+def test_bad_manifests_name_the_line(text, name, message):
+    with pytest.raises(DataError) as e:
+        rows(text, name)
+    assert str(e.value).startswith(message)
+
+
+def test_manifest_not_utf8():
+    with pytest.raises(DataError, match="m.csv: not UTF-8 text"):
+        manifest.parse("path,label\nbl\xe5.png,a\n".encode("latin-1"), "m.csv")
+
+
+def test_manifest_layout_checks_objects_duplicates_and_classes():
+    text = "path,label,split\n{}\n"
+    ok = "a/1.png,cat,train\na/2.png,dog,train\ns3://elsewhere/p/3.png,cat,test\n"
+    existing = {"a/1.png", "a/2.png", "s3://elsewhere/p/3.png"}
+    layout = manifest.to_layout(rows(text.format(ok)), "m.csv", "s3://b/data", existing)
+    assert layout.classes == ["cat", "dog"]
+    assert layout.files["test"] == {"cat": ["s3://elsewhere/p/3.png"], "dog": []}
+    assert manifest.to_layout(rows("path,label\ns3://b/data/a/1.png,cat\na/2.png,dog\n"), "m.csv", "s3://b/data",
+                              existing).files["train"] == {"cat": ["a/1.png"], "dog": ["a/2.png"]}
+    for body, message in [
+        (ok + "a/9.png,cat,train\n", "m.csv line 5: a/9.png does not exist under s3://b/data"),
+        (ok + "a/1.png,dog,test\n", "m.csv line 5: a/1.png is listed twice (first on line 2)"),
+        (ok.replace("s3://elsewhere/p/3.png,cat,test", "s3://elsewhere/p/3.png,bird,test"),
+         "m.csv line 4: class 'bird' of split test has no training images"),
+    ]:
+        with pytest.raises(DataError) as e:
+            manifest.to_layout(rows(text.format(body)), "m.csv", "s3://b/data", existing)
+        assert str(e.value) == message
+    assert manifest.listing_prefixes(rows(text.format(ok + "s3://elsewhere/p/q/4.png,dog,train\n")),
+                                     "s3://b/data") == ["s3://b/data", "s3://elsewhere/p"]
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def read(data: bytes, classes=("a", "b")):
+    return list(shards.samples(io.BytesIO(data), "s3://b/train/shard-000000.tar", list(classes)))
+
+
+def test_shard_samples_and_their_labels():
+    data = tar_bytes([("k1.png", b"P1"), ("k1.cls", b"1"), ("k2.jpg", b"J2"), ("k2.txt", b"a\n")])
+    got = read(data)
+    assert [(s.key, s.ext, s.image, s.label) for s in got] == [("k1", ".png", b"P1", 1), ("k2", ".jpg", b"J2", 0)]
+
+
+@pytest.mark.parametrize("members, message", [
+    ([("k1.png", b"P"), ("k2.png", b"P"), ("k2.cls", b"0")], "k1.png has no label (k1.cls or k1.txt)"),
+    ([("k1.png", b"P"), ("k1.cls", b"7")], "k1.cls is '7', not a class index (0..1)"),
+    ([("k1.png", b"P"), ("k1.txt", b"zebra")], "k1.txt names class 'zebra', which classes.txt does not list"),
+    ([("k1.png", b"P"), ("k1.jpg", b"J"), ("k1.cls", b"0")], "sample k1 has 2 images"),
+])
+def test_bad_shards_name_the_member(members, message):
+    with pytest.raises(DataError) as e:
+        read(tar_bytes(members))
+    assert str(e.value).startswith("s3://b/train/shard-000000.tar: ") and message in str(e.value)
+
+
+def test_corrupt_and_truncated_shards():
+    good = tar_bytes([("k1.png", b"P" * 2000), ("k1.cls", b"0")])
+    for data in (good[:700], b"this is not a tar file at all" * 40):
+        with pytest.raises(DataError, match="shard-000000.tar: not a readable tar file"):
+            read(data)
+
+
+def test_sizes():
+    assert parse_size("256MB") == 256_000_000 and parse_size("1GiB") == 2**30 and parse_size("4096") == 4096
+    with pytest.raises(Exception, match="--shard-size"):
+        parse_size("big")
+
+
+def test_pack_round_trips_a_folder_dataset(tmp_path):
+    write_sample_dataset(tmp_path / "data", classes=3, per_class=10, size=24, seed=0, test_per_class=4)
+    result = pack(str(tmp_path / "data"), str(tmp_path / "shards"), shard_size=20_000)
+    assert result["counts"] == {"train": {"circle": 10, "square": 10, "triangle": 10},
+                                "test": {"circle": 4, "square": 4, "triangle": 4}}
+    assert len([s for s in result["shards"] if s.startswith("train/")]) > 1  # small shards: several
+    assert (tmp_path / "shards/classes.txt").read_text() == "circle\nsquare\ntriangle\n"
+    assert json.loads((tmp_path / "shards/index.json").read_text())["counts"] == result["counts"]
+    # Read back: the same images, byte for byte, with the same labels.
+    originals = {}
+    for path in (tmp_path / "data").rglob("*.*"):
+        originals.setdefault(path.parts[-3], []).append((path.read_bytes(), path.parent.name))
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "shards")}, "output": {"uri": str(tmp_path / "o")},
+                                 "model": {"weights": "none"}})
+    source = sources.open_source(cfg)
+    assert source.kind == "shards" and source.layout.counts() == result["counts"]
+    for split, entries in source.shard_entries.items():
+        back = []
+        for entry in entries:
+            with open(tmp_path / "shards" / entry.rel, "rb") as f:
+                back += [(s.image, source.layout.classes[s.label]) for s in shards.samples(f, entry.rel,
+                                                                                          source.layout.classes)]
+        assert sorted(back) == sorted(originals[split])
+        assert [label for _, label in back] != sorted(label for _, label in back)  # shuffled across classes

@@ -1,0 +1,61 @@
+"""Export policies and the model card: pure logic, no TensorFlow."""
+
+from __future__ import annotations
+
+import pytest
+
+from job import config, formats, model_card
+from job.errors import ExportFailed
+
+
+class Log:
+    def __init__(self):
+        self.warnings = []
+
+    def warning(self, event, **kw):
+        self.warnings.append((event, kw))
+
+
+def test_float_formats_must_agree_and_int8_reports_its_drop():
+    reference = {"accuracy": 0.90}
+    with pytest.raises(formats.ConversionError, match="agrees with the SavedModel on 98.0% of images"):
+        formats._judge("onnx", {"agreement": 0.98, "accuracy": 0.9}, reference, 0.02, False, Log())
+    formats._judge("tflite", {"agreement": 0.995, "accuracy": 0.9}, reference, 0.02, False, Log())
+
+    log, small = Log(), {"agreement": 0.97, "accuracy": 0.89}
+    formats._judge("tflite_int8", small, reference, 0.02, False, log)
+    assert small["accuracy_drop"] == pytest.approx(0.01) and not small["accuracy_drop_exceeded"] and not log.warnings
+
+    log, large = Log(), {"agreement": 0.9, "accuracy": 0.85}
+    formats._judge("tflite_int8", large, reference, 0.02, False, log)
+    assert large["accuracy_drop_exceeded"] and log.warnings[0][0] == "export accuracy drop"
+    with pytest.raises(ExportFailed, match="0.050 below the SavedModel's.*fail_on_accuracy_drop"):
+        formats._judge("tflite_int8", dict(large), reference, 0.02, True, Log())
+
+
+def test_export_formats_config():
+    base = ["data.uri=/d", "output.uri=/o"]
+    assert config.load(None, base, environ={}).export.formats is None  # the defaults
+    assert config.load(None, base + ["export.formats=[onnx, tflite_int8]"], environ={}).export.formats == [
+        "onnx", "tflite_int8"]
+    with pytest.raises(Exception, match="export.formats"):
+        config.load(None, base + ["export.formats=[pytorch]"], environ={})
+
+
+def test_model_card():
+    cfg = config.redacted(config.load(None, ["data.uri=s3://b/flowers", "output.uri=/o", "run_id=r7"], environ={}))
+    per_class = {"rose": {"precision": 0.9, "recall": 0.95, "f1": 0.9, "support": 20},
+                 "tulip": {"precision": 0.8, "recall": 0.55, "f1": 0.6, "support": 20}}
+    report = {"examples": 40, "accuracy": 0.75, "loss": 0.6, "macro_f1": 0.74, "balanced_accuracy": 0.75,
+              "per_class": per_class}
+    checked = {"saved_model": {"accuracy": 0.75, "bytes": 9e6, "latency_ms_batch1": 3.0},
+               "onnx": {"error": "onnx: conversion failed: ImportError: no tf2onnx"}}
+    card = model_card.render("r7", cfg, ["rose", "tulip"], {"train": {"rose": 80, "tulip": 70},
+                                                            "test": {"rose": 20, "tulip": 20}},
+                             {"test": report}, checked, 2, {"finetune_job": "0.2.0", "tensorflow": "2.21.0"})
+    assert "# r7: an image classifier of 2 classes" in card and "`s3://b/flowers`" in card
+    assert "| rose | 80 | 20 |" in card and "| **total** | 150 | 40 |" in card
+    assert "| test | 40 | 75.0% | 74.0% | 75.0% | 0.600 |" in card
+    assert "`tulip`: recall 55.0% on test" in card and "`rose`: recall" not in card
+    assert "| onnx | not written: onnx: conversion failed" in card
+    assert "2 image(s) were skipped" in card
