@@ -14,6 +14,7 @@ LABELS = {
     "keras_seeds_recipe": "plain Keras, seeds' recipe",
     "job_head_only": "job, head only (lower bound)",
     "job_weights_none": "job, `weights: none` (lower bound)",
+    "job_class_weight_none": "job, `class_weight: none`",
 }
 
 
@@ -24,7 +25,7 @@ def _pm(stat: dict, scale: float = 100.0) -> str:
 def comparison_tables(report: dict) -> str:
     lines = []
     tasks = report["tasks"]
-    names = list(next(iter(tasks.values()))["recipes"]) if tasks else []
+    names = list(dict.fromkeys(n for r in tasks.values() for n in r["recipes"]))  # some only on some tasks
     lines.append("Test accuracy, % (mean ± std over seeds " + ", ".join(map(str, report["seeds"])) + "):")
     lines.append("")
     lines.append("| task | " + " | ".join(LABELS.get(n, n) for n in names) + " | job − Keras |")

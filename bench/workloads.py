@@ -263,14 +263,16 @@ def training(p: dict) -> dict:
         # base with augmentation (train.head.augment: true) every step.
         cached = build(cluster)
         t0 = time.perf_counter()
-        feats = dataset.cached_features(cached.features, paths, ["bench"], work / "features", None)
+        unshuffled = dataset.image_dataset(paths, labels, size, 64, shuffle=False)
+        feats, feat_labels = dataset.cached_features(cached.features, unshuffled, len(paths), ["bench"],
+                                                     work / "features")
         out["feature_extraction_seconds"] = time.perf_counter() - t0
         e2e = build(cluster)
         with cluster.strategy.scope():
             augment = model.augmentation(recipe.augment_ops(True), seed)
 
         def features(ctx):
-            return dataset.feature_dataset(feats, labels, batch, shuffle=True, seed=seed, repeat=True)
+            return dataset.feature_dataset(feats, feat_labels, batch, shuffle=True, seed=seed, repeat=True)
 
         head: dict[str, list[float]] = {"cached_features": [], "end_to_end": []}
         for r in range(rounds):

@@ -42,7 +42,7 @@ class Timings(dict):
         try:
             yield
         finally:
-            self[f"{stage}_seconds"] = round(time.monotonic() - started, 3)
+            self[f"{stage}_seconds"] = round(time.monotonic() - started, 6)  # a skipped step is not 0
 
 
 @dataclass

@@ -34,7 +34,8 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
     target = artifact(fmt)
 
     def needed(rel: str) -> bool:
-        return rel in (MANIFEST, "labels.txt") or rel == target or rel.startswith(target + "/")
+        # the artifact, its folder's files, or its description beside it (model.tflite.json)
+        return rel in (MANIFEST, "labels.txt", f"{target}.json") or rel == target or rel.startswith(target + "/")
 
     with contextlib.ExitStack() as stack:
         if isinstance(store, storage.LocalStore):

@@ -4,11 +4,14 @@ and a helper that runs the real `finetune-job` console script in a subprocess.""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tarfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,3 +164,34 @@ def png_header_only(path: Path, width: int, height: int) -> None:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def dataset(s3, sample_data, base_weights) -> str:
+    """A bucket of its own per test module: the sample dataset under data/, the base under weights/."""
+    bucket = s3.bucket()
+    s3.upload_dir(sample_data, bucket, "data")
+    s3.client.upload_file(str(base_weights), bucket, "weights/base.weights.h5")
+    return bucket
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar of (name, data) members, in memory."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def free_ports(n: int) -> list[int]:
+    """n free TCP ports on 127.0.0.1 (for TF_CONFIG clusters)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -4,54 +4,43 @@ weights, and every kind of bad input as one line with exit 3."""
 
 from __future__ import annotations
 
-import io
 import json
-import socket
 import subprocess
-import tarfile
 
 import pytest
-from conftest import CLI, SIZE, run_cli, write_config
+from conftest import CLI, SIZE, free_ports, run_cli, tar_bytes, write_config
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def bucket(s3, sample_data, base_weights):
-    name = s3.bucket()
-    s3.upload_dir(sample_data, name, "data")
-    s3.client.upload_file(str(base_weights), name, "weights/base.weights.h5")
-    return name
-
-
-def config(tmp_path, bucket, run_id, uri, **data):
+def config(tmp_path, dataset, run_id, uri, **data):
     return write_config(
         tmp_path / f"{run_id}.yaml", run_id=run_id,
         data={"uri": uri, "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"cache-{run_id}"), **data},
-        model={"backbone": "mobilenet_v2", "weights": f"s3://{bucket}/weights/base.weights.h5", "head_units": 16},
+        model={"backbone": "mobilenet_v2", "weights": f"s3://{dataset}/weights/base.weights.h5", "head_units": 16},
         train={"batch_size": 16, "head": {"epochs": 3}, "finetune": {"epochs": 1, "unfreeze": 10}},
-        output={"uri": f"s3://{bucket}/runs"}, metrics={"port": 0, "linger_seconds": 0},
+        output={"uri": f"s3://{dataset}/runs"}, metrics={"port": 0, "linger_seconds": 0},
         export={"formats": ["saved_model"]})
 
 
-def manifest_of(s3, bucket) -> str:
+def manifest_of(s3, dataset) -> str:
     """A CSV manifest: relative paths with explicit splits, and the test images by full URI."""
     lines = ["path,label,split"]
-    for key in sorted(s3.keys(bucket, "data/")):
+    for key in sorted(s3.keys(dataset, "data/")):
         split, label = key.split("/")[1:3]
         rel = key.removeprefix("data/")
-        lines.append(f"s3://{bucket}/{key},{label},test" if split == "test" else
+        lines.append(f"s3://{dataset}/{key},{label},test" if split == "test" else
                      f"{rel},{label},{'validation' if key.endswith(('1.png', '5.png')) else 'train'}")
     return "\n".join(lines) + "\n"
 
 
-def test_a_manifest_run(s3, bucket, tmp_path):
-    text = manifest_of(s3, bucket)
-    s3.client.put_object(Bucket=bucket, Key="manifests/labels.csv", Body=text.encode())
-    cfg = config(tmp_path, bucket, "manifest", f"s3://{bucket}/data", manifest=f"s3://{bucket}/manifests/labels.csv")
+def test_a_manifest_run(s3, dataset, tmp_path):
+    text = manifest_of(s3, dataset)
+    s3.client.put_object(Bucket=dataset, Key="manifests/labels.csv", Body=text.encode())
+    cfg = config(tmp_path, dataset, "manifest", f"s3://{dataset}/data", manifest=f"s3://{dataset}/manifests/labels.csv")
     result = run_cli("train", "--config", str(cfg), env=s3.env())
     assert result.returncode == 0, result.stderr[-2000:]
-    manifest = json.loads(s3.client.get_object(Bucket=bucket, Key="runs/manifest/manifest.json")["Body"].read())
+    manifest = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/manifest/manifest.json")["Body"].read())
     counts = manifest["dataset"]["counts"]
     assert counts["test"] == {"circle": 10, "square": 10, "triangle": 10}
     assert sum(counts["train"].values()) + sum(counts["validation"].values()) == 90
@@ -60,26 +49,26 @@ def test_a_manifest_run(s3, bucket, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def packed(s3, bucket):
-    out = run_cli("pack", "--from", f"s3://{bucket}/data", "--to", f"s3://{bucket}/shards", "--shard-size", "40KB",
+def packed(s3, dataset):
+    out = run_cli("pack", "--from", f"s3://{dataset}/data", "--to", f"s3://{dataset}/shards", "--shard-size", "40KB",
                   env=s3.env(), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "packed 120 images of 3 classes into" in out.stdout
-    return f"s3://{bucket}/shards"
+    return f"s3://{dataset}/shards"
 
 
-def test_pack_writes_shards_classes_and_index(s3, bucket, packed):
-    keys = s3.keys(bucket, "shards/")
+def test_pack_writes_shards_classes_and_index(s3, dataset, packed):
+    keys = s3.keys(dataset, "shards/")
     train = [k for k in keys if k.startswith("shards/train/shard-")]
     assert len(train) >= 2 and "shards/classes.txt" in keys and "shards/index.json" in keys
-    index = json.loads(s3.client.get_object(Bucket=bucket, Key="shards/index.json")["Body"].read())
+    index = json.loads(s3.client.get_object(Bucket=dataset, Key="shards/index.json")["Body"].read())
     assert index["counts"]["train"] == {"circle": 30, "square": 30, "triangle": 30}
     assert sum(index["shards"].values()) == 120
 
 
 @pytest.mark.parametrize("staging", ["copy", "stream"])
-def test_a_sharded_run(s3, bucket, packed, tmp_path, staging):
-    cfg = config(tmp_path, bucket, f"sharded-{staging}", packed, staging=staging)
+def test_a_sharded_run(s3, dataset, packed, tmp_path, staging):
+    cfg = config(tmp_path, dataset, f"sharded-{staging}", packed, staging=staging)
     result = run_cli("train", "--config", str(cfg), env=s3.env())
     assert result.returncode == 0, result.stderr[-2000:]
     records = result.records()
@@ -93,23 +82,13 @@ def test_a_sharded_run(s3, bucket, packed, tmp_path, staging):
     assert bool(images_on_disk) == (staging == "copy")  # streaming keeps no image on disk
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def test_two_workers_stream_different_shards_to_identical_weights(s3, bucket, packed, tmp_path):
+def test_two_workers_stream_different_shards_to_identical_weights(s3, dataset, packed, tmp_path):
     import os
 
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     procs = []
     for index in range(2):
-        cfg = config(tmp_path, bucket, "stream-two", packed, staging="stream", cache_dir=str(tmp_path / f"c{index}"))
+        cfg = config(tmp_path, dataset, "stream-two", packed, staging="stream", cache_dir=str(tmp_path / f"c{index}"))
         env = {**os.environ, **s3.env(), "TF_CPP_MIN_LOG_LEVEL": "3",
                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         procs.append(subprocess.Popen([CLI, "train", "--config", str(cfg)], stdout=subprocess.PIPE,
@@ -123,16 +102,6 @@ def test_two_workers_stream_different_shards_to_identical_weights(s3, bucket, pa
     assert weights[0] == weights[1]
 
 
-def tar_of(members) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def one_line(result, code: int) -> str:
     assert result.returncode == code, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr
@@ -142,39 +111,39 @@ def one_line(result, code: int) -> str:
 
 
 @pytest.mark.parametrize("case", ["truncated", "no_label", "label_outside", "not_a_tar"])
-def test_bad_shards_exit_3_naming_the_shard_and_member(s3, bucket, packed, tmp_path, case):
-    png = s3.client.get_object(Bucket=bucket, Key="data/train/circle/circle_0000.png")["Body"].read()
-    good = tar_of([("a1.png", png), ("a1.cls", b"0"), ("a2.png", png), ("a2.cls", b"1")])
-    body = {"truncated": good[:1200], "no_label": tar_of([("b1.png", png)]),
-            "label_outside": tar_of([("c1.png", png), ("c1.cls", b"9")]), "not_a_tar": b"garbage" * 300}[case]
+def test_bad_shards_exit_3_naming_the_shard_and_member(s3, dataset, packed, tmp_path, case):
+    png = s3.client.get_object(Bucket=dataset, Key="data/train/circle/circle_0000.png")["Body"].read()
+    good = tar_bytes([("a1.png", png), ("a1.cls", b"0"), ("a2.png", png), ("a2.cls", b"1")])
+    body = {"truncated": good[:1200], "no_label": tar_bytes([("b1.png", png)]),
+            "label_outside": tar_bytes([("c1.png", png), ("c1.cls", b"9")]), "not_a_tar": b"garbage" * 300}[case]
     prefix = f"bad-{case}"
-    s3.client.put_object(Bucket=bucket, Key=f"{prefix}/classes.txt", Body=b"circle\nsquare\ntriangle\n")
-    s3.client.put_object(Bucket=bucket, Key=f"{prefix}/train/shard-000000.tar", Body=good)
-    s3.client.put_object(Bucket=bucket, Key=f"{prefix}/train/shard-000001.tar", Body=body)
-    cfg = config(tmp_path, bucket, case, f"s3://{bucket}/{prefix}")
+    s3.client.put_object(Bucket=dataset, Key=f"{prefix}/classes.txt", Body=b"circle\nsquare\ntriangle\n")
+    s3.client.put_object(Bucket=dataset, Key=f"{prefix}/train/shard-000000.tar", Body=good)
+    s3.client.put_object(Bucket=dataset, Key=f"{prefix}/train/shard-000001.tar", Body=body)
+    cfg = config(tmp_path, dataset, case, f"s3://{dataset}/{prefix}")
     line = one_line(run_cli("validate", "--config", str(cfg), env=s3.env(), timeout=120), 3)
-    assert f"s3://{bucket}/{prefix}/train/shard-000001.tar" in line
+    assert f"s3://{dataset}/{prefix}/train/shard-000001.tar" in line
     expected = {"truncated": "not a readable tar file", "no_label": "b1.png has no label",
                 "label_outside": "c1.cls is '9', not a class index (0..2)", "not_a_tar": "not a readable tar file"}
     assert expected[case] in line
 
 
-def test_undecodable_images_inside_shards_are_skipped_and_named(s3, bucket, tmp_path):
-    keys = sorted(k for k in s3.keys(bucket, "data/train/") if k.endswith(".png"))[:40]
+def test_undecodable_images_inside_shards_are_skipped_and_named(s3, dataset, tmp_path):
+    keys = sorted(k for k in s3.keys(dataset, "data/train/") if k.endswith(".png"))[:40]
     members = []
     for n, key in enumerate(keys):
         label = ["circle", "square", "triangle"].index(key.split("/")[2])
-        members += [(f"{n:04d}.png", s3.client.get_object(Bucket=bucket, Key=key)["Body"].read()),
+        members += [(f"{n:04d}.png", s3.client.get_object(Bucket=dataset, Key=key)["Body"].read()),
                     (f"{n:04d}.cls", str(label).encode())]
     members += [("broken.jpg", b"\xff\xd8 not a jpeg"), ("broken.cls", b"0")]
-    s3.client.put_object(Bucket=bucket, Key="with-bad/classes.txt", Body=b"circle\nsquare\ntriangle\n")
-    s3.client.put_object(Bucket=bucket, Key="with-bad/train/shard-000000.tar", Body=tar_of(members))
-    cfg = config(tmp_path, bucket, "with-bad", f"s3://{bucket}/with-bad", staging="stream", max_bad_fraction=0.05)
+    s3.client.put_object(Bucket=dataset, Key="with-bad/classes.txt", Body=b"circle\nsquare\ntriangle\n")
+    s3.client.put_object(Bucket=dataset, Key="with-bad/train/shard-000000.tar", Body=tar_bytes(members))
+    cfg = config(tmp_path, dataset, "with-bad", f"s3://{dataset}/with-bad", staging="stream", max_bad_fraction=0.05)
     result = run_cli("train", "--config", str(cfg), env=s3.env())
     assert result.returncode == 0, result.stderr[-2000:]
     skipped = [r for r in result.records() if r["event"] == "bad image skipped"]
     assert [(r["file"], r["reason"]) for r in skipped] == [
-        (f"s3://{bucket}/with-bad/train/shard-000000.tar:broken.jpg", "cannot be decoded")]
+        (f"s3://{dataset}/with-bad/train/shard-000000.tar:broken.jpg", "cannot be decoded")]
 
 
 @pytest.mark.parametrize("body, message", [
@@ -182,8 +151,8 @@ def test_undecodable_images_inside_shards_are_skipped_and_named(s3, bucket, tmp_
     ("path,label\nbl\xe5.png,circle\n".encode("latin-1"), "labels.csv: not UTF-8 text"),
     (b"path,label\ntrain/circle/nope.png,circle\n", "labels.csv line 2: train/circle/nope.png does not exist"),
 ])
-def test_bad_manifests_exit_3_naming_the_line(s3, bucket, tmp_path, body, message):
-    s3.client.put_object(Bucket=bucket, Key="manifests/bad/labels.csv", Body=body)
-    cfg = config(tmp_path, bucket, "bad-manifest", f"s3://{bucket}/data",
-                 manifest=f"s3://{bucket}/manifests/bad/labels.csv")
+def test_bad_manifests_exit_3_naming_the_line(s3, dataset, tmp_path, body, message):
+    s3.client.put_object(Bucket=dataset, Key="manifests/bad/labels.csv", Body=body)
+    cfg = config(tmp_path, dataset, "bad-manifest", f"s3://{dataset}/data",
+                 manifest=f"s3://{dataset}/manifests/bad/labels.csv")
     assert message in one_line(run_cli("validate", "--config", str(cfg), env=s3.env(), timeout=120), 3)

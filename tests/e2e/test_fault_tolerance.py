@@ -7,24 +7,15 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 
 import pytest
-from conftest import CLI, SIZE, run_cli, write_config
+from conftest import CLI, SIZE, free_ports, run_cli, write_config
 from fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def dataset(s3, sample_data, base_weights):
-    bucket = s3.bucket()
-    s3.upload_dir(sample_data, bucket, "data")
-    s3.client.upload_file(str(base_weights), bucket, "weights/base.weights.h5")
-    return bucket
 
 
 def make_config(path, bucket, run_id, cache, **overrides):
@@ -51,16 +42,6 @@ def make_config(path, bucket, run_id, cache, **overrides):
         else:
             sections[key] = value
     return write_config(path, **sections)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def records(text: str) -> list[dict]:

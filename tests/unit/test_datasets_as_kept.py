@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import pytest
+from conftest import tar_bytes
 
 from job import manifest, shards, sources
 from job.config import Config
@@ -71,16 +71,6 @@ def test_manifest_layout_checks_objects_duplicates_and_classes():
         assert str(e.value) == message
     assert manifest.listing_prefixes(rows(text.format(ok + "s3://elsewhere/p/q/4.png,dog,train\n")),
                                      "s3://b/data") == ["s3://b/data", "s3://elsewhere/p"]
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def read(data: bytes, classes=("a", "b")):
