@@ -52,7 +52,7 @@ RUN mkdir -p /opt/finetune-job/weights \
  && rm -rf /tmp/keras-bake
 
 FROM ${PYTHON_IMAGE} AS runtime
-ARG VERSION=0.1.0
+ARG VERSION=0.2.0
 ARG REVISION=unknown
 ARG CREATED=unknown
 ARG BAKE_WEIGHTS=""

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent)]
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 TOLERANCE = 0.02
 
@@ -87,7 +87,29 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"reliable for every backbone: {', '.join(reliable) or 'none'}; wrote {args.out}", file=sys.stderr)
+    if not args.quick:
+        import quality_report
+
+        quality_report.write_blocks(HERE.parent / "docs" / "BENCHMARKS.md", "formats", {"matrix": matrix(report)})
     return 0
+
+
+def matrix(report: dict) -> str:
+    """Markdown: one row per backbone, whether each format converts and runs (and its largest difference
+    in probability from the SavedModel), or the error."""
+    fmts = ("tflite", "tflite_int8", "onnx")
+    lines = ["| backbone | size | " + " | ".join(f"`{f}`" for f in fmts) + " |", "|---|---|" + "---|" * len(fmts)]
+    for name, r in report["backbones"].items():
+        if "error" in r:
+            lines.append(f"| {name} | | {r['error']} | | |")
+            continue
+        cells = [("ok" if c["ok"] else "**fails**") + (f" (max diff {c['max_abs_diff']})" if "max_abs_diff" in c
+                                                       else f": {c.get('error', '')[:120]}") for c in map(r.get, fmts)]
+        lines.append(f"| {name} | {r['image_size'][0]} px | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Reliable for every backbone: " + (", ".join(f"`{f}`" for f in report["reliable_for_every_backbone"])
+                                                    or "none") + f" (float tolerance {report['tolerance']}).")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

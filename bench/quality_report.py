@@ -124,9 +124,15 @@ def refresh(path: Path, report: dict) -> None:
               f"{kind}-conditions": conditions_table(report)}
     if kind == "comparison":
         blocks["formats"] = formats_table(report)
+    write_blocks(path, "quality", blocks)
+
+
+def write_blocks(path: Path, prefix: str, blocks: dict[str, str]) -> None:
+    """Replace the text between `<!-- PREFIX:NAME -->` and `<!-- /PREFIX:NAME -->` with each block's body
+    (appended at the end where the markers are missing); the rest of the file is left as it is."""
     text = path.read_text() if path.exists() else ""
     for name, body in blocks.items():
-        start, end = f"<!-- quality:{name} -->", f"<!-- /quality:{name} -->"
+        start, end = f"<!-- {prefix}:{name} -->", f"<!-- /{prefix}:{name} -->"
         block = f"{start}\n{body}\n{end}"
         if start in text and end in text:
             text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
