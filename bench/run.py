@@ -545,7 +545,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny data: shows that the bench runs, no more")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (data, logs)")
+    parser.add_argument("--only", default="", help="comma-separated sections to run, e.g. stages (default: all)")
     args = parser.parse_args(argv)
+    only = set(filter(None, args.only.split(",")))
+
+    def want(*names: str) -> bool:
+        return not only or bool(only & set(names))
+
     mode = "quick" if args.quick else "full"
     cfg = PROFILES[mode]
 
@@ -557,18 +563,24 @@ def main(argv: list[str] | None = None) -> int:
     sections = {}
     try:
         log(f"{mode} run; S3 server {s3.endpoint}; scratch {tmp}")
-        log("start-up: --help and validate over a large listing")
-        sections["startup"] = bench_startup(cfg["startup"], s3, tmp, env)
-        log("input pipeline")
-        sections["input_pipeline"] = bench_input(cfg["input"], s3, tmp, env)
-        log("training loop (1 and 2 replicas) and head phase")
-        sections["training_loop"], sections["head_phase"] = bench_training(cfg["training"], tmp, env)
-        log("memory: finetune-job train on n and 4n images")
-        sections["memory"] = bench_memory(cfg["memory"], s3, tmp, env)
-        log("export formats: one run with every format, then latency at batch 1 and 32")
-        sections["formats"] = bench_formats(cfg["formats"], tmp, env)
-        log("stage budget: the job's own per-stage seconds, small and 10x larger; the head phase both ways")
-        sections["stages"] = bench_stages(cfg["stages"], s3, tmp, env)
+        if want("startup"):
+            log("start-up: --help and validate over a large listing")
+            sections["startup"] = bench_startup(cfg["startup"], s3, tmp, env)
+        if want("input_pipeline"):
+            log("input pipeline")
+            sections["input_pipeline"] = bench_input(cfg["input"], s3, tmp, env)
+        if want("training_loop", "head_phase"):
+            log("training loop (1 and 2 replicas) and head phase")
+            sections["training_loop"], sections["head_phase"] = bench_training(cfg["training"], tmp, env)
+        if want("memory"):
+            log("memory: finetune-job train on n and 4n images")
+            sections["memory"] = bench_memory(cfg["memory"], s3, tmp, env)
+        if want("formats"):
+            log("export formats: one run with every format, then latency at batch 1 and 32")
+            sections["formats"] = bench_formats(cfg["formats"], tmp, env)
+        if want("stages"):
+            log("stage budget: the job's own per-stage seconds, small and 10x larger; the head phase both ways")
+            sections["stages"] = bench_stages(cfg["stages"], s3, tmp, env)
         sections["gpu"] = bench_gpu()
     finally:
         s3.close()

@@ -15,6 +15,7 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -199,6 +200,18 @@ def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
     return ds.prefetch(AUTOTUNE)
 
 
+_TRACED: dict[int, Any] = {}  # id(extractor) -> its traced call; the entry keeps the extractor alive
+
+
+def _traced_extractor(extractor):
+    """The frozen base as one tf.function with a fixed input signature: traced once for every split and
+    batch size (the last, partial batch of each split would otherwise trace it again)."""
+    if id(extractor) not in _TRACED:
+        spec = tf.TensorSpec([None, *extractor.inputs[0].shape[1:]], tf.float32)
+        _TRACED[id(extractor)] = tf.function(lambda x: extractor(x, training=False), input_signature=[spec])
+    return _TRACED[id(extractor)]
+
+
 def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
                     folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """The frozen base's features of a finite, unshuffled dataset of `count` (images, labels): (features
@@ -211,7 +224,7 @@ def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
     if out.exists() and labels_out.exists():  # written under temporary names and renamed: complete
         logs.get().info("reusing cached features", file=str(out))
         return np.load(out, mmap_mode="r"), np.load(labels_out)
-    extract = tf.function(lambda x: extractor(x, training=False))
+    extract = _traced_extractor(extractor)
     labels = np.zeros((count,), np.int32)
     with atomic_path(out) as tmp:
         features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
