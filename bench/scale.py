@@ -178,7 +178,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:40s} {t['value']:>10} (target {'>=' if t['better'] == 'higher' else '<='} {t['target']}) "
               f"{'met' if t['met'] else 'MISSED'}")
     print(f"wrote {args.out}")
+    if not args.quick:
+        import quality_report
+
+        quality_report.write_blocks(HERE.parent / "docs" / "BENCHMARKS.md", "scale", {"results": tables(report)})
     return 0
+
+
+STAGES = ("listing", "download", "bad_image_check", "feature_cache", "head", "finetune", "evaluate", "export",
+          "total")
+
+
+def tables(report: dict) -> str:
+    """Markdown: the targets, then per way of keeping the data each stage's seconds, staging rates, memory and disk."""
+    runs = report["runs"]
+    lines = ["| target | value | limit | |", "|---|---|---|---|"]
+    for key, t in report["targets"].items():
+        sign = ">=" if t["better"] == "higher" else "<="
+        lines.append(f"| {key} | {t['value']} {t['unit']} | {sign} {t['target']} | "
+                     f"{'met' if t['met'] else '**missed**'} |")
+    lines += ["", "| | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for stage in STAGES:
+        cells = [f"{r['stage_seconds'][f'{stage}_seconds']:.1f}" if f"{stage}_seconds" in r["stage_seconds"] else "–"
+                 for r in runs.values()]
+        lines.append(f"| {stage}, s | " + " | ".join(cells) + " |")
+    rows = {"images": lambda r: f"{r['images']:,}", "validate, s": lambda r: f"{r['validate_seconds']:.1f}",
+            "staging, images/s": lambda r: f"{r['staging']['images_per_s']:,.0f}",
+            "staging, MB/s": lambda r: f"{r['staging'].get('bytes_per_s', 0) / 1e6:.1f}",
+            "fine-tuning, images/s per epoch": lambda r: " / ".join(f"{x:.0f}" for x in r["finetune_images_per_s"]),
+            "peak RSS, MiB": lambda r: f"{r['peak_rss_mib']:,.0f}",
+            "cache disk, MiB": lambda r: f"{r['cache_disk_mib']:,.0f}",
+            "test accuracy": lambda r: f"{r['test_accuracy']:.3f}"}
+    for label, cell in rows.items():
+        lines.append(f"| {label} | " + " | ".join(cell(r) for r in runs.values()) + " |")
+    lines += ["", f"Bare paginated boto3 listing of the 70,000 objects (the yardstick for `validate`): "
+                  f"{report['bare_listing_seconds']} s."]
+    return "\n".join(lines)
 
 
 def build_report(quick: bool, sizes: dict, uploads: dict, listing: float, runs: dict) -> dict:
