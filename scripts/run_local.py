@@ -33,6 +33,8 @@ BUCKET = "finetune-job"
 SIZE = 32
 TARGET = ("circle", "square", "triangle", "cross")
 SOURCE = ("ring", "bar", "diamond", "star", "hexagon", "arrow")  # what the base learns first
+SOURCE_PER_CLASS, SOURCE_EPOCHS = 600, 15  # the base: a few minutes once, then cached
+TARGET_PER_CLASS = 120
 
 
 def say(msg: str) -> None:
@@ -124,19 +126,19 @@ def main() -> int:
 
     data = WORK / "data"
     if not (data / "train" / TARGET[0]).is_dir():
-        counts = write_sample_dataset(data, per_class=60, size=SIZE, seed=0, test_per_class=25, shapes=TARGET,
-                                      random_colours=True)
+        counts = write_sample_dataset(data, per_class=TARGET_PER_CLASS, size=SIZE, seed=0, test_per_class=25,
+                                      shapes=TARGET, random_colours=True)
         say(f"sample dataset written to {data}: {counts}")
     weights = WORK / "weights" / f"mobilenet_v2_{SIZE}_other_shapes.weights.h5"
     if not weights.exists():
-        say(f"pre-training a MobileNetV2 base on other shapes ({', '.join(SOURCE)}), once: about a minute "
+        say(f"pre-training a MobileNetV2 base on other shapes ({', '.join(SOURCE)}), once: a few minutes "
             "(ImageNet weights need internet)")
         source = WORK / "source-data"
-        write_sample_dataset(source, per_class=300, size=SIZE, seed=1, test_per_class=0, shapes=SOURCE,
+        write_sample_dataset(source, per_class=SOURCE_PER_CLASS, size=SIZE, seed=1, test_per_class=0, shapes=SOURCE,
                              random_colours=True)
         code = ("import sys; from pathlib import Path; from job.sample_data import pretrain_base_weights as p; "
-                "p(Path(sys.argv[1]), Path(sys.argv[2]))")
-        subprocess.run([sys.executable, "-c", code, str(source), str(weights)], check=True,
+                "p(Path(sys.argv[1]), Path(sys.argv[2]), epochs=int(sys.argv[3]))")
+        subprocess.run([sys.executable, "-c", code, str(source), str(weights), str(SOURCE_EPOCHS)], check=True,
                        env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"})
     say(f"uploading the dataset to s3://{BUCKET}/datasets/shapes/ and the weights to s3://{BUCKET}/weights/")
     for p in sorted(data.rglob("*")):
