@@ -8,6 +8,7 @@ and later epochs read the decoded pixels back from disk (the page cache, in prac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -15,7 +16,6 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -200,16 +200,12 @@ def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
     return ds.prefetch(AUTOTUNE)
 
 
-_TRACED: dict[int, Any] = {}  # id(extractor) -> its traced call; the entry keeps the extractor alive
-
-
+@functools.cache
 def _traced_extractor(extractor):
     """The frozen base as one tf.function with a fixed input signature: traced once for every split and
     batch size (the last, partial batch of each split would otherwise trace it again)."""
-    if id(extractor) not in _TRACED:
-        spec = tf.TensorSpec([None, *extractor.inputs[0].shape[1:]], tf.float32)
-        _TRACED[id(extractor)] = tf.function(lambda x: extractor(x, training=False), input_signature=[spec])
-    return _TRACED[id(extractor)]
+    spec = tf.TensorSpec([None, *extractor.inputs[0].shape[1:]], tf.float32)
+    return tf.function(lambda x: extractor(x, training=False), input_signature=[spec])
 
 
 def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
