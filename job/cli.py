@@ -176,6 +176,8 @@ def pack(
     dest: Annotated[str, typer.Option("--to", help="Where the shards go: s3://bucket/prefix or a local folder.")],
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 256MB or 1GiB.")] = "256MB",
     endpoint_url: Annotated[str, typer.Option(help="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).")] = "",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the shards already there (deleted first).")]
+    = False,
 ) -> None:
     """Turn a folder-per-class dataset or a manifest into tar shards (WebDataset convention) in storage."""
     from job import logs
@@ -185,7 +187,7 @@ def pack(
         from job.pack import pack as write_shards
         from job.pack import parse_size
 
-        result = write_shards(source, dest, parse_size(shard_size), endpoint_url)
+        result = write_shards(source, dest, parse_size(shard_size), endpoint_url, overwrite=overwrite)
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     images = sum(n for per in result["counts"].values() for n in per.values())

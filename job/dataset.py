@@ -147,10 +147,10 @@ def cache_images(paths: list[str], image_size: tuple[int, int], cache_dir: Path)
     return out
 
 
-def pixels(paths: list[str], image_size: tuple[int, int], cache_dir: Path) -> np.ndarray:
-    """The images as uint8 [n, h, w, 3]: memory-mapped from the image cache, or decoded into memory when
-    the cache cannot be written."""
-    cache = cache_images(paths, image_size, Path(cache_dir)) if paths else None
+def pixels(paths: list[str], image_size: tuple[int, int], cache_dir: Path | None) -> np.ndarray:
+    """The images as uint8 [n, h, w, 3]: memory-mapped from the image cache, or decoded into memory (without
+    `cache_dir`, or when the cache cannot be written)."""
+    cache = cache_images(paths, image_size, Path(cache_dir)) if paths and cache_dir is not None else None
     if cache is not None:
         return np.load(cache, mmap_mode="r")
     decoded = image_dataset(paths, [0] * len(paths), image_size, 64)

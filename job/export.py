@@ -1,5 +1,6 @@
-"""Artifacts of a run: SavedModel with an encoded-bytes signature, model.keras, labels, reports,
-plots, resolved config, manifest; uploaded to <output.uri>/<run_id>/ with `_SUCCESS` written last.
+"""Artifacts of a run: SavedModel with an encoded-bytes signature, model.keras, labels, the formats of
+`export.formats` (job/formats.py), reports, plots, resolved config, model card, manifest; uploaded to
+<output.uri>/<run_id>/ with `_SUCCESS` written last. `artifacts` builds them all in a local folder.
 """
 
 from __future__ import annotations
@@ -15,15 +16,89 @@ import numpy as np
 import tensorflow as tf
 
 import job
-from job import model as model_lib
+from job import evaluate, formats, logs, model_card
+from job.config import redacted, to_yaml
 from job.dataset import decode_and_resize
+from job.model import Parts, build
+from job.readers import image_uri
 from job.storage import Store
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
 
 
-def clean_copy(parts: model_lib.Parts, cfg, classes: list[str], cluster) -> keras.Model:
+def artifacts(run, reports: dict, folder: Path) -> dict:
+    """Everything of CONTRACT section 6 but the manifest and `_SUCCESS`, into `folder`, from a trained
+    `job.pipeline.Run`; returns {"formats": each format's check, "checked_on": the split it used}."""
+    cfg, classes, history, measure = run.cfg, run.classes, run.state.history, run.timings.measure
+    with measure("export_clean_copy"):
+        clean = clean_copy(run.parts, cfg, classes, run.cluster)
+    with measure("export_saved_model"):
+        write_saved_model(clean, classes, run.size, folder / "saved_model")
+    with measure("export_model_keras"):
+        clean.save(folder / "model.keras")
+    (folder / "labels.txt").write_text("\n".join(classes) + "\n")
+    with measure("formats"):
+        checked = _formats(run, clean, folder)
+    with measure("export_reports"):
+        bad = [{"file": image_uri(cfg.data.uri, key), "reason": reason} for key, reason in run.data.bad.items()]
+        write_json(folder / "metrics.json", {**reports, "formats": checked["formats"], "bad_images": bad})
+        write_json(folder / "history.json", history)
+        evaluate.plot_curves(history, folder / "curves.png")
+        split = "test" if "test" in reports else "validation"
+        if split in reports:
+            evaluate.plot_confusion(reports[split]["confusion_matrix"], classes, folder / "confusion_matrix.png",
+                                    f"{split} confusion matrix")
+        (folder / "config.yaml").write_text(to_yaml(cfg))
+        (folder / "MODEL_CARD.md").write_text(model_card.render(
+            cfg.run_id, redacted(cfg), classes, run.data.layout.counts(), reports, checked["formats"],
+            len(run.data.bad), versions()))
+    return checked
+
+
+def _formats(run, clean: keras.Model, folder: Path) -> dict:
+    """The formats of `export.formats`, each checked against the SavedModel on the test split, else
+    validation, else (a dataset without either) the training images; int8 calibrated on up to 256 training
+    images picked first and decoded alone."""
+    data = run.data
+    split = next(s for s in ("test", "validation", "train") if data.count(s))
+    pixels, labels = data.pixels(split)
+
+    def calibration():
+        rows = data.pixels("train", data.pick("train", 256))[0]
+        for start in range(0, len(rows), 32):
+            yield np.asarray(rows[start:start + 32])
+
+    e = run.cfg.export
+    checked = formats.export_all(folder, clean, run.size, run.classes, e.formats, np.asarray(pixels),
+                                 np.asarray(labels), calibration, e.max_accuracy_drop, e.fail_on_accuracy_drop,
+                                 logs.get())
+    return {"formats": checked, "checked_on": split}
+
+
+def manifest_fields(run, checked: dict) -> dict:
+    """What manifest.json says beside its file list: versions, dataset counts, strategy, formats, timings."""
+    cfg, cluster = run.cfg, run.cluster
+    return {
+        "run_id": cfg.run_id, "versions": versions(), "backbone": cfg.model.backbone, "classes": run.classes,
+        "seed": cfg.train.seed, "weights_sha256": weights_fingerprint(run.parts.model),
+        "dataset": {"uri": cfg.data.uri, "staging": run.data.mode, "counts": run.data.layout.counts(),
+                    "bad_images": len(run.data.bad)},
+        "strategy": {"kind": cluster.kind, "replicas": cluster.replicas, "workers": cluster.num_workers,
+                     "mixed_precision": cluster.mixed_precision},
+        "formats": checked["formats"], "formats_checked_on": checked["checked_on"], "timings": dict(run.timings),
+    }
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """sha256 over all weights: equal on every worker of a multi-worker run."""
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(w.tobytes())
+    return h.hexdigest()
+
+
+def clean_copy(parts: Parts, cfg, classes: list[str], cluster) -> keras.Model:
     """The trained model as it should be saved: float32, outside any distribution strategy.
 
     What gets saved must not carry MirroredVariables or a mixed-precision policy: under those, the model
@@ -32,8 +107,8 @@ def clean_copy(parts: model_lib.Parts, cfg, classes: list[str], cluster) -> kera
     if cluster.kind == "one_device" and not cluster.mixed_precision:
         return parts.model
     keras.mixed_precision.set_global_policy("float32")
-    fresh = model_lib.build(cfg.model.backbone, None, tuple(cfg.data.image_size), len(classes),
-                            cfg.model.head_units, cfg.model.head_dropout)
+    fresh = build(cfg.model.backbone, None, tuple(cfg.data.image_size), len(classes),
+                  cfg.model.head_units, cfg.model.head_dropout, from_scratch=parts.from_scratch)
     fresh.model.set_weights(parts.model.get_weights())
     return fresh.model
 

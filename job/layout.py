@@ -26,6 +26,14 @@ class Layout:
     def counts(self) -> dict[str, dict[str, int]]:
         return {s: {c: len(v) for c, v in per.items()} for s, per in self.files.items()}
 
+    def count(self, split: str) -> int:
+        """Images of a split (0 when it is absent)."""
+        return sum(len(v) for v in self.files.get(split, {}).values())
+
+    def nonempty(self) -> Layout:
+        """The layout without its empty splits: a split with no image is absent, not empty."""
+        return Layout(self.classes, {s: per for s, per in self.files.items() if self.count(s)}, self.ignored)
+
     def items(self, split: str) -> tuple[list[str], list[int]]:
         """(paths, label indices) of one split, class by class in index order."""
         paths, labels = [], []
@@ -62,9 +70,7 @@ def discover(rels: list[str], where: str) -> Layout:
     if len(classes) < 2:
         raise DataError(f"{where}/train/ has {len(classes)} class folder(s); at least 2 are needed")
     for split, per in found.items():
-        empty = sorted(c for c, files in per.items() if not files)
-        if empty:
-            raise DataError(f"{where}/{split}/: class folder(s) with no images: {', '.join(empty)}")
+        _require_images(split, per, where)
         if split != "train" and sorted(per) != classes:
             missing = sorted(set(classes) - set(per))
             extra = sorted(set(per) - set(classes))
@@ -75,6 +81,26 @@ def discover(rels: list[str], where: str) -> Layout:
             raise DataError(f"{where}/{split}/: class folders differ from train/ ({what})")
     files = {s: {c: sorted(found[s][c]) for c in classes} for s in SPLITS if s in found}
     return Layout(classes, files, ignored)
+
+
+def _require_images(split: str, per: dict[str, list[str]], where: str) -> None:
+    empty = sorted(c for c, files in per.items() if not files)
+    if empty:
+        raise DataError(f"{where}/{split}/: class folder(s) with no images: {', '.join(empty)}")
+
+
+def require_training_images(layout: Layout, where: str) -> None:
+    """Every class has a training image (the rule of every dataset form: a class folder, a manifest's
+    labels, a shard's classes.txt); DataError naming the classes that have none."""
+    _require_images("train", layout.files.get("train", {c: [] for c in layout.classes}), where)
+
+
+def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
+    """Groups of class names that differ only in case (`Cat`, `cat`): likely one class, named twice."""
+    groups: dict[str, list[str]] = {}
+    for c in classes:
+        groups.setdefault(c.casefold(), []).append(c)
+    return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
 def split_validation(layout: Layout, fraction: float, seed: int) -> Layout:

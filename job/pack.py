@@ -2,11 +2,14 @@
 
     finetune-job pack --from s3://b/flowers --to s3://b/flowers-shards [--shard-size 256MB]
     finetune-job pack --from s3://b/labels.csv --to s3://b/flowers-shards   # paths relative to the CSV's folder
+    finetune-job pack ... --overwrite     # replace the shards already there (deleted first)
 
 Each split's images are shuffled (seeded) across its shards, so that streaming reads a mix of classes
 from every shard; each sample is `<key>.<ext>` with `<key>.cls`; `classes.txt` and `index.json` (counts
-per split and class, samples per shard) go beside the shards. Images are copied as they are: the job
-skips undecodable ones when it trains. No TensorFlow.
+per split and class, and the shards: the job reads only those) go beside the shards, classes.txt last. A
+destination that holds shards is refused (exit 4) unless `--overwrite`, which deletes them first: never a
+mix of two packs. Images are copied as they are: the job skips undecodable ones when it trains. No
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from job import logs, shards, storage
-from job.errors import ConfigError
+from job.errors import ConfigError, StorageError
 
 log = logs.get()
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
@@ -37,7 +40,8 @@ def parse_size(text: str) -> int:
     return value
 
 
-def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", seed: int = 0) -> dict:
+def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", seed: int = 0,
+         overwrite: bool = False) -> dict:
     """Write the shards; returns index.json's content plus where they went."""
     from job import sources
     from job.config import Config
@@ -50,6 +54,7 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     if source.kind == "shards":
         raise ConfigError(f"--from {source_uri}: already shards")
     dest = storage.open_store(dest_uri, endpoint)
+    _clear(dest, overwrite)
     layout = source.layout
     shard_counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="finetune-job-pack-") as tmp, ThreadPoolExecutor(16) as pool:
@@ -68,10 +73,26 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
         index_file = Path(tmp) / shards.INDEX
         index_file.write_text(shards.index(layout.classes, layout.counts(), shard_counts))
         dest.upload(index_file, shards.INDEX)
-        classes_file = Path(tmp) / shards.CLASSES
+        classes_file = Path(tmp) / shards.CLASSES  # last: without it, a half-written pack is not a dataset
         classes_file.write_text("\n".join(layout.classes) + "\n")
         dest.upload(classes_file, shards.CLASSES)
     return {"to": dest.uri, "classes": layout.classes, "counts": layout.counts(), "shards": shard_counts}
+
+
+def _clear(dest: storage.Store, overwrite: bool) -> None:
+    """Refuse a destination that holds shards (StorageError) unless `overwrite`: then delete them, classes.txt
+    and index.json first, so that no mix of the old and new pack is ever a readable dataset."""
+    rels = [e.rel for e in dest.list()]
+    old = [r for r in rels if shards.SHARD.match(r)]
+    meta = [r for r in (shards.CLASSES, shards.INDEX) if r in rels]
+    if not old and not meta:
+        return
+    if not overwrite:
+        raise StorageError(f"--to {dest.uri}: already holds {len(old)} shard(s) (and {', '.join(meta) or 'no index'}); "
+                           "pack into an empty prefix, or pass --overwrite to replace them")
+    dest.delete(meta)
+    dest.delete(old)
+    log.info("old shards deleted", to=dest.uri, shards=len(old))
 
 
 def _upload(dest, path: Path, tmp: Path) -> None:

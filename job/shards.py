@@ -1,7 +1,10 @@
 """Datasets as tar shards, in the WebDataset convention: `<split>/shard-NNNNNN.tar` under `data.uri`,
 each sample a group of adjacent members `<key>.<jpg|png|...>` with its label in `<key>.cls` (an index
-into `classes.txt` beside the shards) or `<key>.txt` (the class name). `finetune-job pack` writes them,
-with an `index.json` of the counts (so `validate` and streaming know the sizes without reading shards).
+into `classes.txt` beside the shards) or `<key>.txt` (the class name). A key is the member's whole path
+up to the first dot of its file name (`cat/0001.jpg` and `dog/0001.jpg` are two samples); a key may
+occur once per split. Members of no sample (no image among them: `LICENSE.txt`, `README`) are skipped
+and named. `finetune-job pack` writes shards with an `index.json` of the counts and the shards (so
+`validate` and streaming know the sizes without reading shards, and the job reads only those shards).
 
 Pure Python (tarfile), no TensorFlow. Problems are DataErrors (exit 3) naming the shard and member.
 """
@@ -27,7 +30,7 @@ INDEX = "index.json"
 
 @dataclass(frozen=True)
 class Sample:
-    key: str
+    key: str  # the member path up to the first dot of its file name: `cat/0001` for `cat/0001.jpg`
     ext: str  # ".png", ...
     image: bytes
     label: int  # index into the classes
@@ -52,48 +55,102 @@ def parse_classes(text: str, where: str) -> list[str]:
     return classes
 
 
-def samples(fileobj, name: str, classes: list[str] | None) -> Iterator[Sample]:
-    """The samples of one shard, read as a stream (a file or an HTTP body; no seeking)."""
+def check_listed(listed: set[str], found: dict[str, list[str]], where: str) -> None:
+    """Every shard found is one that index.json lists, and the other way round: a shard it does not list is
+    left over from an earlier pack, and its images would be trained under today's classes.txt."""
+    for rels in found.values():
+        for rel in rels:
+            if rel not in listed:
+                raise DataError(f"{where}/{rel}: a shard that {INDEX} does not list (left over from an earlier "
+                                f"pack?); remove it, or pack again with --overwrite")
+    missing = sorted(listed - {rel for rels in found.values() for rel in rels})
+    if missing:
+        raise DataError(f"{where}/{missing[0]}: listed in {INDEX} but missing")
+
+
+def member_key(name: str, where: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member in the WebDataset convention: the whole path up to the first dot of
+    the file name (`cat/0001.jpg` -> `cat/0001`, `.jpg`). None for a member that belongs to no sample (no
+    dot in its file name, or a hidden file). DataError for a path that would leave the extraction folder."""
+    path = name.removeprefix("./")
+    folder, _, base = path.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    parts = path.split("/")
+    if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise DataError(f"{where}: member {name!r} is not a plain relative path")
+    return (f"{folder}/{stem}" if folder else stem), "." + ext.lower()
+
+
+def samples(fileobj, name: str, classes: list[str] | None, ignored: list[str] | None = None) -> Iterator[Sample]:
+    """The samples of one shard, read as a stream (a file or an HTTP body; no seeking). Members that belong
+    to no sample (no image among them: `LICENSE.txt`, `README`) are skipped and named in `ignored`."""
     current: dict[str, bytes] = {}
-    key = None
+    key, seen = None, set()
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                base = member.name.rsplit("/", 1)[-1]
-                member_key, dot, ext = base.partition(".")
-                if not dot or base.startswith("."):
+                found = member_key(member.name, name)
+                if found is None:
+                    if ignored is not None:
+                        ignored.append(f"{name}:{member.name}")
                     continue
-                if member_key != key and key is not None:
-                    yield _sample(key, current, name, classes)
-                    current = {}
-                key = member_key
-                current["." + ext.lower()] = tar.extractfile(member).read()
+                if found[0] != key:
+                    if key is not None:
+                        yield from _sample(key, current, name, classes, ignored)
+                    if found[0] in seen:
+                        raise DataError(f"{name}: sample {found[0]} occurs twice (its members are not adjacent, "
+                                        "or two samples share a key)")
+                    key, current = found[0], {}
+                    seen.add(key)
+                current[found[1]] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{name}: not a readable tar file ({type(e).__name__}: {e}); is it truncated?") from None
     if key is not None:
-        yield _sample(key, current, name, classes)
+        yield from _sample(key, current, name, classes, ignored)
 
 
-def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] | None) -> Sample:
+def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] | None,
+            ignored: list[str] | None) -> Iterator[Sample]:
     images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
+    if not images:  # not a sample: a LICENSE.txt, a notes.json
+        if ignored is not None:
+            ignored.extend(f"{name}:{key}{ext}" for ext in members)
+        return
     if len(images) != 1:
         raise DataError(f"{name}: sample {key} has {len(images)} images ({', '.join(members)}); expected one")
+    yield Sample(key, images[0], members[images[0]], _label(key, members, name, classes, images[0]))
+
+
+def _label(key: str, members: dict[str, bytes], name: str, classes: list[str] | None, image: str) -> int:
     if ".cls" in members:
         raw = members[".cls"].decode("utf-8", "replace").strip()
         if not raw.isdigit() or classes is None or int(raw) >= len(classes):
             known = f"0..{len(classes) - 1}" if classes else f"no {CLASSES} beside the shards"
             raise DataError(f"{name}: {key}.cls is {raw!r}, not a class index ({known})")
-        label = int(raw)
-    elif ".txt" in members:
+        return int(raw)
+    if ".txt" in members:
         raw = members[".txt"].decode("utf-8", "replace").strip()
         if classes is None or raw not in classes:
             raise DataError(f"{name}: {key}.txt names class {raw!r}, which {CLASSES} does not list")
-        label = classes.index(raw)
-    else:
-        raise DataError(f"{name}: {key}{images[0]} has no label ({key}.cls or {key}.txt)")
-    return Sample(key, images[0], members[images[0]], label)
+        return classes.index(raw)
+    raise DataError(f"{name}: {key}{image} has no label ({key}.cls or {key}.txt)")
+
+
+class SplitKeys:
+    """Where each sample key of one split was first seen: a key that occurs twice in a split (two shards
+    holding `cat/0001`) is a DataError naming both places."""
+
+    def __init__(self, split: str):
+        self.split, self.first = split, {}
+
+    def add(self, key: str, where: str) -> None:
+        if key in self.first:
+            raise DataError(f"sample key {key} occurs twice in split {self.split}: {self.first[key]} and {where}")
+        self.first[key] = where
 
 
 # ---------------------------------------------------------------- writing (finetune-job pack)

@@ -1,26 +1,23 @@
 """Where the images come from, as users keep them: a folder per class, a manifest (CSV or JSON lines),
 or tar shards. `open_source` reads what a listing can tell (no image is downloaded: `validate` uses
-it); `stage` makes the images local files (`data.staging: copy`); with `stream`, shards are read from
-storage every epoch instead (job/stream.py).
+it); `staging_mode` decides between copying the images to local disk and streaming shards from storage;
+job/readers.py stages them.
 
 No TensorFlow here. Keys name images: a path relative to `data.uri`, a full URI (a manifest's object
-outside `data.uri`), or `<split>/<key><ext>` (a sample of a shard).
+outside `data.uri`), or `<split>/shard-NNNNNN.tar:<member>` (a sample of a shard).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from job import layout as layout_lib
 from job import logs, manifest, shards, storage
 from job.config import Config
 from job.errors import DataError, StorageError
-from job.files import write_text
+from job.layout import Layout, case_clashes, discover, require_training_images
 
 log = logs.get()
 MARGIN = 1.2  # copy only when the dataset and its image cache fit in the free space with this margin
@@ -30,7 +27,7 @@ MARGIN = 1.2  # copy only when the dataset and its image cache fit in the free s
 class Source:
     kind: str  # folder | manifest | shards
     uri: str
-    layout: layout_lib.Layout
+    layout: Layout  # as listed: a sharded dataset's files are known only once its shards are read
     entries: dict[str, tuple[storage.Store, storage.Entry]] = field(default_factory=dict)  # key -> object
     shard_entries: dict[str, list[storage.Entry]] = field(default_factory=dict)  # split -> shards (kind shards)
     store: storage.Store | None = None  # data.uri
@@ -40,20 +37,26 @@ class Source:
                                                               for e in es]
         return sum(sizes)
 
-    def images(self) -> int:
+    def image_count(self) -> int:
         return sum(n for per in self.layout.counts().values() for n in per.values())
 
 
 def open_source(cfg: Config) -> Source:
     """List the dataset (no image downloads) and check its layout; the validation split is carved later."""
-    store = storage.open_store(cfg.data.uri, cfg.s3.endpoint_url)
+    source = _open(cfg, storage.open_store(cfg.data.uri, cfg.s3.endpoint_url))
+    for names in case_clashes(source.layout.classes):
+        log.warning("class names that differ only in case are different classes", classes=list(names))
+    return source
+
+
+def _open(cfg: Config, store: storage.Store) -> Source:
     if cfg.data.manifest:
         return _manifest_source(cfg, store)
     listing = store.list()
     found = shards.shard_names(e.rel for e in listing)
     if found:
         return _shard_source(cfg, store, listing, found)
-    layout = layout_lib.discover([e.rel for e in listing], cfg.data.uri.rstrip("/"))
+    layout = discover([e.rel for e in listing], cfg.data.uri.rstrip("/"))
     if layout.ignored:
         log.warning("objects ignored (not images in a class folder)", count=len(layout.ignored),
                     examples=layout.ignored[:5])
@@ -91,7 +94,8 @@ def _manifest_source(cfg: Config, store: storage.Store) -> Source:
 
 def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry],
                   found: dict[str, list[str]]) -> Source:
-    """Classes from classes.txt; counts from index.json (pack writes it) until the shards are read."""
+    """Classes from classes.txt; with an index.json (pack writes it), the shards it lists and their counts
+    (until the shards are read)."""
     by_rel = {e.rel: e for e in listing}
     if shards.CLASSES not in by_rel:
         raise DataError(f"{cfg.data.uri}/{shards.CLASSES}: missing (the shards' class names, one per line)")
@@ -101,14 +105,28 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
         raise DataError(f"{cfg.data.uri}: shards but no train/shard-NNNNNN.tar")
     counts = {}
     if shards.INDEX in by_rel:
-        try:
-            counts = json.loads(store.read(shards.INDEX))["counts"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("index.json beside the shards is not readable; counts come from the shards",
-                        file=f"{cfg.data.uri}/{shards.INDEX}")
+        index = _read_index(store, f"{cfg.data.uri}/{shards.INDEX}")
+        shards.check_listed(set(index["shards"]), found, cfg.data.uri)
+        counts = index["counts"]
     files = {s: {c: [""] * counts.get(s, {}).get(c, 0) for c in classes} for s in found}
-    return Source("shards", cfg.data.uri, layout_lib.Layout(classes, files), store=store,
+    layout = Layout(classes, files)
+    if counts:
+        require_training_images(layout, cfg.data.uri)
+    return Source("shards", cfg.data.uri, layout, store=store,
                   shard_entries={s: [by_rel[r] for r in rels] for s, rels in found.items()})
+
+
+def _read_index(store: storage.Store, where: str) -> dict:
+    """index.json: {"classes", "counts": {split: {class: n}}, "shards": {shard: n}}; DataError if unreadable
+    (it decides which shards are read)."""
+    try:
+        index = json.loads(store.read(shards.INDEX))
+        if isinstance(index["counts"], dict) and isinstance(index["shards"], dict):
+            return index
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise DataError(f"{where}: not a readable index (JSON with \"counts\" and \"shards\"); remove it to read "
+                    "every shard, or pack again with --overwrite")
 
 
 # ---------------------------------------------------------------- copy or stream
@@ -123,89 +141,13 @@ def staging_mode(source: Source, mode: str, cache_dir: Path, image_bytes: int) -
                             "(finetune-job pack turns it into shards)")
         return mode
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    need = int((source.bytes() + source.images() * image_bytes) * MARGIN)
+    need = int((source.bytes() + source.image_count() * image_bytes) * MARGIN)
     free = shutil.disk_usage(cache_dir).free
-    if need <= free or isinstance(source.store, storage.LocalStore) and source.kind == "folder":
-        return "copy"
+    if need <= free or isinstance(source.store, storage.LocalStore) and source.kind != "shards":
+        return "copy"  # a local folder or manifest is read in place: nothing is copied
     if source.kind == "shards":
         log.info("streaming: the dataset does not fit the cache disk", needed_bytes=need, free_bytes=free)
         return "stream"
     raise DataError(f"{source.uri}: {need / 1e9:.1f} GB needed to stage it and cache its images in "
                     f"{cache_dir}, {free / 1e9:.1f} GB free; give the job more disk, or pack the dataset into "
                     "shards (finetune-job pack) to stream it")
-
-
-def stage(source: Source, cache_dir: Path, progress: Callable[[int], None],
-          stop: Callable[[], None]) -> tuple[dict[str, Path], layout_lib.Layout, dict[str, int]]:
-    """Local files of every image: ({key: path}, the layout, stats). Shards are downloaded (parallel
-    ranged GETs) and their samples extracted; the layout of a sharded dataset comes from its samples."""
-    if source.kind == "shards":
-        return _stage_shards(source, cache_dir, progress, stop)
-    by_store: dict[int, tuple[storage.Store, list[str]]] = {}
-    for key, (store, _) in source.entries.items():
-        by_store.setdefault(id(store), (store, []))[1].append(key)
-    local, stats = {}, {"downloaded": 0, "reused": 0, "bytes": 0}
-    for store, keys in by_store.values():
-        root, got = storage.stage(store, [source.entries[k][1] for k in keys], cache_dir, progress, stop)
-        for key in keys:
-            local[key] = root / source.entries[key][1].rel
-        stats = {k: stats[k] + got[k] for k in stats}
-    return local, source.layout, stats
-
-
-def _stage_shards(source: Source, cache_dir: Path, progress, stop):
-    store = source.store
-    entries = [e for es in source.shard_entries.values() for e in es]
-    root, stats = storage.stage(store, entries, cache_dir, None, stop)
-    # Extracted under the cache, also for a local store (read in place): the user's folder stays as it is.
-    extracted = Path(cache_dir) / "extracted" / hashlib.sha256(source.uri.encode()).hexdigest()[:16]
-    files: dict[str, dict[str, list[str]]] = {}
-    local = {}
-    classes = source.layout.classes
-    for split, shard_list in source.shard_entries.items():
-        per = files.setdefault(split, {c: [] for c in classes})
-        for entry in shard_list:
-            for name, label in _extract(root / entry.rel, extracted / entry.rel, entry.etag,
-                                        f"{source.uri}/{entry.rel}", classes):
-                key = f"{entry.rel}:{name}"
-                local[key] = extracted / entry.rel / name
-                per[classes[label]].append(key)
-            progress(1)
-            stop()
-    layout = layout_lib.Layout(classes, {s: files[s] for s in layout_lib.SPLITS if s in files})
-    return local, layout, stats
-
-
-def _extract(shard: Path, folder: Path, etag: str, name: str, classes: list[str]) -> list[tuple[str, int]]:
-    """[(image file name, label)] of a downloaded shard, its images extracted into `folder` once per ETag."""
-    done = folder / ".complete.json"
-    try:
-        record = json.loads(done.read_text())
-        if record["etag"] == etag:
-            return [tuple(x) for x in record["samples"]]
-    except (OSError, ValueError, KeyError):
-        pass
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    samples = []
-    with open(shard, "rb") as f:
-        for sample in shards.samples(f, name, classes):
-            (folder / f"{sample.key}{sample.ext}").write_bytes(sample.image)
-            samples.append((f"{sample.key}{sample.ext}", sample.label))
-    write_text(done, json.dumps({"etag": etag, "samples": samples}))
-    return samples
-
-
-def count_shards(source: Source) -> dict[str, dict[str, int]]:
-    """Images per split and class of a sharded dataset, by reading every shard as a stream."""
-    classes = source.layout.classes
-    counts = {split: dict.fromkeys(classes, 0) for split in source.shard_entries}
-    for split, entries in source.shard_entries.items():
-        for entry in entries:
-            body = source.store.open_stream(entry.rel)
-            try:
-                for sample in shards.samples(body, f"{source.uri}/{entry.rel}", classes):
-                    counts[split][classes[sample.label]] += 1
-            finally:
-                body.close()
-    return counts

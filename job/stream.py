@@ -6,31 +6,15 @@ each worker of a multi-worker run reads its own shards. `allowed` selects the sa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import tensorflow as tf
 
-from job import shards
 from job.dataset import AUTOTUNE, decode_and_resize
+from job.readers import read_shards
 from job.storage import Store
 
 SHUFFLE_BUFFER = 2048
 PARALLEL_SHARDS = 4
-
-
-def samples(store: Store, rels: list[str], classes: list[str], allowed: set[str] | None = None
-            ) -> Iterator[tuple[str, bytes, int]]:
-    """(key, encoded image, label) of the shards `rels`, in order, read as streams."""
-    for rel in rels:
-        body = store.open_stream(rel)
-        try:
-            for sample in shards.samples(body, f"{store.uri}/{rel}", classes):
-                key = f"{rel}:{sample.key}{sample.ext}"
-                if allowed is None or key in allowed:
-                    yield key, sample.image, sample.label
-        finally:
-            body.close()
 
 
 def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str], image_size: tuple[int, int],
@@ -40,7 +24,7 @@ def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str]
     signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32))
 
     def shard(rel):
-        for _, image, label in samples(store, [rel.decode()], classes, allowed):
+        for _, image, label in read_shards(store, [rel.decode()], classes, allowed):
             yield image, label
 
     order = tf.data.Dataset.from_tensor_slices(rels)

@@ -1,0 +1,321 @@
+"""The staged dataset: what every stage after staging reads, behind one interface with two implementations,
+chosen once by `create` (in the manner of timm's `timm/data/readers/` behind `create_reader`):
+
+    Copied    every image a local file (objects downloaded, shards downloaded and extracted); training reads
+              them through the image cache (job/dataset.py)
+    Streamed  tar shards read from storage on every pass (job/stream.py); nothing kept on disk
+
+Both are built by one pass over the data that also finds the samples' keys and labels (a sharded dataset's
+are known only once its shards are read) and, given `checks`, the images the job cannot train on. Both end
+alike: the validation split carved (seeded), bad images out, empty splits absent, a class left with no
+training image refused.
+
+Keys name images: a path relative to `data.uri`, a full URI (a manifest's object outside `data.uri`), or
+`<split>/shard-NNNNNN.tar:<member>` (a sample of a shard). TensorFlow is imported only where images are
+decoded, so the readers' listing and `samples` run without it (the property tests use them so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from job import layout, logs, shards, storage
+from job.errors import DataError
+from job.files import write_text
+from job.sources import Source
+
+log = logs.get()
+Share = tuple[int, int]  # (this worker's index, number of workers): the part of a split it reads
+EXTRACTED_FORMAT = 2  # the extraction record's layout; older records are extracted again
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Which images cannot be trained on: {name: why} for local files and for images in memory."""
+
+    files: Callable[[list[str]], dict[str, str]]
+    blobs: Callable[[list[tuple[str, bytes]]], dict[str, str]]
+
+
+class Reader:
+    """A staged dataset. `layout`: the images by split and class, as training sees them; `bad`: {key: why}
+    of the images left out."""
+
+    mode = ""
+
+    def __init__(self, listed: layout.Layout, bad: dict[str, str], where: str, image_size: tuple[int, int]):
+        self.layout, self.bad, self.where, self.image_size = listed, dict(sorted(bad.items())), where, image_size
+
+    def settle(self, validation_split: float, seed: int) -> Reader:
+        """Carve the validation split, leave the bad images out, drop empty splits (once, after staging)."""
+        carved = layout.split_validation(self.layout, validation_split, seed)
+        kept = layout.without(carved, set(self.bad))
+        for split, per in kept.files.items():
+            emptied = [c for c, keys in per.items() if not keys and carved.files[split][c]]
+            if emptied:
+                raise DataError(f"{self.where}/{split}/: no usable images left in {', '.join(emptied)}")
+        layout.require_training_images(kept, self.where)
+        self.layout = kept.nonempty()
+        return self
+
+    def count(self, split: str) -> int:
+        return self.layout.count(split)
+
+    def keys(self, split: str, share: Share | None = None) -> tuple[list[str], list[int]]:
+        """(keys, labels) of a split, or of this worker's share of it (training)."""
+        keys, labels = self.layout.items(split)
+        if share is None:
+            return keys, labels
+        return self._share(split, keys, labels, share)
+
+    def _share(self, split, keys, labels, share: Share):
+        index, workers = share
+        return keys[index::workers], labels[index::workers]
+
+    def pick(self, split: str, limit: int) -> list[str]:
+        """Up to `limit` keys of a split, its classes in turn (int8 calibration): no class is left out."""
+        per = list(self.layout.files.get(split, {}).values())
+        picked = [ks[i] for i in range(max(map(len, per), default=0)) for ks in per if i < len(ks)]
+        return picked[:limit]
+
+    # What each implementation provides.
+    def samples(self, split: str) -> Iterator[tuple[str, bytes, int]]:
+        """(key, encoded image, label) of every image of a split, in key order (no TensorFlow)."""
+        raise NotImplementedError
+
+    def images(self, split: str, batch: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
+               share: Share | None = None):
+        """(image float32 0..255, label) batches of a split, or of this worker's share of it."""
+        raise NotImplementedError
+
+    def identity(self, split: str, share: Share | None = None) -> list:
+        """What identifies a split's images (the feature cache's key)."""
+        raise NotImplementedError
+
+    def pixels(self, split: str, keys: list[str] | None = None):
+        """(uint8 [n, h, w, 3], labels) of a split, or of only `keys` of it (the others are not decoded)."""
+        raise NotImplementedError
+
+
+class Copied(Reader):
+    mode = "copy"
+
+    def __init__(self, listed, bad, where, image_size, local: dict[str, Path], cache: Path):
+        super().__init__(listed, bad, where, image_size)
+        self.local, self.cache = local, cache
+
+    def samples(self, split):
+        for key, label in sorted(zip(*self.keys(split))):
+            yield key, self.local[key].read_bytes(), label
+
+    def _paths(self, keys: list[str]) -> list[str]:
+        return [str(self.local[k]) for k in keys]
+
+    def images(self, split, batch, *, shuffle=False, seed=0, repeat=False, share=None):
+        from job import dataset
+
+        keys, labels = self.keys(split, share)
+        return dataset.image_dataset(self._paths(keys), labels, self.image_size, batch, shuffle=shuffle, seed=seed,
+                                     repeat=repeat, cache_dir=self.cache)
+
+    def identity(self, split, share=None):
+        paths = self._paths(self.keys(split, share)[0])
+        return [[p, Path(p).stat().st_size] for p in paths]
+
+    def pixels(self, split, keys=None):
+        import numpy as np
+
+        from job import dataset
+
+        all_keys, labels = self.keys(split)
+        if keys is None:  # the whole split: through the image cache, as training reads it
+            return dataset.pixels(self._paths(all_keys), self.image_size, self.cache), np.asarray(labels, np.int32)
+        label_of = dict(zip(all_keys, labels))
+        return (dataset.pixels(self._paths(keys), self.image_size, None),
+                np.asarray([label_of[k] for k in keys], np.int32))
+
+
+class Streamed(Reader):
+    mode = "stream"
+
+    def __init__(self, listed, bad, where, image_size, store: storage.Store, etags: dict[str, str]):
+        super().__init__(listed, bad, where, image_size)
+        self.store, self.etags = store, etags  # shard -> ETag
+
+    def shards(self, split: str, share: Share | None = None) -> list[str]:
+        """The shards holding a split's images (this worker's part of them with `share`)."""
+        rels = sorted({shard_of(k) for k in self.layout.items(split)[0]})
+        return rels if share is None else rels[share[0]::share[1]]
+
+    def _share(self, split, keys, labels, share):
+        mine = set(self.shards(split, share))
+        picked = [(k, y) for k, y in zip(keys, labels) if shard_of(k) in mine]
+        return [k for k, _ in picked], [y for _, y in picked]
+
+    def samples(self, split):
+        keys = set(self.keys(split)[0])
+        yield from sorted(read_shards(self.store, self.shards(split), self.layout.classes, keys))
+
+    def images(self, split, batch, *, shuffle=False, seed=0, repeat=False, share=None):
+        from job import stream
+
+        keys = set(self.keys(split, share)[0])
+        return stream.dataset(self.store, self.shards(split, share), self.layout.classes, keys, self.image_size,
+                              batch, shuffle=shuffle, seed=seed, repeat=repeat)
+
+    def identity(self, split, share=None):
+        return [[rel, self.etags[rel]] for rel in self.shards(split, share)] + sorted(self.keys(split, share)[0])
+
+    def pixels(self, split, keys=None):
+        from job import stream
+
+        wanted = set(self.keys(split)[0] if keys is None else keys)
+        rels = sorted({shard_of(k) for k in wanted})
+        return stream.pixels(self.store, rels, self.layout.classes, wanted, self.image_size)
+
+
+def image_uri(data_uri: str, key: str) -> str:
+    """Where an image key is for the user: a URI (a shard's sample: `<shard URI>:<member>`)."""
+    return key if "://" in key else storage.join(data_uri, key)
+
+
+def shard_of(key: str) -> str:
+    """`train/shard-000001.tar:cat/0001.jpg` -> `train/shard-000001.tar`."""
+    return key.split(":", 1)[0]
+
+
+def read_shards(store: storage.Store, rels: list[str], classes: list[str], allowed: set[str] | None = None,
+                ignored: list[str] | None = None) -> Iterator[tuple[str, bytes, int]]:
+    """(key, encoded image, label) of the shards `rels`, in order, read as streams (no TensorFlow)."""
+    for rel in rels:
+        body = store.open_stream(rel)
+        try:
+            for sample in shards.samples(body, f"{store.uri}/{rel}", classes, ignored):
+                key = f"{rel}:{sample.key}{sample.ext}"
+                if allowed is None or key in allowed:
+                    yield key, sample.image, sample.label
+        finally:
+            body.close()
+
+
+# ---------------------------------------------------------------- staging: one pass over the data
+
+
+def create(source: Source, mode: str, cache_dir: Path, image_cache: Path, image_size: tuple[int, int],
+           progress: Callable[[int], None], stop: Callable[[], None], checks: Checks | None = None) -> Reader:
+    """Stage the dataset as `mode` (copy | stream) in one pass: the reader, with the bad images found (when
+    `checks` is given) but not yet settled (`Reader.settle`). Copies go under `cache_dir`; the decoded
+    images of a copied dataset under `image_cache`."""
+    if mode == "stream":
+        return _stream(source, image_size, progress, stop, checks)
+    if source.kind == "shards":
+        local, listed, stats = _copy_shards(source, Path(cache_dir), progress, stop)
+    else:
+        local, stats = _copy_objects(source, Path(cache_dir), progress, stop)
+        listed = source.layout
+    log.info("dataset staged", kind=source.kind, mode="copy", images=len(local), **stats)
+    stop()
+    keys = sorted(local)
+    found = checks.files([str(local[k]) for k in keys]) if checks else {}
+    key_of = {str(local[k]): k for k in keys}
+    bad = {key_of[p]: reason for p, reason in found.items()}
+    return Copied(listed, bad, source.uri, image_size, local, Path(image_cache))
+
+
+def _copy_objects(source: Source, cache_dir: Path, progress, stop) -> tuple[dict[str, Path], dict[str, int]]:
+    by_store: dict[int, tuple[storage.Store, list[str]]] = {}
+    for key, (store, _) in source.entries.items():
+        by_store.setdefault(id(store), (store, []))[1].append(key)
+    local, stats = {}, {"downloaded": 0, "reused": 0, "bytes": 0}
+    for store, keys in by_store.values():
+        root, got = storage.stage(store, [source.entries[k][1] for k in keys], cache_dir, progress, stop)
+        for key in keys:
+            local[key] = root / source.entries[key][1].rel
+        stats = {k: stats[k] + got[k] for k in stats}
+    return local, stats
+
+
+def _copy_shards(source: Source, cache_dir: Path, progress, stop):
+    """Download the shards (parallel ranged GETs) and extract their samples under the cache, also for a local
+    store (read in place): the user's folder stays as it is."""
+    entries = [e for es in source.shard_entries.values() for e in es]
+    root, stats = storage.stage(source.store, entries, cache_dir, None, stop)
+    extracted = cache_dir / "extracted" / hashlib.sha256(source.uri.encode()).hexdigest()[:16]
+    files: dict[str, dict[str, list[str]]] = {}
+    local: dict[str, Path] = {}
+    classes = source.layout.classes
+    ignored: list[str] = []
+    for split, shard_list in source.shard_entries.items():
+        per, seen = files.setdefault(split, {c: [] for c in classes}), shards.SplitKeys(split)
+        for entry in shard_list:
+            where = f"{source.uri}/{entry.rel}"
+            record = _extract(root / entry.rel, extracted / entry.rel, entry.etag, where, classes)
+            for name, label in record["samples"]:
+                seen.add(shards.member_key(name, where)[0], f"{where}:{name}")
+                key = f"{entry.rel}:{name}"
+                local[key] = extracted / entry.rel / name
+                per[classes[label]].append(key)
+            ignored += record["ignored"]
+            progress(1)
+            stop()
+    _warn_ignored(ignored)
+    return local, layout.Layout(classes, files), stats
+
+
+def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str]) -> dict:
+    """{"samples": [(member name, label)], "ignored": [...]} of a downloaded shard, its images extracted
+    into `folder` (under their own paths) once per ETag."""
+    done = folder / ".complete.json"
+    try:
+        record = json.loads(done.read_text())
+        if record["etag"] == etag and record.get("format") == EXTRACTED_FORMAT:
+            return record
+    except (OSError, ValueError, KeyError):
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    samples, ignored = [], []
+    with open(shard, "rb") as f:
+        for sample in shards.samples(f, where, classes, ignored):
+            name = f"{sample.key}{sample.ext}"
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(sample.image)
+            samples.append((name, sample.label))
+    record = {"etag": etag, "format": EXTRACTED_FORMAT, "samples": samples, "ignored": ignored}
+    write_text(done, json.dumps(record))
+    return record
+
+
+def _stream(source: Source, image_size, progress, stop, checks: Checks | None) -> Streamed:
+    """One pass over every shard for the samples' keys and labels (and the bad images); nothing kept."""
+    classes = source.layout.classes
+    files: dict[str, dict[str, list[str]]] = {}
+    bad: dict[str, str] = {}
+    ignored: list[str] = []
+    for split, entries in source.shard_entries.items():
+        per, seen = files.setdefault(split, {c: [] for c in classes}), shards.SplitKeys(split)
+        for entry in entries:
+            chunk = []
+            for key, image, label in read_shards(source.store, [entry.rel], classes, ignored=ignored):
+                seen.add(shards.member_key(key.split(":", 1)[1], key)[0], f"{source.uri}/{key}")
+                per[classes[label]].append(key)
+                chunk.append((key, image))
+            if checks:
+                bad |= checks.blobs(chunk)
+            progress(1)
+            stop()
+    _warn_ignored(ignored)
+    etags = {e.rel: e.etag for es in source.shard_entries.values() for e in es}
+    listed = layout.Layout(classes, {s: {c: sorted(ks) for c, ks in per.items()} for s, per in files.items()})
+    return Streamed(listed, bad, source.uri, image_size, source.store, etags)
+
+
+def _warn_ignored(ignored: list[str]) -> None:
+    if ignored:
+        log.warning("shard members ignored (they belong to no sample: no image among them)", count=len(ignored),
+                    examples=ignored[:5])

@@ -1,0 +1,253 @@
+"""The staged dataset (job/readers.py) and the edges of the three dataset forms: shard keys are whole member
+paths, a pack never mixes with an older one, empty splits are absent, shards are checked as strictly as
+folders, copied and streamed readers agree. Local folders; no TensorFlow except where images are decoded."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import tar_bytes
+
+from job import layout, pipeline, readers, shards, sources
+from job.config import Config
+from job.errors import DataError, StorageError
+from job.pack import pack
+from job.sample_data import write_sample_dataset
+
+
+def config(uri: Path | str, **data) -> Config:
+    return Config.model_validate({"data": {"uri": str(uri), **data}, "output": {"uri": "/tmp/unused"},
+                                  "model": {"weights": "none"}})
+
+
+def stage(uri, mode: str = "copy", tmp: Path | None = None, **data) -> readers.Reader:
+    cfg = config(uri, **data)
+    cache = (tmp or Path(uri).parent) / f"cache-{mode}"
+    return readers.create(sources.open_source(cfg), mode, cache, cache / "images", (8, 8), lambda n: None,
+                          lambda: None)
+
+
+def as_read(reader: readers.Reader) -> dict[str, list[tuple[bytes, str]]]:
+    """{split: sorted (image bytes, class name)} of what a reader reads."""
+    classes = reader.layout.classes
+    return {split: sorted((image, classes[label]) for _, image, label in reader.samples(split))
+            for split in reader.layout.files}
+
+
+def shard_dataset(root: Path, splits: dict[str, list[list[tuple[str, bytes]]]], classes=("cat", "dog")) -> Path:
+    """A sharded dataset by hand: {split: [members of each shard]} and classes.txt (no index.json)."""
+    for split, shard_members in splits.items():
+        for n, members in enumerate(shard_members):
+            (root / split).mkdir(parents=True, exist_ok=True)
+            (root / split / f"shard-{n:06d}.tar").write_bytes(tar_bytes(members))
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root
+
+
+# ---------------------------------------------------------------- defect 1: keys are whole paths
+
+
+def class_folders_tarred(same_name="0001"):
+    """A shard made by tarring class folders as they are: the same file name in every class."""
+    return [(f"cat/{same_name}.jpg", b"CAT"), (f"cat/{same_name}.txt", b"cat"),
+            (f"dog/{same_name}.jpg", b"DOG"), (f"dog/{same_name}.txt", b"dog")]
+
+
+@pytest.mark.parametrize("mode", ["copy", "stream"])
+def test_same_file_names_in_several_class_folders_are_several_samples(tmp_path, mode):
+    root = shard_dataset(tmp_path / "d", {"train": [class_folders_tarred() + [("x/a.jpg", b"X"), ("x/a.cls", b"0")]]})
+    reader = stage(root, mode, tmp_path)
+    assert as_read(reader) == {"train": [(b"CAT", "cat"), (b"DOG", "dog"), (b"X", "cat")]}
+    assert sorted(reader.keys("train")[0]) == ["train/shard-000000.tar:cat/0001.jpg",
+                                               "train/shard-000000.tar:dog/0001.jpg",
+                                               "train/shard-000000.tar:x/a.jpg"]
+
+
+def test_copied_shards_extract_under_the_whole_key(tmp_path):
+    reader = stage(shard_dataset(tmp_path / "d", {"train": [class_folders_tarred()]}), "copy", tmp_path)
+    files = {key: path.read_bytes() for key, path in reader.local.items()}
+    assert sorted(files.values()) == [b"CAT", b"DOG"]
+    assert all(path.parent.name in ("cat", "dog") for path in reader.local.values())
+
+
+@pytest.mark.parametrize("mode", ["copy", "stream"])
+def test_a_key_twice_in_a_split_names_both_places(tmp_path, mode):
+    root = shard_dataset(tmp_path / "d", {"train": [class_folders_tarred(), [("cat/0001.png", b"P"),
+                                                                             ("cat/0001.cls", b"1")]]})
+    with pytest.raises(DataError) as e:
+        stage(root, mode, tmp_path)
+    assert "sample key cat/0001 occurs twice in split train" in str(e.value)
+    assert "train/shard-000000.tar:cat/0001.jpg" in str(e.value)
+    assert "train/shard-000001.tar:cat/0001.png" in str(e.value)
+
+
+def test_the_same_key_in_two_splits_is_two_images(tmp_path):
+    one = [("cat/0001.jpg", b"A"), ("cat/0001.cls", b"0"), ("dog/1.jpg", b"B"), ("dog/1.cls", b"1")]
+    root = shard_dataset(tmp_path / "d", {"train": [one], "test": [one]})
+    assert as_read(stage(root, "copy", tmp_path))["test"] == [(b"A", "cat"), (b"B", "dog")]
+
+
+def test_a_member_key_may_not_leave_the_extraction_folder():
+    assert shards.member_key("./cat/0001.tar.gz", "s") == ("cat/0001", ".tar.gz")
+    assert shards.member_key("README", "s") is None and shards.member_key("cat/.hidden", "s") is None
+    for name in ("../evil.jpg", "/etc/x.jpg", "a/../../b.jpg", "a//b.jpg"):
+        with pytest.raises(DataError, match="not a plain relative path"):
+            shards.member_key(name, "s")
+
+
+# ---------------------------------------------------------------- defect 2: a second pack
+
+
+def test_pack_refuses_a_destination_with_shards_unless_overwrite(tmp_path):
+    write_sample_dataset(tmp_path / "a", classes=3, per_class=6, size=8, seed=0, test_per_class=0)
+    write_sample_dataset(tmp_path / "b", classes=2, per_class=3, size=8, seed=1, test_per_class=0)
+    pack(str(tmp_path / "a"), str(tmp_path / "shards"), shard_size=2_000)
+    first = sorted(p.name for p in (tmp_path / "shards/train").iterdir())
+    with pytest.raises(StorageError, match="already holds .* pass --overwrite"):
+        pack(str(tmp_path / "b"), str(tmp_path / "shards"), shard_size=2_000)
+    assert sorted(p.name for p in (tmp_path / "shards/train").iterdir()) == first  # nothing touched
+    result = pack(str(tmp_path / "b"), str(tmp_path / "shards"), shard_size=100_000, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "shards/train").iterdir()) == ["shard-000000.tar"] != first
+    reader = stage(tmp_path / "shards", "copy", tmp_path)
+    assert reader.layout.counts() == result["counts"] == {"train": {"circle": 3, "square": 3}}
+
+
+def test_a_shard_that_index_json_does_not_list_is_refused(tmp_path):
+    write_sample_dataset(tmp_path / "a", classes=2, per_class=4, size=8, seed=0, test_per_class=0)
+    pack(str(tmp_path / "a"), str(tmp_path / "shards"), shard_size=1_500)
+    stray = tmp_path / "shards/train/shard-000099.tar"
+    stray.write_bytes(tar_bytes([("k.png", b"P"), ("k.cls", b"0")]))
+    with pytest.raises(DataError, match="shard-000099.tar: a shard that index.json does not list"):
+        sources.open_source(config(tmp_path / "shards"))
+    stray.unlink()
+    (tmp_path / "shards/train/shard-000000.tar").unlink()
+    with pytest.raises(DataError, match="shard-000000.tar: listed in index.json but missing"):
+        sources.open_source(config(tmp_path / "shards"))
+
+
+# ---------------------------------------------------------------- defect 3: empty splits are absent
+
+
+def test_no_validation_split_is_absent_not_empty(tmp_path):
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=3, size=8, seed=0, test_per_class=0)
+    reader = stage(tmp_path / "d", "copy", tmp_path).settle(0.0, seed=1)
+    assert list(reader.layout.files) == ["train"] and reader.count("validation") == 0
+    assert pipeline.validate(config(tmp_path / "d", validation_split=0.0)) == {"train": {"circle": 3, "square": 3}}
+
+
+def test_single_image_classes_leave_no_empty_validation_split(tmp_path):
+    write_sample_dataset(tmp_path / "d", classes=3, per_class=1, size=8, seed=0, test_per_class=0)
+    reader = stage(tmp_path / "d", "copy", tmp_path).settle(0.2, seed=1)
+    assert list(reader.layout.files) == ["train"] and reader.count("train") == 3
+
+
+# ---------------------------------------------------------------- defect 4: shards as strict as folders
+
+
+@pytest.mark.parametrize("mode", ["copy", "stream"])
+def test_a_class_of_classes_txt_without_training_images_is_refused_like_a_folder(tmp_path, mode):
+    root = shard_dataset(tmp_path / "d", {"train": [class_folders_tarred()]}, classes=("cat", "dog", "emu"))
+    with pytest.raises(DataError) as e:
+        stage(root, mode, tmp_path).settle(0.0, seed=1)
+    assert str(e.value) == f"{root}/train/: class folder(s) with no images: emu"
+    for name, file in (("cat", "1.png"), ("dog", "1.png"), ("emu", "notes.txt")):
+        (tmp_path / "f/train" / name).mkdir(parents=True)
+        (tmp_path / "f/train" / name / file).write_bytes(b"P")
+    with pytest.raises(DataError) as folder_error:
+        stage(tmp_path / "f", "copy", tmp_path)
+    assert str(folder_error.value) == f"{tmp_path / 'f'}/train/: class folder(s) with no images: emu"
+
+
+def test_a_class_index_json_counts_as_empty_is_refused_before_any_download(tmp_path):
+    root = shard_dataset(tmp_path / "d", {"train": [class_folders_tarred()]})
+    (root / "index.json").write_text(json.dumps({"counts": {"train": {"cat": 1, "dog": 0}},
+                                                 "shards": {"train/shard-000000.tar": 2}}))
+    with pytest.raises(DataError, match="class folder\\(s\\) with no images: dog"):
+        sources.open_source(config(root))
+
+
+@pytest.mark.parametrize("mode", ["copy", "stream"])
+def test_members_of_no_sample_are_skipped_and_named(tmp_path, mode, caplog):
+    members = [("LICENSE.txt", b"MIT"), ("README", b"hi")] + class_folders_tarred() + [("notes/x.json", b"{}")]
+    root = shard_dataset(tmp_path / "d", {"train": [members]})
+    with caplog.at_level(logging.WARNING):
+        reader = stage(root, mode, tmp_path)
+    assert as_read(reader) == {"train": [(b"CAT", "cat"), (b"DOG", "dog")]}
+
+
+def test_streaming_needs_a_training_shard_per_worker(tmp_path, monkeypatch):
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=3, size=8, seed=0, test_per_class=0)
+    pack(str(tmp_path / "d"), str(tmp_path / "s"), shard_size=1_500)  # one image per shard: 6 shards
+    cfg = config(tmp_path / "s", staging="stream")
+    source = sources.open_source(cfg)
+    workers = {"cluster": {"worker": [f"127.0.0.1:{1000 + i}" for i in range(7)]}, "task": {"type": "worker"}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(workers))
+    with pytest.raises(DataError, match="6 training shard\\(s\\) for 7 workers"):
+        pipeline._staging(cfg, source)
+    workers["cluster"]["worker"].pop()
+    monkeypatch.setenv("TF_CONFIG", json.dumps(workers))
+    assert pipeline._staging(cfg, source) == "stream"
+
+
+# ---------------------------------------------------------------- copied and streamed agree
+
+
+def test_copied_and_streamed_read_the_same_samples_and_shares(tmp_path):
+    write_sample_dataset(tmp_path / "d", classes=3, per_class=9, size=8, seed=0, test_per_class=2)
+    pack(str(tmp_path / "d"), str(tmp_path / "s"), shard_size=1_500)
+    copied = stage(tmp_path / "s", "copy", tmp_path).settle(0.25, seed=3)
+    streamed = stage(tmp_path / "s", "stream", tmp_path).settle(0.25, seed=3)
+    assert copied.layout == streamed.layout and copied.count("validation") == 6
+    assert as_read(copied) == as_read(streamed)
+    # The validation split is carved from keys, which differ between forms: compare the forms uncarved.
+    assert as_read(stage(tmp_path / "s", "stream", tmp_path).settle(0, 3)) == \
+        as_read(stage(tmp_path / "d", "copy", tmp_path).settle(0, 3))
+    for reader in (copied, streamed):
+        shares = [reader.keys("train", (i, 2)) for i in range(2)]
+        assert sorted(shares[0][0] + shares[1][0]) == sorted(reader.keys("train")[0])
+        assert not set(shares[0][0]) & set(shares[1][0])
+    # Streaming shares whole shards: each worker's keys come from its own shards.
+    assert not {readers.shard_of(k) for k in streamed.keys("train", (0, 2))[0]} & \
+        {readers.shard_of(k) for k in streamed.keys("train", (1, 2))[0]}
+
+
+def test_calibration_keys_are_spread_over_classes():
+    listed = layout.Layout(["a", "b"], {"train": {"a": [f"a{i}" for i in range(300)], "b": ["b0", "b1"]}})
+    picked = readers.Reader(listed, {}, "d", (8, 8)).pick("train", 256)
+    assert len(picked) == 256 and {"b0", "b1"} < set(picked) and len(set(picked)) == 256
+
+
+def test_copied_pixels_of_picked_keys_decode_only_those(tmp_path):
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=5, size=8, seed=0, test_per_class=0)
+    reader = stage(tmp_path / "d", "copy", tmp_path).settle(0.0, seed=1)
+    keys, labels = reader.keys("train")
+    picked = [keys[0], keys[-1]]
+    for key in keys[1:-1]:  # the others are gone: decoding any of them would fail
+        reader.local[key].unlink()
+    pixels, got = reader.pixels("train", picked)
+    assert pixels.shape == (2, 8, 8, 3) and list(got) == [labels[0], labels[-1]]
+
+
+# ---------------------------------------------------------------- smaller ones (defect 8)
+
+
+def test_a_local_manifest_dataset_is_read_in_place(tmp_path):
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    files = sorted((tmp_path / "d").rglob("*.*"))
+    rows = [f"{p.relative_to(tmp_path / 'd').as_posix()},{p.parent.name}" for p in files]
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    source = sources.open_source(config(tmp_path / "d", manifest=str(tmp_path / "m.csv")))
+    # Even when the disk looks full: nothing is copied from a local folder.
+    assert sources.staging_mode(source, "auto", tmp_path, 10**15) == "copy"
+
+
+def test_class_names_that_differ_only_in_case_are_named(tmp_path, capsys):
+    assert layout.case_clashes(["Cat", "cat", "dog", "DOG", "emu"]) == [("Cat", "cat"), ("dog", "DOG")]
+    for name in ("Cat", "cat"):
+        (tmp_path / "d/train" / name).mkdir(parents=True)
+        (tmp_path / "d/train" / name / "1.png").write_bytes(b"P")
+    sources.open_source(config(tmp_path / "d"))
+    assert "differ only in case" in capsys.readouterr().out
