@@ -299,6 +299,10 @@ def stage_data(run: Run) -> None:
     signals.check("staging")
     _too_many_bad(cfg, staged)
     run.data = staged.settle(cfg.data.validation_split, cfg.train.seed)
+    if mode == "stream":
+        log.info("dataset surveyed", kind="shards", mode=mode, shards=sum(map(len, source.shard_entries.values())),
+                 images=sum(map(run.data.count, run.data.layout.files)),
+                 training_shards_of_this_worker=run.data.shards("train", run.share))
     log.info("dataset ready", mode=mode, counts=run.data.layout.counts(), bad_images=len(run.data.bad))
     if not run.data.count("validation"):
         log.warning("no validation images: early stopping watches the training loss, and no validation report "

@@ -129,7 +129,8 @@ def test_bad_shards_exit_3_naming_the_shard_and_member(s3, dataset, packed, tmp_
 
 
 def test_undecodable_images_inside_shards_are_skipped_and_named(s3, dataset, tmp_path):
-    keys = sorted(k for k in s3.keys(dataset, "data/train/") if k.endswith(".png"))[:40]
+    pngs = sorted(k for k in s3.keys(dataset, "data/train/") if k.endswith(".png"))
+    keys = [k for c in ("circle", "square", "triangle") for k in [p for p in pngs if p.split("/")[2] == c][:14]]
     members = []
     for n, key in enumerate(keys):
         label = ["circle", "square", "triangle"].index(key.split("/")[2])
