@@ -81,6 +81,8 @@ def write_sample_dataset(root: Path, classes: int = 3, per_class: int = 40, size
     test_per_class = max(2, per_class // 4) if test_per_class is None else test_per_class
     counts: dict[str, dict[str, int]] = {}
     for split, n in (("train", per_class), ("test", test_per_class)):
+        if n == 0:
+            continue  # no test/ at all: an empty class folder would be a data error
         for name in shapes:
             folder = Path(root) / split / name
             folder.mkdir(parents=True, exist_ok=True)

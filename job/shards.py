@@ -47,7 +47,9 @@ def shard_names(rels: Iterable[str]) -> dict[str, list[str]]:
 
 
 def parse_classes(text: str, where: str) -> list[str]:
-    classes = [line.strip() for line in text.splitlines() if line.strip()]
+    """The class names of classes.txt, one per line, exactly as written (a folder named ` cat` is a class
+    ` cat`; pack writes it so); blank lines are skipped."""
+    classes = [line for line in text.splitlines() if line.strip()]
     if len(classes) < 2:
         raise DataError(f"{where}: {len(classes)} class(es); at least 2 are needed")
     if len(set(classes)) != len(classes):
@@ -86,8 +88,21 @@ def member_key(name: str, where: str) -> tuple[str, str] | None:
 def samples(fileobj, name: str, classes: list[str] | None, ignored: list[str] | None = None) -> Iterator[Sample]:
     """The samples of one shard, read as a stream (a file or an HTTP body; no seeking). Members that belong
     to no sample (no image among them: `LICENSE.txt`, `README`) are skipped and named in `ignored`."""
+    groups = _groups(fileobj, name, ignored)
+    seen: set[str] = set()
+    for key, members in groups:
+        for sample in _sample(key, members, name, classes, ignored):
+            if key in seen:
+                raise DataError(f"{name}: sample {key} occurs twice (its members are not adjacent, or two "
+                                "samples share a key)")
+            seen.add(key)
+            yield sample
+
+
+def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of each run of adjacent members that share a key."""
     current: dict[str, bytes] = {}
-    key, seen = None, set()
+    key = None
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
             for member in tar:
@@ -100,17 +115,13 @@ def samples(fileobj, name: str, classes: list[str] | None, ignored: list[str] | 
                     continue
                 if found[0] != key:
                     if key is not None:
-                        yield from _sample(key, current, name, classes, ignored)
-                    if found[0] in seen:
-                        raise DataError(f"{name}: sample {found[0]} occurs twice (its members are not adjacent, "
-                                        "or two samples share a key)")
+                        yield key, current
                     key, current = found[0], {}
-                    seen.add(key)
                 current[found[1]] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{name}: not a readable tar file ({type(e).__name__}: {e}); is it truncated?") from None
     if key is not None:
-        yield from _sample(key, current, name, classes, ignored)
+        yield key, current
 
 
 def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] | None,
@@ -133,10 +144,13 @@ def _label(key: str, members: dict[str, bytes], name: str, classes: list[str] | 
             raise DataError(f"{name}: {key}.cls is {raw!r}, not a class index ({known})")
         return int(raw)
     if ".txt" in members:
-        raw = members[".txt"].decode("utf-8", "replace").strip()
-        if classes is None or raw not in classes:
-            raise DataError(f"{name}: {key}.txt names class {raw!r}, which {CLASSES} does not list")
-        return classes.index(raw)
+        raw = members[".txt"].decode("utf-8", "replace").removesuffix("\n").removesuffix("\r")
+        if classes is not None and raw in classes:
+            return classes.index(raw)
+        stripped = [i for i, c in enumerate(classes or []) if c.strip() == raw.strip()]
+        if len(stripped) != 1:  # spaces around a name are forgiven only when that leaves no doubt
+            raise DataError(f"{name}: {key}.txt names class {raw.strip()!r}, which {CLASSES} does not list")
+        return stripped[0]
     raise DataError(f"{name}: {key}{image} has no label ({key}.cls or {key}.txt)")
 
 

@@ -56,7 +56,8 @@ def _open(cfg: Config, store: storage.Store) -> Source:
     found = shards.shard_names(e.rel for e in listing)
     if found:
         return _shard_source(cfg, store, listing, found)
-    layout = discover([e.rel for e in listing], cfg.data.uri.rstrip("/"))
+    markers = store.empty_folders() if isinstance(store, storage.LocalStore) else []  # an empty class folder
+    layout = discover([e.rel for e in listing] + markers, cfg.data.uri.rstrip("/"))
     if layout.ignored:
         log.warning("objects ignored (not images in a class folder)", count=len(layout.ignored),
                     examples=layout.ignored[:5])

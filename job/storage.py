@@ -289,6 +289,12 @@ class LocalStore:
                     out.append(Entry(p.relative_to(self.root).as_posix(), st.st_size, str(st.st_mtime_ns)))
         return out
 
+    def empty_folders(self) -> list[str]:
+        """`<rel>/` of every folder with nothing in it: what an S3 listing shows as a folder marker."""
+        with storage_errors(f"listing {self.root}"):
+            return sorted(f"{p.relative_to(self.root).as_posix()}/" for p in self.root.rglob("*")
+                          if p.is_dir() and not any(p.iterdir()))
+
     def exists(self, rel: str) -> bool:
         return (self.root / rel).exists()
 

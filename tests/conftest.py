@@ -130,6 +130,18 @@ def write_config(path: Path, **sections) -> Path:
     return path
 
 
+def data_config(tmp_path: Path, dataset: str, run_id: str, uri: str, *, head_epochs: int = 3,
+                formats: tuple[str, ...] = ("saved_model",), **data) -> Path:
+    """A small run's config over the `dataset` fixture's bucket (its base weights) with data at `uri`."""
+    return write_config(
+        tmp_path / f"{run_id}.yaml", run_id=run_id,
+        data={"uri": uri, "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"cache-{run_id}"), **data},
+        model={"backbone": "mobilenet_v2", "weights": f"s3://{dataset}/weights/base.weights.h5", "head_units": 16},
+        train={"batch_size": 16, "head": {"epochs": head_epochs}, "finetune": {"epochs": 1, "unfreeze": 10}},
+        output={"uri": f"s3://{dataset}/runs"}, metrics={"port": 0, "linger_seconds": 0},
+        export={"formats": list(formats)})
+
+
 def need_tool(name: str) -> str:
     """Path of a system tool; missing tools skip on a user's machine (reason printed) and fail in CI."""
     found = shutil.which(name)

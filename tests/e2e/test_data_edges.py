@@ -9,26 +9,21 @@ import os
 import subprocess
 
 import pytest
-from conftest import CLI, SIZE, free_ports, run_cli, tar_bytes, write_config
+from conftest import CLI, data_config, free_ports, run_cli, tar_bytes
 
 pytestmark = pytest.mark.slow
 
 
 def config(tmp_path, dataset, run_id, uri, **data):
-    return write_config(
-        tmp_path / f"{run_id}.yaml", run_id=run_id,
-        data={"uri": uri, "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"cache-{run_id}"), **data},
-        model={"backbone": "mobilenet_v2", "weights": f"s3://{dataset}/weights/base.weights.h5", "head_units": 16},
-        train={"batch_size": 16, "head": {"epochs": 2}, "finetune": {"epochs": 1, "unfreeze": 10}},
-        output={"uri": f"s3://{dataset}/runs"}, metrics={"port": 0, "linger_seconds": 0},
-        export={"formats": ["saved_model", "tflite"]})
+    return data_config(tmp_path, dataset, run_id, uri, head_epochs=2, formats=("saved_model", "tflite"), **data)
 
 
 def counts_printed(result) -> dict[str, int]:
     """{class: count} of the first split column that `validate` prints."""
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split() for line in result.stdout.splitlines()[1:]]
-    return {row[0]: int(row[1]) for row in rows if row[0] != "total"}
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("{")]  # not the JSON logs
+    assert lines[0].split()[:2] == ["class", "train"], result.stdout
+    return {row[0]: int(row[1]) for row in map(str.split, lines[1:]) if row[0] != "total"}
 
 
 def pngs(s3, dataset, cls: str, n: int) -> list[bytes]:
@@ -55,7 +50,7 @@ def test_a_second_pack_is_refused_then_replaces_with_overwrite(s3, dataset, tmp_
     first = run_cli("pack", "--from", f"s3://{dataset}/data", "--to", to, "--shard-size", "20KB", env=s3.env())
     assert first.returncode == 0, first.stderr[-2000:]
     old = sorted(k for k in s3.keys(dataset, "repacked/") if "/shard-" in k)
-    lines = ["path,label"] + [f"train/{c}/{c}_{i:04d}.png,{c}" for c in ("circle", "square") for i in range(0, 8, 2)]
+    lines = ["path,label"] + [f"train/{c}/{c}_{i:04d}.png,{c}" for c in ("circle", "square") for i in (0, 1, 3, 4)]
     s3.client.put_object(Bucket=dataset, Key="data/two.csv", Body="\n".join(lines).encode())
     second = run_cli("pack", "--from", f"s3://{dataset}/data/two.csv", "--to", to, env=s3.env())
     assert second.returncode == 4 and "already holds" in second.stderr and "--overwrite" in second.stderr

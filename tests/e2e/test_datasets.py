@@ -8,19 +8,13 @@ import json
 import subprocess
 
 import pytest
-from conftest import CLI, SIZE, free_ports, run_cli, tar_bytes, write_config
+from conftest import CLI, data_config, free_ports, run_cli, tar_bytes
 
 pytestmark = pytest.mark.slow
 
 
 def config(tmp_path, dataset, run_id, uri, **data):
-    return write_config(
-        tmp_path / f"{run_id}.yaml", run_id=run_id,
-        data={"uri": uri, "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"cache-{run_id}"), **data},
-        model={"backbone": "mobilenet_v2", "weights": f"s3://{dataset}/weights/base.weights.h5", "head_units": 16},
-        train={"batch_size": 16, "head": {"epochs": 3}, "finetune": {"epochs": 1, "unfreeze": 10}},
-        output={"uri": f"s3://{dataset}/runs"}, metrics={"port": 0, "linger_seconds": 0},
-        export={"formats": ["saved_model"]})
+    return data_config(tmp_path, dataset, run_id, uri, **data)
 
 
 def manifest_of(s3, dataset) -> str:
