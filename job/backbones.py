@@ -1,4 +1,5 @@
-"""Registry of keras.applications backbones: constructor, preprocessing mode, minimum input size.
+"""Registry of keras.applications backbones: constructor, preprocessing mode, minimum input size, and
+whether the ONNX export converts it.
 
 Pure data; TensorFlow is imported only when a backbone is actually built, so config validation
 and `finetune-job --help` stay fast.
@@ -18,6 +19,11 @@ class Backbone:
     # model carries its own rescaling (EfficientNet, ConvNeXt, MobileNetV3).
     preprocess: str
     min_size: int
+    # tf2onnx converts it to an ONNX model that onnxruntime runs (bench/formats.py, docs/BENCHMARKS.md
+    # "Which formats convert"). It does not for EfficientNet B0-B3 and V2-B0 (their Keras Normalization
+    # layer's constants become graph inputs) nor ConvNeXt (onnxruntime rejects the graph): job.config
+    # refuses `onnx` in export.formats for these.
+    onnx: bool = True
 
 
 _ALL = [
@@ -30,18 +36,18 @@ _ALL = [
     Backbone("mobilenet_v2", "MobileNetV2", "tf", 32),
     Backbone("mobilenet_v3_small", "MobileNetV3Small", "none", 32),
     Backbone("mobilenet_v3_large", "MobileNetV3Large", "none", 32),
-    Backbone("efficientnet_b0", "EfficientNetB0", "none", 32),
-    Backbone("efficientnet_b1", "EfficientNetB1", "none", 32),
-    Backbone("efficientnet_b2", "EfficientNetB2", "none", 32),
-    Backbone("efficientnet_b3", "EfficientNetB3", "none", 32),
-    Backbone("efficientnet_v2_b0", "EfficientNetV2B0", "none", 32),
+    Backbone("efficientnet_b0", "EfficientNetB0", "none", 32, onnx=False),
+    Backbone("efficientnet_b1", "EfficientNetB1", "none", 32, onnx=False),
+    Backbone("efficientnet_b2", "EfficientNetB2", "none", 32, onnx=False),
+    Backbone("efficientnet_b3", "EfficientNetB3", "none", 32, onnx=False),
+    Backbone("efficientnet_v2_b0", "EfficientNetV2B0", "none", 32, onnx=False),
     Backbone("efficientnet_v2_s", "EfficientNetV2S", "none", 32),
     Backbone("xception", "Xception", "tf", 71),
     Backbone("inception_v3", "InceptionV3", "tf", 75),
     Backbone("densenet121", "DenseNet121", "torch", 32),
     Backbone("densenet169", "DenseNet169", "torch", 32),
     Backbone("densenet201", "DenseNet201", "torch", 32),
-    Backbone("convnext_tiny", "ConvNeXtTiny", "none", 32),
+    Backbone("convnext_tiny", "ConvNeXtTiny", "none", 32, onnx=False),
 ]
 
 BACKBONES: dict[str, Backbone] = {b.name: b for b in _ALL}

@@ -186,6 +186,13 @@ class Config(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _formats_convert_for_backbone(self) -> Config:
+        if "onnx" in (self.export.formats or ()) and not backbones.get(self.model.backbone).onnx:
+            raise ValueError(f"export.formats: onnx does not convert for model.backbone {self.model.backbone} "
+                             "(docs/BENCHMARKS.md, which formats convert); remove onnx or choose another backbone")
+        return self
+
 
 def default_run_id() -> str:
     """UTC timestamp plus a short random suffix: sortable and unique enough for concurrent runs."""

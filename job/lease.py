@@ -11,6 +11,10 @@ Renewed -> another run holds it: exit 4 naming the holder and the lease's age. N
 `checkpoint.lease_seconds` (by the storage server's clock) -> its holder died without letting go
 (kill -9, a lost node): the newcomer takes it over with `If-Match`, so of two newcomers only one can.
 Storage that ignores or rejects conditional writes gets a warning, and the run goes on without a lease.
+
+A conditional write whose reply is lost is retried by botocore, and the retry is refused (412): the first
+attempt changed the ETag. So a refused write is read back: if the lease holds the very bytes this run
+sent since its last confirmed write, the write landed and the lease is still ours (its ETag is adopted).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from job import logs
 from job.errors import StorageError
@@ -40,6 +45,7 @@ class Lease:
         self.etag: str | None = None  # ours while we hold it
         self.lost: str | None = None  # why we no longer hold it
         self.unsupported = False  # the storage ignores conditional writes: no lease, only a warning
+        self._sent: list[bytes] = []  # bodies written since the last confirmed write (their replies may be lost)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -47,12 +53,34 @@ class Lease:
         return json.dumps({"holder": self.holder, "run_id": self.run_id, "acquired": self.acquired,
                            "renewed": time.time()}).encode()
 
+    def _write(self, conditional_write: Callable[[bytes], str | None]) -> str | None:
+        """One conditional write of a fresh body: the lease's new ETag, or None if it is not ours."""
+        body = self._body()
+        self._sent.append(body)
+        etag = conditional_write(body)
+        if etag is None:
+            etag = self._landed()
+        if etag is not None:
+            self._sent.clear()
+        return etag
+
+    def _landed(self) -> str | None:
+        """After a refused write: the lease's ETag if it holds bytes this run sent (a lost reply), else None."""
+        before = self.store.stat(NAME)
+        if before is None or self.store.read(NAME) not in self._sent:
+            return None
+        after = self.store.stat(NAME)  # unchanged while it was read: the bytes belong to this ETag
+        if after is None or after[0] != before[0]:
+            return None
+        log.info("lease write landed though its reply was lost; still ours", lease=f"{self.store.uri}/{NAME}")
+        return after[0]
+
     # ------------------------------------------------------------ taking it
 
     def acquire(self) -> None:
         """Take the lease or raise StorageError (exit 4) naming the live holder."""
         try:
-            self.etag = self.store.put_new(NAME, self._body())
+            self.etag = self._write(lambda body: self.store.put_new(NAME, body))
             # A second create-if-absent must fail; where it succeeds too, the storage ignores the condition.
             if self.etag is not None and self.store.put_new(NAME, self._body()) is not None:
                 return self._unsupported()
@@ -74,9 +102,9 @@ class Lease:
         deadline = time.monotonic() + self.seconds + self.renew_every + 5
         while time.monotonic() < deadline:
             if seen is None:  # released meanwhile
-                self.etag = self.store.put_new(NAME, self._body())
+                self.etag = self._write(lambda body: self.store.put_new(NAME, body))
             elif seen[1] > self.seconds:
-                self.etag = self.store.replace(NAME, self._body(), seen[0])
+                self.etag = self._write(lambda body, old=seen[0]: self.store.replace(NAME, body, old))
                 if self.etag is not None:
                     log.warning("took over a stale lease", lease=f"{self.store.uri}/{NAME}",
                                 seconds_since_renewed=round(seen[1]))
@@ -109,7 +137,7 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_every):
             try:
-                etag = self.store.replace(NAME, self._body(), self.etag)
+                etag = self._write(lambda body: self.store.replace(NAME, body, self.etag))
             except StorageError as e:
                 log.warning("lease renewal failed, will retry", reason=str(e))
                 continue

@@ -1,91 +1,142 @@
 """MODEL_CARD.md of a run, in the manner of Hugging Face model cards: what the model is, what it was
 trained on, how well it does (per split and per exported format), how to use it, and where it is weak.
 Pure text from the run's own numbers; no TensorFlow.
+
+The card is one `string.Template` (CARD); the helpers below fill in its tables and lists.
 """
 
 from __future__ import annotations
 
+from string import Template
+
 LOW_RECALL = 0.8  # classes below this recall on the headline split are named as a known limit
+
+# A backslash at the end of a line continues the paragraph: the card has one line per paragraph.
+CARD = Template("""\
+---
+library_name: keras
+pipeline_tag: image-classification
+tags: [finetune-job, $backbone, transfer-learning]
+---
+
+# $run_id: an image classifier of $num_classes classes
+
+A `keras.applications` **$backbone** (weights: `$weights`) fine-tuned by finetune-job $version \
+(TensorFlow $tensorflow) on `$data_uri`. Classes, in output order: $class_list.
+
+## Intended input
+
+Photos or images like the training data, any size: they are resized to ${height}x${width} (bilinear, \
+antialiased, no crop, so the aspect ratio is not kept) and must show one object of one of the classes above. \
+The SavedModel takes encoded JPEG/PNG/BMP/GIF bytes; LiteRT and ONNX take decoded RGB pixels (0..255, \
+resized), as the JSON beside each file says. Every image gets one of these classes: there is no "none of them".
+
+## Training data
+
+$counts_table
+
+$bad_images image(s) were skipped as undecodable or too large (listed in metrics.json).
+
+## Training recipe
+
+$recipe
+- the complete resolved configuration is `config.yaml`
+
+## Results
+
+$results_table
+
+### Exported formats (checked on the $split split)
+
+$formats_table
+
+## Known limits
+
+$limits
+- the smallest split has $smallest images: accuracy moves by several points from one sample to the next \
+at that size.
+- the model knows only these classes and has not been checked for fairness or robustness.
+
+## How to use
+
+```python
+import tensorflow as tf
+serve = tf.saved_model.load("saved_model").signatures["serving_default"]
+out = serve(image_bytes=tf.constant([open("image.jpg", "rb").read()]))
+print(out["label"].numpy(), out["probabilities"].numpy())
+```
+
+Or `finetune-job predict --model <this run> image.jpg [--format tflite|tflite_int8|onnx]`.
+""")
+
+
+def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict[str, int]], reports: dict,
+           formats: dict[str, dict], bad_images: int, versions: dict[str, str]) -> str:
+    data, model = config["data"], config["model"]
+    height, width = data["image_size"]
+    split = "test" if "test" in reports else "validation"
+    return CARD.substitute(
+        run_id=run_id, backbone=model["backbone"], weights=model["weights"], data_uri=data["uri"],
+        version=versions.get("finetune_job", ""), tensorflow=versions.get("tensorflow", ""),
+        num_classes=len(classes), class_list=", ".join(f"`{c}`" for c in classes), height=height, width=width,
+        counts_table=_counts_table(classes, counts), bad_images=bad_images, recipe=_recipe(config["train"]),
+        results_table=_results_table(reports), split=split, formats_table=_formats_table(formats),
+        limits=_limits(reports.get(split, {}).get("per_class", {}), split),
+        smallest=min((sum(v.values()) for v in counts.values()), default=0))
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 100:.1f}%"
 
 
-def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict[str, int]], reports: dict,
-           formats: dict[str, dict], bad_images: int, versions: dict[str, str]) -> str:
-    data, model, train = config["data"], config["model"], config["train"]
-    h, w = data["image_size"]
-    split = "test" if "test" in reports else "validation"
-    lines = [
-        "---",
-        "library_name: keras",
-        "pipeline_tag: image-classification",
-        f"tags: [finetune-job, {model['backbone']}, transfer-learning]",
-        "---",
-        "",
-        f"# {run_id}: an image classifier of {len(classes)} classes",
-        "",
-        f"A `keras.applications` **{model['backbone']}** (weights: `{model['weights']}`) fine-tuned by "
-        f"finetune-job {versions.get('finetune_job', '')} (TensorFlow {versions.get('tensorflow', '')}) on "
-        f"`{data['uri']}`. Classes, in output order: {', '.join(f'`{c}`' for c in classes)}.",
-        "",
-        "## Intended input",
-        "",
-        f"Photos or images like the training data, any size: they are resized to {h}x{w} (bilinear, "
-        "antialiased, no crop, so the aspect ratio is not kept) and must show one object of one of the classes "
-        "above. The SavedModel takes encoded JPEG/PNG/BMP/GIF bytes; LiteRT and ONNX take decoded RGB pixels "
-        "(0..255, resized), as the JSON beside each file says. Every image gets one of these classes: "
-        "there is no \"none of them\".",
-        "",
-        "## Training data",
-        "",
-        "| class | " + " | ".join(counts) + " |",
-        "|---|" + "---|" * len(counts),
-    ]
-    for c in classes:
-        lines.append(f"| {c} | " + " | ".join(str(counts[s].get(c, 0)) for s in counts) + " |")
-    lines.append("| **total** | " + " | ".join(str(sum(counts[s].values())) for s in counts) + " |")
-    lines += ["", f"{bad_images} image(s) were skipped as undecodable or too large (listed in metrics.json).", "",
-              "## Training recipe", "",
-              f"- head: {train['head']['epochs']} epochs at {train['head']['learning_rate']} "
-              f"({train['head']['mode']}), augment: {train['head']['augment']}",
-              f"- fine-tuning: {train['finetune']['epochs']} epochs at {train['finetune']['learning_rate']}, "
-              f"unfreeze: {train['finetune']['unfreeze']}, augment: {train['finetune']['augment']}",
-              f"- batch {train['batch_size']}, seed {train['seed']}, early stopping on "
-              f"{train['early_stopping_metric']} (patience {train['early_stopping_patience']}), label smoothing "
-              f"{train['label_smoothing']}, weight decay {train['weight_decay']}, schedule {train['lr_schedule']}, "
-              f"class weights {train['class_weight']}",
-              "- the complete resolved configuration is `config.yaml`", "", "## Results", "",
-              "| split | images | accuracy | macro-F1 | balanced accuracy | loss |", "|---|---|---|---|---|---|"]
-    for name, r in reports.items():
-        lines.append(f"| {name} | {r['examples']} | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | "
-                     f"{_pct(r['balanced_accuracy'])} | {r['loss']:.3f} |")
-    lines += ["", f"### Exported formats (checked on the {split} split)", "",
-              "| format | accuracy | agreement with the SavedModel | size | latency, 1 image, CPU |",
-              "|---|---|---|---|---|"]
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(header: list[str], rows: list[str]) -> str:
+    return "\n".join([_row(*header), "|" + "---|" * len(header), *rows])
+
+
+def _counts_table(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
+    rows = [_row(c, *(counts[s].get(c, 0) for s in counts)) for c in classes]
+    rows.append(_row("**total**", *(sum(v.values()) for v in counts.values())))
+    return _table(["class", *counts], rows)
+
+
+def _recipe(train: dict) -> str:
+    head, finetune = train["head"], train["finetune"]
+    return "\n".join([
+        f"- head: {head['epochs']} epochs at {head['learning_rate']} ({head['mode']}), augment: {head['augment']}",
+        f"- fine-tuning: {finetune['epochs']} epochs at {finetune['learning_rate']}, "
+        f"unfreeze: {finetune['unfreeze']}, augment: {finetune['augment']}",
+        f"- batch {train['batch_size']}, seed {train['seed']}, early stopping on {train['early_stopping_metric']} "
+        f"(patience {train['early_stopping_patience']}), label smoothing {train['label_smoothing']}, "
+        f"weight decay {train['weight_decay']}, schedule {train['lr_schedule']}, "
+        f"class weights {train['class_weight']}",
+    ])
+
+
+def _results_table(reports: dict) -> str:
+    rows = [_row(name, r["examples"], _pct(r["accuracy"]), _pct(r["macro_f1"]), _pct(r["balanced_accuracy"]),
+                 f"{r['loss']:.3f}") for name, r in reports.items()]
+    return _table(["split", "images", "accuracy", "macro-F1", "balanced accuracy", "loss"], rows)
+
+
+def _formats_table(formats: dict[str, dict]) -> str:
+    rows = []
     for fmt, r in formats.items():
         if "error" in r:
-            lines.append(f"| {fmt} | not written: {r['error']} | | | |")
+            rows.append(f"| {fmt} | not written: {r['error']} | | | |")
             continue
         agreement = "reference" if fmt == "saved_model" else _pct(r.get("agreement"))
-        lines.append(f"| {fmt} | {_pct(r['accuracy'])} | {agreement} | {r['bytes'] / 1e6:.1f} MB | "
-                     f"{r['latency_ms_batch1']:.1f} ms |")
-    lines += ["", "## Known limits", ""]
-    per_class = reports.get(split, {}).get("per_class", {})
+        rows.append(_row(fmt, _pct(r["accuracy"]), agreement, f"{r['bytes'] / 1e6:.1f} MB",
+                         f"{r['latency_ms_batch1']:.1f} ms"))
+    return _table(["format", "accuracy", "agreement with the SavedModel", "size", "latency, 1 image, CPU"], rows)
+
+
+def _limits(per_class: dict[str, dict], split: str) -> str:
     weak = sorted((v["recall"], c) for c, v in per_class.items() if v["recall"] < LOW_RECALL)
-    for recall, c in weak:
-        lines.append(f"- `{c}`: recall {_pct(recall)} on {split} (its images are often given another class).")
     if not weak:
-        lines.append(f"- every class has a recall of at least {_pct(LOW_RECALL)} on {split}.")
-    small = min((sum(v.values()) for v in counts.values()), default=0)
-    lines += [f"- the smallest split has {small} images: accuracy moves by several points from one sample to "
-              "the next at that size.",
-              "- the model knows only these classes and has not been checked for fairness or robustness.", "",
-              "## How to use", "",
-              "```python", "import tensorflow as tf",
-              "serve = tf.saved_model.load(\"saved_model\").signatures[\"serving_default\"]",
-              "out = serve(image_bytes=tf.constant([open(\"image.jpg\", \"rb\").read()]))",
-              "print(out[\"label\"].numpy(), out[\"probabilities\"].numpy())", "```", "",
-              "Or `finetune-job predict --model <this run> image.jpg [--format tflite|tflite_int8|onnx]`.", ""]
-    return "\n".join(lines)
+        return f"- every class has a recall of at least {_pct(LOW_RECALL)} on {split}."
+    return "\n".join(f"- `{c}`: recall {_pct(recall)} on {split} (its images are often given another class)."
+                     for recall, c in weak)

@@ -3,6 +3,9 @@ REST body name the run's real layout and signature."""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import re
 from pathlib import Path
 
@@ -27,6 +30,50 @@ def test_the_kserve_manifest_points_at_the_tf_serving_folder():
 def test_tf_serving_commands_use_the_written_layout_and_signature():
     assert f"tf_serving/{formats.SERVING_NAME}" in SERVING and f"MODEL_NAME={formats.SERVING_NAME}" in SERVING
     assert f"/v1/models/{formats.SERVING_NAME}:predict" in SERVING
-    assert '{"instances": [{"image_bytes": {"b64": "..."}}]}' in SERVING
     for fmt, path in formats.FILES.items():
         assert path.split("/")[0] in SERVING, fmt
+
+
+def _documented_bodies() -> tuple[str, list[dict], dict]:
+    """What the README says of the REST API: the signature and input it names, the request bodies (the one
+    in prose and the curl command's, with a real image in it) and the response's first prediction."""
+    named = re.search(r"the bytes of the string input `(\w+)` of `(\w+)`", SERVING)
+    prose = json.loads(re.search(r"The request body is `(\{.*?\})`", SERVING).group(1))
+    curl = re.search(r'-d "(\{.*\})"\n', SERVING).group(1).replace('\\"', '"')
+    image = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image, "PNG")
+    curl = json.loads(curl.replace("$(base64 -w0 rose.jpg)", base64.b64encode(image.getvalue()).decode()))
+    response = json.loads(re.search(r"# (\{\"predictions\".*\})\n", SERVING).group(1).replace("[...]", "[]"))
+    return named.group(1), [prose, curl], {"signature": named.group(2), **response["predictions"][0]}
+
+
+def test_the_documented_rest_body_fits_the_real_savedmodel_signature(tmp_path):
+    """A SavedModel written by the job's own exporter, fed the README's bodies as TF Serving's REST API feeds
+    a signature (`instances`: one object per example, keyed by input name; {"b64": ...} becomes the bytes
+    of a DT_STRING input), answers with the outputs the README shows."""
+    import keras
+    import tensorflow as tf
+
+    from job import export
+
+    input_name, bodies, documented = _documented_bodies()
+    classes, size = ["roses", "tulips"], (24, 24)
+    inputs = keras.Input((*size, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(len(classes), activation="softmax")(pooled))
+    export.write_saved_model(model, classes, size, tmp_path / "saved_model")
+    signature = tf.saved_model.load(str(tmp_path / "saved_model")).signatures[documented.pop("signature")]
+    (spec,) = signature.structured_input_signature[1].values()
+    assert list(signature.structured_input_signature[1]) == [input_name]
+    assert spec.dtype == tf.string and spec.shape.as_list() == [None]  # b64 is for DT_STRING inputs only
+    for body in bodies:
+        instances = body["instances"]
+        assert all(set(i) == {input_name} and set(i[input_name]) == {"b64"} for i in instances), body
+    prose, curl = bodies
+    assert prose["instances"][0][input_name]["b64"] == "..."
+    batch = tf.constant([base64.b64decode(i[input_name]["b64"]) for i in curl["instances"]])
+    out = signature(**{input_name: batch})
+    assert set(out) == set(documented)  # the response's keys are the signature's outputs
+    assert out["probabilities"].shape == (1, len(classes)) and out["label"].numpy()[0].decode() in classes

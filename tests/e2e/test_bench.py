@@ -55,15 +55,31 @@ def test_quick_bench_writes_well_formed_results(tmp_path):
         for where, value in numbers(checked, name):
             if where.endswith(".target"):
                 continue  # a target's limit, not a measurement
-            if where.endswith("accuracy"):  # an accuracy on tiny data may be anything from 0 to 1
-                assert 0 <= value <= 1, f"{where} = {value}"
+            if where.endswith("accuracy"):  # checked against the SavedModel's below
                 continue
             assert math.isfinite(value) and value > 0, f"{where} = {value}"
+    _formats_agree_with_the_saved_model(sections["formats"])
     assert isinstance(sections["gpu"]["available"], bool) and sections["gpu"]["note"]
 
     rows = result["summary"]
     assert len(rows) == sum(len(sections[n]["targets"]) for n in SECTIONS)
     assert out.read_text().endswith("\n")
+
+
+def _formats_agree_with_the_saved_model(section: dict) -> None:
+    """The quick model (weights none, one epoch) learns nothing, so its accuracy says nothing; what must hold is
+    that each format classifies the check images as the SavedModel does: the job refuses a float format that
+    disagrees on more than 1% of them, which on this handful is any one image."""
+    table, images = section["measurements"], section["conditions"]["check_images"]
+    assert 0 < images < 100, images
+    reference = table["saved_model"]["accuracy"]
+    for fmt, row in table.items():
+        assert 0 <= row["accuracy"] <= 1 and (row["accuracy"] * images) == pytest.approx(
+            round(row["accuracy"] * images), abs=1e-6), (fmt, row["accuracy"], images)  # a share of the images
+    for fmt in ("tf_serving", "tflite", "onnx"):
+        assert table[fmt]["agreement_with_saved_model"] == 1.0 and table[fmt]["accuracy"] == reference, fmt
+    drop = section["targets"]["tflite_int8_accuracy_drop"]["value"]
+    assert drop == pytest.approx(max(1e-4, reference - table["tflite_int8"]["accuracy"]), abs=1e-3)
 
 
 @pytest.mark.slow

@@ -119,3 +119,29 @@ def test_redaction_masks_credentials_in_urls(cfg_file):
     text = config.to_yaml(cfg)
     assert "secret" not in text and ":p@" not in text
     assert "http://***@minio:9000" in text
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny"])
+def test_onnx_for_a_backbone_it_does_not_convert_is_a_config_error(cfg_file, backbone):
+    """Refused before any work (exit 2), not after training (exit 1): bench/formats.py, docs/BENCHMARKS.md."""
+    with pytest.raises(ConfigError) as e:
+        config.load(cfg_file, [f"model.backbone={backbone}", "export.formats=[saved_model, onnx]"], environ={})
+    assert e.value.exit_code == 2
+    assert str(e.value).startswith(f"config: export.formats: onnx does not convert for model.backbone {backbone} ")
+    assert "\n" not in str(e.value)
+    # The same backbone without onnx, and onnx with a backbone that converts, are fine.
+    assert config.load(cfg_file, [f"model.backbone={backbone}", "export.formats=[tflite, tflite_int8]"], environ={})
+    assert config.load(cfg_file, [f"model.backbone={backbone}"], environ={}).export.formats is None
+    assert config.load(cfg_file, ["model.backbone=efficientnet_v2_s", "export.formats=[onnx]"], environ={})
+
+
+def test_onnx_for_a_backbone_it_does_not_convert_exits_2(cfg_file):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "finetune-job"
+    p = subprocess.run([str(cli), "validate", "--config", str(cfg_file), "--set", "model.backbone=efficientnet_b0",
+                        "--set", "export.formats=[onnx]"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "onnx does not convert for model.backbone efficientnet_b0" in p.stderr and "Traceback" not in p.stderr

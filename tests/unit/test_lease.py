@@ -96,3 +96,117 @@ def test_a_local_output_folder_has_a_lease_too(tmp_path):
         Lease(store, "r1", seconds=6).acquire()
     first.release()
     assert not (tmp_path / "runs" / "r1" / NAME).exists()
+
+
+# ------------------------------------------------------------ a write that lands but whose reply is lost
+
+
+class LostReplies:
+    """A store whose conditional writes land but whose replies are lost, as botocore sees a PUT whose 200
+    never arrived: it sends the same request again, and that retry is refused (412: the ETag has changed)."""
+
+    def __init__(self, store, *, put_new: int = 0, replace: int = 0):
+        self.store = store
+        self.to_lose = {"put_new": put_new, "replace": replace}  # how many replies of each to lose
+        self.lost = {"put_new": 0, "replace": 0}
+        self.calls = {"put_new": 0, "replace": 0}
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def _call(self, op: str, *args):
+        self.calls[op] += 1
+        real = getattr(self.store, op)
+        if self.lost[op] >= self.to_lose[op]:
+            return real(*args)
+        self.lost[op] += 1
+        real(*args)  # applied on the server; its reply never comes back
+        return real(*args)  # the retry: the same request, same condition
+
+    def put_new(self, rel, data):
+        return self._call("put_new", rel, data)
+
+    def replace(self, rel, data, etag):
+        return self._call("replace", rel, data, etag)
+
+
+def _wait(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_a_renewal_whose_reply_is_lost_keeps_the_lease(store):
+    holder = Lease(store, "r1", seconds=3)  # renewed every 0.5 s
+    holder.acquire()
+    try:
+        lossy = LostReplies(store, replace=3)
+        holder.store = lossy
+        assert _wait(lambda: lossy.calls["replace"] >= 4)  # three lost replies, then a normal renewal
+        holder.check()  # not "another run took over": every renewal landed
+        assert holder.lost is None and holder.etag == store.stat(NAME)[0]
+        assert json.loads(store.read(NAME))["holder"] == holder.holder
+    finally:
+        holder.release()
+    assert store.stat(NAME) is None  # still ours at the end, so released
+
+
+def test_a_create_whose_reply_is_lost_takes_the_lease(store, capsys):
+    lossy = LostReplies(store, put_new=1)
+    lease = Lease(lossy, "r1", seconds=3)
+    lease.acquire()
+    try:
+        assert lease.etag == store.stat(NAME)[0] and not lease.unsupported
+        assert lossy.calls["replace"] == 0  # taken at once: not waited on as a stale lease of someone else's
+        assert "took over a stale lease" not in capsys.readouterr().out
+        lease.check()
+    finally:
+        lease.release()
+    assert store.stat(NAME) is None
+
+
+def test_a_takeover_whose_reply_is_lost_takes_the_lease(store):
+    dead = Lease(store, "r1", seconds=3)
+    dead.acquire()
+    dead._stop.set()  # killed with -9
+    dead._thread.join()
+    lossy = LostReplies(store, replace=1)
+    successor = Lease(lossy, "r1", seconds=3)
+    successor.acquire()  # before the fix: "held by" itself, exit 4
+    try:
+        assert lossy.lost["replace"] == 1 and successor.etag == store.stat(NAME)[0]
+        assert json.loads(store.read(NAME))["holder"] == successor.holder
+    finally:
+        successor.release()
+    assert store.stat(NAME) is None
+
+
+def test_a_lease_taken_by_another_is_lost_even_with_lost_replies(store):
+    """Read back after a refused write, the lease is ours only if it holds the bytes this run sent: a
+    restarted container of the same pod has the same holder name, and still does not own it."""
+    holder = Lease(store, "r1", seconds=3)
+    holder.acquire()
+    holder.store = LostReplies(store, replace=100)
+    try:
+        same_name = json.loads(store.read(NAME)) | {"renewed": time.time() + 1}
+        store.client.put_object(Bucket=store.bucket, Key=store._key(NAME), Body=json.dumps(same_name).encode())
+        assert _wait(lambda: holder.lost is not None)
+        with pytest.raises(StorageError, match="another run took over"):
+            holder.check()
+    finally:
+        holder.release()
+    assert json.loads(store.read(NAME)) == same_name  # not deleted: it is not ours
+
+
+def test_a_live_lease_refuses_a_second_holder_whose_replies_are_lost(store):
+    first = Lease(store, "r1", seconds=6)
+    first.acquire()
+    try:
+        second = Lease(LostReplies(store, put_new=5, replace=5), "r1", seconds=6)
+        second.holder = "other-pod/pid-1"
+        with pytest.raises(StorageError, match="held by " + first.holder):
+            second.acquire()
+        first.check()
+    finally:
+        first.release()

@@ -1,0 +1,88 @@
+"""MODEL_CARD.md (job/model_card.py) from a small fake run: its sections, tables and known limits, from the
+run's own numbers; no TensorFlow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from job import config, model_card
+
+PER_CLASS = {"rose": {"precision": 0.9, "recall": 0.95, "f1": 0.9, "support": 20},
+             "tulip": {"precision": 0.8, "recall": 0.55, "f1": 0.6, "support": 20},
+             "daisy": {"precision": 0.7, "recall": 0.35, "f1": 0.5, "support": 3}}
+TEST = {"examples": 43, "accuracy": 0.75, "loss": 0.6, "macro_f1": 0.74, "balanced_accuracy": None,
+        "per_class": PER_CLASS}
+VALIDATION = {**TEST, "examples": 30, "accuracy": 0.9, "per_class": {"rose": {"recall": 0.9}}}
+FORMATS = {"saved_model": {"accuracy": 0.75, "bytes": 9e6, "latency_ms_batch1": 3.0},
+           "tflite": {"accuracy": 0.7, "agreement": 0.99, "bytes": 2.5e6, "latency_ms_batch1": 1.25},
+           "onnx": {"error": "onnx: conversion failed: ImportError: no tf2onnx"}}
+COUNTS = {"train": {"rose": 80, "tulip": 70}, "test": {"rose": 20, "tulip": 20, "daisy": 3}}
+
+
+def _card(reports=None, overrides=()) -> str:
+    cfg = config.redacted(config.load(None, ["data.uri=s3://b/flowers", "output.uri=/o", "run_id=r7",
+                                             "data.image_size=[96,128]", *overrides], environ={}))
+    return model_card.render("r7", cfg, ["rose", "tulip", "daisy"], COUNTS,
+                             reports or {"validation": VALIDATION, "test": TEST}, FORMATS, 2,
+                             {"finetune_job": "0.2.0", "tensorflow": "2.21.0"})
+
+
+def _tables(card: str) -> list[list[list[str]]]:
+    tables, current = [], []
+    for line in [*card.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append([c.strip() for c in line.strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_the_card_has_its_sections_in_order():
+    card = _card()
+    assert card.startswith("---\nlibrary_name: keras\npipeline_tag: image-classification\n"
+                           "tags: [finetune-job, mobilenet_v2, transfer-learning]\n---\n")
+    headings = [line for line in card.splitlines() if line.startswith("#") and not line.startswith("#!")]
+    assert headings == ["# r7: an image classifier of 3 classes", "## Intended input", "## Training data",
+                        "## Training recipe", "## Results", "### Exported formats (checked on the test split)",
+                        "## Known limits", "## How to use"]
+    assert ("**mobilenet_v2** (weights: `imagenet`) fine-tuned by finetune-job 0.2.0 (TensorFlow 2.21.0) on "
+            "`s3://b/flowers`. Classes, in output order: `rose`, `tulip`, `daisy`.") in card
+    assert "resized to 96x128 (bilinear," in card and 'there is no "none of them".\n' in card
+    assert card.endswith("[--format tflite|tflite_int8|onnx]`.\n")
+
+
+def test_the_tables_hold_the_run_numbers():
+    card = _card()
+    counts, results, formats = _tables(card)
+    assert counts == [["class", "train", "test"], ["---", "---", "---"], ["rose", "80", "20"],
+                      ["tulip", "70", "20"], ["daisy", "0", "3"], ["**total**", "150", "43"]]
+    assert results[2:] == [["validation", "30", "90.0%", "74.0%", "n/a", "0.600"],
+                           ["test", "43", "75.0%", "74.0%", "n/a", "0.600"]]
+    assert formats[2] == ["saved_model", "75.0%", "reference", "9.0 MB", "3.0 ms"]
+    assert formats[3] == ["tflite", "70.0%", "99.0%", "2.5 MB", "1.2 ms"]
+    assert formats[4][:2] == ["onnx", "not written: onnx: conversion failed: ImportError: no tf2onnx"]
+    for table in (counts, results, formats):
+        assert len({len(row) for row in table}) == 1, table  # every row as wide as its header
+    assert "\n2 image(s) were skipped as undecodable or too large" in card
+
+
+def test_the_recipe_and_the_known_limits():
+    card = _card(overrides=["train.head.epochs=4", "train.finetune.unfreeze=20", "train.lr_schedule=cosine"])
+    assert "- head: 4 epochs at 0.001 (cached_features), augment: False\n" in card
+    assert "- fine-tuning: 10 epochs at 0.0001, unfreeze: 20, augment: False\n" in card
+    assert "schedule cosine, class weights auto\n- the complete resolved configuration is `config.yaml`" in card
+    limits = card.split("## Known limits\n\n")[1].split("\n\n")[0].splitlines()
+    assert limits[:2] == ["- `daisy`: recall 35.0% on test (its images are often given another class).",
+                          "- `tulip`: recall 55.0% on test (its images are often given another class)."]
+    assert limits[2].startswith("- the smallest split has 43 images")
+    only_validation = _card({"validation": VALIDATION})
+    assert "checked on the validation split" in only_validation
+    assert "- every class has a recall of at least 80.0% on validation." in only_validation
+
+
+def test_the_model_card_does_not_import_tensorflow():
+    code = "import sys, job.model_card; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
