@@ -58,11 +58,12 @@ def artifacts(run, reports: dict, folder: Path) -> dict:
 
 def _formats(run, clean: keras.Model, folder: Path) -> dict:
     """The formats of `export.formats`, each checked against the SavedModel on the test split, else
-    validation, else (a dataset without either) the training images; int8 calibrated on up to 256 training
+    validation, else (a dataset without either) up to 512 training images; int8 calibrated on up to 256 training
     images picked first and decoded alone."""
     data = run.data
     split = next(s for s in ("test", "validation", "train") if data.count(s))
-    pixels, labels = data.pixels(split)
+    # Training images (no test or validation split) are many: a sample of them, not all in memory.
+    pixels, labels = data.pixels(split, data.pick(split, 512) if split == "train" else None)
 
     def calibration():
         rows = data.pixels("train", data.pick("train", 256))[0]

@@ -113,7 +113,7 @@ def split_validation(layout: Layout, fraction: float, seed: int) -> Layout:
         return layout
     train, val = {}, {}
     for c in layout.classes:
-        files = list(layout.files["train"][c])
+        files = sorted(layout.files["train"][c])  # the same split whatever order the files were listed in
         random.Random(f"{seed}:{c}").shuffle(files)
         n_val = round(len(files) * fraction)
         n_val = min(max(n_val, 1 if len(files) >= 2 else 0), len(files) - 1)

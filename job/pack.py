@@ -54,7 +54,7 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     if source.kind == "shards":
         raise ConfigError(f"--from {source_uri}: already shards")
     dest = storage.open_store(dest_uri, endpoint)
-    _clear(dest, overwrite)
+    _refuse_or_clear(dest, overwrite)
     layout = source.layout
     shard_counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="finetune-job-pack-") as tmp, ThreadPoolExecutor(16) as pool:
@@ -79,7 +79,7 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     return {"to": dest.uri, "classes": layout.classes, "counts": layout.counts(), "shards": shard_counts}
 
 
-def _clear(dest: storage.Store, overwrite: bool) -> None:
+def _refuse_or_clear(dest: storage.Store, overwrite: bool) -> None:
     """Refuse a destination that holds shards (StorageError) unless `overwrite`: then delete them, classes.txt
     and index.json first, so that no mix of the old and new pack is ever a readable dataset."""
     rels = [e.rel for e in dest.list()]

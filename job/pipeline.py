@@ -118,16 +118,17 @@ def output_state(cfg: Config) -> tuple[storage.Store, str]:
 
 
 def validate(cfg: Config) -> dict[str, dict[str, int]]:
-    """Storage access and dataset layout: what `finetune-job validate` prints. Trains nothing.
-    Shards are counted from their index.json; without one they are read (checked as training reads them)."""
+    """Storage access and dataset layout: what `finetune-job validate` prints. Trains nothing. The checks
+    of `train` that need no image: the layout, the staging mode and the shards for the workers. Shards are
+    counted from their index.json; without one they are read (checked as training reads them)."""
     from job import readers
 
     source = read_listing(cfg)
     output_state(cfg)  # proves the output location is reachable with these credentials
+    _staging(cfg, source)
     if source.kind == "shards" and not source.image_count():
-        data = readers.create(source, "stream", Path(cfg.data.cache_dir), Path(cfg.data.cache_dir),
-                              tuple(cfg.data.image_size), lambda n: None, lambda: None)
-        return data.settle(cfg.data.validation_split, cfg.train.seed).layout.counts()
+        how = readers.Staging(Path(cfg.data.cache_dir), Path(cfg.data.cache_dir), tuple(cfg.data.image_size))
+        return readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout.counts()
     carved = layout.split_validation(source.layout, cfg.data.validation_split, cfg.train.seed)
     return carved.nonempty().counts()
 
@@ -289,19 +290,19 @@ def stage_data(run: Run) -> None:
 
     cfg, source, mode = run.cfg, run.source, run.staging
     metrics.set_phase("staging")
-    checks = readers.Checks(files=lambda paths: dataset.find_bad(paths, cfg.data.max_image_pixels),
-                            blobs=lambda named: dataset.find_bad_blobs(named, cfg.data.max_image_pixels))
+    checks = readers.Checks(local_files=lambda paths: dataset.find_bad(paths, cfg.data.max_image_pixels),
+                            encoded=lambda named: dataset.find_bad_blobs(named, cfg.data.max_image_pixels))
     total = sum(map(len, source.shard_entries.values())) if source.kind == "shards" else len(source.entries)
-    with logs.progress("staging" if mode == "copy" else "reading shards", total) as advance, \
-            run.timings.measure("download" if mode == "copy" else "shard_survey"):
-        staged = readers.create(source, mode, Path(cfg.data.cache_dir), run.cache, run.size, advance,
-                                stop=lambda: signals.check("staging"), checks=checks)
+    with logs.progress("staging" if mode == "copy" else "reading shards", total) as advance:
+        how = readers.Staging(Path(cfg.data.cache_dir), run.cache, run.size, checks, advance,
+                              stop=lambda: signals.check("staging"), measure=run.timings.measure)
+        staged = readers.create(source, mode, how)
     signals.check("staging")
     _too_many_bad(cfg, staged)
     run.data = staged.settle(cfg.data.validation_split, cfg.train.seed)
     if mode == "stream":
         log.info("dataset surveyed", kind="shards", mode=mode, shards=sum(map(len, source.shard_entries.values())),
-                 images=sum(map(run.data.count, run.data.layout.files)),
+                 images=sum(map(staged.count, staged.layout.files)) + len(staged.bad),
                  training_shards_of_this_worker=run.data.shards("train", run.share))
     log.info("dataset ready", mode=mode, counts=run.data.layout.counts(), bad_images=len(run.data.bad))
     if not run.data.count("validation"):
@@ -327,13 +328,21 @@ def _too_many_bad(cfg: Config, staged: Reader) -> None:
 
 
 def _workers_agree_on_dataset(run: Run) -> None:
-    """Every worker must run the same number of steps: a listing that changed between workers' starts
-    would make them disagree and hang. One exact all-gather on every worker; all fail together."""
-    counts = [run.data.count(split) for split in ("train", "validation", "test")]
-    rows = run.cluster.gather(counts)
-    if any(row != rows[0] for row in rows):
+    """Every worker must run the same number of steps on its own images: a listing that changed between
+    workers' starts, or stagings decided differently (free disk differs between nodes), would make them
+    disagree and hang, or train some images twice. One exact all-gather on every worker; all fail together.
+    Streaming gives each worker whole training shards: after the validation split, each needs one."""
+    stream = run.data.mode == "stream"
+    mine = len(run.data.shards("train", run.share)) if stream else run.data.count("train")
+    rows = run.cluster.gather([run.data.count(split) for split in ("train", "validation", "test")] + [int(stream), mine])
+    if any(row[:4] != rows[0][:4] for row in rows):
         raise DataError(f"the workers see different datasets under {run.cfg.data.uri} (did it change while the run "
-                        f"started?): images per split (train, validation, test) by worker: {rows}")
+                        f"started, or does data.staging auto decide differently on their disks?): images per "
+                        f"split (train, validation, test) and streaming by worker: {[row[:4] for row in rows]}")
+    if stream and min(row[4] for row in rows) == 0:
+        raise DataError(f"{run.cfg.data.uri}/train/: {len(run.data.shards('train'))} shard(s) hold training images "
+                        f"(after the validation split) for {run.cluster.num_workers} workers; streaming needs at "
+                        "least one per worker (pack with a smaller --shard-size, or data.staging: copy)")
 
 
 def _training_batches(run: Run):
@@ -405,8 +414,9 @@ def _features(run: Run, split: str, share: tuple[int, int] | None):
     from job import dataset
 
     cfg = run.cfg
-    key = [cfg.model.backbone, cfg.model.weights, list(cfg.data.image_size), split, run.data.identity(split, share)]
-    count = len(run.data.keys(split, share)[0])
+    key = [cfg.model.backbone, cfg.model.weights, list(cfg.data.image_size), split, run.classes,
+           run.data.identity(split, share)]
+    count = len(run.data.items(split, share)[0])
     return dataset.cached_features(run.parts.features, run.data.images(split, 64, share=share), count, key, run.cache)
 
 

@@ -17,10 +17,12 @@ decoded, so the readers' listing and `samples` run without it (the property test
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +40,8 @@ EXTRACTED_FORMAT = 2  # the extraction record's layout; older records are extrac
 class Checks:
     """Which images cannot be trained on: {name: why} for local files and for images in memory."""
 
-    files: Callable[[list[str]], dict[str, str]]
-    blobs: Callable[[list[tuple[str, bytes]]], dict[str, str]]
+    local_files: Callable[[list[str]], dict[str, str]]  # paths -> {path: why}
+    encoded: Callable[[list[tuple[str, bytes]]], dict[str, str]]  # (key, encoded image) -> {key: why}
 
 
 class Reader:
@@ -52,21 +54,21 @@ class Reader:
         self.layout, self.bad, self.where, self.image_size = listed, dict(sorted(bad.items())), where, image_size
 
     def settle(self, validation_split: float, seed: int) -> Reader:
-        """Carve the validation split, leave the bad images out, drop empty splits (once, after staging)."""
-        carved = layout.split_validation(self.layout, validation_split, seed)
-        kept = layout.without(carved, set(self.bad))
+        """Leave the bad images out, carve the validation split from what is left, drop empty splits (once,
+        after staging)."""
+        kept = layout.without(self.layout, set(self.bad))
         for split, per in kept.files.items():
-            emptied = [c for c, keys in per.items() if not keys and carved.files[split][c]]
+            emptied = [c for c, keys in per.items() if not keys and self.layout.files[split][c]]
             if emptied:
                 raise DataError(f"{self.where}/{split}/: no usable images left in {', '.join(emptied)}")
         layout.require_training_images(kept, self.where)
-        self.layout = kept.nonempty()
+        self.layout = layout.split_validation(kept, validation_split, seed).nonempty()
         return self
 
     def count(self, split: str) -> int:
         return self.layout.count(split)
 
-    def keys(self, split: str, share: Share | None = None) -> tuple[list[str], list[int]]:
+    def items(self, split: str, share: Share | None = None) -> tuple[list[str], list[int]]:
         """(keys, labels) of a split, or of this worker's share of it (training)."""
         keys, labels = self.layout.items(split)
         if share is None:
@@ -94,7 +96,7 @@ class Reader:
         raise NotImplementedError
 
     def identity(self, split: str, share: Share | None = None) -> list:
-        """What identifies a split's images (the feature cache's key)."""
+        """What identifies a split's images and their labels (the feature cache's key)."""
         raise NotImplementedError
 
     def pixels(self, split: str, keys: list[str] | None = None):
@@ -110,7 +112,7 @@ class Copied(Reader):
         self.local, self.cache = local, cache
 
     def samples(self, split):
-        for key, label in sorted(zip(*self.keys(split))):
+        for key, label in sorted(zip(*self.items(split))):
             yield key, self.local[key].read_bytes(), label
 
     def _paths(self, keys: list[str]) -> list[str]:
@@ -119,20 +121,20 @@ class Copied(Reader):
     def images(self, split, batch, *, shuffle=False, seed=0, repeat=False, share=None):
         from job import dataset
 
-        keys, labels = self.keys(split, share)
+        keys, labels = self.items(split, share)
         return dataset.image_dataset(self._paths(keys), labels, self.image_size, batch, shuffle=shuffle, seed=seed,
                                      repeat=repeat, cache_dir=self.cache)
 
     def identity(self, split, share=None):
-        paths = self._paths(self.keys(split, share)[0])
-        return [[p, Path(p).stat().st_size] for p in paths]
+        keys, labels = self.items(split, share)
+        return [[p, Path(p).stat().st_size, y] for p, y in zip(self._paths(keys), labels)]
 
     def pixels(self, split, keys=None):
         import numpy as np
 
         from job import dataset
 
-        all_keys, labels = self.keys(split)
+        all_keys, labels = self.items(split)
         if keys is None:  # the whole split: through the image cache, as training reads it
             return dataset.pixels(self._paths(all_keys), self.image_size, self.cache), np.asarray(labels, np.int32)
         label_of = dict(zip(all_keys, labels))
@@ -158,23 +160,24 @@ class Streamed(Reader):
         return [k for k, _ in picked], [y for _, y in picked]
 
     def samples(self, split):
-        keys = set(self.keys(split)[0])
+        keys = set(self.items(split)[0])
         yield from sorted(read_shards(self.store, self.shards(split), self.layout.classes, keys))
 
     def images(self, split, batch, *, shuffle=False, seed=0, repeat=False, share=None):
         from job import stream
 
-        keys = set(self.keys(split, share)[0])
+        keys = set(self.items(split, share)[0])
         return stream.dataset(self.store, self.shards(split, share), self.layout.classes, keys, self.image_size,
                               batch, shuffle=shuffle, seed=seed, repeat=repeat)
 
     def identity(self, split, share=None):
-        return [[rel, self.etags[rel]] for rel in self.shards(split, share)] + sorted(self.keys(split, share)[0])
+        keys, labels = self.items(split, share)
+        return [[rel, self.etags[rel]] for rel in self.shards(split, share)] + sorted(zip(keys, labels))
 
     def pixels(self, split, keys=None):
         from job import stream
 
-        wanted = set(self.keys(split)[0] if keys is None else keys)
+        wanted = set(self.items(split)[0] if keys is None else keys)
         rels = sorted({shard_of(k) for k in wanted})
         return stream.pixels(self.store, rels, self.layout.classes, wanted, self.image_size)
 
@@ -206,25 +209,40 @@ def read_shards(store: storage.Store, rels: list[str], classes: list[str], allow
 # ---------------------------------------------------------------- staging: one pass over the data
 
 
-def create(source: Source, mode: str, cache_dir: Path, image_cache: Path, image_size: tuple[int, int],
-           progress: Callable[[int], None], stop: Callable[[], None], checks: Checks | None = None) -> Reader:
-    """Stage the dataset as `mode` (copy | stream) in one pass: the reader, with the bad images found (when
-    `checks` is given) but not yet settled (`Reader.settle`). Copies go under `cache_dir`; the decoded
-    images of a copied dataset under `image_cache`."""
+@dataclass(frozen=True)
+class Staging:
+    """Where staging writes (copies under `cache_dir`, a copied dataset's decoded images under `image_cache`),
+    what it checks (`checks`: None, nothing is decoded) and what it reports to."""
+
+    cache_dir: Path
+    image_cache: Path
+    image_size: tuple[int, int]
+    checks: Checks | None = None
+    progress: Callable[[int], None] = lambda n: None  # one call per object or shard staged
+    stop: Callable[[], None] = lambda: None  # raises to end staging (SIGTERM)
+    measure: Callable[[str], AbstractContextManager] = lambda stage: contextlib.nullcontext()  # timings
+
+
+def create(source: Source, mode: str, how: Staging) -> Reader:
+    """Stage the dataset as `mode` (copy | stream) in one pass: the reader, with the bad images found (given
+    checks) but not yet settled (`Reader.settle`)."""
     if mode == "stream":
-        return _stream(source, image_size, progress, stop, checks)
-    if source.kind == "shards":
-        local, listed, stats = _copy_shards(source, Path(cache_dir), progress, stop)
-    else:
-        local, stats = _copy_objects(source, Path(cache_dir), progress, stop)
-        listed = source.layout
+        with how.measure("shard_survey"):
+            return _stream(source, how)
+    with how.measure("download"):
+        if source.kind == "shards":
+            local, listed, stats = _copy_shards(source, Path(how.cache_dir), how.progress, how.stop)
+        else:
+            local, stats = _copy_objects(source, Path(how.cache_dir), how.progress, how.stop)
+            listed = source.layout
     log.info("dataset staged", kind=source.kind, mode="copy", images=len(local), **stats)
-    stop()
-    keys = sorted(local)
-    found = checks.files([str(local[k]) for k in keys]) if checks else {}
+    how.stop()
+    with how.measure("bad_image_check"):
+        keys = sorted(local)
+        found = how.checks.local_files([str(local[k]) for k in keys]) if how.checks else {}
     key_of = {str(local[k]): k for k in keys}
     bad = {key_of[p]: reason for p, reason in found.items()}
-    return Copied(listed, bad, source.uri, image_size, local, Path(image_cache))
+    return Copied(listed, bad, source.uri, how.image_size, local, Path(how.image_cache))
 
 
 def _copy_objects(source: Source, cache_dir: Path, progress, stop) -> tuple[dict[str, Path], dict[str, int]]:
@@ -264,18 +282,19 @@ def _copy_shards(source: Source, cache_dir: Path, progress, stop):
             progress(1)
             stop()
     _warn_ignored(ignored)
-    return local, layout.Layout(classes, files), stats
+    return local, _layout(classes, files), stats
 
 
 def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str]) -> dict:
     """{"samples": [(member name, label)], "ignored": [...]} of a downloaded shard, its images extracted
-    into `folder` (under their own paths) once per ETag."""
+    into `folder` (under their own paths) once per ETag and class list (labels are indices into it)."""
     done = folder / ".complete.json"
     try:
         record = json.loads(done.read_text())
-        if record["etag"] == etag and record.get("format") == EXTRACTED_FORMAT:
+        if (record["etag"], record.get("format"), record.get("classes")) == (etag, EXTRACTED_FORMAT, classes) and \
+                all((folder / name).is_file() for name, _ in record["samples"]):
             return record
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -283,15 +302,19 @@ def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str
     with open(shard, "rb") as f:
         for sample in shards.samples(f, where, classes, ignored):
             name = f"{sample.key}{sample.ext}"
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_bytes(sample.image)
+            try:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(sample.image)
+            except (FileExistsError, NotADirectoryError, IsADirectoryError):
+                raise DataError(f"{where}: member {name} collides with another member's path (a file and a "
+                                "folder of the same name)") from None
             samples.append((name, sample.label))
-    record = {"etag": etag, "format": EXTRACTED_FORMAT, "samples": samples, "ignored": ignored}
+    record = {"etag": etag, "format": EXTRACTED_FORMAT, "classes": classes, "samples": samples, "ignored": ignored}
     write_text(done, json.dumps(record))
     return record
 
 
-def _stream(source: Source, image_size, progress, stop, checks: Checks | None) -> Streamed:
+def _stream(source: Source, how: Staging) -> Streamed:
     """One pass over every shard for the samples' keys and labels (and the bad images); nothing kept."""
     classes = source.layout.classes
     files: dict[str, dict[str, list[str]]] = {}
@@ -305,14 +328,18 @@ def _stream(source: Source, image_size, progress, stop, checks: Checks | None) -
                 seen.add(shards.member_key(key.split(":", 1)[1], key)[0], f"{source.uri}/{key}")
                 per[classes[label]].append(key)
                 chunk.append((key, image))
-            if checks:
-                bad |= checks.blobs(chunk)
-            progress(1)
-            stop()
+            if how.checks:
+                bad |= how.checks.encoded(chunk)
+            how.progress(1)
+            how.stop()
     _warn_ignored(ignored)
     etags = {e.rel: e.etag for es in source.shard_entries.values() for e in es}
-    listed = layout.Layout(classes, {s: {c: sorted(ks) for c, ks in per.items()} for s, per in files.items()})
-    return Streamed(listed, bad, source.uri, image_size, source.store, etags)
+    return Streamed(_layout(classes, files), bad, source.uri, how.image_size, source.store, etags)
+
+
+def _layout(classes: list[str], files: dict[str, dict[str, list[str]]]) -> layout.Layout:
+    """The layout of samples found in shards, keys sorted: the same whichever order the members came in."""
+    return layout.Layout(classes, {s: {c: sorted(ks) for c, ks in per.items()} for s, per in files.items()})
 
 
 def _warn_ignored(ignored: list[str]) -> None:

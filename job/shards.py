@@ -75,13 +75,12 @@ def member_key(name: str, where: str) -> tuple[str, str] | None:
     the file name (`cat/0001.jpg` -> `cat/0001`, `.jpg`). None for a member that belongs to no sample (no
     dot in its file name, or a hidden file). DataError for a path that would leave the extraction folder."""
     path = name.removeprefix("./")
+    if path.startswith("/") or any(p in ("", ".", "..") for p in path.split("/")):
+        raise DataError(f"{where}: member {name!r} is not a plain relative path")
     folder, _, base = path.rpartition("/")
     stem, dot, ext = base.partition(".")
     if not dot or not stem:
         return None
-    parts = path.split("/")
-    if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise DataError(f"{where}: member {name!r} is not a plain relative path")
     return (f"{folder}/{stem}" if folder else stem), "." + ext.lower()
 
 

@@ -142,7 +142,9 @@ def staging_mode(source: Source, mode: str, cache_dir: Path, image_bytes: int) -
                             "(finetune-job pack turns it into shards)")
         return mode
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    need = int((source.bytes() + source.image_count() * image_bytes) * MARGIN)
+    # Shards copied from S3 are kept beside their extracted samples: their bytes count twice.
+    copies = 2 if source.kind == "shards" and not isinstance(source.store, storage.LocalStore) else 1
+    need = int((source.bytes() * copies + source.image_count() * image_bytes) * MARGIN)
     free = shutil.disk_usage(cache_dir).free
     if need <= free or isinstance(source.store, storage.LocalStore) and source.kind != "shards":
         return "copy"  # a local folder or manifest is read in place: nothing is copied

@@ -94,7 +94,7 @@ def config(uri: Path, work: Path, manifest: str = "") -> Config:
 
 def stage(uri: Path, work: Path, mode: str = "copy", manifest: str = "") -> readers.Reader:
     source = sources.open_source(config(uri, work, manifest))
-    reader = readers.create(source, mode, work / "cache", work / "images", SIZE, lambda n: None, lambda: None)
+    reader = readers.create(source, mode, readers.Staging(work / "cache", work / "images", SIZE))
     assert reader.mode == mode
     return reader
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import tar_bytes
@@ -26,8 +27,7 @@ def config(uri: Path | str, **data) -> Config:
 def stage(uri, mode: str = "copy", tmp: Path | None = None, **data) -> readers.Reader:
     cfg = config(uri, **data)
     cache = (tmp or Path(uri).parent) / f"cache-{mode}"
-    return readers.create(sources.open_source(cfg), mode, cache, cache / "images", (8, 8), lambda n: None,
-                          lambda: None)
+    return readers.create(sources.open_source(cfg), mode, readers.Staging(cache, cache / "images", (8, 8)))
 
 
 def as_read(reader: readers.Reader) -> dict[str, list[tuple[bytes, str]]]:
@@ -61,7 +61,7 @@ def test_same_file_names_in_several_class_folders_are_several_samples(tmp_path, 
     root = shard_dataset(tmp_path / "d", {"train": [class_folders_tarred() + [("x/a.jpg", b"X"), ("x/a.cls", b"0")]]})
     reader = stage(root, mode, tmp_path)
     assert as_read(reader) == {"train": [(b"CAT", "cat"), (b"DOG", "dog"), (b"X", "cat")]}
-    assert sorted(reader.keys("train")[0]) == ["train/shard-000000.tar:cat/0001.jpg",
+    assert sorted(reader.items("train")[0]) == ["train/shard-000000.tar:cat/0001.jpg",
                                                "train/shard-000000.tar:dog/0001.jpg",
                                                "train/shard-000000.tar:x/a.jpg"]
 
@@ -206,12 +206,12 @@ def test_copied_and_streamed_read_the_same_samples_and_shares(tmp_path):
     assert as_read(stage(tmp_path / "s", "stream", tmp_path).settle(0, 3)) == \
         as_read(stage(tmp_path / "d", "copy", tmp_path).settle(0, 3))
     for reader in (copied, streamed):
-        shares = [reader.keys("train", (i, 2)) for i in range(2)]
-        assert sorted(shares[0][0] + shares[1][0]) == sorted(reader.keys("train")[0])
+        shares = [reader.items("train", (i, 2)) for i in range(2)]
+        assert sorted(shares[0][0] + shares[1][0]) == sorted(reader.items("train")[0])
         assert not set(shares[0][0]) & set(shares[1][0])
     # Streaming shares whole shards: each worker's keys come from its own shards.
-    assert not {readers.shard_of(k) for k in streamed.keys("train", (0, 2))[0]} & \
-        {readers.shard_of(k) for k in streamed.keys("train", (1, 2))[0]}
+    assert not {readers.shard_of(k) for k in streamed.items("train", (0, 2))[0]} & \
+        {readers.shard_of(k) for k in streamed.items("train", (1, 2))[0]}
 
 
 def test_calibration_keys_are_spread_over_classes():
@@ -223,7 +223,7 @@ def test_calibration_keys_are_spread_over_classes():
 def test_copied_pixels_of_picked_keys_decode_only_those(tmp_path):
     write_sample_dataset(tmp_path / "d", classes=2, per_class=5, size=8, seed=0, test_per_class=0)
     reader = stage(tmp_path / "d", "copy", tmp_path).settle(0.0, seed=1)
-    keys, labels = reader.keys("train")
+    keys, labels = reader.items("train")
     picked = [keys[0], keys[-1]]
     for key in keys[1:-1]:  # the others are gone: decoding any of them would fail
         reader.local[key].unlink()
@@ -251,3 +251,69 @@ def test_class_names_that_differ_only_in_case_are_named(tmp_path, capsys):
         (tmp_path / "d/train" / name / "1.png").write_bytes(b"P")
     sources.open_source(config(tmp_path / "d"))
     assert "differ only in case" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- found in review
+
+
+def test_a_changed_classes_txt_relabels_the_extracted_cache(tmp_path):
+    root = shard_dataset(tmp_path / "d", {"train": [class_folders_tarred()]})
+    assert as_read(stage(root, "copy", tmp_path))["train"] == [(b"CAT", "cat"), (b"DOG", "dog")]
+    (root / "classes.txt").write_text("ant\ncat\ndog\n")  # same shard (same ETag), a class in front
+    reader = stage(root, "copy", tmp_path)
+    assert as_read(reader)["train"] == [(b"CAT", "cat"), (b"DOG", "dog")]
+
+
+def test_member_order_does_not_change_the_validation_split(tmp_path):
+    pairs = [[(f"c{n}.png", b"%d" % n), (f"c{n}.cls", b"%d" % (n % 2))] for n in range(10)]
+    root = shard_dataset(tmp_path / "d", {"train": [[m for pair in reversed(pairs) for m in pair]]})
+    copied = stage(root, "copy", tmp_path).settle(0.4, seed=0)
+    streamed = stage(root, "stream", tmp_path).settle(0.4, seed=0)
+    assert copied.layout == streamed.layout and copied.count("validation") == 4
+
+
+def test_bad_images_leave_before_the_validation_split(tmp_path):
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    reader = stage(tmp_path / "d", "copy", tmp_path)
+    reader.bad = {reader.items("train")[0][0]: "cannot be decoded"}  # one of circle's two images
+    settled = reader.settle(0.5, seed=0)
+    assert settled.layout.counts() == {"train": {"circle": 1, "square": 1}, "validation": {"circle": 0, "square": 1}}
+
+
+def test_a_file_and_a_folder_of_the_same_name_in_a_shard(tmp_path):
+    root = shard_dataset(tmp_path / "d", {"train": [[("x.jpg", b"A"), ("x.cls", b"0"), ("x.jpg/y.jpg", b"B"),
+                                                    ("x.jpg/y.cls", b"1")]]})
+    with pytest.raises(DataError, match="x.jpg/y.jpg collides with another member's path"):
+        stage(root, "copy", tmp_path)
+
+
+def test_streaming_workers_each_need_a_training_shard_after_the_validation_split(tmp_path):
+    nine = [m for n in range(9) for m in ((f"a{n}.png", b"%d" % n), (f"a{n}.cls", b"%d" % (n % 2)))]
+    root = shard_dataset(tmp_path / "d", {"train": [nine, [("z.png", b"Z"), ("z.cls", b"1")]]})
+    staged = stage(root, "stream", tmp_path)
+
+    def carved(seed):
+        return readers.Streamed(staged.layout, {}, "d", (8, 8), staged.store, staged.etags).settle(0.2, seed)
+
+    seed = next(s for s in range(100) if "train/shard-000001.tar:z.png" in carved(s).items("validation")[0])
+    reader = carved(seed)
+    assert reader.shards("train", (1, 2)) == []  # the one-image shard went to validation
+
+    rows = [[], []]  # what each worker puts into the all-gather
+
+    def run_of(worker):
+        def gather(row):
+            rows[worker] = row
+            return rows if all(rows) else [row]
+        return SimpleNamespace(data=reader, share=(worker, 2), cfg=config(root),
+                               cluster=SimpleNamespace(num_workers=2, gather=gather))
+
+    pipeline._workers_agree_on_dataset(run_of(0))  # alone, worker 0 sees nothing wrong
+    with pytest.raises(DataError, match="1 shard\\(s\\) hold training images .* for 2 workers"):
+        pipeline._workers_agree_on_dataset(run_of(1))
+
+
+def test_validate_refuses_what_train_would(tmp_path):
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    with pytest.raises(DataError, match="stream needs tar shards"):
+        pipeline.validate(config(tmp_path / "d", staging="stream"))
