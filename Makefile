@@ -9,7 +9,7 @@ IMAGE ?= finetune-job:$(VERSION)
 # BAKE_WEIGHTS="mobilenet_v2 resnet50" bakes those ImageNet weights into the image (air-gapped clusters).
 BAKE_WEIGHTS ?=
 
-.PHONY: install test test-fast run-local bench bench-quality bench-scale lint helm-lint docker-build clean
+.PHONY: install test test-fast run-local bench bench-quality bench-scale mutation lint helm-lint docker-build clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,14 @@ bench-quality: install
 bench-scale: install
 	$(PY) bench/scale.py
 
+# Mutation testing ([tool.mutmut] in pyproject.toml: which modules, against tests/unit). Slow (10-30
+# minutes on 2 cores); not part of `make test` nor CI. Results are kept in ./mutants and reused by the
+# next run for unchanged code; `.venv/bin/mutmut show NAME` prints one mutant's diff.
+MUTATION_JOBS ?= 2
+mutation: install
+	$(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS)
+	$(PY) scripts/mutation_summary.py
+
 lint: install
 	$(VENV)/bin/ruff check job tests scripts bench
 
@@ -57,4 +65,4 @@ docker-build:
 		.
 
 clean:
-	rm -rf $(VENV) run-local bench/results bench/cache .pytest_cache
+	rm -rf $(VENV) run-local bench/results bench/cache .pytest_cache mutants

@@ -1,6 +1,8 @@
 """The run state that checkpoints carry (job/runstate.py): transitions, JSON, and which config changes
 a resumed run refuses. Pure logic."""
 
+import json
+
 from job import config, runstate
 from job.runstate import RunState
 
@@ -56,3 +58,136 @@ def test_config_changes_name_the_keys_that_matter():
     assert changes == ["train.finetune.epochs: 10 -> 0", "train.finetune.unfreeze: 'all' -> 5"]
     assert runstate.config_changes(base, _training(**same, **{"train.class_weight": "{a: 2}"})) == [
         "train.class_weight: 'auto' -> {'a': 2.0}"]
+
+
+def test_a_new_state_starts_the_head_phase_from_nothing():
+    state = RunState()
+    assert (state.phase, state.epoch, state.step, state.sums) == ("head", 0, 0, [0.0, 0.0])
+    assert (state.best, state.best_epoch, state.patience_used) == (None, 0, 0)
+    assert state.history == {"head": [], "finetune": []} and state.config == {}
+    other = RunState()
+    other.sums[0] += 1.0
+    other.history["head"].append({})
+    assert state.sums == [0.0, 0.0] and state.history["head"] == []  # no mutable default is shared
+    assert runstate.PHASES == ("head", "finetune")
+
+
+def test_json_round_trip_keeps_every_field():
+    state = RunState(phase="finetune", epoch=4, step=7, sums=[2.5, 3.0], best=[0.25, 0.75], best_epoch=3,
+                     patience_used=1, history={"head": [{"epoch": 1, "loss": 0.5}], "finetune": []},
+                     config={"train.seed": 3, "train.class_weight": {"a": 2.0}})
+    text = state.to_json()
+    assert json.loads(text) == {"phase": "finetune", "epoch": 4, "step": 7, "sums": [2.5, 3.0], "best": [0.25, 0.75],
+                                "best_epoch": 3, "patience_used": 1,
+                                "history": {"head": [{"epoch": 1, "loss": 0.5}], "finetune": []},
+                                "config": {"train.seed": 3, "train.class_weight": {"a": 2.0}}}
+    assert RunState.from_json(text) == state
+    assert RunState.from_json("{}") == RunState()
+
+
+def test_resumes_only_a_phase_that_has_started_work():
+    assert not RunState(phase="head", epoch=0, step=0).resumes("head")
+    assert RunState(phase="head", epoch=0, step=1).resumes("head")
+    assert RunState(phase="head", epoch=1, step=0).resumes("head")
+    assert not RunState(phase="head", epoch=1, step=1).resumes("finetune")
+    assert not RunState(phase="trained", epoch=0, step=0).resumes("finetune")
+
+
+def test_start_resets_the_phase_and_keeps_the_history():
+    state = RunState(phase="head", epoch=3, step=2, sums=[1.0, 2.0], best=[0.5, 0.5], best_epoch=2, patience_used=1,
+                     history={"head": [{"epoch": 1}], "finetune": []}, config={"k": 1})
+    state.start("finetune")
+    assert state == RunState(phase="finetune", history={"head": [{"epoch": 1}], "finetune": []}, config={"k": 1})
+
+
+def test_add_step_sums_the_loss_and_the_correct_predictions():
+    state = RunState(step=4, sums=[1.0, 2.0])
+    state.add_step(0.5, 3.0)
+    assert (state.step, state.sums) == (5, [1.5, 5.0])
+
+
+def test_end_epoch_records_and_takes_the_epoch_from_the_record():
+    state = RunState(phase="finetune", epoch=0, step=9, sums=[4.0, 5.0])
+    assert state.end_epoch({"epoch": 1, "loss": 0.4}, (0.4, 0.5), "val_loss", 0, 10)
+    assert state.history == {"head": [], "finetune": [{"epoch": 1, "loss": 0.4}]}
+    assert (state.epoch, state.step, state.sums) == (1, 0, [0.0, 0.0])
+    assert (state.best, state.best_epoch, state.patience_used) == ([0.4, 0.5], 1, 0)
+    assert isinstance(state.best, list)  # JSON keeps lists; a tuple would not compare equal after a resume
+
+
+def test_patience_counts_epochs_in_a_row_and_a_better_epoch_resets_it():
+    state = RunState()
+    state.start("head")
+    assert state.end_epoch({"epoch": 1}, (1.0, 0.5), "val_loss", 2, 10)
+    assert not state.end_epoch({"epoch": 2}, (1.0, 0.5), "val_loss", 2, 10)  # equal is not better
+    assert (state.epoch, state.patience_used, state.best_epoch) == (2, 1, 1)
+    assert state.end_epoch({"epoch": 3}, (0.9, 0.5), "val_loss", 2, 10)
+    assert (state.epoch, state.patience_used, state.best, state.best_epoch) == (3, 0, [0.9, 0.5], 3)
+    assert not state.end_epoch({"epoch": 4}, (0.95, 0.5), "val_loss", 2, 10)
+    assert (state.epoch, state.patience_used) == (4, 1)  # one short of patience: goes on
+    assert not state.end_epoch({"epoch": 5}, (0.95, 0.5), "val_loss", 2, 10)
+    assert (state.epoch, state.patience_used) == (10, 2)  # patience used up: the phase's epochs are over
+    assert state.best == [0.9, 0.5] and state.best_epoch == 3
+
+
+def test_patience_one_stops_at_the_first_epoch_that_is_not_better():
+    state = RunState()
+    state.end_epoch({"epoch": 1}, (1.0, 0.5), "val_loss", 1, 7)
+    assert not state.end_epoch({"epoch": 2}, (1.5, 0.5), "val_loss", 1, 7)
+    assert (state.epoch, state.patience_used) == (7, 1)
+
+
+def test_patience_zero_never_stops_early():
+    state = RunState()
+    state.end_epoch({"epoch": 1}, (1.0, 0.5), "val_loss", 0, 5)
+    for epoch in (2, 3, 4):
+        assert not state.end_epoch({"epoch": epoch}, (2.0, 0.1), "val_loss", 0, 5)
+        assert state.epoch == epoch
+    assert state.patience_used == 3 and state.best_epoch == 1
+
+
+def test_finish_keeps_the_history_and_the_best():
+    state = RunState(phase="finetune", epoch=4, step=3, best=[0.1, 0.9], best_epoch=2,
+                     history={"head": [{"epoch": 1}], "finetune": [{"epoch": 1}]})
+    state.finish()
+    assert (state.phase, state.epoch, state.step) == ("trained", 0, 0)
+    assert (state.best, state.best_epoch, state.history["finetune"]) == ([0.1, 0.9], 2, [{"epoch": 1}])
+
+
+def test_flatten_joins_keys_with_dots_and_keeps_class_weights_whole():
+    tree = {"a": 1, "b": {"c": 2, "d": {"e": None}}, "train": {"class_weight": {"cat": 2.0}, "seed": 0},
+            "empty": {}}
+    assert runstate.flatten(tree) == {"a": 1, "b.c": 2, "b.d.e": None, "train.class_weight": {"cat": 2.0},
+                                      "train.seed": 0}
+    assert runstate.flatten({"x": {"y": 1}}, "p.") == {"p.x.y": 1}
+
+
+def test_training_config_drops_exactly_the_keys_safe_to_change():
+    cfg = {"run_id": "r", "output": {"uri": "s3://o", "overwrite": False},
+           "checkpoint": {"keep": 3}, "metrics": {"port": 9}, "s3": {"endpoint": "e"},
+           "distribution": {"strategy": "auto"}, "export": {"formats": ["onnx"]},
+           "data": {"uri": "s3://d", "cache_dir": "/c", "max_bad_fraction": 0.1, "max_image_pixels": 5,
+                    "val_fraction": 0.2},
+           "train": {"seed": 1, "head": {"epochs": 3}}}
+    assert runstate.training_config(cfg) == {"data.uri": "s3://d", "data.val_fraction": 0.2, "train.seed": 1,
+                                             "train.head.epochs": 3}
+
+
+def test_only_the_epoch_budgets_may_grow():
+    for key in ("train.head.epochs", "train.finetune.epochs"):
+        assert runstate.config_changes({key: 3}, {key: 4}) == []
+        assert runstate.config_changes({key: 3}, {key: 3}) == []
+        assert runstate.config_changes({key: 3}, {key: 2}) == [f"{key}: 3 -> 2"]
+        assert runstate.config_changes({key: 3}, {key: "4"}) == [f"{key}: 3 -> '4'"]
+        assert runstate.config_changes({key: "3"}, {key: 4}) == [f"{key}: '3' -> 4"]
+        assert runstate.config_changes({}, {key: 4}) == [f"{key}: None -> 4"]
+    assert runstate.config_changes({"train.seed": 1}, {"train.seed": 2}) == ["train.seed: 1 -> 2"]
+    assert runstate.config_changes({"train.batch_size": 8}, {"train.batch_size": 16}) == [
+        "train.batch_size: 8 -> 16"]
+
+
+def test_config_changes_are_sorted_and_name_keys_only_on_one_side():
+    stored = {"b": 1, "a": "x", "same": [1]}
+    current = {"c": 2, "a": "y", "same": [1]}
+    assert runstate.config_changes(stored, current) == ["a: 'x' -> 'y'", "b: 1 -> None", "c: None -> 2"]
+    assert runstate.config_changes({}, {}) == []
