@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from job import evaluate, logs, metrics, recipe, signals
+from job import model as model_lib
 from job.checkpoint import Checkpoints
 from job.distribute import Cluster
 from job.errors import ConfigError
@@ -211,15 +212,28 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         return
     steps = max(1, math.ceil(phase.examples / global_batch))
     variables = phase.model.trainable_variables
+    # The best epoch's copy: the trained weights and, where BatchNormalization trains (from scratch), the
+    # moving statistics that go with them.
+    statistics = model_lib.moving_statistics(phase.model)
+    kept = variables + statistics
+    if statistics and cluster.replicas > 1:
+        # Over several replicas, BatchNormalization that trains normalises with the whole global batch's
+        # statistics: each replica's share may be a handful of images, and every replica then updates its
+        # copy of the moving statistics alike (the weights stay equal on every worker).
+        for layer in model_lib.batch_normalization(phase.model):
+            if layer.trainable:
+                layer.synchronized = True
     with cluster.strategy.scope():
         optimizer = _optimizer(phase.learning_rate, steps * phase.epochs, options, cluster)
         optimizer.build(variables)
-        best = [tf.Variable(v.value, trainable=False) for v in variables]
+        best = [tf.Variable(v.value, trainable=False) for v in kept]
     saved = phase.saved or phase.model
     if state.resumes(phase.name):
         ckpt.restore(weights=saved, optimizer=optimizer, best=best)
     else:
         state.start(phase.name)
+        if statistics:
+            _start_moving_statistics(phase, cluster)
     if state.epoch < phase.epochs:
         with cluster.strategy.scope():
             batches = iter(cluster.strategy.distribute_datasets_from_function(phase.dataset_fn))
@@ -234,16 +248,26 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
             *monitored, due = cluster.mean([record.get("val_loss", record["loss"]),
                                             record.get("val_accuracy", record["accuracy"]), float(saver.due())])
             if state.end_epoch(record, tuple(monitored), options.metric, options.patience, phase.epochs):
-                for copy, variable in zip(best, variables):
+                for copy, variable in zip(best, kept):
                     copy.assign(variable.value)
             elif state.epoch >= phase.epochs and record["epoch"] < phase.epochs:
                 log.info("early stopping", phase=phase.name, epoch=record["epoch"], best_epoch=state.best_epoch)
             if state.epoch >= phase.epochs or not options.every_seconds or due > 0:
                 saver.save()
     if state.best_epoch and state.best_epoch != len(state.history[phase.name]):
-        for variable, copy in zip(variables, best):
+        for variable, copy in zip(kept, best):
             variable.assign(copy.value())
         log.info("restored best weights", phase=phase.name, best_epoch=state.best_epoch)
+
+
+def _start_moving_statistics(phase: Phase, cluster: Cluster) -> None:
+    """BatchNormalization that trains (from scratch): its moving statistics start from those of the first
+    training batch (job.model.start_moving_statistics; over several replicas, of the whole global batch)."""
+    with cluster.strategy.scope():
+        images, _ = next(iter(cluster.strategy.distribute_datasets_from_function(phase.dataset_fn)))
+    cluster.strategy.run(lambda x: model_lib.start_moving_statistics(phase.model, x), args=(images,))
+    log.info("moving statistics started from a batch", phase=phase.name,
+             layers=len(model_lib.moving_statistics(phase.model)) // 2)
 
 
 class _Saver:

@@ -2,9 +2,13 @@
 
     image (float32 0..255) -> Preprocess -> base(training=False) -> GlobalAveragePooling -> head
 
-The base is always called with training=False, so BatchNormalization stays in inference mode
-during fine-tuning (the Keras transfer-learning recipe). The head is its own small model on the
-pooled features, which lets phase 1 train it on cached features and phase 2 carry it over.
+With pre-trained weights the base is called with training=False, so BatchNormalization stays in
+inference mode during fine-tuning (the Keras transfer-learning recipe). From scratch (`model.weights:
+none`) there are no statistics to keep: the base is called without it, so BatchNormalization
+normalises with the batch's statistics while training and its moving statistics follow them, with a
+momentum short enough to settle in a run of a few hundred steps (SCRATCH_BN_MOMENTUM). The head is
+its own small model on the pooled features, which lets phase 1 train it on cached features and
+phase 2 carry it over.
 """
 
 from __future__ import annotations
@@ -34,17 +38,33 @@ class Preprocess(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+# BatchNormalization momentum of a from-scratch base. keras.applications builds it with 0.999: an average
+# over about a thousand steps, so after the 380 steps of a 20-epoch run on 600 images the initial statistics
+# (mean 0, variance 1) would still be 0.999**380 = 68% of the moving ones, and a base that changes at every
+# step would be evaluated with the statistics of weights long gone. 0.9 averages over about ten steps
+# (hundreds of images) and stays close behind the weights; 0.99 lagged enough on fashion-easy-200 that one
+# seed in three stopped early at chance (bench/quality.py; the averages start from a batch either way,
+# `start_moving_statistics`).
+SCRATCH_BN_MOMENTUM = 0.9
+
+
 @dataclass
 class Parts:
     model: keras.Model  # image -> probabilities
     base: keras.Model
     features: keras.Model  # image -> pooled features (the cached-features extractor)
     head: keras.Model  # pooled features -> probabilities
+    from_scratch: bool = False  # random base: BatchNormalization trains (see `build`)
 
 
 def build(backbone: str, weights_file: str | None, image_size: tuple[int, int], num_classes: int,
-          head_units: int, head_dropout: float, *, imagenet: bool = False) -> Parts:
-    """Build the model. `weights_file` is a local file of base weights; `imagenet` asks Keras for them."""
+          head_units: int, head_dropout: float, *, imagenet: bool = False, from_scratch: bool = False) -> Parts:
+    """Build the model. `weights_file` is a local file of base weights; `imagenet` asks Keras for them.
+
+    `from_scratch` (`model.weights: none`): a random base whose BatchNormalization is called in training
+    mode while training, with momentum SCRATCH_BN_MOMENTUM. The export rebuilds the model with the same
+    flag, so the saved model.keras trains the same way if a user fits it further.
+    """
     spec = backbones.get(backbone)
     shape = (*image_size, 3)
     constructor = getattr(keras.applications, spec.constructor)
@@ -62,10 +82,14 @@ def build(backbone: str, weights_file: str | None, image_size: tuple[int, int], 
             "without internet access, set model.weights to a weights file (local path or s3:// URI)"
         ) from None
     base.trainable = False
+    if from_scratch:
+        for layer in batch_normalization(base):
+            layer.momentum = SCRATCH_BN_MOMENTUM
 
     image = keras.Input(shape, name="image")
     x = Preprocess(spec.preprocess, name="preprocess")(image) if spec.preprocess != "none" else image
-    x = base(x, training=False)
+    # From scratch, `training` follows the outer call: batch statistics while training, moving ones after.
+    x = base(x) if from_scratch else base(x, training=False)
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
 
     feats = keras.Input((pooled.shape[-1],), name="features")
@@ -80,7 +104,7 @@ def build(backbone: str, weights_file: str | None, image_size: tuple[int, int], 
 
     model = keras.Model(image, head(pooled), name=f"finetune_{backbone}")
     features = keras.Model(image, pooled, name="features")
-    return Parts(model, base, features, head)
+    return Parts(model, base, features, head, from_scratch)
 
 
 def _augment_layer(name: str, factor: float, seed: int) -> keras.layers.Layer:
@@ -126,6 +150,55 @@ def check_unfreeze(base: keras.Model, unfreeze: int | str, backbone: str) -> int
         hint = did_you_mean(unfreeze, names)
         raise ConfigError(f"config: train.finetune.unfreeze: {backbone} has no layer '{unfreeze}'{hint}")
     return len(layers) - names.index(unfreeze)
+
+
+def batch_normalization(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """Every BatchNormalization layer of `model`, nested models included."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found += batch_normalization(layer)
+    return found
+
+
+def moving_statistics(model: keras.Model) -> list:
+    """The moving mean and variance of the BatchNormalization layers that training updates (trainable
+    ones: from scratch). Not trainable variables, but they go with the weights: early stopping's best
+    epoch keeps them too, or its weights would come back with the last epoch's statistics."""
+    return [v for layer in batch_normalization(model) if layer.trainable
+            for v in (layer.moving_mean, layer.moving_variance)]
+
+
+def start_moving_statistics(model: keras.Model, images) -> None:
+    """Set the moving statistics of the BatchNormalization layers that train to those of one batch.
+
+    A random base's activations are far from the initial (0, 1): their variances run down to 1e-3 and
+    below within a few layers. An exponential average that starts at 1 needs log(1e-3)/log(momentum)
+    steps to forget it (65 at 0.9), and until then inference-mode outputs are the same for every image
+    (validation at chance, early stopping on noise). One forward pass in training mode with momentum 0
+    starts the averages where the batch statistics are. Called eagerly (the momentum is read when traced)."""
+    layers = [layer for layer in batch_normalization(model) if layer.trainable]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        model(images, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+
+
+def unfreeze(parts: Parts, count: int) -> None:
+    """What the fine-tuning phase trains: from scratch every layer of the base, BatchNormalization included
+    (a partly frozen random base only adds noise, so `count` is ignored); else `unfreeze_top`."""
+    if parts.from_scratch:
+        parts.base.trainable = True
+        for layer in unfreezable_layers(parts.base):
+            layer.trainable = True
+    else:
+        unfreeze_top(parts.base, count)
 
 
 def unfreeze_top(base: keras.Model, count: int) -> None:

@@ -248,7 +248,8 @@ def _build_model(cfg: Config, cluster, classes: list[str], work: Path):
     weights_file, imagenet = resolve_weights(cfg, work)
     with cluster.strategy.scope():
         parts = model.build(cfg.model.backbone, weights_file, tuple(cfg.data.image_size), len(classes),
-                            cfg.model.head_units, cfg.model.head_dropout, imagenet=imagenet)
+                            cfg.model.head_units, cfg.model.head_dropout, imagenet=imagenet,
+                            from_scratch=cfg.model.weights == "none")
     return parts, model.check_unfreeze(parts.base, cfg.train.finetune.unfreeze, cfg.model.backbone)
 
 
@@ -334,7 +335,8 @@ def _workers_agree_on_dataset(run: Run) -> None:
     Streaming gives each worker whole training shards: after the validation split, each needs one."""
     stream = run.data.mode == "stream"
     mine = len(run.data.shards("train", run.share)) if stream else run.data.count("train")
-    rows = run.cluster.gather([run.data.count(split) for split in ("train", "validation", "test")] + [int(stream), mine])
+    counts = [run.data.count(split) for split in ("train", "validation", "test")]
+    rows = run.cluster.gather(counts + [int(stream), mine])
     if any(row[:4] != rows[0][:4] for row in rows):
         raise DataError(f"the workers see different datasets under {run.cfg.data.uri} (did it change while the run "
                         f"started, or does data.staging auto decide differently on their disks?): images per "
@@ -365,6 +367,9 @@ def head_phase(run: Run) -> None:
     cfg, head = run.cfg, run.cfg.train.head
     if run.state.phase != "head":
         return  # resumed past it
+    if run.parts.from_scratch:
+        log.info("phase skipped", phase="head", reason=recipe.FROM_SCRATCH_HEAD_SKIPPED)
+        return
     if head.augment and head.mode == "cached_features":
         log.warning("train.head.augment has no effect with train.head.mode cached_features (features are "
                     "computed once from un-augmented images); use end_to_end to augment the head phase")
@@ -421,15 +426,18 @@ def _features(run: Run, split: str, share: tuple[int, int] | None):
 
 
 def finetune_phase(run: Run) -> None:
-    """Phase 2: the base unfrozen at a low learning rate, the head carried over; then the run is trained."""
+    """Phase 2: the base unfrozen at a low learning rate, the head carried over (from scratch: every layer,
+    BatchNormalization included, at the head's rate for both phases' epochs); then the run is trained."""
     from job import loop, model, signals
 
     cfg, ft = run.cfg, run.cfg.train.finetune
-    if run.state.phase in ("head", "finetune") and ft.epochs > 0 and run.unfreeze > 0:
+    epochs, rate = recipe.finetune_schedule(cfg.train.head.epochs, cfg.train.head.learning_rate, ft.epochs,
+                                            ft.learning_rate, run.parts.from_scratch)
+    if run.state.phase in ("head", "finetune") and epochs > 0 and (run.unfreeze > 0 or run.parts.from_scratch):
         with run.cluster.strategy.scope():
-            model.unfreeze_top(run.parts.base, run.unfreeze)
+            model.unfreeze(run.parts, run.unfreeze)
         phase = loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
-                           examples=run.data.count("train"), epochs=ft.epochs, learning_rate=ft.learning_rate,
+                           examples=run.data.count("train"), epochs=epochs, learning_rate=rate,
                            validate=loop.validator(run.parts.model, _validation_images(run)),
                            augment=_augmentation(run, ft.augment, cfg.train.seed + 100))
         loop.run_phase(phase, run.cluster, cfg.train.batch_size, run.options, run.ckpt, run.state)

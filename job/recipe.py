@@ -71,6 +71,26 @@ def class_weights(setting: str | Mapping[str, float], classes: list[str],
     return [float(setting.get(c, 1.0)) for c in classes]
 
 
+# `model.weights: none`: why the head phase is skipped (logged), and what the fine-tuning phase does instead.
+FROM_SCRATCH_HEAD_SKIPPED = ("model.weights is none: a head on random frozen features learns nothing, so the "
+                             "fine-tuning phase trains every layer, BatchNormalization included, from its first "
+                             "epoch, for head.epochs + finetune.epochs epochs at head.learning_rate "
+                             "(finetune.unfreeze and finetune.learning_rate do not apply)")
+
+
+def finetune_schedule(head_epochs: int, head_rate: float, finetune_epochs: int, finetune_rate: float,
+                      from_scratch: bool) -> tuple[int, float]:
+    """(epochs, learning rate) of the fine-tuning phase.
+
+    With pre-trained weights: the phase's own. From scratch there is no head phase and no pre-trained base
+    to protect: the whole network trains for both phases' epochs at the head's rate (a random base needs
+    the larger steps; bench/quality.py's fashion-easy-200 task measured it, docs/QUALITY.md).
+    """
+    if from_scratch:
+        return head_epochs + finetune_epochs, head_rate
+    return finetune_epochs, finetune_rate
+
+
 def warmup_steps(total_steps: int) -> int:
     """Linear warm-up before cosine decay: a tenth of the phase's steps, at least one."""
     return max(1, math.ceil(total_steps / 10))

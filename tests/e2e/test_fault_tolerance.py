@@ -279,7 +279,7 @@ def test_three_workers_that_see_different_datasets_all_exit_3(s3, sample_data, b
     assert codes == [3, 3, 3], [p.stderr[-1500:] for p in procs]
     for p in procs:
         assert "the workers see different datasets" in p.stderr
-        assert "[[90, 0, 30], [91, 0, 30], [92, 0, 30]]" in p.stderr
+        assert "[[90, 0, 30, 0], [91, 0, 30, 0], [92, 0, 30, 0]]" in p.stderr
 
 
 def test_runs_never_touch_each_others_prefixes(s3, dataset):
