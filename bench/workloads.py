@@ -222,7 +222,8 @@ def training(p: dict) -> dict:
         return lambda ctx: dataset.image_dataset(paths, labels, size, b, shuffle=True, seed=seed, repeat=True)
 
     def job_seconds(on, phase_name: str, net, data_fn, lr: float, name: str, augment=None) -> list[float]:
-        phase = loop.Phase(phase_name, net, data_fn, len(paths), epochs, lr, lambda: None, augment)
+        phase = loop.Phase(name=phase_name, model=net, dataset_fn=data_fn, examples=len(paths), epochs=epochs,
+                           learning_rate=lr, validate=lambda: None, augment=augment)
         history = _run_phase(phase, on, batch, work / name)
         return [max(r["seconds"], 1e-3) for r in history[1:]]  # epoch 1 traces: left out
 

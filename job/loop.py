@@ -31,8 +31,10 @@ from job.runstate import RunState
 log = logs.get()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Phase:
+    """One phase's training: built with keywords, so that a call reads as what each value is."""
+
     name: str  # "head" | "finetune"
     model: keras.Model  # what the step calls: the head on features, or the whole model on images
     dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]  # repeated, per-replica batches

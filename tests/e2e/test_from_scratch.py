@@ -131,8 +131,9 @@ def test_early_stopping_restores_the_moving_statistics_of_the_best_epoch(tmp_pat
         snapshots.append([w.copy() for w in model.get_weights()])
         return next(scripted), 0.5
 
-    phase = loop.Phase("finetune", model, lambda ctx: dataset.feature_dataset(x, y, 8, shuffle=True, seed=1,
-                                                                              repeat=True), len(y), 5, 0.05, validate)
+    phase = loop.Phase(name="finetune", model=model,
+                       dataset_fn=lambda ctx: dataset.feature_dataset(x, y, 8, shuffle=True, seed=1, repeat=True),
+                       examples=len(y), epochs=5, learning_rate=0.05, validate=validate)
     state = RunState()
     ckpt = Checkpoints(storage.LocalStore(str(tmp_path / "out")), tmp_path / "work", cluster, keep=2)
     loop.run_phase(phase, cluster, 8, loop.Options(patience=2), ckpt, state)

@@ -39,9 +39,9 @@ def tiny_model(cluster) -> keras.Model:
 
 def phase_of(model, data, epochs: int, validate) -> loop.Phase:
     x, y = data
-    return loop.Phase("head", model, lambda ctx: dataset.feature_dataset(x, y, BATCH, shuffle=True, seed=1,
-                                                                         repeat=True),
-                      len(y), epochs, 0.05, validate)
+    return loop.Phase(name="head", model=model,
+                      dataset_fn=lambda ctx: dataset.feature_dataset(x, y, BATCH, shuffle=True, seed=1, repeat=True),
+                      examples=len(y), epochs=epochs, learning_rate=0.05, validate=validate)
 
 
 def checkpoints(folder, cluster) -> Checkpoints:
