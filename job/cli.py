@@ -85,12 +85,11 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code)
 
 
-def _load(config: Path, sets: list[str] | None):
-    from job import config as config_lib
-    from job import logs
+def _load(path: Path, sets: list[str] | None):
+    from job import config, logs
 
     logs.setup()
-    cfg = config_lib.load(config, sets or [])
+    cfg = config.load(path, sets or [])
     logs.bind(run_id=cfg.run_id)
     return cfg
 

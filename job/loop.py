@@ -22,10 +22,10 @@ import numpy as np
 import tensorflow as tf
 
 from job import evaluate, logs, metrics, recipe, signals
-from job import model as model_lib
 from job.checkpoint import Checkpoints
 from job.distribute import Cluster
 from job.errors import ConfigError
+from job.model import batch_normalization, moving_statistics, start_moving_statistics
 from job.runstate import RunState
 
 log = logs.get()
@@ -216,13 +216,13 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
     variables = phase.model.trainable_variables
     # The best epoch's copy: the trained weights and, where BatchNormalization trains (from scratch), the
     # moving statistics that go with them.
-    statistics = model_lib.moving_statistics(phase.model)
+    statistics = moving_statistics(phase.model)
     kept = variables + statistics
     if statistics and cluster.replicas > 1:
         # Over several replicas, BatchNormalization that trains normalises with the whole global batch's
         # statistics: each replica's share may be a handful of images, and every replica then updates its
         # copy of the moving statistics alike (the weights stay equal on every worker).
-        for layer in model_lib.batch_normalization(phase.model):
+        for layer in batch_normalization(phase.model):
             if layer.trainable:
                 layer.synchronized = True
     with cluster.strategy.scope():
@@ -267,9 +267,9 @@ def _start_moving_statistics(phase: Phase, cluster: Cluster) -> None:
     training batch (job.model.start_moving_statistics; over several replicas, of the whole global batch)."""
     with cluster.strategy.scope():
         images, _ = next(iter(cluster.strategy.distribute_datasets_from_function(phase.dataset_fn)))
-    cluster.strategy.run(lambda x: model_lib.start_moving_statistics(phase.model, x), args=(images,))
+    cluster.strategy.run(lambda x: start_moving_statistics(phase.model, x), args=(images,))
     log.info("moving statistics started from a batch", phase=phase.name,
-             layers=len(model_lib.moving_statistics(phase.model)) // 2)
+             layers=len(moving_statistics(phase.model)) // 2)
 
 
 class _Saver:
