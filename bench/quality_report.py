@@ -13,7 +13,8 @@ LABELS = {
     "job_default": "**job, defaults**",
     "keras_seeds_recipe": "plain Keras, seeds' recipe",
     "job_head_only": "job, head only (lower bound)",
-    "job_weights_none": "job, `weights: none` (lower bound)",
+    # A lower bound on the transfer tasks, and alone on fashion-easy-200, where from scratch must learn.
+    "job_weights_none": "job, `weights: none` (from scratch)",
     "job_class_weight_none": "job, `class_weight: none`",
 }
 

@@ -162,6 +162,24 @@ def sample(root: Path, classes: int, per_class: int, px: int, test_per_class: in
     return root
 
 
+def random_base(path: Path, image_size: list[int], env: dict) -> Path:
+    """A random MobileNetV2 base saved once as a weights file, for runs that time the two-phase transfer recipe
+    (head on cached features, then fine-tuning) without a pre-trained base to download. `model.weights: none`
+    is no stand-in for it: from scratch the job skips the head phase and trains every layer."""
+    if path.is_file():
+        return path
+    code = ("import sys, keras; keras.applications.MobileNetV2(include_top=False, weights=None, "
+            "input_shape=(int(sys.argv[2]), int(sys.argv[3]), 3)).save_weights(sys.argv[1])")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([PY, "-c", code, str(path), *map(str, image_size)], check=True, env=env, capture_output=True,
+                   timeout=600)
+    return path
+
+
+RANDOM_BASE = ("a random base saved once (MobileNetV2(weights=None).save_weights) and given as model.weights: the "
+               "transfer recipe's phases, frozen BatchNormalization with its initial statistics")
+
+
 def workload(section: str, params: dict, tmp: Path, env: dict) -> dict:
     """Run one bench/workloads.py section in its own process; its JSON result."""
     name = "-".join(str(x) for x in (section, params.get("replicas"), params.get("tag")) if x is not None)
@@ -251,7 +269,8 @@ def bench_training(cfg: dict, tmp: Path, env: dict) -> tuple[dict, dict]:
     conditions = {
         "images": cfg["classes"] * cfg["per_class"], "classes": cfg["classes"],
         "image_size": cfg["image_size"], "global_batch_size": cfg["batch_size"],
-        "backbone": f"{BACKBONE}, weights none",
+        "backbone": f"{BACKBONE}, random weights (job.model.build without a weights file: BatchNormalization "
+                    "frozen as with a pre-trained base, not model.weights: none's from-scratch mode)",
         "steps_per_epoch": one["steps_per_epoch"], "epochs_per_round": cfg["epochs"], "rounds": cfg["rounds"],
         "timed": "epochs 2.. of each round (epoch 1 traces); ratios: median over rounds of the round's ratio",
         "data": "job.dataset.image_dataset, repeated",
@@ -363,6 +382,8 @@ def peak_rss_run(args: list[str], env: dict, log_file: Path) -> tuple[int, float
 
 def bench_memory(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
     runs = {}
+    base = random_base(tmp / f"base-{cfg['image_size'][0]}x{cfg['image_size'][1]}.weights.h5", cfg["image_size"], env)
+    s3.upload([("bench-memory", "weights/base.weights.h5", base)])
     for label, per_class in (("n", cfg["per_class"]), ("4n", cfg["per_class"] * cfg["factor"])):
         data = sample(tmp / f"memory-{label}", cfg["classes"], per_class, cfg["source_px"],
                       test_per_class=max(2, per_class // 8))
@@ -371,7 +392,7 @@ def bench_memory(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
         config.write_text(json.dumps({
             "run_id": f"memory-{label}",
             "data": {"uri": uri, "image_size": cfg["image_size"], "cache_dir": str(tmp / f"cache-{label}")},
-            "model": {"backbone": BACKBONE, "weights": "none"},
+            "model": {"backbone": BACKBONE, "weights": "s3://bench-memory/weights/base.weights.h5"},
             "train": {"batch_size": cfg["batch_size"], "head": {"epochs": 1}, "finetune": {"epochs": 1}},
             "output": {"uri": "s3://bench-memory/models"},
             "metrics": {"port": 0, "linger_seconds": 0},
@@ -388,7 +409,7 @@ def bench_memory(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
         "conditions": {
             "classes": cfg["classes"], "images": {k: v["images"] for k, v in runs.items()},
             "image_size": cfg["image_size"], "batch_size": cfg["batch_size"],
-            "backbone": f"{BACKBONE}, weights none",
+            "backbone": f"{BACKBONE}, {RANDOM_BASE}",
             "run": "finetune-job train from S3: staging, decode check, cached-features head 1 epoch, "
                    "fine-tune 1 epoch, evaluation, export, upload",
             "peak_rss": "ru_maxrss of the finetune-job process (wait4)",
@@ -416,6 +437,8 @@ def bench_stages(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
         "head_end_to_end": (cfg["per_class"], {"head": {"epochs": cfg["head_epochs"], "mode": "end_to_end"},
                                                "finetune": {"epochs": 0}}),
     }
+    base = random_base(tmp / f"base-{cfg['image_size'][0]}x{cfg['image_size'][1]}.weights.h5", cfg["image_size"], env)
+    s3.upload([("bench-stages", "weights/base.weights.h5", base)])
     uris: dict[int, str] = {}
     for name, (per_class, train) in plans.items():
         if per_class not in uris:
@@ -427,7 +450,7 @@ def bench_stages(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
         config.write_text(json.dumps({
             "run_id": f"stages-{name}",
             "data": {"uri": uri, "image_size": cfg["image_size"], "cache_dir": str(tmp / f"stages-cache-{name}")},
-            "model": {"backbone": BACKBONE, "weights": "none"},
+            "model": {"backbone": BACKBONE, "weights": "s3://bench-stages/weights/base.weights.h5"},
             "train": {**train, "early_stopping_patience": 0},
             "output": {"uri": "s3://bench-stages/runs"},
             "metrics": {"port": 0, "linger_seconds": 0},
@@ -444,7 +467,7 @@ def bench_stages(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
     head = runs["head_cached"]["timings"]["head_seconds"] / runs["head_end_to_end"]["timings"]["head_seconds"]
     return {
         "conditions": {
-            "runs": f"finetune-job train from S3, {BACKBONE} (weights none), {cfg['image_size']} px, "
+            "runs": f"finetune-job train from S3, {BACKBONE} ({RANDOM_BASE}), {cfg['image_size']} px, "
                     f"{cfg['classes']} classes x {cfg['per_class']} images (small) and {cfg['larger']}x that (larger); "
                     f"head {cfg['head_epochs']} epochs, fine-tuning {cfg['finetune_epochs']}, no early stopping, "
                     "export.formats [saved_model] (as the job exported before the other formats), checkpoints by "
@@ -471,9 +494,11 @@ def bench_formats(cfg: dict, tmp: Path, env: dict) -> dict:
     config.write_text(json.dumps({
         "run_id": "formats",
         "data": {"uri": str(data), "image_size": cfg["image_size"], "cache_dir": str(tmp / "formats-cache")},
+        # From scratch: conversion does not depend on the weights. The head phase is skipped and every layer,
+        # BatchNormalization included, trains for head + finetune epochs at the head's rate (1e-3).
         "model": {"backbone": BACKBONE, "weights": "none"},
         "train": {"batch_size": cfg["batch_size"], "head": {"epochs": cfg["epochs"]},
-                  "finetune": {"epochs": cfg["epochs"], "learning_rate": 1e-3}},
+                  "finetune": {"epochs": cfg["epochs"]}},
         "output": {"uri": str(tmp / "formats-out")},
         "metrics": {"port": 0, "linger_seconds": 0},
         "export": {"formats": ALL_FORMATS},
@@ -491,7 +516,8 @@ def bench_formats(cfg: dict, tmp: Path, env: dict) -> dict:
              for fmt in ALL_FORMATS}
     return {
         "conditions": {
-            "run": f"finetune-job train, {BACKBONE} (weights none, the whole model trained), "
+            "run": f"finetune-job train, {BACKBONE} (weights none: from scratch, every layer trained up to "
+                   f"{2 * cfg['epochs']} epochs at 1e-3, BatchNormalization included), "
                    f"{cfg['classes']} classes x {cfg['per_class']} images, {cfg['image_size']} px, every format",
             "check_images": len(images), "run_seconds": round(seconds, 1),
             "latency": f"CPU, one process, formats alternating over {cfg['rounds']} rounds; batch 1: mean of "

@@ -6,10 +6,12 @@ The images (Debian `dataset-fashion-mnist`, written once as PNGs into bench/cach
 server on 127.0.0.1 as 70,000 objects, are described by a CSV manifest, and are packed into tar shards
 (`finetune-job pack`). For each way, `finetune-job validate`, then `finetune-job train` (staging, the
 bad-image check, cached features, head 1 epoch, fine-tuning 2 epochs, evaluation, export of the
-SavedModel), with the stage seconds from the run's manifest, objects/s and bytes/s of staging, peak
-RSS (wait4) and the disk the cache took; the shards once more with `data.staging: stream`. A bare
-paginated boto3 listing of the same bucket is the yardstick for `validate`, and a copy run on a tenth of
-the images the one for memory. `--quick` does the same with 700 images (the test suite's check).
+SavedModel; the base is a random MobileNetV2 saved once and staged from the same S3 server, since
+`model.weights: none` would skip the head phase and train from scratch), with the stage seconds from
+the run's manifest, objects/s and bytes/s of staging, peak RSS (wait4) and the disk the cache took; the
+shards once more with `data.staging: stream`. A bare paginated boto3 listing of the same bucket is the
+yardstick for `validate`, and a copy run on a tenth of the images the one for memory. `--quick` does
+the same with 700 images (the test suite's check).
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import quality_data  # noqa: E402
-from run import CLI, S3Server, child_env, load_average, log, machine, peak_rss_run, target  # noqa: E402
+from run import CLI, S3Server, child_env, load_average, log, machine, peak_rss_run, random_base, target  # noqa: E402
 
 BUCKET = "scale"
+IMAGE_SIZE = [32, 32]
+# A random base (bench/run.py random_base), so that every way runs the two-phase transfer recipe whose stages
+# it times: with `model.weights: none` the job skips the head phase and trains every layer from scratch.
+WEIGHTS = f"s3://{BUCKET}/weights/base.weights.h5"
 
 
 def write_images(folder: Path, per_split: dict[str, int]) -> Path:
@@ -77,8 +83,8 @@ def one_run(name: str, data: dict, tmp: Path, env: dict, finetune_epochs: int) -
     config = tmp / f"{name}.yaml"
     config.write_text(json.dumps({
         "run_id": name,
-        "data": {"image_size": [32, 32], "cache_dir": str(cache), "validation_split": 0.1, **data},
-        "model": {"backbone": "mobilenet_v2", "weights": "none"},
+        "data": {"image_size": IMAGE_SIZE, "cache_dir": str(cache), "validation_split": 0.1, **data},
+        "model": {"backbone": "mobilenet_v2", "weights": WEIGHTS},
         "train": {"batch_size": 128, "head": {"epochs": 1}, "finetune": {"epochs": finetune_epochs},
                   "early_stopping_patience": 0},
         "output": {"uri": str(tmp / "out")},
@@ -144,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"uploading {sum(sizes.values())} objects")
             uploads["objects"] = upload(s3, folder, "objects")
             uploads["tenth"] = upload(s3, small, "tenth")
+            s3.upload([(BUCKET, WEIGHTS.removeprefix(f"s3://{BUCKET}/"),
+                        random_base(tmp / "base.weights.h5", IMAGE_SIZE, env))])
             lines = ["path,label,split"] + [f"{p.relative_to(folder).as_posix()},{p.parent.name},{p.parts[-3]}"
                                             for p in sorted(folder.rglob("*.png"))]
             s3.client.put_object(Bucket=BUCKET, Key="manifest.csv", Body=("\n".join(lines) + "\n").encode())

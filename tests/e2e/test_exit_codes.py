@@ -48,8 +48,9 @@ def test_wrong_type_from_environment_exits_2(tmp_path):
     assert_one_line(result, 2, "train.batch_size")
 
 
-def test_unfreeze_larger_than_base_exits_2_before_staging(tmp_path, sample_data):
-    cfg = config(tmp_path, str(sample_data), str(tmp_path / "out"),
+def test_unfreeze_larger_than_base_exits_2_before_staging(tmp_path, sample_data, base_weights):
+    # A pre-trained base: with `weights: none` (from scratch) every layer trains and unfreeze does not apply.
+    cfg = config(tmp_path, str(sample_data), str(tmp_path / "out"), model={"weights": str(base_weights)},
                  train={"finetune": {"epochs": 1, "unfreeze": 5000}})
     result = run_cli("train", "--config", str(cfg))
     assert_one_line(result, 2, "train.finetune.unfreeze", "5000 is more than the")

@@ -72,14 +72,16 @@ def exposed_names() -> set[str]:
     return {family.name + suffix for family in metrics.REGISTRY.collect() for suffix in suffixes[family.type]}
 
 
-# RENDER_DASHBOARD_TO makes the observed run longer and starts it from a pre-trained base, so that the
-# picture has learning curves worth looking at; the assertions hold either way.
+# RENDER_DASHBOARD_TO makes the observed run longer (and its data larger), so that the picture has learning
+# curves worth looking at; the assertions hold either way.
 RENDER_TO = os.environ.get("RENDER_DASHBOARD_TO")
 EPOCHS = {"head": 8, "finetune": 20} if RENDER_TO else {"head": 2, "finetune": 2}
 
 
-def training_config(tmp: Path, bucket: str, run_id: str, metrics: dict, weights: str = "none",
+def training_config(tmp: Path, bucket: str, run_id: str, metrics: dict, weights: str,
                     epochs: dict[str, int] = EPOCHS) -> Path:
+    """A run from a pre-trained base (`weights`: a file), so that it has both phases: with `model.weights: none`
+    the job skips the head phase and trains from scratch in the fine-tuning phase alone."""
     return write_config(
         tmp / f"{run_id}.yaml",
         run_id=run_id,
@@ -96,7 +98,7 @@ def training_config(tmp: Path, bucket: str, run_id: str, metrics: dict, weights:
 
 
 @pytest.fixture(scope="module")
-def observed(request, s3, tmp_path_factory):
+def observed(s3, base_weights, tmp_path_factory):
     """Two runs under one Prometheus: `ok` pushes to a real Pushgateway, `nogw` to a closed port."""
     from job.sample_data import write_sample_dataset
 
@@ -109,7 +111,7 @@ def observed(request, s3, tmp_path_factory):
     tag = uuid.uuid4().hex[:8]
     runs = {"ok": {"run_id": f"obs-{tag}", "port": free_port()},
             "nogw": {"run_id": f"obs-nogw-{tag}", "port": free_port()}}
-    weights = str(request.getfixturevalue("base_weights")) if RENDER_TO else "none"
+    weights = str(base_weights)
 
     with pushgateway() as gateway:
         scrapes = [static_scrape(SCRAPED, *(f"127.0.0.1:{r['port']}" for r in runs.values())),
@@ -120,7 +122,7 @@ def observed(request, s3, tmp_path_factory):
                 "ok": training_config(tmp, bucket, runs["ok"]["run_id"], weights=weights,
                                       metrics={"port": runs["ok"]["port"], "pushgateway": gateway.url}),
                 # A short run: it only has to succeed.
-                "nogw": training_config(tmp, bucket, runs["nogw"]["run_id"],
+                "nogw": training_config(tmp, bucket, runs["nogw"]["run_id"], weights=weights,
                                         metrics={"port": runs["nogw"]["port"], "pushgateway": closed},
                                         epochs={"head": 1, "finetune": 0}),
             }
