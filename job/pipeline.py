@@ -250,6 +250,8 @@ def _build_model(cfg: Config, cluster, classes: list[str], work: Path):
         parts = model.build(cfg.model.backbone, weights_file, tuple(cfg.data.image_size), len(classes),
                             cfg.model.head_units, cfg.model.head_dropout, imagenet=imagenet,
                             from_scratch=cfg.model.weights == "none")
+    if parts.from_scratch:  # every layer trains: train.finetune.unfreeze does not apply
+        return parts, len(model.unfreezable_layers(parts.base))
     return parts, model.check_unfreeze(parts.base, cfg.train.finetune.unfreeze, cfg.model.backbone)
 
 
@@ -433,7 +435,7 @@ def finetune_phase(run: Run) -> None:
     cfg, ft = run.cfg, run.cfg.train.finetune
     epochs, rate = recipe.finetune_schedule(cfg.train.head.epochs, cfg.train.head.learning_rate, ft.epochs,
                                             ft.learning_rate, run.parts.from_scratch)
-    if run.state.phase in ("head", "finetune") and epochs > 0 and (run.unfreeze > 0 or run.parts.from_scratch):
+    if run.state.phase in ("head", "finetune") and epochs > 0 and run.unfreeze > 0:
         with run.cluster.strategy.scope():
             model.unfreeze(run.parts, run.unfreeze)
         phase = loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
