@@ -3,7 +3,7 @@ defaults to: job.formats.DEFAULT_FORMATS).
 
     .venv/bin/python bench/formats.py [--quick] [--out bench/results/formats.json]
 
-For each backbone: the job's model (base + head, `weights: none`: conversion does not depend on the
+For each backbone: the job's model (base + head, random weights: conversion does not depend on the
 values) at the backbone's smallest size of at least 64 px, exported as the job exports it (the SavedModel
 with its two signatures), then each format converted with job.formats.convert and run in its own runtime
 on 8 random images: it converts, it runs, and its probabilities are within 0.02 of the SavedModel's

@@ -67,7 +67,7 @@ def test_quick_bench_writes_well_formed_results(tmp_path):
 
 
 def _formats_agree_with_the_saved_model(section: dict) -> None:
-    """The quick model (weights none, one epoch) learns nothing, so its accuracy says nothing; what must hold is
+    """The quick model (a few from-scratch steps) learns next to nothing, so its accuracy says little; what must hold is
     that each format classifies the check images as the SavedModel does: the job refuses a float format that
     disagrees on more than 1% of them, which on this handful is any one image."""
     table, images = section["measurements"], section["conditions"]["check_images"]
