@@ -40,7 +40,15 @@ def parse(data: bytes, name: str) -> list[Row]:
 
 
 def _csv(text: str, name: str) -> list[Row]:
-    reader = csv.reader(io.StringIO(text))
+    # newline="": the csv module sees the line endings as written (\n, \r\n, or the old Mac \r).
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return _csv_rows(reader, name)
+    except csv.Error as e:
+        raise DataError(f"{name} line {reader.line_num}: not CSV ({e})") from None
+
+
+def _csv_rows(reader, name: str) -> list[Row]:
     header = [h.strip().lower() for h in next(reader, [])]
     if header not in HEADERS:
         raise DataError(f"{name} line 1: the header must be 'path,label' or 'path,label,split', "
@@ -59,7 +67,8 @@ def _csv(text: str, name: str) -> list[Row]:
 
 def _jsonl(text: str, name: str) -> list[Row]:
     rows = []
-    for line, raw in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by \n alone: U+2028 and the like may stand raw inside a JSON string.
+    for line, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -68,7 +77,10 @@ def _jsonl(text: str, name: str) -> list[Row]:
             raise DataError(f"{name} line {line}: not a JSON object ({e.msg})") from None
         if not isinstance(values, dict) or "path" not in values or "label" not in values:
             raise DataError(f"{name} line {line}: expected an object with \"path\" and \"label\" (and \"split\")")
-        rows.append(_row({k: str(v).strip() if v is not None else "" for k, v in values.items()}, line, name))
+        # A label is exact, as JSON quotes it (a folder named `cat ` is a class `cat `); a path or split is
+        # stripped, as in a CSV.
+        rows.append(_row({k: "" if v is None else str(v) if k == "label" else str(v).strip()
+                          for k, v in values.items()}, line, name))
     return rows
 
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from job import logs, shards, storage
-from job.errors import ConfigError, StorageError
+from job.errors import ConfigError, DataError, StorageError
 
 log = logs.get()
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
@@ -53,9 +53,13 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     source = sources.open_source(cfg)
     if source.kind == "shards":
         raise ConfigError(f"--from {source_uri}: already shards")
+    layout = source.layout
+    unwritable = [c for c in layout.classes if "\n" in c or "\r" in c]
+    if unwritable:
+        raise DataError(f"--from {source_uri}: class {unwritable[0]!r} has a line break in its name, which "
+                        f"{shards.CLASSES} (one class per line) cannot hold")
     dest = storage.open_store(dest_uri, endpoint)
     _refuse_or_clear(dest, overwrite)
-    layout = source.layout
     shard_counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="finetune-job-pack-") as tmp, ThreadPoolExecutor(16) as pool:
         for split, per in layout.files.items():

@@ -47,9 +47,9 @@ def shard_names(rels: Iterable[str]) -> dict[str, list[str]]:
 
 
 def parse_classes(text: str, where: str) -> list[str]:
-    """The class names of classes.txt, one per line, exactly as written (a folder named ` cat` is a class
-    ` cat`; pack writes it so); blank lines are skipped."""
-    classes = [line for line in text.splitlines() if line.strip()]
+    """The class names of classes.txt, one per `\n`-ended line (`\r\n` too), exactly as written (a folder
+    named ` cat` is a class ` cat`; pack writes it so); blank lines are skipped."""
+    classes = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
     if len(classes) < 2:
         raise DataError(f"{where}: {len(classes)} class(es); at least 2 are needed")
     if len(set(classes)) != len(classes):
@@ -138,7 +138,7 @@ def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] |
 def _label(key: str, members: dict[str, bytes], name: str, classes: list[str] | None, image: str) -> int:
     if ".cls" in members:
         raw = members[".cls"].decode("utf-8", "replace").strip()
-        if not raw.isdigit() or classes is None or int(raw) >= len(classes):
+        if not (raw.isascii() and raw.isdigit()) or classes is None or int(raw) >= len(classes):
             known = f"0..{len(classes) - 1}" if classes else f"no {CLASSES} beside the shards"
             raise DataError(f"{name}: {key}.cls is {raw!r}, not a class index ({known})")
         return int(raw)
