@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 from conftest import tar_bytes
@@ -16,11 +15,6 @@ from job import layout, manifest, shards
 from job.errors import DataError
 from job.layout import Layout, discover, split_validation
 from job.pack import pack
-
-# Tests of real bugs fail on purpose until job/ is fixed. mutmut runs the suite from its copy in ./mutants and
-# needs it green, so they are skipped there (and only there).
-known_bug = pytest.mark.skipif(Path(__file__).resolve().parents[2].name == "mutants",
-                               reason="a known bug, failing on purpose outside mutmut")
 
 # ---------------------------------------------------------------- layout.py
 
@@ -289,7 +283,8 @@ def test_check_listed_messages():
 def test_member_keys():
     assert shards.member_key("cat/1.JPG", "s") == ("cat/1", ".jpg")
     assert shards.member_key("a/b/1.v2.PNG", "s") == ("a/b/1", ".v2.png")
-    assert shards.member_key("cat/README", "s") is None
+    assert shards.member_key("cat/README", "s") is None and shards.member_key("cat/.hidden.jpg", "s") is None
+    assert shards.member_key("v1.2/cat.x/1.jpg", "s") == ("v1.2/cat.x/1", ".jpg")  # dots in folders are no ext
     for name in ("a/./b.jpg", "./../b.jpg", "a/b/.", "/a.jpg", "a/"):
         with pytest.raises(DataError) as e:
             shards.member_key(name, "s3://b/t.tar")
@@ -486,44 +481,50 @@ def test_index_json():
                                 "shards": {"train/shard-000000.tar": 3}}
 
 
-# ---------------------------------------------------------------- real bugs (failing on purpose; see known_bug)
+# ---------------------------------------------------------------- bugs these tests found (fixed in c8ffc49)
 
 
-@known_bug
-def test_bug_a_csv_manifest_with_cr_line_endings_is_read_or_refused_as_a_data_error():
-    # Classic Mac line endings (Excel "CSV (Macintosh)"), or a lone CR in a field: csv.Error escapes parse(),
-    # so the job ends with exit 1 and no line named, not a DataError (exit 3).
-    for data in (b"path,label\ra.png,cat\rb.png,dog\r", b"path,label\na\rb.png,cat\n"):
-        try:
-            manifest.parse(data, "m.csv")
-        except DataError as e:
-            assert str(e).startswith("m.csv")
+def test_a_csv_manifest_with_cr_line_endings_is_read_and_csv_errors_are_data_errors():
+    # Classic Mac line endings (Excel "CSV (Macintosh)") were a csv.Error escaping parse() (exit 1, no line named).
+    for data in (b"path,label\ra.png,cat\rb.png,dog\r", b"path,label\r\na.png,cat\r\nb.png,dog\r\n"):
+        assert [(r.line, r.path, r.label) for r in manifest.parse(data, "m.csv")] == [(2, "a.png", "cat"),
+                                                                                     (3, "b.png", "dog")]
+    assert refusal("path,label\na\rb.png,cat\n") == "m.csv line 2: 1 fields, expected 2 (path,label)"
+    assert [r.path for r in parse('path,label\n"a\rb.png",cat\n"c\r\nd.png",dog\n')] == ["a\rb.png", "c\r\nd.png"]
+    assert refusal("path,label\n" + "x" * 200_000 + ".png,cat\n") == \
+        "m.csv line 2: not CSV (field larger than field limit (131072))"
 
 
-@known_bug
-def test_bug_a_jsonl_manifest_is_split_at_newlines_only():
-    # JSON Lines are separated by \n; json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside
-    # strings, and str.splitlines() cuts the line there: a valid manifest is refused as "not a JSON object".
-    lines = [json.dumps({"path": f"{n}.png", "label": label}, ensure_ascii=False)
-             for n, label in enumerate(["a\u2028b", "c\x85", "d\u2029"])]
-    assert [r.label for r in parse("\n".join(lines) + "\n", "m.jsonl")] == ["a\u2028b", "c\x85", "d\u2029"]
+def test_a_jsonl_manifest_is_split_at_newlines_only_and_its_labels_are_exact():
+    # json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside strings; str.splitlines() cut
+    # the line there and refused a valid manifest as "not a JSON object".
+    lines = [json.dumps({"path": f" {n}.png ", "label": label}, ensure_ascii=False)
+             for n, label in enumerate(["a\u2028b", "c\x85", "d\u2029", " cat ", "x\x0cy"])]
+    got = parse("\n".join(lines) + "\n", "m.jsonl")
+    assert [(r.line, r.path, r.label) for r in got] == [(1, "0.png", "a\u2028b"), (2, "1.png", "c\x85"),
+                                                        (3, "2.png", "d\u2029"), (4, "3.png", " cat "),
+                                                        (5, "4.png", "x\x0cy")]
 
 
-@known_bug
-def test_bug_a_cls_label_of_a_non_ascii_digit_is_a_data_error():
-    # "²".isdigit() is True but int("²") raises ValueError: exit 1 instead of a DataError naming the member.
-    assert shard_refusal([("k.png", b"P"), ("k.cls", "²".encode())]) == \
-        f"{NAME}: k.cls is '²', not a class index (0..1)"
+def test_a_cls_label_of_a_non_ascii_digit_is_a_data_error():
+    # "²".isdigit() is True but int("²") raised ValueError: exit 1 instead of a DataError naming the member.
+    for digit in ("²", "١"):
+        assert shard_refusal([("k.png", b"P"), ("k.cls", digit.encode())]) == \
+            f"{NAME}: k.cls is {digit!r}, not a class index (0..1)"
 
 
-@known_bug
-def test_bug_packed_class_names_read_back_as_packed(tmp_path):
-    # pack writes classes.txt as "\n".join(classes); parse_classes splits with str.splitlines(), which also breaks
-    # at \x0b, \x0c, \x1c-\x1e, \x85, U+2028 and U+2029: a folder class named so packs without complaint and the
-    # pack is then unreadable (its classes.txt names other classes than its index.json).
+def test_packed_class_names_read_back_as_packed(tmp_path):
+    # pack writes classes.txt as "\n".join(classes); parse_classes split with str.splitlines(), which also breaks
+    # at \x0b, \x0c, \x1c-\x1e, \x85, U+2028 and U+2029: such a class packed without complaint, and the pack was
+    # unreadable. A line break proper cannot be held by classes.txt: pack refuses it.
     for c in ("page\x0cbreak", "line\u2028sep", "next\x85line", "dog"):
         (tmp_path / "data/train" / c).mkdir(parents=True)
         (tmp_path / "data/train" / c / "1.png").write_bytes(b"P")
     result = pack(str(tmp_path / "data"), str(tmp_path / "shards"), 10_000)
     text = (tmp_path / "shards" / shards.CLASSES).read_text()
     assert shards.parse_classes(text, "classes.txt") == result["classes"]
+    assert shards.parse_classes("a\r\nb\rc\n\r\nd", "w") == ["a", "b\rc", "d"]
+    (tmp_path / "data/train/two\nlines").mkdir()
+    (tmp_path / "data/train/two\nlines/1.png").write_bytes(b"P")
+    with pytest.raises(DataError, match="class 'two\\\\nlines' has a line break in its name"):
+        pack(str(tmp_path / "data"), str(tmp_path / "shards2"), 10_000)
