@@ -187,10 +187,10 @@ def dataset(s3, sample_data, base_weights) -> str:
     return bucket
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """An uncompressed tar of (name, data) members, in memory."""
+def tar_bytes(members: list[tuple[str, bytes]], mode: str = "w") -> bytes:
+    """A tar of (name, data) members, in memory: uncompressed, or as `mode` says ("w:gz")."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
