@@ -16,7 +16,12 @@ LABELS = {
     # A lower bound on the transfer tasks, and alone on fashion-easy-200, where from scratch must learn.
     "job_weights_none": "job, `weights: none` (from scratch)",
     "job_class_weight_none": "job, `class_weight: none`",
+    "keras_sigmoid_recipe": "plain Keras, sigmoid, job's recipe",
 }
+
+
+def _multilabel(r: dict) -> bool:
+    return bool(r["task"].get("multi_label"))
 
 
 def _pm(stat: dict, scale: float = 100.0) -> str:
@@ -25,7 +30,9 @@ def _pm(stat: dict, scale: float = 100.0) -> str:
 
 def comparison_tables(report: dict) -> str:
     lines = []
-    tasks = report["tasks"]
+    tasks = {t: r for t, r in report["tasks"].items() if not _multilabel(r)}  # multi-label: multilabel_tables
+    if not tasks:
+        return "(no single-label task in this run)"
     names = list(dict.fromkeys(n for r in tasks.values() for n in r["recipes"]))  # some only on some tasks
     lines.append("Test accuracy, % (mean ± std over seeds " + ", ".join(map(str, report["seeds"])) + "):")
     lines.append("")
@@ -50,6 +57,40 @@ def comparison_tables(report: dict) -> str:
                              f"{_pm(s['test_balanced_accuracy'])} | {_pm(s['validation_accuracy'])} | "
                              f"{s['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def multilabel_tables(report: dict) -> str:
+    """The multi-label task's rows: mAP and micro-F1 (%, mean ± std over seeds) and the job's margin in mAP."""
+    tasks = {t: r for t, r in report["tasks"].items() if _multilabel(r)}
+    if not tasks:
+        return "(no multi-label task in this run)"
+    margins = report.get("acceptance", {}).get("job_minus_keras_test_map", {})
+    lines = ["Multi-label, % (mean ± std over seeds " + ", ".join(map(str, report["seeds"])) + "); mAP is the macro "
+             "mean average precision, micro-F1 at each row's thresholds; mean wall time per run in seconds:", "",
+             "| task | recipe | test mAP | test micro-F1 | validation mAP | validation micro-F1 | s/run |",
+             "|---|---|---|---|---|---|---|"]
+    for task, r in tasks.items():
+        for n, s in r["recipes"].items():
+            lines.append(f"| {task} | {LABELS.get(n, n)} | {_pm(s['test_map'])} | {_pm(s['test_micro_f1'])} | "
+                         f"{_pm(s['validation_map'])} | {_pm(s['validation_micro_f1'])} | {s['seconds']:.0f} |")
+    lines += ["", "job − Keras, test mAP in points: " + (", ".join(f"{t} {m * 100:+.1f}" for t, m in margins.items())
+                                                        or "(not both rows)") + "."]
+    lines += ["", "Images and positives per label (train / validation / test):", "",
+              "| task | images | " + " | ".join(_labels(tasks)) + " |", "|---|---|" + "---|" * len(_labels(tasks))]
+    for task, r in tasks.items():
+        info, splits = r["task"], ("train", "validation", "test")
+        cells = [" / ".join(str(info["positives"][sp].get(c, "")) for sp in splits) if c in info["classes"] else ""
+                 for c in _labels(tasks)]
+        lines.append(f"| {task} | {' / '.join(str(info['images'][sp]) for sp in splits)} | " + " | ".join(cells) + " |")
+    conditions = report.get("multilabel_conditions", {})
+    if conditions:
+        lines += ["", "Conditions of the multi-label rows (the rest as in the comparison's):", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in conditions.items()]
+    return "\n".join(lines)
+
+
+def _labels(tasks: dict) -> list[str]:
+    return sorted({c for r in tasks.values() for c in r["task"]["classes"]})
 
 
 def formats_table(report: dict) -> str:
@@ -125,6 +166,7 @@ def refresh(path: Path, report: dict) -> None:
               f"{kind}-conditions": conditions_table(report)}
     if kind == "comparison":
         blocks["formats"] = formats_table(report)
+        blocks["multilabel"] = multilabel_tables(report)
     write_blocks(path, "quality", blocks)
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 import job
+from job.layout import FEW
 
 app = typer.Typer(
     name="finetune-job",
@@ -130,17 +131,30 @@ def validate(config: ConfigOption, set_: SetOption = None) -> None:
         cfg = _load(config, set_)
         from job import pipeline
 
-        counts = pipeline.validate(cfg)
+        layout = pipeline.validate(cfg)
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
-    classes = list(next(iter(counts.values())))
-    splits = list(counts)
-    width = max(len(c) for c in classes + ["class"])
-    typer.echo(f"{'class':<{width}}  " + "  ".join(f"{s:>10}" for s in splits))
-    for c in classes:
-        typer.echo(f"{c:<{width}}  " + "  ".join(f"{counts[s][c]:>10}" for s in splits))
-    typer.echo(f"{'total':<{width}}  " + "  ".join(f"{sum(counts[s].values()):>10}" for s in splits))
-    typer.echo(f"ok: {len(classes)} classes, run_id {cfg.run_id}", err=True)
+    _print_counts(layout)
+    few = [c for c, n in layout.counts().get("train", {}).items() if n < FEW] if layout.multi_label else []
+    if few:
+        typer.echo(f"warning: label(s) with fewer than {FEW} training images (their threshold and scores will be "
+                   f"unreliable): {', '.join(few)}", err=True)
+    kind = "labels" if layout.multi_label else "classes"
+    typer.echo(f"ok: {len(layout.classes)} {kind}, run_id {cfg.run_id}", err=True)
+
+
+def _print_counts(layout) -> None:
+    """Images per class and split; multi-label: images carrying each label, those with none, and the images."""
+    counts, splits = layout.counts(), layout.splits
+    rows = [(c, [counts[s][c] for s in splits]) for c in layout.classes]
+    if layout.multi_label:
+        rows.append(("(no label)", [layout.unlabelled(s) for s in splits]))
+    rows.append(("images" if layout.multi_label else "total", [layout.count(s) for s in splits]))
+    head = "label" if layout.multi_label else "class"
+    width = max(len(name) for name, _ in rows + [(head, [])])
+    typer.echo(f"{head:<{width}}  " + "  ".join(f"{s:>10}" for s in splits))
+    for name, values in rows:
+        typer.echo(f"{name:<{width}}  " + "  ".join(f"{v:>10}" for v in values))
 
 
 @app.command()
@@ -189,7 +203,7 @@ def pack(
         result = write_shards(source, dest, parse_size(shard_size), endpoint_url, overwrite=overwrite)
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
-    images = sum(n for per in result["counts"].values() for n in per.values())
+    images = sum(result["images"].values())
     typer.echo(f"packed {images} images of {len(result['classes'])} classes into {len(result['shards'])} shards "
                f"under {result['to']}")
 

@@ -100,7 +100,8 @@ class TrainConfig(_Section):
     head: HeadConfig = HeadConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     early_stopping_patience: int = Field(3, ge=0)  # 0 = no early stopping
-    early_stopping_metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    # val_accuracy: single_label only; val_map (validation mean average precision): multi_label only
+    early_stopping_metric: Literal["val_loss", "val_accuracy", "val_map"] = "val_loss"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)  # > 0: AdamW (decoupled weight decay)
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -159,6 +160,9 @@ class S3Config(_Section):
 
 class Config(_Section):
     run_id: str = ""
+    # single_label: softmax, one class per image. multi_label: one sigmoid per label, any number per image
+    # (a manifest with label lists, or shards packed from one), a decision threshold per label.
+    task: Literal["single_label", "multi_label"] = "single_label"
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -184,6 +188,16 @@ class Config(_Section):
                 f"data.image_size {list(self.data.image_size)} is outside what {self.model.backbone} "
                 f"accepts (each side {minimum}..4096)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> Config:
+        metric, multi = self.train.early_stopping_metric, self.task == "multi_label"
+        if metric == "val_map" and not multi or metric == "val_accuracy" and multi:
+            fits = "val_loss or val_map" if multi else "val_loss or val_accuracy"
+            raise ValueError(f"train.early_stopping_metric: {metric} does not apply to task {self.task} ({fits})")
+        if multi and self.train.label_smoothing:
+            raise ValueError("train.label_smoothing: applies to single_label only")
         return self
 
     @model_validator(mode="after")

@@ -91,15 +91,27 @@ def _undecodable(names: list[str], encoded: tf.data.Dataset | None) -> list[str]
     return [n for i, n in enumerate(names) if i not in good]
 
 
-def image_dataset(paths: list[str], labels: list[int], image_size: tuple[int, int], batch_size: int,
+def _labels(labels) -> np.ndarray:
+    """Labels as an array: int32 [n] class indices, or float32 [n, labels] multi-label targets as given."""
+    labels = np.asarray(labels)
+    return labels if labels.dtype == np.float32 else labels.astype(np.int32).reshape(-1)
+
+
+def _label_spec(labels: np.ndarray):
+    """(dtype, shape of a batch) of the labels: what a numpy_function returns and ensure_shape checks."""
+    return tf.as_dtype(labels.dtype), [None, *labels.shape[1:]]
+
+
+def image_dataset(paths: list[str], labels, image_size: tuple[int, int], batch_size: int,
                   *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
                   cache_dir: Path | None = None) -> tf.data.Dataset:
-    """(image float32 0..255, label int32) batches, decoded and resized in parallel, prefetched.
+    """(image float32 0..255, label) batches, decoded and resized in parallel, prefetched; labels int32 class
+    indices, or (multi-label) float32 [labels] 0/1 rows.
 
     With `cache_dir`, the images are decoded and resized once into a file there (`cache_images`) and
     every epoch reads rows of it: no decoding after the first pass, and no image held in memory.
     """
-    labels = np.asarray(labels, np.int32)
+    labels = _labels(labels)
     cache = cache_images(paths, image_size, Path(cache_dir)) if cache_dir is not None else None
     if cache is not None:
         return _cached_image_dataset(cache, labels, batch_size, shuffle=shuffle, seed=seed, repeat=repeat)
@@ -176,6 +188,7 @@ def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
     row_shape = shape[1:]
     row_bytes = int(np.prod(row_shape))
     ds = _indices(len(labels), shuffle=shuffle, seed=seed, repeat=repeat)
+    label_type, label_shape = _label_spec(labels)
 
     def read(idx):
         out = np.empty((len(idx), *row_shape), np.uint8)
@@ -193,8 +206,8 @@ def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
         return out, labels[idx]
 
     def load(idx):
-        x, y = tf.numpy_function(read, [idx], (tf.uint8, tf.int32), stateful=False)
-        return tf.cast(tf.ensure_shape(x, [None, *row_shape]), tf.float32), tf.ensure_shape(y, [None])
+        x, y = tf.numpy_function(read, [idx], (tf.uint8, label_type), stateful=False)
+        return tf.cast(tf.ensure_shape(x, [None, *row_shape]), tf.float32), tf.ensure_shape(y, label_shape)
 
     ds = ds.batch(batch_size).map(load, num_parallel_calls=AUTOTUNE, deterministic=not shuffle)
     return ds.prefetch(AUTOTUNE)
@@ -221,18 +234,22 @@ def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
         logs.get().info("reusing cached features", file=str(out))
         return np.load(out, mmap_mode="r"), np.load(labels_out)
     extract = _traced_extractor(extractor)
-    labels = np.zeros((count,), np.int32)
+    labels = None  # shaped from the first batch: int32 [count], or float32 [count, labels] (multi-label)
     with atomic_path(out) as tmp:
         features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
                                              shape=(count, int(extractor.output.shape[-1])))
         start = 0
         for images, ys in batches:
-            batch = extract(images).numpy()
+            batch, ys = extract(images).numpy(), ys.numpy()
+            if labels is None:
+                labels = np.zeros((count, *ys.shape[1:]), ys.dtype)
             features[start : start + len(batch)] = batch
-            labels[start : start + len(batch)] = ys.numpy()
+            labels[start : start + len(batch)] = ys
             start += len(batch)
         if start != count:
             raise RuntimeError(f"feature extraction saw {start} images, expected {count}")
+        if labels is None:
+            labels = np.zeros((0,), np.int32)
         features.flush()
         del features
     with atomic_path(labels_out) as tmp, open(tmp, "wb") as f:
@@ -240,19 +257,20 @@ def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
     return np.load(out, mmap_mode="r"), labels
 
 
-def feature_dataset(features: np.ndarray, labels: list[int], batch_size: int,
+def feature_dataset(features: np.ndarray, labels, batch_size: int,
                     *, shuffle: bool = False, seed: int = 0, repeat: bool = False) -> tf.data.Dataset:
-    """(feature float32, label int32) batches read from the memory-mapped feature file."""
-    labels = np.asarray(labels, np.int32)
+    """(feature float32, label) batches read from the memory-mapped feature file."""
+    labels = _labels(labels)
     dim = features.shape[1]
     ds = _indices(len(labels), shuffle=shuffle, seed=seed, repeat=repeat)
+    label_type, label_shape = _label_spec(labels)
 
     def gather(idx):
         order = np.sort(idx)  # sorted reads from the memory map; order inside a batch does not matter
         return np.asarray(features[order], np.float32), labels[order]
 
     def load(idx):
-        x, y = tf.numpy_function(gather, [idx], (tf.float32, tf.int32), stateful=False)
-        return tf.ensure_shape(x, [None, dim]), tf.ensure_shape(y, [None])
+        x, y = tf.numpy_function(gather, [idx], (tf.float32, label_type), stateful=False)
+        return tf.ensure_shape(x, [None, dim]), tf.ensure_shape(y, label_shape)
 
     return ds.batch(batch_size).map(load, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)

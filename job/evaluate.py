@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-_EPS = 1e-7
+EPS = 1e-7
 
 
 def loss_and_accuracy(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """Mean sparse categorical cross-entropy and accuracy."""
     if len(labels) == 0:
         return float("nan"), float("nan")
-    picked = np.clip(probs[np.arange(len(labels)), labels], _EPS, 1.0)
+    picked = np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0)
     return float(-np.log(picked).mean()), float((probs.argmax(-1) == labels).mean())
 
 

@@ -19,12 +19,13 @@ import job
 from job import evaluate, formats, logs, model_card
 from job.config import redacted, to_yaml
 from job.dataset import decode_and_resize
-from job.model import Parts, build
+from job.model import Parts, build, with_thresholds
 from job.readers import image_uri
 from job.storage import Store
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
+THRESHOLDS = "thresholds.json"
 
 
 def artifacts(run, reports: dict, folder: Path) -> dict:
@@ -33,27 +34,48 @@ def artifacts(run, reports: dict, folder: Path) -> dict:
     cfg, classes, history, measure = run.cfg, run.classes, run.state.history, run.timings.measure
     with measure("export_clean_copy"):
         clean = clean_copy(run.parts, cfg, classes, run.cluster)
+        served = with_thresholds(clean, [t["threshold"] for t in run.thresholds]) if run.multi else clean
     with measure("export_saved_model"):
-        write_saved_model(clean, classes, run.size, folder / "saved_model")
+        write_saved_model(served, classes, run.size, folder / "saved_model", run.multi)
     with measure("export_model_keras"):
         clean.save(folder / "model.keras")
     (folder / "labels.txt").write_text("\n".join(classes) + "\n")
+    if run.multi:
+        write_json(folder / THRESHOLDS, thresholds_file(classes, run.thresholds))
     with measure("formats"):
-        checked = _formats(run, clean, folder)
+        checked = _formats(run, served, folder)
     with measure("export_reports"):
         bad = [{"file": image_uri(cfg.data.uri, key), "reason": reason} for key, reason in run.data.bad.items()]
         write_json(folder / "metrics.json", {**reports, "formats": checked["formats"], "bad_images": bad})
         write_json(folder / "history.json", history)
         evaluate.plot_curves(history, folder / "curves.png")
         split = "test" if "test" in reports else "validation"
-        if split in reports:
+        if split in reports and not run.multi:  # multi-label: per-label precision and recall in metrics.json
             evaluate.plot_confusion(reports[split]["confusion_matrix"], classes, folder / "confusion_matrix.png",
                                     f"{split} confusion matrix")
         (folder / "config.yaml").write_text(to_yaml(cfg))
         (folder / "MODEL_CARD.md").write_text(model_card.render(
-            cfg.run_id, redacted(cfg), classes, run.data.layout.counts(), reports, checked["formats"],
+            cfg.run_id, redacted(cfg), classes, _counts(run.data.layout), reports, checked["formats"],
             len(run.data.bad), versions()))
     return checked
+
+
+def _counts(listed) -> dict[str, dict[str, int]]:
+    """Images per class and split; multi-label: carrying each label, plus `(no label)` and `images` rows."""
+    counts = listed.counts()
+    if listed.multi_label:
+        for split in counts:
+            counts[split] = {**counts[split], "(no label)": listed.unlabelled(split), "images": listed.count(split)}
+    return counts
+
+
+def thresholds_file(classes: list[str], thresholds: list[dict]) -> dict:
+    """thresholds.json: each label's threshold and how it was chosen; a label is predicted when its score
+    reaches its threshold."""
+    return {"rule": "a label is predicted when its score >= its threshold",
+            "chosen_by": "each label's best F1 on the validation split; 0.5 where a label has no positive "
+                         "validation image (or there is no validation split)",
+            "labels": {c: t for c, t in zip(classes, thresholds)}}
 
 
 def _formats(run, clean: keras.Model, folder: Path) -> dict:
@@ -73,7 +95,7 @@ def _formats(run, clean: keras.Model, folder: Path) -> dict:
     e = run.cfg.export
     checked = formats.export_all(folder, clean, run.size, run.classes, e.formats, np.asarray(pixels),
                                  np.asarray(labels), calibration, e.max_accuracy_drop, e.fail_on_accuracy_drop,
-                                 logs.get())
+                                 logs.get(), run.multi)
     return {"formats": checked, "checked_on": split}
 
 
@@ -109,14 +131,18 @@ def clean_copy(parts: Parts, cfg, classes: list[str], cluster) -> keras.Model:
         return parts.model
     keras.mixed_precision.set_global_policy("float32")
     fresh = build(cfg.model.backbone, None, tuple(cfg.data.image_size), len(classes),
-                  cfg.model.head_units, cfg.model.head_dropout, from_scratch=parts.from_scratch)
+                  cfg.model.head_units, cfg.model.head_dropout, from_scratch=parts.from_scratch,
+                  multi_label=cfg.task == "multi_label")
     fresh.model.set_weights(parts.model.get_weights())
     return fresh.model
 
 
-def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[int, int], path: Path) -> None:
+def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[int, int], path: Path,
+                      multi: bool = False) -> None:
     """SavedModel whose `serving_default` takes `image_bytes` (1-D tf.string of encoded JPEG/PNG) and returns
-    `probabilities` [batch, classes] and `label` [batch]; decoding and resizing happen inside.
+    `probabilities` [batch, classes] and `label` [batch]; decoding and resizing happen inside. Multi-label
+    (`model` from `with_thresholds`): `scores` and `above` [batch, labels], and `labels` [batch, labels]
+    tf.string, each label's name where its score reaches its threshold, else "".
 
     A second signature, `serving_pixels`, takes `images`: float32 [batch, h, w, 3] RGB pixels in 0..255,
     already resized; the LiteRT and ONNX formats are converted from it (job/formats.py)."""
@@ -127,11 +153,17 @@ def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[
     # less time to write than tracing the model once per signature).
     @tf.function(input_signature=[tf.TensorSpec([None, *image_size, 3], tf.float32, name="images")])
     def outputs(images):
+        if multi:
+            out = model(images, training=False)
+            return {"scores": out["scores"], "above": out["above"]}
         probs = model(images, training=False)
         return {"probabilities": probs, "label": tf.gather(labels, tf.argmax(probs, axis=-1))}
 
     def serve(image_bytes):
-        return outputs(tf.map_fn(lambda b: decode_and_resize(b, image_size), image_bytes, fn_output_signature=shape))
+        out = outputs(tf.map_fn(lambda b: decode_and_resize(b, image_size), image_bytes, fn_output_signature=shape))
+        if multi:
+            out["labels"] = tf.where(out["above"] > 0.5, labels[tf.newaxis, :], tf.constant(""))
+        return out
 
     archive = keras.export.ExportArchive()
     archive.track(model)

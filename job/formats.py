@@ -6,6 +6,10 @@
     tflite_int8   model_int8.tflite + ….json           LiteRT, full integer, uint8 pixels in and out
     onnx          model.onnx + model.onnx.json         onnxruntime, float32 pixels in
 
+Multi-label models (`with_thresholds`) give two outputs in every format: `scores` [batch, labels] and `above`
+[batch, labels], 1.0 where a label's score reaches its threshold (thresholds.json, built in); the SavedModel's
+bytes signature adds `labels` [batch, labels] tf.string: the label's name where it is above, else "".
+
 LiteRT and ONNX have no image decoder, so those formats take decoded pixels: RGB, [batch, h, w, 3],
 0..255, resized (bilinear, antialiased, no crop) to the training size; the backbone's preprocessing is
 inside. Each is described by the JSON beside it. Converters: TensorFlow's own TFLiteConverter on the
@@ -41,7 +45,7 @@ class ConversionError(Exception):
 
 
 def convert(fmt: str, folder: Path, keras_model, image_size: tuple[int, int], calibration: Iterator[np.ndarray],
-            classes: list[str]) -> Path:
+            classes: list[str], multi: bool = False) -> Path:
     """Write `fmt` under `folder` (which holds saved_model/ already); its path."""
     path = folder / FILES[fmt]
     try:
@@ -57,7 +61,7 @@ def convert(fmt: str, folder: Path, keras_model, image_size: tuple[int, int], ca
     except Exception as e:  # the converters raise anything from ValueError to ConverterError
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise ConversionError(f"{fmt}: conversion failed: {type(e).__name__}: {first}") from None
-    _describe(path, fmt, image_size, classes)
+    _describe(path, fmt, image_size, classes, multi)
     return path
 
 
@@ -89,7 +93,7 @@ def _tflite(saved_model: Path, int8: bool, calibration: Iterator[np.ndarray]) ->
     return converter.convert()
 
 
-def _describe(path: Path, fmt: str, image_size: tuple[int, int], classes: list[str]) -> None:
+def _describe(path: Path, fmt: str, image_size: tuple[int, int], classes: list[str], multi: bool = False) -> None:
     if fmt == "tf_serving":
         return
     h, w = image_size
@@ -104,9 +108,15 @@ def _describe(path: Path, fmt: str, image_size: tuple[int, int], classes: list[s
                    "meaning": "class probabilities in the order of labels"},
         "labels": classes,
     }
+    if multi:
+        info["output"] = {"scores": {**info["output"], "meaning": "per-label scores (sigmoid) in the order of labels"},
+                          "above": {"shape": [None, len(classes)], "dtype": info["output"]["dtype"],
+                                    "meaning": "1 where the label's score reaches its threshold (thresholds.json, "
+                                               "built in), else 0: the predicted label set"}}
     if fmt == "tflite_int8":
         info["input"]["quantization"] = "scale 1, zero point 0: the uint8 pixel values themselves"
-        info["output"]["quantization"] = "probability = (value - zero_point) * scale (see the model's output details)"
+        for out in (info["output"].values() if multi else [info["output"]]):
+            out["quantization"] = "value = (raw - zero_point) * scale (see the model's output details)"
     Path(f"{path}.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -115,25 +125,62 @@ def _describe(path: Path, fmt: str, image_size: tuple[int, int], classes: list[s
 
 @dataclass
 class Runner:
-    """Classifies a batch of pixels (uint8 [n, h, w, 3]) with one artifact; probabilities [n, classes]."""
+    """Classifies a batch of pixels (uint8 [n, h, w, 3]) with one artifact; probabilities [n, classes], or
+    multi-label (scores [n, labels], above [n, labels] 0/1)."""
 
     fmt: str
-    predict: Callable[[np.ndarray], np.ndarray]
+    predict: Callable[[np.ndarray], np.ndarray | tuple[np.ndarray, np.ndarray]]
 
 
-def runner(fmt: str, path: Path) -> Runner:
+def runner(fmt: str, path: Path, multi: bool = False) -> Runner:
     if fmt in ("saved_model", "tf_serving"):
         import tensorflow as tf
 
         signature = tf.saved_model.load(str(path)).signatures["serving_pixels"]
+        if multi:
+            def both(x):
+                out = signature(images=tf.constant(x, tf.float32))
+                return out["scores"].numpy(), out["above"].numpy()
+
+            return Runner(fmt, both)
         return Runner(fmt, lambda x: signature(images=tf.constant(x, tf.float32))["probabilities"].numpy())
     if fmt == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
+        if multi:
+            names = [o.name for o in session.get_outputs()]
+            order = sorted(names, key=lambda n: "above" in n)  # [scores, above]
+
+            def both(x):
+                out = dict(zip(names, session.run(None, {name: x.astype(np.float32)})))
+                return out[order[0]], out[order[1]]
+
+            return Runner(fmt, both)
         return Runner(fmt, lambda x: session.run(None, {name: x.astype(np.float32)})[0])
-    return Runner(fmt, _litert(path))
+    return Runner(fmt, _litert_signature(path) if multi else _litert(path))
+
+
+def _litert_signature(path: Path) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A multi-label LiteRT model through its `serving_pixels` signature: outputs by name, dequantized."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    run = Interpreter(model_path=str(path)).get_signature_runner("serving_pixels")
+    (name, source), = run.get_input_details().items()
+    targets = run.get_output_details()
+
+    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if np.issubdtype(source["dtype"], np.integer) and not np.issubdtype(x.dtype, np.integer):
+            x = np.clip(np.round(x), 0, 255)
+        out = run(**{name: x.astype(source["dtype"])})
+        for key, value in out.items():
+            if targets[key]["dtype"] != np.float32:
+                scale, zero = targets[key]["quantization"]
+                out[key] = (value.astype(np.float32) - zero) * scale
+        return out["scores"], out["above"]
+
+    return predict
 
 
 def _litert(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -168,6 +215,38 @@ def check(run: Runner, pixels: np.ndarray, labels: np.ndarray, reference: np.nda
     """Accuracy, agreement with the SavedModel's top-1, size and single-image latency of one format."""
     probs = np.concatenate([run.predict(pixels[i:i + 64]) for i in range(0, len(pixels), 64)])
     predicted = probs.argmax(-1)
+    result = {"accuracy": float((predicted == labels).mean()) if len(labels) else None,
+              **_size_and_latency(run, pixels, path), "examples": int(len(labels))}
+    if reference is not None:
+        result["agreement"] = float((predicted == reference).mean()) if len(labels) else None
+    return result
+
+
+def check_multi(run: Runner, pixels: np.ndarray, truth: np.ndarray, reference: tuple | None, path: Path) -> dict:
+    """Multi-label: mAP and micro-F1 at the built-in thresholds, agreement of whole label sets with the
+    SavedModel's and the largest score difference, size and single-image latency of one format."""
+    from job import multilabel
+
+    outs = [run.predict(pixels[i:i + 64]) for i in range(0, len(pixels), 64)]
+    scores, above = (np.concatenate([o[k] for o in outs]) for k in (0, 1))
+    chosen = above > 0.5
+    mean_ap = multilabel.mean_average_precision(scores, truth) if len(truth) else float("nan")
+    result = {"map": None if np.isnan(mean_ap) else mean_ap,
+              "micro_f1": _micro_f1(chosen, truth != 0) if len(truth) else None,
+              **_size_and_latency(run, pixels, path), "examples": int(len(truth))}
+    if reference is not None and len(truth):
+        result["agreement"] = float(np.all(chosen == reference[1], axis=1).mean())
+        result["max_score_difference"] = round(float(np.abs(scores - reference[0]).max()), 6)
+    return result
+
+
+def _micro_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    tp = int((predicted & truth).sum())
+    wrong = int((predicted != truth).sum())
+    return 2 * tp / (2 * tp + wrong) if tp or wrong else 0.0
+
+
+def _size_and_latency(run: Runner, pixels: np.ndarray, path: Path) -> dict:
     one = pixels[:1]
     run.predict(one)  # warm-up
     times = []
@@ -176,17 +255,13 @@ def check(run: Runner, pixels: np.ndarray, labels: np.ndarray, reference: np.nda
         run.predict(one)
         times.append(time.perf_counter() - t0)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-    result = {"accuracy": float((predicted == labels).mean()) if len(labels) else None, "bytes": int(size),
-              "latency_ms_batch1": round(float(np.median(times)) * 1000, 3), "examples": int(len(labels))}
-    if reference is not None:
-        result["agreement"] = float((predicted == reference).mean()) if len(labels) else None
-    return result
+    return {"bytes": int(size), "latency_ms_batch1": round(float(np.median(times)) * 1000, 3)}
 
 
 def export_all(folder: Path, keras_model, image_size: tuple[int, int], classes: list[str],
                requested: list[str] | None, pixels: np.ndarray, labels: np.ndarray,
                calibration: Callable[[], Iterator[np.ndarray]], max_drop: float, fail_on_drop: bool,
-               log) -> dict[str, dict]:
+               log, multi: bool = False) -> dict[str, dict]:
     """Convert every requested format (None: the defaults) beside saved_model/ and check each on `pixels`.
 
     A float format must agree with the SavedModel's top-1 on FLOAT_AGREEMENT of the images; int8 reports
@@ -197,16 +272,21 @@ def export_all(folder: Path, keras_model, image_size: tuple[int, int], classes: 
 
     explicit = requested is not None
     wanted = [f for f in dict.fromkeys(requested if explicit else DEFAULT_FORMATS) if f != "saved_model"]
-    reference_run = runner("saved_model", folder / "saved_model")
-    results = {"saved_model": check(reference_run, pixels, labels, None, folder / "saved_model")}
-    reference = np.concatenate([reference_run.predict(pixels[i:i + 64]) for i in range(0, len(pixels), 64)])
-    reference = reference.argmax(-1)
+    reference_run = runner("saved_model", folder / "saved_model", multi)
+    judge = check_multi if multi else check
+    results = {"saved_model": judge(reference_run, pixels, labels, None, folder / "saved_model")}
+    outs = [reference_run.predict(pixels[i:i + 64]) for i in range(0, len(pixels), 64)]
+    if multi:
+        reference = tuple(np.concatenate([o[k] for o in outs]) if outs else np.zeros((0, len(classes))) for k in (0, 1))
+        reference = (reference[0], reference[1] > 0.5)
+    else:
+        reference = np.concatenate(outs).argmax(-1) if outs else np.zeros((0,), np.int64)
     for fmt in wanted:
         started = time.monotonic()
         try:
-            path = convert(fmt, folder, keras_model, image_size, calibration(), classes)
+            path = convert(fmt, folder, keras_model, image_size, calibration(), classes, multi)
             try:
-                result = check(runner(fmt, path), pixels, labels, reference, path)
+                result = judge(runner(fmt, path, multi), pixels, labels, reference, path)
             except Exception as e:  # the runtime could not load or run it: as bad as not converting
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
                 raise ConversionError(f"{fmt}: check failed: {type(e).__name__}: {first}") from None
@@ -241,11 +321,12 @@ def _judge(fmt: str, result: dict, reference: dict, max_drop: float, fail_on_dro
             raise ConversionError(f"{fmt}: agrees with the SavedModel on {agreement:.1%} of images "
                                   f"(at least {FLOAT_AGREEMENT:.0%} expected)")
         return
-    drop = reference["accuracy"] - result["accuracy"]
-    result["accuracy_drop"] = round(drop, 4)
+    score = "micro_f1" if "micro_f1" in result else "accuracy"  # multi-label: micro-F1 at the thresholds
+    drop = reference[score] - result[score]
+    result[f"{score}_drop"] = round(drop, 4)
     result["accuracy_drop_exceeded"] = drop > max_drop
     if drop > max_drop:
-        message = (f"{fmt}: accuracy {result['accuracy']:.3f} is {drop:.3f} below the SavedModel's "
+        message = (f"{fmt}: {score} {result[score]:.3f} is {drop:.3f} below the SavedModel's "
                    f"(export.max_accuracy_drop {max_drop})")
         if fail_on_drop:
             from job.errors import ExportFailed

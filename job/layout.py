@@ -2,6 +2,11 @@
 
 Pure logic, no TensorFlow: `<uri>/train/<class>/<image>`, optional `validation/` and `test/`
 with the same class folders. Classes are the sorted folder names of train/.
+
+Two shapes with one interface: `Layout` (single-label: each image in one class) and `MultiLayout`
+(multi-label: each image carries a set of labels, maybe none; from a manifest or shards). What the
+stages after staging call: `splits`, `counts`, `count`, `items`, `keys`, `nonempty`, `without`,
+`carve`, `require_training_images`, `pick`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,30 @@ class Layout:
     classes: list[str]
     files: dict[str, dict[str, list[str]]]  # split -> class -> relative paths
     ignored: list[str] = field(default_factory=list)  # objects that are not images in a class folder
+    multi_label = False
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.files)
+
+    def keys(self) -> set[str]:
+        """Every image of every split."""
+        return {p for per in self.files.values() for ps in per.values() for p in ps}
+
+    def without(self, bad: set[str]) -> Layout:
+        return without(self, bad)
+
+    def carve(self, fraction: float, seed: int) -> Layout:
+        return split_validation(self, fraction, seed)
+
+    def require_training_images(self, where: str) -> None:
+        require_training_images(self, where)
+
+    def pick(self, split: str, limit: int) -> list[str]:
+        """Up to `limit` keys of a split, its classes in turn (int8 calibration): no class is left out."""
+        per = list(self.files.get(split, {}).values())
+        picked = [ks[i] for i in range(max(map(len, per), default=0)) for ks in per if i < len(ks)]
+        return picked[:limit]
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {s: {c: len(v) for c, v in per.items()} for s, per in self.files.items()}
@@ -126,3 +155,120 @@ def without(layout: Layout, bad: set[str]) -> Layout:
     """The layout minus undecodable files."""
     files = {s: {c: [p for p in ps if p not in bad] for c, ps in per.items()} for s, per in layout.files.items()}
     return Layout(layout.classes, files, layout.ignored)
+
+
+# ---------------------------------------------------------------- multi-label
+
+FEW = 5  # `validate` warns about a label carried by fewer training images than this
+
+
+@dataclass
+class MultiLayout:
+    """Multi-label: the images of each split with the label indices each carries (sorted; empty: none of
+    the labels). `counts` are per label: how many images carry it."""
+
+    classes: list[str]
+    sets: dict[str, dict[str, tuple[int, ...]]]  # split -> key -> label indices
+    ignored: list[str] = field(default_factory=list)
+    multi_label = True
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.sets)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for split, per in self.sets.items():
+            n = [0] * len(self.classes)
+            for labels in per.values():
+                for i in labels:
+                    n[i] += 1
+            out[split] = dict(zip(self.classes, n))
+        return out
+
+    def unlabelled(self, split: str) -> int:
+        """Images of a split that carry no label."""
+        return sum(1 for labels in self.sets.get(split, {}).values() if not labels)
+
+    def count(self, split: str) -> int:
+        return len(self.sets.get(split, {}))
+
+    def keys(self) -> set[str]:
+        return {k for per in self.sets.values() for k in per}
+
+    def items(self, split: str) -> tuple[list[str], list[tuple[int, ...]]]:
+        """(keys in sorted order, label index tuples) of one split."""
+        per = self.sets.get(split, {})
+        keys = sorted(per)
+        return keys, [per[k] for k in keys]
+
+    def nonempty(self) -> MultiLayout:
+        return MultiLayout(self.classes, {s: per for s, per in self.sets.items() if per}, self.ignored)
+
+    def without(self, bad: set[str]) -> MultiLayout:
+        sets = {s: {k: v for k, v in per.items() if k not in bad} for s, per in self.sets.items()}
+        return MultiLayout(self.classes, sets, self.ignored)
+
+    def require_training_images(self, where: str) -> None:
+        missing = [c for c, n in self.counts().get("train", {c: 0 for c in self.classes}).items() if not n]
+        if missing:
+            raise DataError(f"{where}: label(s) with no training image: {', '.join(missing)}")
+
+    def carve(self, fraction: float, seed: int) -> MultiLayout:
+        """A seeded validation split out of train when validation is absent, stratified per label (rarest label
+        first, each label's images in a seeded order: about `fraction` of each label's images, and of the
+        images with no label, go to validation); a move that would leave a label with no training image is
+        skipped. The same split whatever order the images were listed in."""
+        if "validation" in self.sets or fraction <= 0:
+            return self
+        train = self.sets["train"]
+        order = sorted(train)
+        random.Random(f"{seed}:multi").shuffle(order)
+        groups: dict[int, list[str]] = {}  # label (-1: no label) -> keys in the seeded order
+        for key in order:
+            for label in train[key] or (-1,):
+                groups.setdefault(label, []).append(key)
+        wanted = {label: _validation_share(len(keys), fraction) for label, keys in groups.items()}
+        left = {label: len(keys) for label, keys in groups.items()}  # training images carrying it
+        val: set[str] = set()
+        for label in sorted(groups, key=lambda g: (len(groups[g]), g)):
+            for key in groups[label]:
+                if wanted[label] <= 0:
+                    break
+                labels = train[key] or (-1,)
+                if key in val or any(left[g] <= 1 and g != -1 for g in labels):
+                    continue
+                val.add(key)
+                for g in labels:
+                    wanted[g] -= 1
+                    left[g] -= 1
+        sets = dict(self.sets, train={k: v for k, v in train.items() if k not in val},
+                    validation={k: train[k] for k in sorted(val)})
+        return MultiLayout(self.classes, {s: sets[s] for s in SPLITS if s in sets}, self.ignored)
+
+    def pick(self, split: str, limit: int) -> list[str]:
+        """Up to `limit` keys of a split, its labels in turn (then the unlabelled): no label is left out."""
+        per: dict[int, list[str]] = {}
+        for key, labels in sorted(self.sets.get(split, {}).items()):
+            for label in labels or (-1,):
+                per.setdefault(label, []).append(key)
+        lists = [per[g] for g in sorted(per)]
+        picked = dict.fromkeys(ks[i] for i in range(max(map(len, lists), default=0)) for ks in lists if i < len(ks))
+        return list(picked)[:limit]
+
+
+def _validation_share(n: int, fraction: float) -> int:
+    """How many of n images go to validation: round(n * fraction), at least one of two or more."""
+    return min(max(round(n * fraction), 1 if n >= 2 else 0), max(n - 1, 0))
+
+
+def build(classes: list[str], found: dict[str, list[tuple[str, int | tuple[int, ...]]]], multi: bool):
+    """The layout of (key, label) pairs per split (shards' samples): keys sorted, so the same whichever order
+    they came in. `multi`: labels are index tuples."""
+    if multi:
+        return MultiLayout(classes, {s: {k: tuple(sorted(y)) for k, y in sorted(pairs)} for s, pairs in found.items()})
+    files = {s: {c: [] for c in classes} for s in found}
+    for split, pairs in found.items():
+        for key, label in pairs:
+            files[split][classes[label]].append(key)
+    return Layout(classes, {s: {c: sorted(ks) for c, ks in per.items()} for s, per in files.items()})

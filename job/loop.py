@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from job import evaluate, logs, metrics, recipe, signals
+from job import evaluate, logs, metrics, multilabel, recipe, signals
 from job.checkpoint import Checkpoints
 from job.distribute import Cluster
 from job.errors import ConfigError
@@ -41,7 +41,7 @@ class Phase:
     examples: int  # training examples in one epoch (all workers together)
     epochs: int
     learning_rate: float
-    validate: Callable[[], tuple[float, float] | None]  # (loss, accuracy) on validation, or None
+    validate: Callable[[], dict | None]  # the validation entries of the epoch's record (val_loss, ...), or None
     augment: keras.Model | None = None
     saved: keras.Model | None = None  # what its checkpoints hold (default: `model`)
 
@@ -55,7 +55,8 @@ class Options:
     label_smoothing: float = 0.0
     weight_decay: float = 0.0  # > 0: AdamW
     lr_schedule: str = "constant"  # constant | cosine (with linear warm-up)
-    class_weights: tuple[float, ...] | None = None  # per class index; None = unweighted
+    class_weights: tuple[float, ...] | None = None  # per class index (multi-label: positive weight per label)
+    multi_label: bool = False  # sigmoid scores, binary cross-entropy per label
     every_steps: int = 0  # checkpoint every N steps inside an epoch; 0 = by time and at phase ends only
     every_seconds: float = 0.0  # checkpoint at the first epoch or step boundary this long after the last
     # one (0: at every epoch end); always at a phase's end and on SIGTERM
@@ -85,8 +86,11 @@ def _optimizer(learning_rate: float, total_steps: int, options: Options,
 
 
 def _loss_fn(options: Options, num_classes: int):
-    """Per-example cross-entropy with the recipe's label smoothing and class weights."""
+    """Per-example cross-entropy with the recipe's label smoothing and class weights; multi-label: binary
+    cross-entropy averaged over the labels, each label's positives weighted by its positive weight."""
     weights = tf.constant(options.class_weights, tf.float32) if options.class_weights else None
+    if options.multi_label:
+        return _binary_loss(weights)
 
     def per_example_loss(y, probs):
         if options.label_smoothing:
@@ -97,6 +101,23 @@ def _loss_fn(options: Options, num_classes: int):
         return loss * tf.gather(weights, y) if weights is not None else loss
 
     return per_example_loss
+
+
+def _binary_loss(positive_weights):
+    def per_example_loss(y, scores):
+        p = tf.clip_by_value(scores, evaluate.EPS, 1.0 - evaluate.EPS)
+        positive = y * tf.math.log(p) * (positive_weights if positive_weights is not None else 1.0)
+        return -tf.reduce_mean(positive + (1.0 - y) * tf.math.log(1.0 - p), axis=-1)
+
+    return per_example_loss
+
+
+def _correct(y, probs, multi_label: bool):
+    """Summed over the batch: 1 per example whose top-1 is right; multi-label, the share of its labels
+    decided right at 0.5 (binary accuracy)."""
+    if multi_label:
+        return tf.reduce_sum(tf.reduce_mean(tf.cast(tf.equal(tf.cast(probs >= 0.5, tf.float32), y), tf.float32), -1))
+    return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
 
 
 def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global_batch: int, options: Options):
@@ -112,8 +133,7 @@ def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, model.trainable_variables)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
-        return grads, tf.reduce_sum(per_example), correct
+        return grads, tf.reduce_sum(per_example), _correct(y, probs, options.multi_label)
 
     def replica_step(x, y, flags, compute=forward_backward):
         grads, loss_sum, correct = compute(x, y)
@@ -191,13 +211,20 @@ def predict(model: keras.Model, dataset: tf.data.Dataset, infer=None) -> tuple[n
     return np.concatenate(probs).astype(np.float32), np.concatenate(labels)
 
 
-def validator(model: keras.Model, dataset: tf.data.Dataset | None) -> Callable[[], tuple[float, float] | None]:
+def validator(model: keras.Model, dataset: tf.data.Dataset | None, multi_label: bool = False
+              ) -> Callable[[], dict | None]:
+    """The validation entries of an epoch's record: val_loss and val_accuracy; multi-label val_loss and
+    val_map. None without validation data."""
     infer = inference(model)
 
     def run():
         if dataset is None:
             return None
-        return evaluate.loss_and_accuracy(*predict(model, dataset, infer))
+        if multi_label:
+            loss, mean_ap = multilabel.loss_and_map(*predict(model, dataset, infer))
+            return {"val_loss": loss, "val_map": mean_ap}
+        loss, accuracy = evaluate.loss_and_accuracy(*predict(model, dataset, infer))
+        return {"val_loss": loss, "val_accuracy": accuracy}
 
     return run
 
@@ -247,8 +274,8 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         while state.epoch < phase.epochs:
             record = _train_epoch(phase, cluster, global_batch, steps, batches, step, state, options, saver)
             # Without validation data, early stopping watches the training loss and accuracy.
-            *monitored, due = cluster.mean([record.get("val_loss", record["loss"]),
-                                            record.get("val_accuracy", record["accuracy"]), float(saver.due())])
+            second = record.get("val_map", record.get("val_accuracy", record["accuracy"]))
+            *monitored, due = cluster.mean([record.get("val_loss", record["loss"]), second, float(saver.due())])
             if state.end_epoch(record, tuple(monitored), options.metric, options.patience, phase.epochs):
                 for copy, variable in zip(best, kept):
                     copy.assign(variable.value)
@@ -316,10 +343,9 @@ def _train_epoch(phase: Phase, cluster: Cluster, global_batch: int, steps: int, 
     seen = steps * global_batch
     record = {"epoch": epoch, "loss": state.sums[0] / seen, "accuracy": state.sums[1] / seen,
               "seconds": round(time.monotonic() - started, 3)}
-    val = phase.validate()
-    if val is not None:
-        record["val_loss"], record["val_accuracy"] = val
+    record.update(phase.validate() or {})
     metrics.epoch_done(phase.name, epoch, train_loss=record["loss"], train_accuracy=record["accuracy"],
-                       val_loss=record.get("val_loss", math.nan), val_accuracy=record.get("val_accuracy", math.nan))
+                       val_loss=record.get("val_loss", math.nan), val_accuracy=record.get("val_accuracy", math.nan),
+                       val_map=record.get("val_map", math.nan) if options.multi_label else None)
     log.info("epoch done", phase=phase.name, **record)
     return record

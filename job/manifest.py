@@ -1,5 +1,10 @@
 """Datasets described by a manifest: a CSV (header `path,label[,split]`) or JSON-lines file.
 
+Multi-label (`task: multi_label`): a CSV with header `path,labels[,split]`, the labels of an image in one
+field separated by `|` (`shoe|red`; an empty field: none of the labels), or JSON lines with `"labels": [...]`
+(a list of names, maybe empty). The classes are the sorted union of the labels, or `classes.txt` beside the
+manifest (one per line) when it is there.
+
 Pure logic, no TensorFlow. `path` is relative to `data.uri` or a full `s3://` URI; `split` is train,
 validation or test (absent: the seeded validation split carves validation out of train). The manifest
 is checked as strictly as a folder layout, before any download: every problem is a DataError (exit 3)
@@ -14,17 +19,24 @@ import json
 from dataclasses import dataclass
 
 from job.errors import DataError
-from job.layout import IMAGE_EXTENSIONS, SPLITS, Layout
+from job.layout import IMAGE_EXTENSIONS, SPLITS, Layout, MultiLayout
 
 HEADERS = (["path", "label"], ["path", "label", "split"])
+MULTI_HEADERS = (["path", "labels"], ["path", "labels", "split"])
+SEPARATOR = "|"  # between the labels of a multi-label CSV row
 
 
 @dataclass(frozen=True)
 class Row:
     line: int
     path: str  # as written: relative to data.uri, or a full s3:// URI
-    label: str
+    label: str  # single-label; "" in a multi-label manifest
     split: str | None
+    labels: tuple[str, ...] | None = None  # multi-label: the image's labels (maybe none); None: single-label
+
+
+def is_multi_label(rows: list[Row]) -> bool:
+    return rows[0].labels is not None
 
 
 def parse(data: bytes, name: str) -> list[Row]:
@@ -50,9 +62,9 @@ def _csv(text: str, name: str) -> list[Row]:
 
 def _csv_rows(reader, name: str) -> list[Row]:
     header = [h.strip().lower() for h in next(reader, [])]
-    if header not in HEADERS:
-        raise DataError(f"{name} line 1: the header must be 'path,label' or 'path,label,split', "
-                        f"not {','.join(header)!r}")
+    if header not in HEADERS + MULTI_HEADERS:
+        raise DataError(f"{name} line 1: the header must be 'path,label[,split]' (or multi-label "
+                        f"'path,labels[,split]'), not {','.join(header)!r}")
     rows = []
     for fields in reader:
         line = reader.line_num
@@ -61,6 +73,9 @@ def _csv_rows(reader, name: str) -> list[Row]:
         if len(fields) != len(header):
             raise DataError(f"{name} line {line}: {len(fields)} fields, expected {len(header)} ({','.join(header)})")
         values = dict(zip(header, (f.strip() for f in fields)))
+        if "labels" in values:
+            labels = values.pop("labels")
+            values["labels"] = [x.strip() for x in labels.split(SEPARATOR)] if labels else []
         rows.append(_row(values, line, name))
     return rows
 
@@ -75,35 +90,51 @@ def _jsonl(text: str, name: str) -> list[Row]:
             values = json.loads(raw)
         except ValueError as e:
             raise DataError(f"{name} line {line}: not a JSON object ({e.msg})") from None
-        if not isinstance(values, dict) or "path" not in values or "label" not in values:
-            raise DataError(f"{name} line {line}: expected an object with \"path\" and \"label\" (and \"split\")")
+        if not isinstance(values, dict) or "path" not in values or ("label" in values) == ("labels" in values):
+            raise DataError(f"{name} line {line}: expected an object with \"path\" and \"label\" (multi-label: "
+                            "\"labels\", a list) and maybe \"split\"")
         # A label is exact, as JSON quotes it (a folder named `cat ` is a class `cat `); a path or split is
         # stripped, as in a CSV.
-        rows.append(_row({k: "" if v is None else str(v) if k == "label" else str(v).strip()
+        rows.append(_row({k: v if k == "labels" else "" if v is None else str(v) if k == "label" else str(v).strip()
                           for k, v in values.items()}, line, name))
+    if rows and any(is_multi_label(rows) != is_multi_label([r]) for r in rows):
+        odd = next(r for r in rows if is_multi_label([r]) != is_multi_label(rows))
+        raise DataError(f"{name} line {odd.line}: \"label\" and \"labels\" mixed in one manifest (one task per "
+                        "dataset)")
     return rows
 
 
-def _row(values: dict[str, str], line: int, name: str) -> Row:
+def _row(values: dict, line: int, name: str) -> Row:
     path, label, split = values.get("path", ""), values.get("label", ""), values.get("split") or None
+    labels = _labels(values["labels"], line, name) if "labels" in values else None
     if not path:
         raise DataError(f"{name} line {line}: empty path")
-    if not label:
+    if labels is None and not label:
         raise DataError(f"{name} line {line}: empty label for {path}")
     if split is not None and split not in SPLITS:
         raise DataError(f"{name} line {line}: unknown split {split!r} (train, validation or test)")
     if not path.lower().endswith(IMAGE_EXTENSIONS):
         raise DataError(f"{name} line {line}: {path} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
-    return Row(line, path, label, split)
+    return Row(line, path, label, split, labels)
 
 
-def to_layout(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> Layout:
-    """The layout of the manifest's rows. Paths become keys: relative to `data_uri` when inside it, else the
-    full URI. `existing` holds the keys of the objects that exist (from listings): anything else is
-    missing. Splits named nowhere make every row train (the seeded validation split applies then)."""
+def _labels(value, line: int, name: str) -> tuple[str, ...]:
+    """A multi-label row's labels: a list of non-empty names, none twice (an empty list: none of them)."""
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise DataError(f"{name} line {line}: \"labels\" must be a list of label names, not {value!r}")
+    if any(not x.strip() for x in value):
+        raise DataError(f"{name} line {line}: a label with an empty name in {SEPARATOR.join(value)!r}")
+    twice = sorted({x for x in value if value.count(x) > 1})
+    if twice:
+        raise DataError(f"{name} line {line}: label {twice[0]!r} listed twice")
+    return tuple(value)
+
+
+def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list[str]:
+    """Each row's key: relative to `data_uri` when inside it, else the full URI; DataError for a path listed
+    twice or missing from `existing`."""
     root = data_uri.rstrip("/") + "/"
     seen: dict[str, int] = {}
-    files: dict[str, dict[str, list[str]]] = {}
     for row in rows:
         key = row.path[len(root):] if row.path.startswith(root) else row.path
         if key in seen:
@@ -112,6 +143,15 @@ def to_layout(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> 
         if key not in existing:
             raise DataError(f"{name} line {row.line}: {row.path} does not exist"
                             + ("" if "://" in key else f" under {data_uri}"))
+    return list(seen)
+
+
+def to_layout(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> Layout:
+    """The layout of the manifest's rows. Paths become keys: relative to `data_uri` when inside it, else the
+    full URI. `existing` holds the keys of the objects that exist (from listings): anything else is
+    missing. Splits named nowhere make every row train (the seeded validation split applies then)."""
+    files: dict[str, dict[str, list[str]]] = {}
+    for row, key in zip(rows, _keys(rows, name, data_uri, existing)):
         files.setdefault(row.split or "train", {}).setdefault(row.label, []).append(key)
     if "train" not in files:
         raise DataError(f"{name}: no training images (every row has split validation or test)")
@@ -123,6 +163,36 @@ def to_layout(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> 
             raise DataError(f"{name} line {row.line}: class {row.label!r} of split {row.split} has no training "
                             "images")
     return Layout(classes, {s: {c: sorted(files[s].get(c, [])) for c in classes} for s in SPLITS if s in files})
+
+
+def to_multi_layout(rows: list[Row], name: str, data_uri: str, existing: set[str],
+                    classes: list[str] | None = None, classes_name: str = "") -> MultiLayout:
+    """The multi-label layout of the manifest's rows (keys as in `to_layout`). The classes are `classes`
+    (classes.txt beside the manifest, named `classes_name`: a label outside it is a DataError) or the sorted
+    union of the labels; every class needs a training image (DataError naming the line, or classes.txt)."""
+    union = sorted({x for row in rows for x in row.labels})
+    if classes is None:
+        classes = union
+    index = {c: i for i, c in enumerate(classes)}
+    sets: dict[str, dict[str, tuple[int, ...]]] = {}
+    for row, key in zip(rows, _keys(rows, name, data_uri, existing)):
+        outside = [x for x in row.labels if x not in index]
+        if outside:
+            raise DataError(f"{name} line {row.line}: label {outside[0]!r} is not in {classes_name}")
+        sets.setdefault(row.split or "train", {})[key] = tuple(sorted(index[x] for x in row.labels))
+    if "train" not in sets:
+        raise DataError(f"{name}: no training images (every row has split validation or test)")
+    if not classes:
+        raise DataError(f"{name}: no labels at all (a multi-label dataset needs at least one)")
+    trained = {i for labels in sets["train"].values() for i in labels}
+    for row in rows:
+        untrained = [x for x in row.labels if index[x] not in trained]
+        if untrained:
+            raise DataError(f"{name} line {row.line}: label {untrained[0]!r} has no training image")
+    unused = [c for c in classes if index[c] not in trained]
+    if unused:
+        raise DataError(f"{classes_name}: label {unused[0]!r} has no training image in {name}")
+    return MultiLayout(classes, {s: sets[s] for s in SPLITS if s in sets})
 
 
 def listing_prefixes(rows: list[Row], data_uri: str) -> list[str]:

@@ -86,6 +86,8 @@ TRAIN_LOSS = _gauge("train_loss", "Training loss of the last finished epoch.", "
 TRAIN_ACCURACY = _gauge("train_accuracy", "Training accuracy (0..1) of the last finished epoch.", "phase")
 VAL_LOSS = _gauge("val_loss", "Validation loss of the last finished epoch.", "phase")
 VAL_ACCURACY = _gauge("val_accuracy", "Validation accuracy (0..1) of the last finished epoch.", "phase")
+VAL_MAP = _gauge("val_map", "Validation mean average precision (0..1) of the last finished epoch (multi_label).",
+                 "phase")
 IMAGES = _counter("images_processed", "Training images processed by this worker.", "phase")
 STEP_DURATION = Histogram(
     "finetune_job_step_duration_seconds",
@@ -250,15 +252,18 @@ def step_done(phase: str, images: int, step_seconds: float, data_wait_seconds: f
 
 
 def epoch_done(
-    phase: str, epoch: int, *, train_loss: float, train_accuracy: float, val_loss: float, val_accuracy: float
+    phase: str, epoch: int, *, train_loss: float, train_accuracy: float, val_loss: float, val_accuracy: float,
+    val_map: float | None = None,
 ) -> None:
-    """Epoch `epoch` of `phase` finished with these results."""
+    """Epoch `epoch` of `phase` finished with these results (`val_map`: multi-label runs)."""
     run = _run.labels
     EPOCH.labels(**run, phase=phase).set(epoch)
     TRAIN_LOSS.labels(**run, phase=phase).set(train_loss)
     TRAIN_ACCURACY.labels(**run, phase=phase).set(train_accuracy)
     VAL_LOSS.labels(**run, phase=phase).set(val_loss)
     VAL_ACCURACY.labels(**run, phase=phase).set(val_accuracy)
+    if val_map is not None:
+        VAL_MAP.labels(**run, phase=phase).set(val_map)
 
 
 def s3_bytes_downloaded(n: int) -> None:

@@ -48,6 +48,29 @@ class Preprocess(keras.layers.Layer):
 SCRATCH_BN_MOMENTUM = 0.9
 
 
+@keras.saving.register_keras_serializable(package="finetune_job")
+class Thresholds(keras.layers.Layer):
+    """Multi-label decisions: 1.0 where a label's score reaches its threshold, else 0.0 (thresholds.json)."""
+
+    def __init__(self, values: list[float], **kwargs):
+        super().__init__(**kwargs)
+        self.values = [float(v) for v in values]
+
+    def call(self, scores):
+        limits = keras.ops.convert_to_tensor(self.values, dtype=scores.dtype)
+        return keras.ops.cast(keras.ops.greater_equal(scores, limits), "float32")
+
+    def get_config(self):
+        return {**super().get_config(), "values": self.values}
+
+
+def with_thresholds(model: keras.Model, thresholds: list[float]) -> keras.Model:
+    """The multi-label model as it is served: image -> {"scores": [labels], "above": [labels] 1.0/0.0}."""
+    scores = model.outputs[0]
+    above = Thresholds(thresholds, name="above")(scores)
+    return keras.Model(model.inputs, {"scores": scores, "above": above}, name=f"{model.name}_thresholded")
+
+
 @dataclass
 class Parts:
     model: keras.Model  # image -> probabilities
@@ -58,8 +81,10 @@ class Parts:
 
 
 def build(backbone: str, weights_file: str | None, image_size: tuple[int, int], num_classes: int,
-          head_units: int, head_dropout: float, *, imagenet: bool = False, from_scratch: bool = False) -> Parts:
+          head_units: int, head_dropout: float, *, imagenet: bool = False, from_scratch: bool = False,
+          multi_label: bool = False) -> Parts:
     """Build the model. `weights_file` is a local file of base weights; `imagenet` asks Keras for them.
+    `multi_label`: one sigmoid per label (scores) instead of a softmax over the classes.
 
     `from_scratch` (`model.weights: none`): a random base whose BatchNormalization is called in training
     mode while training, with momentum SCRATCH_BN_MOMENTUM. The export rebuilds the model with the same
@@ -98,8 +123,9 @@ def build(backbone: str, weights_file: str | None, image_size: tuple[int, int], 
         h = keras.layers.Dense(head_units, activation="relu", name="head_dense")(h)
     if head_dropout:
         h = keras.layers.Dropout(head_dropout, name="head_dropout")(h)
-    # Softmax in float32 even under mixed precision: probabilities must be well-formed.
-    probs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(h)
+    # Softmax (sigmoid) in float32 even under mixed precision: probabilities must be well-formed.
+    probs = keras.layers.Dense(num_classes, activation="sigmoid" if multi_label else "softmax", dtype="float32",
+                               name="scores" if multi_label else "probabilities")(h)
     head = keras.Model(feats, probs, name="head")
 
     model = keras.Model(image, head(pooled), name=f"finetune_{backbone}")

@@ -19,17 +19,17 @@ pipeline_tag: image-classification
 tags: [finetune-job, $backbone, transfer-learning]
 ---
 
-# $run_id: an image classifier of $num_classes classes
+# $run_id: $kind_title
 
 A `keras.applications` **$backbone** (weights: `$weights`) fine-tuned by finetune-job $version \
-(TensorFlow $tensorflow) on `$data_uri`. Classes, in output order: $class_list.
+(TensorFlow $tensorflow) on `$data_uri`. $kind_names, in output order: $class_list.
 
 ## Intended input
 
 Photos or images like the training data, any size: they are resized to ${height}x${width} (bilinear, \
 antialiased, no crop, so the aspect ratio is not kept) and must show one object of one of the classes above. \
 The SavedModel takes encoded JPEG/PNG/BMP/GIF bytes; LiteRT and ONNX take decoded RGB pixels (0..255, \
-resized), as the JSON beside each file says. Every image gets one of these classes: there is no "none of them".
+resized), as the JSON beside each file says. $kind_rule
 
 ## Training data
 
@@ -63,11 +63,20 @@ at that size.
 import tensorflow as tf
 serve = tf.saved_model.load("saved_model").signatures["serving_default"]
 out = serve(image_bytes=tf.constant([open("image.jpg", "rb").read()]))
-print(out["label"].numpy(), out["probabilities"].numpy())
+$usage
 ```
 
 Or `finetune-job predict --model <this run> image.jpg [--format tflite|tflite_int8|onnx]`.
 """)
+
+
+SINGLE = {"kind_title": "an image classifier of {n} classes", "kind_names": "Classes",
+          "kind_rule": 'Every image gets one of these classes: there is no "none of them".',
+          "usage": 'print(out["label"].numpy(), out["probabilities"].numpy())'}
+MULTI = {"kind_title": "a multi-label image classifier of {n} labels", "kind_names": "Labels",
+         "kind_rule": "Each label is decided on its own: an image gets every label whose score reaches its threshold "
+                      "(thresholds.json, built into every format), maybe none.",
+         "usage": 'print(out["labels"].numpy(), out["scores"].numpy())  # names above threshold ("" elsewhere)'}
 
 
 def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict[str, int]], reports: dict,
@@ -75,14 +84,17 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
     data, model = config["data"], config["model"]
     height, width = data["image_size"]
     split = "test" if "test" in reports else "validation"
-    return CARD.substitute(
+    multi = config.get("task") == "multi_label"
+    kind = {k: v.format(n=len(classes)) for k, v in (MULTI if multi else SINGLE).items()}
+    per_label = reports.get(split, {}).get("per_label" if multi else "per_class", {})
+    return CARD.substitute(**kind,
         run_id=run_id, backbone=model["backbone"], weights=model["weights"], data_uri=data["uri"],
         version=versions.get("finetune_job", ""), tensorflow=versions.get("tensorflow", ""),
         num_classes=len(classes), class_list=", ".join(f"`{c}`" for c in classes), height=height, width=width,
         counts_table=_counts_table(classes, counts), bad_images=bad_images, recipe=_recipe(config["train"]),
-        results_table=_results_table(reports), split=split, formats_table=_formats_table(formats),
-        limits=_limits(reports.get(split, {}).get("per_class", {}), split),
-        smallest=min((sum(v.values()) for v in counts.values()), default=0))
+        results_table=_multi_results(reports, per_label, split) if multi else _results_table(reports), split=split,
+        formats_table=_formats_table(formats), limits=_limits(per_label, split),
+        smallest=min((v.get("images", sum(v.values())) for v in counts.values()), default=0))
 
 
 def _pct(x: float | None) -> str:
@@ -98,9 +110,24 @@ def _table(header: list[str], rows: list[str]) -> str:
 
 
 def _counts_table(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
+    if any("images" in v for v in counts.values()):  # multi-label: images carrying each label
+        rows = [_row(c, *(counts[s].get(c, 0) for s in counts)) for c in [*classes, "(no label)"]]
+        rows.append(_row("**images**", *(v["images"] for v in counts.values())))
+        return _table(["label", *counts], rows)
     rows = [_row(c, *(counts[s].get(c, 0) for s in counts)) for c in classes]
     rows.append(_row("**total**", *(sum(v.values()) for v in counts.values())))
     return _table(["class", *counts], rows)
+
+
+def _multi_results(reports: dict, per_label: dict[str, dict], split: str) -> str:
+    """Multi-label: the splits' mAP, F1s and subset accuracy, then each label on the headline split."""
+    rows = [_row(name, r["examples"], _pct(r["map"]), _pct(r["micro_f1"]), _pct(r["macro_f1"]),
+                 _pct(r["subset_accuracy"]), f"{r['loss']:.3f}") for name, r in reports.items()]
+    table = _table(["split", "images", "mAP", "micro-F1", "macro-F1", "subset accuracy", "loss"], rows)
+    labels = [_row(c, v["support"], _pct(v["average_precision"]), _pct(v["precision"]), _pct(v["recall"]),
+                   _pct(v["f1"]), f"{v['threshold']:.3f}") for c, v in per_label.items()]
+    return table + f"\n\nPer label on {split}, at the thresholds chosen on validation:\n\n" + _table(
+        ["label", "images with it", "average precision", "precision", "recall", "F1", "threshold"], labels)
 
 
 def _recipe(train: dict) -> str:
@@ -124,14 +151,16 @@ def _results_table(reports: dict) -> str:
 
 def _formats_table(formats: dict[str, dict]) -> str:
     rows = []
+    score = "micro_f1" if any("micro_f1" in r for r in formats.values()) else "accuracy"  # multi-label: label sets
     for fmt, r in formats.items():
         if "error" in r:
             rows.append(f"| {fmt} | not written: {r['error']} | | | |")
             continue
         agreement = "reference" if fmt == "saved_model" else _pct(r.get("agreement"))
-        rows.append(_row(fmt, _pct(r["accuracy"]), agreement, f"{r['bytes'] / 1e6:.1f} MB",
+        rows.append(_row(fmt, _pct(r[score]), agreement, f"{r['bytes'] / 1e6:.1f} MB",
                          f"{r['latency_ms_batch1']:.1f} ms"))
-    return _table(["format", "accuracy", "agreement with the SavedModel", "size", "latency, 1 image, CPU"], rows)
+    return _table(["format", "micro-F1" if score == "micro_f1" else "accuracy", "agreement with the SavedModel",
+                   "size", "latency, 1 image, CPU"], rows)
 
 
 def _limits(per_class: dict[str, dict], split: str) -> str:

@@ -5,8 +5,9 @@
     finetune-job pack ... --overwrite     # replace the shards already there (deleted first)
 
 Each split's images are shuffled (seeded) across its shards, so that streaming reads a mix of classes
-from every shard; each sample is `<key>.<ext>` with `<key>.cls`; `classes.txt` and `index.json` (counts
-per split and class, and the shards: the job reads only those) go beside the shards, classes.txt last. A
+from every shard; each sample is `<key>.<ext>` with `<key>.cls` (multi-label: `<key>.json`, its label
+list); `classes.txt` and `index.json` (the task, counts per split and class, and the shards: the job reads
+only those) go beside the shards, classes.txt last. A
 destination that holds shards is refused (exit 4) unless `--overwrite`, which deletes them first: never a
 mix of two packs. Images are copied as they are: the job skips undecodable ones when it trains. No
 TensorFlow.
@@ -49,7 +50,8 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     manifest = source_uri if source_uri.lower().endswith((".csv", ".jsonl", ".json")) else ""
     data_uri = source_uri.rsplit("/", 1)[0] if manifest else source_uri
     cfg = Config.model_validate({"data": {"uri": data_uri, "manifest": manifest}, "output": {"uri": dest_uri},
-                                 "s3": {"endpoint_url": endpoint}, "model": {"weights": "none"}})
+                                 "s3": {"endpoint_url": endpoint}, "model": {"weights": "none"},
+                                 "task": sources.manifest_task(manifest, endpoint) if manifest else "single_label"})
     source = sources.open_source(cfg)
     if source.kind == "shards":
         raise ConfigError(f"--from {source_uri}: already shards")
@@ -62,8 +64,9 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     _refuse_or_clear(dest, overwrite)
     shard_counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="finetune-job-pack-") as tmp, ThreadPoolExecutor(16) as pool:
-        for split, per in layout.files.items():
-            items = [(key, label) for label, c in enumerate(layout.classes) for key in per[c]]
+        for split in layout.splits:
+            items = [(key, [layout.classes[i] for i in y] if layout.multi_label else y)
+                     for key, y in zip(*layout.items(split))]
             random.Random(f"{seed}:{split}").shuffle(items)
 
             writer = shards.ShardWriter(Path(tmp), split, shard_size, lambda path: _upload(dest, path, Path(tmp)))
@@ -75,12 +78,14 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
             shard_counts.update(writer.counts)
             log.info("split packed", split=split, images=len(items), shards=len(writer.counts))
         index_file = Path(tmp) / shards.INDEX
-        index_file.write_text(shards.index(layout.classes, layout.counts(), shard_counts))
+        images = {split: layout.count(split) for split in layout.splits}
+        index_file.write_text(shards.index(layout.classes, layout.counts(), shard_counts, cfg.task, images))
         dest.upload(index_file, shards.INDEX)
         classes_file = Path(tmp) / shards.CLASSES  # last: without it, a half-written pack is not a dataset
         classes_file.write_text("\n".join(layout.classes) + "\n")
         dest.upload(classes_file, shards.CLASSES)
-    return {"to": dest.uri, "classes": layout.classes, "counts": layout.counts(), "shards": shard_counts}
+    return {"to": dest.uri, "classes": layout.classes, "counts": layout.counts(), "images": images,
+            "shards": shard_counts}
 
 
 def _refuse_or_clear(dest: storage.Store, overwrite: bool) -> None:

@@ -62,6 +62,7 @@ class Run:
     timings: Timings = field(default_factory=Timings)
     staging: str = "copy"  # data.staging resolved once in `prepare`: copy | stream
     data: Reader | None = None  # the staged dataset, copied or streamed (job/readers.py): set by `stage_data`
+    thresholds: list[dict] | None = None  # multi-label: each label's decision threshold (`evaluate_splits`)
 
     @property
     def cache(self) -> Path:
@@ -81,6 +82,11 @@ class Run:
     def classes(self) -> list[str]:
         return self.listed.classes
 
+    @property
+    def multi(self) -> bool:
+        """task: multi_label (sigmoid scores, per-label thresholds)."""
+        return self.cfg.task == "multi_label"
+
     @functools.cached_property
     def options(self):
         """The loop's options from train.*, class weights from the training counts (after staging)."""
@@ -89,10 +95,12 @@ class Run:
         t = self.cfg.train
         weights = class_weights(self.cfg, self.data.layout)
         if weights:
-            log.info("class weights", weights=dict(zip(self.classes, [round(w, 4) for w in weights])))
+            log.info("positive weights" if self.multi else "class weights",
+                     weights=dict(zip(self.classes, [round(w, 4) for w in weights])))
         return loop.Options(patience=t.early_stopping_patience, metric=t.early_stopping_metric,
                             label_smoothing=t.label_smoothing, weight_decay=t.weight_decay,
                             lr_schedule=t.lr_schedule, class_weights=tuple(weights) if weights else None,
+                            multi_label=self.multi,
                             every_steps=self.cfg.checkpoint.every_steps,
                             every_seconds=self.cfg.checkpoint.every_seconds)
 
@@ -117,20 +125,20 @@ def output_state(cfg: Config) -> tuple[storage.Store, str]:
     return out, "incomplete" if out.list() else "empty"
 
 
-def validate(cfg: Config) -> dict[str, dict[str, int]]:
-    """Storage access and dataset layout: what `finetune-job validate` prints. Trains nothing. The checks
-    of `train` that need no image: the layout, the staging mode and the shards for the workers. Shards are
-    counted from their index.json; without one they are read (checked as training reads them)."""
+def validate(cfg: Config):
+    """Storage access and dataset layout: what `finetune-job validate` prints (the layout, validation carved).
+    Trains nothing. The checks of `train` that need no image: the layout, the staging mode and the shards for
+    the workers. Shards are counted from their index.json; without one (or multi-label: each image's labels
+    are in the shards) they are read, checked as training reads them."""
     from job import readers
 
     source = read_listing(cfg)
     output_state(cfg)  # proves the output location is reachable with these credentials
     _staging(cfg, source)
-    if source.kind == "shards" and not source.image_count():
+    if source.kind == "shards" and (not source.image_count() or source.layout.multi_label):
         how = readers.Staging(Path(cfg.data.cache_dir), Path(cfg.data.cache_dir), tuple(cfg.data.image_size))
-        return readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout.counts()
-    carved = layout.split_validation(source.layout, cfg.data.validation_split, cfg.train.seed)
-    return carved.nonempty().counts()
+        return readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout
+    return source.layout.carve(cfg.data.validation_split, cfg.train.seed).nonempty()
 
 
 # ---------------------------------------------------------------- the job
@@ -170,7 +178,8 @@ def prepare(cfg: Config) -> Run | dict:
     with timings.measure("listing"):
         source = read_listing(cfg)
     log.info("dataset listed", uri=cfg.data.uri, classes=len(source.layout.classes), counts=source.layout.counts())
-    class_weights(cfg, source.layout)  # a class name that the dataset does not have fails before any work
+    if not source.layout.multi_label or source.kind != "shards":  # (multi-label shards: labels once read)
+        class_weights(cfg, source.layout)  # a class name that the dataset does not have fails before any work
     staging = _staging(cfg, source)
     cluster = _start_strategy(cfg)
     work = Path(cfg.data.cache_dir) / "runs" / cfg.run_id / f"worker-{cluster.worker_index}"
@@ -249,7 +258,7 @@ def _build_model(cfg: Config, cluster, classes: list[str], work: Path):
     with cluster.strategy.scope():
         parts = model.build(cfg.model.backbone, weights_file, tuple(cfg.data.image_size), len(classes),
                             cfg.model.head_units, cfg.model.head_dropout, imagenet=imagenet,
-                            from_scratch=cfg.model.weights == "none")
+                            from_scratch=cfg.model.weights == "none", multi_label=cfg.task == "multi_label")
     if parts.from_scratch:  # every layer trains: train.finetune.unfreeze does not apply
         return parts, len(model.unfreezable_layers(parts.base))
     return parts, model.check_unfreeze(parts.base, cfg.train.finetune.unfreeze, cfg.model.backbone)
@@ -305,7 +314,7 @@ def stage_data(run: Run) -> None:
     run.data = staged.settle(cfg.data.validation_split, cfg.train.seed)
     if mode == "stream":
         log.info("dataset surveyed", kind="shards", mode=mode, shards=sum(map(len, source.shard_entries.values())),
-                 images=sum(map(staged.count, staged.layout.files)) + len(staged.bad),
+                 images=sum(map(staged.count, staged.layout.splits)) + len(staged.bad),
                  training_shards_of_this_worker=run.data.shards("train", run.share))
     log.info("dataset ready", mode=mode, counts=run.data.layout.counts(), bad_images=len(run.data.bad))
     if not run.data.count("validation"):
@@ -388,7 +397,7 @@ def head_phase(run: Run) -> None:
     else:
         # The base is frozen: checkpoints hold the head, the base comes from model.weights again.
         phase = loop.Phase(model=run.parts.model, dataset_fn=_training_batches(run),
-                           validate=loop.validator(run.parts.model, _validation_images(run)),
+                           validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
                            augment=_augmentation(run, head.augment, cfg.train.seed), **common)
     loop.run_phase(phase, run.cluster, cfg.train.batch_size, run.options, run.ckpt, run.state)
 
@@ -413,7 +422,7 @@ def _on_features(run: Run) -> dict:
     seed = run.cfg.train.seed
     return {"dataset_fn": lambda ctx: dataset.feature_dataset(train_features, train_labels, per_replica,
                                                               shuffle=True, seed=seed, repeat=True),
-            "validate": loop.validator(run.parts.head, validation)}
+            "validate": loop.validator(run.parts.head, validation, run.multi)}
 
 
 def _features(run: Run, split: str, share: tuple[int, int] | None):
@@ -440,7 +449,7 @@ def finetune_phase(run: Run) -> None:
             model.unfreeze(run.parts, run.unfreeze)
         phase = loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
                            examples=run.data.count("train"), epochs=epochs, learning_rate=rate,
-                           validate=loop.validator(run.parts.model, _validation_images(run)),
+                           validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
                            augment=_augmentation(run, ft.augment, cfg.train.seed + 100))
         loop.run_phase(phase, run.cluster, cfg.train.batch_size, run.options, run.ckpt, run.state)
     if run.state.phase == "trained":
@@ -451,25 +460,40 @@ def finetune_phase(run: Run) -> None:
     signals.check("evaluation")
 
 
-def class_weights(cfg: Config, listed: layout.Layout) -> list[float] | None:
-    """`train.class_weight` against the layout's training counts; ConfigError for unknown classes."""
+def class_weights(cfg: Config, listed) -> list[float] | None:
+    """`train.class_weight` against the layout's training counts (multi-label: positive weights per label);
+    ConfigError for unknown classes."""
+    counts = listed.counts().get("train", {c: 0 for c in listed.classes})
     try:
-        return recipe.class_weights(cfg.train.class_weight, listed.classes, listed.counts().get("train", {}))
+        if listed.multi_label:
+            return recipe.positive_weights(cfg.train.class_weight, listed.classes, counts, listed.count("train"))
+        return recipe.class_weights(cfg.train.class_weight, listed.classes, counts)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
 
 
 def evaluate_splits(run: Run) -> dict[str, dict]:
-    """Validation and test reports (the splits that have images), the same on every worker."""
-    from job import export, loop
+    """Validation and test reports (the splits that have images), the same on every worker. Multi-label: the
+    thresholds are chosen on validation first (each label's best F1), then both splits are judged with them."""
+    import numpy as np
+
+    from job import export, loop, multilabel
 
     metrics.set_phase("evaluate")
     infer = loop.inference(run.parts.model)  # traced once for both splits
+    predicted = {split: loop.predict(run.parts.model, run.data.images(split, 64), infer)
+                 for split in ("validation", "test") if run.data.count(split)}
     reports = {}
-    for split in ("validation", "test"):
-        if run.data.count(split):
-            probs, labels = loop.predict(run.parts.model, run.data.images(split, 64), infer)
-            reports[split] = evaluate.report(probs, labels, run.classes)
+    if run.multi:
+        scores, truth = predicted.get("validation", (np.zeros((0, len(run.classes))),) * 2)
+        run.thresholds = multilabel.choose_thresholds(scores, truth)
+        chosen = [t["threshold"] for t in run.thresholds]
+        for split, (scores, truth) in predicted.items():
+            reports[split] = multilabel.report(scores, truth, chosen, run.classes)
+        log.info("thresholds chosen", on="validation" if "validation" in predicted else "none (fallback)",
+                 thresholds=dict(zip(run.classes, [round(t, 4) for t in chosen])))
+    else:
+        reports = {split: evaluate.report(probs, labels, run.classes) for split, (probs, labels) in predicted.items()}
     log.info("training done", weights_sha256=export.weights_fingerprint(run.parts.model),
              epochs={k: len(v) for k, v in run.state.history.items()})
     return reports
@@ -493,7 +517,10 @@ def export_run(run: Run, reports: dict, started: float) -> dict:
     with run.timings.measure("upload"):
         export.upload(folder, run.out)
     headline = reports.get("test") or reports.get("validation") or {}
-    return {"status": "complete", "artifacts": run.out.uri, "test_accuracy": reports.get("test", {}).get("accuracy"),
-            "val_accuracy": reports.get("validation", {}).get("accuracy"), "accuracy": headline.get("accuracy"),
+    scores = {"test_map": reports.get("test", {}).get("map"), "val_map": reports.get("validation", {}).get("map"),
+              "micro_f1": headline.get("micro_f1")} if run.multi else {
+        "test_accuracy": reports.get("test", {}).get("accuracy"),
+        "val_accuracy": reports.get("validation", {}).get("accuracy"), "accuracy": headline.get("accuracy")}
+    return {"status": "complete", "artifacts": run.out.uri, **scores,
             "formats": sorted(f for f, r in checked["formats"].items() if "error" not in r),
             "seconds": run.timings["total_seconds"], "s3_errors": metrics.s3_errors_total()}

@@ -33,7 +33,7 @@ from job.sources import Source
 
 log = logs.get()
 Share = tuple[int, int]  # (this worker's index, number of workers): the part of a split it reads
-EXTRACTED_FORMAT = 2  # the extraction record's layout; older records are extracted again
+EXTRACTED_FORMAT = 3  # the extraction record's layout; older records are extracted again
 
 
 @dataclass(frozen=True)
@@ -50,20 +50,37 @@ class Reader:
 
     mode = ""
 
-    def __init__(self, listed: layout.Layout, bad: dict[str, str], where: str, image_size: tuple[int, int]):
+    def __init__(self, listed: layout.Layout | layout.MultiLayout, bad: dict[str, str], where: str,
+                 image_size: tuple[int, int]):
         self.layout, self.bad, self.where, self.image_size = listed, dict(sorted(bad.items())), where, image_size
+
+    @property
+    def multi(self) -> bool:
+        return self.layout.multi_label
 
     def settle(self, validation_split: float, seed: int) -> Reader:
         """Leave the bad images out, carve the validation split from what is left, drop empty splits (once,
         after staging)."""
-        kept = layout.without(self.layout, set(self.bad))
-        for split, per in kept.files.items():
-            emptied = [c for c, keys in per.items() if not keys and self.layout.files[split][c]]
+        kept = self.layout.without(set(self.bad))
+        before, after = self.layout.counts(), kept.counts()
+        for split in kept.splits:
+            emptied = [c for c, n in after[split].items() if not n and before[split][c]]
             if emptied:
                 raise DataError(f"{self.where}/{split}/: no usable images left in {', '.join(emptied)}")
-        layout.require_training_images(kept, self.where)
-        self.layout = layout.split_validation(kept, validation_split, seed).nonempty()
+        kept.require_training_images(self.where)
+        self.layout = kept.carve(validation_split, seed).nonempty()
         return self
+
+    def targets(self, labels: list):
+        """Labels as training reads them: int32 [n] class indices, or multi-label float32 [n, labels] 0/1."""
+        import numpy as np
+
+        if not self.multi:
+            return np.asarray(labels, np.int32).reshape(-1)
+        out = np.zeros((len(labels), len(self.layout.classes)), np.float32)
+        for row, indices in enumerate(labels):
+            out[row, list(indices)] = 1.0
+        return out
 
     def count(self, split: str) -> int:
         return self.layout.count(split)
@@ -81,9 +98,7 @@ class Reader:
 
     def pick(self, split: str, limit: int) -> list[str]:
         """Up to `limit` keys of a split, its classes in turn (int8 calibration): no class is left out."""
-        per = list(self.layout.files.get(split, {}).values())
-        picked = [ks[i] for i in range(max(map(len, per), default=0)) for ks in per if i < len(ks)]
-        return picked[:limit]
+        return self.layout.pick(split, limit)
 
     # What each implementation provides.
     def samples(self, split: str) -> Iterator[tuple[str, bytes, int]]:
@@ -122,24 +137,22 @@ class Copied(Reader):
         from job import dataset
 
         keys, labels = self.items(split, share)
-        return dataset.image_dataset(self._paths(keys), labels, self.image_size, batch, shuffle=shuffle, seed=seed,
-                                     repeat=repeat, cache_dir=self.cache)
+        return dataset.image_dataset(self._paths(keys), self.targets(labels), self.image_size, batch, shuffle=shuffle,
+                                     seed=seed, repeat=repeat, cache_dir=self.cache)
 
     def identity(self, split, share=None):
         keys, labels = self.items(split, share)
         return [[p, Path(p).stat().st_size, y] for p, y in zip(self._paths(keys), labels)]
 
     def pixels(self, split, keys=None):
-        import numpy as np
-
         from job import dataset
 
         all_keys, labels = self.items(split)
         if keys is None:  # the whole split: through the image cache, as training reads it
-            return dataset.pixels(self._paths(all_keys), self.image_size, self.cache), np.asarray(labels, np.int32)
+            return dataset.pixels(self._paths(all_keys), self.image_size, self.cache), self.targets(labels)
         label_of = dict(zip(all_keys, labels))
         return (dataset.pixels(self._paths(keys), self.image_size, None),
-                np.asarray([label_of[k] for k in keys], np.int32))
+                self.targets([label_of[k] for k in keys]))
 
 
 class Streamed(Reader):
@@ -161,14 +174,14 @@ class Streamed(Reader):
 
     def samples(self, split):
         keys = set(self.items(split)[0])
-        yield from sorted(read_shards(self.store, self.shards(split), self.layout.classes, keys))
+        yield from sorted(read_shards(self.store, self.shards(split), self.layout.classes, keys, multi=self.multi))
 
     def images(self, split, batch, *, shuffle=False, seed=0, repeat=False, share=None):
         from job import stream
 
         keys = set(self.items(split, share)[0])
         return stream.dataset(self.store, self.shards(split, share), self.layout.classes, keys, self.image_size,
-                              batch, shuffle=shuffle, seed=seed, repeat=repeat)
+                              batch, shuffle=shuffle, seed=seed, repeat=repeat, multi=self.multi)
 
     def identity(self, split, share=None):
         keys, labels = self.items(split, share)
@@ -179,7 +192,7 @@ class Streamed(Reader):
 
         wanted = set(self.items(split)[0] if keys is None else keys)
         rels = sorted({shard_of(k) for k in wanted})
-        return stream.pixels(self.store, rels, self.layout.classes, wanted, self.image_size)
+        return stream.pixels(self.store, rels, self.layout.classes, wanted, self.image_size, multi=self.multi)
 
 
 def image_uri(data_uri: str, key: str) -> str:
@@ -193,12 +206,13 @@ def shard_of(key: str) -> str:
 
 
 def read_shards(store: storage.Store, rels: list[str], classes: list[str], allowed: set[str] | None = None,
-                ignored: list[str] | None = None) -> Iterator[tuple[str, bytes, int]]:
-    """(key, encoded image, label) of the shards `rels`, in order, read as streams (no TensorFlow)."""
+                ignored: list[str] | None = None, multi: bool = False) -> Iterator[tuple[str, bytes, int | tuple]]:
+    """(key, encoded image, label) of the shards `rels`, in order, read as streams (no TensorFlow); `multi`:
+    each label a tuple of indices."""
     for rel in rels:
         body = store.open_stream(rel)
         try:
-            for sample in shards.samples(body, f"{store.uri}/{rel}", classes, ignored):
+            for sample in shards.samples(body, f"{store.uri}/{rel}", classes, ignored, multi):
                 key = f"{rel}:{sample.key}{sample.ext}"
                 if allowed is None or key in allowed:
                     yield key, sample.image, sample.label
@@ -264,35 +278,36 @@ def _copy_shards(source: Source, cache_dir: Path, progress, stop):
     entries = [e for es in source.shard_entries.values() for e in es]
     root, stats = storage.stage(source.store, entries, cache_dir, None, stop)
     extracted = cache_dir / "extracted" / hashlib.sha256(source.uri.encode()).hexdigest()[:16]
-    files: dict[str, dict[str, list[str]]] = {}
+    found: dict[str, list] = {}
     local: dict[str, Path] = {}
-    classes = source.layout.classes
+    classes, multi = source.layout.classes, source.layout.multi_label
     ignored: list[str] = []
     for split, shard_list in source.shard_entries.items():
-        per, seen = files.setdefault(split, {c: [] for c in classes}), shards.SplitKeys(split)
+        pairs, seen = found.setdefault(split, []), shards.SplitKeys(split)
         for entry in shard_list:
             where = f"{source.uri}/{entry.rel}"
-            record = _extract(root / entry.rel, extracted / entry.rel, entry.etag, where, classes)
+            record = _extract(root / entry.rel, extracted / entry.rel, entry.etag, where, classes, multi)
             for name, label in record["samples"]:
                 seen.add(shards.member_key(name, where)[0], f"{where}:{name}")
                 key = f"{entry.rel}:{name}"
                 local[key] = extracted / entry.rel / name
-                per[classes[label]].append(key)
+                pairs.append((key, tuple(label) if multi else label))
             ignored += record["ignored"]
             progress(1)
             stop()
     _warn_ignored(ignored)
-    return local, _layout(classes, files), stats
+    return local, layout.build(classes, found, multi), stats
 
 
-def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str]) -> dict:
+def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str], multi: bool) -> dict:
     """{"samples": [(member name, label)], "ignored": [...]} of a downloaded shard, its images extracted
-    into `folder` (under their own paths) once per ETag and class list (labels are indices into it)."""
+    into `folder` (under their own paths) once per ETag, class list and task (labels are indices into it)."""
     done = folder / ".complete.json"
     try:
         record = json.loads(done.read_text())
-        if (record["etag"], record.get("format"), record.get("classes")) == (etag, EXTRACTED_FORMAT, classes) and \
-                all((folder / name).is_file() for name, _ in record["samples"]):
+        same = (record["etag"], record.get("format"), record.get("classes"), record.get("multi")) == \
+            (etag, EXTRACTED_FORMAT, classes, multi)
+        if same and all((folder / name).is_file() for name, _ in record["samples"]):
             return record
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -300,7 +315,7 @@ def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str
     folder.mkdir(parents=True)
     samples, ignored = [], []
     with open(shard, "rb") as f:
-        for sample in shards.samples(f, where, classes, ignored):
+        for sample in shards.samples(f, where, classes, ignored, multi):
             name = f"{sample.key}{sample.ext}"
             try:
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -309,24 +324,25 @@ def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str
                 raise DataError(f"{where}: member {name} collides with another member's path (a file and a "
                                 "folder of the same name)") from None
             samples.append((name, sample.label))
-    record = {"etag": etag, "format": EXTRACTED_FORMAT, "classes": classes, "samples": samples, "ignored": ignored}
+    record = {"etag": etag, "format": EXTRACTED_FORMAT, "classes": classes, "multi": multi, "samples": samples,
+              "ignored": ignored}
     write_text(done, json.dumps(record))
     return record
 
 
 def _stream(source: Source, how: Staging) -> Streamed:
     """One pass over every shard for the samples' keys and labels (and the bad images); nothing kept."""
-    classes = source.layout.classes
-    files: dict[str, dict[str, list[str]]] = {}
+    classes, multi = source.layout.classes, source.layout.multi_label
+    found: dict[str, list] = {}
     bad: dict[str, str] = {}
     ignored: list[str] = []
     for split, entries in source.shard_entries.items():
-        per, seen = files.setdefault(split, {c: [] for c in classes}), shards.SplitKeys(split)
+        pairs, seen = found.setdefault(split, []), shards.SplitKeys(split)
         for entry in entries:
             chunk = []
-            for key, image, label in read_shards(source.store, [entry.rel], classes, ignored=ignored):
+            for key, image, label in read_shards(source.store, [entry.rel], classes, ignored=ignored, multi=multi):
                 seen.add(shards.member_key(key.split(":", 1)[1], key)[0], f"{source.uri}/{key}")
-                per[classes[label]].append(key)
+                pairs.append((key, label))
                 chunk.append((key, image))
             if how.checks:
                 bad |= how.checks.encoded(chunk)
@@ -334,12 +350,7 @@ def _stream(source: Source, how: Staging) -> Streamed:
             how.stop()
     _warn_ignored(ignored)
     etags = {e.rel: e.etag for es in source.shard_entries.values() for e in es}
-    return Streamed(_layout(classes, files), bad, source.uri, how.image_size, source.store, etags)
-
-
-def _layout(classes: list[str], files: dict[str, dict[str, list[str]]]) -> layout.Layout:
-    """The layout of samples found in shards, keys sorted: the same whichever order the members came in."""
-    return layout.Layout(classes, {s: {c: sorted(ks) for c, ks in per.items()} for s, per in files.items()})
+    return Streamed(layout.build(classes, found, multi), bad, source.uri, how.image_size, source.store, etags)
 
 
 def _warn_ignored(ignored: list[str]) -> None:

@@ -71,6 +71,24 @@ def class_weights(setting: str | Mapping[str, float], classes: list[str],
     return [float(setting.get(c, 1.0)) for c in classes]
 
 
+MAX_POSITIVE_WEIGHT = 10.0
+
+
+def positive_weights(setting: str | Mapping[str, float], classes: list[str], positives: Mapping[str, int],
+                     total: int) -> list[float] | None:
+    """Multi-label: per-label weights of the positive term of the binary cross-entropy, or None.
+
+    `auto`: n_negative / n_positive (TensorFlow's `pos_weight`: a label's positives weigh as much in total as its
+    negatives), kept between 1 and MAX_POSITIVE_WEIGHT: a rare label is not drowned by its negatives, and one
+    seen a few times does not drown the others. A mapping names some labels; the others keep 1."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return [min(max((total - positives[c]) / positives[c], 1.0), MAX_POSITIVE_WEIGHT) if positives[c] else 1.0
+                for c in classes]
+    return class_weights(setting, classes, positives)
+
+
 # `model.weights: none`: why the head phase is skipped (logged), and what the fine-tuning phase does instead.
 FROM_SCRATCH_HEAD_SKIPPED = ("model.weights is none: a head on random frozen features learns nothing, so the "
                              "fine-tuning phase trains every layer, BatchNormalization included, from its first "

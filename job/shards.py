@@ -1,6 +1,7 @@
 """Datasets as tar shards, in the WebDataset convention: `<split>/shard-NNNNNN.tar` under `data.uri`,
 each sample a group of adjacent members `<key>.<jpg|png|...>` with its label in `<key>.cls` (an index
-into `classes.txt` beside the shards) or `<key>.txt` (the class name). A key is the member's whole path
+into `classes.txt` beside the shards) or `<key>.txt` (the class name); multi-label samples carry theirs
+in `<key>.json`, `{"labels": [names in classes.txt]}` (an empty list: none). A key is the member's whole path
 up to the first dot of its file name (`cat/0001.jpg` and `dog/0001.jpg` are two samples); a key may
 occur once per split. Members of no sample (no image among them: `LICENSE.txt`, `README`) are skipped
 and named. `finetune-job pack` writes shards with an `index.json` of the counts and the shards (so
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.errors import DataError
+from job.errors import ConfigError, DataError
 from job.layout import IMAGE_EXTENSIONS, SPLITS
 
 SHARD = re.compile(r"^(train|validation|test)/shard-(\d{6})\.tar$")
@@ -33,7 +34,7 @@ class Sample:
     key: str  # the member path up to the first dot of its file name: `cat/0001` for `cat/0001.jpg`
     ext: str  # ".png", ...
     image: bytes
-    label: int  # index into the classes
+    label: int | tuple[int, ...]  # index into the classes; multi-label: the indices (sorted, maybe none)
 
 
 def shard_names(rels: Iterable[str]) -> dict[str, list[str]]:
@@ -46,12 +47,14 @@ def shard_names(rels: Iterable[str]) -> dict[str, list[str]]:
     return {s: sorted(found[s]) for s in SPLITS if s in found}
 
 
-def parse_classes(text: str, where: str) -> list[str]:
+def parse_classes(text: str, where: str, minimum: int = 2) -> list[str]:
     """The class names of classes.txt, one per `\n`-ended line (`\r\n` too), exactly as written (a folder
-    named ` cat` is a class ` cat`; pack writes it so); blank lines are skipped."""
+    named ` cat` is a class ` cat`; pack writes it so); blank lines are skipped. At least `minimum` (2 for
+    single-label; multi-label may have one label)."""
     classes = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
-    if len(classes) < 2:
-        raise DataError(f"{where}: {len(classes)} class(es); at least 2 are needed")
+    if len(classes) < minimum:
+        needed = "1 is" if minimum == 1 else f"{minimum} are"
+        raise DataError(f"{where}: {len(classes)} class(es); at least {needed} needed")
     if len(set(classes)) != len(classes):
         raise DataError(f"{where}: a class is listed twice")
     return classes
@@ -84,13 +87,15 @@ def member_key(name: str, where: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), "." + ext.lower()
 
 
-def samples(fileobj, name: str, classes: list[str] | None, ignored: list[str] | None = None) -> Iterator[Sample]:
+def samples(fileobj, name: str, classes: list[str] | None, ignored: list[str] | None = None,
+            multi: bool = False) -> Iterator[Sample]:
     """The samples of one shard, read as a stream (a file or an HTTP body; no seeking). Members that belong
-    to no sample (no image among them: `LICENSE.txt`, `README`) are skipped and named in `ignored`."""
+    to no sample (no image among them: `LICENSE.txt`, `README`) are skipped and named in `ignored`.
+    `multi`: labels from `<key>.json` (multi-label); a sample labelled the other way is a ConfigError."""
     groups = _groups(fileobj, name, ignored)
     seen: set[str] = set()
     for key, members in groups:
-        for sample in _sample(key, members, name, classes, ignored):
+        for sample in _sample(key, members, name, classes, ignored, multi):
             if key in seen:
                 raise DataError(f"{name}: sample {key} occurs twice (its members are not adjacent, or two "
                                 "samples share a key)")
@@ -124,7 +129,7 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
 
 
 def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] | None,
-            ignored: list[str] | None) -> Iterator[Sample]:
+            ignored: list[str] | None, multi: bool = False) -> Iterator[Sample]:
     images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
     if not images:  # not a sample: a LICENSE.txt, a notes.json
         if ignored is not None:
@@ -132,7 +137,33 @@ def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] |
         return
     if len(images) != 1:
         raise DataError(f"{name}: sample {key} has {len(images)} images ({', '.join(members)}); expected one")
-    yield Sample(key, images[0], members[images[0]], _label(key, members, name, classes, images[0]))
+    single = ".cls" in members or ".txt" in members
+    if multi and single and ".json" not in members:
+        raise ConfigError(f"{name}: sample {key} has one label ({key}.cls or .txt), but task is multi_label: "
+                          "set task: single_label, or pack the multi-label manifest")
+    if not multi and not single and ".json" in members:
+        raise ConfigError(f"{name}: sample {key} has a label list ({key}.json): a multi-label dataset; set "
+                          "task: multi_label")
+    label = _label_list(key, members, name, classes) if multi else _label(key, members, name, classes, images[0])
+    yield Sample(key, images[0], members[images[0]], label)
+
+
+def _label_list(key: str, members: dict[str, bytes], name: str, classes: list[str] | None) -> tuple[int, ...]:
+    """A multi-label sample's labels: `<key>.json` holds {"labels": [names in classes.txt]}."""
+    if ".json" not in members:
+        raise DataError(f"{name}: sample {key} has no labels ({key}.json with {{\"labels\": [...]}})")
+    try:
+        labels = json.loads(members[".json"])["labels"]
+    except (ValueError, KeyError, TypeError):
+        labels = None
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+        raise DataError(f"{name}: {key}.json is not {{\"labels\": [label names]}}")
+    if len(set(labels)) != len(labels):
+        raise DataError(f"{name}: {key}.json lists a label twice")
+    outside = [x for x in labels if x not in (classes or [])]
+    if outside:
+        raise DataError(f"{name}: {key}.json names label {outside[0]!r}, which {CLASSES} does not list")
+    return tuple(sorted(classes.index(x) for x in labels))
 
 
 def _label(key: str, members: dict[str, bytes], name: str, classes: list[str] | None, image: str) -> int:
@@ -178,11 +209,16 @@ class ShardWriter:
         self.number, self.tar, self.path, self.size = -1, None, None, 0
         self.counts: dict[str, int] = {}  # shard -> samples
 
-    def add(self, key: str, ext: str, image: bytes, label: int) -> None:
+    def add(self, key: str, ext: str, image: bytes, label: int | list[str]) -> None:
+        """One sample: its label an index (`<key>.cls`) or, multi-label, a list of names (`<key>.json`)."""
         size = len(image) + 3 * 512
         if self.tar is None or (self.size and self.size + size > self.max_bytes):
             self._next()
-        for name, data in ((f"{key}{ext}", image), (f"{key}.cls", str(label).encode())):
+        if isinstance(label, int):
+            member = (f"{key}.cls", str(label).encode())
+        else:
+            member = (f"{key}.json", json.dumps({"labels": label}).encode())
+        for name, data in ((f"{key}{ext}", image), member):
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             self.tar.addfile(info, io.BytesIO(data))
@@ -204,6 +240,9 @@ class ShardWriter:
             self.tar = None
 
 
-def index(classes: list[str], counts: dict[str, dict[str, int]], shard_counts: dict[str, int]) -> str:
-    """index.json: classes, images per split and class, samples per shard."""
-    return json.dumps({"classes": classes, "counts": counts, "shards": shard_counts}, indent=2) + "\n"
+def index(classes: list[str], counts: dict[str, dict[str, int]], shard_counts: dict[str, int],
+          task: str = "single_label", images: dict[str, int] | None = None) -> str:
+    """index.json: the task, classes, images per split and class (multi-label: carrying each label), images
+    per split, samples per shard."""
+    return json.dumps({"task": task, "classes": classes, "counts": counts, "images": images or {},
+                       "shards": shard_counts}, indent=2) + "\n"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from job import logs, manifest, shards, storage
 from job.config import Config
-from job.errors import DataError, StorageError
-from job.layout import Layout, case_clashes, discover, require_training_images
+from job.errors import ConfigError, DataError, StorageError
+from job.layout import Layout, MultiLayout, case_clashes, discover, require_training_images
 
 log = logs.get()
 MARGIN = 1.2  # copy only when the dataset and its image cache fit in the free space with this margin
@@ -38,7 +38,7 @@ class Source:
         return sum(sizes)
 
     def image_count(self) -> int:
-        return sum(n for per in self.layout.counts().values() for n in per.values())
+        return sum(self.layout.count(split) for split in self.layout.splits)
 
 
 def open_source(cfg: Config) -> Source:
@@ -56,12 +56,16 @@ def _open(cfg: Config, store: storage.Store) -> Source:
     found = shards.shard_names(e.rel for e in listing)
     if found:
         return _shard_source(cfg, store, listing, found)
+    if cfg.task == "multi_label":
+        raise ConfigError(f"task: multi_label needs label lists: a manifest (data.manifest, CSV path,labels or JSON "
+                          f"lines with \"labels\") or shards packed from one; {cfg.data.uri} is a folder per class, "
+                          "one label per image (task: single_label)")
     markers = store.empty_folders() if isinstance(store, storage.LocalStore) else []  # an empty class folder
     layout = discover([e.rel for e in listing] + markers, cfg.data.uri.rstrip("/"))
     if layout.ignored:
         log.warning("objects ignored (not images in a class folder)", count=len(layout.ignored),
                     examples=layout.ignored[:5])
-    wanted = {p for per in layout.files.values() for ps in per.values() for p in ps}
+    wanted = layout.keys()
     return Source("folder", cfg.data.uri, layout, {e.rel: (store, e) for e in listing if e.rel in wanted},
                   store=store)
 
@@ -81,6 +85,7 @@ def _read(uri: str, endpoint: str) -> bytes:
 def _manifest_source(cfg: Config, store: storage.Store) -> Source:
     name = cfg.data.manifest
     rows = manifest.parse(_read(name, cfg.s3.endpoint_url), name)
+    _check_task(cfg, manifest.is_multi_label(rows), name)
     entries: dict[str, tuple[storage.Store, storage.Entry]] = {}
     root = cfg.data.uri.rstrip("/")
     for prefix in manifest.listing_prefixes(rows, cfg.data.uri):
@@ -88,9 +93,38 @@ def _manifest_source(cfg: Config, store: storage.Store) -> Source:
         for e in where.list():
             key = e.rel if where is store else f"{prefix}/{e.rel}"
             entries[key] = (where, e)
-    layout = manifest.to_layout(rows, name, cfg.data.uri, set(entries))
-    wanted = {p for per in layout.files.values() for ps in per.values() for p in ps}
+    if manifest.is_multi_label(rows):
+        parent = name.rstrip("/").rpartition("/")[0]
+        classes_uri = f"{parent}/{shards.CLASSES}" if parent else shards.CLASSES
+        classes = _read_optional(classes_uri, cfg.s3.endpoint_url)
+        parsed = shards.parse_classes(classes.decode("utf-8", "replace"), classes_uri, 1) if classes else None
+        layout = manifest.to_multi_layout(rows, name, cfg.data.uri, set(entries), parsed, classes_uri)
+    else:
+        layout = manifest.to_layout(rows, name, cfg.data.uri, set(entries))
+    wanted = layout.keys()
     return Source("manifest", cfg.data.uri, layout, {k: v for k, v in entries.items() if k in wanted}, store=store)
+
+
+def manifest_task(name: str, endpoint: str) -> str:
+    """The task a manifest's rows describe: multi_label (label lists) or single_label."""
+    return "multi_label" if manifest.is_multi_label(manifest.parse(_read(name, endpoint), name)) else "single_label"
+
+
+def _check_task(cfg: Config, multi: bool, where: str) -> None:
+    """A dataset of label lists needs task: multi_label, and one label per image task: single_label."""
+    if multi and cfg.task != "multi_label":
+        raise ConfigError(f"{where}: a multi-label dataset (label lists) but task is {cfg.task}; set task: multi_label")
+    if not multi and cfg.task == "multi_label":
+        raise ConfigError(f"{where}: one label per image but task is multi_label; set task: single_label, or give "
+                          "label lists (CSV header path,labels; JSON lines \"labels\": [...])")
+
+
+def _read_optional(uri: str, endpoint: str) -> bytes | None:
+    """The object or file at `uri`, or None when there is none."""
+    try:
+        return _read(uri, endpoint)
+    except DataError:
+        return None
 
 
 def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry],
@@ -101,18 +135,22 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
     if shards.CLASSES not in by_rel:
         raise DataError(f"{cfg.data.uri}/{shards.CLASSES}: missing (the shards' class names, one per line)")
     classes = shards.parse_classes(store.read(shards.CLASSES).decode("utf-8", "replace"),
-                                   f"{cfg.data.uri}/{shards.CLASSES}")
+                                   f"{cfg.data.uri}/{shards.CLASSES}", 1 if cfg.task == "multi_label" else 2)
     if "train" not in found:
         raise DataError(f"{cfg.data.uri}: shards but no train/shard-NNNNNN.tar")
-    counts = {}
+    counts, images = {}, {}
     if shards.INDEX in by_rel:
         index = _read_index(store, f"{cfg.data.uri}/{shards.INDEX}")
         shards.check_listed(set(index["shards"]), found, cfg.data.uri)
-        counts = index["counts"]
-    files = {s: {c: [""] * counts.get(s, {}).get(c, 0) for c in classes} for s in found}
-    layout = Layout(classes, files)
-    if counts:
-        require_training_images(layout, cfg.data.uri)
+        _check_task(cfg, index.get("task", "single_label") == "multi_label", f"{cfg.data.uri}/{shards.INDEX}")
+        counts, images = index["counts"], index.get("images") or {}
+    if cfg.task == "multi_label":  # the labels of each image are known once the shards are read
+        layout = MultiLayout(classes, {s: {f"#{i}": () for i in range(images.get(s, 0))} for s in found})
+    else:
+        files = {s: {c: [""] * counts.get(s, {}).get(c, 0) for c in classes} for s in found}
+        layout = Layout(classes, files)
+        if counts:
+            require_training_images(layout, cfg.data.uri)
     return Source("shards", cfg.data.uri, layout, store=store,
                   shard_entries={s: [by_rel[r] for r in rels] for s, rels in found.items()})
 

@@ -18,13 +18,19 @@ PARALLEL_SHARDS = 4
 
 
 def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str], image_size: tuple[int, int],
-            batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False) -> tf.data.Dataset:
+            batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
+            multi: bool = False) -> tf.data.Dataset:
     """(image float32 0..255, label int32) batches streamed from the shards: a seeded new shard order every
-    pass, PARALLEL_SHARDS shards read at a time, then a shuffle buffer."""
-    signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32))
+    pass, PARALLEL_SHARDS shards read at a time, then a shuffle buffer. `multi`: labels float32 [labels] 0/1."""
+    label_spec = tf.TensorSpec([len(classes)], tf.float32) if multi else tf.TensorSpec([], tf.int32)
+    signature = (tf.TensorSpec([], tf.string), label_spec)
 
     def shard(rel):
-        for _, image, label in read_shards(store, [rel.decode()], classes, allowed):
+        for _, image, label in read_shards(store, [rel.decode()], classes, allowed, multi=multi):
+            if multi:
+                hot = np.zeros(len(classes), np.float32)
+                hot[list(label)] = 1.0
+                label = hot
             yield image, label
 
     order = tf.data.Dataset.from_tensor_slices(rels)
@@ -42,13 +48,14 @@ def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str]
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 
-def pixels(store: Store, rels: list[str], classes: list[str], allowed: set[str], image_size: tuple[int, int]
-           ) -> tuple[np.ndarray, np.ndarray]:
+def pixels(store: Store, rels: list[str], classes: list[str], allowed: set[str], image_size: tuple[int, int],
+           multi: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A split in memory: uint8 [n, h, w, 3] and labels (evaluation of the exported formats)."""
     xs, ys = [], []
-    for images, labels in dataset(store, rels, classes, allowed, image_size, 64):
+    for images, labels in dataset(store, rels, classes, allowed, image_size, 64, multi=multi):
         xs.append(tf.cast(tf.round(images), tf.uint8).numpy())
         ys.append(labels.numpy())
     if not xs:
-        return np.zeros((0, *image_size, 3), np.uint8), np.zeros((0,), np.int32)
+        empty = np.zeros((0, len(classes)), np.float32) if multi else np.zeros((0,), np.int32)
+        return np.zeros((0, *image_size, 3), np.uint8), empty
     return np.concatenate(xs), np.concatenate(ys)

@@ -129,7 +129,7 @@ def test_early_stopping_restores_the_moving_statistics_of_the_best_epoch(tmp_pat
 
     def validate():
         snapshots.append([w.copy() for w in model.get_weights()])
-        return next(scripted), 0.5
+        return {"val_loss": next(scripted), "val_accuracy": 0.5}
 
     phase = loop.Phase(name="finetune", model=model,
                        dataset_fn=lambda ctx: dataset.feature_dataset(x, y, 8, shuffle=True, seed=1, repeat=True),

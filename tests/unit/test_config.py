@@ -71,7 +71,7 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("train.finetune.augment=[flip, spin]", "unknown augmentation op 'spin' (one of: flip,"),
         ("train.head.augment=[{rotation: 1.5}]", "train.head.augment: augmentation op 'rotation': factor must be"),
         ("train.finetune.augment=sometimes", "train.finetune.augment:"),
-        ("train.early_stopping_metric=accuracy", "'val_loss' or 'val_accuracy'"),
+        ("train.early_stopping_metric=accuracy", "'val_loss', 'val_accuracy' or 'val_map'"),
         ("train.lr_schedule=step", "train.lr_schedule:"),
         ("train.label_smoothing=1.5", "train.label_smoothing:"),
         ("train.weight_decay=-1", "train.weight_decay:"),

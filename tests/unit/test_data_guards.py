@@ -147,11 +147,10 @@ def test_csv_header_and_fields_are_stripped_and_blank_lines_skipped():
 
 
 def test_csv_messages_name_the_line_and_the_header():
-    assert refusal("") == "m.csv line 1: the header must be 'path,label' or 'path,label,split', not ''"
-    assert refusal("path;label\n") == \
-        "m.csv line 1: the header must be 'path,label' or 'path,label,split', not 'path;label'"
-    assert refusal("File, Class\n") == \
-        "m.csv line 1: the header must be 'path,label' or 'path,label,split', not 'file,class'"
+    header = "m.csv line 1: the header must be 'path,label[,split]' (or multi-label 'path,labels[,split]')"
+    assert refusal("") == f"{header}, not ''"
+    assert refusal("path;label\n") == f"{header}, not 'path;label'"
+    assert refusal("File, Class\n") == f"{header}, not 'file,class'"
     assert refusal("path,label,split\na.png,cat\n") == "m.csv line 2: 2 fields, expected 3 (path,label,split)"
     assert refusal("path,label\n,cat\n") == "m.csv line 2: empty path"
     assert refusal("path,label\na.png, \n") == "m.csv line 2: empty label for a.png"
@@ -173,7 +172,8 @@ def test_jsonl_values_and_messages():
     assert [(r.line, r.path, r.label, r.split) for r in got] == [(1, "a.png", "3", None), (2, "b.gif", "x", None),
                                                                  (4, "c.bmp", "y", "validation")]
     assert refusal('{"path": "a.png", "label": null}\n', "m.jsonl") == "m.jsonl line 1: empty label for a.png"
-    expected = 'm.jsonl line 2: expected an object with "path" and "label" (and "split")'
+    expected = ('m.jsonl line 2: expected an object with "path" and "label" (multi-label: "labels", a list) and '
+                'maybe "split"')
     for bad in ('["a.png", "cat"]', '{"label": "cat"}', '{"path": "a.png"}', '"a.png"'):
         assert refusal('{"path": "a.png", "label": "c"}\n' + bad + "\n", "m.jsonl") == expected
     assert refusal('{"path": "a.png", "label": "c"}\n{"path": \n', "m.jsonl") == \
@@ -471,8 +471,8 @@ def test_shard_writer_without_samples_writes_nothing(tmp_path):
 def test_index_json():
     text = shards.index(["a", "b"], {"train": {"a": 1, "b": 2}}, {"train/shard-000000.tar": 3})
     assert text.endswith("}\n")
-    assert json.loads(text) == {"classes": ["a", "b"], "counts": {"train": {"a": 1, "b": 2}},
-                                "shards": {"train/shard-000000.tar": 3}}
+    assert json.loads(text) == {"task": "single_label", "classes": ["a", "b"], "counts": {"train": {"a": 1, "b": 2}},
+                                "images": {}, "shards": {"train/shard-000000.tar": 3}}
 
 
 # ---------------------------------------------------------------- bugs these tests found (fixed in c8ffc49)

@@ -31,7 +31,8 @@ def test_csv_and_jsonl_manifests():
 
 
 @pytest.mark.parametrize("text, name, message", [
-    ("file,class\nx.png,a\n", "m.csv", "m.csv line 1: the header must be 'path,label' or 'path,label,split'"),
+    ("file,class\nx.png,a\n", "m.csv",
+     "m.csv line 1: the header must be 'path,label[,split]' (or multi-label 'path,labels[,split]')"),
     ("path,label\nx.png,\n", "m.csv", "m.csv line 2: empty label for x.png"),
     ("path,label,split\nx.png,a,holdout\n", "m.csv", "m.csv line 2: unknown split 'holdout'"),
     ("path,label\nx.png,a,extra\n", "m.csv", "m.csv line 2: 3 fields, expected 2"),

@@ -55,7 +55,7 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, cluster, data):
 
     def validate():
         snapshots.append([w.copy() for w in model.get_weights()])
-        return next(scripted), 0.5
+        return {"val_loss": next(scripted), "val_accuracy": 0.5}
 
     state = RunState()
     loop.run_phase(phase_of(model, data, 6, validate), cluster, BATCH, loop.Options(patience=2),
@@ -79,7 +79,7 @@ def test_a_crashed_phase_resumes_at_its_next_epoch(tmp_path, cluster, data):
         calls.append(1)
         if len(calls) == 3:
             raise Crash  # after epoch 2's checkpoint, before epoch 3's
-        return 1.0 / len(calls), 0.5
+        return {"val_loss": 1.0 / len(calls), "val_accuracy": 0.5}
 
     with pytest.raises(Crash):
         loop.run_phase(phase_of(model, data, 4, crash_in_epoch_3), cluster, BATCH, loop.Options(patience=0),
@@ -91,8 +91,8 @@ def test_a_crashed_phase_resumes_at_its_next_epoch(tmp_path, cluster, data):
     assert (state.phase, state.epoch, state.step) == ("head", 2, 0)
     assert ckpt.number == 2
     seen = []
-    loop.run_phase(phase_of(model, data, 4, lambda: (seen.append(1) or 0.1, 0.5)), cluster, BATCH,
-                   loop.Options(patience=0), ckpt, state)
+    validate = lambda: {"val_loss": seen.append(1) or 0.1, "val_accuracy": 0.5}  # noqa: E731
+    loop.run_phase(phase_of(model, data, 4, validate), cluster, BATCH, loop.Options(patience=0), ckpt, state)
     assert len(seen) == 2 and [r["epoch"] for r in state.history["head"]] == [1, 2, 3, 4]
     assert ckpt.number == 4  # numbering continued after the fetched checkpoint
 
@@ -132,6 +132,6 @@ def test_checkpoints_by_time(tmp_path, cluster, data, every_seconds, saves):
     time, every step boundary (4 mid-epoch + the epoch's end, 5 steps an epoch)."""
     model = tiny_model(cluster)
     ckpt = checkpoints(tmp_path, cluster)
-    loop.run_phase(phase_of(model, data, 4, lambda: (0.5, 0.5)), cluster, BATCH,
+    loop.run_phase(phase_of(model, data, 4, lambda: {"val_loss": 0.5, "val_accuracy": 0.5}), cluster, BATCH,
                    loop.Options(patience=0, every_seconds=every_seconds), ckpt, RunState())
     assert ckpt.number == saves

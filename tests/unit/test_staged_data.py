@@ -135,7 +135,8 @@ def test_no_validation_split_is_absent_not_empty(tmp_path):
     write_sample_dataset(tmp_path / "d", classes=2, per_class=3, size=8, seed=0, test_per_class=0)
     reader = stage(tmp_path / "d", "copy", tmp_path).settle(0.0, seed=1)
     assert list(reader.layout.files) == ["train"] and reader.count("validation") == 0
-    assert pipeline.validate(config(tmp_path / "d", validation_split=0.0)) == {"train": {"circle": 3, "square": 3}}
+    validated = pipeline.validate(config(tmp_path / "d", validation_split=0.0))
+    assert validated.counts() == {"train": {"circle": 3, "square": 3}}
 
 
 def test_single_image_classes_leave_no_empty_validation_split(tmp_path):
