@@ -166,7 +166,8 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per image.")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="Which artifact of the run classifies.")] = "saved_model",
 ) -> None:
-    """Classify images with an exported run; prints the top-k labels with probabilities."""
+    """Classify images with an exported run; prints the top-k labels with probabilities (multi-label: the labels
+    above their thresholds, with scores)."""
     from job import logs
 
     try:
@@ -180,7 +181,14 @@ def predict(
         if as_json:
             typer.echo(json.dumps(r))
         else:
-            typer.echo(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+            typer.echo(r["image"] + ": " + _shown(r))
+
+
+def _shown(result: dict) -> str:
+    """One image's line: the top-k labels with probabilities; multi-label, the labels above their thresholds."""
+    if "labels" in result:
+        return ", ".join(f"{t['label']} {t['score']:.3f}" for t in result["labels"]) or "(no label above threshold)"
+    return ", ".join(f"{t['label']} {t['probability']:.3f}" for t in result["top"])
 
 
 @app.command()

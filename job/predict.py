@@ -26,7 +26,7 @@ def artifact(fmt: str) -> str:
 @contextlib.contextmanager
 def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") -> Iterator[Path]:
     """A complete exported run as a local folder, the format's files and the labels checked against the manifest."""
-    from job.export import MANIFEST, SUCCESS, sha256
+    from job.export import MANIFEST, SUCCESS, THRESHOLDS, sha256
 
     store = storage.open_store(model_uri, endpoint)
     if not store.exists(SUCCESS):
@@ -35,7 +35,8 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
 
     def needed(rel: str) -> bool:
         # the artifact, its folder's files, or its description beside it (model.tflite.json)
-        return rel in (MANIFEST, "labels.txt", f"{target}.json") or rel == target or rel.startswith(target + "/")
+        return rel in (MANIFEST, "labels.txt", THRESHOLDS, f"{target}.json") or rel == target or \
+            rel.startswith(target + "/")
 
     with contextlib.ExitStack() as stack:
         if isinstance(store, storage.LocalStore):
@@ -68,13 +69,23 @@ def read_images(images: list[str], endpoint: str = "") -> list[bytes]:
 
 
 def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "", fmt: str = "saved_model") -> list[dict]:
-    """Top-k labels with probabilities for each image (local path or s3:// URI), with the chosen artifact."""
+    """Top-k labels with probabilities for each image (local path or s3:// URI), with the chosen artifact.
+    A multi-label run: the labels above their thresholds with their scores (`labels`), and every score."""
+    from job.export import THRESHOLDS
+
     with fetched_run(model_uri, endpoint, fmt) as folder:
         blobs = read_images(images, endpoint)
         labels = (folder / "labels.txt").read_text().splitlines()
-        classify = _classifier(fmt, folder / artifact(fmt))
+        multi = (folder / THRESHOLDS).is_file()
+        classify = _classifier(fmt, folder / artifact(fmt), multi)
         results = []
         for uri, blob in zip(images, blobs):
+            if multi:
+                scores, above = classify(uri, blob)
+                chosen = [{"label": labels[i], "score": float(scores[i])} for i in scores.argsort()[::-1] if above[i]]
+                results.append({"image": uri, "labels": chosen,
+                                "scores": {c: float(v) for c, v in zip(labels, scores)}})
+                continue
             probs = classify(uri, blob)
             order = probs.argsort()[::-1][:top_k]
             results.append({"image": uri, "top": [{"label": labels[i], "probability": float(probs[i])}
@@ -82,25 +93,29 @@ def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "", f
     return results
 
 
-def _classifier(fmt: str, path: Path):
-    """(uri, encoded bytes) -> probabilities. The SavedModel decodes itself; the other formats get the pixels
-    the job's own decoder makes, as in training."""
+def _classifier(fmt: str, path: Path, multi: bool = False):
+    """(uri, encoded bytes) -> probabilities, or multi-label (scores, above 0/1). The SavedModel decodes itself;
+    the other formats get the pixels the job's own decoder makes, as in training."""
     import tensorflow as tf
 
     if fmt in ("saved_model", "tf_serving"):
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]
 
         def probabilities(blob: bytes):
-            return serve(image_bytes=tf.constant([blob]))["probabilities"].numpy()[0]
+            out = serve(image_bytes=tf.constant([blob]))
+            if multi:
+                return out["scores"].numpy()[0], out["above"].numpy()[0] > 0.5
+            return out["probabilities"].numpy()[0]
     else:
         from job.dataset import decode_and_resize
         from job.formats import runner
 
-        run = runner(fmt, path)
+        run = runner(fmt, path, multi)
         size = tuple(json.loads(Path(f"{path}.json").read_text())["input"]["shape"][1:3])
 
         def probabilities(blob: bytes):
-            return run.predict(decode_and_resize(tf.constant(blob), size).numpy()[None])[0]
+            out = run.predict(decode_and_resize(tf.constant(blob), size).numpy()[None])
+            return (out[0][0], out[1][0] > 0.5) if multi else out[0]
 
     def classify(uri: str, blob: bytes):
         try:

@@ -97,6 +97,42 @@ def write_sample_dataset(root: Path, classes: int = 3, per_class: int = 40, size
     return counts
 
 
+def write_multilabel_dataset(root: Path, labels: tuple[str, ...] = SHAPES[:3], train: int = 90, test: int = 30,
+                             size: int = 32, seed: int = 0) -> Path:
+    """A multi-label dataset: each image shows 0 to 3 of `labels`' shapes side by side (a `size` x `size`
+    image of each, in its class colour, tiled in a row: the job resizes it), labelled with the set present; one
+    image in eight shows none. Writes root/images/*.png and root/labels.jsonl (path, labels, split); returns
+    the manifest's path."""
+    import json
+
+    rng = random.Random(seed)
+    rows = []
+    (Path(root) / "images").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("test", test)):
+        for i in range(n):
+            present = [] if i % 8 == 7 else sorted(rng.sample(labels, rng.randint(1, min(3, len(labels)))))
+            tiles = [draw(c, COLOURS[SHAPES.index(c)], size, rng) for c in present] or [draw_empty(size, rng)]
+            rng.shuffle(tiles)
+            canvas = Image.new("RGB", (size * len(tiles), size))
+            for k, tile in enumerate(tiles):
+                canvas.paste(tile, (k * size, 0))
+            rel = f"images/{split}_{i:04d}.png"
+            canvas.save(Path(root) / rel)
+            rows.append({"path": rel, "labels": present, "split": split})
+    manifest = Path(root) / "labels.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def draw_empty(size: int, rng: random.Random) -> Image.Image:
+    """Background and noise as `draw` makes them, with no shape."""
+    img = Image.new("RGB", (size, size), tuple(rng.randint(0, 90) for _ in range(3)))
+    px = img.load()
+    for _ in range(size * size // 8):
+        px[rng.randrange(size), rng.randrange(size)] = tuple(rng.randint(0, 120) for _ in range(3))
+    return img
+
+
 def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: str = "mobilenet_v2",
                   epochs: int = 8, seed: int = 0, batch_size: int = 16, augment: bool = False,
                   bn_momentum: float = 0.8) -> Path:
