@@ -219,6 +219,9 @@ def test_dashboard_expression_returns_data(observed, panel, expr):
     if "device_memory_bytes" in expr:
         assert result == []  # no GPU on this machine: the panel stays empty rather than wrong
         return
+    if "val_map" in expr:
+        assert result == []  # a single-label run: the multi-label mAP stays empty (tests/unit/test_metrics.py)
+        return
     values = [float(v) for series in result for _, v in series["values"]]
     assert any(math.isfinite(v) for v in values), f"{panel}: no data"
 

@@ -359,3 +359,14 @@ def test_device_memory_is_read_only_from_an_imported_tensorflow(run, monkeypatch
         metrics.step_done("head", 8, 0.01, 0.0)
     assert calls == ["GPU:0"]  # sampled at most every few seconds, not per step
     assert value(scrape(opts["port"]), "finetune_job_device_memory_bytes", device="GPU:0") == 123456789
+
+
+def test_a_multilabel_epoch_exposes_the_validation_map(run):
+    opts = run(run_id="run-map", worker=0)
+    metrics.epoch_done("finetune", 2, train_loss=0.3, train_accuracy=0.9, val_loss=0.35, val_accuracy=float("nan"),
+                       val_map=0.875)
+    families = scrape(opts["port"])
+    (sample,) = families["finetune_job_val_map"][1]
+    assert sample.labels["phase"] == "finetune" and sample.value == 0.875
+    metrics.epoch_done("head", 1, train_loss=0.3, train_accuracy=0.9, val_loss=0.35, val_accuracy=0.5)
+    assert [s.labels["phase"] for s in scrape(opts["port"])["finetune_job_val_map"][1]] == ["finetune"]

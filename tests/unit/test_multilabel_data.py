@@ -1,0 +1,230 @@
+"""Multi-label data: manifests of label lists (CSV and JSON lines), the stratified carve of a validation split,
+`pack` into shards with `<key>.json`, copied and streamed readers that agree, the task checks, and positive
+weights. Generated inputs (hypothesis) besides the cases written by hand; local folders, no TensorFlow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tar_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from job import layout, manifest, readers, recipe, sources
+from job.config import Config
+from job.errors import ConfigError, DataError
+from job.pack import pack
+
+NAMES = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="|"), min_size=1,
+                max_size=8).filter(lambda s: s.strip() == s and s.strip())
+LABEL_SETS = st.lists(st.lists(NAMES, unique=True, max_size=4), min_size=1, max_size=20)
+
+
+def csv_text(rows: list[tuple[str, list[str], str | None]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["path", "labels", "split"])
+    for path, labels, split in rows:
+        writer.writerow([path, manifest.SEPARATOR.join(labels), split or ""])
+    return out.getvalue()
+
+
+def jsonl_text(rows: list[tuple[str, list[str], str | None]]) -> str:
+    return "".join(json.dumps({"path": p, "labels": ls, **({"split": s} if s else {})}) + "\n" for p, ls, s in rows)
+
+
+@given(LABEL_SETS, st.sampled_from(["csv", "jsonl"]))
+def test_label_lists_read_back_as_written(sets, kind):
+    rows = [(f"img/{i}.png", labels, None) for i, labels in enumerate(sets)]
+    text = csv_text(rows) if kind == "csv" else jsonl_text(rows)
+    parsed = manifest.parse(text.encode(), f"m.{kind}")
+    assert manifest.is_multi_label(parsed)
+    assert [(r.path, list(r.labels)) for r in parsed] == [(p, ls) for p, ls, _ in rows]
+
+
+@given(LABEL_SETS)
+def test_the_classes_are_the_union_and_every_image_keeps_its_set(sets):
+    rows = manifest.parse(jsonl_text([(f"{i}.png", ls, None) for i, ls in enumerate(sets)]).encode(), "m.jsonl")
+    if not any(sets):
+        with pytest.raises(DataError, match="no labels at all"):
+            manifest.to_multi_layout(rows, "m.jsonl", "/d", {f"{i}.png" for i in range(len(sets))})
+        return
+    built = manifest.to_multi_layout(rows, "m.jsonl", "/d", {f"{i}.png" for i in range(len(sets))})
+    assert built.classes == sorted({x for ls in sets for x in ls})
+    keys, labels = built.items("train")
+    got = {k: {built.classes[i] for i in y} for k, y in zip(keys, labels)}
+    assert got == {f"{i}.png": set(ls) for i, ls in enumerate(sets)}
+    assert built.counts()["train"] == {c: sum(c in ls for ls in sets) for c in built.classes}
+    assert built.unlabelled("train") == sum(not ls for ls in sets)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"path": "a.png", "labels": "cat"}\n', 'm.jsonl line 1: "labels" must be a list of label names'),
+    ('{"path": "a.png", "labels": [1]}\n', 'm.jsonl line 1: "labels" must be a list of label names'),
+    ('{"path": "a.png", "labels": null}\n', 'm.jsonl line 1: "labels" must be a list of label names'),
+    ('{"path": "a.png", "labels": ["cat", " "]}\n', "m.jsonl line 1: a label with an empty name"),
+    ('{"path": "a.png", "labels": ["cat", "cat"]}\n', "m.jsonl line 1: label 'cat' listed twice"),
+    ('{"path": "a.png", "labels": ["cat"]}\n{"path": "b.png", "label": "cat"}\n',
+     'm.jsonl line 2: "label" and "labels" mixed in one manifest'),
+    ('{"path": "a.png", "label": "cat", "labels": ["cat"]}\n', 'm.jsonl line 1: expected an object with "path"'),
+    ("path,labels\na.png,cat||dog\n", "m.csv line 2: a label with an empty name"),
+    ("path,labels\na.png,cat|\n", "m.csv line 2: a label with an empty name"),
+    ("path,labels\na.png,dog|cat|dog\n", "m.csv line 2: label 'dog' listed twice"),
+    ("path,labels,split\na.png,cat,\nb.png,dog,test\n", "m.csv line 3: label 'dog' has no training image"),
+])
+def test_bad_label_lists_name_the_line(text, message):
+    name = "m.csv" if text.startswith("path") else "m.jsonl"
+    with pytest.raises(DataError) as e:
+        rows = manifest.parse(text.encode(), name)
+        manifest.to_multi_layout(rows, name, "/d", {"a.png", "b.png"})
+    assert str(e.value).startswith(message)
+
+
+def test_classes_txt_fixes_the_labels_and_their_order():
+    rows = manifest.parse(b'{"path": "a.png", "labels": ["dog"]}\n{"path": "b.png", "labels": ["cat"]}\n', "m.jsonl")
+    built = manifest.to_multi_layout(rows, "m.jsonl", "/d", {"a.png", "b.png"}, ["dog", "cat"], "classes.txt")
+    assert built.classes == ["dog", "cat"] and built.items("train") == (["a.png", "b.png"], [(0,), (1,)])
+    with pytest.raises(DataError, match="^m.jsonl line 2: label 'cat' is not in classes.txt"):
+        manifest.to_multi_layout(rows, "m.jsonl", "/d", {"a.png", "b.png"}, ["dog"], "classes.txt")
+    with pytest.raises(DataError, match="^classes.txt: label 'bird' has no training image in m.jsonl"):
+        manifest.to_multi_layout(rows, "m.jsonl", "/d", {"a.png", "b.png"}, ["dog", "cat", "bird"], "classes.txt")
+
+
+# ---------------------------------------------------------------- the carve
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(st.integers(0, 4), unique=True, max_size=3), min_size=2, max_size=60),
+       st.floats(0.05, 0.5), st.integers(0, 5), st.randoms())
+def test_the_carve_is_seeded_keeps_every_label_in_train_and_loses_no_image(sets, fraction, seed, rnd):
+    keys = [f"k{i:03d}" for i in range(len(sets))]
+    train = {k: tuple(sorted(s)) for k, s in zip(keys, sets)}
+    listed = layout.MultiLayout([f"l{i}" for i in range(5)], {"train": train})
+    carved = listed.carve(fraction, seed)
+    shuffled = list(train.items())
+    rnd.shuffle(shuffled)
+    assert carved == layout.MultiLayout(listed.classes, {"train": dict(shuffled)}).carve(fraction, seed)  # any order
+    val = carved.sets["validation"]
+    assert set(val).isdisjoint(carved.sets["train"]) and {**val, **carved.sets["train"]} == train
+    before, after = listed.counts()["train"], carved.counts()["train"]
+    assert all(after[c] >= 1 for c, n in before.items() if n)  # no label loses its last training image
+    assert abs(len(val) - len(train) * fraction) <= 2 + len(train) * fraction * 0.6
+
+
+def test_the_carve_gives_each_label_a_share_of_validation():
+    train = {f"k{i:03d}": ((i % 3,) if i % 10 else ()) for i in range(100)}
+    carved = layout.MultiLayout(["a", "b", "c"], {"train": train}).carve(0.2, 7)
+    assert 18 <= carved.count("validation") <= 22
+    assert all(5 <= n <= 8 for n in carved.counts()["validation"].values())
+    assert carved.unlabelled("validation") == 2
+
+
+def test_pick_spreads_over_labels_and_the_unlabelled():
+    listed = layout.MultiLayout(["a", "b"], {"train": {"1": (0,), "2": (0,), "3": (0,), "4": (1,), "5": ()}})
+    assert set(listed.pick("train", 3)) == {"1", "4", "5"}
+
+
+# ---------------------------------------------------------------- shards, readers, tasks
+
+
+def labelled_manifest(root: Path, n: int = 12) -> Path:
+    from job.sample_data import write_multilabel_dataset
+
+    return write_multilabel_dataset(root, ("circle", "square"), train=n, test=4, size=16, seed=1)
+
+
+def config(uri, task="multi_label", **data) -> Config:
+    return Config.model_validate({"task": task, "data": {"uri": str(uri), **data}, "output": {"uri": "/tmp/unused"},
+                                  "model": {"weights": "none"}})
+
+
+def test_packed_label_lists_read_back_the_same_copied_and_streamed(tmp_path):
+    listed = labelled_manifest(tmp_path / "d")
+    pack(str(listed), str(tmp_path / "shards"), 4000)
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index["task"] == "multi_label" and index["images"] == {"train": 12, "test": 4}
+    members = {m for shard in (tmp_path / "shards").rglob("*.tar") for m in _members(shard)}
+    assert members and all(m.endswith((".png", ".json")) for m in members)
+    expected = {}
+    for row in map(json.loads, listed.read_text().splitlines()):
+        expected.setdefault(row["split"], []).append(((tmp_path / "d" / row["path"]).read_bytes(), row["labels"]))
+    for mode in ("copy", "stream"):
+        cfg = config(tmp_path / "shards")
+        cache = tmp_path / f"cache-{mode}"
+        reader = readers.create(sources.open_source(cfg), mode, readers.Staging(cache, cache / "i", (8, 8)))
+        assert reader.multi
+        got = {split: sorted((image, sorted(reader.layout.classes[i] for i in y))
+                             for _, image, y in reader.samples(split)) for split in reader.layout.splits}
+        assert got == {s: sorted((b, sorted(ls)) for b, ls in v) for s, v in expected.items()}
+        settled = reader.settle(0.25, seed=3)
+        assert settled.count("validation") > 0 and settled.targets(settled.items("train")[1]).shape == (
+            settled.count("train"), 2)
+
+
+def _members(shard: Path) -> list[str]:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return tar.getnames()
+
+
+def test_a_label_list_is_a_multilabel_dataset_and_one_label_is_not(tmp_path):
+    listed = labelled_manifest(tmp_path / "d")
+    with pytest.raises(ConfigError, match="a multi-label dataset .label lists. but task is single_label"):
+        sources.open_source(config(tmp_path / "d", task="single_label", manifest=str(listed)))
+    single = tmp_path / "d" / "single.csv"
+    single.write_text("path,label\nimages/train_0000.png,circle\nimages/train_0001.png,square\n")
+    with pytest.raises(ConfigError, match="one label per image but task is multi_label"):
+        sources.open_source(config(tmp_path / "d", manifest=str(single)))
+    (tmp_path / "f" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="task: multi_label needs label lists"):
+        sources.open_source(config(tmp_path / "f"))
+
+
+@pytest.mark.parametrize("task, member, message", [
+    ("single_label", ("0.json", b'{"labels": ["cat"]}'), "has a label list .0.json.: a multi-label dataset"),
+    ("multi_label", ("0.cls", b"0"), "has one label .0.cls or .txt., but task is multi_label"),
+])
+def test_a_shard_sample_labelled_for_the_other_task_is_exit_2(tmp_path, task, member, message):
+    (tmp_path / "s" / "train").mkdir(parents=True)
+    (tmp_path / "s" / "train" / "shard-000000.tar").write_bytes(tar_bytes([("0.png", b"x"), member]))
+    (tmp_path / "s" / "classes.txt").write_text("cat\ndog\n")
+    cfg = config(tmp_path / "s", task=task)
+    with pytest.raises(ConfigError, match=message):
+        readers.create(sources.open_source(cfg), "stream", readers.Staging(tmp_path, tmp_path, (8, 8)))
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"labels": "cat"}', 'is not {"labels": \\[label names\\]}'),
+    (b"not json", 'is not {"labels": \\[label names\\]}'),
+    (b'{"labels": ["cat", "cat"]}', "lists a label twice"),
+    (b'{"labels": ["bird"]}', "names label 'bird', which classes.txt does not list"),
+])
+def test_bad_label_members_are_data_errors(tmp_path, body, message):
+    (tmp_path / "s" / "train").mkdir(parents=True)
+    (tmp_path / "s" / "train" / "shard-000000.tar").write_bytes(tar_bytes([("0.png", b"x"), ("0.json", body)]))
+    (tmp_path / "s" / "classes.txt").write_text("cat\ndog\n")
+    with pytest.raises(DataError, match=message):
+        cfg = config(tmp_path / "s")
+        readers.create(sources.open_source(cfg), "stream", readers.Staging(tmp_path, tmp_path, (8, 8)))
+
+
+def test_positive_weights():
+    assert recipe.positive_weights("auto", ["a", "b", "c"], {"a": 10, "b": 50, "c": 1}, 100) == [9.0, 1.0, 10.0]
+    assert recipe.positive_weights("none", ["a"], {"a": 1}, 2) is None
+    assert recipe.positive_weights({"b": 3.0}, ["a", "b"], {"a": 1, "b": 1}, 2) == [1.0, 3.0]
+    with pytest.raises(ValueError, match="classes the dataset does not have: z"):
+        recipe.positive_weights({"z": 3.0}, ["a"], {"a": 1}, 2)
+
+
+def test_the_metric_must_fit_the_task():
+    with pytest.raises(ValueError, match="val_map does not apply to task single_label"):
+        Config.model_validate({"data": {"uri": "/d"}, "output": {"uri": "/o"},
+                               "train": {"early_stopping_metric": "val_map"}})
+    with pytest.raises(ValueError, match="val_accuracy does not apply to task multi_label"):
+        Config.model_validate({"task": "multi_label", "data": {"uri": "/d"}, "output": {"uri": "/o"},
+                               "train": {"early_stopping_metric": "val_accuracy"}})
