@@ -104,7 +104,7 @@ def _label_spec(labels: np.ndarray):
 
 def image_dataset(paths: list[str], labels, image_size: tuple[int, int], batch_size: int,
                   *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
-                  cache_dir: Path | None = None) -> tf.data.Dataset:
+                  cache_dir: Path | None = None, start: int = 0) -> tf.data.Dataset:
     """(image float32 0..255, label) batches, decoded and resized in parallel, prefetched; labels int32 class
     indices, or (multi-label) float32 [labels] 0/1 rows.
 
@@ -114,16 +114,14 @@ def image_dataset(paths: list[str], labels, image_size: tuple[int, int], batch_s
     labels = _labels(labels)
     cache = cache_images(paths, image_size, Path(cache_dir)) if cache_dir is not None else None
     if cache is not None:
-        return _cached_image_dataset(cache, labels, batch_size, shuffle=shuffle, seed=seed, repeat=repeat)
-    ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
-    if shuffle:
-        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+        return _cached_image_dataset(cache, labels, batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
+                                     start=start)
+    all_paths, all_labels = tf.constant(list(paths), tf.string), tf.constant(labels)
 
-    def load(path, label):
-        return decode_and_resize(tf.io.read_file(path), image_size), label
+    def load(i):
+        return decode_and_resize(tf.io.read_file(all_paths[i]), image_size), all_labels[i]
 
+    ds = _indices(len(paths), shuffle=shuffle, seed=seed, repeat=repeat, start=start)
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=not shuffle)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
@@ -170,16 +168,27 @@ def pixels(paths: list[str], image_size: tuple[int, int], cache_dir: Path | None
     return np.concatenate(batches) if batches else np.zeros((0, *image_size, 3), np.uint8)
 
 
-def _indices(n: int, *, shuffle: bool, seed: int, repeat: bool) -> tf.data.Dataset:
-    """Row indices 0..n-1, reshuffled every epoch when asked, repeated forever when asked."""
-    ds = tf.data.Dataset.range(n)
-    if shuffle:
-        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    return ds.repeat() if repeat else ds
+def _indices(n: int, *, shuffle: bool, seed: int, repeat: bool, start: int = 0) -> tf.data.Dataset:
+    """Row indices 0..n-1, repeated forever when asked, each epoch in its own order when shuffled: a function
+    of the seed and the epoch's number alone (stateless), so that the stream from index `start` on is exactly
+    what an uninterrupted run reads from there (a resumed run continues its data order, epoch and step)."""
+    if n == 0:
+        return tf.data.Dataset.range(0)
+    first = start // n if repeat else 0
+    epochs = tf.data.Dataset.range(first, 2**62) if repeat else tf.data.Dataset.range(1)
+
+    def epoch(number):
+        rows = tf.range(n, dtype=tf.int64)
+        if shuffle:
+            rows = tf.random.experimental.stateless_shuffle(rows, seed=tf.stack([tf.constant(seed, tf.int64), number]))
+        return tf.data.Dataset.from_tensor_slices(rows)
+
+    ds = epochs.flat_map(epoch)
+    return ds.skip(start - first * n) if start - first * n else ds
 
 
 def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
-                          *, shuffle: bool, seed: int, repeat: bool) -> tf.data.Dataset:
+                          *, shuffle: bool, seed: int, repeat: bool, start: int = 0) -> tf.data.Dataset:
     """Batches of rows of a `cache_images` file, read with positional reads (pread)."""
     with open(cache, "rb") as f:
         np.lib.format.read_magic(f)
@@ -187,7 +196,7 @@ def _cached_image_dataset(cache: Path, labels: np.ndarray, batch_size: int,
         offset = f.tell()
     row_shape = shape[1:]
     row_bytes = int(np.prod(row_shape))
-    ds = _indices(len(labels), shuffle=shuffle, seed=seed, repeat=repeat)
+    ds = _indices(len(labels), shuffle=shuffle, seed=seed, repeat=repeat, start=start)
     label_type, label_shape = _label_spec(labels)
 
     def read(idx):
@@ -258,11 +267,13 @@ def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
 
 
 def feature_dataset(features: np.ndarray, labels, batch_size: int,
-                    *, shuffle: bool = False, seed: int = 0, repeat: bool = False) -> tf.data.Dataset:
-    """(feature float32, label) batches read from the memory-mapped feature file."""
+                    *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
+                    start: int = 0) -> tf.data.Dataset:
+    """(feature float32, label) batches read from the memory-mapped feature file, from example `start` of the
+    (repeated, shuffled) stream on."""
     labels = _labels(labels)
     dim = features.shape[1]
-    ds = _indices(len(labels), shuffle=shuffle, seed=seed, repeat=repeat)
+    ds = _indices(len(labels), shuffle=shuffle, seed=seed, repeat=repeat, start=start)
     label_type, label_shape = _label_spec(labels)
 
     def gather(idx):

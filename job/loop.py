@@ -37,7 +37,9 @@ class Phase:
 
     name: str  # "head" | "finetune"
     model: keras.Model  # what the step calls: the head on features, or the whole model on images
-    dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]  # repeated, per-replica batches
+    # (input context, examples to skip) -> repeated per-replica batches, from that example of the stream on: a
+    # resumed phase reads on exactly where it was stopped (job/dataset.py's stateless epoch orders)
+    dataset_fn: Callable[[tf.distribute.InputContext, int], tf.data.Dataset]
     examples: int  # training examples in one epoch (all workers together)
     epochs: int
     learning_rate: float
@@ -257,20 +259,23 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         optimizer.build(variables)
         best = [tf.Variable(v.value, trainable=False) for v in kept]
     saved = phase.saved or phase.model
+    rng = random_states(phase.model)  # dropout's random stream goes on where it was, too
     if state.resumes(phase.name):
-        ckpt.restore(weights=saved, optimizer=optimizer, best=best)
+        ckpt.restore(weights=saved, optimizer=optimizer, best=best, rng=rng)
     else:
         state.start(phase.name)
         if statistics:
             _start_moving_statistics(phase, cluster)
     if state.epoch < phase.epochs:
+        # This worker's examples read so far in the phase: whole epochs and the steps of the current one.
+        start = (state.epoch * steps + state.step) * (global_batch // cluster.num_workers)
         with cluster.strategy.scope():
-            batches = iter(cluster.strategy.distribute_datasets_from_function(phase.dataset_fn))
+            batches = iter(cluster.strategy.distribute_datasets_from_function(lambda ctx: phase.dataset_fn(ctx, start)))
         step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch, options)
         metrics.set_phase(phase.name)
         log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps,
                  from_epoch=state.epoch + 1, trainable_weights=len(variables), replicas=cluster.replicas)
-        saver = _Saver(ckpt, state, options.every_seconds, weights=saved, optimizer=optimizer, best=best)
+        saver = _Saver(ckpt, state, options.every_seconds, weights=saved, optimizer=optimizer, best=best, rng=rng)
         while state.epoch < phase.epochs:
             record = _train_epoch(phase, cluster, global_batch, steps, batches, step, state, options, saver)
             # Without validation data, early stopping watches the training loss and accuracy.
@@ -289,11 +294,17 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         log.info("restored best weights", phase=phase.name, best_epoch=state.best_epoch)
 
 
+def random_states(model: keras.Model) -> list:
+    """The states of the model's random generators (Dropout's SeedGenerator): not among a Keras model's
+    checkpointed weights, so a resumed run would draw other dropout masks than an uninterrupted one."""
+    return [v.value for v in model.variables if "seed_generator_state" in v.path]
+
+
 def _start_moving_statistics(phase: Phase, cluster: Cluster) -> None:
     """BatchNormalization that trains (from scratch): its moving statistics start from those of the first
     training batch (job.model.start_moving_statistics; over several replicas, of the whole global batch)."""
     with cluster.strategy.scope():
-        images, _ = next(iter(cluster.strategy.distribute_datasets_from_function(phase.dataset_fn)))
+        images, _ = next(iter(cluster.strategy.distribute_datasets_from_function(lambda ctx: phase.dataset_fn(ctx, 0))))
     cluster.strategy.run(lambda x: start_moving_statistics(phase.model, x), args=(images,))
     log.info("moving statistics started from a batch", phase=phase.name,
              layers=len(moving_statistics(phase.model)) // 2)

@@ -363,8 +363,8 @@ def _training_batches(run: Run):
     from job import loop
 
     per_replica = loop.per_replica_batch(run.cfg.train.batch_size, run.cluster)
-    seed = run.cfg.train.seed + len(run.state.history["finetune"])  # a resumed run does not replay its order
-    return lambda ctx: run.data.images("train", per_replica, shuffle=True, seed=seed, repeat=True, share=run.share)
+    return lambda ctx, start: run.data.images("train", per_replica, shuffle=True, seed=run.cfg.train.seed, repeat=True,
+                                              share=run.share, start=start)
 
 
 def _validation_images(run: Run):
@@ -420,8 +420,8 @@ def _on_features(run: Run) -> dict:
         val_features, val_labels = _features(run, "validation", None)
         validation = dataset.feature_dataset(val_features, val_labels, 256)
     seed = run.cfg.train.seed
-    return {"dataset_fn": lambda ctx: dataset.feature_dataset(train_features, train_labels, per_replica,
-                                                              shuffle=True, seed=seed, repeat=True),
+    return {"dataset_fn": lambda ctx, start: dataset.feature_dataset(train_features, train_labels, per_replica,
+                                                                     shuffle=True, seed=seed, repeat=True, start=start),
             "validate": loop.validator(run.parts.head, validation, run.multi)}
 
 

@@ -106,8 +106,9 @@ class Reader:
         raise NotImplementedError
 
     def images(self, split: str, batch: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
-               share: Share | None = None):
-        """(image float32 0..255, label) batches of a split, or of this worker's share of it."""
+               share: Share | None = None, start: int = 0):
+        """(image float32 0..255, label) batches of a split, or of this worker's share of it; from example `start`
+        of the (repeated) stream on (copied: exactly; streamed: a new seeded order instead)."""
         raise NotImplementedError
 
     def identity(self, split: str, share: Share | None = None) -> list:
@@ -133,12 +134,12 @@ class Copied(Reader):
     def _paths(self, keys: list[str]) -> list[str]:
         return [str(self.local[k]) for k in keys]
 
-    def images(self, split, batch, *, shuffle=False, seed=0, repeat=False, share=None):
+    def images(self, split, batch, *, shuffle=False, seed=0, repeat=False, share=None, start=0):
         from job import dataset
 
         keys, labels = self.items(split, share)
         return dataset.image_dataset(self._paths(keys), self.targets(labels), self.image_size, batch, shuffle=shuffle,
-                                     seed=seed, repeat=repeat, cache_dir=self.cache)
+                                     seed=seed, repeat=repeat, cache_dir=self.cache, start=start)
 
     def identity(self, split, share=None):
         keys, labels = self.items(split, share)
@@ -176,9 +177,12 @@ class Streamed(Reader):
         keys = set(self.items(split)[0])
         yield from sorted(read_shards(self.store, self.shards(split), self.layout.classes, keys, multi=self.multi))
 
-    def images(self, split, batch, *, shuffle=False, seed=0, repeat=False, share=None):
+    def images(self, split, batch, *, shuffle=False, seed=0, repeat=False, share=None, start=0):
         from job import stream
 
+        # Shards are read in a seeded order through a shuffle buffer: skipping to `start` would read the shards
+        # again, so a resumed streamed phase reads on in an order of its own (a seed moved by where it stopped).
+        seed += start
         keys = set(self.items(split, share)[0])
         return stream.dataset(self.store, self.shards(split, share), self.layout.classes, keys, self.image_size,
                               batch, shuffle=shuffle, seed=seed, repeat=repeat, multi=self.multi)

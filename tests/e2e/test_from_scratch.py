@@ -132,7 +132,8 @@ def test_early_stopping_restores_the_moving_statistics_of_the_best_epoch(tmp_pat
         return {"val_loss": next(scripted), "val_accuracy": 0.5}
 
     phase = loop.Phase(name="finetune", model=model,
-                       dataset_fn=lambda ctx: dataset.feature_dataset(x, y, 8, shuffle=True, seed=1, repeat=True),
+                       dataset_fn=lambda ctx, start: dataset.feature_dataset(x, y, 8, shuffle=True, seed=1, repeat=True,
+                                                                         start=start),
                        examples=len(y), epochs=5, learning_rate=0.05, validate=validate)
     state = RunState()
     ckpt = Checkpoints(storage.LocalStore(str(tmp_path / "out")), tmp_path / "work", cluster, keep=2)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
@@ -37,10 +39,14 @@ def tiny_model(cluster) -> keras.Model:
         return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
 
 
+def training(x, y, start: int = 0):
+    return dataset.feature_dataset(x, y, BATCH, shuffle=True, seed=1, repeat=True, start=start)
+
+
 def phase_of(model, data, epochs: int, validate) -> loop.Phase:
     x, y = data
     return loop.Phase(name="head", model=model,
-                      dataset_fn=lambda ctx: dataset.feature_dataset(x, y, BATCH, shuffle=True, seed=1, repeat=True),
+                      dataset_fn=lambda ctx, start: training(x, y, start),
                       examples=len(y), epochs=epochs, learning_rate=0.05, validate=validate)
 
 
@@ -135,3 +141,79 @@ def test_checkpoints_by_time(tmp_path, cluster, data, every_seconds, saves):
     loop.run_phase(phase_of(model, data, 4, lambda: {"val_loss": 0.5, "val_accuracy": 0.5}), cluster, BATCH,
                    loop.Options(patience=0, every_seconds=every_seconds), ckpt, RunState())
     assert ckpt.number == saves
+
+
+def test_the_multilabel_loss_is_binary_cross_entropy_with_positive_weights():
+    import tensorflow as tf
+
+    per_example = loop._loss_fn(loop.Options(multi_label=True, class_weights=(2.0, 1.0)), 2)
+    y = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+    p = np.array([[0.8, 0.3], [0.4, 0.9], [0.6, 0.2]], np.float32)
+    expected = -np.mean(np.array([2.0, 1.0]) * y * np.log(p) + (1 - y) * np.log(1 - p), axis=-1)
+    np.testing.assert_allclose(per_example(tf.constant(y), tf.constant(p)).numpy(), expected, rtol=1e-5)
+    correct = loop._correct(tf.constant(y), tf.constant(p), multi_label=True)
+    assert float(correct) == pytest.approx(1.0 + 1.0 + 0.5)  # per example: the share of labels right at 0.5
+
+
+def test_a_multilabel_phase_trains_and_validates_on_map(tmp_path, cluster, data):
+    x, _ = data
+    y = np.stack([x[:, 0] > 0, x[:, 1] > 0], axis=1).astype(np.float32)  # two labels, any number per example
+    keras.utils.set_random_seed(0)
+    with cluster.strategy.scope():
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(2, activation="sigmoid")(inputs))
+    phase = loop.Phase(name="head", model=model,
+                       dataset_fn=lambda ctx, start: training(x, y, start),
+                       examples=len(y), epochs=4, learning_rate=0.05,
+                       validate=loop.validator(model, dataset.feature_dataset(x, y, 16), multi_label=True))
+    state = RunState()
+    loop.run_phase(phase, cluster, BATCH, loop.Options(patience=0, multi_label=True, metric="val_map"),
+                   checkpoints(tmp_path, cluster), state)
+    records = state.history["head"]
+    assert [sorted(r) for r in records] == [["accuracy", "epoch", "loss", "seconds", "val_loss", "val_map"]] * 4
+    assert records[-1]["val_loss"] < records[0]["val_loss"] and 0 < records[-1]["val_map"] <= 1
+    assert state.best_epoch == max(range(1, 5), key=lambda e: (records[e - 1]["val_map"], -records[e - 1]["val_loss"]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 9), st.integers(0, 40), st.integers(0, 3))
+def test_the_training_order_read_on_from_any_point_is_the_uninterrupted_one(n, start, seed):
+    def read(begin: int, count: int) -> list[int]:
+        ds = dataset._indices(n, shuffle=True, seed=seed, repeat=True, start=begin)
+        return [int(i) for i in ds.take(count).as_numpy_iterator()]
+
+    whole = read(0, start + 12)
+    assert read(start, 12) == whole[start:]
+    epochs = [sorted(whole[k:k + n]) for k in range(0, len(whole) - n + 1, n)]
+    assert all(e == list(range(n)) for e in epochs)  # every epoch a permutation
+
+
+def test_a_phase_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, cluster, data):
+    """Checkpoints every 2 steps (5 an epoch); a crash at epoch 3's validation resumes at its step 4 and reads
+    on in the same order: the same per-epoch training losses and the same final weights. Validation improves
+    every epoch, so the final weights are the last epoch's (not an early best that hides the difference)."""
+    options = loop.Options(patience=0, every_steps=2)
+
+    def improving(state, crash_at=0):
+        def validate():
+            if len(state.history["head"]) + 1 == crash_at:
+                raise Crash
+            return {"val_loss": 1.0 / (len(state.history["head"]) + 1), "val_accuracy": 0.5}
+        return validate
+
+    whole_state, model = RunState(), tiny_model(cluster)
+    loop.run_phase(phase_of(model, data, 4, improving(whole_state)), cluster, BATCH, options,
+                   checkpoints(tmp_path / "whole", cluster), whole_state)
+    whole = model.get_weights()
+    cut = RunState()
+    with pytest.raises(Crash):
+        loop.run_phase(phase_of(tiny_model(cluster), data, 4, improving(cut, crash_at=3)), cluster, BATCH, options,
+                       checkpoints(tmp_path / "cut", cluster), cut)
+    ckpt = checkpoints(tmp_path / "cut", cluster)
+    state = ckpt.fetch()
+    assert (state.epoch, state.step) == (2, 4)
+    model = tiny_model(cluster)  # a new process: fresh weights, restored from storage
+    loop.run_phase(phase_of(model, data, 4, improving(state)), cluster, BATCH, options, ckpt, state)
+    assert [r["loss"] for r in state.history["head"]] == [r["loss"] for r in whole_state.history["head"]]
+    for a, b in zip(whole, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
