@@ -93,7 +93,7 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
         num_classes=len(classes), class_list=", ".join(f"`{c}`" for c in classes), height=height, width=width,
         counts_table=_counts_table(classes, counts), bad_images=bad_images, recipe=_recipe(config["train"]),
         results_table=_multi_results(reports, per_label, split) if multi else _results_table(reports), split=split,
-        formats_table=_formats_table(formats), limits=_limits(per_label, split),
+        formats_table=_formats_table(formats), limits=_limits(per_label, split, multi),
         smallest=min((v.get("images", sum(v.values())) for v in counts.values()), default=0))
 
 
@@ -163,9 +163,10 @@ def _formats_table(formats: dict[str, dict]) -> str:
                    "size", "latency, 1 image, CPU"], rows)
 
 
-def _limits(per_class: dict[str, dict], split: str) -> str:
+def _limits(per_class: dict[str, dict], split: str, multi: bool = False) -> str:
+    kind, why = ("label", "often missed on images that carry it") if multi else ("class", "its images are often "
+                                                                                 "given another class")
     weak = sorted((v["recall"], c) for c, v in per_class.items() if v["recall"] < LOW_RECALL)
     if not weak:
-        return f"- every class has a recall of at least {_pct(LOW_RECALL)} on {split}."
-    return "\n".join(f"- `{c}`: recall {_pct(recall)} on {split} (its images are often given another class)."
-                     for recall, c in weak)
+        return f"- every {kind} has a recall of at least {_pct(LOW_RECALL)} on {split}."
+    return "\n".join(f"- `{c}`: recall {_pct(recall)} on {split} ({why})." for recall, c in weak)

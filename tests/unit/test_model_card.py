@@ -86,3 +86,26 @@ def test_the_model_card_does_not_import_tensorflow():
     code = "import sys, job.model_card; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_multilabel_card_gives_map_f1s_and_each_labels_threshold():
+    per_label = {"rose": {"precision": 0.9, "recall": 0.95, "f1": 0.92, "average_precision": 0.97, "support": 20,
+                          "threshold": 0.41},
+                 "tulip": {"precision": 0.8, "recall": 0.5, "f1": 0.62, "average_precision": None, "support": 0,
+                           "threshold": 0.5}}
+    report = {"examples": 40, "map": 0.97, "micro_f1": 0.85, "macro_f1": 0.77, "subset_accuracy": 0.6, "loss": 0.31,
+              "per_label": per_label}
+    counts = {"train": {"rose": 30, "tulip": 12, "(no label)": 5, "images": 40}}
+    formats = {"saved_model": {"map": 0.97, "micro_f1": 0.85, "bytes": 9e6, "latency_ms_batch1": 3.0},
+               "tflite": {"map": 0.96, "micro_f1": 0.84, "agreement": 0.99, "bytes": 2e6, "latency_ms_batch1": 1.0}}
+    cfg = config.redacted(config.load(None, ["data.uri=/d", "output.uri=/o", "task=multi_label"], environ={}))
+    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {})
+    assert "# m1: a multi-label image classifier of 2 labels" in card and "Labels, in output order" in card
+    assert 'there is no "none of them"' not in card and "maybe none" in card
+    data, results, labels, fmts = _tables(card)
+    assert data[-2:] == [["(no label)", "5"], ["**images**", "40"]]
+    assert results[2] == ["test", "40", "97.0%", "85.0%", "77.0%", "60.0%", "0.310"]
+    assert labels[2] == ["rose", "20", "97.0%", "90.0%", "95.0%", "92.0%", "0.410"]
+    assert labels[3][2] == "n/a"  # no positive example: no average precision
+    assert fmts[0][1] == "micro-F1" and fmts[3] == ["tflite", "84.0%", "99.0%", "2.0 MB", "1.0 ms"]
+    assert "- `tulip`: recall 50.0% on test (often missed on images that carry it)." in card
