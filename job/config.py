@@ -198,6 +198,10 @@ class Config(_Section):
             raise ValueError(f"train.early_stopping_metric: {metric} does not apply to task {self.task} ({fits})")
         if multi and self.train.label_smoothing:
             raise ValueError("train.label_smoothing: applies to single_label only")
+        if multi and "learning_rate" not in self.train.finetune.model_fields_set:
+            # The task's own default (job.recipe.MULTI_LABEL_FINETUNE_RATE); an explicit value is kept.
+            self.train.finetune = self.train.finetune.model_copy(
+                update={"learning_rate": recipe.MULTI_LABEL_FINETUNE_RATE})
         return self
 
     @model_validator(mode="after")

@@ -209,3 +209,23 @@ def test_a_resumed_multilabel_run_ends_with_the_uninterrupted_runs_weights(s3, d
     assert drop_time[0] == drop_time[1]  # every epoch's losses: the resumed run read on in the same order
     thresholds = [get_json(s3, dataset, f"runs/{run}/thresholds.json") for run in runs]
     assert thresholds[0] == thresholds[1]
+
+
+def test_the_saved_models_signature_names_the_labels_above_their_thresholds(s3, dataset, multi, trained, tmp_path):
+    import numpy as np
+    import tensorflow as tf
+
+    prefix = f"{trained['prefix']}/saved_model/"
+    for key in s3.keys(dataset, prefix):
+        (tmp_path / key.removeprefix(prefix)).parent.mkdir(parents=True, exist_ok=True)
+        s3.client.download_file(dataset, key, str(tmp_path / key.removeprefix(prefix)))
+    thresholds = get_json(s3, dataset, f"{trained['prefix']}/thresholds.json")["labels"]
+    serve = tf.saved_model.load(str(tmp_path)).signatures["serving_default"]
+    rows = [r for r in multi["rows"] if r["split"] == "test"][:8]
+    out = serve(image_bytes=tf.constant([(multi["root"] / r["path"]).read_bytes() for r in rows]))
+    scores, above, labels = out["scores"].numpy(), out["above"].numpy(), out["labels"].numpy()
+    assert scores.shape == above.shape == labels.shape == (8, 3)
+    limits = np.array([thresholds[c]["threshold"] for c in LABELS], np.float32)
+    np.testing.assert_array_equal(above, (scores >= limits).astype(np.float32))
+    expected = np.where(above > 0.5, np.array([c.encode() for c in LABELS]), b"")
+    np.testing.assert_array_equal(labels, expected)

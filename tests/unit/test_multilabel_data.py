@@ -252,3 +252,12 @@ def test_validate_prints_images_per_label_and_warns_about_rare_ones(tmp_path):
     unlabelled = [sum(not r["labels"] for r in rows if r["split"] == split) for split in ("train", "test")]
     assert table["(no label)"] == unlabelled
     assert "fewer than 5 training images" in out.stderr and "rare" in out.stderr.split("images")[-1]
+
+
+def test_multilabel_finetunes_at_its_own_rate_unless_one_is_set():
+    def rate(task, **finetune):
+        return Config.model_validate({"task": task, "data": {"uri": "/d"}, "output": {"uri": "/o"},
+                                      "train": {"finetune": finetune}}).train.finetune.learning_rate
+
+    assert rate("multi_label") == recipe.MULTI_LABEL_FINETUNE_RATE and rate("single_label") == 1.0e-4
+    assert rate("multi_label", learning_rate=1.0e-4) == 1.0e-4 and rate("single_label", learning_rate=3e-5) == 3e-5
