@@ -152,6 +152,8 @@ class MetricsConfig(_Section):
     host: str = "0.0.0.0"  # address the /metrics server binds; 127.0.0.1 keeps it local
     pushgateway: str = ""
     linger_seconds: float = Field(15.0, ge=0.0)
+    # A local path: the chief appends one line per epoch and one at the end in Katib's TEXT format (job/katib.py)
+    file: str = ""
 
 
 class S3Config(_Section):

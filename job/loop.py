@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from job import evaluate, logs, metrics, multilabel, recipe, signals
+from job import evaluate, katib, logs, metrics, multilabel, recipe, signals
 from job.checkpoint import Checkpoints
 from job.distribute import Cluster
 from job.errors import ConfigError
@@ -62,6 +62,7 @@ class Options:
     every_steps: int = 0  # checkpoint every N steps inside an epoch; 0 = by time and at phase ends only
     every_seconds: float = 0.0  # checkpoint at the first epoch or step boundary this long after the last
     # one (0: at every epoch end); always at a phase's end and on SIGTERM
+    metrics_file: str = ""  # metrics.file: Katib's line per epoch (job/katib.py); "" = none
 
 
 def per_replica_batch(global_batch: int, cluster: Cluster) -> int:
@@ -358,5 +359,6 @@ def _train_epoch(phase: Phase, cluster: Cluster, global_batch: int, steps: int, 
     metrics.epoch_done(phase.name, epoch, train_loss=record["loss"], train_accuracy=record["accuracy"],
                        val_loss=record.get("val_loss", math.nan), val_accuracy=record.get("val_accuracy", math.nan),
                        val_map=record.get("val_map", math.nan) if options.multi_label else None)
+    katib.epoch_done(options.metrics_file, phase.name, record, chief=cluster.is_chief)
     log.info("epoch done", phase=phase.name, **record)
     return record

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from job import evaluate, layout, logs, metrics, recipe, runstate, storage
+from job import evaluate, katib, layout, logs, metrics, recipe, runstate, storage
 from job.config import Config, redacted
 from job.errors import ConfigError, DataError
 from job.readers import Reader, image_uri
@@ -102,7 +102,8 @@ class Run:
                             lr_schedule=t.lr_schedule, class_weights=tuple(weights) if weights else None,
                             multi_label=self.multi,
                             every_steps=self.cfg.checkpoint.every_steps,
-                            every_seconds=self.cfg.checkpoint.every_seconds)
+                            every_seconds=self.cfg.checkpoint.every_seconds,
+                            metrics_file=self.cfg.metrics.file)
 
 
 # ---------------------------------------------------------------- before TensorFlow (validate uses these)
@@ -516,6 +517,7 @@ def export_run(run: Run, reports: dict, started: float) -> dict:
         run.lease.check()
     with run.timings.measure("upload"):
         export.upload(folder, run.out)
+    katib.run_done(run.cfg.metrics.file, reports, chief=run.cluster.is_chief)  # the run is complete: its final line
     headline = reports.get("test") or reports.get("validation") or {}
     scores = {"test_map": reports.get("test", {}).get("map"), "val_map": reports.get("validation", {}).get("map"),
               "micro_f1": headline.get("micro_f1")} if run.multi else {

@@ -3,14 +3,17 @@
 For the chart defaults and for each ci/*-values.yaml: `helm lint --strict` (against each supported
 Kubernetes version), then a render whose every manifest is validated against the Kubernetes
 OpenAPI schemas of those versions (kubernetes-validate, strict: unknown fields are errors). The
-Prometheus Operator kinds (PodMonitor, PrometheusRule) are not in the core schemas; they are
-checked against the structural schemas below. Exits 1 on any finding.
+custom resources are not in the core schemas: a JobSet is checked against the OpenAPI schema of
+JobSet's published CRD (vendored under tests/deploy/schemas/jobset/, made just as strict), and each
+of its Job templates against the core schemas like a plain Job; the Prometheus Operator kinds
+(PodMonitor, PrometheusRule) against the structural schemas below. Exits 1 on any finding.
 
-The tests (tests/test_chart.py) use the same functions.
+The tests (tests/deploy/test_chart.py) use the same functions.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,10 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-CHART = Path(__file__).resolve().parents[1] / "helm" / "finetune-job"
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "finetune-job"
+# JobSet's CRD as released (version and checksum in the README next to it).
+JOBSET_CRD = ROOT / "tests" / "deploy" / "schemas" / "jobset" / "jobset.x-k8s.io_jobsets.yaml"
 KUBE_VERSIONS = ("1.29.0", "1.33.0")
 RELEASE = {"name": "finetune", "namespace": "ml", "revision": 1, "is_install": True}
 
@@ -119,6 +125,60 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """A CRD's structural schema as the API server applies it with strict field validation: an object
+    schema that lists its properties accepts no other field (unless it preserves unknown fields)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict_children(key, value) for key, value in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def strict_children(key: str, value: Any) -> Any:
+    if key == "properties":
+        return {name: strict(sub) for name, sub in value.items()}
+    if key in ("items", "additionalProperties", "not"):
+        return strict(value)
+    if key in ("anyOf", "allOf", "oneOf"):
+        return [strict(sub) for sub in value]
+    return value
+
+
+@functools.cache
+def crd_validators(path: Path = JOBSET_CRD) -> dict[tuple[str, str], jsonschema.protocols.Validator]:
+    """One validator per served version of a CRD file: its openAPIV3Schema, strict, with the metadata
+    checks the API server makes (the CRD leaves metadata open)."""
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+    validators = {}
+    for version in crd["spec"]["versions"]:
+        schema = strict(version["schema"]["openAPIV3Schema"])
+        schema["properties"]["metadata"] = _METADATA
+        schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
+        validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft7Validator(schema)
+    return validators
+
+
+def embedded_jobs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The batch/v1 Jobs a JobSet will create, one per replicated Job (its first replica)."""
+    name = manifest["metadata"]["name"]
+    return [
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {**replicated["template"].get("metadata", {}), "name": f"{name}-{replicated['name']}-0"},
+            "spec": replicated["template"]["spec"],
+        }
+        for replicated in manifest["spec"]["replicatedJobs"]
+    ]
+
+
 def value_sets(chart: Path = CHART) -> dict[str, dict[str, Any] | None]:
     """The value sets the chart is checked with: its defaults and each ci/*-values.yaml."""
     sets: dict[str, dict[str, Any] | None] = {"defaults": None}
@@ -157,10 +217,19 @@ def notes(values: dict[str, Any] | None = None, chart: Path = CHART, **release: 
 def validate(manifest: dict[str, Any], kube_version: str) -> str | None:
     """Why `manifest` is invalid for that Kubernetes version, or None."""
     where = f"{manifest.get('kind')}/{manifest.get('metadata', {}).get('name')}"
-    crd = CRD_SCHEMAS.get((manifest.get("apiVersion"), manifest.get("kind")))
+    key = (manifest.get("apiVersion"), manifest.get("kind"))
+    crd = CRD_SCHEMAS.get(key)
+    published = crd_validators().get(key)
     try:
         if crd is not None:
             jsonschema.validate(manifest, crd)
+        elif published is not None:
+            error = jsonschema.exceptions.best_match(published.iter_errors(manifest))
+            if error is not None:
+                raise error
+            for job in embedded_jobs(manifest):
+                if problem := validate(job, kube_version):
+                    return f"{where}: {problem}"
         else:
             kubernetes_validate.validate(manifest, kube_version, strict=True)
     except jsonschema.ValidationError as e:

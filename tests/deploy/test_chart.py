@@ -1,9 +1,11 @@
 """The Helm chart helm/finetune-job, through the real Helm engine (helm-python-sdk, no helm binary).
 
-Lint and render with the defaults and every ci/*-values.yaml, Kubernetes schema validation, the
-values schema, the "restricted" Pod Security Standard, where credentials go, the multi-worker
-wiring (the rendered TF_CONFIG shell wrapper is executed), and, marked slow, the rendered Job's
-command, args and environment running the real job end to end against an S3 server on 127.0.0.1.
+Lint and render with the defaults and every ci/*-values.yaml, Kubernetes schema validation (the
+JobSet against JobSet's published CRD), the values schema, the "restricted" Pod Security Standard,
+where credentials go, the multi-worker wiring of both workload kinds (the rendered TF_CONFIG shell
+wrapper is executed), the JobSet's failure policy, Kueue labels, the TensorBoard Deployment and
+Service, and, marked slow, the rendered Job's command, args and environment running the real job end
+to end against an S3 server on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -48,8 +50,23 @@ def kinds(manifests: list[dict[str, Any]]) -> list[str]:
     return sorted(m["kind"] for m in manifests)
 
 
+def workload(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training workload: the Job or the JobSet."""
+    (found,) = [m for m in manifests if m["kind"] in ("Job", "JobSet")]
+    return found
+
+
+def train_pod(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training pods' template: the Job's, or that of the JobSet's one replicated Job."""
+    found = workload(manifests)
+    if found["kind"] == "JobSet":
+        (replicated,) = found["spec"]["replicatedJobs"]
+        return replicated["template"]["spec"]["template"]
+    return found["spec"]["template"]
+
+
 def job_container(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    (container,) = only(manifests, "Job")["spec"]["template"]["spec"]["containers"]
+    (container,) = train_pod(manifests)["spec"]["containers"]
     return container
 
 
@@ -66,9 +83,19 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 
 
 def pod_specs(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every pod spec: the Job's template and the helm test pod."""
-    specs = [m["spec"]["template"]["spec"] for m in manifests if m["kind"] == "Job"]
+    """Every pod spec: the training pods' template (Job or JobSet), TensorBoard's and the helm test pod."""
+    specs = [train_pod(manifests)["spec"]]
+    specs += [m["spec"]["template"]["spec"] for m in manifests if m["kind"] == "Deployment"]
     return specs + [m["spec"] for m in manifests if m["kind"] == "Pod"]
+
+
+def keys_anywhere(document: Any) -> set[str]:
+    """Every mapping key in a manifest, at any depth."""
+    if isinstance(document, dict):
+        return set(document).union(*(keys_anywhere(v) for v in document.values()))
+    if isinstance(document, list):
+        return set().union(*(keys_anywhere(v) for v in document))
+    return set()
 
 
 # ------------------------------------------------------------------ lint, render, Kubernetes schemas
@@ -85,8 +112,10 @@ def test_ci_values_cover_the_features() -> None:
         "defaults",
         "ci/gpu-values.yaml",
         "ci/multiworker-values.yaml",
+        "ci/jobset-values.yaml",
         "ci/monitoring-values.yaml",
         "ci/existing-secret-values.yaml",
+        "ci/tensorboard-values.yaml",
     }
 
 
@@ -94,9 +123,10 @@ def test_ci_values_cover_the_features() -> None:
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_rendered_manifests_are_valid_kubernetes(value_set: str, kube_version: str) -> None:
     manifests = render(VALUE_SETS[value_set])
-    assert "Job" in kinds(manifests)
-    # Core kinds: Kubernetes' own OpenAPI schemas (strict: unknown fields fail). PodMonitor and
-    # PrometheusRule are CRDs, absent from those schemas: helm_lint.CRD_SCHEMAS checks them.
+    assert {"Job", "JobSet"} & set(kinds(manifests))
+    # Core kinds: Kubernetes' own OpenAPI schemas (strict: unknown fields fail). JobSet, PodMonitor
+    # and PrometheusRule are CRDs, absent from those schemas: the JobSet is checked against JobSet's
+    # published CRD (and its Job template as a batch/v1 Job), the others against helm_lint.CRD_SCHEMAS.
     problems = [p for m in manifests if (p := helm_lint.validate(m, kube_version))]
     assert problems == []
 
@@ -109,6 +139,45 @@ def test_validation_catches_a_broken_manifest() -> None:
     monitor = only(render(VALUE_SETS["ci/monitoring-values.yaml"]), "PodMonitor")
     monitor["spec"]["podMetricsEndpoints"][0]["port"] = 8000
     assert helm_lint.validate(monitor, "1.33.0")
+
+
+@pytest.mark.parametrize(
+    ("break_it", "complaint"),
+    [
+        (lambda js: js["spec"].update(replicatedJobz=[]), "'replicatedJobz' was unexpected"),
+        (lambda js: js["spec"]["network"].update(enableDNSHostnames="yes"), "spec.network.enableDNSHostnames"),
+        (lambda js: js["spec"]["failurePolicy"]["rules"][0].update(action="Retry"), "rules.0.action"),
+        (lambda js: js["spec"]["failurePolicy"]["rules"][1].pop("name"), "'name' is a required property"),
+        (lambda js: js["spec"]["replicatedJobs"][0].update(replicas="1"), "replicatedJobs.0.replicas"),
+        (lambda js: js["metadata"].update(name="Flowers_1"), "metadata.name"),
+        # The Job template is also checked as a batch/v1 Job of the oldest supported Kubernetes.
+        (
+            lambda js: js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0].update(
+                imagePullPolicy=3
+            ),
+            "containers.0.imagePullPolicy",
+        ),
+        # A Job field the CRD (built on a newer Kubernetes) knows and Kubernetes 1.29 does not.
+        (lambda js: js["spec"]["replicatedJobs"][0]["template"]["spec"].update(managedBy="x"), "'managedBy'"),
+    ],
+)
+def test_jobset_validation_catches_a_broken_jobset(break_it: Any, complaint: str) -> None:
+    assert ("jobset.x-k8s.io/v1alpha2", "JobSet") in helm_lint.crd_validators()
+    jobset = only(render(VALUE_SETS["ci/jobset-values.yaml"]), "JobSet")
+    assert helm_lint.validate(jobset, "1.29.0") is None
+    break_it(jobset)
+    problem = helm_lint.validate(jobset, "1.29.0")
+    assert problem and complaint in problem
+
+
+def test_vendored_jobset_crd_is_the_published_file() -> None:
+    import hashlib
+
+    folder = helm_lint.JOBSET_CRD.parent
+    readme = (folder / "README.md").read_text()
+    digest = hashlib.sha256(helm_lint.JOBSET_CRD.read_bytes()).hexdigest()
+    assert f"SHA-256: `{digest}`" in readme and "v0.12.0" in readme
+    assert "Apache License" in (folder / "LICENSE").read_text()
 
 
 def test_make_helm_lint_passes() -> None:
@@ -170,6 +239,21 @@ def test_schema_accepts_the_shipped_values(value_set: str) -> None:
         ({"config": {"run_id": ".hidden"}}, "/config/run_id"),
         ({"config": {"trian": {}}}, "additional properties 'trian'"),
         ({"config": {"metrics": {"port": -5}}}, "/config/metrics/port"),
+        ({"workload": {"kind": "Pod"}}, "/workload/kind"),
+        ({"workload": {"kind": "jobset"}}, "/workload/kind"),
+        ({"workload": {"type": "Job"}}, "additional properties 'type'"),
+        ({"kueue": {"priorityClass": "High Priority"}}, "/kueue/priorityClass"),
+        ({"resources": None}, "missing property 'resources'"),
+        ({"resources": {"requests": None}}, "missing property 'requests'"),
+        ({"resources": {"requests": {"cpu": None}}}, "missing property 'cpu'"),
+        ({"resources": {"requests": {"memory": None}}}, "missing property 'memory'"),
+        ({"resources": {"requests": {"cpu": "two"}}}, "/resources/requests/cpu"),
+        ({"tensorboard": {"enabled": "yes"}}, "/tensorboard/enabled"),
+        ({"tensorboard": {"from": "bucket/models"}}, "/tensorboard/from"),
+        ({"tensorboard": {"port": 0}}, "/tensorboard/port"),
+        ({"tensorboard": {"service": {"type": "Ingress"}}}, "/tensorboard/service/type"),
+        ({"tensorboard": {"resources": {"requests": {"memory": None}}}}, "missing property 'memory'"),
+        ({"tensorboard": {"logdir": "/tmp"}}, "additional properties 'logdir'"),
         (
             {"cache": {"persistence": {"accessModes": ["ReadWriteSometimes"]}}},
             "/cache/persistence/accessModes",
@@ -179,6 +263,27 @@ def test_schema_accepts_the_shipped_values(value_set: str) -> None:
 def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=re.escape(complaint)):
         render(values)
+
+
+def test_schema_accepts_the_new_values() -> None:
+    values = {
+        "workload": {"kind": "JobSet"},
+        "workers": 4,
+        "kueue": {"queueName": "team-a", "priorityClass": "batch.low-1"},
+        "resources": {"requests": {"cpu": 0.5, "memory": "2Gi", "nvidia.com/gpu": 1}},
+        "tensorboard": {
+            "enabled": True,
+            "from": "s3://bucket/models/flowers",
+            "port": 8080,
+            "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+            "service": {"type": "LoadBalancer"},
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+        },
+    }
+    with helm_python.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values(values))
+    assert {"JobSet", "Deployment", "Service"} <= set(kinds(render(values)))
 
 
 @pytest.mark.parametrize(
@@ -368,10 +473,29 @@ def test_scheduling_values_pass_through() -> None:
     assert pod["metadata"]["annotations"] == values["podAnnotations"]
 
 
-def test_kueue_queue_label_only_when_set() -> None:
-    assert "kueue.x-k8s.io/queue-name" not in only(render(), "Job")["metadata"]["labels"]
-    job = only(render({"kueue": {"queueName": "team-a"}}), "Job")
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+
+
+@pytest.mark.parametrize("kind", ["Job", "JobSet"])
+def test_kueue_labels_on_both_kinds_only_when_set(kind: str) -> None:
+    plain = workload(render({"workload": {"kind": kind}}))
+    assert plain["kind"] == kind
+    assert not set(KUEUE_LABELS) & plain["metadata"]["labels"].keys()
+    queued = workload(render({"workload": {"kind": kind}, "kueue": {"queueName": "team-a", "priorityClass": "low"}}))
+    labels = queued["metadata"]["labels"]
+    assert (labels["kueue.x-k8s.io/queue-name"], labels["kueue.x-k8s.io/priority-class"]) == ("team-a", "low")
+    only_queue = workload(render({"workload": {"kind": kind}, "kueue": {"queueName": "team-a"}}))
+    assert "kueue.x-k8s.io/priority-class" not in only_queue["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_no_hard_coded_suspend_and_requests_always_set(value_set: str) -> None:
+    """Kueue suspends and resumes the workload itself and admits on the containers' requests."""
+    manifests = render(VALUE_SETS[value_set])
+    assert "suspend" not in keys_anywhere(workload(manifests))
+    for pod in pod_specs(manifests):
+        for container in pod["containers"]:
+            assert {"cpu", "memory"} <= container["resources"]["requests"].keys(), container["name"]
 
 
 # ------------------------------------------------------------------ security
@@ -429,8 +553,9 @@ def restricted_violations(pod: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_pods_meet_the_restricted_pod_security_standard(value_set: str) -> None:
-    specs = pod_specs(render(VALUE_SETS[value_set]))
-    assert len(specs) == 2
+    values = VALUE_SETS[value_set] or {}
+    specs = pod_specs(render(values))
+    assert len(specs) == (3 if values.get("tensorboard", {}).get("enabled") else 2)
     for pod in specs:
         assert restricted_violations(pod) == []
         assert pod["automountServiceAccountToken"] is False

@@ -165,14 +165,17 @@ def packed(s3, dataset, multi):
     return f"s3://{dataset}/multi-shards"
 
 
-def test_pack_carries_label_lists_and_a_streamed_run_trains_on_them(s3, dataset, multi, packed, tmp_path):
+def test_pack_carries_label_lists_and_a_streamed_mirrored_run_trains_on_them(s3, dataset, multi, packed, tmp_path):
     index = get_json(s3, dataset, "multi-shards/index.json")
     assert index["task"] == "multi_label" and index["images"] == {"train": 72, "test": 24}
     assert sum(index["shards"].values()) == 96
-    cfg = config(tmp_path, dataset, multi, "ml-stream", uri=packed, staging="stream")
+    # MirroredStrategy over two CPU replicas: multi-hot labels split over replicas like class indices.
+    cfg = config(tmp_path, dataset, multi, "ml-stream", uri=packed, staging="stream",
+                 sections={"distribution": {"strategy": "mirrored", "cpu_replicas": 2}})
     result = run_cli("train", "--config", str(cfg), env=s3.env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert next(r for r in result.records() if r["event"] == "dataset surveyed")["mode"] == "stream"
+    assert next(r for r in result.records() if r["event"] == "strategy ready")["replicas"] == 2
     manifest = get_json(s3, dataset, "runs/ml-stream/manifest.json")
     counts = manifest["dataset"]["counts"]
     train = [r for r in multi["rows"] if r["split"] == "train"]

@@ -37,11 +37,40 @@ app.kubernetes.io/name: {{ include "finetune-job.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{/* Name of the Job (and of its headless Service). It changes with every revision so that
-`helm upgrade` creates a new Job instead of patching a Job's immutable fields. Cut so that the
-pod hostnames "<job>-<index>" of an Indexed Job stay within 63 characters. */}}
+{{/* Name of the Job or JobSet (and of the Job's headless Service). It changes with every revision
+so that `helm upgrade` creates a new workload instead of patching immutable fields. Cut so that the
+pod hostnames stay within 63 characters, for up to 1024 workers: "<job>-<index>" for an Indexed Job,
+"<jobset>-worker-0-<index>" plus the 6-character random suffix of the pod name for a JobSet (its
+webhook checks that). */}}
 {{- define "finetune-job.jobName" -}}
-{{- printf "%s-%d" (include "finetune-job.fullname" . | trunc 48 | trimSuffix "-") (int .Release.Revision) }}
+{{- $suffix := printf "-%d" (int .Release.Revision) }}
+{{- $keep := eq .Values.workload.kind "JobSet" | ternary (sub 43 (len $suffix)) 48 }}
+{{- printf "%s%s" (include "finetune-job.fullname" . | trunc (int $keep) | trimSuffix "-") $suffix }}
+{{- end }}
+
+{{/* The one replicated Job of the JobSet: all workers, as the indexes of one Indexed Job. */}}
+{{- define "finetune-job.replicatedJob" -}}
+worker
+{{- end }}
+
+{{/* Workers' hostname prefix: the pod of index i is "<prefix>-<i>", under the subdomain named after
+the Job or JobSet (the chart's headless Service for a Job, the one JobSet makes for a JobSet). */}}
+{{- define "finetune-job.workerHostPrefix" -}}
+{{- if eq .Values.workload.kind "JobSet" }}
+{{- printf "%s-%s-0" (include "finetune-job.jobName" .) (include "finetune-job.replicatedJob" .) }}
+{{- else }}
+{{- include "finetune-job.jobName" . }}
+{{- end }}
+{{- end }}
+
+{{/* Kueue labels of the Job or JobSet: the LocalQueue and the WorkloadPriorityClass. */}}
+{{- define "finetune-job.kueueLabels" -}}
+{{- with .Values.kueue.queueName }}
+kueue.x-k8s.io/queue-name: {{ . }}
+{{- end }}
+{{- with .Values.kueue.priorityClass }}
+kueue.x-k8s.io/priority-class: {{ . }}
+{{- end }}
 {{- end }}
 
 {{/* The run id: config.run_id, else "<release>-<revision>" (stable across pod retries of one
@@ -105,6 +134,12 @@ identity (IRSA, workload identity) or the node's. */}}
 - name: FINETUNE_METRICS__PUSHGATEWAY
   value: {{ . | quote }}
 {{- end }}
+{{ include "finetune-job.storageEnv" . }}
+{{- end }}
+
+{{/* Storage access and home directory, shared by every container of the chart (TensorBoard too):
+S3 endpoint, region, credentials and extraEnv. */}}
+{{- define "finetune-job.storageEnv" -}}
 - name: HOME
   value: /tmp
 - name: KERAS_HOME
@@ -175,8 +210,9 @@ identity (IRSA, workload identity) or the node's. */}}
   mountPath: {{ include "finetune-job.cacheDir" . }}
 {{- end }}
 
-{{/* Pod-level fields shared by the Job and the helm test pod. */}}
-{{- define "finetune-job.podCommon" -}}
+{{/* Identity and pod security context of every pod of the chart (TensorBoard too): the service
+account without its token, pull secrets, the "restricted" pod security context. */}}
+{{- define "finetune-job.podIdentity" -}}
 serviceAccountName: {{ include "finetune-job.serviceAccountName" . }}
 automountServiceAccountToken: false
 enableServiceLinks: false
@@ -186,6 +222,11 @@ imagePullSecrets:
 {{- end }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/* Pod-level fields shared by the Job and the helm test pod. */}}
+{{- define "finetune-job.podCommon" -}}
+{{ include "finetune-job.podIdentity" . }}
 {{- with .Values.priorityClassName }}
 priorityClassName: {{ . }}
 {{- end }}
@@ -203,13 +244,104 @@ affinity:
 {{- end }}
 {{- end }}
 
-{{/* The "cluster" part of TF_CONFIG: every worker by its stable Indexed Job hostname under the
-headless Service. */}}
+{{/* The "cluster" part of TF_CONFIG: every worker by its stable hostname, "<prefix>-<index>.<subdomain>"
+(see workerHostPrefix). */}}
 {{- define "finetune-job.tfCluster" -}}
-{{- $job := include "finetune-job.jobName" . }}
+{{- $prefix := include "finetune-job.workerHostPrefix" . }}
+{{- $subdomain := include "finetune-job.jobName" . }}
 {{- $workers := list }}
 {{- range $index := until (int .Values.workers) }}
-{{- $workers = append $workers (printf "%s-%d.%s:%d" $job $index $job (int $.Values.multiWorker.port)) }}
+{{- $workers = append $workers (printf "%s-%d.%s:%d" $prefix $index $subdomain (int $.Values.multiWorker.port)) }}
 {{- end }}
 {{- dict "worker" $workers | toJson }}
+{{- end }}
+
+{{/* podFailurePolicy of the training Job (and of the JobSet's Job). Exit codes 2 (bad config) and
+3 (bad data): a retry cannot help, fail the Job at once. A disruption (preemption, eviction, node
+drain): in a plain Job the replacement pod resumes from the last checkpoint and the disruption does
+not use up backoffLimit; in a JobSet the Job fails, and the JobSet's failure policy restarts all
+workers together without counting it. */}}
+{{- define "finetune-job.podFailurePolicy" -}}
+rules:
+  - action: FailJob
+    onExitCodes:
+      containerName: train
+      operator: In
+      values: [2, 3]
+  - action: {{ eq .Values.workload.kind "JobSet" | ternary "FailJob" "Ignore" }}
+    onPodConditions:
+      - type: DisruptionTarget
+        status: "True"
+{{- end }}
+
+{{/* Pod template of the training workers, for the Job and the JobSet alike. With workers > 1 a
+shell wrapper builds TF_CONFIG from the workers' stable hostnames (tfCluster) and the pod's
+completion index. */}}
+{{- define "finetune-job.trainPod" -}}
+{{- $workers := int .Values.workers }}
+{{- $metricsPort := include "finetune-job.metricsPort" . | int }}
+{{- $configFile := printf "%s/config.yaml" (include "finetune-job.configDir" .) }}
+metadata:
+  labels:
+    {{- include "finetune-job.selectorLabels" . | nindent 4 }}
+    app.kubernetes.io/component: train
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .Values.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+  {{- include "finetune-job.podCommon" . | nindent 2 }}
+  {{- if and (gt $workers 1) (ne .Values.workload.kind "JobSet") }}
+  subdomain: {{ include "finetune-job.jobName" . }}
+  {{- end }}
+  containers:
+    - name: train
+      image: {{ include "finetune-job.image" . }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      {{- if gt $workers 1 }}
+      command: ["/bin/sh", "-c"]
+      args:
+        - |
+          # TF_CONFIG for MultiWorkerMirroredStrategy: the cluster is rendered by the chart,
+          # the task index comes from the Indexed Job; worker 0 is the chief.
+          TF_CONFIG="{\"cluster\":${TF_CONFIG_CLUSTER},\"task\":{\"type\":\"worker\",\"index\":${JOB_COMPLETION_INDEX:?}}}"
+          export TF_CONFIG
+          exec finetune-job train --config {{ $configFile }}
+      {{- else }}
+      command: ["finetune-job"]
+      args: ["train", "--config", {{ $configFile | quote }}]
+      {{- end }}
+      env:
+        {{- include "finetune-job.env" . | nindent 8 }}
+        {{- if gt $workers 1 }}
+        - name: TF_CONFIG_CLUSTER
+          value: {{ include "finetune-job.tfCluster" . | quote }}
+        {{- end }}
+      {{- if or (gt $metricsPort 0) (gt $workers 1) }}
+      ports:
+        {{- if gt $metricsPort 0 }}
+        - name: metrics
+          containerPort: {{ $metricsPort }}
+          protocol: TCP
+        {{- end }}
+        {{- if gt $workers 1 }}
+        - name: worker
+          containerPort: {{ .Values.multiWorker.port }}
+          protocol: TCP
+        {{- end }}
+      {{- end }}
+      resources:
+        {{- toYaml .Values.resources | nindent 8 }}
+      securityContext:
+        {{- toYaml .Values.containerSecurityContext | nindent 8 }}
+      volumeMounts:
+        {{- include "finetune-job.volumeMounts" . | nindent 8 }}
+  volumes:
+    {{- include "finetune-job.volumes" . | nindent 4 }}
+    {{- include "finetune-job.cacheVolume" . | nindent 4 }}
 {{- end }}
