@@ -216,5 +216,28 @@ def pack(
                f"under {result['to']}")
 
 
+@app.command()
+def tensorboard(
+    source: Annotated[str, typer.Option("--from", help="Where the runs are: output.uri (s3://... or a folder).")],
+    port: Annotated[int, typer.Option("--port", help="TensorBoard's port.")] = 6006,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 127.0.0.1 keeps it local.")] = "0.0.0.0",
+    folder: Annotated[Path, typer.Option("--folder", help="Local mirror of the event files.")]
+    = Path("/tmp/finetune-job/tensorboard"),
+    refresh: Annotated[float, typer.Option("--refresh", min=1.0, help="Seconds between mirror refreshes.")] = 30.0,
+    endpoint_url: Annotated[str, typer.Option(help="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).")] = "",
+) -> None:
+    """Mirror every run's event files under a prefix and serve TensorBoard on them (runs side by side, HParams)."""
+    from job import logs, signals
+
+    try:
+        logs.setup()
+        signals.install()
+        from job.tensorboard import serve
+
+        serve(source, folder, port, host, refresh, endpoint_url, stop=signals.requested)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

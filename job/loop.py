@@ -46,6 +46,7 @@ class Phase:
     validate: Callable[[], dict | None]  # the validation entries of the epoch's record (val_loss, ...), or None
     augment: keras.Model | None = None
     saved: keras.Model | None = None  # what its checkpoints hold (default: `model`)
+    on_epoch: Callable[[dict], None] | None = None  # after each epoch's record and checkpoint (TensorBoard)
 
 
 @dataclass(frozen=True)
@@ -202,13 +203,16 @@ def inference(model: keras.Model):
     return _traced[model]
 
 
-def predict(model: keras.Model, dataset: tf.data.Dataset, infer=None) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, labels) over a finite dataset, on this worker alone (identical on every worker)."""
+def predict(model: keras.Model, dataset: tf.data.Dataset, infer=None, inspect=None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) over a finite dataset, on this worker alone (identical on every worker);
+    `inspect(images, probabilities, labels)` sees each batch."""
     infer = infer or inference(model)
     probs, labels = [], []
     for x, y in dataset:
         probs.append(infer(x).numpy())
         labels.append(y.numpy())
+        if inspect:
+            inspect(x, probs[-1], labels[-1])
     if not probs:
         return np.zeros((0, model.output.shape[-1]), np.float32), np.zeros((0,), np.int32)
     return np.concatenate(probs).astype(np.float32), np.concatenate(labels)
@@ -279,6 +283,8 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         saver = _Saver(ckpt, state, options.every_seconds, weights=saved, optimizer=optimizer, best=best, rng=rng)
         while state.epoch < phase.epochs:
             record = _train_epoch(phase, cluster, global_batch, steps, batches, step, state, options, saver)
+            # At the epoch's end (a schedule moves it); a MirroredVariable under a strategy: read as a tensor.
+            record["learning_rate"] = float(tf.convert_to_tensor(optimizer.learning_rate))
             # Without validation data, early stopping watches the training loss and accuracy.
             second = record.get("val_map", record.get("val_accuracy", record["accuracy"]))
             *monitored, due = cluster.mean([record.get("val_loss", record["loss"]), second, float(saver.due())])
@@ -289,6 +295,8 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
                 log.info("early stopping", phase=phase.name, epoch=record["epoch"], best_epoch=state.best_epoch)
             if state.epoch >= phase.epochs or not options.every_seconds or due > 0:
                 saver.save()
+            if phase.on_epoch:
+                phase.on_epoch(record)
     if state.best_epoch and state.best_epoch != len(state.history[phase.name]):
         for variable, copy in zip(kept, best):
             variable.assign(copy.value())
@@ -331,7 +339,7 @@ class _Saver:
 def _train_epoch(phase: Phase, cluster: Cluster, global_batch: int, steps: int, batches, step, state: RunState,
                  options: Options, saver: _Saver) -> dict:
     """The rest of the current epoch (all of it unless resumed mid-epoch), then validation: its record."""
-    epoch = state.epoch + 1
+    epoch, first = state.epoch + 1, state.step  # a resumed epoch runs from its step `first`
     metrics.epoch_started(phase.name, epoch, phase.epochs, steps)
     started = time.monotonic()
     local_images = global_batch // cluster.num_workers
@@ -353,8 +361,9 @@ def _train_epoch(phase: Phase, cluster: Cluster, global_batch: int, steps: int, 
             if state.step < steps and (due > 0 or (options.every_steps and state.step % options.every_steps == 0)):
                 saver.save()
     seen = steps * global_batch
+    seconds = time.monotonic() - started
     record = {"epoch": epoch, "loss": state.sums[0] / seen, "accuracy": state.sums[1] / seen,
-              "seconds": round(time.monotonic() - started, 3)}
+              "seconds": round(seconds, 3), "images_per_second": round((steps - first) * global_batch / seconds, 1)}
     record.update(phase.validate() or {})
     metrics.epoch_done(phase.name, epoch, train_loss=record["loss"], train_accuracy=record["accuracy"],
                        val_loss=record.get("val_loss", math.nan), val_accuracy=record.get("val_accuracy", math.nan),

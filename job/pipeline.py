@@ -63,6 +63,8 @@ class Run:
     staging: str = "copy"  # data.staging resolved once in `prepare`: copy | stream
     data: Reader | None = None  # the staged dataset, copied or streamed (job/readers.py): set by `stage_data`
     thresholds: list[dict] | None = None  # multi-label: each label's decision threshold (`evaluate_splits`)
+    board: Any = None  # job.tensorboard.Board: the chief's event files
+    misclassified: tuple = ()  # (uint8 images, captions) of wrong test predictions, for TensorBoard
 
     @property
     def cache(self) -> Path:
@@ -152,6 +154,11 @@ def train(cfg: Config) -> dict:
     if isinstance(run, dict):
         return run
     try:
+        if run.cluster.is_chief:
+            from job.tensorboard import Board
+
+            run.board = Board(run.work, run.out)
+            run.board.start(run.state.history)  # a resumed run: its curves so far, in fresh files
         with run.timings.measure("staging"):
             stage_data(run)
         with run.timings.measure("head"):
@@ -164,6 +171,8 @@ def train(cfg: Config) -> dict:
             return {"status": "done (worker)", "artifacts": run.out.uri}
         return export_run(run, reports, started)
     finally:
+        if run.board:
+            run.board.close()  # copied to storage on every exit, SIGTERM included
         if run.lease:
             run.lease.release()
 
@@ -340,6 +349,19 @@ def _too_many_bad(cfg: Config, staged: Reader) -> None:
                         f"{cfg.data.max_bad_fraction:.1%}), e.g. {image_uri(cfg.data.uri, example)}: {reason}")
 
 
+def _final_summaries(run: Run, reports: dict, folder: Path) -> None:
+    """TensorBoard at the end: the recipe and final metrics (HParams), the confusion matrix, misclassified
+    test images."""
+    from job import tensorboard
+
+    images = [("confusion_matrix", (folder / "confusion_matrix.png").read_bytes())] \
+        if (folder / "confusion_matrix.png").is_file() else []
+    if run.misclassified and len(run.misclassified[0]):
+        images.append(("misclassified_test_images", tensorboard.image_grid(*run.misclassified)))
+    step = sum(map(len, run.state.history.values()))
+    run.board.finish(tensorboard.hparams(run.cfg), tensorboard.final_metrics(reports), images, step)
+
+
 def _workers_agree_on_dataset(run: Run) -> None:
     """Every worker must run the same number of steps on its own images: a listing that changed between
     workers' starts, or stagings decided differently (free disk differs between nodes), would make them
@@ -386,7 +408,7 @@ def head_phase(run: Run) -> None:
         log.warning("train.head.augment has no effect with train.head.mode cached_features (features are "
                     "computed once from un-augmented images); use end_to_end to augment the head phase")
     common = {"name": "head", "examples": run.data.count("train"), "epochs": head.epochs,
-              "learning_rate": head.learning_rate, "saved": run.parts.head}
+              "learning_rate": head.learning_rate, "saved": run.parts.head, "on_epoch": _on_epoch(run, "head")}
     if run.state.resumes("head") and run.state.epoch >= head.epochs:
         # Resumed after the phase's last epoch: only its best weights are to be restored, no data needed.
         phase = loop.Phase(model=run.parts.head, dataset_fn=None, validate=lambda: None, **common)
@@ -401,6 +423,13 @@ def head_phase(run: Run) -> None:
                            validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
                            augment=_augmentation(run, head.augment, cfg.train.seed), **common)
     loop.run_phase(phase, run.cluster, cfg.train.batch_size, run.options, run.ckpt, run.state)
+
+
+def _on_epoch(run: Run, phase: str):
+    """After each epoch, on the chief: its scalars into the event files, copied to storage."""
+    if run.board is None:
+        return None
+    return lambda record: run.board.epoch(run.state.history, phase, record)
 
 
 def _augmentation(run: Run, ops, seed: int):
@@ -451,7 +480,8 @@ def finetune_phase(run: Run) -> None:
         phase = loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
                            examples=run.data.count("train"), epochs=epochs, learning_rate=rate,
                            validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
-                           augment=_augmentation(run, ft.augment, cfg.train.seed + 100))
+                           augment=_augmentation(run, ft.augment, cfg.train.seed + 100),
+                           on_epoch=_on_epoch(run, "finetune"))
         loop.run_phase(phase, run.cluster, cfg.train.batch_size, run.options, run.ckpt, run.state)
     if run.state.phase == "trained":
         run.ckpt.restore(weights=run.parts.model)  # a resumed run that had finished training: its final weights
@@ -482,7 +512,14 @@ def evaluate_splits(run: Run) -> dict[str, dict]:
 
     metrics.set_phase("evaluate")
     infer = loop.inference(run.parts.model)  # traced once for both splits
-    predicted = {split: loop.predict(run.parts.model, run.data.images(split, 64), infer)
+    seen: list = []  # the first test batches' images, for TensorBoard's misclassified examples
+
+    def keep(images, probs, labels):
+        if run.board and sum(len(b[0]) for b in seen) < 64:
+            seen.append((np.asarray(images).round().astype(np.uint8), probs, labels))
+
+    predicted = {split: loop.predict(run.parts.model, run.data.images(split, 64), infer,
+                                     keep if split == "test" else None)
                  for split in ("validation", "test") if run.data.count(split)}
     reports = {}
     if run.multi:
@@ -495,6 +532,12 @@ def evaluate_splits(run: Run) -> dict[str, dict]:
                  thresholds=dict(zip(run.classes, [round(t, 4) for t in chosen])))
     else:
         reports = {split: evaluate.report(probs, labels, run.classes) for split, (probs, labels) in predicted.items()}
+    if seen:
+        from job.tensorboard import misclassified
+
+        images, probs, labels = (np.concatenate([b[k] for b in seen]) for k in range(3))
+        run.misclassified = misclassified(images, probs, labels, run.classes,
+                                          [t["threshold"] for t in run.thresholds] if run.multi else None)
     log.info("training done", weights_sha256=export.weights_fingerprint(run.parts.model),
              epochs={k: len(v) for k, v in run.state.history.items()})
     return reports
@@ -513,6 +556,8 @@ def export_run(run: Run, reports: dict, started: float) -> dict:
         checked = export.artifacts(run, reports, folder)
     run.timings["total_seconds"] = round(time.monotonic() - started, 3)
     export.write_manifest(folder, export.manifest_fields(run, checked))
+    if run.board:
+        _final_summaries(run, reports, folder)
     if run.lease:
         run.lease.check()
     with run.timings.measure("upload"):

@@ -701,6 +701,243 @@ def test_tf_config_wrapper_runs(fake_finetune_job: Path) -> None:
     assert "JOB_COMPLETION_INDEX" in missing.stderr
 
 
+# ------------------------------------------------------------------ JobSet
+
+
+def the_replicated_job(jobset: dict[str, Any]) -> dict[str, Any]:
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    return replicated
+
+
+def test_jobset_runs_the_workers_as_one_replicated_indexed_job() -> None:
+    values = VALUE_SETS["ci/jobset-values.yaml"]
+    manifests = render(values)
+    jobset = only(manifests, "JobSet")
+    assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
+    assert [p for v in helm_lint.KUBE_VERSIONS if (p := helm_lint.validate(jobset, v))] == []
+    # JobSet makes the workers' headless Service itself; the chart's is for the plain Job only.
+    assert not {"Job", "Service"} & set(kinds(manifests))
+    replicated = the_replicated_job(jobset)
+    assert replicated["replicas"] == 1
+    job = replicated["template"]["spec"]
+    assert job["completionMode"] == "Indexed"
+    assert job["completions"] == job["parallelism"] == values["workers"] == 3
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    assert "subdomain" not in job["template"]["spec"]  # JobSet sets it on the Job it creates
+    assert jobset["spec"]["network"] == {
+        "enableDNSHostnames": True,
+        "subdomain": jobset["metadata"]["name"],
+        "publishNotReadyAddresses": True,
+    }
+    labels = jobset["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-training"
+    assert labels["kueue.x-k8s.io/priority-class"] == "training-high"
+    assert "suspend" not in keys_anywhere(jobset)
+    container = job_container(manifests)
+    assert container["resources"]["requests"] == {"cpu": "8", "memory": "32Gi"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert env_of(container)["FINETUNE_RUN_ID"] == "flowers-jobset-001"
+    assert only(manifests, "Pod")["metadata"]["annotations"]["helm.sh/hook"] == "test"
+
+
+def test_jobset_hostnames_are_the_ones_jobset_documents() -> None:
+    crd = yaml.safe_load(helm_lint.JOBSET_CRD.read_text())
+    (version,) = crd["spec"]["versions"]
+    network = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["network"]
+    documented = network["properties"]["enableDNSHostnames"]["description"]
+    assert "<jobSet.name>-<spec.replicatedJob.name>-<job-index>-<pod-index>.<subdomain>" in documented
+
+
+def test_jobset_tf_config_names_each_workers_stable_hostname(fake_finetune_job: Path) -> None:
+    manifests = render(VALUE_SETS["ci/jobset-values.yaml"])
+    jobset = only(manifests, "JobSet")
+    name, subdomain = jobset["metadata"]["name"], jobset["spec"]["network"]["subdomain"]
+    replicated = the_replicated_job(jobset)["name"]
+    hostnames = [f"{name}-{replicated}-0-{index}.{subdomain}:12345" for index in range(3)]
+    container = job_container(manifests)
+    env = {k: v for k, v in env_of(container).items() if isinstance(v, str)}
+    from job.distribute import tf_config_workers
+
+    tasks = []
+    for index in range(3):
+        pod_env = env | {"PATH": f"{fake_finetune_job}:/usr/bin:/bin", "JOB_COMPLETION_INDEX": str(index)}
+        result = run_rendered(container, pod_env, timeout=30)
+        assert result.returncode == 0, result.stderr
+        tf_config, *args = result.stdout.splitlines()
+        assert json.loads(tf_config)["cluster"] == {"worker": hostnames}
+        assert args == ["train", "--config", CONFIG_FILE]
+        tasks.append(json.loads(tf_config)["task"])
+        assert tf_config_workers({"TF_CONFIG": tf_config}) == (index, 3)
+    assert tasks == [{"type": "worker", "index": index} for index in range(3)]
+
+
+def job_failure(policy: dict[str, Any], exit_code: int, condition: str | None = None) -> tuple[str, str]:
+    """(reason, message) of a Job's Failed condition after its one allowed pod failure (backoffLimit 0),
+    worded as the Job controller words them (kubernetes pkg/controller/job/pod_failure_policy.go)."""
+    pod = "ml/flowers-worker-0-1-x7k2p"
+    for index, rule in enumerate(policy["rules"]):
+        on_exit = rule.get("onExitCodes")
+        if on_exit and (exit_code in on_exit["values"]) == (on_exit["operator"] == "In"):
+            detail = f"Container {on_exit['containerName']} for pod {pod} failed with exit code {exit_code}"
+        elif condition and any(c["type"] == condition for c in rule.get("onPodConditions", [])):
+            detail = f"Pod {pod} has condition {condition}"
+        else:
+            continue
+        assert rule["action"] == "FailJob"
+        return "PodFailurePolicy", f"{detail} matching FailJob rule at index {index}"
+    return "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+
+
+def jobset_action(policy: dict[str, Any], reason: str, message: str) -> str:
+    """What JobSet does with a failed child Job: the first rule whose reasons and message patterns
+    (RE2, searched) match, else RestartJobSet (pkg/controllers/failure_policy.go)."""
+    for rule in policy.get("rules", []):
+        if rule.get("onJobFailureReasons") and reason not in rule["onJobFailureReasons"]:
+            continue
+        patterns = rule.get("onJobFailureMessagePatterns")
+        if patterns and not any(re.search(pattern, message) for pattern in patterns):
+            continue
+        return rule["action"]
+    return "RestartJobSet"
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "condition", "action"),
+    [
+        (2, None, "FailJobSet"),  # bad config: a restart cannot help
+        (3, None, "FailJobSet"),  # bad data
+        (143, "DisruptionTarget", "RestartJobSetAndIgnoreMaxRestarts"),  # preempted, evicted, drained
+        (1, None, "RestartJobSet"),  # a crash: all workers restart, counted against maxRestarts
+        (4, None, "RestartJobSet"),  # storage error
+        (23, None, "RestartJobSet"),
+        (143, None, "RestartJobSet"),  # SIGTERM without a disruption (kubectl delete pod)
+    ],
+)
+def test_jobset_failure_policy_restarts_all_workers_together(
+    exit_code: int, condition: str | None, action: str
+) -> None:
+    jobset = only(render(VALUE_SETS["ci/jobset-values.yaml"]), "JobSet")
+    job = the_replicated_job(jobset)["template"]["spec"]
+    assert job["backoffLimit"] == 0  # one failed worker fails its Job at once...
+    policy = jobset["spec"]["failurePolicy"]
+    assert policy["maxRestarts"] == VALUE_SETS["ci/jobset-values.yaml"]["backoffLimit"] == 5
+    assert policy.get("restartStrategy", "Recreate") == "Recreate"  # ...and JobSet recreates every worker
+    reason, message = job_failure(job["podFailurePolicy"], exit_code, condition)
+    assert jobset_action(policy, reason, message) == action
+
+
+def test_jobset_fails_when_the_deadline_runs_out() -> None:
+    jobset = only(render({"workload": {"kind": "JobSet"}, "activeDeadlineSeconds": 3600}), "JobSet")
+    assert the_replicated_job(jobset)["template"]["spec"]["activeDeadlineSeconds"] == 3600
+    policy = jobset["spec"]["failurePolicy"]
+    assert jobset_action(policy, "DeadlineExceeded", "Job was active longer than specified deadline") == "FailJobSet"
+
+
+def test_jobset_of_one_worker_has_no_tf_config() -> None:
+    manifests = render({"workload": {"kind": "JobSet"}})
+    job = the_replicated_job(only(manifests, "JobSet"))["template"]["spec"]
+    assert job["completions"] == job["parallelism"] == 1
+    container = job_container(manifests)
+    assert container["command"] == ["finetune-job"]
+    assert "TF_CONFIG_CLUSTER" not in env_of(container)
+
+
+def test_jobset_names_stay_within_the_jobset_webhooks_limits() -> None:
+    """JobSet's webhook rejects a JobSet whose Job, pod (with its 5-character random suffix) or
+    subdomain names would not be DNS-1035 labels (pkg/webhooks/jobset_webhook.go)."""
+    label = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    for release, revision, workers in (("a" * 53, 123456, 1024), ("flowers", 1, 3)):
+        manifests = render({"workload": {"kind": "JobSet"}, "workers": workers}, name=release, revision=revision)
+        jobset = only(manifests, "JobSet")
+        name, replicated = jobset["metadata"]["name"], the_replicated_job(jobset)
+        job_name = f"{name}-{replicated['name']}-{replicated['replicas'] - 1}"
+        pod_name = f"{job_name}-{replicated['template']['spec']['completions'] - 1}-abcde"
+        for generated in (job_name, pod_name, jobset["spec"]["network"]["subdomain"]):
+            assert len(generated) <= 63 and label.match(generated), generated
+        assert name.endswith(f"-{revision}")  # a new JobSet for every revision: its failurePolicy is immutable
+
+
+# ------------------------------------------------------------------ TensorBoard
+
+
+def test_tensorboard_is_off_by_default() -> None:
+    assert not {"Deployment", "Service"} & set(kinds(render()))
+
+
+def test_tensorboard_deployment_and_service() -> None:
+    values = VALUE_SETS["ci/tensorboard-values.yaml"]
+    manifests = render(values)
+    deployment, service = only(manifests, "Deployment"), only(manifests, "Service")
+    assert [p for v in helm_lint.KUBE_VERSIONS for m in (deployment, service) if (p := helm_lint.validate(m, v))] == []
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == job_container(manifests)["image"]
+    assert container["command"] == ["finetune-job"]
+    assert container["args"] == ["tensorboard", "--from", "s3://bucket/models", "--port", "6006"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 6006}
+    assert container["readinessProbe"]["httpGet"]["port"] == "http"
+    assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+
+    # The Service reaches TensorBoard's pod and nothing else of the release.
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [{"name": "http", "port": 6006, "targetPort": "http", "protocol": "TCP"}]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert not service["spec"]["selector"].items() <= train_pod(manifests)["metadata"]["labels"].items()
+
+    # The Job's identity, storage access and security context; none of its training settings.
+    job_pod, job = train_pod(manifests)["spec"], job_container(manifests)
+    for field in ("serviceAccountName", "automountServiceAccountToken", "enableServiceLinks", "securityContext"):
+        assert pod["spec"][field] == job_pod[field], field
+    assert container["securityContext"] == job["securityContext"]
+    assert restricted_violations(pod["spec"]) == []
+    env, job_env = env_of(container), env_of(job)
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "HOME"):
+        assert env[variable] == job_env[variable], variable
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "minio-credentials", "key": "AWS_ACCESS_KEY_ID"}}
+    assert not [name for name in env if name.startswith("FINETUNE_")]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}  # the mirror; the root is read-only
+    assert "nodeSelector" not in pod["spec"] and "tolerations" not in pod["spec"]
+
+
+def test_tensorboard_args_are_what_the_cli_accepts() -> None:
+    """The rendered arguments parse as `finetune-job tensorboard` options; with its defaults it binds
+    every interface (the Service and the readiness probe reach the pod's IP) and mirrors into /tmp,
+    the pod's one writable mount."""
+    import typer
+
+    from job.cli import app
+
+    deployment = only(render(VALUE_SETS["ci/tensorboard-values.yaml"]), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    subcommand, *options = container["args"]
+    command = typer.main.get_command(app).commands[subcommand]
+    params = command.make_context(subcommand, options).params
+    assert (params["source"], params["port"]) == ("s3://bucket/models", 6006)
+    assert params["host"] == "0.0.0.0"
+    assert Path(params["folder"]).is_relative_to(container["volumeMounts"][0]["mountPath"])
+
+
+def test_tensorboard_defaults_to_the_output_uri_and_follows_its_values() -> None:
+    role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/trainer"}
+    values = {
+        "tensorboard": {"enabled": True, "port": 8080, "service": {"type": "NodePort"}},
+        "config": {"output": {"uri": "s3://models/flowers"}},
+        "serviceAccount": {"annotations": role},
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+    }
+    manifests = render(values)
+    deployment, service = only(manifests, "Deployment"), only(manifests, "Service")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["tensorboard", "--from", "s3://models/flowers", "--port", "8080"]
+    assert container["ports"][0]["containerPort"] == service["spec"]["ports"][0]["port"] == 8080
+    assert service["spec"]["type"] == "NodePort"
+    # IRSA: the service account's identity, no keys; the GPU nodeSelector is the Job's, not TensorBoard's.
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & env_of(container).keys()
+    assert "nodeSelector" not in deployment["spec"]["template"]["spec"]
+
+
 # ------------------------------------------------------------------ monitoring
 
 
@@ -764,6 +1001,15 @@ def test_notes_say_how_to_follow_the_run() -> None:
     assert "helm test finetune" in text
     multi = helm_lint.notes(VALUE_SETS["ci/multiworker-values.yaml"])
     assert "-l batch.kubernetes.io/job-name=finetune-finetune-job-1 --prefix" in multi
+    jobset = helm_lint.notes(VALUE_SETS["ci/jobset-values.yaml"])
+    assert "kubectl -n ml get jobset finetune-finetune-job-1 --watch" in jobset
+    assert "-l jobset.sigs.k8s.io/jobset-name=finetune-finetune-job-1 --prefix" in jobset
+    assert "--for=condition=Completed jobset/finetune-finetune-job-1" in jobset
+    assert "port-forward job/finetune-finetune-job-1-worker-0 8000:8000" in jobset
+    assert "LocalQueue gpu-training at priority training-high" in jobset
+    tensorboard = helm_lint.notes(VALUE_SETS["ci/tensorboard-values.yaml"])
+    assert "port-forward svc/finetune-finetune-job-tensorboard 6006:6006" in tensorboard
+    assert "tensorboard" not in text
 
 
 # ------------------------------------------------------------------ the wiring, end to end

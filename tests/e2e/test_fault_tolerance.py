@@ -217,7 +217,8 @@ def test_kill_9_during_the_upload_never_looks_complete_and_the_rerun_completes(s
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and job.proc.poll() is None:
         keys = s3.keys(dataset, "runs/killed/")
-        if any(not k.startswith(("runs/killed/checkpoints/", "runs/killed/_LEASE")) for k in keys):
+        if any(not k.startswith(("runs/killed/checkpoints/", "runs/killed/_LEASE", "runs/killed/tensorboard/"))
+               for k in keys):
             job.proc.kill()
             break
         time.sleep(0.02)

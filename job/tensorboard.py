@@ -1,0 +1,221 @@
+"""TensorBoard event files of a run, and `finetune-job tensorboard`, which mirrors them from storage and serves
+them.
+
+The chief writes summaries to `<work>/tensorboard/` and copies them to `<output.uri>/<run_id>/tensorboard/`
+at every epoch's end and when the run ends (SIGTERM included), so a TensorBoard reading the bucket shows the
+run while it trains:
+
+    per epoch (step = the epoch's number over both phases)   loss/{train,validation}, accuracy/{train,
+        validation} (multi-label: map/validation), learning_rate, images_per_second, phase (0 head, 1 finetune)
+    at the end    the confusion matrix (single-label), a few misclassified test images with their labels, and
+                  an HParams summary of the resolved recipe with the final validation and test metrics
+
+The events are a function of the run's history (job/runstate.py), which checkpoints carry: a resumed run
+deletes the event files of its earlier attempt and writes the history it resumed from into a new file, then
+goes on, so its curves continue without a repeated step. TensorFlow's `tf.summary` writes local files only
+(TensorFlow has no s3:// filesystem): the copy to storage is ours.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+from job import logs, storage
+
+log = logs.get()
+FOLDER = "tensorboard"
+MISCLASSIFIED = 8  # image summaries of wrong test predictions at the end
+
+
+def step_of(history: dict[str, list[dict]], phase: str, epoch: int) -> int:
+    """The epoch's step on TensorBoard's axis: head epochs first, then fine-tuning's after them."""
+    return epoch + (len(history.get("head", [])) if phase == "finetune" else 0)
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The per-epoch scalars of a history record (job/loop.py) under TensorBoard's tags."""
+    names = {"loss": "loss/train", "accuracy": "accuracy/train", "val_loss": "loss/validation",
+             "val_accuracy": "accuracy/validation", "val_map": "map/validation", "learning_rate": "learning_rate",
+             "images_per_second": "images_per_second"}
+    return {tag: float(record[key]) for key, tag in names.items() if key in record}
+
+
+class Board:
+    """The chief's event files: `epoch` after each epoch, `finish` at the end, `sync` to copy them to storage."""
+
+    def __init__(self, work: Path, out: storage.Store):
+        import tensorflow as tf
+
+        self.local, self.out = Path(work) / FOLDER, out
+        self.tf = tf
+        self.writer = None
+
+    def start(self, history: dict[str, list[dict]]) -> None:
+        """A fresh set of event files holding `history` (a resumed run's epochs so far; empty for a new run)."""
+        shutil.rmtree(self.local, ignore_errors=True)
+        self.out.delete([e.rel for e in self.out.list(FOLDER + "/")])
+        self.writer = self.tf.summary.create_file_writer(str(self.local))
+        for phase, records in history.items():
+            for record in records:
+                self._epoch(history, phase, record)
+        self.sync()
+
+    def epoch(self, history: dict[str, list[dict]], phase: str, record: dict) -> None:
+        """One finished epoch (already appended to `history`), then the files are copied to storage."""
+        self._epoch(history, phase, record)
+        self.sync()
+
+    def _epoch(self, history, phase: str, record: dict) -> None:
+        step = step_of(history, phase, record["epoch"])
+        with self.writer.as_default(step=step):
+            for tag, value in scalars(record).items():
+                self.tf.summary.scalar(tag, value)
+            self.tf.summary.scalar("phase", 0.0 if phase == "head" else 1.0)
+            if record["epoch"] == 1:
+                self.tf.summary.text("phase_start", f"{phase} starts at step {step}")
+
+    def finish(self, hparams: dict, final: dict[str, float], images: list[tuple[str, object]], step: int) -> None:
+        """The end of the run: an HParams summary (the recipe and the final metrics) and images (name, uint8
+        [n, h, w, 3] or a PNG's bytes)."""
+        from tensorboard.plugins.hparams import api as hp
+
+        with self.writer.as_default(step=step):
+            hp.hparams(hparams, trial_id=None)
+            for tag, value in final.items():
+                self.tf.summary.scalar(f"final/{tag}", value)
+            for name, pixels in images:
+                if isinstance(pixels, bytes):
+                    pixels = self.tf.expand_dims(self.tf.io.decode_png(pixels, channels=3), 0)
+                self.tf.summary.image(name, pixels, max_outputs=MISCLASSIFIED)
+        self.sync()
+
+    def sync(self) -> None:
+        """Flush and copy every event file to `<run>/tensorboard/` (event files grow: each is copied whole)."""
+        if self.writer is None:
+            return
+        self.writer.flush()
+        for path in sorted(self.local.rglob("*")):
+            if path.is_file():
+                self.out.upload(path, f"{FOLDER}/{path.relative_to(self.local).as_posix()}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.sync()
+            self.writer.close()
+            self.writer = None
+
+
+def hparams(cfg) -> dict:
+    """The resolved recipe as HParams: what a comparison of runs varies."""
+    t = cfg.train
+    return {"task": cfg.task, "backbone": cfg.model.backbone, "weights": cfg.model.weights,
+            "image_size": f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]}", "head_units": cfg.model.head_units,
+            "head_dropout": cfg.model.head_dropout, "batch_size": t.batch_size, "seed": t.seed,
+            "head_epochs": t.head.epochs, "head_learning_rate": t.head.learning_rate, "head_mode": t.head.mode,
+            "finetune_epochs": t.finetune.epochs, "finetune_learning_rate": t.finetune.learning_rate,
+            "unfreeze": str(t.finetune.unfreeze), "augment": str(t.finetune.augment),
+            "class_weight": str(t.class_weight), "early_stopping_metric": t.early_stopping_metric,
+            "label_smoothing": t.label_smoothing, "weight_decay": t.weight_decay, "lr_schedule": t.lr_schedule}
+
+
+def final_metrics(reports: dict) -> dict[str, float]:
+    """The final validation and test numbers for the HParams table: accuracy and loss, or mAP and micro-F1."""
+    multi = any("map" in r for r in reports.values())
+    keys = ("map", "micro_f1", "loss") if multi else ("accuracy", "macro_f1", "loss")
+    prefix = {"validation": "val", "test": "test"}
+    return {f"{prefix[split]}_{k}": float(r[k]) for split, r in reports.items() for k in keys
+            if isinstance(r.get(k), (int, float))}
+
+
+def misclassified(images, probs, truth, classes: list[str], thresholds: list[float] | None = None,
+                  limit: int = MISCLASSIFIED) -> tuple[list, list[str]]:
+    """Up to `limit` wrongly classified images and their captions (`true -> predicted`): the top-1 class, or
+    multi-label (`thresholds`), the set of labels whose score reaches its threshold."""
+    import numpy as np
+
+    if thresholds is None:
+        predicted = np.asarray(probs).argmax(-1)
+        wrong = np.flatnonzero(predicted != np.asarray(truth))[:limit]
+        return [images[i] for i in wrong], [f"{classes[truth[i]]} -> {classes[predicted[i]]}" for i in wrong]
+    decided = np.asarray(probs) >= np.asarray(thresholds)
+    actual = np.asarray(truth) > 0.5
+    wrong = np.flatnonzero((decided != actual).any(axis=1))[:limit]
+
+    def names(row):
+        return "+".join(c for c, on in zip(classes, row) if on) or "(none)"
+
+    return [images[i] for i in wrong], [f"{names(actual[i])} -> {names(decided[i])}" for i in wrong]
+
+
+# ---------------------------------------------------------------- finetune-job tensorboard
+
+
+def mirror(store: storage.Store, folder: Path, known: dict[str, str]) -> int:
+    """Copy every run's event files under `store` (`<run_id>/tensorboard/...`) into `folder/<run_id>/...`,
+    those whose ETag changed since `known` (updated); removes local files gone from storage (a resumed run
+    rewrites its events). Returns how many files were copied."""
+    wanted = {}
+    for entry in store.list():
+        run, _, rest = entry.rel.partition(f"/{FOLDER}/")
+        if rest and "/" not in run:
+            wanted[entry.rel] = (entry, Path(folder) / run / rest)
+    copied = 0
+    for rel, (entry, target) in wanted.items():
+        if known.get(rel) != entry.etag or not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(store.read(rel))
+            known[rel] = entry.etag
+            copied += 1
+    for rel in [r for r in known if r not in wanted]:
+        run, _, rest = rel.partition(f"/{FOLDER}/")
+        (Path(folder) / run / rest).unlink(missing_ok=True)
+        del known[rel]
+    return copied
+
+
+def serve(source: str, folder: Path, port: int, host: str, refresh_seconds: float, endpoint: str = "",
+          stop=lambda: False) -> None:
+    """Mirror `source`'s event files into `folder` every `refresh_seconds` and serve TensorBoard on them at
+    http://host:port/ until `stop()` (or SIGTERM / Ctrl-C)."""
+    import time
+
+    from tensorboard import program
+
+    store = storage.open_store(source, endpoint)
+    known: dict[str, str] = {}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    mirror(store, folder, known)
+    board = program.TensorBoard()
+    board.configure(argv=[None, "--logdir", str(folder), "--port", str(port), "--host", host,
+                          "--reload_interval", str(max(1, int(refresh_seconds)))])
+    url = board.launch()
+    log.info("tensorboard serving", url=url, source=source, runs=len({r.split("/")[0] for r in known}))
+    due = time.monotonic() + refresh_seconds
+    while not stop():
+        time.sleep(0.2)
+        if time.monotonic() >= due:
+            copied = mirror(store, folder, known)
+            if copied:
+                log.info("event files mirrored", files=copied)
+            due = time.monotonic() + refresh_seconds
+
+
+def image_grid(pixels, labels: list[str]) -> bytes:
+    """A PNG of images in a row with a caption each (misclassified examples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(pixels)), figsize=(2.2 * max(1, len(pixels)), 2.6))
+    for ax, image, caption in zip(list(getattr(axes, "flat", [axes])), pixels, labels):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=7)
+        ax.axis("off")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()

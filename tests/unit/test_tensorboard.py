@@ -1,0 +1,63 @@
+"""job/tensorboard.py's pure parts: the step axis over both phases, the tags of a history record, the final
+metrics, misclassified examples, and the mirror of a prefix's event files (a local store; no TensorFlow)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from job import storage, tensorboard
+
+
+def test_finetune_steps_follow_the_head_epochs_that_ran():
+    history = {"head": [{"epoch": 1}, {"epoch": 2}], "finetune": [{"epoch": 1}]}
+    assert tensorboard.step_of(history, "head", 2) == 2 and tensorboard.step_of(history, "finetune", 1) == 3
+    assert tensorboard.step_of({"head": [], "finetune": []}, "finetune", 1) == 1  # from scratch: no head phase
+
+
+def test_a_records_values_get_their_tags():
+    record = {"epoch": 3, "loss": 0.5, "accuracy": 0.75, "val_loss": 0.625, "val_map": 0.875, "seconds": 2.0,
+              "learning_rate": 1e-4, "images_per_second": 100.0}
+    assert tensorboard.scalars(record) == {"loss/train": 0.5, "accuracy/train": 0.75, "loss/validation": 0.625,
+                                           "map/validation": 0.875, "learning_rate": 1e-4,
+                                           "images_per_second": 100.0}
+
+
+def test_final_metrics_per_task():
+    single = {"validation": {"accuracy": 0.9, "macro_f1": 0.8, "loss": 0.3}, "test": {"accuracy": 0.7, "loss": 0.4,
+                                                                                      "macro_f1": 0.6}}
+    assert tensorboard.final_metrics(single) == {"val_accuracy": 0.9, "val_macro_f1": 0.8, "val_loss": 0.3,
+                                                 "test_accuracy": 0.7, "test_macro_f1": 0.6, "test_loss": 0.4}
+    multi = {"test": {"map": 0.8, "micro_f1": 0.7, "loss": 0.2, "accuracy": None}}
+    assert tensorboard.final_metrics(multi) == {"test_map": 0.8, "test_micro_f1": 0.7, "test_loss": 0.2}
+
+
+def test_misclassified_examples_and_their_captions():
+    images = np.arange(4)
+    picked, captions = tensorboard.misclassified(images, np.eye(3)[[0, 2, 1, 1]], np.array([0, 1, 1, 2]),
+                                                 ["a", "b", "c"])
+    assert list(picked) == [1, 3] and captions == ["b -> c", "c -> b"]
+    scores = np.array([[0.9, 0.1], [0.2, 0.3], [0.6, 0.7]])
+    truth = np.array([[1, 0], [0, 0], [1, 0]], np.float32)
+    picked, captions = tensorboard.misclassified(images[:3], scores, truth, ["x", "y"], thresholds=[0.5, 0.25])
+    assert list(picked) == [1, 2] and captions == ["(none) -> y", "x -> x+y"]
+
+
+def test_the_mirror_copies_new_and_changed_event_files_and_drops_removed_ones(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "r1" / "tensorboard").mkdir(parents=True)
+    (runs / "r1" / "tensorboard" / "events.1").write_bytes(b"one")
+    (runs / "r1" / "checkpoints").mkdir()
+    (runs / "r1" / "checkpoints" / "ckpt-1.index").write_bytes(b"not an event file")
+    (runs / "r1" / "metrics.json").write_text("{}")
+    store, folder, known = storage.open_store(str(runs)), tmp_path / "mirror", {}
+    assert tensorboard.mirror(store, folder, known) == 1
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == ["r1/events.1"]
+    assert tensorboard.mirror(store, folder, known) == 0  # unchanged: nothing copied again
+    (runs / "r1" / "tensorboard" / "events.1").write_bytes(b"one, grown")
+    (runs / "r2" / "tensorboard").mkdir(parents=True)
+    (runs / "r2" / "tensorboard" / "events.2").write_bytes(b"two")
+    assert tensorboard.mirror(store, folder, known) == 2
+    assert (folder / "r1" / "events.1").read_bytes() == b"one, grown"
+    (runs / "r1" / "tensorboard" / "events.1").unlink()  # a resumed run rewrote its events
+    tensorboard.mirror(store, folder, known)
+    assert not (folder / "r1" / "events.1").exists() and (folder / "r2" / "events.2").read_bytes() == b"two"
