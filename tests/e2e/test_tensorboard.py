@@ -49,7 +49,8 @@ def read_events(folder) -> tuple[dict[str, list[tuple[int, object]]], object]:
 def trained(s3, dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tb")
     cfg = data_config(tmp, dataset, "tb-run", f"s3://{dataset}/data", head_epochs=2)
-    result = run_cli("train", "--config", str(cfg), env=s3.env())
+    result = run_cli("train", "--config", str(cfg), "--set", f"metrics.file={tmp / 'katib' / 'metrics.log'}",
+                     env=s3.env())
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp
 
@@ -128,3 +129,22 @@ def test_the_tensorboard_command_serves_the_runs_of_a_prefix(s3, dataset, traine
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) in (0, 143)
+
+
+def test_katibs_file_has_a_line_per_epoch_and_the_final_metrics(s3, dataset, trained):
+    """What Katib's File collector reads with its default filter: each epoch's values and, last, metrics.json's."""
+    import re
+
+    default_filter = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")  # kubeflow/katib DefaultFilter
+    lines = (trained / "katib" / "metrics.log").read_text().splitlines()
+    pairs = [{m.group(1): m.group(2) for m in default_filter.finditer(line)} for line in lines]
+    history = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/tb-run/history.json")["Body"].read())
+    epochs = [(p, r) for p in ("head", "finetune") for r in history[p]]
+    assert len(pairs) == len(epochs) + 1
+    for values, (phase, record) in zip(pairs, epochs):
+        assert int(values[f"{phase}_epoch"]) == record["epoch"]
+        assert float(values["val_loss"]) == record["val_loss"] and float(values["train_loss"]) == record["loss"]
+    metrics = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/tb-run/metrics.json")["Body"].read())
+    final = pairs[-1]
+    assert float(final["test_accuracy"]) == metrics["test"]["accuracy"]
+    assert float(final["val_loss"]) == metrics["validation"]["loss"]
