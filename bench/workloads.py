@@ -219,7 +219,8 @@ def training(p: dict) -> dict:
         return parts
 
     def images(b: int):
-        return lambda ctx: dataset.image_dataset(paths, labels, size, b, shuffle=True, seed=seed, repeat=True)
+        return lambda ctx, start: dataset.image_dataset(paths, labels, size, b, shuffle=True, seed=seed, repeat=True,
+                                                        start=start)
 
     def job_seconds(on, phase_name: str, net, data_fn, lr: float, name: str, augment=None) -> list[float]:
         phase = loop.Phase(name=phase_name, model=net, dataset_fn=data_fn, examples=len(paths), epochs=epochs,
@@ -229,7 +230,7 @@ def training(p: dict) -> dict:
 
     def fit_rates(net, n_epochs: int, n_steps: int = steps) -> list[float]:
         timer = EpochTimer()
-        net.fit(images(batch)(None), epochs=n_epochs, steps_per_epoch=n_steps, verbose=0, callbacks=[timer])
+        net.fit(images(batch)(None, 0), epochs=n_epochs, steps_per_epoch=n_steps, verbose=0, callbacks=[timer])
         return [n_steps * batch / s for s in timer.seconds[1:]]
 
     def compiled(**kwargs):
@@ -272,8 +273,8 @@ def training(p: dict) -> dict:
         with cluster.strategy.scope():
             augment = model.augmentation(recipe.augment_ops(True), seed)
 
-        def features(ctx):
-            return dataset.feature_dataset(feats, feat_labels, batch, shuffle=True, seed=seed, repeat=True)
+        def features(ctx, start):
+            return dataset.feature_dataset(feats, feat_labels, batch, shuffle=True, seed=seed, repeat=True, start=start)
 
         head: dict[str, list[float]] = {"cached_features": [], "end_to_end": []}
         for r in range(rounds):
