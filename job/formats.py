@@ -232,18 +232,12 @@ def check_multi(run: Runner, pixels: np.ndarray, truth: np.ndarray, reference: t
     chosen = above > 0.5
     mean_ap = multilabel.mean_average_precision(scores, truth) if len(truth) else float("nan")
     result = {"map": None if np.isnan(mean_ap) else mean_ap,
-              "micro_f1": _micro_f1(chosen, truth != 0) if len(truth) else None,
+              "micro_f1": multilabel.micro_f1(chosen, truth) if len(truth) else None,
               **_size_and_latency(run, pixels, path), "examples": int(len(truth))}
     if reference is not None and len(truth):
         result["agreement"] = float(np.all(chosen == reference[1], axis=1).mean())
         result["max_score_difference"] = round(float(np.abs(scores - reference[0]).max()), 6)
     return result
-
-
-def _micro_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
-    tp = int((predicted & truth).sum())
-    wrong = int((predicted != truth).sum())
-    return 2 * tp / (2 * tp + wrong) if tp or wrong else 0.0
 
 
 def _size_and_latency(run: Runner, pixels: np.ndarray, path: Path) -> dict:

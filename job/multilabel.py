@@ -128,6 +128,13 @@ def _ratio(numerator: int, denominator: int) -> float:
     return numerator / denominator if denominator else 0.0
 
 
+def micro_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Returns the F1 of 0/1 decisions [n, L] against the truth, counts pooled over every label (0.0 for 0/0)."""
+    p, t = np.asarray(predicted) != 0, np.asarray(truth) != 0
+    tp, wrong = int((p & t).sum()), int((p != t).sum())
+    return _ratio(2 * tp, 2 * tp + wrong)
+
+
 def _label_entry(tp: int, fp: int, fn: int, ap: float | None, threshold: float) -> dict:
     """Returns the per-label part of a report from that label's counts."""
     return {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
@@ -155,7 +162,7 @@ def report(scores: np.ndarray, truth: np.ndarray, thresholds: list[float], class
         "examples": int(n),
         "loss": binary_cross_entropy(s, t),
         "map": mean_average_precision(s, t),
-        "micro_f1": _ratio(int(2 * tp.sum()), int(2 * tp.sum() + fp.sum() + fn.sum())),
+        "micro_f1": micro_f1(predicted, t),
         "macro_f1": float(np.mean([e["f1"] for e in per_label.values()])) if classes else 0.0,
         "subset_accuracy": _ratio(int((predicted == t).all(axis=1).sum()), n),
         "hamming_accuracy": _ratio(int((predicted == t).sum()), int(t.size)),
