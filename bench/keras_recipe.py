@@ -1,6 +1,6 @@
 """The plain-Keras script the job is measured against: the seeds' recipe, as a user would write it.
 
-    python bench/keras_recipe.py DATA_DIR WEIGHTS_FILE SEED RESULT.json
+    python bench/keras_recipe.py DATA_DIR WEIGHTS_FILE SEED RESULT.json [BACKBONE]
 
 Dense 128 + dropout 0.3 head trained 10 epochs at 1e-3 on the frozen base, then the top 30 layers
 fine-tuned 5 epochs at 1e-4, BatchNormalization in inference mode (base called with training=False),
@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 
 data, weights, seed, result = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+backbone = sys.argv[5] if len(sys.argv) > 5 else "mobilenet_v2"  # or efficientnet_b0, which scales its own inputs
 keras.utils.set_random_seed(seed)
 
 
@@ -23,10 +24,15 @@ def split(name, shuffle):
 
 
 train, val, test = split("train", True), split("validation", False), split("test", False)
-base = keras.applications.MobileNetV2(include_top=False, weights=weights, input_shape=(32, 32, 3))
-base.trainable = False
 inputs = keras.Input((32, 32, 3))
-x = base(keras.applications.mobilenet_v2.preprocess_input(inputs), training=False)
+if backbone == "mobilenet_v2":
+    base = keras.applications.MobileNetV2(include_top=False, weights=weights, input_shape=(32, 32, 3))
+    x = keras.applications.mobilenet_v2.preprocess_input(inputs)
+else:
+    base = keras.applications.EfficientNetB0(include_top=False, weights=weights, input_shape=(32, 32, 3))
+    x = inputs
+base.trainable = False
+x = base(x, training=False)
 x = keras.layers.Dropout(0.3)(keras.layers.Dense(128, activation="relu")(keras.layers.GlobalAveragePooling2D()(x)))
 model = keras.Model(inputs, keras.layers.Dense(len(train.class_names), activation="softmax")(x))
 

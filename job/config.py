@@ -93,12 +93,29 @@ class FinetuneConfig(_Section):
         return v
 
 
+class SearchConfig(_Section):
+    # Fine-tuning learning rates tried one after the other, each a whole fine-tuning phase from the head's weights
+    # (same data order, same dropout draws); the trial with the best validation score (early_stopping_metric)
+    # is the model. [] = no search: finetune.learning_rate. Setting finetune.learning_rate alone turns it off.
+    learning_rates: list[float] = [1.0e-4, 3.0e-4]
+
+    @field_validator("learning_rates")
+    @classmethod
+    def _distinct_positive(cls, v: list[float]) -> list[float]:
+        if any(r <= 0 for r in v):
+            raise ValueError("each learning rate must be > 0")
+        if len(set(v)) != len(v):
+            raise ValueError("the learning rates must be distinct")
+        return v
+
+
 class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1)
     seed: int = 1337
     mixed_precision: Literal["auto"] | bool = "auto"
     head: HeadConfig = HeadConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    search: SearchConfig = SearchConfig()
     early_stopping_patience: int = Field(3, ge=0)  # 0 = no early stopping
     # val_accuracy: single_label only; val_map (validation mean average precision): multi_label only
     early_stopping_metric: Literal["val_loss", "val_accuracy", "val_map"] = "val_loss"
@@ -200,6 +217,9 @@ class Config(_Section):
             raise ValueError(f"train.early_stopping_metric: {metric} does not apply to task {self.task} ({fits})")
         if multi and self.train.label_smoothing:
             raise ValueError("train.label_smoothing: applies to single_label only")
+        if "learning_rate" in self.train.finetune.model_fields_set and "search" not in self.train.model_fields_set:
+            # The user chose the rate: no search unless it is asked for too.
+            self.train.search = SearchConfig(learning_rates=[])
         if multi and "learning_rate" not in self.train.finetune.model_fields_set:
             # The task's own default (job.recipe.MULTI_LABEL_FINETUNE_RATE); an explicit value is kept.
             self.train.finetune = self.train.finetune.model_copy(

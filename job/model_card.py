@@ -80,7 +80,7 @@ MULTI = {"kind_title": "a multi-label image classifier of {n} labels", "kind_nam
 
 
 def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict[str, int]], reports: dict,
-           formats: dict[str, dict], bad_images: int, versions: dict[str, str]) -> str:
+           formats: dict[str, dict], bad_images: int, versions: dict[str, str], search: list[dict] = ()) -> str:
     data, model = config["data"], config["model"]
     height, width = data["image_size"]
     split = "test" if "test" in reports else "validation"
@@ -91,7 +91,7 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
         run_id=run_id, backbone=model["backbone"], weights=model["weights"], data_uri=data["uri"],
         version=versions.get("finetune_job", ""), tensorflow=versions.get("tensorflow", ""),
         num_classes=len(classes), class_list=", ".join(f"`{c}`" for c in classes), height=height, width=width,
-        counts_table=_counts_table(classes, counts), bad_images=bad_images, recipe=_recipe(config["train"]),
+        counts_table=_counts_table(classes, counts), bad_images=bad_images, recipe=_recipe(config["train"], search),
         results_table=_multi_results(reports, per_label, split) if multi else _results_table(reports), split=split,
         formats_table=_formats_table(formats), limits=_limits(per_label, split, multi),
         smallest=min((v.get("images", sum(v.values())) for v in counts.values()), default=0))
@@ -130,9 +130,9 @@ def _multi_results(reports: dict, per_label: dict[str, dict], split: str) -> str
         ["label", "images with it", "average precision", "precision", "recall", "F1", "threshold"], labels)
 
 
-def _recipe(train: dict) -> str:
+def _recipe(train: dict, search: list[dict] = ()) -> str:
     head, finetune = train["head"], train["finetune"]
-    return "\n".join([
+    return "\n".join([*_search_lines(search),
         f"- head: {head['epochs']} epochs at {head['learning_rate']} ({head['mode']}), augment: {head['augment']}",
         f"- fine-tuning: {finetune['epochs']} epochs at {finetune['learning_rate']}, "
         f"unfreeze: {finetune['unfreeze']}, augment: {finetune['augment']}",
@@ -141,6 +141,19 @@ def _recipe(train: dict) -> str:
         f"weight decay {train['weight_decay']}, schedule {train['lr_schedule']}, "
         f"class weights {train['class_weight']}",
     ])
+
+
+def _search_lines(search: list[dict]) -> list[str]:
+    """train.search: which fine-tuning rate was chosen on validation, and every trial's scores."""
+    if not search:
+        return []
+    chosen = next(t for t in search if t["chosen"])
+    second = "val_map" if "val_map" in chosen else "val_accuracy"
+    trials = "; ".join(f"{t['learning_rate']:g}: val_loss {t['val_loss']:.4f}, {second} {t[second]:.4f}, "
+                       f"best epoch {t['best_epoch']} of {t['epochs']}" for t in search)
+    rates = ", ".join(f"{t['learning_rate']:g}" for t in search)
+    return [f"- fine-tuning learning rate **{chosen['learning_rate']:g}**, chosen on validation by train.search "
+            f"among {rates} (each a whole fine-tuning phase from the head's weights): {trials}"]
 
 
 def _results_table(reports: dict) -> str:

@@ -468,27 +468,45 @@ def _features(run: Run, split: str, share: tuple[int, int] | None):
 
 def finetune_phase(run: Run) -> None:
     """Phase 2: the base unfrozen at a low learning rate, the head carried over (from scratch: every layer,
-    BatchNormalization included, at the head's rate for both phases' epochs); then the run is trained."""
-    from job import loop, model, signals
+    BatchNormalization included, at the head's rate for both phases' epochs), at each rate of train.search in
+    turn, keeping the best on validation (job/search.py); then the run is trained."""
+    from job import loop, model, search, signals
 
     cfg, ft = run.cfg, run.cfg.train.finetune
     epochs, rate = recipe.finetune_schedule(cfg.train.head.epochs, cfg.train.head.learning_rate, ft.epochs,
                                             ft.learning_rate, run.parts.from_scratch)
-    if run.state.phase in ("head", "finetune") and epochs > 0 and run.unfreeze > 0:
+    if run.state.phase in ("head", "search", "finetune") and epochs > 0 and run.unfreeze > 0:
         with run.cluster.strategy.scope():
             model.unfreeze(run.parts, run.unfreeze)
-        phase = loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
-                           examples=run.data.count("train"), epochs=epochs, learning_rate=rate,
-                           validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
-                           augment=_augmentation(run, ft.augment, cfg.train.seed + 100),
-                           on_epoch=_on_epoch(run, "finetune"))
-        loop.run_phase(phase, run.cluster, cfg.train.batch_size, run.options, run.ckpt, run.state)
+
+        def phase(learning_rate: float, on_epoch=None):
+            return loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
+                              examples=run.data.count("train"), epochs=epochs, learning_rate=learning_rate,
+                              validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
+                              augment=_augmentation(run, ft.augment, cfg.train.seed + 100), on_epoch=on_epoch)
+
+        rates = [] if run.parts.from_scratch else search.rates(cfg, run.data.count("validation") > 0)
+        if rates and run.state.phase in ("head", "search"):
+            search.run(run, phase, rates)
+            _chosen_epochs(run)
+        elif not rates:
+            loop.run_phase(phase(rate, _on_epoch(run, "finetune")), run.cluster, cfg.train.batch_size, run.options,
+                           run.ckpt, run.state)
     if run.state.phase == "trained":
         run.ckpt.restore(weights=run.parts.model)  # a resumed run that had finished training: its final weights
     else:
         run.state.finish()
         run.ckpt.save(run.state, weights=run.parts.model)  # evaluation and export can be redone without training
     signals.check("evaluation")
+
+
+def _chosen_epochs(run: Run) -> None:
+    """The chosen trial's epochs, now the fine-tuning phase's, into TensorBoard and Katib's file (the trials ran
+    without them: their curves would interleave)."""
+    for record in run.state.history["finetune"]:
+        if run.board:
+            run.board.epoch(run.state.history, "finetune", record)
+        katib.epoch_done(run.cfg.metrics.file, "finetune", record, chief=run.cluster.is_chief)
 
 
 def class_weights(cfg: Config, listed) -> list[float] | None:

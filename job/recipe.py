@@ -133,3 +133,16 @@ def is_better(metric: str, value: tuple[float, float], best: Sequence[float] | N
     if metric == "val_loss":
         return loss < best_loss
     return accuracy > best_accuracy or (accuracy == best_accuracy and loss < best_loss)
+
+
+def choose_trial(metric: str, trials: Sequence[Mapping]) -> int:
+    """train.search: the index of the best trial, each a mapping with its best epoch's val_loss and val_accuracy
+    (multi-label: val_map), under `metric` as early stopping compares epochs (`is_better`); the earlier on a tie."""
+    def monitored(t: Mapping) -> tuple[float, float]:
+        return t["val_loss"], t.get("val_map", t.get("val_accuracy"))
+
+    best = 0
+    for i in range(1, len(trials)):
+        if is_better(metric, monitored(trials[i]), monitored(trials[best])):
+            best = i
+    return best

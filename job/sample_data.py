@@ -161,7 +161,12 @@ def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: s
     if augment:
         x = keras.layers.RandomFlip("horizontal", seed=seed)(x)
         x = keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1)(x)
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)
+    if spec.preprocess == "tf":
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)
+    elif spec.preprocess != "none":  # "none": the base scales its own inputs (EfficientNet), as the job feeds it
+        from job.model import Preprocess
+
+        x = Preprocess(spec.preprocess)(x)
     x = keras.layers.GlobalAveragePooling2D()(base(x))
     net = keras.Model(inputs, keras.layers.Dense(int(labels.max()) + 1, activation="softmax")(x))
     net.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])

@@ -77,6 +77,9 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("train.weight_decay=-1", "train.weight_decay:"),
         ("train.class_weight=balanced", "train.class_weight:"),
         ("train.class_weight={cat: 0}", "class weights must be > 0"),
+        ("train.search.learning_rates=[1e-4, 0]", "train.search.learning_rates: each learning rate must be > 0"),
+        ("train.search.learning_rates=[1e-4, 1e-4]", "the learning rates must be distinct"),
+        ("train.search.rates=[1e-4]", "unknown key 'train.search.rates'"),
         ("run_id=../escape", "run_id:"),
         ("batch_size", "expected KEY=VALUE"),
         ("train.batch_size.x=1", "not a section"),
@@ -87,6 +90,16 @@ def test_bad_values_name_the_key_on_one_line(cfg_file, override, expected):
         config.load(cfg_file, [override], environ={})
     assert expected in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_the_search_is_on_by_default_and_off_when_the_rate_alone_is_set(cfg_file):
+    assert config.load(cfg_file, [], environ={}).train.search.learning_rates == [1.0e-4, 3.0e-4]
+    chosen = config.load(cfg_file, ["train.finetune.learning_rate=5e-5"], environ={})
+    assert chosen.train.search.learning_rates == [] and chosen.train.finetune.learning_rate == 5e-5
+    both = config.load(cfg_file, ["train.finetune.learning_rate=5e-5", "train.search.learning_rates=[1e-5, 1e-3]"],
+                       environ={})
+    assert both.train.search.learning_rates == [1e-5, 1e-3]
+    assert config.load(cfg_file, ["train.search.learning_rates=[]"], environ={}).train.search.learning_rates == []
 
 
 def test_xception_minimum_size(cfg_file):

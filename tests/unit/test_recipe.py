@@ -1,6 +1,8 @@
 """The recipe's rules (job/recipe.py): pure logic, no TensorFlow."""
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given
 
 from job import recipe
 
@@ -41,3 +43,21 @@ def test_early_stopping_comparisons():
     assert recipe.is_better("val_accuracy", (0.4, 0.7), (0.5, 0.7))  # a tie in accuracy: lower loss wins
     assert not recipe.is_better("val_accuracy", (0.6, 0.7), (0.5, 0.7))
     assert not recipe.is_better("val_accuracy", (0.1, 0.6), (0.5, 0.7))
+
+
+# ---------------------------------------------------------------- train.search's choice
+
+
+def _trial(loss: float, accuracy: float) -> dict:
+    return {"learning_rate": 1e-4, "val_loss": loss, "val_accuracy": accuracy}
+
+
+@given(st.lists(st.tuples(st.floats(0, 10), st.floats(0, 1)), min_size=1, max_size=6))
+def test_the_chosen_trial_is_the_first_of_the_best(scores):
+    trials = [_trial(loss, accuracy) for loss, accuracy in scores]
+    by_loss = recipe.choose_trial("val_loss", trials)
+    assert by_loss == min(range(len(scores)), key=lambda i: (scores[i][0], i))  # lowest loss, earliest on a tie
+    by_accuracy = recipe.choose_trial("val_accuracy", trials)
+    assert by_accuracy == min(range(len(scores)), key=lambda i: (-scores[i][1], scores[i][0], i))
+    multi = [{"val_loss": loss, "val_map": accuracy} for loss, accuracy in scores]
+    assert recipe.choose_trial("val_map", multi) == by_accuracy  # mAP like accuracy: higher is better

@@ -64,7 +64,7 @@ def test_a_new_state_starts_the_head_phase_from_nothing():
     state = RunState()
     assert (state.phase, state.epoch, state.step, state.sums) == ("head", 0, 0, [0.0, 0.0])
     assert (state.best, state.best_epoch, state.patience_used) == (None, 0, 0)
-    assert state.history == {"head": [], "finetune": []} and state.config == {}
+    assert state.history == {"head": [], "finetune": []} and state.config == {} and state.search == []
     other = RunState()
     other.sums[0] += 1.0
     other.history["head"].append({})
@@ -75,12 +75,15 @@ def test_a_new_state_starts_the_head_phase_from_nothing():
 def test_json_round_trip_keeps_every_field():
     state = RunState(phase="finetune", epoch=4, step=7, sums=[2.5, 3.0], best=[0.25, 0.75], best_epoch=3,
                      patience_used=1, history={"head": [{"epoch": 1, "loss": 0.5}], "finetune": []},
-                     config={"train.seed": 3, "train.class_weight": {"a": 2.0}})
+                     config={"train.seed": 3, "train.class_weight": {"a": 2.0}},
+                     search=[{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75, "history": []}])
     text = state.to_json()
     assert json.loads(text) == {"phase": "finetune", "epoch": 4, "step": 7, "sums": [2.5, 3.0], "best": [0.25, 0.75],
                                 "best_epoch": 3, "patience_used": 1,
                                 "history": {"head": [{"epoch": 1, "loss": 0.5}], "finetune": []},
-                                "config": {"train.seed": 3, "train.class_weight": {"a": 2.0}}}
+                                "config": {"train.seed": 3, "train.class_weight": {"a": 2.0}},
+                                "search": [{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75,
+                                            "history": []}]}
     assert RunState.from_json(text) == state
     assert RunState.from_json("{}") == RunState()
 
