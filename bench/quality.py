@@ -78,6 +78,8 @@ COMPARISON = {
     "keras_seeds_recipe": None,  # bench/keras_recipe.py
     "keras_job_recipe": None,  # bench/keras_job_recipe.py: the strongest simple script (issue 20)
     "job_head_only": {"train": {"finetune": {"epochs": 0}}},
+    # 0.2's defaults: fine-tuning at 1e-4 alone, no search (issue 20: today's wall time and scores).
+    "job_search_off": {"train": {"search": {"learning_rates": []}}},
     "job_weights_none": {"model": {"weights": "none"}},
     # Only on the imbalanced task (on balanced ones `auto` weights every class 1): what `auto` does.
     "job_class_weight_none": {"train": {"class_weight": "none"}},
@@ -96,6 +98,8 @@ SCRATCH_RECIPES = {"job_weights_none"}
 # The ablation: the default with one choice changed per row (docs/QUALITY.md, "What each choice is worth").
 ABLATION = {
     "default": {},
+    "search_off": {"train": {"search": {"learning_rates": []}}},
+    "search_soup_off": {"train": {"search": {"soup": False}}},
     "finetune_unfreeze_30": {"train": {"finetune": {"unfreeze": 30}}},
     "finetune_lr_3e-5": {"train": {"finetune": {"learning_rate": 3.0e-5}}},
     "finetune_lr_3e-4": {"train": {"finetune": {"learning_rate": 3.0e-4}}},
@@ -175,8 +179,10 @@ def job_run(task: str, seed: int, name: str, extra: dict, tmp: Path, env: dict, 
         raise RuntimeError(f"{run_id}: finetune-job exited {p.returncode}; log: {tmp / f'{run_id}.log'}")
     reports = json.loads((tmp / "runs" / run_id / "metrics.json").read_text())
     history = json.loads((tmp / "runs" / run_id / "history.json").read_text())
+    search = json.loads((tmp / "runs" / run_id / "manifest.json").read_text()).get("search")
     out = {**{split: _scores(reports[split], scores) for split in ("validation", "test")},
-           "seconds": round(seconds, 1), "epochs": {phase: len(records) for phase, records in history.items()}}
+           "seconds": round(seconds, 1), "epochs": {phase: len(records) for phase, records in history.items()},
+           **({"search": search} if search else {})}
     if len(reports.get("formats", {})) > 1:
         out["formats"] = reports["formats"]
     return out

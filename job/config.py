@@ -98,6 +98,8 @@ class SearchConfig(_Section):
     # (same data order, same dropout draws); the trial with the best validation score (early_stopping_metric)
     # is the model. [] = no search: finetune.learning_rate. Setting finetune.learning_rate alone turns it off.
     learning_rates: list[float] = [1.0e-4, 3.0e-4]
+    # The uniform average of the trials' weights, kept instead of the best trial when it is better on validation.
+    soup: bool = True
 
     @field_validator("learning_rates")
     @classmethod

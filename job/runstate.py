@@ -34,6 +34,7 @@ class RunState:
     history: dict[str, list[dict]] = field(default_factory=lambda: {p: [] for p in PHASES})
     # train.search: each fine-tuning trial done (rate, best epoch's scores, its epochs' records; job/search.py)
     search: list[dict] = field(default_factory=list)
+    soup: dict | None = None  # train.search.soup: the average of the trials' weights, its scores, whether kept
     config: dict[str, Any] = field(default_factory=dict)  # the training-relevant config, flattened
 
     # ------------------------------------------------------------ JSON

@@ -46,55 +46,67 @@ class _NoCheckpoints:
 
 
 def run(run, make_phase: Callable[[float], object], learning_rates: list[float]) -> None:
-    """Try every rate (those not tried yet); leave the best trial's weights in the model and its epochs as the
-    fine-tuning phase's, finished (`state.phase` "finetune", every epoch done)."""
+    """Try every rate (those not tried yet), then the soup; leave the chosen weights in the model and the best
+    trial's epochs as the fine-tuning phase's, finished (`state.phase` "finetune", every epoch done)."""
     from job import loop
 
     model, state, cluster = run.parts.model, run.state, run.cluster
     variables = model.variables  # weights, moving statistics and dropout's random state: a trial's whole start
-    with cluster.strategy.scope():
-        best = [tf.Variable(v.value, trainable=False) for v in variables]
+    with cluster.strategy.scope():  # each trial's best weights, kept for the choice and the soup
+        kept = [[tf.Variable(v.value, trainable=False) for v in variables] for _ in learning_rates]
     if state.phase == "search":
-        run.ckpt.restore(weights=model, rng=loop.random_states(model), chosen=best)
+        run.ckpt.restore(weights=model, rng=loop.random_states(model), trials=kept)
     else:
-        state.phase, state.search = "search", []
+        state.phase, state.search, state.soup = "search", [], None
     start = [v.numpy() for v in variables]
     options = dataclasses.replace(run.options, metrics_file="")  # Katib hears the chosen trial's epochs only
-    for rate in learning_rates[len(state.search):]:
-        log.info("search trial started", learning_rate=rate, trial=len(state.search) + 1, trials=len(learning_rates))
+    for i in range(len(state.search), len(learning_rates)):
+        rate = learning_rates[i]
+        log.info("search trial started", learning_rate=rate, trial=i + 1, trials=len(learning_rates))
         trial = RunState(phase="finetune", history={"finetune": []})
         try:
             loop.run_phase(make_phase(rate), cluster, run.cfg.train.batch_size, options, _NoCheckpoints(), trial)
         except signals.Preempted:
             _assign(variables, start)
-            _save(run, state, best)
+            _save(run, state, kept)
             raise
         result = {"learning_rate": rate, "epochs": len(trial.history["finetune"]), "best_epoch": trial.best_epoch,
                   **dict(zip(("val_loss", _second(options)), trial.best)), "history": trial.history["finetune"]}
-        if better(options.metric, result, state.search):
-            for copy, variable in zip(best, variables):
-                copy.assign(variable.value)
+        for copy, variable in zip(kept[i], variables):
+            copy.assign(variable.value)
         state.search.append(result)
         log.info("search trial done", **{k: v for k, v in result.items() if k != "history"})
         _assign(variables, start)
-        _save(run, state, best)
+        _save(run, state, kept)
     chosen = recipe.choose_trial(options.metric, state.search)
-    for variable, copy in zip(variables, best):
-        variable.assign(copy.value())
     winner = state.search[chosen]
-    state.phase, state.history["finetune"] = "finetune", winner["history"]
-    state.epoch, state.best_epoch = max(1, len(winner["history"])), winner["best_epoch"]
+    _assign(variables, [v.value() for v in kept[chosen]])
     log.info("search chose", learning_rate=winner["learning_rate"], trial=chosen + 1,
              **{k: winner[k] for k in ("val_loss", _second(options)) if k in winner})
+    if run.cfg.train.search.soup:
+        _soup(make_phase(winner["learning_rate"]).validate, variables, kept, winner, state, options)
+    state.phase, state.history["finetune"] = "finetune", winner["history"]
+    state.epoch, state.best_epoch = max(1, len(winner["history"])), winner["best_epoch"]
+
+
+def _soup(validate, variables, kept, winner: dict, state: RunState, options) -> None:
+    """The uniform average of every trial's weights (a "model soup": fine-tuned from the same start, the trials lie
+    in one basin), kept instead of the best trial only when it scores better on validation."""
+    trainable = {id(v) for v in variables if v.trainable}
+    chosen = [v.numpy() for v in variables]
+    for n, variable in enumerate(variables):
+        if id(variable) in trainable:
+            variable.assign(sum(copy[n].numpy() for copy in kept) / len(kept))
+    scores = validate()
+    state.soup = {"val_loss": scores["val_loss"], _second(options): scores[_second(options)]}
+    state.soup["chosen"] = recipe.choose_trial(options.metric, [winner, state.soup]) == 1
+    if not state.soup["chosen"]:
+        _assign(variables, chosen)
+    log.info("search soup", **state.soup)
 
 
 def _second(options) -> str:
     return "val_map" if options.multi_label else "val_accuracy"
-
-
-def better(metric: str, result: dict, earlier: list[dict]) -> bool:
-    """Whether `result` beats every earlier trial (it becomes the one kept)."""
-    return not earlier or recipe.choose_trial(metric, [*earlier, result]) == len(earlier)
 
 
 def _assign(variables, values) -> None:
@@ -102,14 +114,17 @@ def _assign(variables, values) -> None:
         variable.assign(value)
 
 
-def _save(run, state: RunState, best) -> None:
+def _save(run, state: RunState, kept) -> None:
     from job import loop
 
-    run.ckpt.save(state, weights=run.parts.model, rng=loop.random_states(run.parts.model), chosen=best)
+    run.ckpt.save(state, weights=run.parts.model, rng=loop.random_states(run.parts.model), trials=kept)
 
 
 def summary(state: RunState, metric: str) -> list[dict]:
     """The trials as the manifest and the model card show them: rate, scores, epochs, and which was kept."""
     chosen = recipe.choose_trial(metric, state.search) if state.search else -1
-    return [{**{k: v for k, v in t.items() if k != "history"}, "chosen": i == chosen}
-            for i, t in enumerate(state.search)]
+    if state.soup and state.soup["chosen"]:
+        chosen = -1
+    trials = [{**{k: v for k, v in t.items() if k != "history"}, "chosen": i == chosen}
+              for i, t in enumerate(state.search)]
+    return trials + ([{"learning_rate": "soup", **state.soup}] if state.soup else [])

@@ -18,15 +18,20 @@ pytestmark = pytest.mark.slow
 RATES = [3.0e-5, 3.0e-3]  # far apart: the two trials train differently on the sample data
 
 
-def config(tmp_path, dataset, run_id, train=None):
+def config(tmp_path, dataset, run_id, train=None, soup=True):
     return write_config(
         tmp_path / f"{run_id}.yaml", run_id=run_id,
         data={"uri": f"s3://{dataset}/data", "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"c-{run_id}")},
         model={"backbone": "mobilenet_v2", "weights": f"s3://{dataset}/weights/base.weights.h5", "head_units": 16},
         train={"batch_size": 16, "head": {"epochs": 2}, "early_stopping_patience": 0,
-               "finetune": {"epochs": 3, "unfreeze": 10}, "search": {"learning_rates": RATES}, **(train or {})},
+               "finetune": {"epochs": 3, "unfreeze": 10}, "search": {"learning_rates": RATES, "soup": soup},
+               **(train or {})},
         output={"uri": f"s3://{dataset}/runs"}, metrics={"port": 0, "linger_seconds": 0},
         checkpoint={"every_seconds": 0, "lease_seconds": 6}, export={"formats": ["saved_model"]})
+
+
+def _unchosen(trial: dict) -> dict:
+    return {k: v for k, v in trial.items() if k != "chosen"}
 
 
 def get_json(s3, bucket, key):
@@ -38,19 +43,25 @@ def untimed(history: dict) -> dict:
             for p, rs in history.items()}
 
 
+def searched_run(s3, dataset, tmp, run_id, soup):
+    """An uninterrupted run with the search: its manifest, history and output."""
+    out = run_cli("train", "--config", str(config(tmp, dataset, run_id, soup=soup)), env=s3.env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    return (get_json(s3, dataset, f"runs/{run_id}/manifest.json"), get_json(s3, dataset, f"runs/{run_id}/history.json"),
+            out)
+
+
 @pytest.fixture(scope="module")
 def searched(s3, dataset, tmp_path_factory):
-    """One uninterrupted run with the search: its manifest and history."""
-    tmp = tmp_path_factory.mktemp("search")
-    out = run_cli("train", "--config", str(config(tmp, dataset, "search-whole")), env=s3.env())
-    assert out.returncode == 0, out.stderr[-3000:]
-    return (get_json(s3, dataset, "runs/search-whole/manifest.json"),
-            get_json(s3, dataset, "runs/search-whole/history.json"), out)
+    """The defaults' search: the trials, then their average (the soup)."""
+    return searched_run(s3, dataset, tmp_path_factory.mktemp("search"), "search-whole", soup=True)
 
 
 def test_the_search_keeps_the_best_trial_which_is_a_run_at_its_rate_alone(s3, dataset, searched, tmp_path):
-    manifest, history, out = searched
+    manifest, history, out = searched_run(s3, dataset, tmp_path, "search-nosoup", soup=False)
     trials = manifest["search"]
+    # The same trials as with the soup: it comes after them and changes none.
+    assert [_unchosen(t) for t in trials] == [_unchosen(t) for t in searched[0]["search"][:-1]]
     assert [t["learning_rate"] for t in trials] == RATES
     assert all(t["epochs"] == 3 and 1 <= t["best_epoch"] <= 3 for t in trials)
     assert trials[0]["val_loss"] != trials[1]["val_loss"], "the two rates should train differently"
@@ -60,8 +71,8 @@ def test_the_search_keeps_the_best_trial_which_is_a_run_at_its_rate_alone(s3, da
     # The fine-tuning history is the chosen trial's; its best epoch's validation loss is the trial's score.
     assert min(r["val_loss"] for r in history["finetune"]) == chosen["val_loss"]
     assert any(r["event"] == "search chose" and r["learning_rate"] == chosen["learning_rate"] for r in out.records())
-    card = s3.client.get_object(Bucket=dataset, Key="runs/search-whole/MODEL_CARD.md")["Body"].read().decode()
-    assert f"fine-tuning learning rate **{chosen['learning_rate']:g}**, chosen on validation" in card
+    card = s3.client.get_object(Bucket=dataset, Key="runs/search-nosoup/MODEL_CARD.md")["Body"].read().decode()
+    assert f"- the model: the trial at **{chosen['learning_rate']:g}**" in card
 
     # The same config at the chosen rate, without a search (setting the rate alone turns it off): the same model.
     alone = config(tmp_path, dataset, "search-alone", train={"finetune": {
@@ -74,6 +85,18 @@ def test_the_search_keeps_the_best_trial_which_is_a_run_at_its_rate_alone(s3, da
     assert other["search"] == []
     assert other["weights_sha256"] == manifest["weights_sha256"]
     assert untimed(get_json(s3, dataset, "runs/search-alone/history.json")) == untimed(history)
+
+
+def test_the_soup_is_the_average_of_the_trials_kept_only_when_better_on_validation(s3, dataset, searched):
+    manifest, _, out = searched
+    *trials, soup = manifest["search"]
+    assert soup["learning_rate"] == "soup" and set(soup) == {"learning_rate", "val_loss", "val_accuracy", "chosen"}
+    best = trials[recipe.choose_trial("val_loss", trials)]
+    assert soup["chosen"] == (soup["val_loss"] < best["val_loss"])
+    assert [t["chosen"] for t in trials] == [not soup["chosen"] and t is best for t in trials]
+    metrics = get_json(s3, dataset, "runs/search-whole/metrics.json")
+    kept = soup if soup["chosen"] else best  # the model evaluated is the one kept: its validation loss
+    assert metrics["validation"]["loss"] == pytest.approx(kept["val_loss"], rel=1e-5)
 
 
 def test_a_run_stopped_in_the_second_trial_resumes_to_the_same_choice_and_weights(s3, dataset, searched, tmp_path):
