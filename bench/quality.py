@@ -271,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", default=None, help="markdown file whose tables to refresh ('' for none)")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (seconds per run are then inflated)")
+    parser.add_argument("--report", default="", help="comma-separated result files of one kind: merge them into "
+                        "--out and refresh --docs from them, running nothing (the tables from the JSON)")
     args = parser.parse_args(argv)
+    if args.report:
+        return report_only([Path(f) for f in args.report.split(",")], args.out, args.docs)
     mode = "quick" if args.quick else "full"
     seeds = list(range(1, 1 + (args.seeds or (1 if args.quick else 3))))
     kind = "ablation" if args.ablation else "comparison"
@@ -387,6 +391,33 @@ def main(argv: list[str] | None = None) -> int:
 
         quality_report.refresh(docs, report)
         log(f"refreshed the {kind} tables of {docs}")
+    return 0
+
+
+def report_only(files: list[Path], out: Path | None, docs: str | None) -> int:
+    """One report from the results of several runs of the bench (its parts, e.g. one backbone or recipe each), with
+    each part's own conditions listed; the docs' tables regenerated from it."""
+    reports = [json.loads(f.read_text()) for f in files]
+    if len({r["kind"] for r in reports}) != 1:
+        raise SystemExit("--report: the files are of different kinds (comparison, ablation)")
+    report = dict(reports[0])
+    for other in reports[1:]:
+        report["tasks"] = merged(report["tasks"], other["tasks"])
+    report["parts"] = [{"file": f.name, "started": r["started"], "minutes": round(r["seconds"] / 60),
+                        "load_average": r["load_average"], "backbones": sorted({t["task"].get("backbone", BACKBONES[0])
+                                                                                for t in r["tasks"].values()}),
+                        "recipes": sorted({n for t in r["tasks"].values() for n in t["recipes"]})}
+                       for f, r in zip(files, reports)]
+    if report["kind"] == "comparison":
+        report["acceptance"] = acceptance(report["tasks"])
+    out = out or ROOT / "bench" / "results" / f"quality{'-ablation' if report['kind'] == 'ablation' else ''}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {out}")
+    if docs != "":
+        import quality_report
+
+        quality_report.refresh(Path(docs) if docs else ROOT / "docs" / "QUALITY.md", report)
+        log(f"refreshed the {report['kind']} tables of {docs or 'docs/QUALITY.md'}")
     return 0
 
 

@@ -38,13 +38,17 @@ def comparison_tables(report: dict) -> str:
     names = list(dict.fromkeys(n for r in tasks.values() for n in r["recipes"]))  # some only on some tasks
     lines.append("Test accuracy, % (mean ± std over seeds " + ", ".join(map(str, report["seeds"])) + "):")
     lines.append("")
-    lines.append("| task | " + " | ".join(LABELS.get(n, n) for n in names) + " | job − Keras |")
-    lines.append("|---|" + "---|" * (len(names) + 1))
-    margins = report.get("acceptance", {}).get("job_minus_keras_test_accuracy", {})
+    lines.append("| task | " + " | ".join(LABELS.get(n, n) for n in names) + " | job − seeds' script | "
+                 "**job − best script** |")
+    lines.append("|---|" + "---|" * (len(names) + 2))
+    acceptance = report.get("acceptance", {})
+    margins, best = (acceptance.get(k, {}) for k in ("job_minus_keras_test_accuracy",
+                                                      "job_minus_best_script_test_accuracy"))
     for task, r in tasks.items():
         cells = [_pm(r["recipes"][n]["test_accuracy"]) if n in r["recipes"] else "" for n in names]
         margin = f"{margins[task] * 100:+.1f}" if task in margins else ""
-        lines.append(f"| {task} | " + " | ".join(cells) + f" | {margin} |")
+        over_best = f"**{best[task] * 100:+.1f}**" if task in best else ""
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {margin} | {over_best} |")
     lines.append("")
     lines.append("Imbalanced and per-class view (test, %): macro-F1 and balanced accuracy, and validation "
                  "accuracy (what the defaults were chosen on); mean wall time per run in seconds:")
@@ -124,8 +128,8 @@ def ablation_tables(report: dict) -> str:
     names = list(next(iter(tasks.values()))["recipes"]) if tasks else []
     lines = ["Each row is the default with one choice changed. Δ is in accuracy points against the default, "
              "per task on **validation** (mean over seeds), then the mean over tasks on validation and on test.",
-             "", "| recipe | " + " | ".join(f"Δ val {t}" for t in tasks) + " | Δ val mean | Δ test mean |",
-             "|---|" + "---|" * (len(tasks) + 2)]
+             "", "| recipe | " + " | ".join(f"Δ val {t}" for t in tasks) + " | Δ val mean | Δ test mean | s/run |",
+             "|---|" + "---|" * (len(tasks) + 3)]
 
     def avg(xs: list[float]) -> str:
         return f"{sum(xs) / len(xs) * 100:+.1f}" if xs else ""
@@ -135,7 +139,7 @@ def ablation_tables(report: dict) -> str:
         return r[f"{split}_accuracy"]["mean"] if r else None
 
     for n in names:
-        cells, dv, dt = [], [], []
+        cells, dv, dt, seconds = [], [], [], []
         for task in tasks:
             v, d = mean(task, n, "validation"), mean(task, "default", "validation")
             if v is None or d is None:
@@ -144,7 +148,9 @@ def ablation_tables(report: dict) -> str:
             cells.append(f"{(v - d) * 100:+.1f}")
             dv.append(v - d)
             dt.append(mean(task, n, "test") - mean(task, "default", "test"))
-        lines.append(f"| `{n}` | " + " | ".join(cells) + f" | {avg(dv)} | {avg(dt)} |")
+            seconds.append(tasks[task]["recipes"][n]["seconds"])
+        per_run = f"{sum(seconds) / len(seconds):.0f}" if seconds else ""
+        lines.append(f"| `{n}` | " + " | ".join(cells) + f" | {avg(dv)} | {avg(dt)} | {per_run} |")
     lines.append("")
     lines.append("Absolute validation accuracy of the default, %: " + ", ".join(
         f"{t} {_pm(tasks[t]['recipes']['default']['validation_accuracy'])}" for t in tasks
@@ -159,6 +165,11 @@ def conditions_table(report: dict) -> str:
                         f"{report['load_average']['before'][0]} before, {report['load_average']['after'][0]} after"),
             ("software", f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, Python {m['python']}")]
     rows += list(report["conditions"].items())
+    for p in report.get("parts", []):
+        load = p["load_average"]
+        rows.append((f"part: {p['file']}", f"{p['started']}, {p['minutes']} min, load average {load['before'][0]} "
+                     f"before, {load['after'][0]} after; backbones {', '.join(p['backbones'])}; "
+                     f"rows {', '.join(p['recipes'])}"))
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 

@@ -80,6 +80,9 @@ class FinetuneConfig(_Section):
     # first layer to unfreeze.
     unfreeze: int | str = "all"
     augment: Augment = False
+    # > 0: validate, keep and export an exponential moving average of the weights over about this many epochs
+    # (job.recipe.average_momentum) instead of the weights themselves; 0 = off
+    average_epochs: float = Field(0.0, ge=0.0, le=100.0)
 
     _augment = field_validator("augment")(_check_augment)
 

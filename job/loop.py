@@ -11,6 +11,7 @@ early stopping) goes through an all-reduce, so workers never disagree and hang.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import weakref
@@ -47,6 +48,9 @@ class Phase:
     augment: keras.Model | None = None
     saved: keras.Model | None = None  # what its checkpoints hold (default: `model`)
     on_epoch: Callable[[dict], None] | None = None  # after each epoch's record and checkpoint (TensorBoard)
+    # > 0: an exponential moving average of the trained weights over about this many epochs is what is validated,
+    # kept as the best epoch's and returned (job.recipe.average_momentum); 0: the weights themselves
+    average_epochs: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ def _correct(y, probs, multi_label: bool):
     return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
 
 
-def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global_batch: int, options: Options):
+def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global_batch: int, options: Options,
+                average: tuple[list, float] | None = None):
     strategy = cluster.strategy
     per_example_loss = _loss_fn(options, int(model.output.shape[-1]))
 
@@ -152,6 +157,10 @@ def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global
             # `flags` ([stop asked, checkpoint due]) ride along with the gradients' all-reduce: if any
             # worker was asked to stop, or is due to checkpoint, every worker learns it after this step.
             sums = strategy.run(replica_fn, args=(x, y, flags))
+            if average is not None:  # after the update, in cross-replica context: every copy alike
+                averaged, momentum = average
+                for a, v in zip(averaged, model.trainable_variables):
+                    a.assign(momentum * a + (1.0 - momentum) * tf.cast(v, a.dtype))
             return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in sums]
 
         return step
@@ -265,8 +274,11 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         best = [tf.Variable(v.value, trainable=False) for v in kept]
     saved = phase.saved or phase.model
     rng = random_states(phase.model)  # dropout's random stream goes on where it was, too
+    averaged, phase = _averaging(phase, cluster, variables, statistics, steps)
+    objects = {"weights": saved, "optimizer": optimizer, "best": best, "rng": rng,
+               **({"average": averaged} if averaged else {})}
     if state.resumes(phase.name):
-        ckpt.restore(weights=saved, optimizer=optimizer, best=best, rng=rng)
+        ckpt.restore(**objects)
     else:
         state.start(phase.name)
         if statistics:
@@ -276,11 +288,12 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         start = (state.epoch * steps + state.step) * (global_batch // cluster.num_workers)
         with cluster.strategy.scope():
             batches = iter(cluster.strategy.distribute_datasets_from_function(lambda ctx: phase.dataset_fn(ctx, start)))
-        step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch, options)
+        step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch, options,
+                           (averaged, recipe.average_momentum(phase.average_epochs, steps)) if averaged else None)
         metrics.set_phase(phase.name)
         log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps,
                  from_epoch=state.epoch + 1, trainable_weights=len(variables), replicas=cluster.replicas)
-        saver = _Saver(ckpt, state, options.every_seconds, weights=saved, optimizer=optimizer, best=best, rng=rng)
+        saver = _Saver(ckpt, state, options.every_seconds, **objects)
         while state.epoch < phase.epochs:
             record = _train_epoch(phase, cluster, global_batch, steps, batches, step, state, options, saver)
             # At the epoch's end (a schedule moves it); a MirroredVariable under a strategy: read as a tensor.
@@ -289,18 +302,46 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
             second = record.get("val_map", record.get("val_accuracy", record["accuracy"]))
             *monitored, due = cluster.mean([record.get("val_loss", record["loss"]), second, float(saver.due())])
             if state.end_epoch(record, tuple(monitored), options.metric, options.patience, phase.epochs):
-                for copy, variable in zip(best, kept):
-                    copy.assign(variable.value)
+                for copy, variable in zip(best, averaged or kept):
+                    copy.assign(_value(variable))
             elif state.epoch >= phase.epochs and record["epoch"] < phase.epochs:
                 log.info("early stopping", phase=phase.name, epoch=record["epoch"], best_epoch=state.best_epoch)
             if state.epoch >= phase.epochs or not options.every_seconds or due > 0:
                 saver.save()
             if phase.on_epoch:
                 phase.on_epoch(record)
-    if state.best_epoch and state.best_epoch != len(state.history[phase.name]):
+    if state.best_epoch and (averaged or state.best_epoch != len(state.history[phase.name])):
         for variable, copy in zip(kept, best):
             variable.assign(copy.value())
-        log.info("restored best weights", phase=phase.name, best_epoch=state.best_epoch)
+        log.info("restored best weights", phase=phase.name, best_epoch=state.best_epoch, averaged=bool(averaged))
+
+
+def _value(variable):
+    """A Keras variable's value (a property) or a tf.Variable's (a method)."""
+    return variable.value() if isinstance(variable, tf.Variable) else variable.value
+
+
+def _averaging(phase: Phase, cluster: Cluster, variables: list, statistics: list, steps: int):
+    """(the moving average's variables, the phase validating them) when the phase averages its weights; else
+    ([], the phase). Not where BatchNormalization trains (from scratch): its statistics would not match."""
+    if phase.average_epochs <= 0 or statistics:
+        return [], phase
+    with cluster.strategy.scope():
+        averaged = [tf.Variable(v.value, trainable=False) for v in variables]
+        live = [tf.Variable(v.value, trainable=False) for v in variables]
+
+    def validate():
+        for copy, variable in zip(live, variables):
+            copy.assign(variable.value)
+        for variable, average in zip(variables, averaged):
+            variable.assign(average.value())
+        try:
+            return phase.validate()
+        finally:
+            for variable, copy in zip(variables, live):
+                variable.assign(copy.value())
+
+    return averaged, dataclasses.replace(phase, validate=validate)
 
 
 def random_states(model: keras.Model) -> list:

@@ -483,7 +483,8 @@ def finetune_phase(run: Run) -> None:
             return loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
                               examples=run.data.count("train"), epochs=epochs, learning_rate=learning_rate,
                               validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
-                              augment=_augmentation(run, ft.augment, cfg.train.seed + 100), on_epoch=on_epoch)
+                              augment=_augmentation(run, ft.augment, cfg.train.seed + 100), on_epoch=on_epoch,
+                              average_epochs=ft.average_epochs)
 
         rates = [] if run.parts.from_scratch else search.rates(cfg, run.data.count("validation") > 0)
         if rates and run.state.phase in ("head", "search"):

@@ -146,3 +146,10 @@ def choose_trial(metric: str, trials: Sequence[Mapping]) -> int:
         if is_better(metric, monitored(trials[i]), monitored(trials[best])):
             best = i
     return best
+
+
+def average_momentum(epochs: float, steps_per_epoch: int) -> float:
+    """train.finetune.average_epochs: the momentum of a per-step exponential moving average whose horizon
+    (1 / (1 - momentum) steps) is `epochs` epochs; 0 (no averaging) when that is a step or less."""
+    horizon = epochs * steps_per_epoch
+    return 0.0 if horizon <= 1 else min(1.0 - 1.0 / horizon, 0.9999)

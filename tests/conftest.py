@@ -131,13 +131,15 @@ def write_config(path: Path, **sections) -> Path:
 
 
 def data_config(tmp_path: Path, dataset: str, run_id: str, uri: str, *, head_epochs: int = 3,
-                formats: tuple[str, ...] = ("saved_model",), **data) -> Path:
-    """A small run's config over the `dataset` fixture's bucket (its base weights) with data at `uri`."""
+                formats: tuple[str, ...] = ("saved_model",), search: bool = False, **data) -> Path:
+    """A small run's config over the `dataset` fixture's bucket (its base weights) with data at `uri`; without
+    train.search's trials unless `search` (tests/e2e/test_search.py and the runs that ask for it try them)."""
     return write_config(
         tmp_path / f"{run_id}.yaml", run_id=run_id,
         data={"uri": uri, "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"cache-{run_id}"), **data},
         model={"backbone": "mobilenet_v2", "weights": f"s3://{dataset}/weights/base.weights.h5", "head_units": 16},
-        train={"batch_size": 16, "head": {"epochs": head_epochs}, "finetune": {"epochs": 1, "unfreeze": 10}},
+        train={"batch_size": 16, "head": {"epochs": head_epochs}, "finetune": {"epochs": 1, "unfreeze": 10},
+               **({} if search else {"search": {"learning_rates": []}})},
         output={"uri": f"s3://{dataset}/runs"}, metrics={"port": 0, "linger_seconds": 0},
         export={"formats": list(formats)})
 

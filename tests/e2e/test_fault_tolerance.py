@@ -23,7 +23,9 @@ def make_config(path, bucket, run_id, cache, **overrides):
         "run_id": run_id,
         "data": {"uri": f"s3://{bucket}/data", "image_size": [SIZE, SIZE], "cache_dir": str(cache)},
         "model": {"backbone": "mobilenet_v2", "weights": f"s3://{bucket}/weights/base.weights.h5", "head_units": 32},
+        # One fine-tuning phase (no train.search trials): its resume is the subject (test_search.py: the search's).
         "train": {"batch_size": 16, "head": {"epochs": 2}, "finetune": {"epochs": 2, "unfreeze": 10},
+                  "search": {"learning_rates": []},
                   "early_stopping_patience": 0},
         "output": {"uri": f"s3://{bucket}/runs"},
         # A short lease: a run that died without releasing it is taken over within seconds, not minutes;

@@ -52,7 +52,7 @@ def get_json(s3, bucket, key):
 @pytest.fixture(scope="module")
 def trained(s3, dataset, multi, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = config(tmp, dataset, multi, "ml-manifest", formats=FORMATS)
+    cfg = config(tmp, dataset, multi, "ml-manifest", formats=FORMATS, search=True)  # the defaults' search, on val_loss
     result = run_cli("train", "--config", str(cfg), env=s3.env())
     assert result.returncode == 0, result.stderr[-3000:]
     return {"records": result.records(), "prefix": "runs/ml-manifest", "config": cfg}

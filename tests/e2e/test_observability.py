@@ -89,7 +89,8 @@ def training_config(tmp: Path, bucket: str, run_id: str, metrics: dict, weights:
               "cache_dir": str(tmp / "cache")},
         model={"backbone": "mobilenet_v2", "weights": weights},
         train={"batch_size": 8, "head": {"epochs": epochs["head"]},
-               "finetune": {"epochs": epochs["finetune"], "unfreeze": 10}, "early_stopping_patience": 0},
+               "finetune": {"epochs": epochs["finetune"], "unfreeze": 10}, "early_stopping_patience": 0,
+               "search": {"learning_rates": []}},  # one fine-tuning phase: the per-phase counts are the subject
         distribution={"cpu_replicas": 0},
         output={"uri": f"s3://{bucket}/models/shapes"},
         metrics={"host": "127.0.0.1", "linger_seconds": 5, **metrics},

@@ -203,9 +203,13 @@ def test_mixed_precision_path_trains_on_two_replicas(s3, sample_data, base_weigh
     records = result.records()
     assert next(r for r in records if r["event"] == "strategy ready")["mixed_precision"] is True
     epochs = [r for r in records if r["event"] == "epoch done"]
-    assert len(epochs) == 3 and all(np.isfinite(r["loss"]) for r in epochs)
+    # 2 head epochs, then one fine-tuning epoch for each of train.search's two rates (the defaults' search)
+    assert len(epochs) == 4 and all(np.isfinite(r["loss"]) for r in epochs)
     assert records[-1]["test_accuracy"] > 0.5
-    assert json.loads((tmp_path / "out/mixed/manifest.json").read_text())["strategy"]["mixed_precision"] is True
+    manifest = json.loads((tmp_path / "out/mixed/manifest.json").read_text())
+    assert manifest["strategy"]["mixed_precision"] is True
+    assert [t["learning_rate"] for t in manifest["search"]] == [1.0e-4, 3.0e-4, "soup"]
+    assert all(np.isfinite(t["val_loss"]) for t in manifest["search"])
 
 
 XLA_RUN = """
@@ -232,7 +236,7 @@ def test_xla_step_trains_on_two_replicas(sample_data, base_weights, tmp_path):
         data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
         model={"backbone": "mobilenet_v2", "weights": str(base_weights), "head_units": 32},
         train={"batch_size": 16, "head": {"epochs": 2, "mode": "end_to_end", "augment": False},
-               "finetune": {"epochs": 1, "unfreeze": 10}},
+               "finetune": {"epochs": 1, "unfreeze": 10}, "search": {"learning_rates": []}},
         distribution={"cpu_replicas": 2},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0, "linger_seconds": 0},

@@ -218,3 +218,59 @@ def test_a_phase_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path,
     assert [r["loss"] for r in state.history["head"]] == [r["loss"] for r in whole_state.history["head"]]
     for a, b in zip(whole, model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def averaged_phase(model, data, epochs: int, validate, average_epochs: float = 1.0) -> loop.Phase:
+    phase = phase_of(model, data, epochs, validate)
+    phase.average_epochs = average_epochs
+    return phase
+
+
+def test_an_averaged_phase_trains_alike_and_keeps_the_moving_average(tmp_path, cluster, data):
+    """train.finetune.average_epochs: the average is what validation sees and what the phase ends with, while
+    training itself goes on from the live weights: the same training losses as without it."""
+    def improving(state, seen):
+        def validate():
+            seen.append([w.copy() for w in state["model"].get_weights()])
+            return {"val_loss": 1.0 / len(seen), "val_accuracy": 0.5}
+        return validate
+
+    runs = {}
+    for name, average in (("plain", 0.0), ("averaged", 1.0)):
+        model, seen, state = tiny_model(cluster), [], RunState()
+        loop.run_phase(averaged_phase(model, data, 3, improving({"model": model}, seen), average), cluster, BATCH,
+                       loop.Options(patience=0), checkpoints(tmp_path / name, cluster), state)
+        runs[name] = (model.get_weights(), seen, [r["loss"] for r in state.history["head"]])
+    (plain, plain_seen, plain_losses), (averaged, averaged_seen, averaged_losses) = runs["plain"], runs["averaged"]
+    assert averaged_losses == plain_losses  # the average never feeds back into training
+    for a, b in zip(averaged, averaged_seen[-1]):
+        np.testing.assert_array_equal(a, b)  # the phase ends with the last (best) epoch's average
+    assert not np.array_equal(averaged[0], plain[0])
+    assert not np.array_equal(averaged_seen[0][0], plain_seen[0][0])  # validation saw the average
+
+
+def test_an_averaged_phase_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, cluster, data):
+    """The moving average is in the checkpoint: a phase resumed mid-epoch ends exactly as an uninterrupted one."""
+    options = loop.Options(patience=0, every_steps=2)
+
+    def improving(state, crash_at=0):
+        def validate():
+            if len(state.history["head"]) + 1 == crash_at:
+                raise Crash
+            return {"val_loss": 1.0 / (len(state.history["head"]) + 1), "val_accuracy": 0.5}
+        return validate
+
+    whole_state, model = RunState(), tiny_model(cluster)
+    loop.run_phase(averaged_phase(model, data, 4, improving(whole_state)), cluster, BATCH, options,
+                   checkpoints(tmp_path / "whole", cluster), whole_state)
+    whole = model.get_weights()
+    cut = RunState()
+    with pytest.raises(Crash):
+        loop.run_phase(averaged_phase(tiny_model(cluster), data, 4, improving(cut, crash_at=3)), cluster, BATCH,
+                       options, checkpoints(tmp_path / "cut", cluster), cut)
+    ckpt = checkpoints(tmp_path / "cut", cluster)
+    state = ckpt.fetch()
+    model = tiny_model(cluster)
+    loop.run_phase(averaged_phase(model, data, 4, improving(state)), cluster, BATCH, options, ckpt, state)
+    for a, b in zip(whole, model.get_weights()):
+        np.testing.assert_array_equal(a, b)

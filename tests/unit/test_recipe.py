@@ -61,3 +61,13 @@ def test_the_chosen_trial_is_the_first_of_the_best(scores):
     assert by_accuracy == min(range(len(scores)), key=lambda i: (-scores[i][1], scores[i][0], i))
     multi = [{"val_loss": loss, "val_map": accuracy} for loss, accuracy in scores]
     assert recipe.choose_trial("val_map", multi) == by_accuracy  # mAP like accuracy: higher is better
+
+
+@given(st.floats(0, 100), st.integers(1, 10_000))
+def test_the_average_spans_about_the_epochs_asked(epochs, steps):
+    momentum = recipe.average_momentum(epochs, steps)
+    assert 0.0 <= momentum <= 0.9999
+    if epochs * steps <= 1:
+        assert momentum == 0.0  # a horizon of a step or less: the weights themselves
+    elif momentum < 0.9999:
+        assert 1.0 / (1.0 - momentum) == pytest.approx(epochs * steps)  # the horizon, in steps
