@@ -97,12 +97,12 @@ class FinetuneConfig(_Section):
 
 
 class SearchConfig(_Section):
-    # Fine-tuning learning rates tried one after the other, each a whole fine-tuning phase from the head's weights
-    # (same data order, same dropout draws); the trial with the best validation score (early_stopping_metric)
-    # is the model. [] = no search: finetune.learning_rate. Setting finetune.learning_rate alone turns it off.
+    # Fine-tuning learning rates tried by successive halving (job/search.py): each starts the fine-tuning phase from
+    # the head's weights (same data order, same dropout draws) for `epochs` epochs; the one with the best validation
+    # score so far (early_stopping_metric) continues. [] or one rate = no search: finetune.learning_rate. Setting
+    # finetune.learning_rate alone turns it off.
     learning_rates: list[float] = [1.0e-4, 3.0e-4]
-    # The uniform average of the trials' weights, kept instead of the best trial when it is better on validation.
-    soup: bool = True
+    epochs: int = Field(3, ge=1)
 
     @field_validator("learning_rates")
     @classmethod

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 import job
-from job import evaluate, formats, logs, model_card, search
+from job import evaluate, formats, logs, model_card
 from job.config import redacted, to_yaml
 from job.dataset import decode_and_resize
 from job.model import Parts, build, with_thresholds
@@ -56,7 +56,7 @@ def artifacts(run, reports: dict, folder: Path) -> dict:
         (folder / "config.yaml").write_text(to_yaml(cfg))
         (folder / "MODEL_CARD.md").write_text(model_card.render(
             cfg.run_id, redacted(cfg), classes, _counts(run.data.layout), reports, checked["formats"],
-            len(run.data.bad), versions(), search.summary(run.state, cfg.train.early_stopping_metric)))
+            len(run.data.bad), versions(), run.state.search))
     return checked
 
 
@@ -110,7 +110,7 @@ def manifest_fields(run, checked: dict) -> dict:
         "strategy": {"kind": cluster.kind, "replicas": cluster.replicas, "workers": cluster.num_workers,
                      "mixed_precision": cluster.mixed_precision},
         "formats": checked["formats"], "formats_checked_on": checked["checked_on"], "timings": dict(run.timings),
-        "search": search.summary(run.state, cfg.train.early_stopping_metric),  # train.search's trials, [] without
+        "search": run.state.search,  # train.search's trials at their pause, [] without
     }
 
 

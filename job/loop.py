@@ -51,6 +51,9 @@ class Phase:
     # > 0: an exponential moving average of the trained weights over about this many epochs is what is validated,
     # kept as the best epoch's and returned (job.recipe.average_momentum); 0: the weights themselves
     average_epochs: float = 0.0
+    # > 0: stop after this many epochs with a checkpoint and without restoring the best weights, to be resumed
+    # from it later (train.search's rung: job/search.py)
+    pause_after: int = 0
 
 
 @dataclass(frozen=True)
@@ -246,15 +249,16 @@ def validator(model: keras.Model, dataset: tf.data.Dataset | None, multi_label: 
 
 
 def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Options,
-              ckpt: Checkpoints, state: RunState) -> None:
-    """Train one phase with early stopping on `options.metric`, then restore the best epoch's weights.
+              ckpt: Checkpoints, state: RunState) -> bool:
+    """Train one phase with early stopping on `options.metric`, then restore the best epoch's weights; True when
+    it paused instead (`phase.pause_after`), its checkpoint saved.
 
     When `state` is partway through this phase (a restored checkpoint), the phase resumes where it was:
     epochs done, steps done in the current epoch, the optimizer and the best weights so far.
     """
     if phase.epochs <= 0:
         log.info("phase skipped", phase=phase.name, reason="epochs is 0")
-        return
+        return False
     steps = max(1, math.ceil(phase.examples / global_batch))
     variables = phase.model.trainable_variables
     # The best epoch's copy: the trained weights and, where BatchNormalization trains (from scratch), the
@@ -295,6 +299,10 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
                  from_epoch=state.epoch + 1, trainable_weights=len(variables), replicas=cluster.replicas)
         saver = _Saver(ckpt, state, options.every_seconds, **objects)
         while state.epoch < phase.epochs:
+            if phase.pause_after and state.epoch >= phase.pause_after:
+                saver.save()
+                log.info("phase paused", phase=phase.name, epochs_done=state.epoch)
+                return True
             record = _train_epoch(phase, cluster, global_batch, steps, batches, step, state, options, saver)
             # At the epoch's end (a schedule moves it); a MirroredVariable under a strategy: read as a tensor.
             record["learning_rate"] = float(tf.convert_to_tensor(optimizer.learning_rate))
@@ -314,6 +322,7 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         for variable, copy in zip(kept, best):
             variable.assign(copy.value())
         log.info("restored best weights", phase=phase.name, best_epoch=state.best_epoch, averaged=bool(averaged))
+    return False
 
 
 def _value(variable):

@@ -144,26 +144,15 @@ def _recipe(train: dict, search: list[dict] = ()) -> str:
 
 
 def _search_lines(search: list[dict]) -> list[str]:
-    """train.search: which fine-tuning rate was chosen on validation, every trial's scores, and the soup's."""
-    trials = [t for t in search if t["learning_rate"] != "soup"]
-    if not trials:
+    """train.search: the fine-tuning rate chosen on validation, and every trial's scores at its pause."""
+    if not search:
         return []
-    soup = next((t for t in search if t["learning_rate"] == "soup"), None)
-    best = next((t for t in trials if t["chosen"]), None) or min(trials, key=lambda t: t["val_loss"])
-    second = "val_map" if "val_map" in best else "val_accuracy"
-    rates = ", ".join(f"{t['learning_rate']:g}" for t in trials)
-    scores = "; ".join(f"{t['learning_rate']:g}: val_loss {t['val_loss']:.4f}, {second} {t[second]:.4f}, "
-                       f"best epoch {t['best_epoch']} of {t['epochs']}" for t in trials)
-    lines = [f"- fine-tuning at each learning rate of train.search ({rates}), a whole phase from the head's weights "
-             f"each, chosen on validation: {scores}"]
-    if soup is None or not soup["chosen"]:
-        lines.append(f"- the model: the trial at **{best['learning_rate']:g}**" + (
-            f" (the average of the trials' weights scored val_loss {soup['val_loss']:.4f}, {second} "
-            f"{soup[second]:.4f}: not better)" if soup else ""))
-    else:
-        lines.append(f"- the model: **the average of the trials' weights** (a model soup), val_loss "
-                     f"{soup['val_loss']:.4f}, {second} {soup[second]:.4f}, better on validation than every trial")
-    return lines
+    chosen = next(t for t in search if t["chosen"])
+    second = "val_map" if "val_map" in chosen else "val_accuracy"
+    scores = "; ".join(f"{t['learning_rate']:g}: val_loss {t['val_loss']:.4f}, {second} {t[second]:.4f} after "
+                       f"{t['epochs']} epochs" for t in search)
+    return [f"- fine-tuning learning rate **{chosen['learning_rate']:g}**, chosen on validation by train.search: "
+            f"each rate trained from the head's weights, the best continued ({scores})"]
 
 
 def _results_table(reports: dict) -> str:

@@ -475,24 +475,25 @@ def finetune_phase(run: Run) -> None:
     cfg, ft = run.cfg, run.cfg.train.finetune
     epochs, rate = recipe.finetune_schedule(cfg.train.head.epochs, cfg.train.head.learning_rate, ft.epochs,
                                             ft.learning_rate, run.parts.from_scratch)
-    if run.state.phase in ("head", "search", "finetune") and epochs > 0 and run.unfreeze > 0:
+    if run.state.phase in ("head", "finetune") and epochs > 0 and run.unfreeze > 0:
         with run.cluster.strategy.scope():
             model.unfreeze(run.parts, run.unfreeze)
 
-        def phase(learning_rate: float, on_epoch=None):
+        def phase(learning_rate: float, pause_after: int = 0, on_epoch: bool = False):
             return loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
                               examples=run.data.count("train"), epochs=epochs, learning_rate=learning_rate,
                               validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
-                              augment=_augmentation(run, ft.augment, cfg.train.seed + 100), on_epoch=on_epoch,
-                              average_epochs=ft.average_epochs)
+                              augment=_augmentation(run, ft.augment, cfg.train.seed + 100),
+                              on_epoch=_on_epoch(run, "finetune") if on_epoch else None,
+                              average_epochs=ft.average_epochs, pause_after=pause_after)
 
         rates = [] if run.parts.from_scratch else search.rates(cfg, run.data.count("validation") > 0)
-        if rates and run.state.phase in ("head", "search"):
-            search.run(run, phase, rates)
-            _chosen_epochs(run)
-        elif not rates:
-            loop.run_phase(phase(rate, _on_epoch(run, "finetune")), run.cluster, cfg.train.batch_size, run.options,
-                           run.ckpt, run.state)
+        if rates and run.state.phase == "head":
+            search.run(run, phase, rates, cfg.train.search.epochs, replay=lambda record: _replay(run, record))
+        else:  # (a resumed search continues at the rate it chose)
+            rate = search.chosen_rate(run.state) or rate
+            loop.run_phase(phase(rate, on_epoch=True), run.cluster, cfg.train.batch_size, run.options, run.ckpt,
+                           run.state)
     if run.state.phase == "trained":
         run.ckpt.restore(weights=run.parts.model)  # a resumed run that had finished training: its final weights
     else:
@@ -501,13 +502,11 @@ def finetune_phase(run: Run) -> None:
     signals.check("evaluation")
 
 
-def _chosen_epochs(run: Run) -> None:
-    """The chosen trial's epochs, now the fine-tuning phase's, into TensorBoard and Katib's file (the trials ran
-    without them: their curves would interleave)."""
-    for record in run.state.history["finetune"]:
-        if run.board:
-            run.board.epoch(run.state.history, "finetune", record)
-        katib.epoch_done(run.cfg.metrics.file, "finetune", record, chief=run.cluster.is_chief)
+def _replay(run: Run, record: dict) -> None:
+    """An epoch the search ran before its choice, now the fine-tuning phase's: into TensorBoard and Katib's file."""
+    if run.board:
+        run.board.epoch(run.state.history, "finetune", record)
+    katib.epoch_done(run.cfg.metrics.file, "finetune", record, chief=run.cluster.is_chief)
 
 
 def class_weights(cfg: Config, listed) -> list[float] | None:

@@ -24,7 +24,7 @@ MAY_GROW = ("train.head.epochs", "train.finetune.epochs")
 
 @dataclass
 class RunState:
-    phase: str = "head"  # head | search | finetune | trained
+    phase: str = "head"  # head | finetune | trained
     epoch: int = 0  # epochs done in `phase`
     step: int = 0  # steps done in the current epoch
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # loss and correct of the partial epoch
@@ -32,9 +32,8 @@ class RunState:
     best_epoch: int = 0
     patience_used: int = 0
     history: dict[str, list[dict]] = field(default_factory=lambda: {p: [] for p in PHASES})
-    # train.search: each fine-tuning trial done (rate, best epoch's scores, its epochs' records; job/search.py)
+    # train.search: each fine-tuning trial at its pause (rate, best epoch and its scores, chosen; job/search.py)
     search: list[dict] = field(default_factory=list)
-    soup: dict | None = None  # train.search.soup: the average of the trials' weights, its scores, whether kept
     config: dict[str, Any] = field(default_factory=dict)  # the training-relevant config, flattened
 
     # ------------------------------------------------------------ JSON

@@ -1,6 +1,7 @@
-"""train.search (issue 20): the fine-tuning rate chosen on validation inside the run, with real training, a real S3
-server and the real CLI. The chosen trial is exactly what a run at its rate alone trains (the same weights, bit for
-bit), and a run stopped in the middle of the search and resumed ends with the uninterrupted run's choice and weights."""
+"""train.search (issue 20): the fine-tuning rate chosen on validation inside the run by successive halving, with real
+training, a real S3 server and the real CLI. The continued trial is exactly what a run at its rate alone trains (the
+same weights, bit for bit, the same epochs), and a run stopped during the search or after its choice and resumed
+ends with the uninterrupted run's choice and weights."""
 
 from __future__ import annotations
 
@@ -16,22 +17,19 @@ from job import recipe
 pytestmark = pytest.mark.slow
 
 RATES = [3.0e-5, 3.0e-3]  # far apart: the two trials train differently on the sample data
+RUNG = 2  # train.search.epochs: each trial's epochs before the choice (the phase has 4)
 
 
-def config(tmp_path, dataset, run_id, train=None, soup=True):
+def config(tmp_path, dataset, run_id, search=True, learning_rate=None):
+    finetune = {"epochs": 4, "unfreeze": 10, **({"learning_rate": learning_rate} if learning_rate else {})}
     return write_config(
         tmp_path / f"{run_id}.yaml", run_id=run_id,
         data={"uri": f"s3://{dataset}/data", "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"c-{run_id}")},
         model={"backbone": "mobilenet_v2", "weights": f"s3://{dataset}/weights/base.weights.h5", "head_units": 16},
-        train={"batch_size": 16, "head": {"epochs": 2}, "early_stopping_patience": 0,
-               "finetune": {"epochs": 3, "unfreeze": 10}, "search": {"learning_rates": RATES, "soup": soup},
-               **(train or {})},
+        train={"batch_size": 16, "head": {"epochs": 2}, "early_stopping_patience": 0, "finetune": finetune,
+               **({"search": {"learning_rates": RATES, "epochs": RUNG}} if search else {})},
         output={"uri": f"s3://{dataset}/runs"}, metrics={"port": 0, "linger_seconds": 0},
         checkpoint={"every_seconds": 0, "lease_seconds": 6}, export={"formats": ["saved_model"]})
-
-
-def _unchosen(trial: dict) -> dict:
-    return {k: v for k, v in trial.items() if k != "chosen"}
 
 
 def get_json(s3, bucket, key):
@@ -43,80 +41,70 @@ def untimed(history: dict) -> dict:
             for p, rs in history.items()}
 
 
-def searched_run(s3, dataset, tmp, run_id, soup):
-    """An uninterrupted run with the search: its manifest, history and output."""
-    out = run_cli("train", "--config", str(config(tmp, dataset, run_id, soup=soup)), env=s3.env())
-    assert out.returncode == 0, out.stderr[-3000:]
-    return (get_json(s3, dataset, f"runs/{run_id}/manifest.json"), get_json(s3, dataset, f"runs/{run_id}/history.json"),
-            out)
+def outcome(s3, dataset, run_id) -> tuple[dict, dict]:
+    return (get_json(s3, dataset, f"runs/{run_id}/manifest.json"),
+            untimed(get_json(s3, dataset, f"runs/{run_id}/history.json")))
 
 
 @pytest.fixture(scope="module")
 def searched(s3, dataset, tmp_path_factory):
-    """The defaults' search: the trials, then their average (the soup)."""
-    return searched_run(s3, dataset, tmp_path_factory.mktemp("search"), "search-whole", soup=True)
+    """One uninterrupted run with the search: its manifest, history and log."""
+    out = run_cli("train", "--config", str(config(tmp_path_factory.mktemp("search"), dataset, "search-whole")),
+                  env=s3.env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    return (*outcome(s3, dataset, "search-whole"), out.records())
 
 
-def test_the_search_keeps_the_best_trial_which_is_a_run_at_its_rate_alone(s3, dataset, searched, tmp_path):
-    manifest, history, out = searched_run(s3, dataset, tmp_path, "search-nosoup", soup=False)
+def test_the_search_continues_the_best_trial_which_is_the_run_at_its_rate_alone(s3, dataset, searched, tmp_path):
+    manifest, history, records = searched
     trials = manifest["search"]
-    # The same trials as with the soup: it comes after them and changes none.
-    assert [_unchosen(t) for t in trials] == [_unchosen(t) for t in searched[0]["search"][:-1]]
     assert [t["learning_rate"] for t in trials] == RATES
-    assert all(t["epochs"] == 3 and 1 <= t["best_epoch"] <= 3 for t in trials)
+    assert all(t["epochs"] == RUNG and 1 <= t["best_epoch"] <= RUNG for t in trials)
     assert trials[0]["val_loss"] != trials[1]["val_loss"], "the two rates should train differently"
     best = recipe.choose_trial("val_loss", trials)
     assert [t["chosen"] for t in trials] == [i == best for i in range(len(trials))]
     chosen = trials[best]
-    # The fine-tuning history is the chosen trial's; its best epoch's validation loss is the trial's score.
-    assert min(r["val_loss"] for r in history["finetune"]) == chosen["val_loss"]
-    assert any(r["event"] == "search chose" and r["learning_rate"] == chosen["learning_rate"] for r in out.records())
-    card = s3.client.get_object(Bucket=dataset, Key="runs/search-nosoup/MODEL_CARD.md")["Body"].read().decode()
-    assert f"- the model: the trial at **{chosen['learning_rate']:g}**" in card
+    started = [r for r in records if r["event"] == "search trial started"]
+    assert [(r["trial"], r["learning_rate"]) for r in started] == [(1, RATES[0]), (2, RATES[1])]
+    # The continued phase: all 4 epochs, its first RUNG the chosen trial's, whose best validation loss it reports.
+    assert len(history["finetune"]) == 4
+    assert min(r["val_loss"] for r in history["finetune"][:RUNG]) == chosen["val_loss"]
+    card = s3.client.get_object(Bucket=dataset, Key="runs/search-whole/MODEL_CARD.md")["Body"].read().decode()
+    assert f"fine-tuning learning rate **{chosen['learning_rate']:g}**, chosen on validation" in card
 
-    # The same config at the chosen rate, without a search (setting the rate alone turns it off): the same model.
-    alone = config(tmp_path, dataset, "search-alone", train={"finetune": {
-        "epochs": 3, "unfreeze": 10, "learning_rate": chosen["learning_rate"]}, "search": None})
-    text = alone.read_text().replace("  search: null\n", "")
-    alone.write_text(text)
-    done = run_cli("train", "--config", str(alone), env=s3.env())
+    # The same config at the chosen rate alone (setting the rate alone turns the search off): the same model.
+    done = run_cli("train", "--config", str(config(tmp_path, dataset, "search-alone", search=False,
+                                                   learning_rate=chosen["learning_rate"])), env=s3.env())
     assert done.returncode == 0, done.stderr[-3000:]
-    other = get_json(s3, dataset, "runs/search-alone/manifest.json")
-    assert other["search"] == []
-    assert other["weights_sha256"] == manifest["weights_sha256"]
-    assert untimed(get_json(s3, dataset, "runs/search-alone/history.json")) == untimed(history)
+    alone, alone_history = outcome(s3, dataset, "search-alone")
+    assert alone["search"] == []
+    assert alone["weights_sha256"] == manifest["weights_sha256"]
+    assert alone_history == history
 
 
-def test_the_soup_is_the_average_of_the_trials_kept_only_when_better_on_validation(s3, dataset, searched):
-    manifest, _, out = searched
-    *trials, soup = manifest["search"]
-    assert soup["learning_rate"] == "soup" and set(soup) == {"learning_rate", "val_loss", "val_accuracy", "chosen"}
-    best = trials[recipe.choose_trial("val_loss", trials)]
-    assert soup["chosen"] == (soup["val_loss"] < best["val_loss"])
-    assert [t["chosen"] for t in trials] == [not soup["chosen"] and t is best for t in trials]
-    metrics = get_json(s3, dataset, "runs/search-whole/metrics.json")
-    kept = soup if soup["chosen"] else best  # the model evaluated is the one kept: its validation loss
-    assert metrics["validation"]["loss"] == pytest.approx(kept["val_loss"], rel=1e-5)
-
-
-def test_a_run_stopped_in_the_second_trial_resumes_to_the_same_choice_and_weights(s3, dataset, searched, tmp_path):
+@pytest.mark.parametrize("where", ["in the second trial", "after the choice"])
+def test_a_stopped_search_resumes_to_the_same_choice_and_weights(s3, dataset, searched, tmp_path, where):
     manifest, history, _ = searched
-    cfg = config(tmp_path, dataset, "search-stopped")
+    run_id = "search-stopped-" + where.split()[-1]
+    cfg = config(tmp_path, dataset, run_id)
     job = Running(cfg, s3.env())
-    job.wait_for(lambda r: r["event"] == "search trial started" and r["trial"] == 2)
-    # Trial 1's three epochs, then the first of trial 2's: two epochs left to stop in.
-    job.wait_for(lambda r: sum(x["event"] == "epoch done" and x.get("phase") == "finetune" for x in job.lines) >= 4)
+    finetune_epochs = (RUNG + 1) if where == "in the second trial" else (2 * RUNG + 1)
+    job.wait_for(lambda r: sum(x["event"] == "epoch done" and x.get("phase") == "finetune"
+                               for x in job.lines) >= finetune_epochs)
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait(60) == 143, job.stderr[-2000:]
-    saved = [r for r in job.lines if r["event"] == "checkpoint saved"][-1]
-    assert saved["phase"] == "search"
     again = run_cli("train", "--config", str(cfg), env=s3.env())
     assert again.returncode == 0, again.stderr[-3000:]
     records = again.records()
-    assert next(r for r in records if r["event"] == "resuming from checkpoint")["phase"] == "search"
-    # Only the interrupted trial runs again; the first one's result came from the checkpoint.
-    assert [r["trial"] for r in records if r["event"] == "search trial started"] == [2]
-    resumed = get_json(s3, dataset, "runs/search-stopped/manifest.json")
-    assert resumed["search"] == manifest["search"]
-    assert resumed["weights_sha256"] == manifest["weights_sha256"]
-    assert untimed(get_json(s3, dataset, "runs/search-stopped/history.json")) == untimed(history)
+    resumed = next(r for r in records if r["event"] == "resuming from checkpoint")
+    if where == "in the second trial":
+        # Nothing of the search is in storage before its choice: the rung runs again from the head's checkpoint.
+        assert resumed["phase"] == "head"
+        assert [r["trial"] for r in records if r["event"] == "search trial started"] == [1, 2]
+    else:
+        assert resumed["phase"] == "finetune" and resumed["epochs_done"] > RUNG
+        assert not any(r["event"] == "search trial started" for r in records)
+    stopped, stopped_history = outcome(s3, dataset, run_id)
+    assert stopped["search"] == manifest["search"]
+    assert stopped["weights_sha256"] == manifest["weights_sha256"]
+    assert stopped_history == history

@@ -76,16 +76,14 @@ def test_json_round_trip_keeps_every_field():
     state = RunState(phase="finetune", epoch=4, step=7, sums=[2.5, 3.0], best=[0.25, 0.75], best_epoch=3,
                      patience_used=1, history={"head": [{"epoch": 1, "loss": 0.5}], "finetune": []},
                      config={"train.seed": 3, "train.class_weight": {"a": 2.0}},
-                     search=[{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75, "history": []}],
-                     soup={"val_loss": 0.4, "val_accuracy": 0.8, "chosen": True})
+                     search=[{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75, "chosen": True}])
     text = state.to_json()
     assert json.loads(text) == {"phase": "finetune", "epoch": 4, "step": 7, "sums": [2.5, 3.0], "best": [0.25, 0.75],
                                 "best_epoch": 3, "patience_used": 1,
                                 "history": {"head": [{"epoch": 1, "loss": 0.5}], "finetune": []},
                                 "config": {"train.seed": 3, "train.class_weight": {"a": 2.0}},
                                 "search": [{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75,
-                                            "history": []}],
-                                "soup": {"val_loss": 0.4, "val_accuracy": 0.8, "chosen": True}}
+                                            "chosen": True}]}
     assert RunState.from_json(text) == state
     assert RunState.from_json("{}") == RunState()
 
