@@ -78,8 +78,8 @@ COMPARISON = {
     "keras_seeds_recipe": None,  # bench/keras_recipe.py
     "keras_job_recipe": None,  # bench/keras_job_recipe.py: the strongest simple script (issue 20)
     "job_head_only": {"train": {"finetune": {"epochs": 0}}},
-    # 0.2's defaults: fine-tuning at 1e-4 alone, no search (issue 20: today's wall time and scores).
-    "job_search_off": {"train": {"search": {"learning_rates": []}}},
+    # 0.2's defaults: fine-tuning at 1e-4 alone, no search, no moving average (issue 20: today's time and scores).
+    "job_v02_defaults": {"train": {"search": {"learning_rates": []}, "finetune": {"average_epochs": 0.0}}},
     "job_weights_none": {"model": {"weights": "none"}},
     # Only on the imbalanced task (on balanced ones `auto` weights every class 1): what `auto` does.
     "job_class_weight_none": {"train": {"class_weight": "none"}},
@@ -98,8 +98,12 @@ SCRATCH_RECIPES = {"job_weights_none"}
 # The ablation: the default with one choice changed per row (docs/QUALITY.md, "What each choice is worth").
 ABLATION = {
     "default": {},
+    # Issue 20's two choices, each turned off, and both (0.2's recipe); the moving average over 1 epoch.
     "search_off": {"train": {"search": {"learning_rates": []}}},
-    "search_soup_off": {"train": {"search": {"soup": False}}},
+    "average_off": {"train": {"finetune": {"average_epochs": 0.0}}},
+    "search_off_average_off": {"train": {"search": {"learning_rates": []}, "finetune": {"average_epochs": 0.0}}},
+    "average_1_search_off": {"train": {"search": {"learning_rates": []}, "finetune": {"average_epochs": 1.0}}},
+    "average_2_search_off": {"train": {"search": {"learning_rates": []}, "finetune": {"average_epochs": 2.0}}},
     "finetune_unfreeze_30": {"train": {"finetune": {"unfreeze": 30}}},
     "finetune_lr_3e-5": {"train": {"finetune": {"learning_rate": 3.0e-5}}},
     "finetune_lr_3e-4": {"train": {"finetune": {"learning_rate": 3.0e-4}}},
@@ -262,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny tasks, one seed: shows that it runs")
     parser.add_argument("--ablation", action="store_true", help="one row per recipe choice instead")
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
     parser.add_argument("--recipes", default="", help="comma-separated recipe names (default: all)")
     parser.add_argument("--backbones", default="", help="comma-separated (default: all of BACKBONES; quick: the first)")
@@ -277,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         return report_only([Path(f) for f in args.report.split(",")], args.out, args.docs)
     mode = "quick" if args.quick else "full"
-    seeds = list(range(1, 1 + (args.seeds or (1 if args.quick else 3))))
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3))))
     kind = "ablation" if args.ablation else "comparison"
     recipes = ABLATION if args.ablation else COMPARISON
     if args.recipes:
@@ -422,10 +427,17 @@ def report_only(files: list[Path], out: Path | None, docs: str | None) -> int:
 
 
 def merged(old: dict, new: dict) -> dict:
-    """The results of an earlier run with this run's recipes put in (or over) them, task by task."""
+    """The results of an earlier run with this run's put in: a recipe's runs of other seeds are kept beside the new
+    ones (a seed run again replaces its old run), and its mean ± std recomputed over them all."""
     out = {k: {**v, "recipes": dict(v["recipes"])} for k, v in old.items()}
     for key, r in new.items():
-        out.setdefault(key, {"task": r["task"], "recipes": {}})["recipes"].update(r["recipes"])
+        recipes = out.setdefault(key, {"task": r["task"], "recipes": {}})["recipes"]
+        for name, result in r["recipes"].items():
+            seeds = {run["seed"] for run in result["runs"]}
+            runs = [run for run in recipes.get(name, {}).get("runs", []) if run["seed"] not in seeds]
+            runs = sorted(runs + result["runs"], key=lambda run: run["seed"])
+            keys = MULTILABEL_SUMMARY if r["task"].get("multi_label") else SUMMARY
+            recipes[name] = {"runs": runs, **summarize(runs, keys)}
     return out
 
 

@@ -13,7 +13,7 @@ LABELS = {
     "job_default": "**job, defaults**",
     "keras_seeds_recipe": "plain Keras, seeds' recipe",
     "keras_job_recipe": "plain Keras, job's recipe",
-    "job_search_off": "job, no search (0.2's defaults)",
+    "job_v02_defaults": "job, 0.2's defaults (no search, no average)",
     "job_head_only": "job, head only (lower bound)",
     # A lower bound on the transfer tasks, and alone on fashion-easy-200, where from scratch must learn.
     "job_weights_none": "job, `weights: none` (from scratch)",
