@@ -14,6 +14,7 @@ LABELS = {
     "keras_seeds_recipe": "plain Keras, seeds' recipe",
     "keras_job_recipe": "plain Keras, job's recipe",
     "job_v02_defaults": "job, 0.2's defaults (no search, no average)",
+    "job_average_on": "job, defaults + moving average (2 epochs)",
     "job_head_only": "job, head only (lower bound)",
     # A lower bound on the transfer tasks, and alone on fashion-easy-200, where from scratch must learn.
     "job_weights_none": "job, `weights: none` (from scratch)",
@@ -177,9 +178,12 @@ def refresh(path: Path, report: dict) -> None:
     kind = report["kind"]
     blocks = {f"{kind}": comparison_tables(report) if kind == "comparison" else ablation_tables(report),
               f"{kind}-conditions": conditions_table(report)}
-    if kind == "comparison":
-        blocks["formats"] = formats_table(report)
-        blocks["multilabel"] = multilabel_tables(report)
+    if kind == "comparison":  # a run without an exported-formats run or a multi-label task leaves those tables
+        if any("formats" in run for r in report["tasks"].values() for run in r["recipes"].get("job_default", {}).get(
+                "runs", [])):
+            blocks["formats"] = formats_table(report)
+        if any(_multilabel(r) for r in report["tasks"].values()):
+            blocks["multilabel"] = multilabel_tables(report)
     write_blocks(path, "quality", blocks)
 
 

@@ -82,7 +82,7 @@ class FinetuneConfig(_Section):
     augment: Augment = False
     # > 0: validate, keep and export an exponential moving average of the weights over about this many epochs
     # (job.recipe.average_momentum) instead of the weights themselves; 0 = off
-    average_epochs: float = Field(2.0, ge=0.0, le=100.0)
+    average_epochs: float = Field(0.0, ge=0.0, le=100.0)
 
     _augment = field_validator("augment")(_check_augment)
 

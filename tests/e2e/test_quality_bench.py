@@ -15,7 +15,7 @@ import pytest
 from conftest import need_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = {"job_default", "keras_seeds_recipe", "job_head_only", "job_weights_none"}
+RECIPES = {"job_default", "keras_seeds_recipe", "keras_job_recipe", "job_head_only", "job_weights_none"}
 MULTILABEL_RECIPES = {"job_default", "keras_sigmoid_recipe"}
 # fashion-8 (coat, shirt, sneaker; 6 test images each), a base pre-trained briefly on the source classes: the
 # job's default recipe scored 0.72, 0.67 and 0.72 test accuracy with seeds 1, 2 and 3 (the quick mode runs seed 1,
@@ -67,8 +67,13 @@ def test_quick_quality_bench_writes_well_formed_results(tmp_path):
         elif recipe_name.startswith("job"):
             finetuned = run["epochs"]["finetune"]
             assert run["epochs"]["head"] >= 1 and (finetuned == 0 if recipe_name == "job_head_only" else finetuned >= 1)
-    job, keras = (task["recipes"][r]["runs"][0]["test"]["accuracy"] for r in ("job_default", "keras_seeds_recipe"))
+    job, keras, head_only = (task["recipes"][r]["runs"][0]["test"]["accuracy"]
+                             for r in ("job_default", "keras_seeds_recipe", "job_head_only"))
     assert job >= JOB_DEFAULT_AT_LEAST, f"the job's default recipe: test accuracy {job} (chance 1/3)"
+    # Fine-tuning must add to the head it starts from: the defaults beat their own head-only lower bound.
+    assert job > head_only, f"the job's default recipe {job} is not above its head-only bound {head_only}"
+    trials = task["recipes"]["job_default"]["runs"][0]["search"]  # train.search's trials, one chosen
+    assert [t["learning_rate"] for t in trials] == [1.0e-4, 3.0e-4] and sum(t["chosen"] for t in trials) == 1
     assert report["acceptance"]["job_minus_keras_test_accuracy"] == {name: pytest.approx(job - keras, abs=1e-4)}
     text = docs.read_text()
     assert "old table" not in text and text.count("<!-- quality:comparison -->") == 1 and "prose" in text
