@@ -109,3 +109,18 @@ def test_a_multilabel_card_gives_map_f1s_and_each_labels_threshold():
     assert labels[3][2] == "n/a"  # no positive example: no average precision
     assert fmts[0][1] == "micro-F1" and fmts[3] == ["tflite", "84.0%", "99.0%", "2.0 MB", "1.0 ms"]
     assert "- `tulip`: recall 50.0% on test (often missed on images that carry it)." in card
+
+
+def test_the_card_names_the_rate_the_search_chose_and_every_trials_scores():
+    cfg = config.redacted(config.load(None, ["data.uri=s3://b/flowers", "output.uri=/o"], environ={}))
+    trials = [{"learning_rate": 1e-4, "epochs": 3, "best_epoch": 3, "val_loss": 0.5, "val_accuracy": 0.8,
+               "chosen": False},
+              {"learning_rate": 3e-4, "epochs": 3, "best_epoch": 2, "val_loss": 0.4, "val_accuracy": 0.75,
+               "chosen": True}]
+    card = model_card.render("r7", cfg, ["rose", "tulip", "daisy"], COUNTS, {"test": TEST}, FORMATS, 0, {},
+                             trials)
+    line = next(x for x in card.splitlines() if "train.search" in x)
+    assert line.startswith("- fine-tuning learning rate **0.0003**, chosen on validation by train.search")
+    assert "0.0001: val_loss 0.5000, val_accuracy 0.8000 after 3 epochs" in line
+    assert "0.0003: val_loss 0.4000, val_accuracy 0.7500 after 3 epochs" in line
+    assert "train.search" not in _card()  # no search, no line
