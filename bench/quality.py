@@ -413,6 +413,8 @@ def report_only(files: list[Path], out: Path | None, docs: str | None) -> int:
     report = dict(reports[0])
     for other in reports[1:]:
         report["tasks"] = merged(report["tasks"], other["tasks"])
+    report["seeds"] = sorted({run["seed"] for t in report["tasks"].values() for r in t["recipes"].values()
+                              for run in r["runs"]})
     report["parts"] = [{"file": f.name, "started": r["started"], "minutes": round(r["seconds"] / 60),
                         "load_average": r["load_average"], "backbones": sorted({t["task"].get("backbone", BACKBONES[0])
                                                                                 for t in r["tasks"].values()}),

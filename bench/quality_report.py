@@ -37,7 +37,10 @@ def comparison_tables(report: dict) -> str:
     if not tasks:
         return "(no single-label task in this run)"
     names = list(dict.fromkeys(n for r in tasks.values() for n in r["recipes"]))  # some only on some tasks
-    lines.append("Test accuracy, % (mean ± std over seeds " + ", ".join(map(str, report["seeds"])) + "):")
+    counts = {len(x["runs"]) for r in tasks.values() for x in r["recipes"].values()}
+    single = "" if counts == {1} else " ¹"  # a results file merged from parts: mark the cells of one seed
+    lines.append("Test accuracy, % (mean ± std over seeds " + ", ".join(map(str, report["seeds"])) + ")"
+                 + (f"; {single.strip()} one seed only (seed 1)" if single else "") + ":")
     lines.append("")
     lines.append("| task | " + " | ".join(LABELS.get(n, n) for n in names) + " | job − seeds' script | "
                  "**job − best script** |")
@@ -46,7 +49,8 @@ def comparison_tables(report: dict) -> str:
     margins, best = (acceptance.get(k, {}) for k in ("job_minus_keras_test_accuracy",
                                                       "job_minus_best_script_test_accuracy"))
     for task, r in tasks.items():
-        cells = [_pm(r["recipes"][n]["test_accuracy"]) if n in r["recipes"] else "" for n in names]
+        cells = [_pm(r["recipes"][n]["test_accuracy"]) + (single if len(r["recipes"][n]["runs"]) == 1 else "")
+                 if n in r["recipes"] else "" for n in names]
         margin = f"{margins[task] * 100:+.1f}" if task in margins else ""
         over_best = f"**{best[task] * 100:+.1f}**" if task in best else ""
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {margin} | {over_best} |")
