@@ -415,6 +415,7 @@ def report_only(files: list[Path], out: Path | None, docs: str | None) -> int:
         report["tasks"] = merged(report["tasks"], other["tasks"])
     report["seeds"] = sorted({run["seed"] for t in report["tasks"].values() for r in t["recipes"].values()
                               for run in r["runs"]})
+    report["conditions"] = {**report["conditions"], **conditions(report["mode"])}  # this bench's description
     report["parts"] = [{"file": f.name, "started": r["started"], "minutes": round(r["seconds"] / 60),
                         "load_average": r["load_average"], "backbones": sorted({t["task"].get("backbone", BACKBONES[0])
                                                                                 for t in r["tasks"].values()}),
@@ -460,7 +461,8 @@ def task_info(task: quality_data.Task, folder: Path) -> dict:
 
 def conditions(mode: str) -> dict:
     return {
-        "backbone": "mobilenet_v2", "image_size": IMAGE_SIZE,
+        "backbone": f"{BACKBONES[0]}; {', '.join(BACKBONES[1:])} (results keyed 'task, backbone'), pre-trained alike",
+        "image_size": IMAGE_SIZE,
         "base": f"MobileNetV2 pre-trained here from scratch on Fashion-MNIST {', '.join(quality_data.SOURCE)}: "
                 + ", ".join(f"{k} {v}" for k, v in SOURCE[mode].items())
                 + f"; the targets are {', '.join(quality_data.TARGET)} (fashion tasks) and drawn shapes",
@@ -469,6 +471,10 @@ def conditions(mode: str) -> dict:
         "job_config": "names only data.uri, data.image_size, model.backbone, model.weights, train.seed "
                       "(plus run_id, output.uri, data.cache_dir and metrics.port 0, which do not touch the recipe): "
                       "everything else is the default",
+        "keras_job_recipe": "bench/keras_job_recipe.py: the job's default recipe in Keras: Dense 256 + dropout 0.5 "
+                            "head up to 10 epochs at 1e-3 on the frozen base; every base layer but BatchNormalization "
+                            "up to 10 epochs at 1e-4; BatchNormalization in inference mode; early stopping on val_loss "
+                            "patience 3 restoring the best weights; balanced class weights; batch 32",
         "keras_seeds_recipe": "bench/keras_recipe.py: Dense 128 + dropout 0.3 head, 10 epochs at 1e-3 on the frozen "
                               "base; top 30 layers 5 epochs at 1e-4; BatchNormalization in inference mode; early "
                               "stopping patience 3 restoring the best weights; batch 64",
