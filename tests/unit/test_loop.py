@@ -189,18 +189,20 @@ def test_the_training_order_read_on_from_any_point_is_the_uninterrupted_one(n, s
     assert all(e == list(range(n)) for e in epochs)  # every epoch a permutation
 
 
+def improving(state, crash_at=0):
+    """A validation that improves every epoch, raising Crash at epoch `crash_at`."""
+    def validate():
+        if len(state.history["head"]) + 1 == crash_at:
+            raise Crash
+        return {"val_loss": 1.0 / (len(state.history["head"]) + 1), "val_accuracy": 0.5}
+    return validate
+
+
 def test_a_phase_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, cluster, data):
     """Checkpoints every 2 steps (5 an epoch); a crash at epoch 3's validation resumes at its step 4 and reads
     on in the same order: the same per-epoch training losses and the same final weights. Validation improves
     every epoch, so the final weights are the last epoch's (not an early best that hides the difference)."""
     options = loop.Options(patience=0, every_steps=2)
-
-    def improving(state, crash_at=0):
-        def validate():
-            if len(state.history["head"]) + 1 == crash_at:
-                raise Crash
-            return {"val_loss": 1.0 / (len(state.history["head"]) + 1), "val_accuracy": 0.5}
-        return validate
 
     whole_state, model = RunState(), tiny_model(cluster)
     loop.run_phase(phase_of(model, data, 4, improving(whole_state)), cluster, BATCH, options,
@@ -229,7 +231,7 @@ def averaged_phase(model, data, epochs: int, validate, average_epochs: float = 1
 def test_an_averaged_phase_trains_alike_and_keeps_the_moving_average(tmp_path, cluster, data):
     """train.finetune.average_epochs: the average is what validation sees and what the phase ends with, while
     training itself goes on from the live weights: the same training losses as without it."""
-    def improving(state, seen):
+    def recording(state, seen):
         def validate():
             seen.append([w.copy() for w in state["model"].get_weights()])
             return {"val_loss": 1.0 / len(seen), "val_accuracy": 0.5}
@@ -238,7 +240,7 @@ def test_an_averaged_phase_trains_alike_and_keeps_the_moving_average(tmp_path, c
     runs = {}
     for name, average in (("plain", 0.0), ("averaged", 1.0)):
         model, seen, state = tiny_model(cluster), [], RunState()
-        loop.run_phase(averaged_phase(model, data, 3, improving({"model": model}, seen), average), cluster, BATCH,
+        loop.run_phase(averaged_phase(model, data, 3, recording({"model": model}, seen), average), cluster, BATCH,
                        loop.Options(patience=0), checkpoints(tmp_path / name, cluster), state)
         runs[name] = (model.get_weights(), seen, [r["loss"] for r in state.history["head"]])
     (plain, plain_seen, plain_losses), (averaged, averaged_seen, averaged_losses) = runs["plain"], runs["averaged"]
@@ -252,13 +254,6 @@ def test_an_averaged_phase_trains_alike_and_keeps_the_moving_average(tmp_path, c
 def test_an_averaged_phase_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, cluster, data):
     """The moving average is in the checkpoint: a phase resumed mid-epoch ends exactly as an uninterrupted one."""
     options = loop.Options(patience=0, every_steps=2)
-
-    def improving(state, crash_at=0):
-        def validate():
-            if len(state.history["head"]) + 1 == crash_at:
-                raise Crash
-            return {"val_loss": 1.0 / (len(state.history["head"]) + 1), "val_accuracy": 0.5}
-        return validate
 
     whole_state, model = RunState(), tiny_model(cluster)
     loop.run_phase(averaged_phase(model, data, 4, improving(whole_state)), cluster, BATCH, options,
