@@ -2,7 +2,8 @@
 
 TensorFlow has no s3:// filesystem, so datasets are staged to local disk with parallel GETs and
 tf.data reads local files. Botocore's standard retry mode handles transient 5xx, throttling and
-connection resets; every failed attempt is counted in finetune_job_s3_errors_total.
+connection resets; every failed attempt is counted in finetune_job_s3_errors_total (an expected
+absence or a conditional write refused as designed is an answer, not a failure).
 """
 
 from __future__ import annotations
@@ -58,11 +59,26 @@ _clients: dict[str, object] = {}
 _clients_lock = threading.Lock()
 
 
+# Replies that answer the question asked rather than fail it: an absent object (404), an unchanged one
+# (304), a conditional write whose condition does not hold (412; 409 where a concurrent one won).
+_ANSWERS = {304, 404, 412}
+
+
+def is_failed_attempt(status: int | None, caught_exception: object, operation: str) -> bool:
+    """Whether one request attempt failed: no reply at all, or an error status that is not an answer."""
+    if caught_exception is not None:
+        return True
+    if status is None or status < 400 or status in _ANSWERS:
+        return False
+    return not (status == 409 and operation == "PutObject")
+
+
 def _count_failed_attempt(attempts=None, response=None, caught_exception=None, operation=None, **_):
-    """needs-retry hook: runs after every attempt; counts the ones that failed (404s are answers)."""
+    """needs-retry hook: runs after every attempt; counts the ones that failed."""
     status = response[0].status_code if response else None
-    if caught_exception is not None or (status is not None and status >= 400 and status not in (404, 304)):
-        metrics.s3_error(getattr(operation, "name", "unknown"))
+    name = getattr(operation, "name", "unknown")
+    if is_failed_attempt(status, caught_exception, name):
+        metrics.s3_error(name)
 
 
 def client(endpoint: str = ""):
