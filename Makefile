@@ -9,7 +9,7 @@ IMAGE ?= finetune-job:$(VERSION)
 # BAKE_WEIGHTS="mobilenet_v2 resnet50" bakes those ImageNet weights into the image (air-gapped clusters).
 BAKE_WEIGHTS ?=
 
-.PHONY: install test test-fast run-local bench bench-quality bench-scale mutation lint helm-lint docker-build clean
+.PHONY: install test test-fast run-local demo-base bench bench-quality bench-scale mutation lint helm-lint docker-build clean
 
 install: $(VENV)/.installed
 
@@ -21,14 +21,21 @@ $(VENV)/.installed: pyproject.toml
 
 # Tests by tier: tests/unit (no TensorFlow, or tiny models on one CPU device; under 2 minutes),
 # tests/e2e (real training, real S3 server, Prometheus), tests/deploy (chart, Dockerfile, alerts).
+# Two workers, each taking whole files (module fixtures such as a shared training run stay shared): the
+# suite waits on subprocesses, servers and timeouts as much as it computes.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/unit -n $(TEST_WORKERS) --dist loadfile
 
 run-local: install
 	$(PY) scripts/run_local.py
+
+# Pre-train run-local's base again (about 4 minutes on 2 cores) into scripts/demo_base/, with its record.
+demo-base: install
+	$(PY) scripts/run_local.py --make-base
 
 bench: install
 	$(PY) bench/run.py

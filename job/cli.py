@@ -112,6 +112,7 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
     except BaseException as exc:  # noqa: BLE001 - every failure leaves through _fail
         _fail(exc)
     try:
+        logs.quiet_tensorflow()
         from job import pipeline
 
         summary = pipeline.train(cfg)
@@ -172,9 +173,11 @@ def predict(
 
     try:
         logs.setup(json=as_json, level="WARNING")
+        logs.quiet_tensorflow()
         from job.predict import predict as classify
 
-        results = classify(model, images, top_k, endpoint_url, str(getattr(fmt, "value", fmt)))
+        with logs.native_lines_filtered():  # LiteRT's info lines (--format tflite)
+            results = classify(model, images, top_k, endpoint_url, str(getattr(fmt, "value", fmt)))
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     for r in results:

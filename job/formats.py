@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from job import logs
+
 FORMATS = ("saved_model", "tf_serving", "tflite", "tflite_int8", "onnx")
 # What `export.formats` means when not set: every format that converted and ran for every backbone of
 # the registry (bench/formats.py, docs/BENCHMARKS.md). ONNX fails for the backbones with a Keras
@@ -90,7 +92,9 @@ def _tflite(saved_model: Path, int8: bool, calibration: Iterator[np.ndarray]) ->
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8
-    return converter.convert()
+    with warnings.catch_warnings():  # the calibrator inside TensorFlow's converter uses tf.lite.Interpreter
+        warnings.filterwarnings("ignore", r".*tf\.lite\.Interpreter is deprecated", UserWarning)
+        return converter.convert()
 
 
 def _describe(path: Path, fmt: str, image_size: tuple[int, int], classes: list[str], multi: bool = False) -> None:
@@ -278,12 +282,13 @@ def export_all(folder: Path, keras_model, image_size: tuple[int, int], classes: 
     for fmt in wanted:
         started = time.monotonic()
         try:
-            path = convert(fmt, folder, keras_model, image_size, calibration(), classes, multi)
-            try:
-                result = judge(runner(fmt, path, multi), pixels, labels, reference, path)
-            except Exception as e:  # the runtime could not load or run it: as bad as not converting
-                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-                raise ConversionError(f"{fmt}: check failed: {type(e).__name__}: {first}") from None
+            with logs.native_lines_filtered():  # the converters' and LiteRT's info lines
+                path = convert(fmt, folder, keras_model, image_size, calibration(), classes, multi)
+                try:
+                    result = judge(runner(fmt, path, multi), pixels, labels, reference, path)
+                except Exception as e:  # the runtime could not load or run it: as bad as not converting
+                    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                    raise ConversionError(f"{fmt}: check failed: {type(e).__name__}: {first}") from None
             _judge(fmt, result, results["saved_model"], max_drop, fail_on_drop, log)
         except ConversionError as e:
             _remove(folder / FILES[fmt])

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import structlog
@@ -33,8 +35,69 @@ def setup(json: bool | None = None, level: str = "INFO") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=False,
     )
-    # TensorFlow's C++ start-up chatter is noise in a job log; errors still get through.
+    # TensorFlow's C++ logging below errors is noise in a job log; TF_CPP_MIN_LOG_LEVEL=0 turns it back on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# ------------------------------------------------------------ TensorFlow's native logging
+
+# TensorFlow's C++ log lines ("I0000 00:00:1796453644.687724   23047 port.cc:153] ..."): severity I, W, E, F.
+_NATIVE_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] ")
+# Info lines printed by the same libraries without that prefix (absl before its set-up, LiteRT, the quantizer).
+_NATIVE_INFO = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\) is called|INFO: |"
+                          r"fully_quantize: \d)")
+
+
+def quiet_tensorflow() -> None:
+    """TensorFlow's C++ logging below errors off unless TF_CPP_MIN_LOG_LEVEL says otherwise (0 shows it all),
+    and TensorFlow imported with the lines its libraries print before reading that variable filtered out."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules:
+        with native_lines_filtered():
+            import tensorflow  # noqa: F401
+
+
+def is_native_chatter(line: str, min_level: int) -> bool:
+    """Whether a line on stderr is native logging below TF_CPP_MIN_LOG_LEVEL (0 info, 1 warning, 2 error)."""
+    tagged = _NATIVE_LINE.match(line)
+    if tagged:
+        return "IWEF".index(tagged.group(1)) < min_level
+    return min_level > 0 and bool(_NATIVE_INFO.match(line))
+
+
+@contextlib.contextmanager
+def native_lines_filtered() -> Iterator[None]:
+    """Inside: file descriptor 2 goes through a pipe whose lines reach the real stderr as they come, less the
+    native chatter below TF_CPP_MIN_LOG_LEVEL. TensorFlow's libraries print some lines at import and in the
+    LiteRT converter whatever that variable says; this is where they are dropped."""
+    try:
+        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        level = 0
+    if level <= 0:
+        yield
+        return
+    sys.stderr.flush()
+    read, write = os.pipe()
+    real = os.dup(2)
+    os.dup2(write, 2)
+    os.close(write)
+
+    def forward() -> None:
+        with os.fdopen(read, "rb") as pipe:
+            for line in pipe:
+                if not is_native_chatter(line.decode(errors="replace"), level):
+                    os.write(real, line)
+
+    thread = threading.Thread(target=forward, name="native-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # the pipe's last writer gone: the thread reads to its end and stops
+        thread.join(timeout=10)
+        os.close(real)
 
 
 def bind(**values) -> None:

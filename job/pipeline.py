@@ -570,6 +570,7 @@ def export_run(run: Run, reports: dict, started: float) -> dict:
     folder = run.work / "artifacts"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    log.info("exporting", formats=run.cfg.export.formats or "defaults", to=run.out.uri)
     with run.timings.measure("export"):
         checked = export.artifacts(run, reports, folder)
     run.timings["total_seconds"] = round(time.monotonic() - started, 3)
@@ -578,6 +579,7 @@ def export_run(run: Run, reports: dict, started: float) -> dict:
         _final_summaries(run, reports, folder)
     if run.lease:
         run.lease.check()
+    log.info("uploading the artifacts", to=run.out.uri, files=sum(1 for p in folder.rglob("*") if p.is_file()))
     with run.timings.measure("upload"):
         export.upload(folder, run.out)
     katib.run_done(run.cfg.metrics.file, reports, chief=run.cluster.is_chief)  # the run is complete: its final line

@@ -135,7 +135,7 @@ def draw_empty(size: int, rng: random.Random) -> Image.Image:
 
 def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: str = "mobilenet_v2",
                   epochs: int = 8, seed: int = 0, batch_size: int = 16, augment: bool = False,
-                  bn_momentum: float = 0.8) -> Path:
+                  bn_momentum: float = 0.8, progress: bool = False) -> Path:
     """Train a backbone from scratch on `images` (uint8 [n, h, w, 3]) and save the base's weights.
 
     Stands in for ImageNet weights where they cannot be downloaded (CI, the offline demo, the quality
@@ -170,14 +170,34 @@ def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: s
     x = keras.layers.GlobalAveragePooling2D()(base(x))
     net = keras.Model(inputs, keras.layers.Dense(int(labels.max()) + 1, activation="softmax")(x))
     net.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    net.fit(images.astype("float32"), labels, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0)
+    net.fit(images.astype("float32"), labels, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
+            callbacks=[_EpochLines(epochs)] if progress else [])
     out.parent.mkdir(parents=True, exist_ok=True)
     base.save_weights(out)
     return out
 
 
+def _EpochLines(epochs: int):
+    """A Keras callback printing one line per epoch (`make run-local`'s pre-training)."""
+    import time
+
+    import keras
+
+    class EpochLines(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            print(f"    pre-training epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.3f}, "
+                  f"accuracy {logs.get('accuracy', float('nan')):.3f} ({time.monotonic() - self.started:.1f} s)",
+                  flush=True)
+
+    return EpochLines()
+
+
 def pretrain_base_weights(data_root: Path, out: Path, backbone: str = "mobilenet_v2", size: int = 32,
-                          epochs: int = 8, seed: int = 0) -> Path:
+                          epochs: int = 8, seed: int = 0, batch_size: int = 16, progress: bool = False) -> Path:
     """`pretrain_base` on the train/ images of a folder-per-class dataset, resized to `size`."""
     from job.dataset import image_dataset
     from job.layout import discover
@@ -186,4 +206,4 @@ def pretrain_base_weights(data_root: Path, out: Path, backbone: str = "mobilenet
     paths, labels = discover(rels, str(data_root)).items("train")
     batches = image_dataset([str(Path(data_root) / p) for p in paths], labels, (size, size), 256)
     images = np.concatenate([x.numpy() for x, _ in batches]).round().astype(np.uint8)
-    return pretrain_base(images, np.asarray(labels), out, backbone, epochs, seed)
+    return pretrain_base(images, np.asarray(labels), out, backbone, epochs, seed, batch_size, progress=progress)

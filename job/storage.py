@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import metrics
+from job import logs, metrics
 from job.errors import StorageError
 from job.files import atomic_path, write_text
 
@@ -30,6 +30,7 @@ RANGED_MIN = 16 * 2**20  # objects this large (tar shards) are fetched with para
 RANGED_CHUNK = 8 * 2**20
 STREAM_ATTEMPTS = 5
 INDEX_NAME = ".finetune-job-staged.json"
+log = logs.get()
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
 
 
@@ -262,11 +263,10 @@ class S3Store:
         now, written = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc) for t in (now, written))
         return reply["ETag"].strip('"'), max(0.0, (now - written).total_seconds())
 
-    def open_stream(self, rel: str):
-        """The object's body as a file-like stream (read as it arrives; job.stream)."""
-        with storage_errors(f"reading {join(self.uri, rel)}"):
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
-        return _Counted(body)
+    def open_stream(self, rel: str) -> _Resumable:
+        """The object's body as a file-like stream (read as it arrives; job.stream); a connection lost in the
+        middle is picked up where it stopped."""
+        return _Resumable(self.client, self.bucket, self._key(rel), join(self.uri, rel))
 
     def read(self, rel: str) -> bytes:
         with storage_errors(f"reading {join(self.uri, rel)}"):
@@ -371,16 +371,48 @@ class LocalStore:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-class _Counted:
-    """A response body whose bytes count in finetune_job_s3_bytes_downloaded_total as they are read."""
+class _Resumable:
+    """An object's body read as it arrives, its bytes counted in finetune_job_s3_bytes_downloaded_total. A
+    connection lost in the middle (botocore has already handed the response over, so it does not retry) is
+    resumed with a ranged GET from the byte where it stopped, on the same version of the object (If-Match its
+    ETag), STREAM_ATTEMPTS times in all with backoff; each loss counts in finetune_job_s3_errors_total."""
 
-    def __init__(self, body):
-        self.body = body
+    def __init__(self, client, bucket: str, key: str, uri: str):
+        self.client, self.bucket, self.key, self.uri = client, bucket, key, uri
+        self.offset, self.etag, self.losses = 0, "", 0
+        self.body = self._get()
+
+    def _get(self):
+        ranged = {"Range": f"bytes={self.offset}-", "IfMatch": self.etag} if self.offset else {}
+        with storage_errors(f"reading {self.uri}"):
+            reply = self.client.get_object(Bucket=self.bucket, Key=self.key, **ranged)  # botocore retries
+        self.etag = self.etag or reply["ETag"]
+        return reply["Body"]
 
     def read(self, size: int = -1) -> bytes:
-        data = self.body.read(size if size is not None and size >= 0 else None)
+        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+        while True:
+            try:
+                data = self.body.read(size if size is not None and size >= 0 else None)
+                break
+            except (ResponseStreamingError, ReadTimeoutError, IncompleteReadError) as e:
+                self._lost(e)
+        self.offset += len(data)
         metrics.s3_bytes_downloaded(len(data))
         return data
+
+    def _lost(self, e: Exception) -> None:
+        self.losses += 1
+        metrics.s3_error("GetObject")
+        if self.losses >= STREAM_ATTEMPTS:
+            raise StorageError(f"reading {self.uri}: connection lost {self.losses} times, last at byte "
+                               f"{self.offset} ({type(e).__name__})") from None
+        log.warning("object read interrupted; resuming with a ranged GET", uri=self.uri, at_byte=self.offset,
+                    attempt=self.losses + 1)
+        self.body.close()
+        time.sleep(min(20.0, random.uniform(0, 2**self.losses) / 4))
+        self.body = self._get()
 
     def close(self) -> None:
         self.body.close()

@@ -81,19 +81,29 @@ def sample_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def base_weights(tmp_path_factory) -> Path:
+def base_weights(tmp_path_factory, worker_id) -> Path:
     """A MobileNetV2 base trained here (ImageNet weights cannot be downloaded on CI), on 200 images of each
     sample class that are not the sample data's own: enough for features that put the tests' runs far
-    above chance, so that no test's accuracy check sits near its threshold."""
+    above chance, so that no test's accuracy check sits near its threshold. Trained once per session: with
+    pytest-xdist (`make test` runs two workers) the first worker trains it, under a lock, for all."""
+    import fcntl
+
     from job.sample_data import write_sample_dataset
 
-    source = tmp_path_factory.mktemp("source")
-    write_sample_dataset(source, classes=3, per_class=200, size=SIZE, seed=1, test_per_class=0)
-    out = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
-    code = ("import sys; from pathlib import Path; from job.sample_data import pretrain_base_weights as p; "
-            "p(Path(sys.argv[1]), Path(sys.argv[2]), epochs=5)")
-    subprocess.run([sys.executable, "-c", code, str(source), str(out)], check=True, timeout=600,
-                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True)
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    out = shared / "base-weights" / "mobilenet_v2_32.weights.h5"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(shared / "base-weights.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            source = shared / "base-weights" / "source"
+            write_sample_dataset(source, classes=3, per_class=200, size=SIZE, seed=1, test_per_class=0)
+            code = ("import sys; from pathlib import Path; from job.sample_data import pretrain_base_weights as p; "
+                    "p(Path(sys.argv[1]), Path(sys.argv[2]), epochs=5)")
+            tmp = out.with_name("partial.weights.h5")
+            subprocess.run([sys.executable, "-c", code, str(source), str(tmp)], check=True, timeout=600,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True)
+            tmp.rename(out)
     return out
 
 
@@ -114,9 +124,13 @@ class Result:
         return out
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> Result:
-    """Run the real console script; stdout is not a TTY, so logs are JSON lines."""
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None,
+            tf_log_level: str | None = "3") -> Result:
+    """Run the real console script; stdout is not a TTY, so logs are JSON lines. `tf_log_level` None: the
+    job's own default for TensorFlow's native logging (TF_CPP_MIN_LOG_LEVEL unset)."""
+    full_env = {**os.environ, **({"TF_CPP_MIN_LOG_LEVEL": tf_log_level} if tf_log_level else {}), **(env or {})}
+    if tf_log_level is None:
+        full_env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     full_env = {k: v for k, v in full_env.items() if not k.startswith("FINETUNE_")} | {
         k: v for k, v in (env or {}).items() if k.startswith("FINETUNE_")}
     p = subprocess.run([CLI, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)

@@ -1,5 +1,6 @@
 """A fault-injecting reverse proxy on 127.0.0.1 for the S3 server: fails a share of requests with
-500/503 (S3's SlowDown) or a reset connection, and relays the rest unchanged.
+500/503 (S3's SlowDown) or a reset connection, cuts large GET replies off halfway through their body when
+asked (`cut_bodies`), and relays the rest unchanged.
 
 A given request (method + path) fails at most `max_faults_per_request` times in a row, so a client
 that retries a few times always gets through: the test is about retries, not luck. `drop_headers`
@@ -23,14 +24,20 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
 
 class FaultProxy:
     def __init__(self, upstream: str, share: float = 0.15, seed: int = 0, max_faults_per_request: int = 2,
-                 drop_headers: tuple[str, ...] = ()):
+                 drop_headers: tuple[str, ...] = (), cut_bodies: int = 0, cut_from: int = 1 << 16,
+                 cut_paths: str = ""):
         self.upstream = urllib.parse.urlsplit(upstream)
         self.share = share
         self.rng = random.Random(seed)
         self.max_faults = max_faults_per_request
         self.lock = threading.Lock()
         self.faults: dict[str, int] = {}
-        self.counts = {"relayed": 0, "500": 0, "503": 0, "reset": 0}
+        self.counts = {"relayed": 0, "500": 0, "503": 0, "reset": 0, "cut": 0}
+        # The next `cut_bodies` GET replies of at least `cut_from` bytes (whose path contains `cut_paths`) stop
+        # halfway through their body (the headers promise all of it), then the connection is reset; `gets`
+        # records each GET's path and Range header.
+        self.cut_bodies, self.cut_from, self.cut_paths = cut_bodies, cut_from, cut_paths
+        self.gets: list[tuple[str, str | None]] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -84,7 +91,13 @@ class FaultProxy:
                 length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
                 self.send_header("Content-Length", length)
                 self.end_headers()
-                if self.command != "HEAD":
+                if self.command == "GET" and proxy._cut(self.path, self.headers.get("Range"), len(data)):
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                elif self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
 
@@ -105,6 +118,15 @@ class FaultProxy:
                 fault = None
             self.counts[fault or "relayed"] += 1
             return fault
+
+    def _cut(self, path: str, byte_range: str | None, size: int) -> bool:
+        with self.lock:
+            self.gets.append((path, byte_range))
+            if self.cut_bodies <= 0 or size < self.cut_from or self.cut_paths not in path:
+                return False
+            self.cut_bodies -= 1
+            self.counts["cut"] += 1
+            return True
 
     def __enter__(self) -> FaultProxy:
         self.thread.start()

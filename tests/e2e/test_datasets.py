@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 from conftest import CLI, data_config, free_ports, run_cli, tar_bytes
+from fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -62,10 +63,17 @@ def test_pack_writes_shards_classes_and_index(s3, dataset, packed):
 
 @pytest.mark.parametrize("staging", ["copy", "stream"])
 def test_a_sharded_run(s3, dataset, packed, tmp_path, staging):
-    cfg = config(tmp_path, dataset, f"sharded-{staging}", packed, staging=staging)
-    result = run_cli("train", "--config", str(cfg), env=s3.env())
+    """Streamed, through a proxy that cuts one shard's reply off halfway: the run resumes it with a ranged GET."""
+    with FaultProxy(s3.endpoint, share=0.0, cut_bodies=1 if staging == "stream" else 0, cut_from=20_000,
+                    cut_paths="/shard-") as proxy:
+        cfg = config(tmp_path, dataset, f"sharded-{staging}", packed, staging=staging)
+        cfg.write_text(cfg.read_text() + f"s3:\n  endpoint_url: {proxy.url}\n")
+        result = run_cli("train", "--config", str(cfg), env=s3.env())
     assert result.returncode == 0, result.stderr[-2000:]
     records = result.records()
+    resumed = [r for r in records if r["event"] == "object read interrupted; resuming with a ranged GET"]
+    assert len(resumed) == proxy.counts["cut"] == (staging == "stream")
+    assert records[-1]["s3_errors"] == proxy.counts["cut"]
     event = "dataset surveyed" if staging == "stream" else "dataset staged"
     staged = next(r for r in records if r["event"] == event)
     assert staged["kind"] == "shards" and staged["mode"] == staging

@@ -52,7 +52,7 @@ def trained(s3, sample_data, base_weights, tmp_path_factory):
         metrics={"port": 0, "linger_seconds": 0},
         export={"formats": ["saved_model", "tf_serving", "tflite", "tflite_int8", "onnx"]},
     )
-    result = run_cli("train", "--config", str(cfg), env=s3.env())
+    result = run_cli("train", "--config", str(cfg), env=s3.env(), tf_log_level=None)  # as a user runs it
     return {"bucket": bucket, "config": cfg, "result": result, "tmp": tmp, "prefix": "models/shapes/e2e"}
 
 
@@ -72,6 +72,15 @@ def test_train_succeeds_and_logs_json(trained):
     assert summary["artifacts"].endswith("/models/shapes/e2e") and summary["accuracy"] > 0.6
     # A clean run on a healthy server: its lease probe (412) and absent objects (404) are not failures.
     assert summary["s3_errors"] == 0
+
+
+def test_a_run_is_quiet(trained):
+    """Without TF_CPP_MIN_LOG_LEVEL set: none of TensorFlow's native info lines (printed at import whatever
+    the variable says), no LiteRT info lines, no deprecation warning (TensorFlow's int8 calibrator uses the
+    deprecated tf.lite.Interpreter), every format included."""
+    stderr = trained["result"].stderr
+    for noise in ("I0000", "absl::InitializeLog", "oneDNN", "XNNPACK", "fully_quantize", "eprecat", "Warning"):
+        assert noise not in stderr, (noise, stderr[-3000:])
 
 
 def test_every_artifact_is_in_storage(trained, s3):

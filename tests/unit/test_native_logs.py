@@ -1,0 +1,63 @@
+"""TensorFlow's native log lines on stderr (job/logs.py): which lines are chatter at which
+TF_CPP_MIN_LOG_LEVEL, and the filter on file descriptor 2 that drops them as they come."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from job.logs import is_native_chatter
+
+INFO = "I0000 00:00:1796453644.687724   23047 port.cc:153] oneDNN custom operations are on."
+LINES = {"I": INFO, "W": "W0000 00:00:1796453644.687724   23047 loop.cc:12] End of sequence",
+         "E": "E0000 00:00:1796453644.687724   23047 op.cc:9] out of memory",
+         "F": "F0000 00:00:1796453644.687724   23047 op.cc:9] check failed"}
+
+
+def test_native_lines_below_the_level_are_chatter():
+    for level in range(4):
+        for severity, line in LINES.items():
+            assert is_native_chatter(line, level) == ("IWEF".index(severity) < level), (level, severity)
+    for line in ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+                 "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+                 "fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, output_inference_type: UINT8"):
+        assert is_native_chatter(line, 1) and not is_native_chatter(line, 0)
+
+
+@given(st.text(max_size=80))
+def test_other_lines_are_never_chatter(line):
+    """A job's own error, a traceback, a Python warning: kept whatever the level."""
+    if line.startswith(("I0", "W0", "E0", "F0", "WARNING: All log", "INFO: ", "fully_quantize: ")):
+        return
+    for level in range(4):
+        assert not is_native_chatter(line, level)
+
+
+CHILD = """
+import os, sys
+from job import logs
+with logs.native_lines_filtered():
+    os.write(2, b"I0000 00:00:1796453644.687724   23047 port.cc:153] chatter\\n")
+    os.write(2, b"E0000 00:00:1796453644.687724   23047 op.cc:9] an error\\n")
+    print("a Python warning", file=sys.stderr)
+print("after", file=sys.stderr)
+"""
+
+
+def _child(level: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"} | (
+        {"TF_CPP_MIN_LOG_LEVEL": level} if level is not None else {})
+    return subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env,
+                          timeout=60, check=True).stderr
+
+
+def test_the_filter_drops_chatter_written_to_the_file_descriptor():
+    out = _child("2")
+    assert "chatter" not in out and "op.cc:9] an error" in out
+    assert out.index("a Python warning") < out.index("after")  # order kept, nothing lost after the filter ends
+    everything = _child("0")
+    assert "chatter" in everything and "an error" in everything and "after" in everything
