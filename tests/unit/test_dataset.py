@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 from conftest import png_header_only
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 tf = pytest.importorskip("tensorflow")
 
@@ -105,3 +107,19 @@ def test_report_counts_and_balanced_accuracy():
     assert r["per_class"]["b"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     assert r["macro_f1"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)  # a: precision 3/4, recall 3/4
     assert r["loss"] == pytest.approx(-(6 * np.log(0.99) + 2 * np.log(0.01)) / 8, rel=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 6), st.data())
+def test_rows_of_a_mapped_file_read_with_pread_equal_indexing(tmp_path_factory, n, dim, data):
+    """`dataset.rows` reads a memory-mapped .npy file with positional reads (nothing mapped stays resident):
+    the same rows, bit for bit, as indexing the array, for any sorted selection."""
+    array = np.random.default_rng(n * 7 + dim).normal(size=(n, dim)).astype(np.float32)
+    path = tmp_path_factory.mktemp("rows") / "a.npy"
+    np.save(path, array)
+    idx = np.array(sorted(data.draw(st.lists(st.integers(0, n - 1), max_size=3 * n))), np.int64)
+    mapped = np.load(path, mmap_mode="r")
+    assert isinstance(mapped, np.memmap)
+    got = dataset.rows(mapped, idx)
+    assert got.dtype == array.dtype and got.shape == (len(idx), dim)
+    assert np.array_equal(got, array[idx])
