@@ -159,9 +159,11 @@ class Copied(Reader):
 class Streamed(Reader):
     mode = "stream"
 
-    def __init__(self, listed, bad, where, image_size, store: storage.Store, etags: dict[str, str]):
+    def __init__(self, listed, bad, where, image_size, store: storage.Store, etags: dict[str, str],
+                 keep: Path | None = None):
         super().__init__(listed, bad, where, image_size)
         self.store, self.etags = store, etags  # shard -> ETag
+        self.keep = keep  # where decoded shards are kept after their first read (job/stream.py), or None
 
     def shards(self, split: str, share: Share | None = None) -> list[str]:
         """The shards holding a split's images (this worker's part of them with `share`)."""
@@ -185,7 +187,8 @@ class Streamed(Reader):
         seed += start
         keys = set(self.items(split, share)[0])
         return stream.dataset(self.store, self.shards(split, share), self.layout.classes, keys, self.image_size,
-                              batch, shuffle=shuffle, seed=seed, repeat=repeat, multi=self.multi)
+                              batch, shuffle=shuffle, seed=seed, repeat=repeat, multi=self.multi, keep=self.keep,
+                              etags=self.etags)
 
     def identity(self, split, share=None):
         keys, labels = self.items(split, share)
@@ -354,7 +357,23 @@ def _stream(source: Source, how: Staging) -> Streamed:
             how.stop()
     _warn_ignored(ignored)
     etags = {e.rel: e.etag for es in source.shard_entries.values() for e in es}
-    return Streamed(layout.build(classes, found, multi), bad, source.uri, how.image_size, source.store, etags)
+    listed = layout.build(classes, found, multi)
+    total = sum(listed.count(split) for split in listed.splits)
+    return Streamed(listed, bad, source.uri, how.image_size, source.store, etags, _keep(how, total))
+
+
+def _keep(how: Staging, images: int) -> Path | None:
+    """Where streamed shards are kept decoded (h x w x 3 bytes per image, beside copy mode's image cache), when
+    the disk has room for them with margin; else None (decoded every epoch)."""
+    folder = Path(how.image_cache) / "streamed"
+    need = int(images * how.image_size[0] * how.image_size[1] * 3 * 1.2)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if need > free // 2:
+        log.warning("streamed shards not kept decoded: not enough free disk, decoding every epoch",
+                    folder=str(folder), needed_bytes=need, free_bytes=free)
+        return None
+    return folder
 
 
 def _warn_ignored(ignored: list[str]) -> None:

@@ -1,15 +1,26 @@
-"""`data.staging: stream`: tar shards read from storage every epoch, nothing on disk but what tf.data
-buffers. Each epoch reads the shards in a new seeded order, several at a time, through a shuffle buffer;
-each worker of a multi-worker run reads its own shards. `allowed` selects the samples of a split by key
-(a validation split carved out of train, bad images left out).
+"""`data.staging: stream`: tar shards read from storage, several at a time, in a new seeded order every
+epoch, through a shuffle buffer; each worker of a multi-worker run reads its own shards. `allowed` selects
+the samples of a split by key (a validation split carved out of train, bad images left out).
+
+What is cheap to keep is kept: with `keep` (a local folder; job/readers.py passes one when the disk has
+room for h x w x 3 bytes per image), each shard's samples of a split are decoded once, as the image cache of
+copy mode stores them (uint8 rows at the training size), and written beside it when the shard was read to
+its end; later epochs read those rows instead of storage and the decoder. The shards' encoded images never
+reach the disk. Rows come out rounded to uint8 either way, as in copy mode, so the first epoch and the next
+see the same pixels.
 """
 
 from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from job.dataset import AUTOTUNE, decode_and_resize
+from job.files import atomic_path
 from job.readers import read_shards
 from job.storage import Store
 
@@ -17,21 +28,85 @@ SHUFFLE_BUFFER = 2048
 PARALLEL_SHARDS = 4
 
 
-def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str], image_size: tuple[int, int],
-            batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
-            multi: bool = False) -> tf.data.Dataset:
-    """(image float32 0..255, label int32) batches streamed from the shards: a seeded new shard order every
-    pass, PARALLEL_SHARDS shards read at a time, then a shuffle buffer. `multi`: labels float32 [labels] 0/1."""
-    label_spec = tf.TensorSpec([len(classes)], tf.float32) if multi else tf.TensorSpec([], tf.int32)
-    signature = (tf.TensorSpec([], tf.string), label_spec)
+def kept_name(rel: str, etag: str, allowed: set[str], image_size: tuple[int, int], multi: bool) -> str:
+    """The files a shard's decoded samples are kept in (`<name>.rows`, `<name>.labels.npy`): named by the
+    shard's version, the samples it holds of this split, the size and the label kind, so that nothing stale
+    is ever read back."""
+    mine = sorted(k for k in allowed if k.startswith(rel + ":"))
+    key = "\n".join([rel, etag, f"{image_size[0]}x{image_size[1]}", str(multi), *mine])
+    return f"shard-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
-    def shard(rel):
-        for _, image, label in read_shards(store, [rel.decode()], classes, allowed, multi=multi):
+
+READ_ROWS = 256  # rows read back from a kept shard at a time (plain reads: nothing mapped, nothing resident)
+
+
+def _kept(rows: Path, labels_file: Path, image_size: tuple[int, int]):
+    """A kept shard's (image, label) pairs, or None when it is not (completely) there."""
+    if not (rows.is_file() and labels_file.is_file()):
+        return None
+    labels = np.load(labels_file)
+    row_bytes = image_size[0] * image_size[1] * 3
+    if rows.stat().st_size != len(labels) * row_bytes:
+        return None
+
+    def pairs():
+        with open(rows, "rb") as f:
+            for start in range(0, len(labels), READ_ROWS):
+                chunk = labels[start:start + READ_ROWS]
+                images = np.frombuffer(f.read(len(chunk) * row_bytes), np.uint8).reshape(-1, *image_size, 3)
+                yield from zip(images, chunk)
+
+    return pairs()
+
+
+def _decoded(store: Store, rel: str, classes: list[str], allowed: set[str], image_size: tuple[int, int],
+             multi: bool, kept: Path | None):
+    """(uint8 image [h, w, 3], label) of one shard's allowed samples: from its kept files, or read from storage
+    and decoded, then kept (when `kept` is set and the shard was read to its end)."""
+    rows, labels_file = (kept.with_name(kept.name + ".rows"), kept.with_name(kept.name + ".labels.npy")) \
+        if kept is not None else (None, None)
+    again = _kept(rows, labels_file, image_size) if kept is not None else None
+    if again is not None:
+        yield from again
+        return
+    labels = []
+    with contextlib.ExitStack() as stack:
+        out = None
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stack.enter_context(atomic_path(rows))
+            out = stack.enter_context(open(tmp, "wb"))
+        for _, encoded, label in read_shards(store, [rel], classes, allowed, multi=multi):
+            image = tf.cast(tf.round(decode_and_resize(tf.constant(encoded), image_size)), tf.uint8).numpy()
             if multi:
                 hot = np.zeros(len(classes), np.float32)
                 hot[list(label)] = 1.0
                 label = hot
+            if out is not None:
+                out.write(image.tobytes())
+                labels.append(label)
             yield image, label
+        if out is not None:  # reached only when the shard was read to its end; the rows land last
+            out.close()
+            empty = np.zeros((0, len(classes)), np.float32) if multi else np.zeros((0,), np.int32)
+            with atomic_path(labels_file) as tmp_labels, open(tmp_labels, "wb") as f:
+                np.save(f, np.stack(labels).astype(empty.dtype) if labels else empty)
+
+
+def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str], image_size: tuple[int, int],
+            batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
+            multi: bool = False, keep: Path | None = None, etags: dict[str, str] | None = None) -> tf.data.Dataset:
+    """(image float32 0..255, label) batches streamed from the shards: a seeded new shard order every pass,
+    PARALLEL_SHARDS shards read at a time, then a shuffle buffer. `multi`: labels float32 [labels] 0/1. `keep`:
+    the folder where decoded shards are kept (`etags`: each shard's ETag, part of the kept file's name)."""
+    label_spec = tf.TensorSpec([len(classes)], tf.float32) if multi else tf.TensorSpec([], tf.int32)
+    signature = (tf.TensorSpec([*image_size, 3], tf.uint8), label_spec)
+    files = {rel: keep / kept_name(rel, (etags or {}).get(rel, ""), allowed, image_size, multi)
+             if keep is not None else None for rel in rels}
+
+    def shard(rel):
+        rel = rel.decode()
+        yield from _decoded(store, rel, classes, allowed, image_size, multi, files[rel])
 
     order = tf.data.Dataset.from_tensor_slices(rels)
     if shuffle:
@@ -41,7 +116,7 @@ def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str]
     ds = order.interleave(
         lambda rel: tf.data.Dataset.from_generator(shard, args=(rel,), output_signature=signature),
         cycle_length=min(PARALLEL_SHARDS, len(rels)), num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.map(lambda image, label: (decode_and_resize(image, image_size), label), num_parallel_calls=AUTOTUNE,
+    ds = ds.map(lambda image, label: (tf.cast(image, tf.float32), label), num_parallel_calls=AUTOTUNE,
                 deterministic=True)
     if shuffle:
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed)
@@ -53,7 +128,7 @@ def pixels(store: Store, rels: list[str], classes: list[str], allowed: set[str],
     """A split in memory: uint8 [n, h, w, 3] and labels (evaluation of the exported formats)."""
     xs, ys = [], []
     for images, labels in dataset(store, rels, classes, allowed, image_size, 64, multi=multi):
-        xs.append(tf.cast(tf.round(images), tf.uint8).numpy())
+        xs.append(tf.cast(images, tf.uint8).numpy())
         ys.append(labels.numpy())
     if not xs:
         empty = np.zeros((0, len(classes)), np.float32) if multi else np.zeros((0,), np.int32)

@@ -81,7 +81,9 @@ def test_a_sharded_run(s3, dataset, packed, tmp_path, staging):
     assert summary["status"] == "complete" and summary["test_accuracy"] > 0.6
     cache = tmp_path / f"cache-sharded-{staging}"
     images_on_disk = [p for p in [*cache.rglob("*.png"), *cache.rglob("*.jpg")] if "artifacts" not in p.parts]
-    assert bool(images_on_disk) == (staging == "copy")  # streaming keeps no image on disk
+    assert bool(images_on_disk) == (staging == "copy")  # streaming keeps no encoded image on disk
+    kept = list(cache.rglob("*.rows"))  # ... only decoded rows at the training size, after a first full read
+    assert bool(kept) == (staging == "stream")
 
 
 def test_two_workers_stream_different_shards_to_identical_weights(s3, dataset, packed, tmp_path):

@@ -318,3 +318,54 @@ def test_validate_refuses_what_train_would(tmp_path):
     write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
     with pytest.raises(DataError, match="stream needs tar shards"):
         pipeline.validate(config(tmp_path / "d", staging="stream"))
+
+
+# ---------------------------------------------------------------- streamed shards kept decoded
+
+
+def _pixels(reader: readers.Reader, split: str = "train") -> list[tuple[bytes, int]]:
+    import numpy as np
+
+    return sorted((x.tobytes(), int(y)) for xs, ys in reader.images(split, 4)
+                  for x, y in zip(xs.numpy().astype(np.uint8), ys.numpy()))
+
+
+def test_streamed_shards_are_kept_decoded_and_read_back_as_copy_mode_reads_them(tmp_path, monkeypatch):
+    """A first streamed pass keeps each shard's decoded samples; the next reads them back, not the storage,
+    bit for bit; and streamed pixels are exactly copy mode's (both rounded to uint8 rows)."""
+    write_sample_dataset(tmp_path / "d", classes=3, per_class=9, size=8, seed=0, test_per_class=2)
+    pack(str(tmp_path / "d"), str(tmp_path / "s"), shard_size=1_500)
+    copied = stage(tmp_path / "s", "copy", tmp_path).settle(0.25, seed=3)
+    streamed = stage(tmp_path / "s", "stream", tmp_path).settle(0.25, seed=3)
+    first = _pixels(streamed)
+    assert first == _pixels(copied) and len(first) == copied.count("train")
+    kept = sorted(p.name for p in streamed.keep.iterdir())
+    assert len(kept) == 2 * len(streamed.shards("train")) and all(n.endswith((".rows", ".labels.npy")) for n in kept)
+
+    def unreachable(rel):
+        raise AssertionError(f"{rel} read from storage")
+
+    monkeypatch.setattr(streamed.store, "open_stream", unreachable)
+    assert _pixels(streamed) == first
+    with pytest.raises(Exception, match="read from storage"):  # another split's samples are kept apart
+        _pixels(streamed, "validation")
+
+
+def test_a_shard_read_partly_is_not_kept(tmp_path):
+    from job import stream
+
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=6, size=8, seed=0, test_per_class=0)
+    pack(str(tmp_path / "d"), str(tmp_path / "s"), shard_size=100_000)
+    reader = stage(tmp_path / "s", "stream", tmp_path).settle(0, 0)
+    rel, = reader.shards("train")
+    keys = set(reader.items("train")[0])
+    kept = tmp_path / "kept" / "shard"
+    partial = stream._decoded(reader.store, rel, reader.layout.classes, keys, (8, 8), False, kept)
+    next(partial)
+    partial.close()  # the epoch (or the run) ended in the middle of the shard
+    assert not list((tmp_path / "kept").iterdir())
+    whole = list(stream._decoded(reader.store, rel, reader.layout.classes, keys, (8, 8), False, kept))
+    assert len(whole) == 12 and sorted(p.name for p in (tmp_path / "kept").iterdir()) == [
+        "shard.labels.npy", "shard.rows"]
+    again = list(stream._decoded(reader.store, rel, reader.layout.classes, keys, (8, 8), False, kept))
+    assert [(x.tobytes(), int(y)) for x, y in again] == [(x.tobytes(), int(y)) for x, y in whole]
