@@ -233,11 +233,11 @@ def build_report(quick: bool, sizes: dict, uploads: dict, listing: float, runs: 
         "targets": {
             "shards_stage_vs_objects": target(objects["stage_seconds"]["download_seconds"]
                                               / shards["stage_seconds"]["download_seconds"], 5.0, "higher"),
-            "peak_rss_all_vs_tenth": target(objects["peak_rss_mib"] / runs["objects_tenth"]["peak_rss_mib"], 1.25,
+            "peak_rss_all_vs_tenth": target(objects["peak_rss_mib"] / runs["objects_tenth"]["peak_rss_mib"], 1.1,
                                             "lower"),
             "validate_objects_seconds": target(objects["validate_seconds"], 15.0, "lower", "s"),
             "validate_vs_bare_listing": target(objects["validate_seconds"] / max(listing, 1e-3), 1.5, "lower"),
-            "stream_vs_copy_training_images_per_s": target(later(stream) / later(shards), 0.8, "higher"),
+            "stream_vs_copy_training_images_per_s": target(later(stream) / later(shards), 0.9, "higher"),
         },
     }
 
