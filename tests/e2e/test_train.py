@@ -272,7 +272,8 @@ def test_same_seed_data_and_strategy_give_identical_weights(sample_data, base_we
             data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"cache-{run_id}")},
             model={"backbone": "mobilenet_v2", "weights": str(base_weights), "head_units": 16},
             train={"batch_size": 16, "seed": seed, "head": {"epochs": 2},
-                   "finetune": {"epochs": 1, "unfreeze": 10, "augment": True}},
+                   "finetune": {"epochs": 1, "unfreeze": 10, "augment": True},
+                   "search": {"learning_rates": []}},  # the search's own reproducibility: test_search.py
             output={"uri": str(tmp_path / "out")},
             metrics={"port": 0, "linger_seconds": 0},
         export={"formats": ["saved_model"]},
