@@ -66,15 +66,15 @@ def render(text: str, out: Path, size: int = 14) -> None:
     bold = ImageFont.truetype(str(fonts / "DejaVuSansMono-Bold.ttf"), size)
     lines = text.rstrip("\n").split("\n")
     width = max(len(ESCAPE.sub("", line)) for line in lines)
-    cw, ch = regular.getbbox("M")[2], int(size * 1.35)
-    image = Image.new("RGB", (cw * width + 24, ch * len(lines) + 24), BG)
+    cw, ch = regular.getlength("M"), int(size * 1.35)  # a cell: the monospace advance, not the glyph's box
+    image = Image.new("RGB", (int(cw * width) + 24, ch * len(lines) + 24), BG)
     draw = ImageDraw.Draw(image)
     state = {"fg": FG, "bold": False}
     for row, line in enumerate(lines):
-        x = 12
+        column = 0
         for piece, colour, heavy in spans(line, state):
-            draw.text((x, 12 + row * ch), piece, fill=colour, font=bold if heavy else regular)
-            x += cw * len(piece)
+            draw.text((12 + column * cw, 12 + row * ch), piece, fill=colour, font=bold if heavy else regular)
+            column += len(piece)
     image.save(out, optimize=True)
 
 
