@@ -235,6 +235,7 @@ def tensorboard(
     try:
         logs.setup()
         signals.install()
+        logs.quiet_tensorflow()  # TensorBoard imports it
         from job.tensorboard import serve
 
         serve(source, folder, port, host, refresh, endpoint_url, stop=signals.requested)
