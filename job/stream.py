@@ -13,6 +13,7 @@ see the same pixels.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from pathlib import Path
 
@@ -37,11 +38,11 @@ def kept_name(rel: str, etag: str, allowed: set[str], image_size: tuple[int, int
     return f"shard-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
 
-READ_ROWS = 256  # rows read back from a kept shard at a time (plain reads: nothing mapped, nothing resident)
+CHUNK = 64  # images per element of a shard's generator: one Python step and one decoder call for many images
 
 
 def _kept(rows: Path, labels_file: Path, image_size: tuple[int, int]):
-    """A kept shard's (image, label) pairs, or None when it is not (completely) there."""
+    """A kept shard's (images, labels) chunks, or None when it is not (completely) there."""
     if not (rows.is_file() and labels_file.is_file()):
         return None
     labels = np.load(labels_file)
@@ -49,48 +50,73 @@ def _kept(rows: Path, labels_file: Path, image_size: tuple[int, int]):
     if rows.stat().st_size != len(labels) * row_bytes:
         return None
 
-    def pairs():
-        with open(rows, "rb") as f:
-            for start in range(0, len(labels), READ_ROWS):
-                chunk = labels[start:start + READ_ROWS]
-                images = np.frombuffer(f.read(len(chunk) * row_bytes), np.uint8).reshape(-1, *image_size, 3)
-                yield from zip(images, chunk)
+    def chunks():
+        with open(rows, "rb") as f:  # plain reads: nothing mapped, nothing resident
+            for start in range(0, len(labels), CHUNK):
+                chunk = labels[start:start + CHUNK]
+                yield np.frombuffer(f.read(len(chunk) * row_bytes), np.uint8).reshape(-1, *image_size, 3), chunk
 
-    return pairs()
+    return chunks()
+
+
+@functools.cache
+def _decoder(image_size: tuple[int, int]):
+    """Encoded images [n] -> uint8 [n, h, w, 3], rounded as copy mode's image cache rounds them; one graph."""
+    def decode(encoded):
+        return tf.map_fn(lambda e: tf.cast(tf.round(decode_and_resize(e, image_size)), tf.uint8), encoded,
+                         fn_output_signature=tf.TensorSpec([*image_size, 3], tf.uint8))
+
+    return tf.function(decode, input_signature=[tf.TensorSpec([None], tf.string)])
 
 
 def _decoded(store: Store, rel: str, classes: list[str], allowed: set[str], image_size: tuple[int, int],
              multi: bool, kept: Path | None):
-    """(uint8 image [h, w, 3], label) of one shard's allowed samples: from its kept files, or read from storage
-    and decoded, then kept (when `kept` is set and the shard was read to its end)."""
+    """(uint8 images [n, h, w, 3], labels [n]) chunks of one shard's allowed samples: from its kept files, or
+    read from storage and decoded, then kept (when `kept` is set and the shard was read to its end)."""
     rows, labels_file = (kept.with_name(kept.name + ".rows"), kept.with_name(kept.name + ".labels.npy")) \
         if kept is not None else (None, None)
     again = _kept(rows, labels_file, image_size) if kept is not None else None
     if again is not None:
         yield from again
         return
+    empty = np.zeros((0, len(classes)), np.float32) if multi else np.zeros((0,), np.int32)
     labels = []
     with contextlib.ExitStack() as stack:
         out = None
         if kept is not None:
             kept.parent.mkdir(parents=True, exist_ok=True)
-            tmp = stack.enter_context(atomic_path(rows))
-            out = stack.enter_context(open(tmp, "wb"))
-        for _, encoded, label in read_shards(store, [rel], classes, allowed, multi=multi):
-            image = tf.cast(tf.round(decode_and_resize(tf.constant(encoded), image_size)), tf.uint8).numpy()
-            if multi:
-                hot = np.zeros(len(classes), np.float32)
-                hot[list(label)] = 1.0
-                label = hot
+            out = stack.enter_context(open(stack.enter_context(atomic_path(rows)), "wb"))
+        for chunk in _chunks(read_shards(store, [rel], classes, allowed, multi=multi)):
+            images = _decoder(tuple(image_size))(tf.constant([encoded for encoded, _ in chunk])).numpy()
+            ys = np.stack([_target(label, len(classes), multi) for _, label in chunk]).astype(empty.dtype)
             if out is not None:
-                out.write(image.tobytes())
-                labels.append(label)
-            yield image, label
+                out.write(images.tobytes())
+                labels.append(ys)
+            yield images, ys
         if out is not None:  # reached only when the shard was read to its end; the rows land last
             out.close()
-            empty = np.zeros((0, len(classes)), np.float32) if multi else np.zeros((0,), np.int32)
             with atomic_path(labels_file) as tmp_labels, open(tmp_labels, "wb") as f:
-                np.save(f, np.stack(labels).astype(empty.dtype) if labels else empty)
+                np.save(f, np.concatenate(labels) if labels else empty)
+
+
+def _chunks(samples):
+    """(encoded, label) lists of up to CHUNK samples."""
+    chunk = []
+    for _, encoded, label in samples:
+        chunk.append((encoded, label))
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _target(label, n: int, multi: bool):
+    if not multi:
+        return label
+    hot = np.zeros(n, np.float32)
+    hot[list(label)] = 1.0
+    return hot
 
 
 def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str], image_size: tuple[int, int],
@@ -99,8 +125,8 @@ def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str]
     """(image float32 0..255, label) batches streamed from the shards: a seeded new shard order every pass,
     PARALLEL_SHARDS shards read at a time, then a shuffle buffer. `multi`: labels float32 [labels] 0/1. `keep`:
     the folder where decoded shards are kept (`etags`: each shard's ETag, part of the kept file's name)."""
-    label_spec = tf.TensorSpec([len(classes)], tf.float32) if multi else tf.TensorSpec([], tf.int32)
-    signature = (tf.TensorSpec([*image_size, 3], tf.uint8), label_spec)
+    label_spec = tf.TensorSpec([None, len(classes)], tf.float32) if multi else tf.TensorSpec([None], tf.int32)
+    signature = (tf.TensorSpec([None, *image_size, 3], tf.uint8), label_spec)
     files = {rel: keep / kept_name(rel, (etags or {}).get(rel, ""), allowed, image_size, multi)
              if keep is not None else None for rel in rels}
 
@@ -115,7 +141,7 @@ def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str]
         order = order.repeat()
     ds = order.interleave(
         lambda rel: tf.data.Dataset.from_generator(shard, args=(rel,), output_signature=signature),
-        cycle_length=min(PARALLEL_SHARDS, len(rels)), num_parallel_calls=AUTOTUNE, deterministic=True)
+        cycle_length=min(PARALLEL_SHARDS, len(rels)), num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
     ds = ds.map(lambda image, label: (tf.cast(image, tf.float32), label), num_parallel_calls=AUTOTUNE,
                 deterministic=True)
     if shuffle:
