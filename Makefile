@@ -9,7 +9,7 @@ IMAGE ?= finetune-job:$(VERSION)
 # BAKE_WEIGHTS="mobilenet_v2 resnet50" bakes those ImageNet weights into the image (air-gapped clusters).
 BAKE_WEIGHTS ?=
 
-.PHONY: install test test-fast run-local demo-base bench bench-quality bench-scale mutation lint helm-lint docker-build clean
+.PHONY: install test test-fast run-local bench bench-quality bench-scale mutation lint helm-lint docker-build clean
 
 install: $(VENV)/.installed
 
@@ -32,10 +32,6 @@ test-fast: install
 
 run-local: install
 	$(PY) scripts/run_local.py
-
-# Pre-train run-local's base again (about 4 minutes on 2 cores) into scripts/demo_base/, with its record.
-demo-base: install
-	$(PY) scripts/run_local.py --make-base
 
 bench: install
 	$(PY) bench/run.py

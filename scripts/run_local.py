@@ -6,16 +6,14 @@
 2. A sample dataset made here: shapes in random colours, 4 classes (see job/sample_data.py), put in
    storage.
 3. Base weights: ImageNet weights cannot be downloaded offline, so a MobileNetV2 base pre-trained on six
-   *other* shapes (committed in scripts/demo_base/ by `make demo-base`; pre-trained here once when it is
-   missing) is handed to the job as an s3:// weights file, exactly as on an air-gapped cluster. The job
-   then transfers it to classes it never saw, with its default recipe (the one `make bench-quality`
-   vouches for, docs/QUALITY.md).
+   *other* shapes (once per machine, cached in ~/.cache/finetune-job/) is handed to the job as an s3://
+   weights file, exactly as on an air-gapped cluster. The job then transfers it to classes it never saw,
+   with its default recipe (the one `make bench-quality` vouches for, docs/QUALITY.md).
 4. `finetune-job train`, then `finetune-job predict` on one test image per class, then where everything is.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,10 +35,10 @@ SIZE = 32
 TARGET = ("circle", "square", "triangle", "cross")
 SOURCE = ("ring", "bar", "diamond", "star", "hexagon", "arrow")  # what the base learns first
 SOURCE_PER_CLASS, SOURCE_EPOCHS, SOURCE_BATCH = 600, 15, 16  # the base: about 4 minutes on 2 cores
-# The base, pre-trained once on SOURCE by `make demo-base` and committed (4.9 MB), so that a first run takes
-# minutes, not ten; without it (or changed) run-local pre-trains its own, once, into run-local/weights/.
-DEMO_BASE = ROOT / "scripts" / "demo_base" / f"mobilenet_v2_{SIZE}_other_shapes.weights.h5"
-DEMO_BASE_INFO = DEMO_BASE.parent / "how_it_was_made.json"
+# The base is pre-trained once per machine and kept outside the clone (weights stay out of git), so that
+# every later run, from any clone, starts from it.
+DEMO_BASE = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune-job"
+             / f"mobilenet_v2_{SIZE}_other_shapes.weights.h5")
 TARGET_PER_CLASS = 120
 
 
@@ -121,18 +119,20 @@ def _port_free(port: int) -> bool:
 
 
 def base_weights(env: dict) -> Path:
-    """The committed demo base when intact (DEMO_BASE and its record), else one pre-trained here once."""
-    info = json.loads(DEMO_BASE_INFO.read_text()) if DEMO_BASE_INFO.exists() else {}
-    if DEMO_BASE.exists() and hashlib.sha256(DEMO_BASE.read_bytes()).hexdigest() == info.get("sha256"):
-        say(f"base: MobileNetV2 pre-trained on other shapes ({', '.join(info['source_classes'])}), never on the "
-            f"target ones: {DEMO_BASE.relative_to(ROOT)} (made by `make demo-base`)")
+    """The demo base from this machine's cache (any clone's earlier run made it), else pre-trained now, once."""
+    if DEMO_BASE.exists():
+        say(f"base: MobileNetV2 pre-trained on other shapes ({', '.join(SOURCE)}), never on the target ones, "
+            f"cached in {DEMO_BASE}")
         return DEMO_BASE
-    weights = WORK / "weights" / DEMO_BASE.name
-    if not weights.exists():
-        say(f"{DEMO_BASE.relative_to(ROOT)} missing or changed: pre-training a MobileNetV2 base on other shapes "
-            f"({', '.join(SOURCE)}) here, once: about 4 minutes on 2 cores (ImageNet weights need internet)")
-        pretrain(weights, env)
-    return weights
+    say(f"pre-training a MobileNetV2 base on other shapes ({', '.join(SOURCE)}), once for this machine: about 4 "
+        f"minutes on 2 cores (ImageNet weights need internet); cached in {DEMO_BASE}")
+    partial = DEMO_BASE.with_name(f"partial-{os.getpid()}.weights.h5")  # Keras wants the suffix
+    try:
+        pretrain(partial, env)
+        os.replace(partial, DEMO_BASE)  # whole, or not there
+    finally:
+        partial.unlink(missing_ok=True)
+    return DEMO_BASE
 
 
 def pretrain(out: Path, env: dict) -> None:
@@ -147,47 +147,6 @@ def pretrain(out: Path, env: dict) -> None:
             "progress=True)")
     subprocess.run([sys.executable, "-c", code, str(source), str(out), str(SOURCE_EPOCHS), str(SOURCE_BATCH)],
                    check=True, env={"TF_CPP_MIN_LOG_LEVEL": "2", **env})
-
-
-def make_demo_base() -> int:
-    """`make demo-base`: pre-train the demo's base and store it in float16 (half the size; it loads into the
-    float32 model), with a record of how it was made."""
-    import h5py
-    import numpy as np
-
-    WORK.mkdir(exist_ok=True)
-    full = WORK / "weights" / DEMO_BASE.name
-    full.unlink(missing_ok=True)
-    started = time.monotonic()
-    pretrain(full, dict(os.environ))
-    seconds = time.monotonic() - started
-    DEMO_BASE.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(full, "r") as src, h5py.File(DEMO_BASE, "w") as dst:
-        dst.attrs.update(src.attrs)
-
-        def copy(name, obj):
-            if isinstance(obj, h5py.Group):
-                dst.require_group(name).attrs.update(obj.attrs)
-                return
-            data = obj[()]
-            dst.create_dataset(name, data=data.astype(np.float16) if data.dtype == np.float32 else data)
-            dst[name].attrs.update(obj.attrs)
-
-        src.visititems(copy)
-    from job import logs
-
-    logs.quiet_tensorflow()
-    import keras
-
-    DEMO_BASE_INFO.write_text(json.dumps({
-        "backbone": "mobilenet_v2", "input_size": [SIZE, SIZE], "stored_as": "float16",
-        "source_classes": list(SOURCE), "target_classes_never_seen": list(TARGET),
-        "images_per_class": SOURCE_PER_CLASS, "epochs": SOURCE_EPOCHS, "batch_size": SOURCE_BATCH, "data_seed": 1,
-        "made_by": "make demo-base (scripts/run_local.py --make-base)", "keras": keras.__version__,
-        "seconds": round(seconds), "sha256": hashlib.sha256(DEMO_BASE.read_bytes()).hexdigest(),
-    }, indent=2) + "\n")
-    say(f"wrote {DEMO_BASE.relative_to(ROOT)} and {DEMO_BASE_INFO.relative_to(ROOT)} ({seconds:.0f} s)")
-    return 0
 
 
 def main() -> int:
@@ -262,4 +221,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(make_demo_base() if sys.argv[1:] == ["--make-base"] else main())
+    sys.exit(main())
