@@ -10,7 +10,7 @@ import time
 import pytest
 from fault_proxy import FaultProxy
 
-from job import storage
+from job import metrics, storage
 from job.errors import StorageError
 from job.lease import NAME, Lease
 
@@ -217,24 +217,18 @@ def test_a_live_lease_refuses_a_second_holder_whose_replies_are_lost(store):
 # ------------------------------------------------------------ what finetune_job_s3_errors_total counts
 
 
-def _errors() -> float:
-    from job import metrics
-
-    return sum(s.value for family in metrics.S3_ERRORS.collect() for s in family.samples if s.name.endswith("_total"))
-
-
 def test_refused_conditional_writes_and_absences_are_not_s3_errors(store, s3):
     """A clean run's lease (whose second create-if-absent is refused by design, 412), a lost race for it,
     and objects that are not there yet are answers, not failed requests: the counter an alert watches stays
     where it was. A request that really fails (the connection reset by the fault proxy) is counted."""
-    before = _errors()
+    before = metrics.s3_errors_total()
     first = Lease(store, "r1", seconds=30)
     first.acquire()  # includes the probe: a second If-None-Match: * create, refused with 412
     assert store.put_new(NAME, b"x") is None and store.replace(NAME, b"x", "not-the-etag") is None
     first.release()
     assert store.stat("_SUCCESS") is None and not store.exists("_SUCCESS")
-    assert _errors() == before
+    assert metrics.s3_errors_total() == before
     with FaultProxy(s3.endpoint, share=1.0, max_faults_per_request=1) as proxy:
         proxied = storage.S3Store(store.uri, proxy.url)
         proxied.stat("_SUCCESS")  # fails once (a 5xx or a reset), then retried by botocore and answered
-    assert _errors() == before + 1
+    assert metrics.s3_errors_total() == before + 1

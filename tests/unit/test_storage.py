@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from job import storage
+from job import metrics, storage
 from job.errors import StorageError
 
 
@@ -79,12 +79,6 @@ def test_missing_bucket_and_bad_scheme(s3):
         storage.open_store("gs://bucket/x")
 
 
-def _s3_errors() -> float:
-    from job import metrics
-
-    return sum(s.value for family in metrics.S3_ERRORS.collect() for s in family.samples if s.name.endswith("_total"))
-
-
 def test_a_stream_cut_mid_object_resumes_with_ranged_gets(s3):
     """A shard whose reply is cut off halfway, twice (the ranged retry too): read to the end, byte for byte,
     each retry a ranged GET from where the last one stopped, each loss counted as an S3 error."""
@@ -95,7 +89,7 @@ def test_a_stream_cut_mid_object_resumes_with_ranged_gets(s3):
     bucket = s3.bucket()
     data = random.Random(0).randbytes(3 << 20)
     s3.client.put_object(Bucket=bucket, Key="d/train/shard-000000.tar", Body=data)
-    before = _s3_errors()
+    before = metrics.s3_errors_total()
     with FaultProxy(s3.endpoint, share=0.0, cut_bodies=2) as proxy:
         body = storage.S3Store(f"s3://{bucket}/d", proxy.url).open_stream("train/shard-000000.tar")
         got = b"".join(iter(lambda: body.read(1 << 16), b""))
@@ -105,7 +99,7 @@ def test_a_stream_cut_mid_object_resumes_with_ranged_gets(s3):
     assert proxy.counts["cut"] == 2 and len(ranges) == 3 and ranges[0] is None
     starts = [int(r.removeprefix("bytes=").removesuffix("-")) for r in ranges[1:]]
     assert 0 < starts[0] <= len(data) // 2 and starts[0] < starts[1] <= starts[0] + (len(data) - starts[0]) // 2
-    assert _s3_errors() == before + 2
+    assert metrics.s3_errors_total() == before + 2
 
 
 def test_a_stream_cut_too_often_fails_in_one_line(s3):
