@@ -135,13 +135,16 @@ def draw_empty(size: int, rng: random.Random) -> Image.Image:
 
 def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: str = "mobilenet_v2",
                   epochs: int = 8, seed: int = 0, batch_size: int = 16, augment: bool = False,
-                  bn_momentum: float = 0.8, progress: bool = False) -> Path:
+                  bn_momentum: float = 0.8, progress: bool = False, learning_rate: float = 1e-3,
+                  cosine: bool = False) -> Path:
     """Train a backbone from scratch on `images` (uint8 [n, h, w, 3]) and save the base's weights.
 
     Stands in for ImageNet weights where they cannot be downloaded (CI, the offline demo, the quality
     benchmark): the job then loads it through `model.weights`, exactly as an air-gapped cluster loads a
     real one. `augment` (random flips and shifts) keeps the features from memorising the source images
-    when there are enough steps to learn them through it (thousands, not tens).
+    when there are enough steps to learn them through it (thousands, not tens). Adam at `learning_rate`,
+    decayed to 0 along a cosine over the whole run with `cosine` (a short pre-training: larger batches, a larger
+    rate that still ends small).
     """
     import keras
 
@@ -169,7 +172,10 @@ def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: s
         x = Preprocess(spec.preprocess)(x)
     x = keras.layers.GlobalAveragePooling2D()(base(x))
     net = keras.Model(inputs, keras.layers.Dense(int(labels.max()) + 1, activation="softmax")(x))
-    net.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    rate = learning_rate
+    if cosine:
+        rate = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * -(-len(images) // batch_size))
+    net.compile(keras.optimizers.Adam(rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
     net.fit(images.astype("float32"), labels, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
             callbacks=[_EpochLines(epochs)] if progress else [])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,8 +203,10 @@ def _EpochLines(epochs: int):
 
 
 def pretrain_base_weights(data_root: Path, out: Path, backbone: str = "mobilenet_v2", size: int = 32,
-                          epochs: int = 8, seed: int = 0, batch_size: int = 16, progress: bool = False) -> Path:
-    """`pretrain_base` on the train/ images of a folder-per-class dataset, resized to `size`."""
+                          epochs: int = 8, seed: int = 0, batch_size: int = 16, progress: bool = False,
+                          **recipe) -> Path:
+    """`pretrain_base` on the train/ images of a folder-per-class dataset, resized to `size`; `recipe`: its
+    other keywords (learning_rate, cosine, ...)."""
     from job.dataset import image_dataset
     from job.layout import discover
 
@@ -206,4 +214,5 @@ def pretrain_base_weights(data_root: Path, out: Path, backbone: str = "mobilenet
     paths, labels = discover(rels, str(data_root)).items("train")
     batches = image_dataset([str(Path(data_root) / p) for p in paths], labels, (size, size), 256)
     images = np.concatenate([x.numpy() for x, _ in batches]).round().astype(np.uint8)
-    return pretrain_base(images, np.asarray(labels), out, backbone, epochs, seed, batch_size, progress=progress)
+    return pretrain_base(images, np.asarray(labels), out, backbone, epochs, seed, batch_size, progress=progress,
+                         **recipe)
