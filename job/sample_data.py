@@ -176,8 +176,13 @@ def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: s
     if cosine:
         rate = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * -(-len(images) // batch_size))
     net.compile(keras.optimizers.Adam(rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    net.fit(images.astype("float32"), labels, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
-            callbacks=[_EpochLines(epochs)] if progress else [])
+    import tensorflow as tf
+
+    # uint8 in memory, cast per batch: a float32 copy of every image up front costs more than the casts
+    batches = (tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))
+               .shuffle(len(images), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+               .map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2))
+    net.fit(batches, epochs=epochs, verbose=0, callbacks=[_EpochLines(epochs)] if progress else [])
     out.parent.mkdir(parents=True, exist_ok=True)
     base.save_weights(out)
     return out

@@ -122,40 +122,49 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def base_weights(env: dict) -> Path:
-    """The demo base from this machine's cache (any clone's earlier run made it), else pre-trained now, once."""
+def start_base() -> tuple[subprocess.Popen, Path] | None:
+    """The demo base from this machine's cache (any clone's earlier run made it): None; else its pre-training,
+    started now in a child process (once per machine), while storage starts and the dataset goes up."""
     if DEMO_BASE.exists():
         say(f"base: {BACKBONE_NAME} pre-trained on other shapes ({', '.join(SOURCE)}), never on the target ones, "
             f"cached in {DEMO_BASE}")
-        return DEMO_BASE
-    say(f"pre-training a {BACKBONE_NAME} base on other shapes ({', '.join(SOURCE)}), once for this machine: about "
-        f"a minute on 2 cores (ImageNet weights need internet); cached in {DEMO_BASE}")
-    partial = DEMO_BASE.with_name(f"partial-{os.getpid()}.weights.h5")  # Keras wants the suffix
-    try:
-        pretrain(partial, env)
-        os.replace(partial, DEMO_BASE)  # whole, or not there
-    finally:
-        partial.unlink(missing_ok=True)
-    return DEMO_BASE
-
-
-def pretrain(out: Path, env: dict) -> None:
+        return None
     from job.sample_data import write_sample_dataset
 
+    say(f"pre-training a {BACKBONE_NAME} base on other shapes ({', '.join(SOURCE)}), once for this machine: about "
+        f"a minute on 2 cores (ImageNet weights need internet); cached in {DEMO_BASE}")
     source = WORK / "source-data"
+    shutil.rmtree(source, ignore_errors=True)
     write_sample_dataset(source, per_class=SOURCE_PER_CLASS, size=SIZE, seed=1, test_per_class=0, shapes=SOURCE,
                          random_colours=True)
     code = ("import sys; from pathlib import Path; from job import logs; logs.quiet_tensorflow(); "
             "from job.sample_data import pretrain_base_weights as p; "
             "p(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], epochs=int(sys.argv[4]), "
             "batch_size=int(sys.argv[5]), learning_rate=float(sys.argv[6]), cosine=True, progress=True)")
-    subprocess.run([sys.executable, "-c", code, str(source), str(out), BACKBONE, str(SOURCE_EPOCHS),
-                    str(SOURCE_BATCH), str(SOURCE_RATE)], check=True, env={"TF_CPP_MIN_LOG_LEVEL": "2", **env})
-    shutil.rmtree(source, ignore_errors=True)
+    partial = DEMO_BASE.with_name(f"partial-{os.getpid()}.weights.h5")  # Keras wants the suffix
+    child = subprocess.Popen([sys.executable, "-c", code, str(source), str(partial), BACKBONE, str(SOURCE_EPOCHS),
+                              str(SOURCE_BATCH), str(SOURCE_RATE)], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    return child, partial
+
+
+def finish_base(pretraining: tuple[subprocess.Popen, Path] | None) -> Path:
+    """Wait for the pre-training, if any, and keep its weights: whole in the cache, or not there."""
+    if pretraining is not None:
+        child, partial = pretraining
+        try:
+            if child.wait() != 0:
+                raise SystemExit(f"pre-training the demo base failed (exit {child.returncode})")
+            os.replace(partial, DEMO_BASE)
+        finally:
+            partial.unlink(missing_ok=True)
+            shutil.rmtree(WORK / "source-data", ignore_errors=True)
+    return DEMO_BASE
 
 
 def main() -> int:
     WORK.mkdir(exist_ok=True)
+    DEMO_BASE.parent.mkdir(parents=True, exist_ok=True)
+    pretraining = start_base()
     endpoint, creds, extra = start_storage()
     env = {**os.environ, **creds, "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
     s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
@@ -170,12 +179,12 @@ def main() -> int:
         counts = write_sample_dataset(data, per_class=TARGET_PER_CLASS, size=SIZE, seed=0, test_per_class=25,
                                       shapes=TARGET, random_colours=True)
         say(f"sample dataset written to {data}: {counts}")
-    weights = base_weights(env)
-    say(f"uploading the dataset to s3://{BUCKET}/datasets/shapes/ and the weights to s3://{BUCKET}/weights/")
+    say(f"uploading the dataset to s3://{BUCKET}/datasets/shapes/")
     files = [(p, f"datasets/shapes/{p.relative_to(data).as_posix()}") for p in sorted(data.rglob("*")) if p.is_file()]
     with ThreadPoolExecutor(8) as pool:  # boto3 clients are thread-safe
-        files.append((weights, f"weights/{weights.name}"))
         list(pool.map(lambda f: s3.upload_file(str(f[0]), BUCKET, f[1]), files))
+    weights = finish_base(pretraining)
+    s3.upload_file(str(weights), BUCKET, f"weights/{weights.name}")
 
     run_id = time.strftime("local-%Y%m%d-%H%M%S", time.gmtime())
     config = WORK / "config.yaml"
