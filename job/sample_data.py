@@ -182,7 +182,7 @@ def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: s
     batches = (tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))
                .shuffle(len(images), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
                .map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2))
-    net.fit(batches, epochs=epochs, verbose=0, callbacks=[_EpochLines(epochs)] if progress else [])
+    net.fit(batches, epochs=epochs, shuffle=False, verbose=0, callbacks=[_EpochLines(epochs)] if progress else [])
     out.parent.mkdir(parents=True, exist_ok=True)
     base.save_weights(out)
     return out
