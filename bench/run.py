@@ -71,8 +71,13 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def child_env(endpoint: str) -> dict[str, str]:
+def child_env(endpoint: str, quick: bool = False) -> dict[str, str]:
+    """The environment of the job's processes. `quick`: without train.search's trials, one fine-tuning phase per
+    run (the quick modes show that a bench runs; the search is measured by the full modes and tested by
+    tests/e2e/test_search.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FINETUNE_", "AWS_"))}
+    if quick:
+        env["FINETUNE_TRAIN__SEARCH__LEARNING_RATES"] = "[]"
     return {**env, **CREDENTIALS, "AWS_ENDPOINT_URL": endpoint, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
@@ -585,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     tmp = Path(tempfile.mkdtemp(prefix="finetune-bench-"))
     s3 = S3Server()
-    env = child_env(s3.endpoint)
+    env = child_env(s3.endpoint, args.quick)
     sections = {}
     try:
         log(f"{mode} run; S3 server {s3.endpoint}; scratch {tmp}")

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     s3 = S3Server()
     runs, uploads = {}, {}
     try:
-        env = child_env(s3.endpoint)
+        env = child_env(s3.endpoint, args.quick)
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as t:
             tmp = Path(t)
             objects_needed = not args.ways or bool({"objects", "manifest", "objects_tenth"} & set(args.ways.split(",")))
