@@ -6,13 +6,13 @@ import socket
 import time
 
 import pytest
-from conftest import SIZE, run_cli, write_config
+from conftest import BACKBONE, SIZE, run_cli, write_config
 
 
 def config(tmp_path, data_uri, out_uri, **extra):
     sections = {
         "data": {"uri": data_uri, "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
-        "model": {"backbone": "mobilenet_v2", "weights": "none", "head_units": 0},
+        "model": {"backbone": BACKBONE, "weights": "none", "head_units": 0},
         "train": {"batch_size": 8, "head": {"epochs": 1}, "finetune": {"epochs": 0}},
         "output": {"uri": out_uri},
         "metrics": {"port": 0, "linger_seconds": 0},

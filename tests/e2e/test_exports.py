@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SIZE, run_cli, write_config
+from conftest import BACKBONE, SIZE, run_cli, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def config(tmp_path, sample_data, base_weights, run_id, **export):
     return write_config(
         tmp_path / f"{run_id}.yaml", run_id=run_id,
         data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
-        model={"backbone": "mobilenet_v2", "weights": str(base_weights), "head_units": 16},
+        model={"backbone": BACKBONE, "weights": str(base_weights), "head_units": 16},
         train={"batch_size": 16, "head": {"epochs": 2}, "finetune": {"epochs": 0}},
         output={"uri": str(tmp_path / "out")}, metrics={"port": 0, "linger_seconds": 0}, export=export)
 

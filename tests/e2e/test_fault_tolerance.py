@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import CLI, SIZE, free_ports, run_cli, write_config
+from conftest import BACKBONE, CLI, SIZE, free_ports, run_cli, write_config
 from fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def make_config(path, bucket, run_id, cache, **overrides):
     sections = {
         "run_id": run_id,
         "data": {"uri": f"s3://{bucket}/data", "image_size": [SIZE, SIZE], "cache_dir": str(cache)},
-        "model": {"backbone": "mobilenet_v2", "weights": f"s3://{bucket}/weights/base.weights.h5", "head_units": 32},
+        "model": {"backbone": BACKBONE, "weights": f"s3://{bucket}/weights/base.weights.h5", "head_units": 32},
         # One fine-tuning phase (no train.search trials): its resume is the subject (test_search.py: the search's).
         "train": {"batch_size": 16, "head": {"epochs": 2}, "finetune": {"epochs": 2, "unfreeze": 10},
                   "search": {"learning_rates": []},

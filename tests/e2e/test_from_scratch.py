@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SIZE, run_cli, write_config
+from conftest import BACKBONE, SIZE, run_cli, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def scratch(sample_data, tmp_path_factory):
         tmp / "c.yaml",
         run_id="scratch",
         data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp / "cache")},
-        model={"backbone": "mobilenet_v2", "weights": "none"},
+        model={"backbone": BACKBONE, "weights": "none"},
         # From scratch trains the whole network for head + finetune epochs (the head phase is skipped); all
         # of them (patience 0), so that the run's length does not hang on 18 validation images.
         train={"batch_size": 16, "head": {"epochs": 6}, "finetune": {"epochs": 6}, "early_stopping_patience": 0},

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import SIZE, need_tool, run_cli, write_config
+from conftest import BACKBONE, SIZE, need_tool, run_cli, write_config
 from servers import PROMETHEUS, PUSHGATEWAY, free_port, prometheus, pushgateway, static_scrape
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def training_config(tmp: Path, bucket: str, run_id: str, metrics: dict, weights:
         run_id=run_id,
         data={"uri": f"s3://{bucket}/datasets/shapes", "image_size": [SIZE, SIZE],
               "cache_dir": str(tmp / "cache")},
-        model={"backbone": "mobilenet_v2", "weights": weights},
+        model={"backbone": BACKBONE, "weights": weights},
         train={"batch_size": 8, "head": {"epochs": epochs["head"]},
                "finetune": {"epochs": epochs["finetune"], "unfreeze": 10}, "early_stopping_patience": 0,
                "search": {"learning_rates": []}},  # one fine-tuning phase: the per-phase counts are the subject

@@ -9,7 +9,7 @@ import json
 import signal
 
 import pytest
-from conftest import SIZE, run_cli, write_config
+from conftest import BACKBONE, SIZE, run_cli, write_config
 from test_fault_tolerance import Running
 
 from job import recipe
@@ -25,7 +25,7 @@ def config(tmp_path, dataset, run_id, search=True, learning_rate=None):
     return write_config(
         tmp_path / f"{run_id}.yaml", run_id=run_id,
         data={"uri": f"s3://{dataset}/data", "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"c-{run_id}")},
-        model={"backbone": "mobilenet_v2", "weights": f"s3://{dataset}/weights/base.weights.h5", "head_units": 16},
+        model={"backbone": BACKBONE, "weights": f"s3://{dataset}/weights/base.weights.h5", "head_units": 16},
         train={"batch_size": 16, "head": {"epochs": 2}, "early_stopping_patience": 0, "finetune": finetune,
                **({"search": {"learning_rates": RATES, "epochs": RUNG}} if search else {})},
         output={"uri": f"s3://{dataset}/runs"}, metrics={"port": 0, "linger_seconds": 0},

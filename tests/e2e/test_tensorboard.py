@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import CLI, data_config, free_ports, run_cli
+from conftest import BACKBONE, CLI, data_config, free_ports, run_cli
 from test_fault_tolerance import Running
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def test_event_files_hold_the_history_the_images_and_the_hparams(s3, dataset, tr
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     info = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
-    assert info.hparams["backbone"].string_value == "mobilenet_v2"
+    assert info.hparams["backbone"].string_value == BACKBONE
     assert info.hparams["finetune_learning_rate"].number_value == pytest.approx(1e-4)
     assert info.hparams["seed"].number_value == 1337
 

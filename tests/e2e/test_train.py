@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import SIZE, png_header_only, run_cli, write_config
+from conftest import BACKBONE, SIZE, png_header_only, run_cli, write_config
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def trained(s3, sample_data, base_weights, tmp_path_factory):
     huge = tmp_path_factory.mktemp("huge") / "huge.png"
     png_header_only(huge, 25000, 25000)
     s3.client.upload_file(str(huge), bucket, "datasets/shapes/train/triangle/huge.png")
-    s3.client.upload_file(str(base_weights), bucket, "weights/mobilenet_v2_32.weights.h5")
+    s3.client.upload_file(str(base_weights), bucket, f"weights/{BACKBONE}_32.weights.h5")
 
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = write_config(
@@ -44,7 +44,7 @@ def trained(s3, sample_data, base_weights, tmp_path_factory):
         run_id="e2e",
         data={"uri": f"s3://{bucket}/datasets/shapes", "image_size": [SIZE, SIZE], "cache_dir": str(tmp / "cache"),
               "max_bad_fraction": 0.05},
-        model={"backbone": "mobilenet_v2", "weights": f"s3://{bucket}/weights/mobilenet_v2_32.weights.h5",
+        model={"backbone": BACKBONE, "weights": f"s3://{bucket}/weights/{BACKBONE}_32.weights.h5",
                "head_units": 32},
         train={"batch_size": 16, "head": {"epochs": 4}, "finetune": {"epochs": 2, "unfreeze": 10}},
         distribution={"cpu_replicas": 2},
@@ -201,7 +201,7 @@ def test_mixed_precision_path_trains_on_two_replicas(s3, sample_data, base_weigh
         tmp_path / "c.yaml",
         run_id="mixed",
         data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
-        model={"backbone": "mobilenet_v2", "weights": str(base_weights), "head_units": 32},
+        model={"backbone": BACKBONE, "weights": str(base_weights), "head_units": 32},
         train={"batch_size": 16, "mixed_precision": True, "head": {"epochs": 2, "mode": "end_to_end"},
                "finetune": {"epochs": 1, "unfreeze": 10}},
         distribution={"cpu_replicas": 2},
@@ -246,7 +246,7 @@ def test_xla_step_trains_on_two_replicas(sample_data, base_weights, tmp_path):
         tmp_path / "c.yaml",
         run_id="xla",
         data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
-        model={"backbone": "mobilenet_v2", "weights": str(base_weights), "head_units": 32},
+        model={"backbone": BACKBONE, "weights": str(base_weights), "head_units": 32},
         train={"batch_size": 16, "head": {"epochs": 2, "mode": "end_to_end", "augment": False},
                "finetune": {"epochs": 1, "unfreeze": 10}, "search": {"learning_rates": []}},
         distribution={"cpu_replicas": 2},
@@ -270,7 +270,7 @@ def test_same_seed_data_and_strategy_give_identical_weights(sample_data, base_we
             tmp_path / f"{run_id}.yaml",
             run_id=run_id,
             data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"cache-{run_id}")},
-            model={"backbone": "mobilenet_v2", "weights": str(base_weights), "head_units": 16},
+            model={"backbone": BACKBONE, "weights": str(base_weights), "head_units": 16},
             train={"batch_size": 16, "seed": seed, "head": {"epochs": 2},
                    "finetune": {"epochs": 1, "unfreeze": 10, "augment": True},
                    "search": {"learning_rates": []}},  # the search's own reproducibility: test_search.py

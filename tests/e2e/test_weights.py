@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import SIZE, run_cli, write_config
+from conftest import BACKBONE, SIZE, run_cli, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -11,6 +11,7 @@ def test_base_weights_come_from_the_s3_file(s3, sample_data, base_weights, tmp_p
     import keras
 
     import job.model  # noqa: F401  registers the Preprocess layer for loading model.keras
+    from job import backbones
 
     bucket = s3.bucket()
     s3.client.upload_file(str(base_weights), bucket, "weights/base.weights.h5")
@@ -18,7 +19,7 @@ def test_base_weights_come_from_the_s3_file(s3, sample_data, base_weights, tmp_p
         tmp_path / "c.yaml",
         run_id="weights",
         data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
-        model={"backbone": "mobilenet_v2", "weights": f"s3://{bucket}/weights/base.weights.h5", "head_units": 0},
+        model={"backbone": BACKBONE, "weights": f"s3://{bucket}/weights/base.weights.h5", "head_units": 0},
         train={"batch_size": 16, "head": {"epochs": 1}, "finetune": {"epochs": 0}},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0, "linger_seconds": 0},
@@ -28,8 +29,9 @@ def test_base_weights_come_from_the_s3_file(s3, sample_data, base_weights, tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
 
     trained = keras.models.load_model(tmp_path / "out/weights/model.keras")
-    base = trained.get_layer("mobilenetv2_1.00_32")
-    from_file = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    base = next(layer for layer in trained.layers if isinstance(layer, keras.Model))  # the backbone, nested
+    constructor = getattr(keras.applications, backbones.get(BACKBONE).constructor)
+    from_file = constructor(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
     random_init = [w.copy() for w in from_file.get_weights()]
     from_file.load_weights(base_weights)
     got, want = base.get_weights(), from_file.get_weights()
@@ -44,7 +46,7 @@ def test_unknown_weights_file_exits_2(tmp_path, sample_data):
     cfg = write_config(
         tmp_path / "c.yaml",
         data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
-        model={"backbone": "mobilenet_v2", "weights": str(tmp_path / "nope.weights.h5")},
+        model={"backbone": BACKBONE, "weights": str(tmp_path / "nope.weights.h5")},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0},
         export={"formats": ["saved_model"]},
