@@ -13,10 +13,11 @@ BAKE_WEIGHTS ?=
 
 install: $(VENV)/.installed
 
+# -qq: errors only (setuptools' editable-install notice and pip's index warnings are not the user's business).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e ".[$(EXTRAS)]"
 	touch $@
 
 # Tests by tier: tests/unit (no TensorFlow, or tiny models on one CPU device; under 2 minutes),
