@@ -6,7 +6,8 @@ Everything is made here: sample images (job.sample_data), an S3 server on 127.0.
 process (bench/s3server.py), the job's own console script. Measurements that need TensorFlow run in
 processes of their own (bench/workloads.py). Each ratio is written with its conditions and target;
 a missed target is reported, never hidden. `--quick` is the same run on tiny data, for the test
-suite: its numbers mean nothing, only that the bench still runs.
+suite (MobileNet v1 instead of MobileNetV2, no train.search trials): its numbers mean nothing, only that
+the bench still runs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ CLI = str(Path(sys.executable).parent / "finetune-job")
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                "AWS_DEFAULT_REGION": "us-east-1"}
 BACKBONE = "mobilenet_v2"
+# --quick trains MobileNet (v1) instead: it traces and exports in about two thirds of MobileNetV2's time
+# (tests/conftest.py), and the quick mode shows that the bench runs, not what it measures.
+QUICK_BACKBONE = "mobilenet"
 
 # Sizes of each measurement. `full` is what `make bench` runs (about 5 minutes on 2 cores).
 PROFILES = {
@@ -167,17 +171,19 @@ def sample(root: Path, classes: int, per_class: int, px: int, test_per_class: in
     return root
 
 
-def random_base(path: Path, image_size: list[int], env: dict) -> Path:
-    """A random MobileNetV2 base saved once as a weights file, for runs that time the two-phase transfer recipe
-    (head on cached features, then fine-tuning) without a pre-trained base to download. `model.weights: none`
-    is no stand-in for it: from scratch the job skips the head phase and trains every layer."""
+def random_base(path: Path, image_size: list[int], env: dict, backbone: str = BACKBONE) -> Path:
+    """A random base (MobileNetV2 unless told) saved once as a weights file, for runs that time the two-phase
+    transfer recipe (head on cached features, then fine-tuning) without a pre-trained base to download.
+    `model.weights: none` is no stand-in for it: from scratch the job skips the head phase and trains every layer."""
     if path.is_file():
         return path
-    code = ("import sys, keras; keras.applications.MobileNetV2(include_top=False, weights=None, "
+    from job import backbones
+
+    code = ("import sys, keras; getattr(keras.applications, sys.argv[4])(include_top=False, weights=None, "
             "input_shape=(int(sys.argv[2]), int(sys.argv[3]), 3)).save_weights(sys.argv[1])")
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([PY, "-c", code, str(path), *map(str, image_size)], check=True, env=env, capture_output=True,
-                   timeout=600)
+    subprocess.run([PY, "-c", code, str(path), *map(str, image_size), backbones.get(backbone).constructor],
+                   check=True, env=env, capture_output=True, timeout=600)
     return path
 
 
@@ -262,7 +268,7 @@ def paired(rounds: dict[str, list[list[float]]], a: str, b: str) -> float:
 
 def bench_training(cfg: dict, tmp: Path, env: dict) -> tuple[dict, dict]:
     data = sample(tmp / "training-data", cfg["classes"], cfg["per_class"], cfg["source_px"])
-    base = {"data": str(data), "work": str(tmp / "training-work"), "backbone": BACKBONE, **cfg}
+    base = {"data": str(data), "work": str(tmp / "training-work"), **cfg}
     one = workload("training", {**base, "replicas": 1, "compare": True}, tmp, env)
     # 1 and 2 replicas as the job sets them up (distribute.setup) are different processes: alternate them
     # (1 2 2 1 ...) and pair neighbours, so that load drifting over minutes hits both alike.
@@ -274,7 +280,7 @@ def bench_training(cfg: dict, tmp: Path, env: dict) -> tuple[dict, dict]:
     conditions = {
         "images": cfg["classes"] * cfg["per_class"], "classes": cfg["classes"],
         "image_size": cfg["image_size"], "global_batch_size": cfg["batch_size"],
-        "backbone": f"{BACKBONE}, random weights (job.model.build without a weights file: BatchNormalization "
+        "backbone": f"{cfg['backbone']}, random weights (job.model.build without a weights file: BatchNormalization "
                     "frozen as with a pre-trained base, not model.weights: none's from-scratch mode)",
         "steps_per_epoch": one["steps_per_epoch"], "epochs_per_round": cfg["epochs"], "rounds": cfg["rounds"],
         "timed": "epochs 2.. of each round (epoch 1 traces); ratios: median over rounds of the round's ratio",
@@ -387,7 +393,8 @@ def peak_rss_run(args: list[str], env: dict, log_file: Path) -> tuple[int, float
 
 def bench_memory(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
     runs = {}
-    base = random_base(tmp / f"base-{cfg['image_size'][0]}x{cfg['image_size'][1]}.weights.h5", cfg["image_size"], env)
+    base = random_base(tmp / f"base-{cfg['image_size'][0]}x{cfg['image_size'][1]}.weights.h5", cfg["image_size"], env,
+                       cfg["backbone"])
     s3.upload([("bench-memory", "weights/base.weights.h5", base)])
     for label, per_class in (("n", cfg["per_class"]), ("4n", cfg["per_class"] * cfg["factor"])):
         data = sample(tmp / f"memory-{label}", cfg["classes"], per_class, cfg["source_px"],
@@ -397,7 +404,7 @@ def bench_memory(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
         config.write_text(json.dumps({
             "run_id": f"memory-{label}",
             "data": {"uri": uri, "image_size": cfg["image_size"], "cache_dir": str(tmp / f"cache-{label}")},
-            "model": {"backbone": BACKBONE, "weights": "s3://bench-memory/weights/base.weights.h5"},
+            "model": {"backbone": cfg["backbone"], "weights": "s3://bench-memory/weights/base.weights.h5"},
             "train": {"batch_size": cfg["batch_size"], "head": {"epochs": 1}, "finetune": {"epochs": 1}},
             "output": {"uri": "s3://bench-memory/models"},
             "metrics": {"port": 0, "linger_seconds": 0},
@@ -414,7 +421,7 @@ def bench_memory(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
         "conditions": {
             "classes": cfg["classes"], "images": {k: v["images"] for k, v in runs.items()},
             "image_size": cfg["image_size"], "batch_size": cfg["batch_size"],
-            "backbone": f"{BACKBONE}, {RANDOM_BASE}",
+            "backbone": f"{cfg['backbone']}, {RANDOM_BASE}",
             "run": "finetune-job train from S3: staging, decode check, cached-features head 1 epoch, "
                    "fine-tune 1 epoch, evaluation, export, upload",
             "peak_rss": "ru_maxrss of the finetune-job process (wait4)",
@@ -442,7 +449,8 @@ def bench_stages(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
         "head_end_to_end": (cfg["per_class"], {"head": {"epochs": cfg["head_epochs"], "mode": "end_to_end"},
                                                "finetune": {"epochs": 0}}),
     }
-    base = random_base(tmp / f"base-{cfg['image_size'][0]}x{cfg['image_size'][1]}.weights.h5", cfg["image_size"], env)
+    base = random_base(tmp / f"base-{cfg['image_size'][0]}x{cfg['image_size'][1]}.weights.h5", cfg["image_size"], env,
+                       cfg["backbone"])
     s3.upload([("bench-stages", "weights/base.weights.h5", base)])
     uris: dict[int, str] = {}
     for name, (per_class, train) in plans.items():
@@ -455,7 +463,7 @@ def bench_stages(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
         config.write_text(json.dumps({
             "run_id": f"stages-{name}",
             "data": {"uri": uri, "image_size": cfg["image_size"], "cache_dir": str(tmp / f"stages-cache-{name}")},
-            "model": {"backbone": BACKBONE, "weights": "s3://bench-stages/weights/base.weights.h5"},
+            "model": {"backbone": cfg["backbone"], "weights": "s3://bench-stages/weights/base.weights.h5"},
             "train": {**train, "early_stopping_patience": 0},
             "output": {"uri": "s3://bench-stages/runs"},
             "metrics": {"port": 0, "linger_seconds": 0},
@@ -472,7 +480,7 @@ def bench_stages(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
     head = runs["head_cached"]["timings"]["head_seconds"] / runs["head_end_to_end"]["timings"]["head_seconds"]
     return {
         "conditions": {
-            "runs": f"finetune-job train from S3, {BACKBONE} ({RANDOM_BASE}), {cfg['image_size']} px, "
+            "runs": f"finetune-job train from S3, {cfg['backbone']} ({RANDOM_BASE}), {cfg['image_size']} px, "
                     f"{cfg['classes']} classes x {cfg['per_class']} images (small) and {cfg['larger']}x that (larger); "
                     f"head {cfg['head_epochs']} epochs, fine-tuning {cfg['finetune_epochs']}, no early stopping, "
                     "export.formats [saved_model] (as the job exported before the other formats), checkpoints by "
@@ -501,7 +509,7 @@ def bench_formats(cfg: dict, tmp: Path, env: dict) -> dict:
         "data": {"uri": str(data), "image_size": cfg["image_size"], "cache_dir": str(tmp / "formats-cache")},
         # From scratch: conversion does not depend on the weights. The head phase is skipped and every layer,
         # BatchNormalization included, trains for head + finetune epochs at the head's rate (1e-3).
-        "model": {"backbone": BACKBONE, "weights": "none"},
+        "model": {"backbone": cfg["backbone"], "weights": "none"},
         "train": {"batch_size": cfg["batch_size"], "head": {"epochs": cfg["epochs"]},
                   "finetune": {"epochs": cfg["epochs"]}},
         "output": {"uri": str(tmp / "formats-out")},
@@ -521,7 +529,7 @@ def bench_formats(cfg: dict, tmp: Path, env: dict) -> dict:
              for fmt in ALL_FORMATS}
     return {
         "conditions": {
-            "run": f"finetune-job train, {BACKBONE} (weights none: from scratch, every layer trained up to "
+            "run": f"finetune-job train, {cfg['backbone']} (weights none: from scratch, every layer trained up to "
                    f"{2 * cfg['epochs']} epochs at 1e-3, BatchNormalization included), "
                    f"{cfg['classes']} classes x {cfg['per_class']} images, {cfg['image_size']} px, every format",
             "check_images": len(images), "run_seconds": round(seconds, 1),
@@ -584,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         return not only or bool(only & set(names))
 
     mode = "quick" if args.quick else "full"
-    cfg = PROFILES[mode]
+    backbone = QUICK_BACKBONE if args.quick else BACKBONE
+    cfg = {section: {**sizes, "backbone": backbone} for section, sizes in PROFILES[mode].items()}
 
     started, t0 = dt.datetime.now(dt.timezone.utc), time.monotonic()
     load_before = load_average()

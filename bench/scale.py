@@ -11,7 +11,7 @@ SavedModel; the base is a random MobileNetV2 saved once and staged from the same
 the run's manifest, objects/s and bytes/s of staging, peak RSS (wait4) and the disk the cache took; the
 shards once more with `data.staging: stream`. A bare paginated boto3 listing of the same bucket is the
 yardstick for `validate`, and a copy run on a tenth of the images the one for memory. `--quick` does
-the same with 700 images (the test suite's check).
+the same with 700 images on a MobileNet (v1) base, without train.search's trials (the test suite's check).
 """
 
 from __future__ import annotations
@@ -30,7 +30,19 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import quality_data  # noqa: E402
-from run import CLI, S3Server, child_env, load_average, log, machine, peak_rss_run, random_base, target  # noqa: E402
+from run import (  # noqa: E402
+    BACKBONE,
+    CLI,
+    QUICK_BACKBONE,
+    S3Server,
+    child_env,
+    load_average,
+    log,
+    machine,
+    peak_rss_run,
+    random_base,
+    target,
+)
 
 BUCKET = "scale"
 IMAGE_SIZE = [32, 32]
@@ -78,13 +90,13 @@ def disk_used(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def one_run(name: str, data: dict, tmp: Path, env: dict, finetune_epochs: int) -> dict:
+def one_run(name: str, data: dict, tmp: Path, env: dict, finetune_epochs: int, backbone: str = BACKBONE) -> dict:
     cache = tmp / f"cache-{name}"
     config = tmp / f"{name}.yaml"
     config.write_text(json.dumps({
         "run_id": name,
         "data": {"image_size": IMAGE_SIZE, "cache_dir": str(cache), "validation_split": 0.1, **data},
-        "model": {"backbone": "mobilenet_v2", "weights": WEIGHTS},
+        "model": {"backbone": backbone, "weights": WEIGHTS},
         "train": {"batch_size": 128, "head": {"epochs": 1}, "finetune": {"epochs": finetune_epochs},
                   "early_stopping_patience": 0},
         "output": {"uri": str(tmp / "out")},
@@ -147,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     runs, uploads = {}, {}
     try:
         env = child_env(s3.endpoint, args.quick)
+        backbone = QUICK_BACKBONE if args.quick else BACKBONE
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as t:
             tmp = Path(t)
             objects_needed = not args.ways or bool({"objects", "manifest", "objects_tenth"} & set(args.ways.split(",")))
@@ -155,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 uploads["objects"] = upload(s3, folder, "objects")
                 uploads["tenth"] = upload(s3, small, "tenth")
             s3.upload([(BUCKET, WEIGHTS.removeprefix(f"s3://{BUCKET}/"),
-                        random_base(tmp / "base.weights.h5", IMAGE_SIZE, env))])
+                        random_base(tmp / "base.weights.h5", IMAGE_SIZE, env, backbone))])
             lines = ["path,label,split"] + [f"{p.relative_to(folder).as_posix()},{p.parent.name},{p.parts[-3]}"
                                             for p in sorted(folder.rglob("*.png"))]
             s3.client.put_object(Bucket=BUCKET, Key="manifest.csv", Body=("\n".join(lines) + "\n").encode())
@@ -177,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             picked = [w for w in args.ways.split(",") if w] or list(ways)
             for name, (data, epochs) in ((w, ways[w]) for w in picked):
                 log(f"run: {name}")
-                runs[name] = one_run(name, data, tmp, env, epochs)
+                runs[name] = one_run(name, data, tmp, env, epochs, backbone)
                 log(f"{name}: {json.dumps(runs[name]['stage_seconds'])}")
     finally:
         s3.close()
