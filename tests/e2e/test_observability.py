@@ -13,6 +13,7 @@ import math
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -127,10 +128,15 @@ def observed(s3, base_weights, tmp_path_factory):
                                         metrics={"port": runs["nogw"]["port"], "pushgateway": closed},
                                         epochs={"head": 1, "finetune": 0}),
             }
-            for name, run in runs.items():
+
+            def train(name: str) -> None:
+                run = runs[name]
                 run["start"] = time.time()
                 run["result"] = run_cli("train", "--config", str(configs[name]), env=s3.env(), timeout=900)
                 run["end"] = time.time()
+
+            with ThreadPoolExecutor(2) as pool:  # side by side: each run has its own port, run_id and window
+                list(pool.map(train, runs))
             time.sleep(3)  # the last scrapes of the Pushgateway
             yield {"runs": runs, "prometheus": prom, "gateway": gateway, "tmp": tmp}
 
