@@ -175,7 +175,9 @@ def main() -> int:
     from job.sample_data import write_sample_dataset
 
     data = WORK / "data"
-    if not (data / "train" / TARGET[0]).is_dir():
+    first = data / "train" / TARGET[0]
+    if not first.is_dir() or len(list(first.iterdir())) != TARGET_PER_CLASS:  # none yet, or an older demo's
+        shutil.rmtree(data, ignore_errors=True)
         counts = write_sample_dataset(data, per_class=TARGET_PER_CLASS, size=SIZE, seed=0, test_per_class=25,
                                       shapes=TARGET, random_colours=True)
         say(f"sample dataset written to {data}: {counts}")
