@@ -231,9 +231,10 @@ def free_ports(n: int) -> list[int]:
 
 # The longest files first (seconds of the 2026-12-05 fresh-clone run after the suite's diet: test_fault_tolerance
 # about 185, test_train 180, ...): `make test` runs two workers that take whole files in collection order, and the
-# long ones then overlap instead of one finishing alone at the end. Within a file the order is kept.
-SLOWEST_FIRST = ("test_fault_tolerance.py", "test_train.py", "test_bench_run_more.py", "test_multilabel.py",
-                 "test_quality_bench.py", "test_bench_scale.py", "test_search.py", "test_datasets.py",
+# long ones then overlap instead of one finishing alone at the end. Within a file the order is kept. The second
+# file needs no `base_weights`, so that the second worker starts on it while the first trains the shared base.
+SLOWEST_FIRST = ("test_fault_tolerance.py", "test_bench_run_more.py", "test_train.py", "test_bench_scale.py",
+                 "test_multilabel.py", "test_quality_bench.py", "test_search.py", "test_datasets.py",
                  "test_observability.py", "test_tensorboard.py", "test_bench_run.py", "test_exit_codes.py",
                  "test_exports.py", "test_chart.py", "test_data_edges.py", "test_from_scratch.py", "test_weights.py")
 

@@ -87,7 +87,7 @@ def training_config(tmp: Path, bucket: str, run_id: str, metrics: dict, weights:
         tmp / f"{run_id}.yaml",
         run_id=run_id,
         data={"uri": f"s3://{bucket}/datasets/shapes", "image_size": [SIZE, SIZE],
-              "cache_dir": str(tmp / "cache")},
+              "cache_dir": str(tmp / f"cache-{run_id}")},  # each run stages (and counts) its own download
         model={"backbone": BACKBONE, "weights": weights},
         train={"batch_size": 8, "head": {"epochs": epochs["head"]},
                "finetune": {"epochs": epochs["finetune"], "unfreeze": 10}, "early_stopping_patience": 0,
