@@ -24,7 +24,7 @@ CLI = str(VENV_BIN / "finetune-job")
 SIZE = 32
 # The backbone of the tests' runs where the backbone is not their subject: MobileNet (v1, 86 layers) traces and
 # exports in about two thirds of MobileNetV2's time (155 layers), and a tiny run is mostly tracing and export
-# (13.6 s against 19-21 s a run here). MobileNetV2, the users' usual choice, runs in the benchmarks' quick modes.
+# (13.6 s against 19-21 s a run here). MobileNetV2, the users' usual choice, runs in the quality bench's quick mode.
 BACKBONE = "mobilenet"
 
 
