@@ -147,6 +147,7 @@ def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: s
     rate that still ends small).
     """
     import keras
+    import tensorflow as tf
 
     from job import backbones
 
@@ -176,8 +177,6 @@ def pretrain_base(images: np.ndarray, labels: np.ndarray, out: Path, backbone: s
     if cosine:
         rate = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * -(-len(images) // batch_size))
     net.compile(keras.optimizers.Adam(rate), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    import tensorflow as tf
-
     # uint8 in memory, cast per batch: a float32 copy of every image up front costs more than the casts
     batches = (tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))
                .shuffle(len(images), seed=seed, reshuffle_each_iteration=True).batch(batch_size)

@@ -23,6 +23,7 @@ import boto3
 import helm_python
 import pytest
 import yaml
+from conftest import BACKBONE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import helm_lint  # noqa: E402  (scripts/ is not a package)
@@ -1086,7 +1087,7 @@ def test_rendered_job_runs_end_to_end_against_s3(s3_server: str, tmp_path: Path)
         },
         "config": {
             "data": {"uri": f"s3://{bucket}/datasets/shapes", "image_size": [32, 32]},
-            "model": {"backbone": "mobilenet", "weights": "none"},  # conftest.BACKBONE: quicker than MobileNetV2
+            "model": {"backbone": BACKBONE, "weights": "none"},
             "train": {"batch_size": 16, "head": {"epochs": 2}, "finetune": {"epochs": 1},
                       "search": {"learning_rates": []}},
             "output": {"uri": f"s3://{bucket}/models/shapes"},
