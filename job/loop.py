@@ -82,18 +82,40 @@ def per_replica_batch(global_batch: int, cluster: Cluster) -> int:
 
 def _optimizer(learning_rate: float, total_steps: int, options: Options,
                cluster: Cluster) -> keras.optimizers.Optimizer:
-    """Adam, or AdamW with weight decay (biases exempt); constant rate or cosine decay after a warm-up."""
+    """Adam, or AdamW with weight decay (biases exempt); constant rate or cosine decay after a warm-up. Either way
+    the peak rate is a variable (`_set_rate`), so that a traced step serves trials at other rates."""
     rate = learning_rate
     if options.lr_schedule == "cosine":
-        warmup = recipe.warmup_steps(total_steps)
-        rate = keras.optimizers.schedules.CosineDecay(0.0, max(1, total_steps - warmup), warmup_target=learning_rate,
-                                                      warmup_steps=warmup)
+        rate = _WarmupCosine(tf.Variable(learning_rate, trainable=False, dtype=tf.float32), total_steps)
     if options.weight_decay > 0:
         opt = keras.optimizers.AdamW(rate, weight_decay=options.weight_decay)
         opt.exclude_from_weight_decay(var_names=["bias"])
     else:
         opt = keras.optimizers.Adam(rate)
     return keras.mixed_precision.LossScaleOptimizer(opt) if cluster.mixed_precision else opt
+
+
+class _WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """A linear warm-up to `peak`, then a cosine decay to 0: Keras' CosineDecay towards 1 times a peak held in a
+    variable (the same numbers as CosineDecay towards the peak itself)."""
+
+    def __init__(self, peak: tf.Variable, total_steps: int):
+        warmup = recipe.warmup_steps(total_steps)
+        self.peak = peak
+        self.shape = keras.optimizers.schedules.CosineDecay(0.0, max(1, total_steps - warmup), warmup_target=1.0,
+                                                            warmup_steps=warmup)
+
+    def __call__(self, step):
+        return self.peak * self.shape(step)
+
+
+def _set_rate(optimizer, learning_rate: float) -> None:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    schedule = inner._learning_rate  # noqa: SLF001 - a schedule is not settable through the property
+    if isinstance(schedule, _WarmupCosine):
+        schedule.peak.assign(learning_rate)
+    else:
+        inner.learning_rate = learning_rate
 
 
 def _loss_fn(options: Options, num_classes: int):
@@ -249,12 +271,14 @@ def validator(model: keras.Model, dataset: tf.data.Dataset | None, multi_label: 
 
 
 def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Options,
-              ckpt: Checkpoints, state: RunState) -> bool:
+              ckpt: Checkpoints, state: RunState, reuse: Reuse | None = None) -> bool:
     """Train one phase with early stopping on `options.metric`, then restore the best epoch's weights; True when
     it paused instead (`phase.pause_after`), its checkpoint saved.
 
     When `state` is partway through this phase (a restored checkpoint), the phase resumes where it was:
-    epochs done, steps done in the current epoch, the optimizer and the best weights so far.
+    epochs done, steps done in the current epoch, the optimizer and the best weights so far. With `reuse`, the
+    phase takes the optimizer and traced step of the last phase run with it, if that one trained the same model
+    the same way (but for its learning rate).
     """
     if phase.epochs <= 0:
         log.info("phase skipped", phase=phase.name, reason="epochs is 0")
@@ -272,13 +296,13 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         for layer in batch_normalization(phase.model):
             if layer.trainable:
                 layer.synchronized = True
-    with cluster.strategy.scope():
-        optimizer = _optimizer(phase.learning_rate, steps * phase.epochs, options, cluster)
-        optimizer.build(variables)
-        best = [tf.Variable(v.value, trainable=False) for v in kept]
+    trainer = _trainer(phase, cluster, global_batch, options, steps, statistics, reuse)
+    optimizer, best, averaged = trainer.optimizer, trainer.best, trainer.averaged
+    if averaged:
+        phase = _validating_average(phase, variables, averaged, trainer.live)
     saved = phase.saved or phase.model
-    rng = random_states(phase.model)  # dropout's random stream goes on where it was, too
-    averaged, phase = _averaging(phase, cluster, variables, statistics, steps)
+    # dropout's and augmentation's random streams go on where they were, too
+    rng = random_states(phase.model) + (random_states(phase.augment) if phase.augment is not None else [])
     objects = {"weights": saved, "optimizer": optimizer, "best": best, "rng": rng,
                **({"average": averaged} if averaged else {})}
     if state.resumes(phase.name):
@@ -292,8 +316,7 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         start = (state.epoch * steps + state.step) * (global_batch // cluster.num_workers)
         with cluster.strategy.scope():
             batches = iter(cluster.strategy.distribute_datasets_from_function(lambda ctx: phase.dataset_fn(ctx, start)))
-        step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch, options,
-                           (averaged, recipe.average_momentum(phase.average_epochs, steps)) if averaged else None)
+        step = trainer.step
         metrics.set_phase(phase.name)
         log.info("phase started", phase=phase.name, epochs=phase.epochs, steps_per_epoch=steps,
                  from_epoch=state.epoch + 1, trainable_weights=len(variables), replicas=cluster.replicas)
@@ -330,15 +353,64 @@ def _value(variable):
     return variable.value() if isinstance(variable, tf.Variable) else variable.value
 
 
-def _averaging(phase: Phase, cluster: Cluster, variables: list, statistics: list, steps: int):
-    """(the moving average's variables, the phase validating them) when the phase averages its weights; else
-    ([], the phase). Not where BatchNormalization trains (from scratch): its statistics would not match."""
-    if phase.average_epochs <= 0 or statistics:
-        return [], phase
-    with cluster.strategy.scope():
-        averaged = [tf.Variable(v.value, trainable=False) for v in variables]
-        live = [tf.Variable(v.value, trainable=False) for v in variables]
+class Reuse:
+    """Phases run in turn on one model with the same settings but their learning rate (train.search's trials and
+    the continued one) share a trainer: the step is traced once instead of once a phase (seconds each), and each
+    phase starts from the optimizer's variables as built, so that its numbers are those of a fresh one."""
 
+    def __init__(self):
+        self.trainer: _Trainer | None = None
+
+
+@dataclass
+class _Trainer:
+    """What a phase builds before its first step."""
+
+    key: tuple  # what the step and optimizer depend on (job.loop._trainer)
+    optimizer: keras.optimizers.Optimizer
+    built: list  # the optimizer's variables as built: where a reused trainer starts again
+    best: list  # the best epoch's copy of the trained weights (and moving statistics, from scratch)
+    averaged: list  # the moving average of the trained weights ([] without averaging)
+    live: list  # the trained weights' copy while the average is validated
+    step: Callable
+
+
+def _trainer(phase: Phase, cluster: Cluster, global_batch: int, options: Options, steps: int, statistics: list,
+             reuse: Reuse | None) -> _Trainer:
+    """The phase's optimizer, copies and traced step: `reuse`'s, started again, when it trained the same model the
+    same way; else new (kept in `reuse`). Averaging is off where BatchNormalization trains (from scratch): its
+    statistics would not match the averaged weights."""
+    variables = phase.model.trainable_variables
+    kept = variables + statistics
+    average = phase.average_epochs > 0 and not statistics
+    momentum = recipe.average_momentum(phase.average_epochs, steps) if average else 0.0
+    key = (phase.name, id(phase.model), id(phase.augment), id(cluster), steps * phase.epochs, momentum, global_batch,
+           options.label_smoothing, options.weight_decay, options.lr_schedule, options.class_weights,
+           options.multi_label)
+    old = reuse.trainer if reuse else None
+    if old is not None and old.key == key:
+        for variable, value in zip(old.optimizer.variables, old.built):
+            variable.assign(value)
+        _set_rate(old.optimizer, phase.learning_rate)
+        for copy, variable in zip(old.best + old.averaged, kept + (variables if average else [])):
+            copy.assign(_value(variable))
+        return old
+    with cluster.strategy.scope():
+        optimizer = _optimizer(phase.learning_rate, steps * phase.epochs, options, cluster)
+        optimizer.build(variables)
+        best = [tf.Variable(v.value, trainable=False) for v in kept]
+        averaged = [tf.Variable(v.value, trainable=False) for v in variables] if average else []
+        live = [tf.Variable(v.value, trainable=False) for v in variables] if average else []
+    step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch, options,
+                       (averaged, momentum) if average else None)
+    trainer = _Trainer(key, optimizer, [v.numpy() for v in optimizer.variables], best, averaged, live, step)
+    if reuse is not None:
+        reuse.trainer = trainer
+    return trainer
+
+
+def _validating_average(phase: Phase, variables: list, averaged: list, live: list) -> Phase:
+    """The phase validating its weights' moving average: swapped in for validation, the live ones back after."""
     def validate():
         for copy, variable in zip(live, variables):
             copy.assign(variable.value)
@@ -350,7 +422,7 @@ def _averaging(phase: Phase, cluster: Cluster, variables: list, statistics: list
             for variable, copy in zip(variables, live):
                 variable.assign(copy.value())
 
-    return averaged, dataclasses.replace(phase, validate=validate)
+    return dataclasses.replace(phase, validate=validate)
 
 
 def random_states(model: keras.Model) -> list:

@@ -479,11 +479,13 @@ def finetune_phase(run: Run) -> None:
         with run.cluster.strategy.scope():
             model.unfreeze(run.parts, run.unfreeze)
 
+        augment = _augmentation(run, ft.augment, cfg.train.seed + 100)  # one for every trial: one traced step
+
         def phase(learning_rate: float, pause_after: int = 0, on_epoch: bool = False):
             return loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
                               examples=run.data.count("train"), epochs=epochs, learning_rate=learning_rate,
                               validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
-                              augment=_augmentation(run, ft.augment, cfg.train.seed + 100),
+                              augment=augment,
                               on_epoch=_on_epoch(run, "finetune") if on_epoch else None,
                               average_epochs=ft.average_epochs, pause_after=pause_after)
 

@@ -64,17 +64,19 @@ def run(run, make_phase: Callable[..., object], learning_rates: list[float], run
 
     model, cluster, batch, options = run.parts.model, run.cluster, run.cfg.train.batch_size, run.options
     quiet = dataclasses.replace(options, metrics_file="")  # Katib's file hears the chosen trial only
-    variables = model.variables  # weights, moving statistics and dropout's random state: a trial's whole start
+    phases = [make_phase(rate, pause_after=rung) for rate in learning_rates]
+    # weights, moving statistics and the random states of dropout and augmentation: a trial's whole start
+    variables = model.variables + (phases[0].augment.variables if phases[0].augment is not None else [])
     start = [v.numpy() for v in variables]
     folder = run.work / "search"
     shutil.rmtree(folder, ignore_errors=True)
-    trials, results = [], []
-    for i, rate in enumerate(learning_rates):
+    trials, results, reuse = [], [], loop.Reuse()  # one traced step for every trial
+    for i, (rate, phase) in enumerate(zip(learning_rates, phases)):
         log.info("search trial started", learning_rate=rate, trial=i + 1, trials=len(learning_rates), epochs=rung)
         for variable, value in zip(variables, start):
             variable.assign(value)
         trial = RunState(phase="finetune", history={"finetune": []})
-        loop.run_phase(make_phase(rate, pause_after=rung), cluster, batch, quiet, _Local(folder / str(i)), trial)
+        loop.run_phase(phase, cluster, batch, quiet, _Local(folder / str(i)), trial, reuse)
         trials.append(trial)
         results.append({"learning_rate": rate, "epochs": len(trial.history["finetune"]),
                         "best_epoch": trial.best_epoch, **dict(zip(("val_loss", _second(run)), trial.best))})
@@ -91,7 +93,7 @@ def run(run, make_phase: Callable[..., object], learning_rates: list[float], run
     for record in state.history["finetune"]:
         replay(record)
     loop.run_phase(make_phase(results[chosen]["learning_rate"], on_epoch=True), cluster, batch, options,
-                   _Local(folder / str(chosen), then=run.ckpt), state)
+                   _Local(folder / str(chosen), then=run.ckpt), state, reuse)
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -269,3 +269,30 @@ def test_an_averaged_phase_resumed_mid_epoch_ends_with_the_uninterrupted_weights
     loop.run_phase(averaged_phase(model, data, 4, improving(state)), cluster, BATCH, options, ckpt, state)
     for a, b in zip(whole, model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_reused_trainer_trains_at_another_rate_as_a_fresh_one(tmp_path, cluster, data, schedule):
+    """loop.Reuse (train.search's trials): a phase after another on the same model, at another rate and from the
+    same start, trains bit for bit as the same phase on a fresh optimizer, with the step traced once."""
+    options = loop.Options(patience=0, lr_schedule=schedule)
+
+    def train(model, rate, folder, reuse=None):
+        state = RunState()
+        phase = averaged_phase(model, data, 3, improving(state))
+        phase.learning_rate = rate
+        loop.run_phase(phase, cluster, BATCH, options, checkpoints(tmp_path / folder, cluster), state, reuse)
+        return model.get_weights(), [(r["loss"], r["learning_rate"]) for r in state.history["head"]]
+
+    reuse, model = loop.Reuse(), tiny_model(cluster)
+    start = [v.numpy() for v in model.variables]
+    first = train(model, 0.05, "first", reuse)
+    trainer = reuse.trainer
+    for variable, value in zip(model.variables, start):
+        variable.assign(value)
+    second = train(model, 0.2, "second", reuse)
+    alone = train(tiny_model(cluster), 0.2, "alone")
+    assert reuse.trainer is trainer and trainer.step.experimental_get_tracing_count() == 1
+    assert second[1] == alone[1] and second[1] != first[1]
+    for a, b in zip(second[0], alone[0]):
+        np.testing.assert_array_equal(a, b)
