@@ -354,8 +354,8 @@ def _value(variable):
 
 
 class Reuse:
-    """Phases run in turn on one model with the same settings but their learning rate (train.search's trials and
-    the continued one) share a trainer: the step is traced once instead of once a phase (seconds each), and each
+    """Phases run in turn on one model with the same settings but their learning rate (train.search's trials)
+    share a trainer: the step is traced once instead of once a phase (seconds each), and each
     phase starts from the optimizer's variables as built, so that its numbers are those of a fresh one."""
 
     def __init__(self):

@@ -7,6 +7,7 @@ nothing about the class (only the shape does); otherwise each class has its own 
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from pathlib import Path
@@ -83,18 +84,46 @@ def write_sample_dataset(root: Path, classes: int = 3, per_class: int = 40, size
     for split, n in (("train", per_class), ("test", test_per_class)):
         if n == 0:
             continue  # no test/ at all: an empty class folder would be a data error
-        for name in shapes:
+        for name, i, img in _drawn(shapes, n, size, rng, random_colours):
             folder = Path(root) / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            colour = None if random_colours else COLOURS[SHAPES.index(name)]
-            for i in range(n):
-                img = draw(name, colour, size, rng)
-                if i % 3 == 2:
-                    img.save(folder / f"{name}_{i:04d}.jpg", quality=90)
-                else:
-                    img.save(folder / f"{name}_{i:04d}.png")
+            if i % 3 == 2:
+                img.save(folder / f"{name}_{i:04d}.jpg", quality=JPEG_QUALITY)
+            else:
+                img.save(folder / f"{name}_{i:04d}.png")
             counts.setdefault(split, {})[name] = n
     return counts
+
+
+JPEG_QUALITY = 90
+
+
+def _drawn(shapes: tuple[str, ...], n: int, size: int, rng: random.Random, random_colours: bool):
+    """(shape, index, image): `n` images of each shape in turn."""
+    for name in shapes:
+        colour = None if random_colours else COLOURS[SHAPES.index(name)]
+        for i in range(n):
+            yield name, i, draw(name, colour, size, rng)
+
+
+def render(shapes: tuple[str, ...], per_class: int, size: int, seed: int, random_colours: bool = False,
+           decode_jpeg=None) -> tuple[np.ndarray, np.ndarray]:
+    """The train/ split `write_sample_dataset` writes with these arguments, as arrays instead of files: (uint8
+    [n, size, size, 3], int32 labels), classes numbered in sorted order and the images in the order a listing reads
+    them (class by class). Every third image goes through JPEG in memory, as it is saved there, and back through
+    `decode_jpeg` (bytes -> uint8 array; default Pillow's decoder: TensorFlow's differs by a few levels)."""
+    classes, images, labels = sorted(shapes), [], []
+    decode_jpeg = decode_jpeg or (lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    for name, i, img in _drawn(tuple(shapes), per_class, size, random.Random(seed), random_colours):
+        if i % 3 == 2:
+            encoded = io.BytesIO()
+            img.save(encoded, "JPEG", quality=JPEG_QUALITY)
+            images.append(decode_jpeg(encoded.getvalue()))
+        else:
+            images.append(np.asarray(img))
+        labels.append(classes.index(name))
+    order = np.argsort(labels, kind="stable")
+    return np.stack(images)[order], np.asarray(labels, np.int32)[order]
 
 
 def write_multilabel_dataset(root: Path, labels: tuple[str, ...] = SHAPES[:3], train: int = 90, test: int = 30,

@@ -129,21 +129,21 @@ def start_base() -> tuple[subprocess.Popen, Path] | None:
         say(f"base: {BACKBONE_NAME} pre-trained on other shapes ({', '.join(SOURCE)}), never on the target ones, "
             f"cached in {DEMO_BASE}")
         return None
-    from job.sample_data import write_sample_dataset
-
     say(f"pre-training a {BACKBONE_NAME} base on other shapes ({', '.join(SOURCE)}), once for this machine: about "
         f"a minute on 2 cores (ImageNet weights need internet); cached in {DEMO_BASE}")
-    source = WORK / "source-data"
-    shutil.rmtree(source, ignore_errors=True)
-    write_sample_dataset(source, per_class=SOURCE_PER_CLASS, size=SIZE, seed=1, test_per_class=0, shapes=SOURCE,
-                         random_colours=True)
-    code = ("import sys; from pathlib import Path; from job import logs; logs.quiet_tensorflow(); "
-            "from job.sample_data import pretrain_base_weights as p; "
-            "p(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], epochs=int(sys.argv[4]), "
-            "batch_size=int(sys.argv[5]), learning_rate=float(sys.argv[6]), cosine=True, progress=True)")
+    # The source images are drawn in the child, in memory: the pixels job.sample_data would write as files and the
+    # job would decode (JPEG through TensorFlow's decoder too).
+    code = ("import sys, json; from pathlib import Path; from job import logs; logs.quiet_tensorflow(); "
+            "import tensorflow as tf; from job.sample_data import render, pretrain_base; a = json.loads(sys.argv[1]); "
+            "x, y = render(tuple(a['shapes']), a['per_class'], a['size'], seed=1, random_colours=True, "
+            "decode_jpeg=lambda data: tf.io.decode_jpeg(data, channels=3).numpy()); "
+            "pretrain_base(x, y, Path(a['out']), a['backbone'], epochs=a['epochs'], batch_size=a['batch'], "
+            "learning_rate=a['rate'], cosine=True, progress=True)")
     partial = DEMO_BASE.with_name(f"partial-{os.getpid()}.weights.h5")  # Keras wants the suffix
-    child = subprocess.Popen([sys.executable, "-c", code, str(source), str(partial), BACKBONE, str(SOURCE_EPOCHS),
-                              str(SOURCE_BATCH), str(SOURCE_RATE)], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    arguments = {"shapes": SOURCE, "per_class": SOURCE_PER_CLASS, "size": SIZE, "out": str(partial),
+                 "backbone": BACKBONE, "epochs": SOURCE_EPOCHS, "batch": SOURCE_BATCH, "rate": SOURCE_RATE}
+    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(arguments)],
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     return child, partial
 
 
@@ -157,7 +157,6 @@ def finish_base(pretraining: tuple[subprocess.Popen, Path] | None) -> Path:
             os.replace(partial, DEMO_BASE)
         finally:
             partial.unlink(missing_ok=True)
-            shutil.rmtree(WORK / "source-data", ignore_errors=True)
     return DEMO_BASE
 
 

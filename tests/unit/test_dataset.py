@@ -123,3 +123,22 @@ def test_rows_of_a_mapped_file_read_with_pread_equal_indexing(tmp_path_factory, 
     got = dataset.rows(mapped, idx)
     assert got.dtype == array.dtype and got.shape == (len(idx), dim)
     assert np.array_equal(got, array[idx])
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.sampled_from(["circle", "square", "star", "arrow", "ring"]), min_size=2, max_size=3, unique=True),
+       st.integers(1, 5), st.integers(0, 3), st.booleans())
+def test_rendered_images_are_the_files_the_sample_dataset_writes(tmp_path_factory, shapes, per_class, seed, colours):
+    """job.sample_data.render (the demo base's source images, drawn in memory) gives the pixels and labels of the
+    train/ files write_sample_dataset writes with the same arguments, in the order a listing reads them."""
+    from PIL import Image
+
+    from job.sample_data import render
+
+    root = tmp_path_factory.mktemp("written")
+    write_sample_dataset(root, per_class=per_class, size=16, seed=seed, test_per_class=0, shapes=tuple(shapes),
+                         random_colours=colours)
+    files = sorted((root / "train").rglob("*.*"))
+    images, labels = render(tuple(shapes), per_class, 16, seed, random_colours=colours)
+    np.testing.assert_array_equal(images, np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+    assert labels.tolist() == [sorted(shapes).index(f.parent.name) for f in files]
