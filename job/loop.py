@@ -386,8 +386,8 @@ def _trainer(phase: Phase, cluster: Cluster, global_batch: int, options: Options
     momentum = recipe.average_momentum(phase.average_epochs, steps) if average else 0.0
     key = (phase.name, id(phase.model), id(phase.augment), id(cluster), steps * phase.epochs, momentum, global_batch,
            options.label_smoothing, options.weight_decay, options.lr_schedule, options.class_weights,
-           options.multi_label)
-    old = reuse.trainer if reuse else None
+           options.multi_label, tuple(map(id, kept)))
+    old = reuse.trainer if reuse is not None else None
     if old is not None and old.key == key:
         for variable, value in zip(old.optimizer.variables, old.built):
             variable.assign(value)
