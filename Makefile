@@ -23,13 +23,16 @@ $(VENV)/.installed: pyproject.toml
 # Tests by tier: tests/unit (no TensorFlow, or tiny models on one CPU device; under 2 minutes),
 # tests/e2e (real training, real S3 server, Prometheus), tests/deploy (chart, Dockerfile, alerts).
 # Two workers, each taking whole files (module fixtures such as a shared training run stay shared): the
-# suite waits on subprocesses, servers and timeouts as much as it computes.
+# suite waits on subprocesses, servers and timeouts as much as it computes. --no-loadscope-reorder keeps the
+# order tests/conftest.py gives (the longest files first); xdist's default puts the files with the most tests
+# first, so the benchmarks' one-test files, the longest, came last and one worker ran them while the other idled.
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: install
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest tests $(XDIST)
 
 test-fast: install
-	$(PY) -m pytest tests/unit -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest tests/unit $(XDIST)
 
 run-local: install
 	$(PY) scripts/run_local.py
