@@ -231,7 +231,8 @@ def free_ports(n: int) -> list[int]:
 
 # The longest files first (seconds of the 2026-12-05 fresh-clone run after the suite's diet: test_train about 200,
 # test_fault_tolerance 193, ...): `make test` runs two workers that take whole files in collection order, and the
-# long ones then overlap instead of one finishing alone at the end. Within a file the order is kept. The second
+# long ones then overlap instead of one finishing alone at the end (with --no-loadscope-reorder, as the Makefile
+# passes it: xdist's default reorders files by their number of tests). Within a file the order is kept. The second
 # file needs no `base_weights`, so that the second worker starts on it while the first trains the shared base.
 SLOWEST_FIRST = ("test_fault_tolerance.py", "test_bench_run_more.py", "test_train.py", "test_bench_scale.py",
                  "test_multilabel.py", "test_quality_bench.py", "test_search.py", "test_datasets.py",
