@@ -81,18 +81,19 @@ def per_replica_batch(global_batch: int, cluster: Cluster) -> int:
 
 
 def _optimizer(learning_rate: float, total_steps: int, options: Options,
-               cluster: Cluster) -> keras.optimizers.Optimizer:
+               cluster: Cluster) -> tuple[keras.optimizers.Optimizer, tf.Variable | None]:
     """Adam, or AdamW with weight decay (biases exempt); constant rate or cosine decay after a warm-up. Either way
-    the peak rate is a variable (`_set_rate`), so that a traced step serves trials at other rates."""
-    rate = learning_rate
+    the rate can be set again without a new trace (job.loop._trainer): the cosine's peak is a variable, returned too."""
+    rate, peak = learning_rate, None
     if options.lr_schedule == "cosine":
-        rate = _WarmupCosine(tf.Variable(learning_rate, trainable=False, dtype=tf.float32), total_steps)
+        peak = tf.Variable(learning_rate, trainable=False, dtype=tf.float32)
+        rate = _WarmupCosine(peak, total_steps)
     if options.weight_decay > 0:
         opt = keras.optimizers.AdamW(rate, weight_decay=options.weight_decay)
         opt.exclude_from_weight_decay(var_names=["bias"])
     else:
         opt = keras.optimizers.Adam(rate)
-    return keras.mixed_precision.LossScaleOptimizer(opt) if cluster.mixed_precision else opt
+    return (keras.mixed_precision.LossScaleOptimizer(opt) if cluster.mixed_precision else opt), peak
 
 
 class _WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
@@ -107,15 +108,6 @@ class _WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         return self.peak * self.shape(step)
-
-
-def _set_rate(optimizer, learning_rate: float) -> None:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    schedule = inner._learning_rate  # noqa: SLF001 - a schedule is not settable through the property
-    if isinstance(schedule, _WarmupCosine):
-        schedule.peak.assign(learning_rate)
-    else:
-        inner.learning_rate = learning_rate
 
 
 def _loss_fn(options: Options, num_classes: int):
@@ -368,6 +360,7 @@ class _Trainer:
 
     key: tuple  # what the step and optimizer depend on (job.loop._trainer)
     optimizer: keras.optimizers.Optimizer
+    peak: tf.Variable | None  # the cosine schedule's peak rate; None: a constant rate (the optimizer's own variable)
     built: list  # the optimizer's variables as built: where a reused trainer starts again
     best: list  # the best epoch's copy of the trained weights (and moving statistics, from scratch)
     averaged: list  # the moving average of the trained weights ([] without averaging)
@@ -391,19 +384,22 @@ def _trainer(phase: Phase, cluster: Cluster, global_batch: int, options: Options
     if old is not None and old.key == key:
         for variable, value in zip(old.optimizer.variables, old.built):
             variable.assign(value)
-        _set_rate(old.optimizer, phase.learning_rate)
+        if old.peak is not None:
+            old.peak.assign(phase.learning_rate)
+        else:
+            old.optimizer.learning_rate = phase.learning_rate
         for copy, variable in zip(old.best + old.averaged, kept + (variables if average else [])):
             copy.assign(_value(variable))
         return old
     with cluster.strategy.scope():
-        optimizer = _optimizer(phase.learning_rate, steps * phase.epochs, options, cluster)
+        optimizer, peak = _optimizer(phase.learning_rate, steps * phase.epochs, options, cluster)
         optimizer.build(variables)
         best = [tf.Variable(v.value, trainable=False) for v in kept]
         averaged = [tf.Variable(v.value, trainable=False) for v in variables] if average else []
         live = [tf.Variable(v.value, trainable=False) for v in variables] if average else []
     step = _train_step(cluster, phase.model, optimizer, phase.augment, global_batch, options,
                        (averaged, momentum) if average else None)
-    trainer = _Trainer(key, optimizer, [v.numpy() for v in optimizer.variables], best, averaged, live, step)
+    trainer = _Trainer(key, optimizer, peak, [v.numpy() for v in optimizer.variables], best, averaged, live, step)
     if reuse is not None:
         reuse.trainer = trainer
     return trainer

@@ -86,12 +86,13 @@ def write_sample_dataset(root: Path, classes: int = 3, per_class: int = 40, size
             continue  # no test/ at all: an empty class folder would be a data error
         for name, i, img in _drawn(shapes, n, size, rng, random_colours):
             folder = Path(root) / split / name
-            folder.mkdir(parents=True, exist_ok=True)
+            if i == 0:
+                folder.mkdir(parents=True, exist_ok=True)
+                counts.setdefault(split, {})[name] = n
             if i % 3 == 2:
                 img.save(folder / f"{name}_{i:04d}.jpg", quality=JPEG_QUALITY)
             else:
                 img.save(folder / f"{name}_{i:04d}.png")
-            counts.setdefault(split, {})[name] = n
     return counts
 
 
