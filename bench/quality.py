@@ -85,12 +85,15 @@ COMPARISON = {
     # A longer fine-tune (its cap binds on many runs: the best epoch is often the 9th or 10th), and the head's too.
     "job_finetune_epochs_20": {"train": {"finetune": {"epochs": 20}}},
     "job_epochs_20": {"train": {"head": {"epochs": 20}, "finetune": {"epochs": 20}}},
+    # Smaller batches: more steps per epoch where an epoch is a few steps (15 images per class: 3 at 32).
+    "job_batch_16": {"train": {"batch_size": 16}},
     "job_weights_none": {"model": {"weights": "none"}},
     # Only on the imbalanced task (on balanced ones `auto` weights every class 1): what `auto` does.
     "job_class_weight_none": {"train": {"class_weight": "none"}},
 }
 # The comparison's rows that measure the defaults' choices (0.2's recipe, each choice alone): the full bench only.
-CHOICES = {"job_v02_defaults", "job_average_on", "job_finetune_epochs_20", "job_epochs_20"}
+CHOICES = {"job_v02_defaults", "job_average_on", "job_finetune_epochs_20", "job_epochs_20",
+           "job_batch_16"}
 SCRIPTS = {"keras_seeds_recipe": "keras_recipe.py", "keras_job_recipe": "keras_job_recipe.py"}
 # The bench's backbones, each pre-trained here the same way on the source classes; the first is the default one
 # (its results are keyed by the task's name alone, the others' by "task, backbone").
