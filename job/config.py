@@ -128,6 +128,11 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)  # > 0: AdamW (decoupled weight decay)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     class_weight: Literal["none", "auto"] | dict[str, float] = "auto"
+    # true: once validation has chosen the epochs of each phase (and the search the rate), train again from the
+    # pre-trained base on training + validation images for those epochs, and export that model (job/refit.py).
+    # single_label with a validation split, pre-trained weights only; the validation scores reported stay those
+    # of the model the choices were made with.
+    refit: bool = False
 
     @field_validator("class_weight")
     @classmethod

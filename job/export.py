@@ -56,7 +56,7 @@ def artifacts(run, reports: dict, folder: Path) -> dict:
         (folder / "config.yaml").write_text(to_yaml(cfg))
         (folder / "MODEL_CARD.md").write_text(model_card.render(
             cfg.run_id, redacted(cfg), classes, _counts(run.data.layout), reports, checked["formats"],
-            len(run.data.bad), versions(), run.state.search))
+            len(run.data.bad), versions(), run.state.search, refit_fields(run)))
     return checked
 
 
@@ -111,7 +111,13 @@ def manifest_fields(run, checked: dict) -> dict:
                      "mixed_precision": cluster.mixed_precision},
         "formats": checked["formats"], "formats_checked_on": checked["checked_on"], "timings": dict(run.timings),
         "search": run.state.search,  # train.search's trials at their pause, [] without
+        "refit": refit_fields(run),  # train.refit's epochs and rate, {} without
     }
+
+
+def refit_fields(run) -> dict:
+    """train.refit's plan (job/refit.py) without the validation report it keeps: {} without a refit."""
+    return {k: v for k, v in run.state.refit.items() if k != "validation"}
 
 
 def weights_fingerprint(model: keras.Model) -> str:

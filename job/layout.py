@@ -56,21 +56,34 @@ class Layout:
         return {s: {c: len(v) for c, v in per.items()} for s, per in self.files.items()}
 
     def count(self, split: str) -> int:
-        """Images of a split (0 when it is absent)."""
-        return sum(len(v) for v in self.files.get(split, {}).values())
+        """Images of a split (0 when it is absent); of several with `train+validation`."""
+        return sum(sum(len(v) for v in self.files.get(s, {}).values()) for s in split.split("+"))
 
     def nonempty(self) -> Layout:
         """The layout without its empty splits: a split with no image is absent, not empty."""
         return Layout(self.classes, {s: per for s, per in self.files.items() if self.count(s)}, self.ignored)
 
     def items(self, split: str) -> tuple[list[str], list[int]]:
-        """(paths, label indices) of one split, class by class in index order."""
+        """(paths, label indices) of one split, class by class in index order; `train+validation`: the splits one
+        after the other (train.refit)."""
+        if "+" in split:
+            return joined(self, split)
         paths, labels = [], []
         for i, c in enumerate(self.classes):
             for p in self.files.get(split, {}).get(c, []):
                 paths.append(p)
                 labels.append(i)
         return paths, labels
+
+
+def joined(listed: Layout | MultiLayout, splits: str) -> tuple[list[str], list]:
+    """The items of `a+b`: a's, then b's."""
+    keys, labels = [], []
+    for split in splits.split("+"):
+        k, y = listed.items(split)
+        keys += k
+        labels += y
+    return keys, labels
 
 
 def discover(rels: list[str], where: str) -> Layout:
@@ -191,13 +204,15 @@ class MultiLayout:
         return sum(1 for labels in self.sets.get(split, {}).values() if not labels)
 
     def count(self, split: str) -> int:
-        return len(self.sets.get(split, {}))
+        return sum(len(self.sets.get(s, {})) for s in split.split("+"))
 
     def keys(self) -> set[str]:
         return {k for per in self.sets.values() for k in per}
 
     def items(self, split: str) -> tuple[list[str], list[tuple[int, ...]]]:
-        """(keys in sorted order, label index tuples) of one split."""
+        """(keys in sorted order, label index tuples) of one split; `train+validation`: one after the other."""
+        if "+" in split:
+            return joined(self, split)
         per = self.sets.get(split, {})
         keys = sorted(per)
         return keys, [per[k] for k in keys]

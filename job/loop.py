@@ -36,7 +36,7 @@ log = logs.get()
 class Phase:
     """One phase's training: built with keywords, so that a call reads as what each value is."""
 
-    name: str  # "head" | "finetune"
+    name: str  # "head" | "finetune" | "refit_head" | "refit"
     model: keras.Model  # what the step calls: the head on features, or the whole model on images
     # (input context, examples to skip) -> repeated per-replica batches, from that example of the stream on: a
     # resumed phase reads on exactly where it was stopped (job/dataset.py's stateless epoch orders)
@@ -54,6 +54,8 @@ class Phase:
     # > 0: stop after this many epochs with a checkpoint and without restoring the best weights, to be resumed
     # from it later (train.search's rung: job/search.py)
     pause_after: int = 0
+    # False: keep the last epoch's weights (train.refit trains for epochs chosen beforehand, on nothing to validate)
+    restore_best: bool = True
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,7 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
                 saver.save()
             if phase.on_epoch:
                 phase.on_epoch(record)
-    if state.best_epoch and (averaged or state.best_epoch != len(state.history[phase.name])):
+    if phase.restore_best and state.best_epoch and (averaged or state.best_epoch != len(state.history[phase.name])):
         for variable, copy in zip(kept, best):
             variable.assign(copy.value())
         log.info("restored best weights", phase=phase.name, best_epoch=state.best_epoch, averaged=bool(averaged))

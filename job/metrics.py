@@ -37,8 +37,8 @@ from prometheus_client import (
 log = structlog.get_logger()
 
 JOB = "finetune-job"
-PHASES = ("staging", "head", "finetune", "evaluate", "export")
-TRAINING_PHASES = ("head", "finetune")
+PHASES = ("staging", "head", "finetune", "refit_head", "refit", "evaluate", "export")
+TRAINING_PHASES = ("head", "finetune", "refit_head", "refit")
 STATUSES = ("running", "succeeded", "failed", "preempted")
 # The S3 operations the job's storage code performs; anything else is counted as "other" so that a
 # surprising botocore operation name cannot grow the label set.

@@ -80,7 +80,8 @@ MULTI = {"kind_title": "a multi-label image classifier of {n} labels", "kind_nam
 
 
 def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict[str, int]], reports: dict,
-           formats: dict[str, dict], bad_images: int, versions: dict[str, str], search: list[dict] = ()) -> str:
+           formats: dict[str, dict], bad_images: int, versions: dict[str, str], search: list[dict] = (),
+           refit: dict | None = None) -> str:
     data, model = config["data"], config["model"]
     height, width = data["image_size"]
     split = "test" if "test" in reports else "validation"
@@ -91,7 +92,8 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
         run_id=run_id, backbone=model["backbone"], weights=model["weights"], data_uri=data["uri"],
         version=versions.get("finetune_job", ""), tensorflow=versions.get("tensorflow", ""),
         num_classes=len(classes), class_list=", ".join(f"`{c}`" for c in classes), height=height, width=width,
-        counts_table=_counts_table(classes, counts), bad_images=bad_images, recipe=_recipe(config["train"], search),
+        counts_table=_counts_table(classes, counts), bad_images=bad_images,
+        recipe=_recipe(config["train"], search, refit or {}),
         results_table=_multi_results(reports, per_label, split) if multi else _results_table(reports), split=split,
         formats_table=_formats_table(formats), limits=_limits(per_label, split, multi),
         smallest=min((v.get("images", sum(v.values())) for v in counts.values()), default=0))
@@ -130,9 +132,9 @@ def _multi_results(reports: dict, per_label: dict[str, dict], split: str) -> str
         ["label", "images with it", "average precision", "precision", "recall", "F1", "threshold"], labels)
 
 
-def _recipe(train: dict, search: list[dict] = ()) -> str:
+def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None) -> str:
     head, finetune = train["head"], train["finetune"]
-    return "\n".join([*_search_lines(search),
+    return "\n".join([*_search_lines(search), *_refit_lines(refit or {}),
         f"- head: {head['epochs']} epochs at {head['learning_rate']} ({head['mode']}), augment: {head['augment']}",
         f"- fine-tuning: {finetune['epochs']} epochs at {finetune['learning_rate']}, "
         f"unfreeze: {finetune['unfreeze']}, augment: {finetune['augment']}",
@@ -153,6 +155,17 @@ def _search_lines(search: list[dict]) -> list[str]:
                        f"{t['epochs']} epochs" for t in search)
     return [f"- fine-tuning learning rate **{chosen['learning_rate']:g}**, chosen on validation by train.search: "
             f"each rate trained from the head's weights, the best continued ({scores})"]
+
+
+def _refit_lines(refit: dict) -> list[str]:
+    """train.refit: what the exported model was trained on, and which model the validation row is."""
+    if not refit:
+        return []
+    return [f"- **refit on training + validation images**: once validation had chosen the epochs, the model was "
+            f"trained again from the pre-trained base on both splits, the head {refit['head_epochs']} epochs and "
+            f"the fine-tuning {refit['finetune_epochs']} epochs at {refit['learning_rate']:g}; this is the model "
+            f"exported and scored on test. The validation row is the model the choices were made with, before the "
+            f"refit (train.refit)"]
 
 
 def _results_table(reports: dict) -> str:

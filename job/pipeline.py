@@ -15,6 +15,7 @@ streamed, decided once in `stage_data`. TensorFlow is imported inside the stages
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import shutil
 import time
@@ -65,6 +66,7 @@ class Run:
     thresholds: list[dict] | None = None  # multi-label: each label's decision threshold (`evaluate_splits`)
     board: Any = None  # job.tensorboard.Board: the chief's event files
     misclassified: tuple = ()  # (uint8 images, captions) of wrong test predictions, for TensorBoard
+    initial: list | None = None  # train.refit: the model's variables as built, where the refit starts again
 
     @property
     def cache(self) -> Path:
@@ -165,6 +167,9 @@ def train(cfg: Config) -> dict:
             head_phase(run)
         with run.timings.measure("finetune"):
             finetune_phase(run)
+        with run.timings.measure("refit"):
+            refit_phases(run)
+        end_training(run)
         with run.timings.measure("evaluate"):
             reports = evaluate_splits(run)
         if not run.cluster.is_chief:
@@ -212,7 +217,9 @@ def prepare(cfg: Config) -> Run | dict:
         if lease:
             lease.release()
         raise
-    return Run(cfg, out, source.layout, source, cluster, work, parts, unfreeze, ckpt, resumed, lease, timings, staging)
+    initial = [v.numpy() for v in parts.model.variables] if cfg.train.refit else None  # before any restore
+    return Run(cfg, out, source.layout, source, cluster, work, parts, unfreeze, ckpt, resumed, lease, timings, staging,
+               initial=initial)
 
 
 def _staging(cfg: Config, source) -> str:
@@ -381,12 +388,12 @@ def _workers_agree_on_dataset(run: Run) -> None:
                         "least one per worker (pack with a smaller --shard-size, or data.staging: copy)")
 
 
-def _training_batches(run: Run):
+def _training_batches(run: Run, split: str = "train"):
     """A dataset_fn of this worker's shuffled, repeated per-replica training batches."""
     from job import loop
 
     per_replica = loop.per_replica_batch(run.cfg.train.batch_size, run.cluster)
-    return lambda ctx, start: run.data.images("train", per_replica, shuffle=True, seed=run.cfg.train.seed, repeat=True,
+    return lambda ctx, start: run.data.images(split, per_replica, shuffle=True, seed=run.cfg.train.seed, repeat=True,
                                               share=run.share, start=start)
 
 
@@ -439,14 +446,15 @@ def _augmentation(run: Run, ops, seed: int):
         return model.augmentation(recipe.augment_ops(ops), seed)
 
 
-def _on_features(run: Run) -> dict:
-    """The head phase's data on cached features: this worker's training share and the validation split."""
+def _on_features(run: Run, split: str = "train") -> dict:
+    """The head phase's data on cached features: this worker's share of `split` and the validation split (none
+    when the refit trains on it)."""
     from job import dataset, loop
 
     per_replica = loop.per_replica_batch(run.cfg.train.batch_size, run.cluster)
-    train_features, train_labels = _features(run, "train", run.share)
+    train_features, train_labels = _features(run, split, run.share)
     validation = None
-    if run.data.count("validation"):
+    if run.data.count("validation") and split == "train":
         val_features, val_labels = _features(run, "validation", None)
         validation = dataset.feature_dataset(val_features, val_labels, 256)
     seed = run.cfg.train.seed
@@ -470,7 +478,7 @@ def finetune_phase(run: Run) -> None:
     """Phase 2: the base unfrozen at a low learning rate, the head carried over (from scratch: every layer,
     BatchNormalization included, at the head's rate for both phases' epochs), at each rate of train.search in
     turn, keeping the best on validation (job/search.py); then the run is trained."""
-    from job import loop, model, search, signals
+    from job import loop, model, search
 
     cfg, ft = run.cfg, run.cfg.train.finetune
     epochs, rate = recipe.finetune_schedule(cfg.train.head.epochs, cfg.train.head.learning_rate, ft.epochs,
@@ -496,6 +504,58 @@ def finetune_phase(run: Run) -> None:
             rate = search.chosen_rate(run.state) or rate
             loop.run_phase(phase(rate, on_epoch=True), run.cluster, cfg.train.batch_size, run.options, run.ckpt,
                            run.state)
+
+
+def refit_phases(run: Run) -> None:
+    """train.refit (job/refit.py): the head, then the whole model, again from the model as built on training +
+    validation images, for the epochs validation chose; the validation report taken before."""
+    from job import loop, model, refit, search
+
+    cfg, state = run.cfg, run.state
+    if state.phase in ("head", "finetune"):  # training on the training split has just ended
+        why = refit.skipped(cfg, run.multi, run.parts.from_scratch, run.data.count("validation"))
+        if why is not None:
+            if cfg.train.refit:
+                log.info("refit skipped", reason=why)
+            return
+        rate = search.chosen_rate(state) or cfg.train.finetune.learning_rate
+        state.refit = {**refit.plan(state.history, run.options.metric, rate), "validation": _report(run, "validation")}
+        log.info("refit started", on=refit.SPLIT, images=run.data.count(refit.SPLIT),
+                 **{k: v for k, v in state.refit.items() if k != "validation"})
+        for variable, value in zip(run.parts.model.variables, run.initial):
+            variable.assign(value)
+        state.start("refit_head")
+    options = dataclasses.replace(run.options, patience=0)  # nothing to stop on
+    common = {"examples": run.data.count(refit.SPLIT), "restore_best": False}
+    if state.phase == "refit_head":
+        metrics.set_phase("refit_head")
+        phase = loop.Phase(name="refit_head", model=run.parts.head, **_on_features(run, refit.SPLIT), **common,
+                           epochs=state.refit["head_epochs"], learning_rate=cfg.train.head.learning_rate,
+                           on_epoch=_on_epoch(run, "refit_head"))
+        loop.run_phase(phase, run.cluster, cfg.train.batch_size, options, run.ckpt, state)
+    if state.phase in ("refit_head", "refit"):
+        with run.cluster.strategy.scope():
+            model.unfreeze(run.parts, run.unfreeze)
+        augment = _augmentation(run, cfg.train.finetune.augment, cfg.train.seed + 100)
+        phase = loop.Phase(name="refit", model=run.parts.model, dataset_fn=_training_batches(run, refit.SPLIT),
+                           **common, epochs=state.refit["finetune_epochs"], learning_rate=state.refit["learning_rate"],
+                           validate=lambda: None, augment=augment, on_epoch=_on_epoch(run, "refit"))
+        loop.run_phase(phase, run.cluster, cfg.train.batch_size, options, run.ckpt, state)
+
+
+def _report(run: Run, split: str) -> dict:
+    """The evaluation report of a split under the model as it is now."""
+    from job import loop
+
+    probs, labels = loop.predict(run.parts.model, run.data.images(split, 64))
+    return evaluate.report(probs, labels, run.classes)
+
+
+def end_training(run: Run) -> None:
+    """Training is over: its state saved (evaluation and export can be redone without training), or, resumed
+    after it, the final weights restored."""
+    from job import signals
+
     if run.state.phase == "trained":
         run.ckpt.restore(weights=run.parts.model)  # a resumed run that had finished training: its final weights
     else:
@@ -538,9 +598,10 @@ def evaluate_splits(run: Run) -> dict[str, dict]:
         if run.board and sum(len(b[0]) for b in seen) < 64:
             seen.append((np.asarray(images).round().astype(np.uint8), probs, labels))
 
+    chosen_with = run.state.refit.get("validation")  # train.refit: the report of the model the choices were made with
+    splits = [s for s in ("validation", "test") if run.data.count(s) and not (chosen_with and s == "validation")]
     predicted = {split: loop.predict(run.parts.model, run.data.images(split, 64), infer,
-                                     keep if split == "test" else None)
-                 for split in ("validation", "test") if run.data.count(split)}
+                                     keep if split == "test" else None) for split in splits}
     reports = {}
     if run.multi:
         scores, truth = predicted.get("validation", (np.zeros((0, len(run.classes))),) * 2)
@@ -552,6 +613,8 @@ def evaluate_splits(run: Run) -> dict[str, dict]:
                  thresholds=dict(zip(run.classes, [round(t, 4) for t in chosen])))
     else:
         reports = {split: evaluate.report(probs, labels, run.classes) for split, (probs, labels) in predicted.items()}
+        if chosen_with:
+            reports = {"validation": chosen_with, **reports}
     if seen:
         from job.tensorboard import misclassified
 

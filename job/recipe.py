@@ -135,6 +135,18 @@ def is_better(metric: str, value: tuple[float, float], best: Sequence[float] | N
     return accuracy > best_accuracy or (accuracy == best_accuracy and loss < best_loss)
 
 
+def best_epoch(metric: str, records: Sequence[Mapping]) -> int:
+    """The epoch (1-based) early stopping kept from a phase's records: the first best under `metric`, as
+    `is_better` compares them (without validation entries, the training loss and accuracy); 0 for none."""
+    best, kept = None, 0
+    for record in records:
+        value = (record.get("val_loss", record["loss"]),
+                 record.get("val_map", record.get("val_accuracy", record.get("accuracy", 0.0))))
+        if is_better(metric, value, best):
+            best, kept = value, record["epoch"]
+    return kept
+
+
 def choose_trial(metric: str, trials: Sequence[Mapping]) -> int:
     """train.search: the index of the best trial, each a mapping with its best epoch's val_loss and val_accuracy
     (multi-label: val_map), under `metric` as early stopping compares epochs (`is_better`); the earlier on a tie."""

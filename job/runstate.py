@@ -24,7 +24,7 @@ MAY_GROW = ("train.head.epochs", "train.finetune.epochs")
 
 @dataclass
 class RunState:
-    phase: str = "head"  # head | finetune | trained
+    phase: str = "head"  # head | finetune | refit_head | refit | trained
     epoch: int = 0  # epochs done in `phase`
     step: int = 0  # steps done in the current epoch
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # loss and correct of the partial epoch
@@ -34,6 +34,9 @@ class RunState:
     history: dict[str, list[dict]] = field(default_factory=lambda: {p: [] for p in PHASES})
     # train.search: each fine-tuning trial at its pause (rate, best epoch and its scores, chosen; job/search.py)
     search: list[dict] = field(default_factory=list)
+    # train.refit (job/refit.py): the chosen epochs and rate, and the validation report of the model they were
+    # chosen with; {} before the refit starts or without one
+    refit: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the training-relevant config, flattened
 
     # ------------------------------------------------------------ JSON
@@ -55,6 +58,7 @@ class RunState:
         """Begin `phase` from its first epoch; the history of earlier phases stays."""
         self.phase, self.epoch, self.step, self.sums = phase, 0, 0, [0.0, 0.0]
         self.best, self.best_epoch, self.patience_used = None, 0, 0
+        self.history.setdefault(phase, [])  # the refit's phases are added when they start
 
     def add_step(self, loss_sum: float, correct: float) -> None:
         self.sums[0] += loss_sum

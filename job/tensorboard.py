@@ -6,7 +6,8 @@ at every epoch's end and when the run ends (SIGTERM included), so a TensorBoard 
 run while it trains:
 
     per epoch (step = the epoch's number over both phases)   loss/{train,validation}, accuracy/{train,
-        validation} (multi-label: map/validation), learning_rate, images_per_second, phase (0 head, 1 finetune)
+        validation} (multi-label: map/validation), learning_rate, images_per_second, phase (0 head, 1 finetune;
+        train.refit: 2 and 3)
     at the end    the confusion matrix (single-label), a few misclassified test images with their labels, and
                   an HParams summary of the resolved recipe with the final validation and test metrics
 
@@ -29,9 +30,13 @@ FOLDER = "tensorboard"
 MISCLASSIFIED = 8  # image summaries of wrong test predictions at the end
 
 
+# The phases in the order they run (train.refit's two after the others), each one's `phase` scalar its index.
+ORDER = ("head", "finetune", "refit_head", "refit")
+
+
 def step_of(history: dict[str, list[dict]], phase: str, epoch: int) -> int:
-    """The epoch's step on TensorBoard's axis: head epochs first, then fine-tuning's after them."""
-    return epoch + (len(history.get("head", [])) if phase == "finetune" else 0)
+    """The epoch's step on TensorBoard's axis: head epochs first, then fine-tuning's after them (then the refit's)."""
+    return epoch + sum(len(history.get(p, [])) for p in ORDER[:ORDER.index(phase)])
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -72,7 +77,7 @@ class Board:
         with self.writer.as_default(step=step):
             for tag, value in scalars(record).items():
                 self.tf.summary.scalar(tag, value)
-            self.tf.summary.scalar("phase", 0.0 if phase == "head" else 1.0)
+            self.tf.summary.scalar("phase", float(ORDER.index(phase)))
             if record["epoch"] == 1:
                 self.tf.summary.text("phase_start", f"{phase} starts at step {step}")
 
