@@ -77,12 +77,15 @@ def test_the_refit_trains_the_chosen_epochs_on_train_and_validation(s3, dataset,
     assert off["manifest"]["refit"] == {}
 
 
-def test_a_run_stopped_in_the_refit_resumes_to_the_same_weights(s3, dataset, refitted, tmp_path):
+@pytest.mark.parametrize("phase", ["refit_head", "refit"])
+def test_a_run_stopped_in_the_refit_resumes_to_the_same_weights(s3, dataset, refitted, tmp_path, phase):
+    """Stopped after the phase's first epoch: in the head's refit the base comes from the weights file again (so an
+    uninterrupted refit that did not start from the model as built would differ), in the fine-tuning's refit the
+    whole model from the checkpoint."""
     found, records = refitted
     plan = next(r for r in records if r["event"] == "refit started")
-    # Stopped inside the refit's fine-tuning when it has 2 epochs or more, else inside its head phase.
-    phase = "refit" if plan["finetune_epochs"] >= 2 else "refit_head"
-    cfg = config(tmp_path, dataset, "refit-stopped")
+    assert plan["head_epochs" if phase == "refit_head" else "finetune_epochs"] >= 2  # so that the stop is inside
+    cfg = config(tmp_path, dataset, f"refit-stopped-{phase}")
     job = Running(cfg, s3.env())
     job.wait_for(lambda r: r["event"] == "epoch done" and r.get("phase") == phase)
     job.proc.send_signal(signal.SIGTERM)
@@ -91,7 +94,7 @@ def test_a_run_stopped_in_the_refit_resumes_to_the_same_weights(s3, dataset, ref
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = next(r for r in again.records() if r["event"] == "resuming from checkpoint")
     assert resumed["phase"] == phase
-    stopped = outcome(s3, dataset, "refit-stopped")
+    stopped = outcome(s3, dataset, f"refit-stopped-{phase}")
     assert stopped["manifest"]["weights_sha256"] == found["manifest"]["weights_sha256"]
     assert untimed(stopped["history"]) == untimed(found["history"])
     assert stopped["metrics"]["validation"] == found["metrics"]["validation"]

@@ -2,10 +2,12 @@
 
 from collections import Counter
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given
 
 from job.errors import DataError, exit_code_for
-from job.layout import discover, split_validation, without
+from job.layout import Layout, MultiLayout, discover, split_validation, without
 
 
 def rels(spec: dict[str, dict[str, int]]) -> list[str]:
@@ -64,3 +66,20 @@ def test_existing_validation_folder_wins():
 def test_without_drops_bad_files():
     layout = discover(rels({"train": {"a": 3, "b": 2}}), "d")
     assert without(layout, {"train/a/img0.jpg"}).counts()["train"] == {"a": 2, "b": 2}
+
+
+@given(st.dictionaries(st.sampled_from(["train", "validation", "test"]),
+                       st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(0, 4), min_size=1), min_size=1),
+       st.dictionaries(st.sampled_from(["train", "validation", "test"]),
+                       st.dictionaries(st.text("xyz", min_size=1, max_size=3),
+                                       st.tuples(*[st.integers(0, 2)] * 2).map(lambda t: tuple(sorted(set(t)))))))
+def test_train_and_validation_read_as_one_split(spec, sets):
+    """train.refit's split: train's items then validation's, counted together, for both kinds of layout."""
+    single = Layout(["a", "b", "c"], {s: {c: [f"{s}/{c}/{i}.png" for i in range(n)] for c, n in per.items()}
+                                      for s, per in spec.items()})
+    multi = MultiLayout(["a", "b", "c"], {s: {f"{s}/{k}": v for k, v in per.items()} for s, per in sets.items()})
+    for listed in (single, multi):
+        keys, labels = listed.items("train+validation")
+        train, validation = listed.items("train"), listed.items("validation")
+        assert keys == train[0] + validation[0] and labels == train[1] + validation[1]
+        assert listed.count("train+validation") == listed.count("train") + listed.count("validation") == len(keys)

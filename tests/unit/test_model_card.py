@@ -124,3 +124,10 @@ def test_the_card_names_the_rate_the_search_chose_and_every_trials_scores():
     assert "0.0001: val_loss 0.5000, val_accuracy 0.8000 after 3 epochs" in line
     assert "0.0003: val_loss 0.4000, val_accuracy 0.7500 after 3 epochs" in line
     assert "train.search" not in _card()  # no search, no line
+
+
+def test_a_refit_says_what_the_model_trained_on_and_what_validation_measured():
+    lines = model_card._refit_lines({"head_epochs": 4, "finetune_epochs": 6, "learning_rate": 3e-4})
+    assert len(lines) == 1 and "training + validation" in lines[0]
+    assert "head 4 epochs" in lines[0] and "fine-tuning 6 epochs at 0.0003" in lines[0]
+    assert model_card._refit_lines({}) == []

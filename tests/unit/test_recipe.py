@@ -71,3 +71,21 @@ def test_the_average_spans_about_the_epochs_asked(epochs, steps):
         assert momentum == 0.0  # a horizon of a step or less: the weights themselves
     elif momentum < 0.9999:
         assert 1.0 / (1.0 - momentum) == pytest.approx(epochs * steps)  # the horizon, in steps
+
+
+@given(st.lists(st.tuples(st.floats(0, 10), st.floats(0, 1)), min_size=0, max_size=8),
+       st.sampled_from(["val_loss", "val_accuracy"]), st.booleans())
+def test_the_refit_takes_the_epoch_early_stopping_kept(scores, metric, validated):
+    """recipe.best_epoch (train.refit's epochs) reads a phase's records as the loop's RunState kept its best epoch,
+    with validation entries or, without them, on the training loss and accuracy."""
+    from job.runstate import RunState
+
+    state = RunState()
+    state.start("finetune")
+    records = []
+    for epoch, (loss, accuracy) in enumerate(scores, 1):
+        record = ({"epoch": epoch, "loss": 9.0, "accuracy": 0.0, "val_loss": loss, "val_accuracy": accuracy}
+                  if validated else {"epoch": epoch, "loss": loss, "accuracy": accuracy})
+        records.append(record)
+        state.end_epoch(record, (loss, accuracy), metric, patience=0, epochs=len(scores))
+    assert recipe.best_epoch(metric, records) == state.best_epoch

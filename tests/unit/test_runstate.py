@@ -65,6 +65,7 @@ def test_a_new_state_starts_the_head_phase_from_nothing():
     assert (state.phase, state.epoch, state.step, state.sums) == ("head", 0, 0, [0.0, 0.0])
     assert (state.best, state.best_epoch, state.patience_used) == (None, 0, 0)
     assert state.history == {"head": [], "finetune": []} and state.config == {} and state.search == []
+    assert state.refit == {}
     other = RunState()
     other.sums[0] += 1.0
     other.history["head"].append({})
@@ -76,14 +77,17 @@ def test_json_round_trip_keeps_every_field():
     state = RunState(phase="finetune", epoch=4, step=7, sums=[2.5, 3.0], best=[0.25, 0.75], best_epoch=3,
                      patience_used=1, history={"head": [{"epoch": 1, "loss": 0.5}], "finetune": []},
                      config={"train.seed": 3, "train.class_weight": {"a": 2.0}},
-                     search=[{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75, "chosen": True}])
+                     search=[{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75, "chosen": True}],
+                     refit={"head_epochs": 2, "finetune_epochs": 5, "learning_rate": 3e-4, "validation": {"loss": 0.4}})
     text = state.to_json()
     assert json.loads(text) == {"phase": "finetune", "epoch": 4, "step": 7, "sums": [2.5, 3.0], "best": [0.25, 0.75],
                                 "best_epoch": 3, "patience_used": 1,
                                 "history": {"head": [{"epoch": 1, "loss": 0.5}], "finetune": []},
                                 "config": {"train.seed": 3, "train.class_weight": {"a": 2.0}},
                                 "search": [{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75,
-                                            "chosen": True}]}
+                                            "chosen": True}],
+                                "refit": {"head_epochs": 2, "finetune_epochs": 5, "learning_rate": 3e-4,
+                                          "validation": {"loss": 0.4}}}
     assert RunState.from_json(text) == state
     assert RunState.from_json("{}") == RunState()
 
@@ -194,3 +198,11 @@ def test_config_changes_are_sorted_and_name_keys_only_on_one_side():
     current = {"c": 2, "a": "y", "same": [1]}
     assert runstate.config_changes(stored, current) == ["a: 'x' -> 'y'", "b: 1 -> None", "c: None -> 2"]
     assert runstate.config_changes({}, {}) == []
+
+
+def test_a_refit_phase_gets_its_history_when_it_starts():
+    state = RunState.from_json('{"phase": "finetune", "history": {"head": [], "finetune": [{"epoch": 1}]}}')
+    state.start("refit_head")  # a checkpoint of an older run has no such key: it is added, the others kept
+    assert state.history == {"head": [], "finetune": [{"epoch": 1}], "refit_head": []}
+    state.end_epoch({"epoch": 1, "loss": 0.5}, (0.5, 0.8), "val_loss", patience=0, epochs=2)
+    assert state.history["refit_head"] == [{"epoch": 1, "loss": 0.5}] and state.best_epoch == 1

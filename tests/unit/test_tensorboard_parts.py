@@ -61,3 +61,9 @@ def test_the_mirror_copies_new_and_changed_event_files_and_drops_removed_ones(tm
     (runs / "r1" / "tensorboard" / "events.1").unlink()  # a resumed run rewrote its events
     tensorboard.mirror(store, folder, known)
     assert not (folder / "r1" / "events.1").exists() and (folder / "r2" / "events.2").read_bytes() == b"two"
+
+
+def test_the_refit_phases_follow_on_the_axis():
+    history = {"head": [{}] * 3, "finetune": [{}] * 4, "refit_head": [{}] * 2, "refit": [{}] * 3}
+    assert tensorboard.step_of(history, "refit_head", 1) == 8
+    assert tensorboard.step_of(history, "refit", 3) == 12
