@@ -91,13 +91,16 @@ COMPARISON = {
     "job_search_3e-5": {"train": {"search": {"learning_rates": [1.0e-4, 3.0e-4, 3.0e-5]}}},
     # Once validation has chosen, trained again on training + validation images (train.refit).
     "job_refit": {"train": {"refit": True}},
+    # Early stopping that lets the 10 fine-tuning epochs run (the best epoch still kept).
+    "job_patience_10": {"train": {"early_stopping_patience": 10}},
     "job_weights_none": {"model": {"weights": "none"}},
     # Only on the imbalanced task (on balanced ones `auto` weights every class 1): what `auto` does.
     "job_class_weight_none": {"train": {"class_weight": "none"}},
 }
 # The comparison's rows that measure the defaults' choices (0.2's recipe, each choice alone): the full bench only.
 CHOICES = {"job_v02_defaults", "job_average_on", "job_finetune_epochs_20", "job_epochs_20",
-           "job_batch_16", "job_search_3e-5", "job_refit"}
+           "job_batch_16", "job_search_3e-5", "job_refit",
+           "job_patience_10"}
 SCRIPTS = {"keras_seeds_recipe": "keras_recipe.py", "keras_job_recipe": "keras_job_recipe.py"}
 # The bench's backbones, each pre-trained here the same way on the source classes; the first is the default one
 # (its results are keyed by the task's name alone, the others' by "task, backbone").
