@@ -1,7 +1,9 @@
-"""train.search (issue 20): the fine-tuning rate chosen on validation inside the run by successive halving, with real
-training, a real S3 server and the real CLI. The continued trial is exactly what a run at its rate alone trains (the
-same weights, bit for bit, the same epochs), and a run stopped during the search or after its choice and resumed
-ends with the uninterrupted run's choice and weights."""
+"""train.search and train.refit (issue 20): the fine-tuning rate chosen on validation inside the run by successive
+halving, then the recipe again on training + validation images for the chosen epochs, with real training, a real S3
+server and the real CLI. The continued trial is exactly what a run at its rate alone trains (the same weights, bit
+for bit, the same epochs); the refit trains exactly the chosen epochs and keeps the chosen model's validation
+report; a run stopped during the search, after its choice or in the refit and resumed ends with the uninterrupted
+run's choice and weights."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 RATES = [3.0e-5, 3.0e-3]  # far apart: the two trials train differently on the sample data
 RUNG = 2  # train.search.epochs: each trial's epochs before the choice (the phase has 4)
+HEAD_EPOCHS = 3
 
 
 def config(tmp_path, dataset, run_id, search=True, learning_rate=None):
@@ -26,8 +29,8 @@ def config(tmp_path, dataset, run_id, search=True, learning_rate=None):
         tmp_path / f"{run_id}.yaml", run_id=run_id,
         data={"uri": f"s3://{dataset}/data", "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / f"c-{run_id}")},
         model={"backbone": BACKBONE, "weights": f"s3://{dataset}/weights/base.weights.h5", "head_units": 16},
-        train={"batch_size": 16, "head": {"epochs": 2}, "early_stopping_patience": 0, "finetune": finetune,
-               **({"search": {"learning_rates": RATES, "epochs": RUNG}} if search else {})},
+        train={"batch_size": 16, "head": {"epochs": HEAD_EPOCHS}, "early_stopping_patience": 0, "finetune": finetune,
+               "refit": True, **({"search": {"learning_rates": RATES, "epochs": RUNG}} if search else {})},
         output={"uri": f"s3://{dataset}/runs"}, metrics={"port": 0, "linger_seconds": 0},
         checkpoint={"every_seconds": 0, "lease_seconds": 6}, export={"formats": ["saved_model"]})
 
@@ -42,7 +45,8 @@ def untimed(history: dict) -> dict:
 
 
 def outcome(s3, dataset, run_id) -> tuple[dict, dict]:
-    return (get_json(s3, dataset, f"runs/{run_id}/manifest.json"),
+    return (get_json(s3, dataset, f"runs/{run_id}/manifest.json") | {"validation": get_json(
+        s3, dataset, f"runs/{run_id}/metrics.json")["validation"]},
             untimed(get_json(s3, dataset, f"runs/{run_id}/history.json")))
 
 
@@ -82,15 +86,42 @@ def test_the_search_continues_the_best_trial_which_is_the_run_at_its_rate_alone(
     assert alone_history == history
 
 
-@pytest.mark.parametrize("where", ["in the second trial", "after the choice"])
+def test_the_refit_trains_the_chosen_epochs_on_train_and_validation(searched):
+    manifest, history, records = searched
+    plan = next(r for r in records if r["event"] == "refit started")
+    # Each phase's best epoch on validation (no early stopping here: every epoch ran), at the chosen rate.
+    assert len(history["head"]) == HEAD_EPOCHS and len(history["finetune"]) == 4
+    assert plan["head_epochs"] == recipe.best_epoch("val_loss", history["head"]) >= 2
+    assert plan["finetune_epochs"] == recipe.best_epoch("val_loss", history["finetune"]) >= 1
+    assert plan["learning_rate"] == next(t["learning_rate"] for t in manifest["search"] if t["chosen"])
+    counts = manifest["dataset"]["counts"]
+    assert plan["images"] == sum(counts["train"].values()) + sum(counts["validation"].values())
+    # Exactly those epochs, with nothing to validate on (the last epoch's weights kept).
+    assert [r["epoch"] for r in history["refit_head"]] == list(range(1, plan["head_epochs"] + 1))
+    assert [r["epoch"] for r in history["refit"]] == list(range(1, plan["finetune_epochs"] + 1))
+    assert not any("val_loss" in r for r in history["refit_head"] + history["refit"])
+    assert manifest["refit"] == {k: plan[k] for k in ("head_epochs", "finetune_epochs", "learning_rate")}
+    # The validation report is the chosen model's (its best epoch's loss), not the refit model's, which trained
+    # on those images.
+    best = history["finetune"][plan["finetune_epochs"] - 1]
+    assert manifest["validation"]["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert manifest["validation"]["accuracy"] == pytest.approx(best["val_accuracy"])
+
+
+@pytest.mark.parametrize("where", ["in the second trial", "after the choice", "in the refit's head phase"])
 def test_a_stopped_search_resumes_to_the_same_choice_and_weights(s3, dataset, searched, tmp_path, where):
+    """In the refit's head phase the base comes from the weights file again on resume: an uninterrupted refit that
+    did not start from the model as built would end with other weights."""
     manifest, history, _ = searched
-    run_id = "search-stopped-" + where.split()[-1]
+    run_id = "search-stopped-" + where.split()[-2 if "refit" in where else -1]
     cfg = config(tmp_path, dataset, run_id)
     job = Running(cfg, s3.env())
-    finetune_epochs = (RUNG + 1) if where == "in the second trial" else (2 * RUNG + 1)
-    job.wait_for(lambda r: sum(x["event"] == "epoch done" and x.get("phase") == "finetune"
-                               for x in job.lines) >= finetune_epochs)
+    if "refit" in where:  # after its first epoch of HEAD_EPOCHS (the plan asserts 2 or more)
+        job.wait_for(lambda r: r["event"] == "epoch done" and r.get("phase") == "refit_head")
+    else:
+        finetune_epochs = (RUNG + 1) if where == "in the second trial" else (2 * RUNG + 1)
+        job.wait_for(lambda r: sum(x["event"] == "epoch done" and x.get("phase") == "finetune"
+                                   for x in job.lines) >= finetune_epochs)
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait(60) == 143, job.stderr[-2000:]
     again = run_cli("train", "--config", str(cfg), env=s3.env())
@@ -101,6 +132,8 @@ def test_a_stopped_search_resumes_to_the_same_choice_and_weights(s3, dataset, se
         # Nothing of the search is in storage before its choice: the rung runs again from the head's checkpoint.
         assert resumed["phase"] == "head"
         assert [r["trial"] for r in records if r["event"] == "search trial started"] == [1, 2]
+    elif "refit" in where:
+        assert resumed["phase"] == "refit_head" and resumed["epochs_done"] >= 1
     else:
         assert resumed["phase"] == "finetune" and resumed["epochs_done"] > RUNG
         assert not any(r["event"] == "search trial started" for r in records)
