@@ -36,7 +36,8 @@ def comparison_tables(report: dict) -> str:
     tasks = {t: r for t, r in report["tasks"].items() if not _multilabel(r)}  # multi-label: multilabel_tables
     if not tasks:
         return "(no single-label task in this run)"
-    names = list(dict.fromkeys(n for r in tasks.values() for n in r["recipes"]))  # some only on some tasks
+    names = [n for n in dict.fromkeys(n for r in tasks.values() for n in r["recipes"])  # some only on some tasks
+             if n in LABELS]  # the candidates' rows: candidates_table
     counts = {len(x["runs"]) for r in tasks.values() for x in r["recipes"].values()}
     single = "" if counts == {1} else " ¹"  # a results file merged from parts: mark the cells of one seed
     lines.append("Test accuracy, % (mean ± std over seeds " + ", ".join(map(str, report["seeds"])) + ")"
@@ -67,6 +68,37 @@ def comparison_tables(report: dict) -> str:
                 lines.append(f"| {task} | {LABELS.get(n, n)} | {_pm(s['test_macro_f1'])} | "
                              f"{_pm(s['test_balanced_accuracy'])} | {_pm(s['validation_accuracy'])} | "
                              f"{s['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def candidates(report: dict) -> list[str]:
+    """The rows that are the defaults with one change (bench/quality.py's CHOICES beyond the labelled ones)."""
+    return [n for n in dict.fromkeys(n for r in report["tasks"].values() for n in r["recipes"]) if n not in LABELS]
+
+
+def candidates_table(report: dict) -> str:
+    """Issue 20's candidates, each the defaults with one change on the same files and seeds: per task, the change in
+    validation accuracy (what a default is chosen on) and in test accuracy against the defaults, in points."""
+    tasks = {t: r for t, r in report["tasks"].items() if not _multilabel(r)}
+    lines = ["Each row is the defaults (`job_default`) with one change, on the same files and seeds (mean over the "
+             "seeds both have). Δ in accuracy points against the defaults, on validation (what a default is chosen "
+             "on), then on test; seconds per run of the change and of the defaults:", "",
+             "| change | task | seeds | Δ validation | Δ test | test, change | s/run, change / defaults |",
+             "|---|---|---|---|---|---|---|"]
+    for name in candidates(report):
+        for task, r in tasks.items():
+            row, base = r["recipes"].get(name), r["recipes"].get("job_default")
+            if not row or not base:
+                continue
+            seeds = sorted({x["seed"] for x in row["runs"]} & {x["seed"] for x in base["runs"]})
+
+            def mean(x: dict, split: str, seeds=seeds) -> float:
+                values = [run[split]["accuracy"] for run in x["runs"] if run["seed"] in seeds]
+                return sum(values) / len(values)
+
+            delta = {split: (mean(row, split) - mean(base, split)) * 100 for split in ("validation", "test")}
+            lines.append(f"| `{name}` | {task} | {len(seeds)} | {delta['validation']:+.1f} | {delta['test']:+.1f} | "
+                         f"{mean(row, 'test') * 100:.1f} | {row['seconds']:.0f} / {base['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -182,6 +214,8 @@ def refresh(path: Path, report: dict) -> None:
     kind = report["kind"]
     blocks = {f"{kind}": comparison_tables(report) if kind == "comparison" else ablation_tables(report),
               f"{kind}-conditions": conditions_table(report)}
+    if kind == "comparison" and candidates(report):
+        blocks["candidates"] = candidates_table(report)
     if kind == "comparison":  # a run without an exported-formats run or a multi-label task leaves those tables
         if any("formats" in run for r in report["tasks"].values() for run in r["recipes"].get("job_default", {}).get(
                 "runs", [])):
