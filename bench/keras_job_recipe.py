@@ -1,13 +1,14 @@
 """The strongest simple script: the job's own default recipe written in plain Keras (issue 20).
 
-    python bench/keras_job_recipe.py DATA_DIR WEIGHTS_FILE SEED RESULT.json [BACKBONE]
+    python bench/keras_job_recipe.py DATA_DIR WEIGHTS_FILE SEED RESULT.json [BACKBONE [BATCH]]
 
 The head the job builds (global average pooling, Dense 256 relu, dropout 0.5, softmax) trained up to 10 epochs
 at 1e-3 on the frozen base; then every base layer except BatchNormalization up to 10 epochs at 1e-4, the base
 called with training=False (BatchNormalization in inference mode); early stopping on the validation loss with
 patience 3 restoring the best weights; batch 32; balanced class weights n / (k * n_c) as the job's
 `class_weight: auto` (all 1 on balanced data). BACKBONE: mobilenet_v2 (default) or efficientnet_b0 (which
-scales its own inputs). What a user who read the job's README would write in 40 lines of Keras.
+scales its own inputs). BATCH: 32 (default) or another batch size. What a user who read the job's README would
+write in 40 lines of Keras.
 """
 
 import json
@@ -19,11 +20,12 @@ import numpy as np
 
 data, weights, seed, result = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 backbone = sys.argv[5] if len(sys.argv) > 5 else "mobilenet_v2"
+batch = int(sys.argv[6]) if len(sys.argv) > 6 else 32
 keras.utils.set_random_seed(seed)
 
 
 def split(name, shuffle):
-    return keras.utils.image_dataset_from_directory(data / name, image_size=(32, 32), batch_size=32,
+    return keras.utils.image_dataset_from_directory(data / name, image_size=(32, 32), batch_size=batch,
                                                     shuffle=shuffle, seed=seed, verbose=False)
 
 

@@ -77,6 +77,7 @@ COMPARISON = {
     "job_default": {},
     "keras_seeds_recipe": None,  # bench/keras_recipe.py
     "keras_job_recipe": None,  # bench/keras_job_recipe.py: the strongest simple script (issue 20)
+    "keras_job_recipe_batch_16": None,  # the same at batch 16
     "job_head_only": {"train": {"finetune": {"epochs": 0}}},
     # 0.2's defaults: fine-tuning at 1e-4 alone, no search, no moving average (issue 20: today's time and scores).
     "job_v02_defaults": {"train": {"search": {"learning_rates": []}, "finetune": {"average_epochs": 0.0}}},
@@ -100,8 +101,11 @@ COMPARISON = {
 # The comparison's rows that measure the defaults' choices (0.2's recipe, each choice alone): the full bench only.
 CHOICES = {"job_v02_defaults", "job_average_on", "job_finetune_epochs_20", "job_epochs_20",
            "job_batch_16", "job_search_3e-5", "job_refit",
-           "job_patience_10"}
-SCRIPTS = {"keras_seeds_recipe": "keras_recipe.py", "keras_job_recipe": "keras_job_recipe.py"}
+           "job_patience_10", "keras_job_recipe_batch_16"}
+# A script and its arguments after the backbone; the strongest simple script also at batch 16 (issue 20: a script
+# can take a smaller batch as easily as the job).
+SCRIPTS = {"keras_seeds_recipe": ("keras_recipe.py",), "keras_job_recipe": ("keras_job_recipe.py",),
+           "keras_job_recipe_batch_16": ("keras_job_recipe.py", "16")}
 # The bench's backbones, each pre-trained here the same way on the source classes; the first is the default one
 # (its results are keyed by the task's name alone, the others' by "task, backbone").
 BACKBONES = ("mobilenet_v2", "efficientnet_b0")
@@ -229,11 +233,11 @@ def script_run(script: str, folder: Path, weights: Path, seed: int, tmp: Path, e
 
 
 def keras_run(script: str, folder: Path, weights: Path, seed: int, tmp: Path, env: dict, name: str,
-              backbone: str) -> dict:
+              backbone: str, *args: str) -> dict:
     """A plain-Keras script in bench/ (keras_recipe.py, keras_job_recipe.py) on the task's local files."""
     from job import evaluate
 
-    raw, seconds = script_run(script, folder, weights, seed, tmp, env, name, backbone)
+    raw, seconds = script_run(script, folder, weights, seed, tmp, env, name, backbone, *args)
     out = {"seconds": round(seconds, 1), **({"epochs": raw["epochs"]} if "epochs" in raw else {})}
     for split in ("validation", "test"):
         import numpy as np
@@ -348,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                     return {"seed": seed, **multilabel_one(task, seed, name, bases[backbone])}
                 extra = recipes[name]
                 if extra is None:
-                    r = keras_run(SCRIPTS[name], folders[task.name], bases[backbone], seed, tmp, env,
-                                  f"{task.name}-{backbone}-{name}-s{seed}", backbone)
+                    script, *args = SCRIPTS[name]
+                    r = keras_run(script, folders[task.name], bases[backbone], seed, tmp, env,
+                                  f"{task.name}-{backbone}-{name}-s{seed}", backbone, *args)
                 else:
                     if (task.name, seed, name, backbone) == (FORMATS_TASK, seeds[0], "job_default", BACKBONES[0]):
                         # The same run (the recipe is untouched) exporting every format: issue 11's check on

@@ -13,6 +13,7 @@ LABELS = {
     "job_default": "**job, defaults**",
     "keras_seeds_recipe": "plain Keras, seeds' recipe",
     "keras_job_recipe": "plain Keras, job's recipe",
+    "keras_job_recipe_batch_16": "plain Keras, job's recipe, batch 16",
     "job_v02_defaults": "job, 0.2's defaults (no search, no average)",
     "job_average_on": "job, defaults + moving average (2 epochs)",
     "job_head_only": "job, head only (lower bound)",
