@@ -493,6 +493,7 @@ def conditions(mode: str) -> dict:
                             "head up to 10 epochs at 1e-3 on the frozen base; every base layer but BatchNormalization "
                             "up to 10 epochs at 1e-4; BatchNormalization in inference mode; early stopping on val_loss "
                             "patience 3 restoring the best weights; balanced class weights; batch 32",
+        "keras_job_recipe_batch_16": "the same script at batch 16 (bench/keras_job_recipe.py ... 16)",
         "keras_seeds_recipe": "bench/keras_recipe.py: Dense 128 + dropout 0.3 head, 10 epochs at 1e-3 on the frozen "
                               "base; top 30 layers 5 epochs at 1e-4; BatchNormalization in inference mode; early "
                               "stopping patience 3 restoring the best weights; batch 64",
