@@ -477,7 +477,7 @@ def _features(run: Run, split: str, share: tuple[int, int] | None):
 def finetune_phase(run: Run) -> None:
     """Phase 2: the base unfrozen at a low learning rate, the head carried over (from scratch: every layer,
     BatchNormalization included, at the head's rate for both phases' epochs), at each rate of train.search in
-    turn, keeping the best on validation (job/search.py); then the run is trained."""
+    turn, keeping the best on validation (job/search.py)."""
     from job import loop, model, search
 
     cfg, ft = run.cfg, run.cfg.train.finetune
