@@ -38,7 +38,7 @@ log = structlog.get_logger()
 
 JOB = "finetune-job"
 PHASES = ("staging", "head", "finetune", "refit_head", "refit", "evaluate", "export")
-TRAINING_PHASES = ("head", "finetune", "refit_head", "refit")
+TRAINING_PHASES = ("head", "finetune")  # their series exist from the start; train.refit's appear when it runs
 STATUSES = ("running", "succeeded", "failed", "preempted")
 # The S3 operations the job's storage code performs; anything else is counted as "other" so that a
 # surprising botocore operation name cannot grow the label set.

@@ -108,35 +108,52 @@ def test_the_refit_trains_the_chosen_epochs_on_train_and_validation(searched):
     assert manifest["validation"]["accuracy"] == pytest.approx(best["val_accuracy"])
 
 
-@pytest.mark.parametrize("where", ["in the second trial", "after the choice", "in the refit's head phase"])
-def test_a_stopped_search_resumes_to_the_same_choice_and_weights(s3, dataset, searched, tmp_path, where):
-    """In the refit's head phase the base comes from the weights file again on resume: an uninterrupted refit that
-    did not start from the model as built would end with other weights."""
-    manifest, history, _ = searched
-    run_id = "search-stopped-" + where.split()[-2 if "refit" in where else -1]
-    cfg = config(tmp_path, dataset, run_id)
-    job = Running(cfg, s3.env())
-    if "refit" in where:  # after its first epoch of HEAD_EPOCHS (the plan asserts 2 or more)
-        job.wait_for(lambda r: r["event"] == "epoch done" and r.get("phase") == "refit_head")
-    else:
-        finetune_epochs = (RUNG + 1) if where == "in the second trial" else (2 * RUNG + 1)
-        job.wait_for(lambda r: sum(x["event"] == "epoch done" and x.get("phase") == "finetune"
-                                   for x in job.lines) >= finetune_epochs)
+def stop(cfg, env, predicate) -> list[dict]:
+    """A run of `cfg` (resuming whatever it left) stopped with SIGTERM once `predicate(its log so far, a line)`: its
+    log."""
+    job = Running(cfg, env)
+    job.wait_for(lambda r: predicate(job.lines, r))
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait(60) == 143, job.stderr[-2000:]
+    return job.lines
+
+
+def finetune_epochs(count: int):
+    """The stop predicate: `count` fine-tuning epochs done, the search's trials included."""
+    return lambda lines, _: sum(x["event"] == "epoch done" and x.get("phase") == "finetune" for x in lines) >= count
+
+
+def resumed_from(records: list[dict]) -> dict:
+    return next(r for r in records if r["event"] == "resuming from checkpoint")
+
+
+@pytest.mark.parametrize("where", ["in the second trial", "after the choice, then in the refit's head phase"])
+def test_a_stopped_search_resumes_to_the_same_choice_and_weights(s3, dataset, searched, tmp_path, where):
+    """Stopped in the search's second trial; or stopped after its choice, resumed, and stopped again in the refit's
+    head phase, where the base comes from the weights file again on resume (an uninterrupted refit that did not
+    start from the model as built would end with other weights). Each time, resumed to the uninterrupted run's
+    choice, weights and history."""
+    manifest, history, _ = searched
+    run_id = "search-stopped-" + ("trial" if where == "in the second trial" else "twice")
+    cfg = config(tmp_path, dataset, run_id)
+    if where == "in the second trial":
+        stop(cfg, s3.env(), finetune_epochs(RUNG + 1))
+    else:
+        stop(cfg, s3.env(), finetune_epochs(2 * RUNG + 1))
+        records = stop(cfg, s3.env(), lambda _, r: r["event"] == "epoch done" and r.get("phase") == "refit_head")
+        first = resumed_from(records)
+        assert first["phase"] == "finetune" and first["epochs_done"] > RUNG
+        assert not any(r["event"] == "search trial started" for r in records)
     again = run_cli("train", "--config", str(cfg), env=s3.env())
     assert again.returncode == 0, again.stderr[-3000:]
     records = again.records()
-    resumed = next(r for r in records if r["event"] == "resuming from checkpoint")
+    resumed = resumed_from(records)
     if where == "in the second trial":
         # Nothing of the search is in storage before its choice: the rung runs again from the head's checkpoint.
         assert resumed["phase"] == "head"
         assert [r["trial"] for r in records if r["event"] == "search trial started"] == [1, 2]
-    elif "refit" in where:
-        assert resumed["phase"] == "refit_head" and resumed["epochs_done"] >= 1
     else:
-        assert resumed["phase"] == "finetune" and resumed["epochs_done"] > RUNG
-        assert not any(r["event"] == "search trial started" for r in records)
+        assert resumed["phase"] == "refit_head" and resumed["epochs_done"] >= 1
     stopped, stopped_history = outcome(s3, dataset, run_id)
     assert stopped["search"] == manifest["search"]
     assert stopped["weights_sha256"] == manifest["weights_sha256"]
