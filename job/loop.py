@@ -324,8 +324,7 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
             # At the epoch's end (a schedule moves it); a MirroredVariable under a strategy: read as a tensor.
             record["learning_rate"] = float(tf.convert_to_tensor(optimizer.learning_rate))
             # Without validation data, early stopping watches the training loss and accuracy.
-            second = record.get("val_map", record.get("val_accuracy", record["accuracy"]))
-            *monitored, due = cluster.mean([record.get("val_loss", record["loss"]), second, float(saver.due())])
+            *monitored, due = cluster.mean([*recipe.monitored(record), float(saver.due())])
             if state.end_epoch(record, tuple(monitored), options.metric, options.patience, phase.epochs):
                 for copy, variable in zip(best, averaged or kept):
                     copy.assign(_value(variable))

@@ -135,13 +135,19 @@ def is_better(metric: str, value: tuple[float, float], best: Sequence[float] | N
     return accuracy > best_accuracy or (accuracy == best_accuracy and loss < best_loss)
 
 
+def monitored(record: Mapping) -> tuple[float, float]:
+    """What early stopping compares of an epoch's record (job.loop): (val_loss, val_accuracy or val_map); without
+    validation entries, the training loss and accuracy."""
+    return (record.get("val_loss", record["loss"]),
+            record.get("val_map", record.get("val_accuracy", record.get("accuracy", 0.0))))
+
+
 def best_epoch(metric: str, records: Sequence[Mapping]) -> int:
     """The epoch (1-based) early stopping kept from a phase's records: the first best under `metric`, as
-    `is_better` compares them (without validation entries, the training loss and accuracy); 0 for none."""
+    `is_better` compares their `monitored` values; 0 for none."""
     best, kept = None, 0
     for record in records:
-        value = (record.get("val_loss", record["loss"]),
-                 record.get("val_map", record.get("val_accuracy", record.get("accuracy", 0.0))))
+        value = monitored(record)
         if is_better(metric, value, best):
             best, kept = value, record["epoch"]
     return kept
