@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1), "machine": machine(),
         "load_average": {"before": before, "after": load_average()},
-        "conditions": conditions(mode), "tasks": results,
+        "conditions": conditions(mode, kind), "tasks": results,
     }
     if any(r["task"]["multi_label"] for r in results.values()):
         report["multilabel_conditions"] = multilabel_conditions()
@@ -430,7 +430,10 @@ def report_only(files: list[Path], out: Path | None, docs: str | None) -> int:
         report["tasks"] = merged(report["tasks"], other["tasks"])
     report["seeds"] = sorted({run["seed"] for t in report["tasks"].values() for r in t["recipes"].values()
                               for run in r["runs"]})
-    report["conditions"] = {**report["conditions"], **conditions(report["mode"])}  # this bench's description
+    # this bench's description (the ablation's lists no scripts)
+    kept = {k: v for k, v in report["conditions"].items()
+            if report["kind"] == "comparison" or not k.startswith("keras_")}
+    report["conditions"] = {**kept, **conditions(report["mode"], report["kind"])}
     report["parts"] = [{"file": f.name, "started": r["started"], "minutes": round(r["seconds"] / 60),
                         "load_average": r["load_average"], "backbones": sorted({t["task"].get("backbone", BACKBONES[0])
                                                                                 for t in r["tasks"].values()}),
@@ -474,8 +477,9 @@ def task_info(task: quality_data.Task, folder: Path) -> dict:
     return out
 
 
-def conditions(mode: str) -> dict:
-    return {
+def conditions(mode: str, kind: str = "comparison") -> dict:
+    """The bench's description for the conditions table; the ablation's without the scripts it does not run."""
+    out = {
         "backbone": f"{BACKBONES[0]}; {', '.join(BACKBONES[1:])} (results keyed 'task, backbone'), pre-trained alike",
         "image_size": IMAGE_SIZE,
         "base": f"MobileNetV2 pre-trained here from scratch on Fashion-MNIST {', '.join(quality_data.SOURCE)}: "
@@ -498,6 +502,11 @@ def conditions(mode: str) -> dict:
         "determinism": "the job runs with TensorFlow op determinism: the same seed gives the same result "
                        "whatever the load, so seeds measure the recipe's own variance",
     }
+    if kind == "ablation":
+        out = {k: v for k, v in out.items() if not k.startswith("keras_")}
+        out["rows"] = ("each the job_config above with the one change its name says (bench/quality.py ABLATION); "
+                       "class_weight_none on the imbalanced task only")
+    return out
 
 
 def multilabel_conditions() -> dict:

@@ -164,9 +164,11 @@ def ablation_tables(report: dict) -> str:
     against the default, per task in validation points."""
     tasks = report["tasks"]
     names = list(next(iter(tasks.values()))["recipes"]) if tasks else []
-    lines = ["Each row is the default with one choice changed. Δ is in accuracy points against the default, "
-             "per task on **validation** (mean over seeds), then the mean over tasks on validation and on test.",
-             "", "| recipe | " + " | ".join(f"Δ val {t}" for t in tasks) + " | Δ val mean | Δ test mean | s/run |",
+    lines = ["Each row is the default with one choice changed. Δ is in accuracy points against the default (mean "
+             "over seeds): per task on **validation** (what a default is chosen on) / on test, then the mean over "
+             "tasks on validation and on test; seconds per run, mean over tasks.",
+             "", "| recipe | " + " | ".join(f"Δ {t}, val / test" for t in tasks)
+             + " | Δ val mean | Δ test mean | s/run |",
              "|---|" + "---|" * (len(tasks) + 3)]
 
     def avg(xs: list[float]) -> str:
@@ -183,15 +185,16 @@ def ablation_tables(report: dict) -> str:
             if v is None or d is None:
                 cells.append("")
                 continue
-            cells.append(f"{(v - d) * 100:+.1f}")
             dv.append(v - d)
             dt.append(mean(task, n, "test") - mean(task, "default", "test"))
+            cells.append(f"{dv[-1] * 100:+.1f} / {dt[-1] * 100:+.1f}")
             seconds.append(tasks[task]["recipes"][n]["seconds"])
         per_run = f"{sum(seconds) / len(seconds):.0f}" if seconds else ""
         lines.append(f"| `{n}` | " + " | ".join(cells) + f" | {avg(dv)} | {avg(dt)} | {per_run} |")
     lines.append("")
-    lines.append("Absolute validation accuracy of the default, %: " + ", ".join(
-        f"{t} {_pm(tasks[t]['recipes']['default']['validation_accuracy'])}" for t in tasks
+    lines.append("The default, % (validation / test): " + ", ".join(
+        f"{t} {_pm(tasks[t]['recipes']['default']['validation_accuracy'])} / "
+        f"{_pm(tasks[t]['recipes']['default']['test_accuracy'])}" for t in tasks
         if "default" in tasks[t]["recipes"]) + ".")
     return "\n".join(lines)
 
