@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -164,7 +163,6 @@ def train(cfg: Config) -> dict:
             run.board.start(run.state.history)  # a resumed run: its curves so far, in fresh files
         with run.timings.measure("staging"):
             stage_data(run)
-        apply_step_floors(run)
         with run.timings.measure("head"):
             head_phase(run)
         with run.timings.measure("finetune"):
@@ -343,27 +341,6 @@ def stage_data(run: Run) -> None:
         log.info("no test images: no test report; the exported formats are checked on "
                  + ("validation" if run.data.count("validation") else "training") + " images")
     _workers_agree_on_dataset(run)
-
-
-def apply_step_floors(run: Run) -> None:
-    """Early stopping's patience and the fine-tuning's epochs raised to their floors in steps where an epoch is a
-    few steps (`recipe.step_floors`; keys the config sets are kept): `run.cfg` then holds the values trained with,
-    which config.yaml, the model card and TensorBoard show. A resumed run computes the same from the same data."""
-    t = run.cfg.train
-    configured = frozenset(name for name, chosen in (("early_stopping_patience", "early_stopping_patience" in
-                                                      t.model_fields_set),
-                                                     ("finetune.epochs", "epochs" in t.finetune.model_fields_set))
-                           if chosen)
-    steps = math.ceil(run.data.count("train") / t.batch_size)
-    patience, epochs = recipe.step_floors(steps, t.early_stopping_patience, t.finetune.epochs, configured)
-    if (patience, epochs) == (t.early_stopping_patience, t.finetune.epochs):
-        return
-    log.info("epochs are few steps: patience and fine-tuning epochs raised to their floors in steps",
-             steps_per_epoch=steps, early_stopping_patience=patience, finetune_epochs=epochs,
-             min_patience_steps=recipe.MIN_PATIENCE_STEPS, min_finetune_steps=recipe.MIN_FINETUNE_STEPS)
-    train = t.model_copy(update={"early_stopping_patience": patience,
-                                 "finetune": t.finetune.model_copy(update={"epochs": epochs})})
-    run.cfg = run.cfg.model_copy(update={"train": train})
 
 
 def _too_many_bad(cfg: Config, staged: Reader) -> None:

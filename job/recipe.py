@@ -115,28 +115,6 @@ def finetune_schedule(head_epochs: int, head_rate: float, finetune_epochs: int, 
     return finetune_epochs, finetune_rate
 
 
-# Early stopping's patience and the fine-tuning's length are set in epochs, but where an epoch is a few steps (a few
-# hundred training images or fewer) 3 epochs of patience are a handful of updates: at 15 images per class and batch 32
-# an epoch is 3 steps, patience stopped after 9 steps without a better validation loss and 10 epochs capped the
-# fine-tuning at 30. Floors in steps, for the keys the config does not set (docs/QUALITY.md, third round: validation
-# +2.7 points on EfficientNetB0's fashion-15, +0.0 on MobileNetV2's; an epoch of 10 steps or more is unchanged).
-MIN_PATIENCE_STEPS = 30
-MIN_FINETUNE_STEPS = 60
-
-
-def step_floors(steps_per_epoch: int, patience: int, finetune_epochs: int,
-                configured: frozenset[str] = frozenset()) -> tuple[int, int]:
-    """(early stopping patience, fine-tuning epochs): each raised to cover its floor in steps unless `configured`
-    names it (`early_stopping_patience`, `finetune.epochs`). Patience 0 (no early stopping) and 0 fine-tuning epochs
-    (head only) stay 0."""
-    steps = max(1, steps_per_epoch)
-    if patience and "early_stopping_patience" not in configured:
-        patience = max(patience, math.ceil(MIN_PATIENCE_STEPS / steps))
-    if finetune_epochs and "finetune.epochs" not in configured:
-        finetune_epochs = max(finetune_epochs, math.ceil(MIN_FINETUNE_STEPS / steps))
-    return patience, finetune_epochs
-
-
 def warmup_steps(total_steps: int) -> int:
     """Linear warm-up before cosine decay: a tenth of the phase's steps, at least one."""
     return max(1, math.ceil(total_steps / 10))

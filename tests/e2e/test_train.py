@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 from pathlib import Path
 
@@ -15,8 +14,6 @@ import pytest
 import yaml
 from conftest import BACKBONE, SIZE, png_header_only, run_cli, write_config
 from PIL import Image
-
-from job import recipe
 
 pytestmark = pytest.mark.slow
 
@@ -134,13 +131,6 @@ def test_reports_history_plots_and_config(trained, s3):
         assert _get(s3, trained, png)[:8] == b"\x89PNG\r\n\x1a\n"
     saved_cfg = yaml.safe_load(_get(s3, trained, "config.yaml"))
     assert saved_cfg["run_id"] == "e2e" and saved_cfg["train"]["batch_size"] == 16
-    # A few steps an epoch: the patience the config leaves is raised to its floor in steps, the epochs it sets kept
-    # (recipe.step_floors), and config.yaml holds what was trained with.
-    ready = next(r for r in trained["result"].records() if r["event"] == "dataset ready")
-    steps = math.ceil(sum(ready["counts"]["train"].values()) / 16)
-    assert steps * 3 < recipe.MIN_PATIENCE_STEPS, "the test's data must be small enough for the floor to apply"
-    assert saved_cfg["train"]["early_stopping_patience"] == math.ceil(recipe.MIN_PATIENCE_STEPS / steps)
-    assert saved_cfg["train"]["finetune"]["epochs"] == 2
     assert "test" not in json.dumps(saved_cfg["s3"])  # the credentials never reach the artifacts
 
 

@@ -89,21 +89,3 @@ def test_the_refit_takes_the_epoch_early_stopping_kept(scores, metric, validated
         records.append(record)
         state.end_epoch(record, (loss, accuracy), metric, patience=0, epochs=len(scores))
     assert recipe.best_epoch(metric, records) == state.best_epoch
-
-
-@given(st.integers(1, 400), st.integers(0, 20), st.integers(0, 40),
-       st.sets(st.sampled_from(["early_stopping_patience", "finetune.epochs"])))
-def test_step_floors_raise_only_what_the_config_leaves_and_no_further_than_the_floor(steps, patience, epochs, chosen):
-    got_patience, got_epochs = recipe.step_floors(steps, patience, epochs, frozenset(chosen))
-    cases = (("early_stopping_patience", patience, got_patience, recipe.MIN_PATIENCE_STEPS),
-             ("finetune.epochs", epochs, got_epochs, recipe.MIN_FINETUNE_STEPS))
-    for name, given_value, got, floor in cases:
-        if name in chosen or given_value == 0 or given_value * steps >= floor:
-            assert got == given_value, (name, steps, given_value, got)  # kept: set, off, or enough steps already
-        else:
-            assert got * steps >= floor > (got - 1) * steps, (name, steps, given_value, got)  # the fewest that reach it
-
-
-def test_step_floors_leave_the_defaults_alone_from_ten_steps_an_epoch():
-    assert recipe.step_floors(10, 3, 10) == (3, 10)
-    assert recipe.step_floors(3, 3, 10) == (10, 20)  # 15 images per class, 5 classes, batch 32
