@@ -98,6 +98,10 @@ COMPARISON = {
     # validation loss and 10 epochs cap the fine-tuning at 30 steps: what a floor in steps (patience >= 30 steps,
     # fine-tuning >= 100) would make of fashion-15 (the larger tasks have >= 10 steps an epoch: unchanged).
     "job_patience_10_finetune_34": {"train": {"early_stopping_patience": 10, "finetune": {"epochs": 34}}},
+    # The two choices the ablation of 2026-12-05 (MobileNetV2) found ahead on validation on most tasks, for the
+    # other backbone: augmentation during fine-tuning (the preset, flip + translation) and label smoothing.
+    "job_finetune_augment": {"train": {"finetune": {"augment": True}}},
+    "job_label_smoothing_0.1": {"train": {"label_smoothing": 0.1}},
     "job_weights_none": {"model": {"weights": "none"}},
     # Only on the imbalanced task (on balanced ones `auto` weights every class 1): what `auto` does.
     "job_class_weight_none": {"train": {"class_weight": "none"}},
@@ -105,7 +109,8 @@ COMPARISON = {
 # The comparison's rows that measure the defaults' choices (0.2's recipe, each choice alone): the full bench only.
 CHOICES = {"job_v02_defaults", "job_average_on", "job_finetune_epochs_20", "job_epochs_20",
            "job_batch_16", "job_search_3e-5", "job_refit",
-           "job_patience_10", "job_patience_10_finetune_34", "keras_job_recipe_batch_16"}
+           "job_patience_10", "job_patience_10_finetune_34", "job_finetune_augment", "job_label_smoothing_0.1",
+           "keras_job_recipe_batch_16"}
 # A script and its arguments after the backbone; the strongest simple script also at batch 16 (issue 20: a script
 # can take a smaller batch as easily as the job).
 SCRIPTS = {"keras_seeds_recipe": ("keras_recipe.py",), "keras_job_recipe": ("keras_job_recipe.py",),
