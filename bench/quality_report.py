@@ -163,7 +163,7 @@ def ablation_tables(report: dict) -> str:
     """One row per recipe choice: its mean validation and test accuracy over tasks and seeds, and the change
     against the default, per task in validation points."""
     tasks = report["tasks"]
-    names = list(next(iter(tasks.values()))["recipes"]) if tasks else []
+    names = list(dict.fromkeys(n for t in tasks.values() for n in t["recipes"]))  # a row on one task only too
     lines = ["Each row is the default with one choice changed. Δ is in accuracy points against the default (mean "
              "over seeds): per task on **validation** (what a default is chosen on) / on test, then the mean over "
              "tasks on validation and on test; seconds per run, mean over tasks.",

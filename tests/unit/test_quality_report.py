@@ -36,6 +36,8 @@ def test_each_tasks_cell_is_the_change_of_the_mean_on_validation_and_on_test(tmp
     for task, values in (("fashion-15", first), ("shapes-60", second)):
         recipes = {"default": [run(s, dv, dt) for s, (dv, dt, _, _) in enumerate(values, 1)],
                    "change": [run(s, cv, ct) for s, (_, _, cv, ct) in enumerate(values, 1)]}
+        if task == "shapes-60":  # a row of one task only (class_weight_none runs on the imbalanced task alone)
+            recipes["only_here"] = recipes["change"]
         files.append(tmp / f"{task}.json")
         files[-1].write_text(json.dumps(part(task, recipes)))
     docs = tmp / "QUALITY.md"
@@ -52,5 +54,7 @@ def test_each_tasks_cell_is_the_change_of_the_mean_on_validation_and_on_test(tmp
     assert row[1:3] == [f"{dv * 100:+.1f} / {dt * 100:+.1f}" for dv, dt in changes]
     assert row[3] == f"{sum(dv for dv, _ in changes) / 2 * 100:+.1f}"
     assert row[4] == f"{sum(dt for _, dt in changes) / 2 * 100:+.1f}"
+    only = next(line for line in text.splitlines() if line.startswith("| `only_here` |")).split(" | ")
+    assert only[1:3] == ["", row[2]] and only[3] == f"{changes[1][0] * 100:+.1f}", only
     assert "part: fashion-15.json" in text and "part: shapes-60.json" in text
     assert "keras_job_recipe" not in text, "the ablation runs no script: its conditions name none"
