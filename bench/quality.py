@@ -437,6 +437,10 @@ def report_only(files: list[Path], out: Path | None, docs: str | None) -> int:
     report = dict(reports[0])
     for other in reports[1:]:
         report["tasks"] = merged(report["tasks"], other["tasks"])
+    # "when": the first part's start, the parts' minutes added up; the load before the first and after the last
+    report["seconds"] = round(sum(r["seconds"] for r in reports), 1)
+    report["load_average"] = {"before": reports[0]["load_average"]["before"],
+                              "after": reports[-1]["load_average"]["after"]}
     report["seeds"] = sorted({run["seed"] for t in report["tasks"].values() for r in t["recipes"].values()
                               for run in r["runs"]})
     # this bench's description (the ablation's lists no scripts)
