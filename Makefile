@@ -40,10 +40,11 @@ run-local: install
 bench: install
 	$(PY) bench/run.py
 
-# Transfer tasks (Fashion-MNIST: apt-get install dataset-fashion-mnist): the job's defaults against a
-# plain-Keras script, 3 seeds; about 1.5 hours on 2 cores. ABLATION=1 runs one row per recipe choice.
+# Transfer tasks (Fashion-MNIST: apt-get install dataset-fashion-mnist): the job's defaults against
+# plain-Keras scripts on two backbones, 3 seeds; several hours on 2 cores. ABLATION=1 runs instead one row
+# per recipe choice on MobileNetV2, two runs at a time (about 2 hours on 2 cores).
 bench-quality: install
-	$(PY) bench/quality.py $(if $(ABLATION),--ablation)
+	$(PY) bench/quality.py $(if $(ABLATION),--ablation --jobs 2)
 
 # 70,000 Fashion-MNIST images through one run as objects, a manifest and shards (about an hour on 2 cores).
 bench-scale: install

@@ -330,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     out_path = args.out or ROOT / "bench" / "results" / ("quality-ablation.json" if args.ablation else "quality.json")
     docs = Path(args.docs) if args.docs else None if args.docs == "" or args.quick else ROOT / "docs" / "QUALITY.md"
 
-    backbones = args.backbones.split(",") if args.backbones else list(BACKBONES[:1] if args.quick else BACKBONES)
+    # quick mode and the ablation: the first backbone unless asked (the comparison's candidates cover the other)
+    first_only = args.quick or args.ablation
+    backbones = args.backbones.split(",") if args.backbones else list(BACKBONES[:1] if first_only else BACKBONES)
     started = time.time()
     before = load_average()
     args.cache.mkdir(parents=True, exist_ok=True)
