@@ -46,14 +46,8 @@ def main(argv: list[str]) -> int:
     s3 = S3Server()
     try:
         env = child_env(s3.endpoint)
-        base = quality.pretrained_base("full", cache, env, backbone)
-        items = [(quality.BUCKET, f"weights/{backbone}.weights.h5", base)]
-        folders = {t.name: quality_data.write_task(t, cache / "tasks") for t in quality_data.tasks(False)
-                   if t.name in tasks}
-        for name, folder in folders.items():
-            items += [(quality.BUCKET, f"tasks/{name}/{p.relative_to(folder).as_posix()}", p)
-                      for p in sorted(folder.rglob("*.png"))]
-        s3.upload(items)
+        _, folders = quality.upload(s3, "full", cache, env, [backbone],
+                                    [t for t in quality_data.tasks(False) if t.name in tasks])
         with tempfile.TemporaryDirectory(prefix="flip-probe-") as d:
             tmp = Path(d)
             for task in tasks:

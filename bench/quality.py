@@ -186,6 +186,23 @@ def multilabel_data(task: str) -> dict:
                                             "image_size": MULTILABEL_IMAGE_SIZE}}
 
 
+def upload(s3, mode: str, cache: Path, env: dict, backbones: list[str], tasks: list) -> tuple[dict, dict]:
+    """The backbones' pre-trained bases and the tasks' files (written once under `cache`) into the S3 server, where
+    `job_run` reads them: ({backbone: base file}, {task name: local folder})."""
+    bases = {b: pretrained_base(mode, cache, env, b) for b in backbones}
+    items = [(BUCKET, f"weights/{b}.weights.h5", path) for b, path in bases.items()]
+    folders = {}
+    for task in tasks:
+        folders[task.name] = quality_data.write_task(task, cache / "tasks")
+        items += [(BUCKET, f"tasks/{task.name}/{p.relative_to(folders[task.name]).as_posix()}", p)
+                  for p in sorted(folders[task.name].rglob("*.png"))]
+        if task.multi_label:
+            items.append((BUCKET, f"tasks/{task.name}/{quality_data.MANIFEST}",
+                          folders[task.name] / quality_data.MANIFEST))
+    s3.upload(items)
+    return bases, folders
+
+
 def job_run(task: str, seed: int, name: str, extra: dict, tmp: Path, env: dict, scores: tuple = SCORES,
             backbone: str = BACKBONES[0]) -> dict:
     """`finetune-job train` on the task in S3 (artifacts to a local folder); the scores of its metrics.json."""
@@ -340,17 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     try:
         env = child_env(s3.endpoint)
-        bases = {b: pretrained_base(mode, args.cache, env, b) for b in backbones}
-        items = [(BUCKET, f"weights/{b}.weights.h5", path) for b, path in bases.items()]
-        folders = {}
-        for task in tasks:
-            folders[task.name] = quality_data.write_task(task, args.cache / "tasks")
-            items += [(BUCKET, f"tasks/{task.name}/{p.relative_to(folders[task.name]).as_posix()}", p)
-                      for p in sorted(folders[task.name].rglob("*.png"))]
-            if task.multi_label:
-                items.append((BUCKET, f"tasks/{task.name}/{quality_data.MANIFEST}",
-                              folders[task.name] / quality_data.MANIFEST))
-        s3.upload(items)
+        bases, folders = upload(s3, mode, args.cache, env, backbones, tasks)
         with tempfile.TemporaryDirectory(prefix="bench-quality-") as t:
             tmp = Path(t)
 
