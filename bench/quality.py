@@ -102,6 +102,9 @@ COMPARISON = {
     # other backbone: augmentation during fine-tuning (the preset, flip + translation) and label smoothing.
     "job_finetune_augment": {"train": {"finetune": {"augment": True}}},
     "job_label_smoothing_0.1": {"train": {"label_smoothing": 0.1}},
+    # Layer-wise rate decay (issue 20's last candidate): the base's first layer at 0.3 of the rate, geometric to the
+    # full rate at its last layer and the head.
+    "job_layer_decay_0.3": {"train": {"finetune": {"layer_decay": 0.3}}},
     "job_weights_none": {"model": {"weights": "none"}},
     # Only on the imbalanced task (on balanced ones `auto` weights every class 1): what `auto` does.
     "job_class_weight_none": {"train": {"class_weight": "none"}},
@@ -110,7 +113,7 @@ COMPARISON = {
 CHOICES = {"job_v02_defaults", "job_average_on", "job_finetune_epochs_20", "job_epochs_20",
            "job_batch_16", "job_search_3e-5", "job_refit",
            "job_patience_10", "job_patience_10_finetune_34", "job_finetune_augment", "job_label_smoothing_0.1",
-           "keras_job_recipe_batch_16"}
+           "job_layer_decay_0.3", "keras_job_recipe_batch_16"}
 # A script and its arguments after the backbone; the strongest simple script also at batch 16 (issue 20: a script
 # can take a smaller batch as easily as the job).
 SCRIPTS = {"keras_seeds_recipe": ("keras_recipe.py",), "keras_job_recipe": ("keras_job_recipe.py",),

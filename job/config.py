@@ -83,6 +83,9 @@ class FinetuneConfig(_Section):
     # > 0: validate, keep and export an exponential moving average of the weights over about this many epochs
     # (job.recipe.average_momentum) instead of the weights themselves; 0 = off
     average_epochs: float = Field(0.0, ge=0.0, le=100.0)
+    # < 1: layer-wise rate decay: the base's first layer trains at this fraction of the rate, the layers above at
+    # fractions growing geometrically to 1 at its last layer, the head at the full rate (job.recipe.layer_rates)
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0)
 
     _augment = field_validator("augment")(_check_augment)
 

@@ -56,6 +56,8 @@ class Phase:
     pause_after: int = 0
     # False: keep the last epoch's weights (train.refit trains for epochs chosen beforehand, on nothing to validate)
     restore_best: bool = True
+    # per trainable variable, its share of the learning rate (train.finetune.layer_decay); () = the full rate for all
+    rate_scales: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,20 +84,43 @@ def per_replica_batch(global_batch: int, cluster: Cluster) -> int:
     return global_batch // replicas
 
 
-def _optimizer(learning_rate: float, total_steps: int, options: Options,
-               cluster: Cluster) -> tuple[keras.optimizers.Optimizer, tf.Variable | None]:
-    """Adam, or AdamW with weight decay (biases exempt); constant rate or cosine decay after a warm-up. Either way
-    the rate can be set again without a new trace (job.loop._trainer): the cosine's peak is a variable, returned too."""
+def _optimizer(learning_rate: float, total_steps: int, options: Options, cluster: Cluster,
+               rate_scales: tuple[float, ...] = ()) -> tuple[keras.optimizers.Optimizer, tf.Variable | None]:
+    """Adam, or AdamW with weight decay (biases exempt); constant rate or cosine decay after a warm-up; with
+    `rate_scales`, each variable's rate scaled by its share. Either way the rate can be set again without a new
+    trace (job.loop._trainer): the cosine's peak is a variable, returned too."""
     rate, peak = learning_rate, None
     if options.lr_schedule == "cosine":
         peak = tf.Variable(learning_rate, trainable=False, dtype=tf.float32)
         rate = _WarmupCosine(peak, total_steps)
+    adam, adamw = (ScaledAdam, ScaledAdamW) if rate_scales else (keras.optimizers.Adam, keras.optimizers.AdamW)
     if options.weight_decay > 0:
-        opt = keras.optimizers.AdamW(rate, weight_decay=options.weight_decay)
+        opt = adamw(rate, weight_decay=options.weight_decay)
         opt.exclude_from_weight_decay(var_names=["bias"])
     else:
-        opt = keras.optimizers.Adam(rate)
+        opt = adam(rate)
+    if rate_scales:
+        opt.rate_scales = tuple(rate_scales)
     return (keras.mixed_precision.LossScaleOptimizer(opt) if cluster.mixed_precision else opt), peak
+
+
+class _LayerRates:
+    """Adam's update with each variable's rate times its share (`rate_scales`, in the order the optimizer was built
+    with): Adam divides a gradient by its own scale, so the rate, not the gradient, is what must be scaled."""
+
+    rate_scales: tuple[float, ...] = ()
+
+    def update_step(self, gradient, variable, learning_rate):
+        scale = self.rate_scales[self._get_variable_index(variable)]
+        return super().update_step(gradient, variable, learning_rate * scale)
+
+
+class ScaledAdam(_LayerRates, keras.optimizers.Adam):
+    pass
+
+
+class ScaledAdamW(_LayerRates, keras.optimizers.AdamW):
+    pass
 
 
 class _WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
@@ -380,7 +405,7 @@ def _trainer(phase: Phase, cluster: Cluster, global_batch: int, options: Options
     momentum = recipe.average_momentum(phase.average_epochs, steps) if average else 0.0
     key = (phase.name, id(phase.model), id(phase.augment), id(cluster), steps * phase.epochs, momentum, global_batch,
            options.label_smoothing, options.weight_decay, options.lr_schedule, options.class_weights,
-           options.multi_label, tuple(map(id, kept)))
+           options.multi_label, tuple(map(id, kept)), phase.rate_scales)
     old = reuse.trainer if reuse is not None else None
     if old is not None and old.key == key:
         for variable, value in zip(old.optimizer.variables, old.built):
@@ -393,7 +418,7 @@ def _trainer(phase: Phase, cluster: Cluster, global_batch: int, options: Options
             copy.assign(_value(variable))
         return old
     with cluster.strategy.scope():
-        optimizer, peak = _optimizer(phase.learning_rate, steps * phase.epochs, options, cluster)
+        optimizer, peak = _optimizer(phase.learning_rate, steps * phase.epochs, options, cluster, phase.rate_scales)
         optimizer.build(variables)
         best = [tf.Variable(v.value, trainable=False) for v in kept]
         averaged = [tf.Variable(v.value, trainable=False) for v in variables] if average else []

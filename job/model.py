@@ -160,6 +160,14 @@ def unfreezable_layers(base: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in base.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
+def layer_depths(base: keras.Model, variables: list) -> tuple[list[int | None], int]:
+    """Each variable's layer's depth among the base's layers with weights (None: not the base's, e.g. the head's),
+    and how many such layers there are: what job.recipe.layer_rates scales the rate by."""
+    layers = [layer for layer in unfreezable_layers(base) if layer.weights]
+    depth = {id(w): i for i, layer in enumerate(layers) for w in layer.weights}
+    return [depth.get(id(v)) for v in variables], len(layers)
+
+
 def check_unfreeze(base: keras.Model, unfreeze: int | str, backbone: str) -> int:
     """Number of top layers `unfreeze` names ("all", a count, a layer name); ConfigError when it does not fit."""
     layers = unfreezable_layers(base)

@@ -137,7 +137,9 @@ def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None) -> 
     return "\n".join([*_search_lines(search), *_refit_lines(refit or {}),
         f"- head: {head['epochs']} epochs at {head['learning_rate']} ({head['mode']}), augment: {head['augment']}",
         f"- fine-tuning: {finetune['epochs']} epochs at {finetune['learning_rate']}, "
-        f"unfreeze: {finetune['unfreeze']}, augment: {finetune['augment']}",
+        f"unfreeze: {finetune['unfreeze']}, augment: {finetune['augment']}"
+        + (f", layer-wise rate decay to {finetune['layer_decay']:g} at the first layer"
+           if finetune.get("layer_decay", 1.0) < 1.0 else ""),
         f"- batch {train['batch_size']}, seed {train['seed']}, early stopping on {train['early_stopping_metric']} "
         f"(patience {train['early_stopping_patience']}), label smoothing {train['label_smoothing']}, "
         f"weight decay {train['weight_decay']}, schedule {train['lr_schedule']}, "

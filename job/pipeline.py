@@ -495,7 +495,8 @@ def finetune_phase(run: Run) -> None:
                               validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
                               augment=augment,
                               on_epoch=_on_epoch(run, "finetune") if on_epoch else None,
-                              average_epochs=ft.average_epochs, pause_after=pause_after)
+                              average_epochs=ft.average_epochs, pause_after=pause_after,
+                              rate_scales=_rate_scales(run))
 
         rates = [] if run.parts.from_scratch else search.rates(cfg, run.data.count("validation") > 0)
         if rates and run.state.phase == "head":
@@ -539,8 +540,21 @@ def refit_phases(run: Run) -> None:
         augment = _augmentation(run, cfg.train.finetune.augment, cfg.train.seed + 100)
         phase = loop.Phase(name="refit", model=run.parts.model, dataset_fn=_training_batches(run, refit.SPLIT),
                            **common, epochs=state.refit["finetune_epochs"], learning_rate=state.refit["learning_rate"],
-                           validate=lambda: None, augment=augment, on_epoch=_on_epoch(run, "refit"))
+                           validate=lambda: None, augment=augment, on_epoch=_on_epoch(run, "refit"),
+                           rate_scales=_rate_scales(run))
         loop.run_phase(phase, run.cluster, cfg.train.batch_size, options, run.ckpt, state)
+
+
+def _rate_scales(run: Run) -> tuple[float, ...]:
+    """train.finetune.layer_decay: each trainable variable's share of the fine-tuning rate, by its layer's depth in
+    the base (after unfreezing); () when it is 1 or the base trains from scratch."""
+    from job import model
+
+    lowest = run.cfg.train.finetune.layer_decay
+    if lowest >= 1.0 or run.parts.from_scratch:
+        return ()
+    depths, layers = model.layer_depths(run.parts.base, run.parts.model.trainable_variables)
+    return tuple(recipe.layer_rates(depths, layers, lowest))
 
 
 def _report(run: Run, split: str) -> dict:

@@ -115,6 +115,15 @@ def finetune_schedule(head_epochs: int, head_rate: float, finetune_epochs: int, 
     return finetune_epochs, finetune_rate
 
 
+def layer_rates(depths: Sequence[int | None], layers: int, lowest: float) -> list[float]:
+    """train.finetune.layer_decay: each trained variable's share of the fine-tuning rate, from its layer's depth in
+    the base (0 = the first of `layers` layers with weights; None = not in the base: the head, at the full rate).
+    Geometric from `lowest` at the first layer to 1 at the last, so that the rule reads the same whatever the
+    backbone's layer count; `lowest` 1 = one rate for every layer."""
+    top = layers - 1
+    return [1.0 if d is None or top <= 0 else lowest ** (1.0 - min(d, top) / top) for d in depths]
+
+
 def warmup_steps(total_steps: int) -> int:
     """Linear warm-up before cosine decay: a tenth of the phase's steps, at least one."""
     return max(1, math.ceil(total_steps / 10))

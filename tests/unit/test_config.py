@@ -75,6 +75,8 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("train.lr_schedule=step", "train.lr_schedule:"),
         ("train.label_smoothing=1.5", "train.label_smoothing:"),
         ("train.weight_decay=-1", "train.weight_decay:"),
+        ("train.finetune.layer_decay=0", "train.finetune.layer_decay:"),
+        ("train.finetune.layer_decay=1.5", "train.finetune.layer_decay:"),
         ("train.class_weight=balanced", "train.class_weight:"),
         ("train.class_weight={cat: 0}", "class weights must be > 0"),
         ("train.search.learning_rates=[1e-4, 0]", "train.search.learning_rates: each learning rate must be > 0"),

@@ -296,3 +296,47 @@ def test_a_reused_trainer_trains_at_another_rate_as_a_fresh_one(tmp_path, cluste
     assert second[1] == alone[1] and second[1] != first[1]
     for a, b in zip(second[0], alone[0]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_rate_scales_scale_each_variables_rate(tmp_path, cluster, data):
+    """train.finetune.layer_decay's mechanism: a variable at share 0 does not move, shares of 1 train bit for bit
+    as without shares, and a share in between moves a variable, but not as far as the full rate."""
+    options = loop.Options(patience=0)
+
+    def train(scales, folder):
+        state, model = RunState(), tiny_model(cluster)
+        start = [v.numpy() for v in model.trainable_variables]
+        phase = phase_of(model, data, 2, improving(state))
+        phase.rate_scales = scales
+        loop.run_phase(phase, cluster, BATCH, options, checkpoints(tmp_path / folder, cluster), state)
+        return start, [v.numpy() for v in model.trainable_variables]
+
+    start, plain = train((), "plain")
+    _, ones = train((1.0, 1.0), "ones")
+    _, frozen = train((0.0, 1.0), "frozen")  # kernel, bias
+    _, slow = train((0.1, 1.0), "slow")
+    for a, b in zip(plain, ones):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(frozen[0], start[0])
+    assert not np.array_equal(frozen[1], start[1])
+    assert 0 < np.abs(slow[0] - start[0]).max() < np.abs(plain[0] - start[0]).max()
+
+
+def test_layer_depths_count_the_bases_layers_with_weights():
+    """Each trainable variable's depth among the base's layers with weights (activations have none and do not
+    count); the head's variables are not the base's."""
+    from job import model as model_lib
+
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(2, 3, name="first")(inputs)
+    x = keras.layers.BatchNormalization(name="norm")(x)
+    x = keras.layers.ReLU()(x)
+    base = keras.Model(inputs, keras.layers.Conv2D(2, 3, name="last")(x))
+    head = keras.layers.Dense(2, name="head")
+    whole = keras.Model(inputs, head(keras.layers.GlobalAveragePooling2D()(base(inputs))))
+    model_lib.unfreeze_top(base, 4)
+    depths, layers = model_lib.layer_depths(base, whole.trainable_variables)
+    names = [v.path for v in whole.trainable_variables]
+    assert layers == 3
+    assert dict(zip(names, depths)) == {"first/kernel": 0, "first/bias": 0, "last/kernel": 2, "last/bias": 2,
+                                        "head/kernel": None, "head/bias": None}

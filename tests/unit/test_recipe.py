@@ -89,3 +89,16 @@ def test_the_refit_takes_the_epoch_early_stopping_kept(scores, metric, validated
         records.append(record)
         state.end_epoch(record, (loss, accuracy), metric, patience=0, epochs=len(scores))
     assert recipe.best_epoch(metric, records) == state.best_epoch
+
+
+@given(st.integers(1, 300), st.floats(0.01, 1.0), st.data())
+def test_layer_rates_rise_from_the_lowest_to_the_full_rate(layers, lowest, data):
+    """train.finetune.layer_decay: the first layer at `lowest`, the last and the head (None) at the full rate, never
+    lower with depth, and one rate for all at 1."""
+    depths = data.draw(st.lists(st.one_of(st.none(), st.integers(0, layers - 1)), max_size=40))
+    rates = recipe.layer_rates([0, layers - 1, *depths, None], layers, lowest)
+    assert rates[0] == pytest.approx(lowest if layers > 1 else 1.0) and rates[1] == 1.0 and rates[-1] == 1.0
+    assert all(lowest - 1e-12 <= r <= 1.0 for r in rates)
+    by_depth = sorted((d, r) for d, r in zip(depths, rates[2:-1]) if d is not None)
+    assert all(a[1] <= b[1] for a, b in zip(by_depth, by_depth[1:]))
+    assert recipe.layer_rates(depths, layers, 1.0) == [1.0] * len(depths)
