@@ -27,6 +27,7 @@ it checks only that it runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -424,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1), "machine": machine(),
         "load_average": {"before": before, "after": load_average()},
         "conditions": conditions(mode, kind), "tasks": results,
+        # the pre-trained bases' digests: runs compare like for like only on the same bases (pre-training on
+        # another machine can give other weights, and then other scores for the same seed)
+        "bases": {b: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for b, path in bases.items()},
     }
     if any(r["task"]["multi_label"] for r in results.values()):
         report["multilabel_conditions"] = multilabel_conditions()

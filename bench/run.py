@@ -88,6 +88,7 @@ def child_env(endpoint: str, quick: bool = False) -> dict[str, str]:
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
     kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")), 0)
 
@@ -101,6 +102,8 @@ def machine() -> dict:
 
     return {
         "cpu_model": models[0] if models else platform.processor() or "unknown",
+        # which kernels TensorFlow picks: results are bit for bit the same only on machines alike in this too
+        "cpu_vector": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other",
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "ram_gib": round(kib / 2**20, 1),
         "os": platform.platform(),
