@@ -196,14 +196,16 @@ def test_predict_refuses_tampered_model(trained, s3):
 
 
 def test_mixed_precision_path_trains_on_two_replicas(s3, sample_data, base_weights, tmp_path):
-    """The GPU path (mixed_float16, loss scaling, the replicas' shared overflow check), forced on CPU."""
+    """The GPU path (mixed_float16, loss scaling, the replicas' shared overflow check), forced on CPU; with
+    train.finetune.layer_decay, whose scaled optimizer runs inside the loss-scale optimizer on each replica."""
     cfg = write_config(
         tmp_path / "c.yaml",
         run_id="mixed",
         data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
         model={"backbone": BACKBONE, "weights": str(base_weights), "head_units": 32},
         train={"batch_size": 16, "mixed_precision": True, "head": {"epochs": 2, "mode": "end_to_end"},
-               "finetune": {"epochs": 1, "unfreeze": 10}},
+               # layer-wise rate decay's per-variable rates inside the loss-scaled update, on two replicas
+               "finetune": {"epochs": 1, "unfreeze": 10, "layer_decay": 0.5}},
         distribution={"cpu_replicas": 2},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0, "linger_seconds": 0},
@@ -222,6 +224,7 @@ def test_mixed_precision_path_trains_on_two_replicas(s3, sample_data, base_weigh
     assert manifest["strategy"]["mixed_precision"] is True
     assert [t["learning_rate"] for t in manifest["search"]] == [1.0e-4, 3.0e-4]
     assert all(np.isfinite(t["val_loss"]) for t in manifest["search"])
+    assert "layer-wise rate decay to 0.5 at the first layer" in (tmp_path / "out/mixed/MODEL_CARD.md").read_text()
 
 
 XLA_RUN = """
