@@ -121,6 +121,7 @@ def hparams(cfg) -> dict:
             "head_epochs": t.head.epochs, "head_learning_rate": t.head.learning_rate, "head_mode": t.head.mode,
             "finetune_epochs": t.finetune.epochs, "finetune_learning_rate": t.finetune.learning_rate,
             "unfreeze": str(t.finetune.unfreeze), "augment": str(t.finetune.augment),
+            "layer_decay": t.finetune.layer_decay,
             "class_weight": str(t.class_weight), "early_stopping_metric": t.early_stopping_metric,
             "label_smoothing": t.label_smoothing, "weight_decay": t.weight_decay, "lr_schedule": t.lr_schedule}
 
