@@ -100,7 +100,7 @@ def _optimizer(learning_rate: float, total_steps: int, options: Options, cluster
     else:
         opt = adam(rate)
     if rate_scales:
-        opt.rate_scales = tuple(rate_scales)
+        opt.rate_scales = rate_scales
     return (keras.mixed_precision.LossScaleOptimizer(opt) if cluster.mixed_precision else opt), peak
 
 

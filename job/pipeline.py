@@ -488,6 +488,7 @@ def finetune_phase(run: Run) -> None:
             model.unfreeze(run.parts, run.unfreeze)
 
         augment = _augmentation(run, ft.augment, cfg.train.seed + 100)  # one for every trial: one traced step
+        scales = _rate_scales(run)  # the unfrozen variables' shares of the rate, alike for every trial
 
         def phase(learning_rate: float, pause_after: int = 0, on_epoch: bool = False):
             return loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
@@ -495,8 +496,7 @@ def finetune_phase(run: Run) -> None:
                               validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
                               augment=augment,
                               on_epoch=_on_epoch(run, "finetune") if on_epoch else None,
-                              average_epochs=ft.average_epochs, pause_after=pause_after,
-                              rate_scales=_rate_scales(run))
+                              average_epochs=ft.average_epochs, pause_after=pause_after, rate_scales=scales)
 
         rates = [] if run.parts.from_scratch else search.rates(cfg, run.data.count("validation") > 0)
         if rates and run.state.phase == "head":
