@@ -45,6 +45,7 @@ from run import (  # noqa: E402
 )
 
 BUCKET = "scale"
+WAYS = ("objects", "manifest", "shards", "shards_stream", "objects_tenth")
 IMAGE_SIZE = [32, 32]
 # A random base (bench/run.py random_base), so that every way runs the two-phase transfer recipe whose stages
 # it times: with `model.weights: none` the job skips the head phase and trains every layer from scratch.
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ways", default="", help="comma-separated ways to run (default all; e.g. shards,"
                         "shards_stream); a partial run writes its JSON only, not docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
+    unknown = set(args.ways.split(",")) - set(WAYS) - {""}
+    if unknown:
+        parser.error(f"--ways: unknown {', '.join(sorted(unknown))} (ways: {', '.join(WAYS)})")
     full = {"train": 60000, "test": 10000}
     sizes = {k: v // (100 if args.quick else 1) for k, v in full.items()}
     tenth = {k: v // 10 for k, v in sizes.items()}
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"pack failed: {packed.stderr[-2000:]}")
             uploads["shards"] = {"pack_seconds": round(time.monotonic() - t0, 1), "said": packed.stdout.strip()}
             listing = min(bare_listing(s3, "objects") for _ in range(2)) if objects_needed else 0.0
-            ways = {
+            ways = {  # data and fine-tuning epochs of each way (WAYS)
                 "objects": ({"uri": f"s3://{BUCKET}/objects", "staging": "copy"}, 2),
                 "manifest": ({"uri": f"s3://{BUCKET}/objects", "manifest": f"s3://{BUCKET}/manifest.csv",
                               "staging": "copy"}, 2),
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 "shards_stream": ({"uri": f"s3://{BUCKET}/shards", "staging": "stream"}, 2),
                 "objects_tenth": ({"uri": f"s3://{BUCKET}/tenth", "staging": "copy"}, 2),
             }
-            picked = [w for w in args.ways.split(",") if w] or list(ways)
+            picked = [w for w in args.ways.split(",") if w] or list(WAYS)
             for name, (data, epochs) in ((w, ways[w]) for w in picked):
                 log(f"run: {name}")
                 runs[name] = one_run(name, data, tmp, env, epochs, backbone)
@@ -243,26 +247,27 @@ def tables(report: dict) -> str:
 
 
 def build_report(quick: bool, sizes: dict, uploads: dict, listing: float, runs: dict) -> dict:
+    """The runs and each target whose runs are there: all of them unless `--ways` picked some (mode "partial")."""
     later = lambda r: r["finetune_images_per_s"][-1]  # noqa: E731 - after the first epoch
-    if set(runs) == {"shards", "shards_stream"}:  # --ways shards,shards_stream: the streaming target alone
-        return {"mode": "partial", "images": sizes, "runs": runs, "targets": {
-            "stream_vs_copy_training_images_per_s": target(later(runs["shards_stream"]) / later(runs["shards"]), 0.9,
-                                                           "higher")}}
-    objects, shards, stream = runs["objects"], runs["shards"], runs["shards_stream"]
-    return {
-        "mode": "quick" if quick else "full", "images": sizes, "uploads": uploads,
-        "bare_listing_seconds": round(listing, 2), "runs": runs,
-        "targets": {
-            "shards_stage_vs_objects": target(objects["stage_seconds"]["download_seconds"]
-                                              / shards["stage_seconds"]["download_seconds"], 5.0, "higher"),
-            "peak_rss_all_vs_tenth": target(objects["peak_rss_mib"] / runs["objects_tenth"]["peak_rss_mib"], 1.1,
-                                            "lower"),
-            "validate_objects_seconds": target(objects["validate_seconds"], 15.0, "lower", "s"),
-            "validate_vs_bare_listing": target(objects["validate_seconds"] / max(listing, 1e-3), 1.5, "lower"),
-            "stream_vs_copy_training_images_per_s": target(later(stream) / later(shards), 0.9, "higher"),
-        },
+    needs = {
+        "shards_stage_vs_objects": (("objects", "shards"), lambda: target(
+            runs["objects"]["stage_seconds"]["download_seconds"] / runs["shards"]["stage_seconds"]["download_seconds"],
+            5.0, "higher")),
+        "peak_rss_all_vs_tenth": (("objects", "objects_tenth"), lambda: target(
+            runs["objects"]["peak_rss_mib"] / runs["objects_tenth"]["peak_rss_mib"], 1.1, "lower")),
+        "validate_objects_seconds": (("objects",), lambda: target(runs["objects"]["validate_seconds"], 15.0, "lower",
+                                                                  "s")),
+        "validate_vs_bare_listing": (("objects",), lambda: target(
+            runs["objects"]["validate_seconds"] / max(listing, 1e-3), 1.5, "lower")),
+        "stream_vs_copy_training_images_per_s": (("shards", "shards_stream"), lambda: target(
+            later(runs["shards_stream"]) / later(runs["shards"]), 0.9, "higher")),
     }
-
+    complete = set(runs) == set(WAYS)
+    return {
+        "mode": ("quick" if quick else "full") if complete else "partial", "images": sizes, "uploads": uploads,
+        "bare_listing_seconds": round(listing, 2), "runs": runs,
+        "targets": {key: make() for key, (ways, make) in needs.items() if set(ways) <= set(runs)},
+    }
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
