@@ -46,7 +46,7 @@ PROFILES = {
                      "batch_size": 32, "epochs": 3, "rounds": 3, "replica_pairs": 2},
         "startup": {"help_runs": 9, "objects": 10_000, "validate_runs": 3},
         "memory": {"classes": 4, "per_class": 64, "factor": 4, "source_px": 64, "image_size": [64, 64],
-                   "batch_size": 32},
+                   "batch_size": 32, "finetune_epochs": 1},
         "formats": {"classes": 4, "per_class": 60, "test_per_class": 50, "source_px": 48, "image_size": [64, 64],
                     "batch_size": 32, "epochs": 6, "rounds": 5, "calls": 20},
         "stages": {"classes": 5, "per_class": 60, "larger": 10, "source_px": 32, "image_size": [32, 32],
@@ -58,12 +58,14 @@ PROFILES = {
         "training": {"classes": 2, "per_class": 16, "source_px": 32, "image_size": [32, 32], "batch_size": 16,
                      "epochs": 2, "rounds": 1, "replica_pairs": 1},
         "startup": {"help_runs": 3, "objects": 200, "validate_runs": 1},
+        # No fine-tuning in the quick memory and stages runs (its trace is most of a tiny run's training time):
+        # the formats run and the training-loop section fine-tune.
         "memory": {"classes": 2, "per_class": 8, "factor": 4, "source_px": 32, "image_size": [32, 32],
-                   "batch_size": 16},
+                   "batch_size": 16, "finetune_epochs": 0},
         "formats": {"classes": 2, "per_class": 8, "test_per_class": 4, "source_px": 32, "image_size": [32, 32],
                     "batch_size": 16, "epochs": 1, "rounds": 1, "calls": 2},
         "stages": {"classes": 2, "per_class": 8, "larger": 2, "source_px": 32, "image_size": [32, 32],
-                   "head_epochs": 2, "finetune_epochs": 1},
+                   "head_epochs": 2, "finetune_epochs": 0},
     },
 }
 
@@ -408,7 +410,8 @@ def bench_memory(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
             "run_id": f"memory-{label}",
             "data": {"uri": uri, "image_size": cfg["image_size"], "cache_dir": str(tmp / f"cache-{label}")},
             "model": {"backbone": cfg["backbone"], "weights": "s3://bench-memory/weights/base.weights.h5"},
-            "train": {"batch_size": cfg["batch_size"], "head": {"epochs": 1}, "finetune": {"epochs": 1}},
+            "train": {"batch_size": cfg["batch_size"], "head": {"epochs": 1},
+                      "finetune": {"epochs": cfg["finetune_epochs"]}},
             "output": {"uri": "s3://bench-memory/models"},
             "metrics": {"port": 0, "linger_seconds": 0},
             "export": {"formats": ["saved_model"]},
@@ -426,7 +429,7 @@ def bench_memory(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
             "image_size": cfg["image_size"], "batch_size": cfg["batch_size"],
             "backbone": f"{cfg['backbone']}, {RANDOM_BASE}",
             "run": "finetune-job train from S3: staging, decode check, cached-features head 1 epoch, "
-                   "fine-tune 1 epoch, evaluation, export, upload",
+                   f"fine-tune {cfg['finetune_epochs']} epoch(s), evaluation, export, upload",
             "peak_rss": "ru_maxrss of the finetune-job process (wait4)",
         },
         "measurements": runs,

@@ -11,7 +11,10 @@ SavedModel; the base is a random MobileNetV2 saved once and staged from the same
 the run's manifest, objects/s and bytes/s of staging, peak RSS (wait4) and the disk the cache took; the
 shards once more with `data.staging: stream`. A bare paginated boto3 listing of the same bucket is the
 yardstick for `validate`, and a copy run on a tenth of the images the one for memory. `--quick` does
-the same with 700 images on a MobileNet (v1) base, without train.search's trials (the test suite's check).
+the same with 700 images on a MobileNet (v1) base, without train.search's trials, for the test suite: every
+upload, the manifest and the pack, then two of the ways (QUICK_WAYS: objects copied, shards streamed), which
+between them take each of the bench's own paths; the job's own reading of every way is tested by
+tests/e2e/test_datasets.py, and the report's targets for any pick of ways by tests/unit/test_scale_report.py.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from run import (  # noqa: E402
 
 BUCKET = "scale"
 WAYS = ("objects", "manifest", "shards", "shards_stream", "objects_tenth")
+QUICK_WAYS = ("objects", "shards_stream")
 IMAGE_SIZE = [32, 32]
 # A random base (bench/run.py random_base), so that every way runs the two-phase transfer recipe whose stages
 # it times: with `model.weights: none` the job skips the head phase and trains every layer from scratch.
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         backbone = QUICK_BACKBONE if args.quick else BACKBONE
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as t:
             tmp = Path(t)
-            objects_needed = not args.ways or bool({"objects", "manifest", "objects_tenth"} & set(args.ways.split(",")))
+            picked = [w for w in args.ways.split(",") if w] or list(QUICK_WAYS if args.quick else WAYS)
+            objects_needed = bool({"objects", "manifest", "objects_tenth"} & set(picked))
             if objects_needed:
                 log(f"uploading {sum(sizes.values())} objects")
                 uploads["objects"] = upload(s3, folder, "objects")
@@ -191,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
                 "shards_stream": ({"uri": f"s3://{BUCKET}/shards", "staging": "stream"}, 2),
                 "objects_tenth": ({"uri": f"s3://{BUCKET}/tenth", "staging": "copy"}, 2),
             }
-            picked = [w for w in args.ways.split(",") if w] or list(WAYS)
             for name, (data, epochs) in ((w, ways[w]) for w in picked):
                 log(f"run: {name}")
                 runs[name] = one_run(name, data, tmp, env, epochs, backbone)
@@ -247,7 +251,8 @@ def tables(report: dict) -> str:
 
 
 def build_report(quick: bool, sizes: dict, uploads: dict, listing: float, runs: dict) -> dict:
-    """The runs and each target whose runs are there: all of them unless `--ways` picked some (mode "partial")."""
+    """The runs and each target whose runs are there: all of them in a full run, those of its ways in a quick
+    one or one that `--ways` picked (mode "partial")."""
     later = lambda r: r["finetune_images_per_s"][-1]  # noqa: E731 - after the first epoch
     needs = {
         "shards_stage_vs_objects": (("objects", "shards"), lambda: target(
@@ -262,10 +267,9 @@ def build_report(quick: bool, sizes: dict, uploads: dict, listing: float, runs: 
         "stream_vs_copy_training_images_per_s": (("shards", "shards_stream"), lambda: target(
             later(runs["shards_stream"]) / later(runs["shards"]), 0.9, "higher")),
     }
-    complete = set(runs) == set(WAYS)
     return {
-        "mode": ("quick" if quick else "full") if complete else "partial", "images": sizes, "uploads": uploads,
-        "bare_listing_seconds": round(listing, 2), "runs": runs,
+        "mode": "quick" if quick else "full" if set(runs) == set(WAYS) else "partial", "images": sizes,
+        "uploads": uploads, "bare_listing_seconds": round(listing, 2), "runs": runs,
         "targets": {key: make() for key, (ways, make) in needs.items() if set(ways) <= set(runs)},
     }
 

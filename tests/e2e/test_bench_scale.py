@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_quick_scale_bench_writes_well_formed_results(tmp_path):
-    """`make bench-scale` on 700 Fashion-MNIST images: every way of keeping the data runs and reports."""
+    """`make bench-scale` on 700 Fashion-MNIST images: the uploads, the manifest and the pack, then its quick ways
+    (objects copied, shards streamed) run and report, with the targets those two ways measure."""
     need_fashion_mnist()
     out = tmp_path / "scale.json"
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--out", str(out),
@@ -25,12 +26,16 @@ def test_quick_scale_bench_writes_well_formed_results(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["mode"] == "quick" and result["images"] == {"train": 600, "test": 100}
+    assert result["uploads"]["objects"]["objects"] == 700 and result["uploads"]["tenth"]["objects"] == 70
+    assert "shards" in result["uploads"]["shards"]["said"] and result["bare_listing_seconds"] > 0
     runs = result["runs"]
-    assert set(runs) == {"objects", "manifest", "shards", "shards_stream", "objects_tenth"}
-    assert [runs[w]["staging"]["mode"] for w in ("objects", "shards", "shards_stream")] == ["copy", "copy", "stream"]
-    assert runs["objects"]["images"] == runs["manifest"]["images"] == runs["shards"]["images"] == 700
+    assert set(runs) == {"objects", "shards_stream"}
+    assert [runs[w]["staging"]["mode"] for w in ("objects", "shards_stream")] == ["copy", "stream"]
+    assert runs["objects"]["images"] == runs["shards_stream"]["images"] == 700
     for name, run in runs.items():
         assert 0 <= run["test_accuracy"] <= 1, name
         assert len(run["finetune_images_per_s"]) == 2, name
+        assert run["peak_rss_mib"] > 0 and run["validate_seconds"] > 0, name
+    assert set(result["targets"]) == {"validate_objects_seconds", "validate_vs_bare_listing"}
     for key, t in result["targets"].items():
         assert {"value", "target", "better", "met"} <= set(t) and math.isfinite(t["value"]), key

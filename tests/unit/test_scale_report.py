@@ -25,7 +25,7 @@ def test_the_report_has_each_target_whose_runs_are_there(ways, seconds, quick):
     runs = {w: a_run(seconds if w == "objects" else 1.0) for w in ways}
     report = scale.build_report(quick, {"train": 600, "test": 100}, {}, 2.0, runs)
     assert set(report["targets"]) == {key for key, needs in TARGET_RUNS.items() if needs <= ways}
-    assert report["mode"] == (("quick" if quick else "full") if ways == set(scale.WAYS) else "partial")
+    assert report["mode"] == ("quick" if quick else "full" if ways == set(scale.WAYS) else "partial")
     assert report["runs"] is runs
     if "validate_objects_seconds" in report["targets"]:
         assert report["targets"]["validate_objects_seconds"]["value"] == round(seconds, 4)
