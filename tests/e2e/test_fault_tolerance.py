@@ -113,14 +113,9 @@ def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(s3, da
     manifest = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/two-workers/manifest.json")["Body"].read())
     assert manifest["strategy"]["workers"] == 2 and manifest["strategy"]["kind"] == "multi_worker"
 
-    single = run_cli("train", "--config", str(make_config(tmp_path / "one.yaml", dataset, "one-worker",
-                                                          tmp_path / "cache-single")), env=s3.env())
-    assert single.returncode == 0, single.stderr[-1500:]
-    # Both learned: clearly above chance (1/3; about 0.9 here). Exact equality is the workers' weights above,
-    # and tests/test_train.py's same-seed runs; two workers and one device see different batches.
-    multi_acc = procs[0].lines[-1]["test_accuracy"]
-    single_acc = single.records()[-1]["test_accuracy"]
-    assert multi_acc > 0.6 and single_acc > 0.6, (multi_acc, single_acc)
+    # It learned: clearly above chance (1/3; about 0.9 here). Exact equality is the workers' weights above, and
+    # tests/test_train.py's same-seed runs; one device learning the same task is checked there too.
+    assert procs[0].lines[-1]["test_accuracy"] > 0.6, procs[0].lines[-1]
 
 
 def test_a_worker_alone_fails_clearly_within_the_timeout(s3, dataset, tmp_path):
