@@ -166,18 +166,22 @@ def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[
         probs = model(images, training=False)
         return {"probabilities": probs, "label": tf.gather(labels, tf.argmax(probs, axis=-1))}
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve(image_bytes):
         out = outputs(tf.map_fn(lambda b: decode_and_resize(b, image_size), image_bytes, fn_output_signature=shape))
         if multi:
             out["labels"] = tf.where(out["above"] > 0.5, labels[tf.newaxis, :], tf.constant(""))
         return out
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(name="serving_default", fn=serve,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint(name="serving_pixels", fn=outputs)
-    archive.write_out(str(path), verbose=False)
+    # A plain tf.Module holding the TensorFlow variables the two functions read and the functions, not Keras'
+    # ExportArchive tracking the model: the archive walked every layer's trackable children and wrote each variable
+    # twice (26 MB against 13 MB for MobileNet at 32x32; 4.6 s against 2.1 s to write on 2 cores). The signatures
+    # compute the same, bit for bit. The variables are the traced functions' own (what the archive keeps too): the
+    # LiteRT converter freezes those into constants, where Keras' variable wrappers left READ_VARIABLE ops behind.
+    served = tf.Module()
+    served.model_variables = list(serve.get_concrete_function().variables)
+    served.outputs, served.serve = outputs, serve
+    tf.saved_model.save(served, str(path), signatures={"serving_default": serve, "serving_pixels": outputs})
 
 
 def write_json(path: Path, data) -> None:
