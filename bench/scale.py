@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="700 images: shows that the bench runs")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
-    parser.add_argument("--ways", default="", help="comma-separated ways to run (default all; e.g. shards,"
-                        "shards_stream); a partial run writes its JSON only, not docs/BENCHMARKS.md")
+    parser.add_argument("--ways", default="", help="comma-separated ways to run (default all, or objects,shards_stream "
+                        "with --quick; e.g. shards,shards_stream); a partial run writes its JSON only, not "
+                        "docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     unknown = set(args.ways.split(",")) - set(WAYS) - {""}
     if unknown:
