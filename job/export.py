@@ -178,8 +178,10 @@ def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[
     # twice (26 MB against 13 MB for MobileNet at 32x32; 4.6 s against 2.1 s to write on 2 cores). The signatures
     # compute the same, bit for bit. The variables are the traced functions' own (what the archive keeps too): the
     # LiteRT converter freezes those into constants, where Keras' variable wrappers left READ_VARIABLE ops behind.
+    # In name order: a concrete function lists its captured variables in an order that changes from process to
+    # process, which made two runs of one seed write the same values in different orders.
     served = tf.Module()
-    served.model_variables = list(serve.get_concrete_function().variables)
+    served.model_variables = sorted(serve.get_concrete_function().variables, key=lambda v: v.name)
     served.outputs, served.serve = outputs, serve
     tf.saved_model.save(served, str(path), signatures={"serving_default": serve, "serving_pixels": outputs})
 
