@@ -1,0 +1,47 @@
+"""What the probes (`flip_probe.py`, `wise_probe.py`) share: their arguments, the tasks and bases in an S3 server on
+127.0.0.1 as the quality bench has them, and scoring an exported SavedModel through its bytes-in signature."""
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import quality
+import quality_data
+import tensorflow as tf
+from run import S3Server, child_env
+
+
+@contextlib.contextmanager
+def session(argv: list[str], prefix: str):
+    """TASKS BACKBONE SEEDS OUT.json -> (tasks, backbone, seeds, out: the result file, results: what it holds,
+    env and folders for `quality.job_run`, tmp: a folder for the runs), with the task data uploaded."""
+    tasks, backbone, seeds, out = argv[0].split(","), argv[1], [int(s) for s in argv[2].split(",")], Path(argv[3])
+    s3 = S3Server()
+    try:
+        env = child_env(s3.endpoint)
+        _, folders = quality.upload(s3, "full", Path(__file__).resolve().parent / "cache", env, [backbone],
+                                    [t for t in quality_data.tasks(False) if t.name in tasks])
+        with tempfile.TemporaryDirectory(prefix=prefix) as d:
+            yield SimpleNamespace(tasks=tasks, backbone=backbone, seeds=seeds, out=out, env=env, folders=folders,
+                                  tmp=Path(d), results=json.loads(out.read_text()) if out.exists() else {})
+    finally:
+        s3.close()
+
+
+def split_files(classes: list[str], folder: Path) -> tuple[list[bytes], np.ndarray]:
+    """One split's PNG files (bytes) and their class indices."""
+    files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).glob("*.png"))]
+    return [p.read_bytes() for p, _ in files], np.array([i for _, i in files])
+
+
+def probabilities(serve, images: list[bytes]) -> np.ndarray:
+    return np.concatenate([serve(image_bytes=tf.constant(images[i:i + 256]))["probabilities"].numpy()
+                           for i in range(0, len(images), 256)])
+
+
+def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
+    right = probs[np.arange(len(labels)), labels]
+    return {"accuracy": float((probs.argmax(1) == labels).mean()),
+            "loss": float(-np.log(np.clip(right, 1e-7, 1)).mean())}
