@@ -22,11 +22,13 @@ $(VENV)/.installed: pyproject.toml
 
 # Tests by tier: tests/unit (no TensorFlow, or tiny models on one CPU device; under 2 minutes),
 # tests/e2e (real training, real S3 server, Prometheus), tests/deploy (chart, Dockerfile, alerts).
-# Two workers, each taking whole files (module fixtures such as a shared training run stay shared): the
-# suite waits on subprocesses, servers and timeouts as much as it computes. --no-loadscope-reorder keeps the
-# order tests/conftest.py gives (the longest files first); xdist's default puts the files with the most tests
-# first, so the benchmarks' one-test files, the longest, came last and one worker ran them while the other idled.
-TEST_WORKERS ?= 2
+# Three workers on the 2-core machines, each taking whole files (module fixtures such as a shared training run
+# stay shared): the suite waits on subprocesses, servers and timeouts as well as computing, and a third worker fills
+# that (2026-12-06, one tree, quiet: 2 workers 19 min 35 s, 3 17 min 29 s, 4 17 min 47 s; the unit tier 76, 65-72
+# and 62-65 s). --no-loadscope-reorder keeps the order tests/conftest.py gives (the longest files first); xdist's
+# default puts the files with the most tests first, so the benchmarks' one-test files, the longest, came last and
+# one worker ran them while the others idled.
+TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: install
 	$(PY) -m pytest tests $(XDIST)

@@ -89,7 +89,7 @@ def base_weights(tmp_path_factory, worker_id) -> Path:
     """A BACKBONE base trained here (ImageNet weights cannot be downloaded on CI), on 200 images of each
     sample class that are not the sample data's own: enough for features that put the tests' runs far
     above chance, so that no test's accuracy check sits near its threshold. Trained once per session: with
-    pytest-xdist (`make test` runs two workers) the first worker trains it, under a lock, for all."""
+    pytest-xdist (`make test` runs three workers) the first worker trains it, under a lock, for all."""
     import fcntl
 
     from job.sample_data import write_sample_dataset
@@ -230,7 +230,7 @@ def free_ports(n: int) -> list[int]:
 
 
 # The longest files first (seconds of the 2026-12-05 fresh-clone run after the suite's diet: test_train about 200,
-# test_fault_tolerance 193, ...): `make test` runs two workers that take whole files in collection order, and the
+# test_fault_tolerance 193, ...): `make test` runs three workers that take whole files in collection order, and the
 # long ones then overlap instead of one finishing alone at the end (with --no-loadscope-reorder, as the Makefile
 # passes it: xdist's default reorders files by their number of tests). Within a file the order is kept. The second
 # file needs no `base_weights`, so that the second worker starts on it while the first trains the shared base.
