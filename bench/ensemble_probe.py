@@ -13,8 +13,6 @@ import sys
 
 import numpy as np
 import probes
-import quality
-import tensorflow as tf
 
 SPLITS = ("validation", "test")
 
@@ -27,10 +25,7 @@ def main(argv: list[str]) -> int:
                 continue
             probs, labels, runs = {}, {}, {}
             for seed in p.seeds:
-                runs[seed] = quality.job_run(task, seed, "job_default", {}, p.tmp, p.env, backbone=p.backbone)
-                art = p.tmp / "runs" / f"{task}-{p.backbone}-job_default-s{seed}"
-                classes = (art / "labels.txt").read_text().split()
-                serve = tf.saved_model.load(str(art / "saved_model")).signatures["serving_default"]
+                runs[seed], classes, serve = probes.defaults_run(p, task, seed)
                 for split in SPLITS:
                     images, labels[split] = probes.split_files(classes, p.folders[task] / split)
                     probs[seed, split] = probes.probabilities(serve, images)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import probes
-import quality
 import tensorflow as tf
 
 
@@ -29,10 +28,7 @@ def main(argv: list[str]) -> int:
     with probes.session(argv, "flip-probe-") as p:
         for task in p.tasks:
             for seed in p.seeds:
-                r = quality.job_run(task, seed, "job_default", {}, p.tmp, p.env, backbone=p.backbone)
-                artifacts = p.tmp / "runs" / f"{task}-{p.backbone}-job_default-s{seed}"
-                classes = (artifacts / "labels.txt").read_text().split()
-                serve = tf.saved_model.load(str(artifacts / "saved_model")).signatures["serving_default"]
+                r, classes, serve = probes.defaults_run(p, task, seed)
                 key = f"{task}, {p.backbone}, s{seed}"
                 p.results[key] = {**{split: score(serve, classes, p.folders[task] / split)
                                      for split in ("validation", "test")},

@@ -1,5 +1,6 @@
-"""What the probes (`flip_probe.py`, `wise_probe.py`) share: their arguments, the tasks and bases in an S3 server on
-127.0.0.1 as the quality bench has them, and scoring an exported SavedModel through its bytes-in signature."""
+"""What the probes (`flip_probe.py`, `wise_probe.py`, `ensemble_probe.py`) share: their arguments, the tasks
+and bases in an S3 server on 127.0.0.1 as the quality bench has them, the defaults' run, and scoring an exported
+SavedModel through its bytes-in signature."""
 import contextlib
 import json
 import tempfile
@@ -28,6 +29,15 @@ def session(argv: list[str], prefix: str):
                                   tmp=Path(d), results=json.loads(out.read_text()) if out.exists() else {})
     finally:
         s3.close()
+
+
+def defaults_run(p: SimpleNamespace, task: str, seed: int) -> tuple[dict, list[str], object]:
+    """The job's defaults on the task, as the quality bench runs them: (its scores, its classes, its exported
+    SavedModel's bytes-in signature)."""
+    result = quality.job_run(task, seed, "job_default", {}, p.tmp, p.env, backbone=p.backbone)
+    artifacts = p.tmp / "runs" / f"{task}-{p.backbone}-job_default-s{seed}"
+    serve = tf.saved_model.load(str(artifacts / "saved_model")).signatures["serving_default"]
+    return result, (artifacts / "labels.txt").read_text().split(), serve
 
 
 def split_files(classes: list[str], folder: Path) -> tuple[list[bytes], np.ndarray]:
