@@ -112,10 +112,9 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
     except BaseException as exc:  # noqa: BLE001 - every failure leaves through _fail
         _fail(exc)
     try:
-        logs.quiet_tensorflow()
         from job import pipeline
 
-        summary = pipeline.train(cfg)
+        summary = pipeline.train(cfg)  # it loads TensorFlow once the dataset is listed
     except BaseException as exc:  # noqa: BLE001
         from job.errors import Preempted
 

@@ -61,3 +61,29 @@ def test_the_filter_drops_chatter_written_to_the_file_descriptor():
     assert out.index("a Python warning") < out.index("after")  # order kept, nothing lost after the filter ends
     everything = _child("0")
     assert "chatter" in everything and "an error" in everything and "after" in everything
+
+
+HIDDEN = """
+import sys
+from job import logs
+with logs.matplotlib_hidden():
+    try:
+        import matplotlib.pyplot
+    except ImportError as e:
+        print("hidden:", type(e).__name__)
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+print("after:", plt.get_backend())
+with logs.matplotlib_hidden():  # once loaded, it stays visible
+    import matplotlib.figure
+    print("loaded:", matplotlib.figure.__name__)
+"""
+
+
+def test_matplotlib_is_hidden_while_tensorflow_loads_and_importable_after():
+    """Keras' "matplotlib is not installed" fallback while TensorFlow loads (job/logs.py matplotlib_hidden); the
+    job's plots import it afterwards as usual."""
+    out = subprocess.run([sys.executable, "-c", HIDDEN], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.splitlines()
+    assert out == ["hidden: ModuleNotFoundError", "after: Agg", "loaded: matplotlib.figure"]
