@@ -11,7 +11,7 @@ SavedModel; the base is a random MobileNetV2 saved once and staged from the same
 the run's manifest, objects/s and bytes/s of staging, peak RSS (wait4) and the disk the cache took; the
 shards once more with `data.staging: stream`. A bare paginated boto3 listing of the same bucket is the
 yardstick for `validate`, and a copy run on a tenth of the images the one for memory. `--quick` does
-the same with 700 images on a MobileNet (v1) base, without train.search's trials, for the test suite: every
+the same with 350 images on a MobileNet (v1) base, without train.search's trials, for the test suite: every
 upload, the manifest and the pack, then two of the ways (QUICK_WAYS: objects copied, shards streamed), which
 between them take each of the bench's own paths; the job's own reading of every way is tested by
 tests/e2e/test_datasets.py, and the report's targets for any pick of ways by tests/unit/test_scale_report.py.
@@ -148,7 +148,7 @@ def _timed(args, env):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="700 images: shows that the bench runs")
+    parser.add_argument("--quick", action="store_true", help="350 images: shows that the bench runs")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--ways", default="", help="comma-separated ways to run (default all, or objects,shards_stream "
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--ways: unknown {', '.join(sorted(unknown))} (ways: {', '.join(WAYS)})")
     full = {"train": 60000, "test": 10000}
-    sizes = {k: v // (100 if args.quick else 1) for k, v in full.items()}
+    sizes = {k: v // (200 if args.quick else 1) for k, v in full.items()}
     tenth = {k: v // 10 for k, v in sizes.items()}
     started, before = time.time(), load_average()
     folder = write_images(args.cache / ("scale-quick" if args.quick else "scale") / "all", sizes)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_quick_scale_bench_writes_well_formed_results(tmp_path):
-    """`make bench-scale` on 700 Fashion-MNIST images: the uploads, the manifest and the pack, then its quick ways
+    """`make bench-scale` on 350 Fashion-MNIST images: the uploads, the manifest and the pack, then its quick ways
     (objects copied, shards streamed) run and report, with the targets those two ways measure."""
     need_fashion_mnist()
     out = tmp_path / "scale.json"
@@ -25,13 +25,14 @@ def test_quick_scale_bench_writes_well_formed_results(tmp_path):
                         "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-4000:]
     result = json.loads(out.read_text())
-    assert result["mode"] == "quick" and result["images"] == {"train": 600, "test": 100}
-    assert result["uploads"]["objects"]["objects"] == 700 and result["uploads"]["tenth"]["objects"] == 70
+    assert result["mode"] == "quick" and result["images"] == {"train": 300, "test": 50}
+    # The tenth: 3 training images per class; its 5 test images are none per class.
+    assert result["uploads"]["objects"]["objects"] == 350 and result["uploads"]["tenth"]["objects"] == 30
     assert "shards" in result["uploads"]["shards"]["said"] and result["bare_listing_seconds"] > 0
     runs = result["runs"]
     assert set(runs) == {"objects", "shards_stream"}
     assert [runs[w]["staging"]["mode"] for w in ("objects", "shards_stream")] == ["copy", "stream"]
-    assert runs["objects"]["images"] == runs["shards_stream"]["images"] == 700
+    assert runs["objects"]["images"] == runs["shards_stream"]["images"] == 350
     for name, run in runs.items():
         assert 0 <= run["test_accuracy"] <= 1, name
         assert len(run["finetune_images_per_s"]) == 2, name
