@@ -459,7 +459,12 @@ def bench_stages(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
                        cfg["backbone"])
     s3.upload([("bench-stages", "weights/base.weights.h5", base)])
     uris: dict[int, str] = {}
+    done: dict[str, str] = {}  # a plan's data and train settings -> the run that had them
     for name, (per_class, train) in plans.items():
+        same = done.setdefault(json.dumps([per_class, train], sort_keys=True), name)
+        if same != name:  # quick mode: without fine-tuning, `small` is `head_cached`; one run serves both
+            runs[name] = runs[same]
+            continue
         if per_class not in uris:
             data = sample(tmp / f"stages-{per_class}", cfg["classes"], per_class, cfg["source_px"],
                           test_per_class=max(2, per_class // 4))
