@@ -127,34 +127,30 @@ def resumed_from(records: list[dict]) -> dict:
     return next(r for r in records if r["event"] == "resuming from checkpoint")
 
 
-@pytest.mark.parametrize("where", ["in the second trial", "after the choice, then in the refit's head phase"])
-def test_a_stopped_search_resumes_to_the_same_choice_and_weights(s3, dataset, searched, tmp_path, where):
-    """Stopped in the search's second trial; or stopped after its choice, resumed, and stopped again in the refit's
-    head phase, where the base comes from the weights file again on resume (an uninterrupted refit that did not
-    start from the model as built would end with other weights). Each time, resumed to the uninterrupted run's
-    choice, weights and history."""
+def test_a_search_stopped_three_times_resumes_to_the_same_choice_and_weights(s3, dataset, searched, tmp_path):
+    """Stopped in the search's second trial, resumed; stopped after its choice, resumed; stopped in the refit's head
+    phase, where the base comes from the weights file again on resume (an uninterrupted refit that did not start
+    from the model as built would end with other weights), resumed to the end: the uninterrupted run's choice,
+    weights and history."""
     manifest, history, _ = searched
-    run_id = "search-stopped-" + ("trial" if where == "in the second trial" else "twice")
-    cfg = config(tmp_path, dataset, run_id)
-    if where == "in the second trial":
-        stop(cfg, s3.env(), finetune_epochs(RUNG + 1))
-    else:
-        stop(cfg, s3.env(), finetune_epochs(2 * RUNG + 1))
-        records = stop(cfg, s3.env(), lambda _, r: r["event"] == "epoch done" and r.get("phase") == "refit_head")
-        first = resumed_from(records)
-        assert first["phase"] == "finetune" and first["epochs_done"] > RUNG
-        assert not any(r["event"] == "search trial started" for r in records)
+    cfg = config(tmp_path, dataset, "search-stopped")
+    stop(cfg, s3.env(), finetune_epochs(RUNG + 1))  # in the second trial
+
+    # Nothing of the search is in storage before its choice: the rung runs again from the head's checkpoint.
+    records = stop(cfg, s3.env(), finetune_epochs(2 * RUNG + 1))  # after the choice
+    assert resumed_from(records)["phase"] == "head"
+    assert [r["trial"] for r in records if r["event"] == "search trial started"] == [1, 2]
+
+    records = stop(cfg, s3.env(), lambda _, r: r["event"] == "epoch done" and r.get("phase") == "refit_head")
+    first = resumed_from(records)
+    assert first["phase"] == "finetune" and first["epochs_done"] > RUNG
+    assert not any(r["event"] == "search trial started" for r in records)
+
     again = run_cli("train", "--config", str(cfg), env=s3.env())
     assert again.returncode == 0, again.stderr[-3000:]
-    records = again.records()
-    resumed = resumed_from(records)
-    if where == "in the second trial":
-        # Nothing of the search is in storage before its choice: the rung runs again from the head's checkpoint.
-        assert resumed["phase"] == "head"
-        assert [r["trial"] for r in records if r["event"] == "search trial started"] == [1, 2]
-    else:
-        assert resumed["phase"] == "refit_head" and resumed["epochs_done"] >= 1
-    stopped, stopped_history = outcome(s3, dataset, run_id)
+    resumed = resumed_from(again.records())
+    assert resumed["phase"] == "refit_head" and resumed["epochs_done"] >= 1
+    stopped, stopped_history = outcome(s3, dataset, "search-stopped")
     assert stopped["search"] == manifest["search"]
     assert stopped["weights_sha256"] == manifest["weights_sha256"]
     assert stopped_history == history

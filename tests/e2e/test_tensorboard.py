@@ -1,6 +1,6 @@
 """TensorBoard against the real S3 server on 127.0.0.1: a run's event files, read back from their S3 copy with
 TensorBoard's own event reader, hold history.json's per-epoch values, the final images and the HParams
-summary; a run stopped by SIGTERM and resumed has no repeated step; `finetune-job tensorboard` serves the
+summary, and no step twice although the run was stopped by SIGTERM and resumed; `finetune-job tensorboard` serves the
 runs of a prefix on TensorBoard's scalar API."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+import yaml
 from conftest import BACKBONE, CLI, data_config, free_ports, run_cli
 from test_fault_tolerance import Running
 
@@ -47,12 +48,25 @@ def read_events(folder) -> tuple[dict[str, list[tuple[int, object]]], object]:
 
 @pytest.fixture(scope="module")
 def trained(s3, dataset, tmp_path_factory):
+    """One run stopped by SIGTERM after its first fine-tuning epoch and resumed to the end (3 fine-tuning epochs,
+    a checkpoint at each epoch's end): the tests below read its curves, Katib's file and TensorBoard's view of it,
+    and the first stop's event files, copied on the way out, as "before"."""
     tmp = tmp_path_factory.mktemp("tb")
     cfg = data_config(tmp, dataset, "tb-run", f"s3://{dataset}/data", head_epochs=2)
-    result = run_cli("train", "--config", str(cfg), "--set", f"metrics.file={tmp / 'katib' / 'metrics.log'}",
-                     env=s3.env())
+    settings = yaml.safe_load(cfg.read_text())
+    settings["train"]["finetune"]["epochs"] = 3
+    settings["checkpoint"] = {"every_seconds": 0, "lease_seconds": 6}
+    settings["metrics"]["file"] = str(tmp / "katib" / "metrics.log")
+    cfg.write_text(yaml.safe_dump(settings, sort_keys=False))
+    job = Running(cfg, s3.env())
+    job.wait_for(lambda r: r["event"] == "epoch done" and r.get("phase") == "finetune" and r["epoch"] == 1)
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait(60) == 143
+    before, _ = read_events(download_events(s3, dataset, "tb-run", tmp / "before"))
+    result = run_cli("train", "--config", str(cfg), env=s3.env())
     assert result.returncode == 0, result.stderr[-3000:]
-    return tmp
+    assert any(r["event"] == "resuming from checkpoint" for r in result.records())
+    return {"tmp": tmp, "before": before}
 
 
 def test_event_files_hold_the_history_the_images_and_the_hparams(s3, dataset, trained, tmp_path):
@@ -85,21 +99,12 @@ def test_event_files_hold_the_history_the_images_and_the_hparams(s3, dataset, tr
     assert info.hparams["layer_decay"].number_value == 1.0
 
 
-def test_a_resumed_run_continues_its_curves_without_a_repeated_step(s3, dataset, tmp_path):
-    cfg = data_config(tmp_path, dataset, "tb-resumed", f"s3://{dataset}/data", head_epochs=2)
-    text = cfg.read_text().replace("finetune:\n    epochs: 1", "finetune:\n    epochs: 3")
-    cfg.write_text(text + "checkpoint:\n  every_seconds: 0\n  lease_seconds: 6\n")
-    job = Running(cfg, s3.env())
-    job.wait_for(lambda r: r["event"] == "epoch done" and r.get("phase") == "finetune" and r["epoch"] == 1)
-    job.proc.send_signal(signal.SIGTERM)
-    assert job.wait(60) == 143
-    before, _ = read_events(download_events(s3, dataset, "tb-resumed", tmp_path / "before"))
-    assert [s for s, _ in before["loss/train"]][:3] == [1, 2, 3]  # copied on SIGTERM, the run's curves so far
-    again = run_cli("train", "--config", str(cfg), env=s3.env())
-    assert again.returncode == 0, again.stderr[-2000:]
-    after, _ = read_events(download_events(s3, dataset, "tb-resumed", tmp_path / "after"))
-    history = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/tb-resumed/history.json")["Body"].read())
+def test_a_resumed_run_continues_its_curves_without_a_repeated_step(s3, dataset, trained, tmp_path):
+    assert [s for s, _ in trained["before"]["loss/train"]][:3] == [1, 2, 3]  # copied on SIGTERM: the curves so far
+    after, _ = read_events(download_events(s3, dataset, "tb-run", tmp_path / "after"))
+    history = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/tb-run/history.json")["Body"].read())
     epochs = len(history["head"]) + len(history["finetune"])
+    assert epochs == 5
     for tag in ("loss/train", "loss/validation", "phase"):
         assert [s for s, _ in after[tag]] == list(range(1, epochs + 1)), tag  # each step once, in order
     assert [v for _, v in after["loss/train"]] == pytest.approx(
@@ -137,7 +142,7 @@ def test_katibs_file_has_a_line_per_epoch_and_the_final_metrics(s3, dataset, tra
     import re
 
     default_filter = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")  # kubeflow/katib DefaultFilter
-    lines = (trained / "katib" / "metrics.log").read_text().splitlines()
+    lines = (trained["tmp"] / "katib" / "metrics.log").read_text().splitlines()
     pairs = [{m.group(1): m.group(2) for m in default_filter.finditer(line)} for line in lines]
     history = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/tb-run/history.json")["Body"].read())
     epochs = [(p, r) for p in ("head", "finetune") for r in history[p]]
