@@ -62,7 +62,8 @@ def matplotlib_hidden() -> Iterator[None]:
     """Inside: `import matplotlib` fails as if it were not installed. Keras imports matplotlib.pyplot while
     TensorFlow loads it, for keras.visualization (which the job never calls; it then keeps its "not installed"
     fallback): about 1 s of CPU in every process that imports TensorFlow, against 0.3 s for the job's own plots,
-    which import it afterwards (job/evaluate.py, at export). Nothing is hidden once matplotlib is loaded."""
+    which import it afterwards (job/evaluate.py at export, job/tensorboard.py's image grid). Nothing is hidden
+    once matplotlib is loaded."""
     if "matplotlib" in sys.modules:
         yield
         return

@@ -196,9 +196,9 @@ def prepare(cfg: Config) -> Run | dict:
     if not source.layout.multi_label or source.kind != "shards":  # (multi-label shards: labels once read)
         class_weights(cfg, source.layout)  # a class name that the dataset does not have fails before any work
     staging = _staging(cfg, source)
-    # TensorFlow loads here (3 to 4 s of CPU), after what storage and the listing can refuse: an unreachable
-    # bucket, a missing train/ folder or a class name the data lacks fails within a second, and so does a rerun of
-    # a complete run.
+    # TensorFlow loads here (3 to 4 s of CPU), after what storage and the listing can refuse: a missing train/
+    # folder or a class name the data lacks fails within a second, a rerun of a complete run ends as fast, and
+    # storage that cannot be reached fails once its retries are spent, without the import.
     logs.quiet_tensorflow()
     cluster = _start_strategy(cfg)
     work = Path(cfg.data.cache_dir) / "runs" / cfg.run_id / f"worker-{cluster.worker_index}"

@@ -1,6 +1,6 @@
 """Multi-label classification end to end, against the real S3 server on 127.0.0.1: a manifest of label lists
-trained with every export format (each checked in its own runtime), `predict --format` on each, the same
-dataset packed into shards and streamed, a resumed run that ends with the uninterrupted run's weights, and
+trained with every export format (each checked in its own runtime), the labels `predict` gives with each, the
+same dataset packed into shards and streamed, the same recipe stopped and resumed to that run's weights, and
 bad input as one line with the documented exit code."""
 
 from __future__ import annotations
