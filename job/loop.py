@@ -225,6 +225,7 @@ def _train_step(cluster: Cluster, model: keras.Model, optimizer, augment, global
         try:
             result = compiled(x, y, flags)
             chosen.append(compiled)
+            log.info("training step compiled with XLA")
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, NotImplementedError) as e:
             # A compile failure happens before any variable changes: fall back to the plain step.
             log.warning("XLA compilation failed, training without it", reason=str(e).splitlines()[0][:200])

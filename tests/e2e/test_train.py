@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import BACKBONE, SIZE, png_header_only, run_cli, write_config
+from conftest import BACKBONE, SIZE, Result, png_header_only, run_cli, write_config
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -134,6 +134,38 @@ def test_reports_history_plots_and_config(trained, s3):
     assert "test" not in json.dumps(saved_cfg["s3"])  # the credentials never reach the artifacts
 
 
+def test_the_base_comes_from_the_s3_weights_file_and_only_its_unfrozen_layers_moved(trained, s3, base_weights,
+                                                                                    tmp_path):
+    """`model.weights` as an s3:// URI of a weights file (what air-gapped clusters use) is really loaded: below
+    train.finetune.unfreeze's 10 top layers, and in every BatchNormalization layer, the trained model's base holds
+    the file's values exactly; the top layers moved."""
+    import keras
+
+    from job import backbones
+    from job.model import unfreezable_layers
+
+    (tmp_path / "model.keras").write_bytes(_get(s3, trained, "model.keras"))
+    model = keras.models.load_model(tmp_path / "model.keras")
+    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))  # the backbone, nested
+    constructor = getattr(keras.applications, backbones.get(BACKBONE).constructor)
+    from_file = constructor(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    random_init = [w.copy() for w in from_file.get_weights()]
+    from_file.load_weights(base_weights)
+    # ...and the file is not a random init: the comparisons below would have caught a missed load.
+    assert any(not np.array_equal(r, w) for r, w in zip(random_init, from_file.get_weights()))
+    got, want = unfreezable_layers(base), unfreezable_layers(from_file)
+    assert [layer.name for layer in got] == [layer.name for layer in want]
+    moved = []
+    for i, (g, w) in enumerate(zip(got, want)):
+        frozen = i < len(got) - 10 or isinstance(g, keras.layers.BatchNormalization)
+        for a, b in zip(g.get_weights(), w.get_weights(), strict=True):
+            if frozen:
+                np.testing.assert_array_equal(a, b, err_msg=g.name)
+            else:
+                moved.append(not np.array_equal(a, b))
+    assert sum(len(layer.get_weights()) for layer in got[:-10]) > 100 and any(moved), moved
+
+
 def test_saved_model_classifies_encoded_bytes(trained, s3, sample_data, tmp_path):
     import tensorflow as tf
 
@@ -195,38 +227,6 @@ def test_predict_refuses_tampered_model(trained, s3):
     assert out.returncode == 4 and "checksum" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_mixed_precision_path_trains_on_two_replicas(s3, sample_data, base_weights, tmp_path):
-    """The GPU path (mixed_float16, loss scaling, the replicas' shared overflow check), forced on CPU; with
-    train.finetune.layer_decay, whose scaled optimizer runs inside the loss-scale optimizer on each replica."""
-    cfg = write_config(
-        tmp_path / "c.yaml",
-        run_id="mixed",
-        data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
-        model={"backbone": BACKBONE, "weights": str(base_weights), "head_units": 32},
-        train={"batch_size": 16, "mixed_precision": True, "head": {"epochs": 2, "mode": "end_to_end"},
-               # layer-wise rate decay's per-variable rates inside the loss-scaled update, on two replicas
-               "finetune": {"epochs": 1, "unfreeze": 10, "layer_decay": 0.5}},
-        distribution={"cpu_replicas": 2},
-        output={"uri": str(tmp_path / "out")},
-        metrics={"port": 0, "linger_seconds": 0},
-        export={"formats": ["saved_model"]},
-    )
-    result = run_cli("train", "--config", str(cfg))
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = result.records()
-    assert next(r for r in records if r["event"] == "strategy ready")["mixed_precision"] is True
-    epochs = [r for r in records if r["event"] == "epoch done"]
-    # 2 head epochs, then one fine-tuning epoch for each of train.search's two rates (the defaults' search: the
-    # phase's single epoch is within the rung, so the chosen trial has nothing left to continue)
-    assert len(epochs) == 4 and all(np.isfinite(r["loss"]) for r in epochs)
-    assert records[-1]["test_accuracy"] > 0.5
-    manifest = json.loads((tmp_path / "out/mixed/manifest.json").read_text())
-    assert manifest["strategy"]["mixed_precision"] is True
-    assert [t["learning_rate"] for t in manifest["search"]] == [1.0e-4, 3.0e-4]
-    assert all(np.isfinite(t["val_loss"]) for t in manifest["search"])
-    assert "layer-wise rate decay to 0.5 at the first layer" in (tmp_path / "out/mixed/MODEL_CARD.md").read_text()
-
-
 XLA_RUN = """
 import json, sys
 from job import config, distribute, logs, pipeline
@@ -241,17 +241,22 @@ print(json.dumps(pipeline.train(config.load(sys.argv[1]))))
 """
 
 
-def test_xla_step_trains_on_two_replicas(sample_data, base_weights, tmp_path):
+def test_the_gpu_path_trains_on_two_replicas(sample_data, base_weights, tmp_path):
+    """What a GPU runs, forced on CPU: mixed_float16 with loss scaling and the replicas' shared overflow check,
+    the forward and backward pass compiled with XLA, on two replicas; with train.finetune.layer_decay, whose
+    scaled optimizer runs inside the loss-scale optimizer on each replica."""
     import subprocess
     import sys
 
     cfg = write_config(
         tmp_path / "c.yaml",
-        run_id="xla",
+        run_id="gpu-path",
         data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
         model={"backbone": BACKBONE, "weights": str(base_weights), "head_units": 32},
-        train={"batch_size": 16, "head": {"epochs": 2, "mode": "end_to_end", "augment": False},
-               "finetune": {"epochs": 1, "unfreeze": 10}, "search": {"learning_rates": []}},
+        # The head sees images (end_to_end), so both phases run the compiled step (augmented phases stay plain).
+        train={"batch_size": 16, "mixed_precision": True, "head": {"epochs": 2, "mode": "end_to_end"},
+               # layer-wise rate decay's per-variable rates inside the loss-scaled update, on two replicas
+               "finetune": {"epochs": 1, "unfreeze": 10, "layer_decay": 0.5}},
         distribution={"cpu_replicas": 2},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0, "linger_seconds": 0},
@@ -260,9 +265,22 @@ def test_xla_step_trains_on_two_replicas(sample_data, base_weights, tmp_path):
     out = subprocess.run([sys.executable, "-c", XLA_RUN, str(cfg)], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "XLA compilation failed" not in out.stdout  # the compiled step ran, not the fallback
+    records = Result(out.returncode, out.stdout, out.stderr).records()
+    assert next(r for r in records if r.get("event") == "strategy ready")["mixed_precision"] is True
+    # The compiled step ran, not the fallback: once in the head phase, once for the search's shared trainer.
+    assert not any(r.get("event") == "XLA compilation failed, training without it" for r in records)
+    assert sum(r.get("event") == "training step compiled with XLA" for r in records) >= 2
+    epochs = [r for r in records if r.get("event") == "epoch done"]
+    # 2 head epochs, then one fine-tuning epoch for each of train.search's two rates (the defaults' search: the
+    # phase's single epoch is within the rung, so the chosen trial has nothing left to continue)
+    assert len(epochs) == 4 and all(np.isfinite(r["loss"]) for r in epochs)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["status"] == "complete" and summary["test_accuracy"] > 0.5
+    manifest = json.loads((tmp_path / "out/gpu-path/manifest.json").read_text())
+    assert manifest["strategy"]["mixed_precision"] is True
+    assert [t["learning_rate"] for t in manifest["search"]] == [1.0e-4, 3.0e-4]
+    assert all(np.isfinite(t["val_loss"]) for t in manifest["search"])
+    assert "layer-wise rate decay to 0.5 at the first layer" in (tmp_path / "out/gpu-path/MODEL_CARD.md").read_text()
 
 
 def test_same_seed_data_and_strategy_give_identical_weights(sample_data, base_weights, tmp_path):
