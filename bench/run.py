@@ -463,7 +463,7 @@ def bench_stages(cfg: dict, s3: S3Server, tmp: Path, env: dict) -> dict:
     for name, (per_class, train) in plans.items():
         same = done.setdefault(json.dumps([per_class, train], sort_keys=True), name)
         if same != name:  # quick mode: without fine-tuning, `small` is `head_cached`; one run serves both
-            runs[name] = runs[same]
+            runs[name] = {**runs[same], "same_run_as": same}
             continue
         if per_class not in uris:
             data = sample(tmp / f"stages-{per_class}", cfg["classes"], per_class, cfg["source_px"],
