@@ -237,7 +237,10 @@ def free_ports(n: int) -> list[int]:
 SLOWEST_FIRST = ("test_fault_tolerance.py", "test_bench_run_more.py", "test_train.py", "test_bench_scale.py",
                  "test_multilabel.py", "test_quality_bench.py", "test_search.py", "test_datasets.py",
                  "test_observability.py", "test_tensorboard.py", "test_bench_run.py", "test_exit_codes.py",
-                 "test_exports.py", "test_chart.py", "test_data_edges.py", "test_from_scratch.py", "test_weights.py")
+                 "test_exports.py", "test_chart.py", "test_data_edges.py", "test_from_scratch.py", "test_weights.py",
+                 # the unit tier's longest (`make test-fast`: seconds of 2026-12-06, loop 26, lease 17, storage 17, ...)
+                 "test_loop.py", "test_lease.py", "test_storage.py", "test_layers.py", "test_metrics.py",
+                 "test_readers_properties.py")
 
 
 def pytest_collection_modifyitems(config, items):
