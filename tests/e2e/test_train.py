@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 ARTIFACTS = ["saved_model/saved_model.pb", "model.keras", "labels.txt", "metrics.json", "history.json", "curves.png",
              "confusion_matrix.png", "config.yaml", "manifest.json", "_SUCCESS"]
+UNFREEZE = 10  # the shared run's train.finetune.unfreeze: the base's top layers it fine-tunes
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def trained(s3, sample_data, base_weights, tmp_path_factory):
               "max_bad_fraction": 0.05},
         model={"backbone": BACKBONE, "weights": f"s3://{bucket}/weights/{BACKBONE}_32.weights.h5",
                "head_units": 32},
-        train={"batch_size": 16, "head": {"epochs": 4}, "finetune": {"epochs": 2, "unfreeze": 10}},
+        train={"batch_size": 16, "head": {"epochs": 4}, "finetune": {"epochs": 2, "unfreeze": UNFREEZE}},
         distribution={"cpu_replicas": 2},
         output={"uri": f"s3://{bucket}/models/shapes"},
         metrics={"port": 0, "linger_seconds": 0},
@@ -137,8 +138,8 @@ def test_reports_history_plots_and_config(trained, s3):
 def test_the_base_comes_from_the_s3_weights_file_and_only_its_unfrozen_layers_moved(trained, s3, base_weights,
                                                                                     tmp_path):
     """`model.weights` as an s3:// URI of a weights file (what air-gapped clusters use) is really loaded: below
-    train.finetune.unfreeze's 10 top layers, and in every BatchNormalization layer, the trained model's base holds
-    the file's values exactly; the top layers moved."""
+    train.finetune.unfreeze's UNFREEZE top layers, and in every BatchNormalization layer, the trained model's base
+    holds the file's values exactly; the top layers moved."""
     import keras
 
     from job import backbones
@@ -157,13 +158,13 @@ def test_the_base_comes_from_the_s3_weights_file_and_only_its_unfrozen_layers_mo
     assert [layer.name for layer in got] == [layer.name for layer in want]
     moved = []
     for i, (g, w) in enumerate(zip(got, want)):
-        frozen = i < len(got) - 10 or isinstance(g, keras.layers.BatchNormalization)
+        frozen = i < len(got) - UNFREEZE or isinstance(g, keras.layers.BatchNormalization)
         for a, b in zip(g.get_weights(), w.get_weights(), strict=True):
             if frozen:
                 np.testing.assert_array_equal(a, b, err_msg=g.name)
             else:
                 moved.append(not np.array_equal(a, b))
-    assert sum(len(layer.get_weights()) for layer in got[:-10]) > 100 and any(moved), moved
+    assert sum(len(layer.get_weights()) for layer in got[:-UNFREEZE]) > 100 and any(moved), moved
 
 
 def test_saved_model_classifies_encoded_bytes(trained, s3, sample_data, tmp_path):
