@@ -169,21 +169,28 @@ def predict(
     """Classify images with an exported run; prints the top-k labels with probabilities (multi-label: the labels
     above their thresholds, with scores)."""
     from job import logs
+    from job.errors import DataError
 
+    undecodable = 0
     try:
         logs.setup(json=as_json, level="WARNING")
         logs.quiet_tensorflow()
         from job.predict import predict as classify
 
         with logs.native_lines_filtered():  # LiteRT's info lines (--format tflite)
-            results = classify(model, images, top_k, endpoint_url, str(getattr(fmt, "value", fmt)))
+            for r in classify(model, images, top_k, endpoint_url, str(getattr(fmt, "value", fmt))):
+                if "error" in r:  # not decodable: said on its own line, the other images still classified
+                    undecodable += 1
+                    logs.get().error(r["error"], exit_code=DataError.exit_code)
+                    typer.echo(f"finetune-job: error: {r['error']}", err=True)
+                    if as_json:
+                        typer.echo(json.dumps(r))
+                    continue
+                typer.echo(json.dumps(r) if as_json else r["image"] + ": " + _shown(r))
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
-    for r in results:
-        if as_json:
-            typer.echo(json.dumps(r))
-        else:
-            typer.echo(r["image"] + ": " + _shown(r))
+    if undecodable:
+        raise typer.Exit(DataError.exit_code)
 
 
 def _shown(result: dict) -> str:

@@ -54,43 +54,48 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
         yield folder
 
 
-def read_images(images: list[str], endpoint: str = "") -> list[bytes]:
-    blobs = []
-    for uri in images:
-        if storage.is_s3(uri):
-            parent, _, name = uri.rpartition("/")
-            blobs.append(storage.open_store(parent, endpoint).read(name))
-        else:
-            try:
-                blobs.append(Path(uri).read_bytes())
-            except OSError as e:
-                raise ConfigError(f"{uri}: cannot read image ({e.strerror})") from None
-    return blobs
+def read_image(uri: str, endpoint: str = "") -> bytes:
+    """One image's bytes, from a local path or an s3:// URI."""
+    if storage.is_s3(uri):
+        parent, _, name = uri.rpartition("/")
+        return storage.open_store(parent, endpoint).read(name)
+    try:
+        return Path(uri).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{uri}: cannot read image ({e.strerror})") from None
 
 
-def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "", fmt: str = "saved_model") -> list[dict]:
-    """Top-k labels with probabilities for each image (local path or s3:// URI), with the chosen artifact.
-    A multi-label run: the labels above their thresholds with their scores (`labels`), and every score."""
+def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "",
+            fmt: str = "saved_model") -> Iterator[dict]:
+    """One result per image (local path or s3:// URI), in order, as each is classified with the chosen artifact:
+    the top-k labels with probabilities (`top`); a multi-label run: the labels above their thresholds with their
+    scores (`labels`), and every score. An image that cannot be decoded gives `{"image", "error"}` and the others
+    are still classified (one bad file among many loses nothing); one that cannot be read (a missing file, storage
+    trouble) raises, after the results before it."""
     from job.export import THRESHOLDS
 
+    missing = next((uri for uri in images if not storage.is_s3(uri) and not Path(uri).is_file()), None)
+    if missing is not None:  # a mistyped path fails before the model is fetched and TensorFlow loads
+        raise ConfigError(f"{missing}: cannot read image (no such file)")
     with fetched_run(model_uri, endpoint, fmt) as folder:
-        blobs = read_images(images, endpoint)
         labels = (folder / "labels.txt").read_text().splitlines()
         multi = (folder / THRESHOLDS).is_file()
         classify = _classifier(fmt, folder / artifact(fmt), multi)
-        results = []
-        for uri, blob in zip(images, blobs):
-            if multi:
-                scores, above = classify(uri, blob)
-                chosen = [{"label": labels[i], "score": float(scores[i])} for i in scores.argsort()[::-1] if above[i]]
-                results.append({"image": uri, "labels": chosen,
-                                "scores": {c: float(v) for c, v in zip(labels, scores)}})
-                continue
-            probs = classify(uri, blob)
-            order = probs.argsort()[::-1][:top_k]
-            results.append({"image": uri, "top": [{"label": labels[i], "probability": float(probs[i])}
-                                                  for i in order]})
-    return results
+        for uri in images:
+            blob = read_image(uri, endpoint)
+            try:
+                yield _result(uri, classify(uri, blob), labels, top_k, multi)
+            except DataError as e:
+                yield {"image": uri, "error": str(e)}
+
+
+def _result(uri: str, output, labels: list[str], top_k: int, multi: bool) -> dict:
+    if multi:
+        scores, above = output
+        chosen = [{"label": labels[i], "score": float(scores[i])} for i in scores.argsort()[::-1] if above[i]]
+        return {"image": uri, "labels": chosen, "scores": {c: float(v) for c, v in zip(labels, scores)}}
+    order = output.argsort()[::-1][:top_k]
+    return {"image": uri, "top": [{"label": labels[i], "probability": float(output[i])} for i in order]}
 
 
 def _classifier(fmt: str, path: Path, multi: bool = False):

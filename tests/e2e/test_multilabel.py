@@ -112,7 +112,7 @@ def test_predict_prints_the_labels_above_their_thresholds(s3, dataset, multi, tr
         assert out.returncode == 0, out.stderr[-2000:]
         results = [json.loads(line) for line in out.stdout.splitlines()]
     else:
-        results = predict(model, images, 3, s3.endpoint, fmt)
+        results = list(predict(model, images, 3, s3.endpoint, fmt))
     assert [r["image"] for r in results] == images
     for r in results:
         above = {c for c, score in r["scores"].items() if score >= thresholds[c]["threshold"]}

@@ -205,17 +205,35 @@ def test_validate_prints_counts(trained, s3):
 
 
 def test_predict_command_reads_model_and_images_from_s3(trained, s3, tmp_path):
+    """From S3, one JSON object per image as each is classified; an undecodable file among them is named on its
+    own line and exits 3, and the images after it are still classified."""
     uri = f"s3://{trained['bucket']}/{trained['prefix']}"
-    image = f"s3://{trained['bucket']}/datasets/shapes/test/triangle/triangle_0001.png"
+    images = [f"s3://{trained['bucket']}/datasets/shapes/test/{c}/{c}_0001.png" for c in ("triangle", "circle")]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not the rest of a PNG" * 4)
     (tmp_path / "tmp").mkdir()
-    out = run_cli("predict", "--model", uri, image, "--top-k", "2", "--json",
+    out = run_cli("predict", "--model", uri, images[0], str(broken), images[1], "--top-k", "2", "--json",
                   env={**s3.env(), "TMPDIR": str(tmp_path / "tmp")}, timeout=120)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 3, out.stderr
     assert list((tmp_path / "tmp").iterdir()) == []  # the downloaded model is not left behind
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["image"] == image and len(result["top"]) == 2
-    assert result["top"][0]["probability"] >= result["top"][1]["probability"]
-    assert {t["label"] for t in result["top"]} <= {"circle", "square", "triangle"}
+    lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    first, bad, last = (r for r in lines if "event" not in r)  # the others: log records (stdout is not a TTY)
+    assert any(r["event"] == bad.get("error") and r["level"] == "error" for r in lines if "event" in r), lines
+    assert bad == {"image": str(broken), "error": f"{broken}: not a decodable image"}
+    assert f"finetune-job: error: {broken}: not a decodable image" in out.stderr and "Traceback" not in out.stderr
+    for result, image in ((first, images[0]), (last, images[1])):
+        assert result["image"] == image and len(result["top"]) == 2
+        assert result["top"][0]["probability"] >= result["top"][1]["probability"]
+        assert {t["label"] for t in result["top"]} <= {"circle", "square", "triangle"}
+
+
+def test_predict_with_a_mistyped_path_exits_2_before_fetching_the_model(trained, s3, tmp_path):
+    """Checked first: the model URI names no run (which would be exit 4 once fetched)."""
+    missing = tmp_path / "no-such-image.png"
+    out = run_cli("predict", "--model", f"s3://{trained['bucket']}/models/no-such-run", str(missing),
+                  env=s3.env(), timeout=120)
+    assert out.returncode == 2 and f"{missing}: cannot read image (no such file)" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_predict_refuses_tampered_model(trained, s3):
@@ -426,7 +444,7 @@ def test_predict_runs_each_format(trained, s3, run_folder):
     out = run_cli("predict", "--model", uri, image, "--json", "--format", "tflite_int8", env=s3.env(), timeout=180)
     assert out.returncode == 0, out.stderr[-1500:]
     by_cli = json.loads(out.stdout.strip().splitlines()[-1])
-    tops = {fmt: predict(uri, [image], 3, s3.endpoint, fmt)[0] for fmt in FORMATS}
+    tops = {fmt: next(predict(uri, [image], 3, s3.endpoint, fmt)) for fmt in FORMATS}
     assert by_cli["top"][0]["label"] == tops["tflite_int8"]["top"][0]["label"]
     assert [t["probability"] for t in by_cli["top"]] == pytest.approx(
         [t["probability"] for t in tops["tflite_int8"]["top"]], abs=1e-6)
