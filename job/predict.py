@@ -76,7 +76,8 @@ def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "",
 
     missing = next((uri for uri in images if not storage.is_s3(uri) and not Path(uri).is_file()), None)
     if missing is not None:  # a mistyped path fails before the model is fetched and TensorFlow loads
-        raise ConfigError(f"{missing}: cannot read image (no such file)")
+        why = "a folder: name its image files, e.g. folder/*.jpg" if Path(missing).is_dir() else "no such file"
+        raise ConfigError(f"{missing}: cannot read image ({why})")
     with fetched_run(model_uri, endpoint, fmt) as folder:
         labels = (folder / "labels.txt").read_text().splitlines()
         multi = (folder / THRESHOLDS).is_file()

@@ -227,13 +227,16 @@ def test_predict_command_reads_model_and_images_from_s3(trained, s3, tmp_path):
         assert {t["label"] for t in result["top"]} <= {"circle", "square", "triangle"}
 
 
-def test_predict_with_a_mistyped_path_exits_2_before_fetching_the_model(trained, s3, tmp_path):
-    """Checked first: the model URI names no run (which would be exit 4 once fetched)."""
+def test_predict_with_a_mistyped_path_exits_2_before_fetching_the_model(s3, tmp_path):
+    """Checked first: the model URI names no bucket (which would be exit 4 once fetched)."""
     missing = tmp_path / "no-such-image.png"
-    out = run_cli("predict", "--model", f"s3://{trained['bucket']}/models/no-such-run", str(missing),
+    out = run_cli("predict", "--model", "s3://no-such-bucket/models/run", str(missing),
                   env=s3.env(), timeout=120)
     assert out.returncode == 2 and f"{missing}: cannot read image (no such file)" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+    out = run_cli("predict", "--model", "s3://no-such-bucket/models/run", str(tmp_path), env=s3.env(),
+                  timeout=120)
+    assert out.returncode == 2 and f"{tmp_path}: cannot read image (a folder: name its image files" in out.stderr
 
 
 def test_predict_refuses_tampered_model(trained, s3):
