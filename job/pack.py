@@ -55,6 +55,10 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     source = sources.open_source(cfg)
     if source.kind == "shards":
         raise ConfigError(f"--from {source_uri}: already shards")
+    if not manifest and within(dest_uri, data_uri):  # a manifest names its files: shards beside them are not read
+        raise ConfigError(f"--to {dest_uri}: inside the dataset --from {source_uri}, whose layout the shards would "
+                          f"join (a class folder more, or shards where the folders are); pack into a prefix outside "
+                          f"it, e.g. {data_uri.rstrip('/')}-shards")
     layout = source.layout
     unwritable = [c for c in layout.classes if "\n" in c or "\r" in c]
     if unwritable:
@@ -86,6 +90,19 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
         dest.upload(classes_file, shards.CLASSES)
     return {"to": dest.uri, "classes": layout.classes, "counts": layout.counts(), "images": images,
             "shards": shard_counts}
+
+
+def within(uri: str, folder: str) -> bool:
+    """Whether `uri` is `folder` or below it: the same bucket and a prefix at or under the folder's (s3://), or the
+    same directory or one below it once resolved (local paths). Pure; no storage touched."""
+    if storage.is_s3(uri) != storage.is_s3(folder):
+        return False
+    if storage.is_s3(uri):
+        inner, outer = (u.removeprefix("s3://").strip("/").split("/") for u in (uri, folder))
+        inner, outer = [p for p in inner if p], [p for p in outer if p]
+    else:
+        inner, outer = (Path(u.removeprefix("file://")).expanduser().resolve().parts for u in (uri, folder))
+    return list(inner[:len(outer)]) == list(outer)
 
 
 def _refuse_or_clear(dest: storage.Store, overwrite: bool) -> None:

@@ -8,11 +8,13 @@ import json
 
 import pytest
 from conftest import tar_bytes
+from hypothesis import given
+from hypothesis import strategies as st
 
 from job import manifest, shards, sources
 from job.config import Config
-from job.errors import DataError
-from job.pack import pack, parse_size
+from job.errors import ConfigError, DataError
+from job.pack import pack, parse_size, within
 from job.sample_data import write_sample_dataset
 
 
@@ -133,3 +135,35 @@ def test_pack_round_trips_a_folder_dataset(tmp_path):
                                                                                           source.layout.classes)]
         assert sorted(back) == sorted(originals[split])
         assert [label for _, label in back] != sorted(label for _, label in back)  # shuffled across classes
+
+
+SEGMENT = st.text(st.characters(whitelist_categories=("Ll", "Nd"), whitelist_characters="-_."), min_size=1,
+                  max_size=6).filter(lambda t: t not in (".", ".."))
+
+
+@given(bucket=SEGMENT, folder=st.lists(SEGMENT, max_size=3), below=st.lists(SEGMENT, max_size=3), tail=SEGMENT)
+def test_within_is_at_or_below_a_folder_never_a_sibling(tmp_path_factory, bucket, folder, below, tail):
+    root = tmp_path_factory.getbasetemp()
+    for base in (f"s3://{bucket}", str(root / bucket)):
+        outer = "/".join([base, *folder])
+        assert within("/".join([outer, *below]), outer) and within(outer + "/", outer)
+        if folder:  # a sibling whose name only starts like the folder's (ds and ds-shards) is outside it
+            assert not within("/".join([base, *folder[:-1], folder[-1] + tail]), outer)
+        assert not within(f"s3://{bucket}x/" + "/".join(folder), f"s3://{bucket}/" + "/".join(folder))  # another bucket
+    assert not within(f"s3://{bucket}/a", str(root / bucket))  # storage and a local folder: never the same
+
+
+def test_pack_into_the_dataset_it_reads_is_refused_before_writing(tmp_path):
+    """Shards written into train/ of a folder dataset would be read as a class folder more, and the dataset broken
+    for training and for the next pack: refused (exit 2), nothing written. Beside a manifest's files it is fine."""
+    write_sample_dataset(tmp_path / "data", classes=3, per_class=4, size=16, seed=0, test_per_class=2)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for dest in ("data/train/shards", "data", "data/shards"):
+        with pytest.raises(ConfigError, match=f"--to {tmp_path / dest}: inside the dataset") as e:
+            pack(str(tmp_path / "data"), str(tmp_path / dest), shard_size=20_000)
+        assert e.value.exit_code == 2 and str(tmp_path / "data-shards") in str(e.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    listed = [f"{p.relative_to(tmp_path / 'data')},{p.parent.name}" for p in sorted((tmp_path / "data").rglob("*.png"))]
+    (tmp_path / "data" / "m.csv").write_text("path,label\n" + "\n".join(listed) + "\n")
+    result = pack(str(tmp_path / "data" / "m.csv"), str(tmp_path / "data" / "shards"), shard_size=20_000)
+    assert sum(result["images"].values()) == len(listed)
