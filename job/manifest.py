@@ -93,6 +93,11 @@ def _jsonl(text: str, name: str) -> list[Row]:
         if not isinstance(values, dict) or "path" not in values or ("label" in values) == ("labels" in values):
             raise DataError(f"{name} line {line}: expected an object with \"path\" and \"label\" (multi-label: "
                             "\"labels\", a list) and maybe \"split\"")
+        label = values.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+            hint = " (a list of labels is multi-label: \"labels\" and task: multi_label)" * isinstance(label, list)
+            raise DataError(f"{name} line {line}: \"label\" must be a class name (a string or an integer), not "
+                            f"{json.dumps(label)}{hint}")
         # A label is exact, as JSON quotes it (a folder named `cat ` is a class `cat `); a path or split is
         # stripped, as in a CSV.
         rows.append(_row({k: v if k == "labels" else "" if v is None else str(v) if k == "label" else str(v).strip()

@@ -29,6 +29,7 @@ def test_csv_and_jsonl_manifests():
     jsonl = rows('{"path": "a/1.png", "label": "cat"}\n\n{"path": "b.png", "label": "dog", "split": "test"}\n',
                  "m.jsonl")
     assert [(r.line, r.split) for r in jsonl] == [(1, None), (3, "test")]
+    assert rows('{"path": "a.png", "label": 3}\n', "m.jsonl")[0].label == "3"  # class ids as integers are names too
     assert rows("\ufeffpath,label\nx.png,a\n")[0].path == "x.png"  # a BOM from Excel is fine
 
 
@@ -41,6 +42,13 @@ def test_csv_and_jsonl_manifests():
     ("path,label\nnotes.txt,a\n", "m.csv", "m.csv line 2: notes.txt is not an image"),
     ('{"path": "x.png"}\n', "m.jsonl", 'm.jsonl line 1: expected an object with "path" and "label"'),
     ("{nope\n", "m.jsonl", "m.jsonl line 1: not a JSON object"),
+    # A list under "label" used to become the class "['shoe']"; true the class "True".
+    ('{"path": "x.png", "label": "a"}\n{"path": "y.png", "label": ["shoe"]}\n', "m.jsonl",
+     'm.jsonl line 2: "label" must be a class name (a string or an integer), not ["shoe"] (a list of labels is '
+     'multi-label: "labels" and task: multi_label)'),
+    ('{"path": "x.png", "label": true}\n', "m.jsonl", 'm.jsonl line 1: "label" must be a class name (a string or an '
+     'integer), not true'),
+    ('{"path": "x.png", "label": 1.5}\n', "m.jsonl", 'm.jsonl line 1: "label" must be a class name'),
     ("path,label\n", "m.csv", "m.csv: no entries"),
 ])
 def test_bad_manifests_name_the_line(text, name, message):
