@@ -216,7 +216,7 @@ def prepare(cfg: Config) -> Run | dict:
         from job.checkpoint import Checkpoints
 
         ckpt = Checkpoints(out, work, cluster, cfg.checkpoint.keep, guard=lease.check if lease else None)
-        resumed = _resume_point(cfg, ckpt, state)
+        resumed = _resume_point(cfg, ckpt, state, source.layout.classes)
     except BaseException:
         if lease:
             lease.release()
@@ -300,19 +300,26 @@ def resolve_weights(cfg: Config, work: Path) -> tuple[str | None, bool]:
     return str(Path(weights).expanduser()), False
 
 
-def _resume_point(cfg: Config, ckpt, output: str) -> RunState:
-    """The fetched checkpoint's run state if there is one and its config still fits; else a new state."""
+def _resume_point(cfg: Config, ckpt, output: str, classes: list[str]) -> RunState:
+    """The fetched checkpoint's run state if there is one and its config and the dataset's classes still fit; else
+    a new state."""
     current = runstate.training_config(redacted(cfg))
     state = ckpt.fetch() if output == "incomplete" else None
     if state is None:
-        return RunState(config=current)
+        return RunState(config=current, classes=list(classes))
     changes = runstate.config_changes(state.config, current) if state.config else ["(not recorded)"]
     if changes:
         raise ConfigError(
             f"config: run {cfg.run_id} has a checkpoint trained with another config, so resuming would mix "
             f"the two: {'; '.join(changes)}. Restore those keys, or start a new run_id "
             f"(safe to change: {', '.join(runstate.SAFE_TO_CHANGE + runstate.MAY_GROW)}; epochs only upwards)")
-    state.config = current
+    changed = runstate.class_changes(state.classes, list(classes))
+    if changed:
+        raise DataError(
+            f"the dataset under {cfg.data.uri} has other classes than run {cfg.run_id}'s checkpoint was trained on "
+            f"({changed}), so resuming would train its outputs under other names; restore the dataset, or start "
+            "a new run_id")
+    state.config, state.classes = current, list(classes)
     return state
 
 

@@ -38,6 +38,8 @@ class RunState:
     # chosen with; {} before the refit starts or without one
     refit: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the training-relevant config, flattened
+    # the dataset's classes (labels) in output order; [] in checkpoints written before it was kept
+    classes: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------ JSON
 
@@ -108,3 +110,13 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]
             continue
         changes.append(f"{key}: {old!r} -> {new!r}")
     return changes
+
+
+def class_changes(stored: list[str], current: list[str]) -> str:
+    """What differs between the classes a checkpoint was trained on and the dataset's now, in output order: ""
+    when nothing does (or the checkpoint kept none). A renamed, added or reordered class moves the outputs' names."""
+    if not stored or stored == current:
+        return ""
+    gone, new = [c for c in stored if c not in current], [c for c in current if c not in stored]
+    said = ([f"gone: {', '.join(gone)}"] if gone else []) + ([f"new: {', '.join(new)}"] if new else [])
+    return "; ".join(said) or f"another order: {', '.join(stored)} -> {', '.join(current)}"

@@ -154,6 +154,26 @@ def test_sigterm_in_finetuning_checkpoints_and_the_rerun_resumes_through_storage
     assert "train.finetune.epochs: 3 -> 0; train.finetune.unfreeze: 10 -> 5" in changed.stderr
     assert "Traceback" not in changed.stderr and changed.stderr.count("finetune-job: error:") == 1
 
+    # The same config, but a class of the dataset under data.uri renamed (triangle to bird): resumed, the
+    # checkpoint's outputs would be trained under other names, and the run used to complete, exit 0, at test
+    # accuracy 0.0. Refused (exit 3) before any training; with the dataset restored, it resumes.
+    def rename(old: str, new: str) -> None:
+        keys = [key for key in s3.keys(dataset, "data/") if f"/{old}/" in key]
+        for key in keys:
+            s3.client.copy_object(Bucket=dataset, Key=key.replace(f"/{old}/", f"/{new}/"),
+                                  CopySource={"Bucket": dataset, "Key": key})
+        s3.client.delete_objects(Bucket=dataset, Delete={"Objects": [{"Key": key} for key in keys]})
+
+    rename("triangle", "bird")
+    try:
+        other = run_cli("train", "--config", str(cfg), env=s3.env())
+    finally:
+        rename("bird", "triangle")
+    assert other.returncode == 3, other.stderr[-2000:]
+    assert "has other classes than run preempted's checkpoint was trained on (gone: triangle; new: bird)" in \
+        other.stderr
+    assert "Traceback" not in other.stderr
+
     # The same values, and keys that are safe to change: the resumed run goes through a proxy that answers a share
     # of the requests with 500, 503 or a reset connection; each is retried, counted, and the run completes.
     with FaultProxy(s3.endpoint, share=0.15, seed=1) as proxy:

@@ -3,6 +3,9 @@ a resumed run refuses. Pure logic."""
 
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from job import config, runstate
 from job.runstate import RunState
 
@@ -65,7 +68,7 @@ def test_a_new_state_starts_the_head_phase_from_nothing():
     assert (state.phase, state.epoch, state.step, state.sums) == ("head", 0, 0, [0.0, 0.0])
     assert (state.best, state.best_epoch, state.patience_used) == (None, 0, 0)
     assert state.history == {"head": [], "finetune": []} and state.config == {} and state.search == []
-    assert state.refit == {}
+    assert state.refit == {} and state.classes == []
     other = RunState()
     other.sums[0] += 1.0
     other.history["head"].append({})
@@ -78,7 +81,8 @@ def test_json_round_trip_keeps_every_field():
                      patience_used=1, history={"head": [{"epoch": 1, "loss": 0.5}], "finetune": []},
                      config={"train.seed": 3, "train.class_weight": {"a": 2.0}},
                      search=[{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75, "chosen": True}],
-                     refit={"head_epochs": 2, "finetune_epochs": 5, "learning_rate": 3e-4, "validation": {"loss": 0.4}})
+                     refit={"head_epochs": 2, "finetune_epochs": 5, "learning_rate": 3e-4, "validation": {"loss": 0.4}},
+                     classes=["cat", "dog"])
     text = state.to_json()
     assert json.loads(text) == {"phase": "finetune", "epoch": 4, "step": 7, "sums": [2.5, 3.0], "best": [0.25, 0.75],
                                 "best_epoch": 3, "patience_used": 1,
@@ -87,9 +91,9 @@ def test_json_round_trip_keeps_every_field():
                                 "search": [{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75,
                                             "chosen": True}],
                                 "refit": {"head_epochs": 2, "finetune_epochs": 5, "learning_rate": 3e-4,
-                                          "validation": {"loss": 0.4}}}
+                                          "validation": {"loss": 0.4}}, "classes": ["cat", "dog"]}
     assert RunState.from_json(text) == state
-    assert RunState.from_json("{}") == RunState()
+    assert RunState.from_json("{}") == RunState()  # a checkpoint from before a field was kept reads with its default
 
 
 def test_resumes_only_a_phase_that_has_started_work():
@@ -206,3 +210,20 @@ def test_a_refit_phase_gets_its_history_when_it_starts():
     assert state.history == {"head": [], "finetune": [{"epoch": 1}], "refit_head": []}
     state.end_epoch({"epoch": 1, "loss": 0.5}, (0.5, 0.8), "val_loss", patience=0, epochs=2)
     assert state.history["refit_head"] == [{"epoch": 1, "loss": 0.5}] and state.best_epoch == 1
+
+
+NAMES = st.lists(st.text(st.characters(whitelist_categories=("Ll",)), min_size=1, max_size=4), min_size=1,
+                 max_size=5, unique=True)
+
+
+@given(stored=NAMES, current=NAMES)
+def test_class_changes_say_what_moved_the_outputs(stored, current):
+    said = runstate.class_changes(stored, current)
+    assert (said == "") == (stored == current)
+    for gone in set(stored) - set(current):
+        assert gone in said.split("gone: ")[1].split(";")[0].split(", ")
+    for new in set(current) - set(stored):
+        assert new in said.split("new: ")[1].split(", ")
+    if set(stored) == set(current) and stored != current:  # the same names in another order: other outputs too
+        assert said == f"another order: {', '.join(stored)} -> {', '.join(current)}"
+    assert runstate.class_changes([], current) == ""  # a checkpoint written before the classes were kept
