@@ -1,6 +1,6 @@
-"""What the probes (`flip_probe.py`, `wise_probe.py`, `ensemble_probe.py`) share: their arguments, the tasks
-and bases in an S3 server on 127.0.0.1 as the quality bench has them, the defaults' run, and scoring an exported
-SavedModel through its bytes-in signature."""
+"""What the probes (`flip_probe.py`, `shift_probe.py`, `wise_probe.py`, `ensemble_probe.py`) share: their
+arguments, the tasks and bases in an S3 server on 127.0.0.1 as the quality bench has them, the defaults' run, and
+scoring an exported SavedModel through its bytes-in signature."""
 import contextlib
 import json
 import tempfile
