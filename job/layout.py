@@ -145,6 +145,17 @@ def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
     return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
+def unmeasured(counts: dict[str, dict[str, int]], classes: list[str]) -> dict[str, list[str]]:
+    """For each split but train that has images: the classes it has none of (multi-label: no image carrying the
+    label), which its scores do not measure (for validation: early stopping and train.search neither)."""
+    out = {}
+    for split, per in counts.items():
+        missing = [c for c in classes if not per.get(c)]
+        if split != "train" and sum(per.values()) and missing:
+            out[split] = missing
+    return out
+
+
 def split_validation(layout: Layout, fraction: float, seed: int) -> Layout:
     """Carve a stratified, seeded validation split out of train/ when validation/ is absent.
 

@@ -345,6 +345,10 @@ def stage_data(run: Run) -> None:
                  images=sum(map(staged.count, staged.layout.splits)) + len(staged.bad),
                  training_shards_of_this_worker=run.data.shards("train", run.share))
     log.info("dataset ready", mode=mode, counts=run.data.layout.counts(), bad_images=len(run.data.bad))
+    for split, missing in layout.unmeasured(run.data.layout.counts(), run.classes).items():
+        log.warning(f"no {split} images of {len(missing)} class(es): the {split} scores do not measure them"
+                    + (" (nor early stopping and train.search)" if split == "validation" else ""),
+                    split=split, classes=missing)
     if not run.data.count("validation"):
         log.warning("no validation images: early stopping watches the training loss, and no validation report "
                     "is written")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 
 from job.errors import DataError, exit_code_for
-from job.layout import Layout, MultiLayout, discover, split_validation, without
+from job.layout import Layout, MultiLayout, discover, split_validation, unmeasured, without
 
 
 def rels(spec: dict[str, dict[str, int]]) -> list[str]:
@@ -83,3 +83,25 @@ def test_train_and_validation_read_as_one_split(spec, sets):
         train, validation = listed.items("train"), listed.items("validation")
         assert keys == train[0] + validation[0] and labels == train[1] + validation[1]
         assert listed.count("train+validation") == listed.count("train") + listed.count("validation") == len(keys)
+
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+@given(st.dictionaries(st.sampled_from(["train", "validation", "test"]),
+                       st.dictionaries(st.sampled_from(CLASSES), st.integers(0, 3)), min_size=1))
+def test_unmeasured_names_each_class_a_scored_split_lacks(counts):
+    """A split with images but none of a class cannot score that class (a class of 1 or 2 images keeps them all in
+    train when validation is carved at 0.2): named so that a warning can say so. Train and empty splits: never."""
+    said = unmeasured(counts, CLASSES)
+    for split, per in counts.items():
+        lacking = [c for c in CLASSES if per.get(c, 0) == 0]
+        scored = split != "train" and sum(per.values()) > 0
+        assert said.get(split, []) == (lacking if scored else [])
+    assert set(said) <= set(counts) - {"train"}
+
+
+def test_a_carved_validation_split_lacks_a_class_of_one_image():
+    layout = discover(rels({"train": {"a": 1, "b": 20, "c": 20}}), "s3://b/data")
+    carved = split_validation(layout, 0.2, seed=1)
+    assert unmeasured(carved.counts(), carved.classes) == {"validation": ["a"]}
