@@ -238,7 +238,8 @@ def test_kill_9_during_the_upload_never_looks_complete_and_the_rerun_completes(s
     keys = s3.keys(dataset, "runs/killed/")
     assert "runs/killed/_SUCCESS" not in keys, keys
     assert "runs/killed/checkpoints/checkpoint" in keys
-    refused = run_cli("predict", "--model", f"s3://{dataset}/runs/killed", "x.png", env=s3.env(), timeout=120)
+    # (an image that exists: a missing one is refused first, exit 2, before the model is looked at)
+    refused = run_cli("predict", "--model", f"s3://{dataset}/runs/killed", __file__, env=s3.env(), timeout=120)
     assert refused.returncode == 4 and "not a complete run" in refused.stderr
 
     again = run_cli("train", "--config", str(cfg), env=s3.env())
