@@ -346,7 +346,8 @@ def stage_data(run: Run) -> None:
                  training_shards_of_this_worker=run.data.shards("train", run.share))
     log.info("dataset ready", mode=mode, counts=run.data.layout.counts(), bad_images=len(run.data.bad))
     for split, missing in layout.unmeasured(run.data.layout.counts(), run.classes).items():
-        log.warning(f"no {split} images of {len(missing)} class(es): the {split} scores do not measure them"
+        what = f"carrying {len(missing)} label(s)" if run.multi else f"of {len(missing)} class(es)"
+        log.warning(f"no {split} images {what}: the {split} scores do not measure them"
                     + (" (nor early stopping and train.search)" if split == "validation" else ""),
                     split=split, classes=missing)
     if not run.data.count("validation"):
