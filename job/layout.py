@@ -12,6 +12,7 @@ stages after staging call: `splits`, `counts`, `count`, `items`, `keys`, `nonemp
 from __future__ import annotations
 
 import random
+import unicodedata
 from dataclasses import dataclass, field
 
 from job.errors import DataError
@@ -138,10 +139,11 @@ def require_training_images(layout: Layout, where: str) -> None:
 
 
 def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
-    """Groups of class names that differ only in case (`Cat`, `cat`): likely one class, named twice."""
+    """Groups of class names that differ only in case (`Cat`, `cat`) or in Unicode form (`café` composed, as most
+    systems write it, and decomposed, as macOS file names come): likely one class, named twice."""
     groups: dict[str, list[str]] = {}
     for c in classes:
-        groups.setdefault(c.casefold(), []).append(c)
+        groups.setdefault(unicodedata.normalize("NFKC", c).casefold(), []).append(c)
     return [tuple(g) for g in groups.values() if len(g) > 1]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def open_source(cfg: Config) -> Source:
     """List the dataset (no image downloads) and check its layout; the validation split is carved later."""
     source = _open(cfg, storage.open_store(cfg.data.uri, cfg.s3.endpoint_url))
     for names in case_clashes(source.layout.classes):
-        log.warning("class names that differ only in case are different classes", classes=list(names))
+        shown = [n if unicodedata.is_normalized("NFC", n) else ascii(n) for n in names]  # tell the look-alikes apart
+        log.warning("class names that differ only in case or Unicode form are different classes", classes=shown)
     return source
 
 

@@ -247,6 +247,8 @@ def test_a_local_manifest_dataset_is_read_in_place(tmp_path):
 
 def test_class_names_that_differ_only_in_case_are_named(tmp_path, capsys):
     assert layout.case_clashes(["Cat", "cat", "dog", "DOG", "emu"]) == [("Cat", "cat"), ("dog", "DOG")]
+    # café written composed (most systems) and decomposed (file names from macOS): they print alike
+    assert layout.case_clashes(["caf\u00e9", "cafe\u0301", "cafe"]) == [("caf\u00e9", "cafe\u0301")]
     for name in ("Cat", "cat"):
         (tmp_path / "d/train" / name).mkdir(parents=True)
         (tmp_path / "d/train" / name / "1.png").write_bytes(b"P")
