@@ -179,9 +179,8 @@ def predict(
 
         with logs.native_lines_filtered():  # LiteRT's info lines (--format tflite)
             for r in classify(model, images, top_k, endpoint_url, str(getattr(fmt, "value", fmt))):
-                if "error" in r:  # not decodable: said on its own line, the other images still classified
-                    undecodable += 1
-                    logs.get().error(r["error"], exit_code=DataError.exit_code)
+                if "error" in r:  # not decodable: said on stderr, the other images still classified; stdout keeps
+                    undecodable += 1  # one line (--json: one object) per image, so no log record goes there
                     typer.echo(f"finetune-job: error: {r['error']}", err=True)
                     if as_json:
                         typer.echo(json.dumps(r))

@@ -140,7 +140,8 @@ def require_training_images(layout: Layout, where: str) -> None:
 
 def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
     """Groups of class names that differ only in case (`Cat`, `cat`) or in Unicode form (`café` composed, as most
-    systems write it, and decomposed, as macOS file names come): likely one class, named twice."""
+    systems write it, and decomposed, as macOS file names come; a ligature `ﬁ`; full-width letters): likely one
+    class, named twice."""
     groups: dict[str, list[str]] = {}
     for c in classes:
         groups.setdefault(unicodedata.normalize("NFKC", c).casefold(), []).append(c)

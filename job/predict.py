@@ -74,10 +74,10 @@ def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "",
     trouble) raises, after the results before it."""
     from job.export import THRESHOLDS
 
-    missing = next((uri for uri in images if not storage.is_s3(uri) and not Path(uri).is_file()), None)
-    if missing is not None:  # a mistyped path fails before the model is fetched and TensorFlow loads
-        why = "a folder: name its image files, e.g. folder/*.jpg" if Path(missing).is_dir() else "no such file"
-        raise ConfigError(f"{missing}: cannot read image ({why})")
+    for uri in images:  # a mistyped path fails before the model is fetched and TensorFlow loads
+        why = "" if storage.is_s3(uri) else _unreadable(Path(uri))
+        if why:
+            raise ConfigError(f"{uri}: cannot read image ({why})")
     with fetched_run(model_uri, endpoint, fmt) as folder:
         labels = (folder / "labels.txt").read_text().splitlines()
         multi = (folder / THRESHOLDS).is_file()
@@ -88,6 +88,16 @@ def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "",
                 yield _result(uri, classify(uri, blob), labels, top_k, multi)
             except DataError as e:
                 yield {"image": uri, "error": str(e)}
+
+
+def _unreadable(path: Path) -> str:
+    """Why a local image argument cannot be read, or "" (a pipe such as /dev/stdin is fine)."""
+    try:
+        if path.is_dir():
+            return "a folder: name its image files, e.g. folder/*.jpg"
+        return "" if path.exists() else "no such file"
+    except OSError as e:  # a name too long, a folder that cannot be entered
+        return e.strerror or str(e)
 
 
 def _result(uri: str, output, labels: list[str], top_k: int, multi: bool) -> dict:

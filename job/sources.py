@@ -46,7 +46,7 @@ def open_source(cfg: Config) -> Source:
     """List the dataset (no image downloads) and check its layout; the validation split is carved later."""
     source = _open(cfg, storage.open_store(cfg.data.uri, cfg.s3.endpoint_url))
     for names in case_clashes(source.layout.classes):
-        shown = [n if unicodedata.is_normalized("NFC", n) else ascii(n) for n in names]  # tell the look-alikes apart
+        shown = [n if unicodedata.is_normalized("NFKC", n) else ascii(n) for n in names]  # tell look-alikes apart
         log.warning("class names that differ only in case or Unicode form are different classes", classes=shown)
     return source
 

@@ -216,9 +216,7 @@ def test_predict_command_reads_model_and_images_from_s3(trained, s3, tmp_path):
                   env={**s3.env(), "TMPDIR": str(tmp_path / "tmp")}, timeout=120)
     assert out.returncode == 3, out.stderr
     assert list((tmp_path / "tmp").iterdir()) == []  # the downloaded model is not left behind
-    lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
-    first, bad, last = (r for r in lines if "event" not in r)  # the others: log records (stdout is not a TTY)
-    assert any(r["event"] == bad.get("error") and r["level"] == "error" for r in lines if "event" in r), lines
+    first, bad, last = (json.loads(line) for line in out.stdout.strip().splitlines())  # one object per image
     assert bad == {"image": str(broken), "error": f"{broken}: not a decodable image"}
     assert f"finetune-job: error: {broken}: not a decodable image" in out.stderr and "Traceback" not in out.stderr
     for result, image in ((first, images[0]), (last, images[1])):
@@ -228,7 +226,11 @@ def test_predict_command_reads_model_and_images_from_s3(trained, s3, tmp_path):
 
 
 def test_predict_with_a_mistyped_path_exits_2_before_fetching_the_model(s3, tmp_path):
-    """Checked first: the model URI names no bucket (which would be exit 4 once fetched)."""
+    """Checked first: the model URI names no bucket (which would be exit 4 once fetched). A name too long for the
+    file system is said as such, not a traceback."""
+    long = tmp_path / ("a" * 300 + ".png")
+    out = run_cli("predict", "--model", "s3://no-such-bucket/models/run", str(long), env=s3.env(), timeout=120)
+    assert out.returncode == 2 and f"{long}: cannot read image (File name too long)" in out.stderr, out.stderr
     missing = tmp_path / "no-such-image.png"
     out = run_cli("predict", "--model", "s3://no-such-bucket/models/run", str(missing),
                   env=s3.env(), timeout=120)
