@@ -7,7 +7,6 @@ Runs the job's defaults as the quality bench does (`quality.job_run`, the task a
 127.0.0.1), then scores the exported SavedModel through its bytes-in signature on the validation and test files:
 the images as they are (`plain`), mirrored (`flip`), and the mean of the two softmax outputs (`tta`).
 """
-import json
 import sys
 from pathlib import Path
 
@@ -25,17 +24,8 @@ def score(serve, classes: list[str], folder: Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    with probes.session(argv, "flip-probe-") as p:
-        for task in p.tasks:
-            for seed in p.seeds:
-                r, classes, serve = probes.defaults_run(p, task, seed)
-                key = f"{task}, {p.backbone}, s{seed}"
-                p.results[key] = {**{split: score(serve, classes, p.folders[task] / split)
-                                     for split in ("validation", "test")},
-                                  "job": {k: r[k] for k in ("validation", "test")}}
-                p.out.write_text(json.dumps(p.results, indent=1) + "\n")
-                print(key, {split: {k: round(v["accuracy"], 3) for k, v in p.results[key][split].items()}
-                            for split in ("validation", "test")}, flush=True)
+    probes.score_defaults(argv, "flip-probe-", score,
+                          lambda scores: {k: round(v["accuracy"], 3) for k, v in scores.items()})
     return 0
 
 

@@ -55,3 +55,21 @@ def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
     right = probs[np.arange(len(labels)), labels]
     return {"accuracy": float((probs.argmax(1) == labels).mean()),
             "loss": float(-np.log(np.clip(right, 1e-7, 1)).mean())}
+
+
+def score_defaults(argv: list[str], prefix: str, score, shown) -> None:
+    """The defaults' run per task and seed, each split scored by `score(serve, classes, folder) -> {name: scores}`;
+    results keyed "task, backbone, sSEED" into OUT.json after each run (a key already there is not run again), and
+    `shown(scores of one split) -> dict` printed."""
+    with session(argv, prefix) as p:
+        for task in p.tasks:
+            for seed in p.seeds:
+                key = f"{task}, {p.backbone}, s{seed}"
+                if key in p.results:
+                    continue
+                r, classes, serve = defaults_run(p, task, seed)
+                p.results[key] = {**{split: score(serve, classes, p.folders[task] / split)
+                                     for split in ("validation", "test")},
+                                  "job": {k: r[k] for k in ("validation", "test")}}
+                p.out.write_text(json.dumps(p.results, indent=1) + "\n")
+                print(key, {split: shown(p.results[key][split]) for split in ("validation", "test")}, flush=True)

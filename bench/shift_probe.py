@@ -9,7 +9,6 @@ on the validation and test files: each image as it is and moved by 1 and 2 pixel
 edge rows repeated into the gap), and the mean of the softmax outputs of the image and its four 1-pixel moves
 (`tta5_1px`, 5x the serving cost), of its four 2-pixel moves (`tta5_2px`), and of all nine (`tta9`).
 """
-import json
 import sys
 
 import numpy as np
@@ -44,19 +43,8 @@ def score(serve, classes: list[str], folder) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    with probes.session(argv, "shift-probe-") as p:
-        for task in p.tasks:
-            for seed in p.seeds:
-                key = f"{task}, {p.backbone}, s{seed}"
-                if key in p.results:
-                    continue
-                r, classes, serve = probes.defaults_run(p, task, seed)
-                p.results[key] = {**{split: score(serve, classes, p.folders[task] / split)
-                                     for split in ("validation", "test")},
-                                  "job": {k: r[k] for k in ("validation", "test")}}
-                p.out.write_text(json.dumps(p.results, indent=1) + "\n")
-                print(key, {split: {k: round(p.results[key][split][k]["accuracy"], 3)
-                                    for k in ("plain", *MEANS)} for split in ("validation", "test")}, flush=True)
+    probes.score_defaults(argv, "shift-probe-", score,
+                          lambda scores: {k: round(scores[k]["accuracy"], 3) for k in ("plain", *MEANS)})
     return 0
 
 
