@@ -53,6 +53,10 @@ _ALL = [
 BACKBONES: dict[str, Backbone] = {b.name: b for b in _ALL}
 
 
+def _squashed(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
 def get(name: str) -> Backbone:
     """The registered backbone called `name`; KeyError carries a "did you mean" hint."""
     try:
@@ -60,5 +64,8 @@ def get(name: str) -> Backbone:
     except KeyError:
         from job.errors import did_you_mean
 
-        hint = did_you_mean(name, BACKBONES) or f" (one of: {', '.join(BACKBONES)})"
+        # Keras' class name (MobileNetV2) or another spelling (mobilenetv2, MOBILENET-V2) names one exactly.
+        same = [b.name for b in _ALL if _squashed(name) in (_squashed(b.name), _squashed(b.constructor))]
+        hint = (f" (did you mean '{same[0]}'?)" if same else did_you_mean(name, BACKBONES)
+                or f" (one of: {', '.join(BACKBONES)})")
         raise KeyError(f"unknown backbone '{name}'{hint}") from None

@@ -139,11 +139,21 @@ def validate(cfg: Config):
 
     source = read_listing(cfg)
     output_state(cfg)  # proves the output location is reachable with these credentials
+    _check_class_weight(cfg, source)
     _staging(cfg, source)
     if source.kind == "shards" and (not source.image_count() or source.layout.multi_label):
         how = readers.Staging(Path(cfg.data.cache_dir), Path(cfg.data.cache_dir), tuple(cfg.data.image_size))
-        return readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout
+        layout = readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout
+        class_weights(cfg, layout)  # multi-label shards: the labels are known once read
+        return layout
     return source.layout.carve(cfg.data.validation_split, cfg.train.seed).nonempty()
+
+
+def _check_class_weight(cfg: Config, source) -> None:
+    """A class name in `train.class_weight` that the dataset lacks fails before any work, in `train` and
+    `validate` alike (multi-label shards: once their labels are read)."""
+    if not source.layout.multi_label or source.kind != "shards":
+        class_weights(cfg, source.layout)
 
 
 # ---------------------------------------------------------------- the job
@@ -193,8 +203,7 @@ def prepare(cfg: Config) -> Run | dict:
     with timings.measure("listing"):
         source = read_listing(cfg)
     log.info("dataset listed", uri=cfg.data.uri, classes=len(source.layout.classes), counts=source.layout.counts())
-    if not source.layout.multi_label or source.kind != "shards":  # (multi-label shards: labels once read)
-        class_weights(cfg, source.layout)  # a class name that the dataset does not have fails before any work
+    _check_class_weight(cfg, source)
     staging = _staging(cfg, source)
     # TensorFlow loads here (3 to 4 s of CPU), after what storage and the listing can refuse: a missing train/
     # folder or a class name the data lacks fails within a second, a rerun of a complete run ends as fast, and

@@ -61,6 +61,13 @@ def test_missing_config_file_exits_2(tmp_path):
     assert_one_line(run_cli("train", "--config", str(tmp_path / "missing.yaml")), 2, "not found")
 
 
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_class_weight_naming_a_class_the_data_lacks_exits_2(tmp_path, sample_data, command):
+    # `validate` passes exactly what `train` would refuse: both read the classes and check the weights.
+    cfg = config(tmp_path, str(sample_data), str(tmp_path / "out"), train={"class_weight": {"circel": 2.0}})
+    assert_one_line(run_cli(command, "--config", str(cfg)), 2, "train.class_weight", "circel")
+
+
 # ------------------------------------------------------------------ 3: data errors
 
 

@@ -66,6 +66,8 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("train.batch_size=0", "train.batch_size:"),
         ("data.image_size=[16, 16]", "data.image_size [16, 16] is outside what mobilenet_v2 accepts"),
         ("model.backbone=resnet51", "did you mean 'resnet50'"),
+        ("model.backbone=MobileNetV2", "did you mean 'mobilenet_v2'"),  # Keras' class name
+        ("model.backbone=efficientnet-b0", "did you mean 'efficientnet_b0'"),
         ("train.head.mode=fast", "train.head.mode:"),
         ("train.finetune.unfreeze=-2", "train.finetune.unfreeze:"),
         ("train.finetune.augment=[flip, spin]", "unknown augmentation op 'spin' (one of: flip,"),
