@@ -388,7 +388,23 @@ def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: d
         if tf_config_workers(environ)[1] > 1:
             raise ConfigError("config: run_id: required when TF_CONFIG lists several workers (all must share it)")
         cfg.run_id = default_run_id()
+    _check_output_outside_splits(cfg)
     return cfg
+
+
+def _check_output_outside_splits(cfg: Config) -> None:
+    """ConfigError when the run's artifacts would land in a split folder of the dataset: the next run would read
+    their PNGs (curves, confusion matrix) as images of a class. A manifest names its files, so it is exempt."""
+    if cfg.data.manifest:
+        return
+    from job.uris import within
+
+    run_folder = f"{cfg.output.uri.rstrip('/')}/{cfg.run_id}"
+    for split in ("train", "validation", "test"):
+        if within(run_folder, f"{cfg.data.uri.rstrip('/')}/{split}"):
+            raise ConfigError(f"config: output.uri: the run's artifacts ({run_folder}) would go inside the dataset's "
+                              f"{split}/ folder, where the next run would read them as images; choose an output "
+                              "outside data.uri's train/, validation/ and test/")
 
 
 def _redact_url(url: str) -> str:

@@ -136,12 +136,14 @@ def _labels(value, line: int, name: str) -> tuple[str, ...]:
 
 
 def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list[str]:
-    """Each row's key: relative to `data_uri` when inside it, else the full URI; DataError for a path listed
-    twice or missing from `existing`."""
+    """Each row's key: relative to `data_uri` when inside it (a leading `./` dropped), else the full URI;
+    DataError for a path listed twice or missing from `existing`."""
     root = data_uri.rstrip("/") + "/"
     seen: dict[str, int] = {}
     for row in rows:
         key = row.path[len(root):] if row.path.startswith(root) else row.path
+        while key.startswith("./"):  # as `find .` writes paths: the same object as without
+            key = key[2:]
         if key in seen:
             raise DataError(f"{name} line {row.line}: {row.path} is listed twice (first on line {seen[key]})")
         seen[key] = row.line

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from job import logs, shards, storage
 from job.errors import ConfigError, DataError, StorageError
+from job.uris import within
 
 log = logs.get()
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
@@ -90,19 +91,6 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
         dest.upload(classes_file, shards.CLASSES)
     return {"to": dest.uri, "classes": layout.classes, "counts": layout.counts(), "images": images,
             "shards": shard_counts}
-
-
-def within(uri: str, folder: str) -> bool:
-    """Whether `uri` is `folder` or below it: the same bucket and a prefix at or under the folder's (s3://), or the
-    same directory or one below it once resolved (local paths). Pure; no storage touched."""
-    if storage.is_s3(uri) != storage.is_s3(folder):
-        return False
-    if storage.is_s3(uri):
-        inner, outer = (u.removeprefix("s3://").strip("/").split("/") for u in (uri, folder))
-        inner, outer = [p for p in inner if p], [p for p in outer if p]
-    else:
-        inner, outer = (Path(u.removeprefix("file://")).expanduser().resolve().parts for u in (uri, folder))
-    return list(inner[:len(outer)]) == list(outer)
 
 
 def _refuse_or_clear(dest: storage.Store, overwrite: bool) -> None:

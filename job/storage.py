@@ -24,6 +24,7 @@ from pathlib import Path
 from job import logs, metrics
 from job.errors import StorageError
 from job.files import atomic_path, write_text
+from job.uris import is_s3
 
 DOWNLOAD_THREADS = 32
 RANGED_MIN = 16 * 2**20  # objects this large (tar shards) are fetched with parallel ranged GETs
@@ -41,10 +42,6 @@ class Entry:
     rel: str
     size: int
     etag: str
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
 
 
 def join(uri: str, *parts: str) -> str:

@@ -162,3 +162,24 @@ def test_onnx_for_a_backbone_it_does_not_convert_exits_2(cfg_file):
                         "--set", "export.formats=[onnx]"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     assert "onnx does not convert for model.backbone efficientnet_b0" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("data, output, run_id, refused", [
+    ("s3://b/flowers", "s3://b/flowers/train/roses", "r1", "train/"),  # artifacts among the roses
+    ("s3://b/flowers/", "s3://b/flowers//validation", "r1", "validation/"),
+    ("s3://b/flowers", "s3://b/flowers", "test", "test/"),  # the run's own folder is the split
+    ("s3://b/flowers", "s3://b/flowers", "r1", None),  # beside the splits: never read as images
+    ("s3://b/flowers", "s3://b/flowers/trainings", "r1", None),  # a sibling that only starts like a split
+    ("s3://b/flowers", "s3://c/flowers/train", "r1", None),  # another bucket
+    ("/data/flowers", "/data/flowers/train/../models", "r1", None),  # resolved: outside
+    ("/data/flowers", "/data/flowers/models/../train/x", "r1", "train/"),
+])
+def test_an_output_inside_a_split_folder_is_refused(cfg_file, data, output, run_id, refused):
+    sets = [f"data.uri={data}", f"output.uri={output}", f"run_id={run_id}"]
+    if refused is None:
+        assert config.load(cfg_file, sets).output.uri == output
+    else:
+        with pytest.raises(ConfigError, match=f"inside the dataset's {refused} folder"):
+            config.load(cfg_file, sets)
+    # A manifest names its files: its dataset's folders are never listed, so any output is fine.
+    assert config.load(cfg_file, [*sets, f"data.manifest={data}/labels.csv"]).run_id == run_id

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from job import manifest, shards, sources
 from job.config import Config
 from job.errors import ConfigError, DataError
-from job.pack import pack, parse_size, within
+from job.pack import pack, parse_size
 from job.sample_data import write_sample_dataset
+from job.uris import within
 
 
 def rows(text: str, name: str = "m.csv"):
@@ -71,7 +72,11 @@ def test_manifest_layout_checks_objects_duplicates_and_classes():
     assert layout.files["test"] == {"cat": ["s3://elsewhere/p/3.png"], "dog": []}
     assert manifest.to_layout(rows("path,label\ns3://b/data/a/1.png,cat\na/2.png,dog\n"), "m.csv", "s3://b/data",
                               existing).files["train"] == {"cat": ["a/1.png"], "dog": ["a/2.png"]}
+    # Paths as `find .` writes them name the same objects.
+    assert manifest.to_layout(rows("path,label\n./a/1.png,cat\n././a/2.png,dog\n"), "m.csv", "s3://b/data",
+                              existing).files["train"] == {"cat": ["a/1.png"], "dog": ["a/2.png"]}
     for body, message in [
+        (ok + "./a/1.png,dog,test\n", "m.csv line 5: ./a/1.png is listed twice (first on line 2)"),
         (ok + "a/9.png,cat,train\n", "m.csv line 5: a/9.png does not exist under s3://b/data"),
         (ok + "a/1.png,dog,test\n", "m.csv line 5: a/1.png is listed twice (first on line 2)"),
         (ok.replace("s3://elsewhere/p/3.png,cat,test", "s3://elsewhere/p/3.png,bird,test"),
