@@ -364,7 +364,7 @@ def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: d
     if path is not None:
         p = Path(path)
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None
         except (OSError, UnicodeDecodeError) as e:

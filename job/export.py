@@ -19,6 +19,7 @@ import job
 from job import evaluate, formats, logs, model_card
 from job.config import redacted, to_yaml
 from job.dataset import decode_and_resize
+from job.files import write_labels
 from job.model import Parts, build, with_thresholds
 from job.readers import image_uri
 from job.storage import Store
@@ -39,7 +40,7 @@ def artifacts(run, reports: dict, folder: Path) -> dict:
         write_saved_model(served, classes, run.size, folder / "saved_model", run.multi)
     with measure("export_model_keras"):
         clean.save(folder / "model.keras")
-    (folder / "labels.txt").write_text("\n".join(classes) + "\n")
+    write_labels(folder / "labels.txt", classes)
     if run.multi:
         write_json(folder / THRESHOLDS, thresholds_file(classes, run.thresholds))
     with measure("formats"):
@@ -53,10 +54,10 @@ def artifacts(run, reports: dict, folder: Path) -> dict:
         if split in reports and not run.multi:  # multi-label: per-label precision and recall in metrics.json
             evaluate.plot_confusion(reports[split]["confusion_matrix"], classes, folder / "confusion_matrix.png",
                                     f"{split} confusion matrix")
-        (folder / "config.yaml").write_text(to_yaml(cfg))
+        (folder / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         (folder / "MODEL_CARD.md").write_text(model_card.render(
             cfg.run_id, redacted(cfg), classes, _counts(run.data.layout), reports, checked["formats"],
-            len(run.data.bad), versions(), run.state.search, refit_fields(run)))
+            len(run.data.bad), versions(), run.state.search, refit_fields(run)), encoding="utf-8")
     return checked
 
 
@@ -187,7 +188,7 @@ def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[
 
 
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
+    path.write_text(json.dumps(data, indent=2, default=_plain) + "\n", encoding="utf-8")
 
 
 def _plain(value):
@@ -227,5 +228,5 @@ def upload(folder: Path, store: Store) -> None:
         for f in [pool.submit(store.upload, p, p.relative_to(folder).as_posix()) for p in files]:
             f.result()
     store.upload(folder / MANIFEST, MANIFEST)
-    (folder / SUCCESS).write_text("")
+    (folder / SUCCESS).write_text("", encoding="utf-8")
     store.upload(folder / SUCCESS, SUCCESS)

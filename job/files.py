@@ -29,4 +29,14 @@ def atomic_path(dest: Path) -> Iterator[Path]:
 
 def write_text(dest: Path, text: str) -> None:
     with atomic_path(dest) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
+
+
+# labels.txt of a run, classes.txt of shards: one class per line, in index order, UTF-8 whatever the locale (a
+# class `café` or `猫` under LANG=C). A name that holds a line break is refused earlier (layout.broken_lines).
+def write_labels(dest: Path, classes: list[str]) -> None:
+    write_text(dest, "".join(f"{c}\n" for c in classes))
+
+
+def read_labels(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()

@@ -121,7 +121,7 @@ def _describe(path: Path, fmt: str, image_size: tuple[int, int], classes: list[s
         info["input"]["quantization"] = "scale 1, zero point 0: the uint8 pixel values themselves"
         for out in (info["output"].values() if multi else [info["output"]]):
             out["quantization"] = "value = (raw - zero_point) * scale (see the model's output details)"
-    Path(f"{path}.json").write_text(json.dumps(info, indent=2) + "\n")
+    Path(f"{path}.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------- running each format in its runtime

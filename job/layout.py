@@ -148,6 +148,12 @@ def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
     return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
+def broken_lines(classes: list[str]) -> list[str]:
+    """The class names that hold a line break (`\n`, `\r`, or any other that str.splitlines splits at): labels.txt
+    keeps one class per line, so each would shift the names of the classes after it."""
+    return [c for c in classes if c and c.splitlines() != [c]]
+
+
 def unmeasured(counts: dict[str, dict[str, int]], classes: list[str]) -> dict[str, list[str]]:
     """For each split but train that has images: the classes it has none of (multi-label: no image carrying the
     label), which its scores do not measure (for validation: early stopping and train.search neither)."""

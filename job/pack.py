@@ -23,6 +23,7 @@ from pathlib import Path
 
 from job import logs, shards, storage
 from job.errors import ConfigError, DataError, StorageError
+from job.files import write_labels
 from job.uris import within
 
 log = logs.get()
@@ -84,10 +85,11 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
             log.info("split packed", split=split, images=len(items), shards=len(writer.counts))
         index_file = Path(tmp) / shards.INDEX
         images = {split: layout.count(split) for split in layout.splits}
-        index_file.write_text(shards.index(layout.classes, layout.counts(), shard_counts, cfg.task, images))
+        index_file.write_text(shards.index(layout.classes, layout.counts(), shard_counts, cfg.task, images),
+                              encoding="utf-8")
         dest.upload(index_file, shards.INDEX)
         classes_file = Path(tmp) / shards.CLASSES  # last: without it, a half-written pack is not a dataset
-        classes_file.write_text("\n".join(layout.classes) + "\n")
+        write_labels(classes_file, layout.classes)
         dest.upload(classes_file, shards.CLASSES)
     return {"to": dest.uri, "classes": layout.classes, "counts": layout.counts(), "images": images,
             "shards": shard_counts}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from job import storage
 from job.errors import ConfigError, DataError, StorageError
+from job.files import read_labels
 
 
 def artifact(fmt: str) -> str:
@@ -45,7 +46,7 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="finetune-job-model-")))
             storage.stage(store, [e for e in store.list() if needed(e.rel)], tmp)
             folder = tmp / store.bucket / store.prefix
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         if not any(rel == target or rel.startswith(target + "/") for rel in manifest["files"]):
             raise StorageError(f"{model_uri}: this run has no {fmt} (export.formats: see its manifest.json)")
         for rel, info in manifest["files"].items():
@@ -79,7 +80,7 @@ def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "",
         if why:
             raise ConfigError(f"{uri}: cannot read image ({why})")
     with fetched_run(model_uri, endpoint, fmt) as folder:
-        labels = (folder / "labels.txt").read_text().splitlines()
+        labels = read_labels(folder / "labels.txt")
         multi = (folder / THRESHOLDS).is_file()
         classify = _classifier(fmt, folder / artifact(fmt), multi)
         for uri in images:
@@ -127,7 +128,7 @@ def _classifier(fmt: str, path: Path, multi: bool = False):
         from job.formats import runner
 
         run = runner(fmt, path, multi)
-        size = tuple(json.loads(Path(f"{path}.json").read_text())["input"]["shape"][1:3])
+        size = tuple(json.loads(Path(f"{path}.json").read_text(encoding="utf-8"))["input"]["shape"][1:3])
 
         def probabilities(blob: bytes):
             out = run.predict(decode_and_resize(tf.constant(blob), size).numpy()[None])

@@ -311,7 +311,7 @@ def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str
     into `folder` (under their own paths) once per ETag, class list and task (labels are indices into it)."""
     done = folder / ".complete.json"
     try:
-        record = json.loads(done.read_text())
+        record = json.loads(done.read_text(encoding="utf-8"))
         same = (record["etag"], record.get("format"), record.get("classes"), record.get("multi")) == \
             (etag, EXTRACTED_FORMAT, classes, multi)
         if same and all((folder / name).is_file() for name, _ in record["samples"]):

@@ -150,7 +150,7 @@ def write_multilabel_dataset(root: Path, labels: tuple[str, ...] = SHAPES[:3], t
             canvas.save(Path(root) / rel)
             rows.append({"path": rel, "labels": present, "split": split})
     manifest = Path(root) / "labels.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return manifest
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from job import logs, manifest, shards, storage
 from job.config import Config
 from job.errors import ConfigError, DataError, StorageError
-from job.layout import Layout, MultiLayout, case_clashes, discover, require_training_images
+from job.layout import Layout, MultiLayout, broken_lines, case_clashes, discover, require_training_images
 
 log = logs.get()
 MARGIN = 1.2  # copy only when the dataset and its image cache fit in the free space with this margin
@@ -45,6 +45,10 @@ class Source:
 def open_source(cfg: Config) -> Source:
     """List the dataset (no image downloads) and check its layout; the validation split is carved later."""
     source = _open(cfg, storage.open_store(cfg.data.uri, cfg.s3.endpoint_url))
+    broken = broken_lines(source.layout.classes)
+    if broken:
+        raise DataError(f"{cfg.data.uri}: class name {ascii(broken[0])} holds a line break; labels.txt keeps one "
+                        "class per line, so rename it")
     for names in case_clashes(source.layout.classes):
         shown = [n if unicodedata.is_normalized("NFKC", n) else ascii(n) for n in names]  # tell look-alikes apart
         log.warning("class names that differ only in case or Unicode form are different classes", classes=shown)

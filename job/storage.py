@@ -447,7 +447,7 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
     root.mkdir(parents=True, exist_ok=True)
     index_path = root / INDEX_NAME
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         index = {}
     todo = []

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import hypothesis.strategies as st
 import pytest
 from conftest import tar_bytes
+from hypothesis import given
 
-from job import layout, pipeline, readers, shards, sources
+from job import files, layout, pipeline, readers, shards, sources
 from job.config import Config
 from job.errors import DataError, StorageError
 from job.pack import pack
@@ -377,3 +382,31 @@ def test_a_shard_read_partly_is_not_kept(tmp_path, monkeypatch):
         "shard.labels.npy", "shard.rows"]
     again = list(stream._decoded(reader.store, rel, reader.layout.classes, keys, (8, 8), False, kept))
     assert flat(again) == flat(whole) and len(flat(whole)) == 12
+
+
+@given(st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=5, unique=True))
+def test_labels_txt_keeps_exactly_the_class_names_that_are_not_refused(tmp_path_factory, classes):
+    # labels.txt (and a pack's classes.txt) round-trips every list the listing lets through, and no other:
+    # a name with a line break (\n, \r, \x85, U+2028, ...) would shift the names of the classes after it.
+    path = tmp_path_factory.mktemp("labels") / "labels.txt"
+    files.write_labels(path, classes)
+    assert (files.read_labels(path) == classes) == (layout.broken_lines(classes) == [])
+
+
+def test_a_class_name_with_a_line_break_is_refused(tmp_path):
+    for name in ("a", "b\rc"):
+        (tmp_path / "d/train" / name).mkdir(parents=True)
+        (tmp_path / "d/train" / name / "1.png").write_bytes(b"P")
+    with pytest.raises(DataError, match=r"class name 'b\\rc' holds a line break"):
+        sources.open_source(config(tmp_path / "d"))
+
+
+def test_labels_are_utf8_whatever_the_locale(tmp_path):
+    # LANG=C without Python's UTF-8 coercion: the locale's encoding is ASCII, which cannot write café or 猫.
+    code = ("import sys; from pathlib import Path; from job import files; p = Path(sys.argv[1]); "
+            "files.write_labels(p, ['caf\\u00e9', '\\u732b']); print(ascii(files.read_labels(p)))")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "labels.txt")], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == ascii(["caf\u00e9", "\u732b"])
+    assert (tmp_path / "labels.txt").read_bytes() == "caf\u00e9\n\u732b\n".encode()
