@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from job import logs, shards, storage
-from job.errors import ConfigError, DataError, StorageError
+from job.errors import ConfigError, StorageError
 from job.files import write_labels
 from job.uris import within
 
@@ -61,11 +61,7 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
         raise ConfigError(f"--to {dest_uri}: inside the dataset --from {source_uri}, whose layout the shards would "
                           f"join (a class folder more, or shards where the folders are); pack into a prefix outside "
                           f"it, e.g. {data_uri.rstrip('/')}-shards")
-    layout = source.layout
-    unwritable = [c for c in layout.classes if "\n" in c or "\r" in c]
-    if unwritable:
-        raise DataError(f"--from {source_uri}: class {unwritable[0]!r} has a line break in its name, which "
-                        f"{shards.CLASSES} (one class per line) cannot hold")
+    layout = source.layout  # (a class name with a line break, which classes.txt cannot hold, is refused there)
     dest = storage.open_store(dest_uri, endpoint)
     _refuse_or_clear(dest, overwrite)
     shard_counts: dict[str, int] = {}
