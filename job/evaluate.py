@@ -84,22 +84,29 @@ def plot_curves(history: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+# The confusion matrix plot stays readable and bounded: 0.5 inch a class up to 60 classes (class names on the
+# axes, counts in the cells up to 30), then one figure of at most 32 x 32 inches at 100 dpi (3,200 pixels a side)
+# with class indices on the axes. It grew without bound before: 300 classes took 7.4 GB and 35 s after training.
+NAMED_CLASSES, COUNTED_CLASSES, MAX_INCHES = 60, 30, 32.0
+
+
 def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cm = np.asarray(cm)
-    size = max(4.0, 0.5 * len(classes) + 2)
+    cm, n = np.asarray(cm), len(classes)
+    size = min(MAX_INCHES, max(4.0, 0.5 * n + 2))
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.imshow(cm, cmap="Blues", interpolation="nearest")
+    if n <= NAMED_CLASSES:
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted" if n <= NAMED_CLASSES else "predicted (class index, as in labels.txt)")
+    ax.set_ylabel("true" if n <= NAMED_CLASSES else "true (class index)")
     ax.set_title(title)
-    if len(classes) <= 30:
+    if n <= COUNTED_CLASSES:
         for (i, j), v in np.ndenumerate(cm):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
     fig.tight_layout()

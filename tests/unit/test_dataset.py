@@ -109,6 +109,17 @@ def test_report_counts_and_balanced_accuracy():
     assert r["loss"] == pytest.approx(-(6 * np.log(0.99) + 2 * np.log(0.01)) / 8, rel=1e-5)
 
 
+def test_the_confusion_plot_is_bounded_for_many_classes(tmp_path):
+    # 0.5 inch a class at 100 dpi grew without bound: 300 classes took 7.4 GB after training, 1,000 would not fit.
+    from PIL import Image
+
+    for n, side in ((4, 400), (10, 700), (100, 3200)):
+        cm = np.arange(n * n).reshape(n, n).tolist()
+        evaluate.plot_confusion(cm, [f"class {i}" for i in range(n)], tmp_path / f"{n}.png", "test")
+        with Image.open(tmp_path / f"{n}.png") as png:
+            assert png.size == (side, side), n
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 6), st.data())
 def test_rows_of_a_mapped_file_read_with_pread_equal_indexing(tmp_path_factory, n, dim, data):
