@@ -19,6 +19,9 @@ from job.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Top-level folder names that other tools and datasets use for a split: images under them would be ignored.
+SPLIT_ALIASES = {"training": "train", "val": "validation", "valid": "validation", "eval": "validation",
+                 "dev": "validation", "testing": "test"}
 
 
 @dataclass
@@ -91,6 +94,7 @@ def discover(rels: list[str], where: str) -> Layout:
     """Build the layout from object paths relative to the dataset root, or raise DataError."""
     found: dict[str, dict[str, list[str]]] = {}
     ignored = []
+    _refuse_split_aliases(rels, where)
     for rel in rels:
         parts = rel.split("/")
         if parts[0] not in SPLITS or len(parts) < 2 or any(p.startswith(".") for p in parts):
@@ -108,7 +112,11 @@ def discover(rels: list[str], where: str) -> Layout:
         else:
             ignored.append(rel)
     if "train" not in found:
-        raise DataError(f"no train/ folder with class folders under {where} (expected {where}/train/<class>/<image>)")
+        tops = sorted({r.split("/")[0] for r in rels if r.count("/") == 1 and r.lower().endswith(IMAGE_EXTENSIONS)})
+        hint = f"; {', '.join(tops[:3])}{', ...' * (len(tops) > 3)} hold images: move the class folders into train/" \
+            if tops else ""
+        raise DataError(f"no train/ folder with class folders under {where} (expected {where}/train/<class>/<image>"
+                        f"{hint})")
     classes = sorted(found["train"])
     if len(classes) < 2:
         raise DataError(f"{where}/train/ has {len(classes)} class folder(s); at least 2 are needed")
@@ -124,6 +132,19 @@ def discover(rels: list[str], where: str) -> Layout:
             raise DataError(f"{where}/{split}/: class folders differ from train/ ({what})")
     files = {s: {c: sorted(found[s][c]) for c in classes} for s in SPLITS if s in found}
     return Layout(classes, files, ignored)
+
+
+def _refuse_split_aliases(rels: list[str], where: str) -> None:
+    """DataError for images under a top-level folder named like a split but not as the job reads it (`val/`,
+    `Train/`, `testing/`): they would be silently ignored, the validation split carved from train instead."""
+    for rel in rels:
+        parts = rel.split("/")
+        if len(parts) < 3 or parts[0] in SPLITS or not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        split = SPLIT_ALIASES.get(parts[0].lower(), parts[0].lower() if parts[0].lower() in SPLITS else None)
+        if split:
+            raise DataError(f"{where}/{parts[0]}/: the job reads the splits train/, validation/ and test/, so its "
+                            f"images would be ignored; rename it {split}/")
 
 
 def _require_images(split: str, per: dict[str, list[str]], where: str) -> None:

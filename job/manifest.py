@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 
 from job.errors import DataError
-from job.layout import IMAGE_EXTENSIONS, SPLITS, Layout, MultiLayout
+from job.layout import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, Layout, MultiLayout
 
 HEADERS = (["path", "label"], ["path", "label", "split"])
 MULTI_HEADERS = (["path", "labels"], ["path", "labels", "split"])
@@ -117,7 +117,9 @@ def _row(values: dict, line: int, name: str) -> Row:
     if labels is None and not label:
         raise DataError(f"{name} line {line}: empty label for {path}")
     if split is not None and split not in SPLITS:
-        raise DataError(f"{name} line {line}: unknown split {split!r} (train, validation or test)")
+        alias = SPLIT_ALIASES.get(split.lower(), split.lower() if split.lower() in SPLITS else "")
+        hint = f"; did you mean {alias}?" if alias else ""
+        raise DataError(f"{name} line {line}: unknown split {split!r} (train, validation or test{hint})")
     if not path.lower().endswith(IMAGE_EXTENSIONS):
         raise DataError(f"{name} line {line}: {path} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
     return Row(line, path, label, split, labels)

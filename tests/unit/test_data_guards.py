@@ -156,7 +156,9 @@ def test_csv_messages_name_the_line_and_the_header():
     assert refusal("path,label\n,cat\n") == "m.csv line 2: empty path"
     assert refusal("path,label\na.png, \n") == "m.csv line 2: empty label for a.png"
     assert refusal("path,label,split\na.png,cat,Train\n") == \
-        "m.csv line 2: unknown split 'Train' (train, validation or test)"
+        "m.csv line 2: unknown split 'Train' (train, validation or test; did you mean train?)"
+    assert refusal("path,label,split\na.png,cat,val\n") == \
+        "m.csv line 2: unknown split 'val' (train, validation or test; did you mean validation?)"
     assert refusal("path,label\na.tif,cat\n") == "m.csv line 2: a.tif is not an image (.jpg, .jpeg, .png, .bmp, .gif)"
     assert refusal("path,label\n\n") == "m.csv: no entries"
 

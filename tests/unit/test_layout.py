@@ -37,6 +37,13 @@ def test_non_images_and_loose_files_are_ignored():
         (rels({"train": {"a": 3, "b": 2}}) + ["train/c/"], "train/: class folder(s) with no images: c"),
         (rels({"train": {"a": 3, "b": 2}, "test": {"a": 1}}), "test/: class folders differ from train/ (missing b)"),
         (rels({"train": {"a": 3, "b": 2}, "validation": {"a": 1, "b": 1, "c": 1}}), "not in train/: c"),
+        # A split named as other tools name it: its images would be ignored without a word.
+        (rels({"train": {"a": 3, "b": 2}, "val": {"a": 1, "b": 1}}), "s3://b/d/val/: the job reads the splits"),
+        (rels({"train": {"a": 3, "b": 2}, "Test": {"a": 1, "b": 1}}), "rename it test/"),
+        (rels({"Train": {"a": 3, "b": 2}}), "Train/: the job reads the splits train/, validation/ and test/"),
+        (rels({"training": {"a": 3, "b": 2}}), "rename it train/"),
+        # The class folders at the top, as Keras' image_dataset_from_directory reads them.
+        ([f"{c}/{i}.jpg" for c in "abcd" for i in range(2)], "; a, b, c, ... hold images: move the class folders"),
     ],
 )
 def test_bad_layouts_say_what_and_where(objects, message):
