@@ -107,7 +107,7 @@ def manifest_fields(run, checked: dict) -> dict:
         "run_id": cfg.run_id, "versions": versions(), "backbone": cfg.model.backbone, "classes": run.classes,
         "seed": cfg.train.seed, "weights_sha256": weights_fingerprint(run.parts.model),
         "dataset": {"uri": cfg.data.uri, "staging": run.data.mode, "counts": run.data.layout.counts(),
-                    "bad_images": len(run.data.bad)},
+                    "bad_images": len(run.data.bad), "identical_images": run.identical},
         "strategy": {"kind": cluster.kind, "replicas": cluster.replicas, "workers": cluster.num_workers,
                      "mixed_precision": cluster.mixed_precision},
         "formats": checked["formats"], "formats_checked_on": checked["checked_on"], "timings": dict(run.timings),

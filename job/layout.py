@@ -175,6 +175,24 @@ def broken_lines(classes: list[str]) -> list[str]:
     return [c for c in classes if c and c.splitlines() != [c]]
 
 
+def identical(listed: Layout | MultiLayout, digests: dict[str, str]) -> dict:
+    """What byte-identical images (same `digests`: key -> content hash) say about the dataset:
+    `{split: n}` for validation and test, the images whose bytes are also a training image's (their scores
+    overstate accuracy on new images; validation: early stopping and train.search too), and `labelled_differently`,
+    the groups of identical images that carry different labels (one of them is wrong), each a list of keys."""
+    by_digest: dict[str, list[tuple[str, str, object]]] = {}
+    for split in listed.splits:
+        for key, label in zip(*listed.items(split)):
+            if key in digests:
+                by_digest.setdefault(digests[key], []).append((split, key, label))
+    trained = {d for d, found in by_digest.items() if any(split == "train" for split, _, _ in found)}
+    seen = {split: sum(1 for d, found in by_digest.items() if d in trained for s, _, _ in found if s == split)
+            for split in listed.splits if split != "train"}
+    clashes = [sorted(key for _, key, _ in found) for found in by_digest.values()
+               if len({label for _, _, label in found}) > 1]
+    return {"in_training": {s: n for s, n in seen.items() if n}, "labelled_differently": sorted(clashes)}
+
+
 def unmeasured(counts: dict[str, dict[str, int]], classes: list[str]) -> dict[str, list[str]]:
     """For each split but train that has images: the classes it has none of (multi-label: no image carrying the
     label), which its scores do not measure (for validation: early stopping and train.search neither)."""

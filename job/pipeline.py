@@ -63,6 +63,7 @@ class Run:
     timings: Timings = field(default_factory=Timings)
     staging: str = "copy"  # data.staging resolved once in `prepare`: copy | stream
     data: Reader | None = None  # the staged dataset, copied or streamed (job/readers.py): set by `stage_data`
+    identical: dict = field(default_factory=dict)  # byte-identical images (`_warn_identical`), for manifest.json
     thresholds: list[dict] | None = None  # multi-label: each label's decision threshold (`evaluate_splits`)
     board: Any = None  # job.tensorboard.Board: the chief's event files
     misclassified: tuple = ()  # (uint8 images, captions) of wrong test predictions, for TensorBoard
@@ -359,6 +360,7 @@ def stage_data(run: Run) -> None:
         log.warning(f"no {split} images {what}: the {split} scores do not measure them"
                     + (" (nor early stopping and train.search)" if split == "validation" else ""),
                     split=split, classes=missing)
+    _warn_identical(run)
     if not run.data.count("validation"):
         log.warning("no validation images: early stopping watches the training loss, and no validation report "
                     "is written")
@@ -366,6 +368,22 @@ def stage_data(run: Run) -> None:
         log.info("no test images: no test report; the exported formats are checked on "
                  + ("validation" if run.data.count("validation") else "training") + " images")
     _workers_agree_on_dataset(run)
+
+
+def _warn_identical(run: Run) -> None:
+    """Byte-identical images that a user would want to know of: held-out ones that are also training images, and
+    identical ones labelled differently."""
+    found = layout.identical(run.data.layout, run.data.digests)
+    for split, n in found["in_training"].items():
+        log.warning(f"{n} {split} image(s) are byte-identical to training images: the {split} scores overstate "
+                    "accuracy on new images" + (" (and steer early stopping and train.search)" if split == "validation"
+                                                else ""), split=split, images=n)
+    clashes = found["labelled_differently"]
+    if clashes:
+        log.warning(f"{len(clashes)} group(s) of byte-identical images carry different labels: one of each is "
+                    "mislabelled", groups=len(clashes),
+                    examples=[[image_uri(run.cfg.data.uri, k) for k in keys] for keys in clashes[:3]])
+    run.identical = {**found["in_training"], "labelled_differently": len(clashes)}
 
 
 def _too_many_bad(cfg: Config, staged: Reader) -> None:

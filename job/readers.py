@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class Reader:
     def __init__(self, listed: layout.Layout | layout.MultiLayout, bad: dict[str, str], where: str,
                  image_size: tuple[int, int]):
         self.layout, self.bad, self.where, self.image_size = listed, dict(sorted(bad.items())), where, image_size
+        self.digests: dict[str, str] = {}  # key -> sha256 of its bytes (layout.identical)
 
     @property
     def multi(self) -> bool:
@@ -258,12 +260,19 @@ def create(source: Source, mode: str, how: Staging) -> Reader:
             listed = source.layout
     log.info("dataset staged", kind=source.kind, mode="copy", images=len(local), **stats)
     how.stop()
-    with how.measure("bad_image_check"):
+    with how.measure("bad_image_check"), ThreadPoolExecutor(8) as pool:
         keys = sorted(local)
         found = how.checks.local_files([str(local[k]) for k in keys]) if how.checks else {}
+        digests = dict(zip(keys, pool.map(lambda k: _digest(local[k].read_bytes()), keys)))
     key_of = {str(local[k]): k for k in keys}
     bad = {key_of[p]: reason for p, reason in found.items()}
-    return Copied(listed, bad, source.uri, how.image_size, local, Path(how.image_cache))
+    copied = Copied(listed, bad, source.uri, how.image_size, local, Path(how.image_cache))
+    copied.digests = digests
+    return copied
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _copy_objects(source: Source, cache_dir: Path, progress, stop) -> tuple[dict[str, Path], dict[str, int]]:
@@ -342,6 +351,7 @@ def _stream(source: Source, how: Staging) -> Streamed:
     classes, multi = source.layout.classes, source.layout.multi_label
     found: dict[str, list] = {}
     bad: dict[str, str] = {}
+    digests: dict[str, str] = {}
     ignored: list[str] = []
     for split, entries in source.shard_entries.items():
         pairs, seen = found.setdefault(split, []), shards.SplitKeys(split)
@@ -351,6 +361,7 @@ def _stream(source: Source, how: Staging) -> Streamed:
                 seen.add(shards.member_key(key.split(":", 1)[1], key)[0], f"{source.uri}/{key}")
                 pairs.append((key, label))
                 chunk.append((key, image))
+                digests[key] = _digest(image)
             if how.checks:
                 bad |= how.checks.encoded(chunk)
             how.progress(1)
@@ -359,7 +370,9 @@ def _stream(source: Source, how: Staging) -> Streamed:
     etags = {e.rel: e.etag for es in source.shard_entries.values() for e in es}
     listed = layout.build(classes, found, multi)
     total = sum(listed.count(split) for split in listed.splits)
-    return Streamed(listed, bad, source.uri, how.image_size, source.store, etags, _keep(how, total))
+    streamed = Streamed(listed, bad, source.uri, how.image_size, source.store, etags, _keep(how, total))
+    streamed.digests = digests
+    return streamed
 
 
 def _keep(how: Staging, images: int) -> Path | None:

@@ -4,6 +4,7 @@ folders, copied and streamed readers agree. Local folders; no TensorFlow except 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -208,6 +209,9 @@ def test_copied_and_streamed_read_the_same_samples_and_shares(tmp_path):
     streamed = stage(tmp_path / "s", "stream", tmp_path).settle(0.25, seed=3)
     assert copied.layout == streamed.layout and copied.count("validation") == 6
     assert as_read(copied) == as_read(streamed)
+    # Both know each image's content: the same digests, one per image, equal where the bytes are.
+    assert copied.digests == streamed.digests and len(copied.digests) == 3 * 9 + 3 * 2
+    assert all(copied.digests[k] == hashlib.sha256(image).hexdigest() for k, image, _ in copied.samples("test"))
     # The validation split is carved from keys, which differ between forms: compare the forms uncarved.
     assert as_read(stage(tmp_path / "s", "stream", tmp_path).settle(0, 3)) == \
         as_read(stage(tmp_path / "d", "copy", tmp_path).settle(0, 3))
@@ -410,3 +414,35 @@ def test_labels_are_utf8_whatever_the_locale(tmp_path):
                          text=True, check=True).stdout
     assert out.strip() == ascii(["caf\u00e9", "\u732b"])
     assert (tmp_path / "labels.txt").read_bytes() == "caf\u00e9\n\u732b\n".encode()
+
+
+@given(st.data())
+def test_identical_images_are_counted_against_training_and_across_labels(data):
+    # A layout of up to 12 images in 3 splits and 3 classes, whose contents are drawn from 5 values: the brute
+    # force over pairs of images says what `identical` must.
+    splits = data.draw(st.lists(st.sampled_from(layout.SPLITS), min_size=1, max_size=12))
+    images = [(s, f"{s}/{i}.png", data.draw(st.integers(0, 2)), data.draw(st.sampled_from("uvwxy")))
+              for i, s in enumerate(splits)]
+    classes = ["a", "b", "c"]
+    files = {s: {c: sorted(k for s2, k, label, _ in images if s2 == s and classes[label] == c) for c in classes}
+             for s in layout.SPLITS if s in splits}
+    found = layout.identical(layout.Layout(classes, files), {k: content for _, k, _, content in images})
+    trained = {content for s, _, _, content in images if s == "train"}
+    assert found["in_training"] == {s: n for s in ("validation", "test") if (n := sum(
+        1 for s2, _, _, content in images if s2 == s and content in trained))}
+    clashing = {content for _, _, label, content in images
+                for _, _, other, same in images if same == content and other != label}
+    assert found["labelled_differently"] == sorted(
+        sorted(k for _, k, _, content in images if content == c) for c in clashing)
+
+
+def test_identical_images_are_warned_of_and_counted_for_the_manifest(tmp_path, capsys):
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=4, size=8, seed=0, test_per_class=1)
+    train = sorted((tmp_path / "d/train").rglob("*.png"))
+    (tmp_path / "d/test" / train[-1].parent.name / "copy.png").write_bytes(train[0].read_bytes())
+    reader = stage(tmp_path / "d", "copy", tmp_path).settle(0, seed=1)
+    run = SimpleNamespace(data=reader, cfg=config(tmp_path / "d"), identical={})
+    pipeline._warn_identical(run)
+    assert run.identical == {"test": 1, "labelled_differently": 1}  # a copy of class 0's image filed under 1
+    out = capsys.readouterr().out
+    assert "1 test image(s) are byte-identical to training images" in out and "one of each is mislabelled" in out
