@@ -57,7 +57,8 @@ def find_bad(paths: list[str], max_pixels: int) -> dict[str, str]:
     uses, so a file that passes here cannot fail mid-epoch)."""
     with ThreadPoolExecutor(8) as pool:
         sizes = list(pool.map(image_size, paths))
-    bad = _too_large(paths, sizes, max_pixels)
+    bad = {p: "cannot be read (a broken link, or no permission)" for p in paths if not os.access(p, os.R_OK)}
+    bad |= _too_large(paths, sizes, max_pixels)  # (an unreadable file has no size)
     rest = [p for p in paths if p not in bad]
     encoded = tf.data.Dataset.from_tensor_slices(rest).map(tf.io.read_file) if rest else None
     return bad | {p: "cannot be decoded" for p in _undecodable(rest, encoded)}

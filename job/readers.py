@@ -263,9 +263,10 @@ def create(source: Source, mode: str, how: Staging) -> Reader:
     with how.measure("bad_image_check"), ThreadPoolExecutor(8) as pool:
         keys = sorted(local)
         found = how.checks.local_files([str(local[k]) for k in keys]) if how.checks else {}
-        digests = dict(zip(keys, pool.map(lambda k: _digest(local[k].read_bytes()), keys)))
-    key_of = {str(local[k]): k for k in keys}
-    bad = {key_of[p]: reason for p, reason in found.items()}
+        key_of = {str(local[k]): k for k in keys}
+        bad = {key_of[p]: reason for p, reason in found.items()}
+        good = [k for k in keys if k not in bad]
+        digests = {k: d for k, d in zip(good, pool.map(lambda k: _file_digest(local[k]), good)) if d}
     copied = Copied(listed, bad, source.uri, how.image_size, local, Path(how.image_cache))
     copied.digests = digests
     return copied
@@ -273,6 +274,14 @@ def create(source: Source, mode: str, how: Staging) -> Reader:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    """The digest of a local file, or "" when it cannot be read (the checks name it as a bad image)."""
+    try:
+        return _digest(path.read_bytes())
+    except OSError:
+        return ""
 
 
 def _copy_objects(source: Source, cache_dir: Path, progress, stop) -> tuple[dict[str, Path], dict[str, int]]:

@@ -281,6 +281,13 @@ class S3Store:
         self.delete([e.rel for e in self.list()])
 
 
+def _loops(folder: Path, base: Path) -> bool:
+    """Whether `folder` (at or below `base`) is, once links are resolved, one of the folders it lies in."""
+    parts = folder.relative_to(base).parts
+    real = os.path.realpath(folder)
+    return any(os.path.realpath(base.joinpath(*parts[:i])) == real for i in range(len(parts)))
+
+
 class LocalStore:
     """Files below a local folder; same interface as S3Store."""
 
@@ -294,11 +301,20 @@ class LocalStore:
         with storage_errors(f"listing {base}"):
             if not base.is_dir():
                 return []
-            for dirpath, dirnames, filenames in os.walk(base):
+            # Symlinked folders are followed (a class folder linked from elsewhere is a class), except one that
+            # leads back to a folder it is in (a loop).
+            for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+                if _loops(Path(dirpath), base):
+                    dirnames.clear()
+                    continue
                 dirnames.sort()
                 for name in sorted(filenames):
                     p = Path(dirpath, name)
-                    st = p.stat()
+                    try:
+                        st = p.stat()
+                    except OSError:  # a broken link: listed, and left out as an image that cannot be read
+                        out.append(Entry(p.relative_to(self.root).as_posix(), 0, ""))
+                        continue
                     out.append(Entry(p.relative_to(self.root).as_posix(), st.st_size, str(st.st_mtime_ns)))
         return out
 

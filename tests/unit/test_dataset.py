@@ -26,11 +26,14 @@ def test_bad_images_are_named_with_the_reason(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (200, 100)).save(small_but_over)
-    bad = dataset.find_bad(good + [str(huge), str(broken), str(small_but_over)], max_pixels=10_000)
+    gone = tmp_path / "gone.png"
+    gone.symlink_to(tmp_path / "nowhere.png")  # a broken link in the user's folder
+    bad = dataset.find_bad(good + [str(huge), str(broken), str(small_but_over), str(gone)], max_pixels=10_000)
     assert bad == {
         str(huge): "too large: 25000x25000 = 625,000,000 pixels (data.max_image_pixels 10,000)",
         str(small_but_over): "too large: 200x100 = 20,000 pixels (data.max_image_pixels 10,000)",
         str(broken): "cannot be decoded",
+        str(gone): "cannot be read (a broken link, or no permission)",
     }
     assert dataset.find_bad(good + [str(small_but_over)], max_pixels=90_000_000) == {}
 

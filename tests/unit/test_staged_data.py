@@ -446,3 +446,19 @@ def test_identical_images_are_warned_of_and_counted_for_the_manifest(tmp_path, c
     assert run.identical == {"test": 1, "labelled_differently": 1}  # a copy of class 0's image filed under 1
     out = capsys.readouterr().out
     assert "1 test image(s) are byte-identical to training images" in out and "one of each is mislabelled" in out
+
+
+def test_a_broken_link_in_a_local_folder_is_a_bad_image(tmp_path):
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=4, size=8, seed=0, test_per_class=0)
+    cls = sorted((tmp_path / "d/train").iterdir())[0]
+    (cls / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    key = f"train/{cls.name}/gone.png"
+    unchecked = stage(tmp_path / "d", "copy", tmp_path)  # no image checks (validate): no digest, no failure
+    assert key not in unchecked.digests and len(unchecked.digests) == 8
+    from job import dataset  # (TensorFlow: the checks decode)
+
+    checks = readers.Checks(lambda paths: dataset.find_bad(paths, 10**8), lambda named: {})
+    cache = tmp_path / "cache-checked"
+    checked = readers.create(sources.open_source(config(tmp_path / "d")), "copy",
+                             readers.Staging(cache, cache / "images", (8, 8), checks))
+    assert checked.bad == {key: "cannot be read (a broken link, or no permission)"}

@@ -115,3 +115,17 @@ def test_a_stream_cut_too_often_fails_in_one_line(s3):
     message = str(e.value)
     assert f"connection lost {storage.STREAM_ATTEMPTS} times" in message and "shard-000000.tar" in message
     assert "\n" not in message and proxy.counts["cut"] == storage.STREAM_ATTEMPTS
+
+
+def test_a_local_listing_follows_linked_folders_but_not_loops_and_lists_broken_links(tmp_path):
+    elsewhere = tmp_path / "cats"
+    elsewhere.mkdir()
+    (elsewhere / "1.png").write_bytes(b"PNG")
+    data = tmp_path / "data"
+    (data / "train/dog").mkdir(parents=True)
+    (data / "train/dog/1.png").write_bytes(b"PNG!")
+    (data / "train/cat").symlink_to(elsewhere)  # a class folder kept elsewhere: was not listed, the class was lost
+    (data / "train/dog/loop").symlink_to(data)  # back to the dataset: would list it forever
+    (data / "train/dog/gone.png").symlink_to(tmp_path / "nowhere.png")  # broken: the listing failed, exit 4
+    entries = {e.rel: e.size for e in storage.open_store(str(data)).list()}
+    assert entries == {"train/cat/1.png": 3, "train/dog/1.png": 4, "train/dog/gone.png": 0}
