@@ -226,7 +226,7 @@ def prepare(cfg: Config) -> Run | dict:
         from job.checkpoint import Checkpoints
 
         ckpt = Checkpoints(out, work, cluster, cfg.checkpoint.keep, guard=lease.check if lease else None)
-        resumed = _resume_point(cfg, ckpt, state, source.layout.classes)
+        resumed = _resume_point(cfg, ckpt, state, source.layout.classes, source.fingerprint())
     except BaseException:
         if lease:
             lease.release()
@@ -310,13 +310,13 @@ def resolve_weights(cfg: Config, work: Path) -> tuple[str | None, bool]:
     return str(Path(weights).expanduser()), False
 
 
-def _resume_point(cfg: Config, ckpt, output: str, classes: list[str]) -> RunState:
+def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: str) -> RunState:
     """The fetched checkpoint's run state if there is one and its config and the dataset's classes still fit; else
-    a new state."""
+    a new state. A dataset changed under the same classes (`dataset`: its listing's fingerprint) is a warning."""
     current = runstate.training_config(redacted(cfg))
     state = ckpt.fetch() if output == "incomplete" else None
     if state is None:
-        return RunState(config=current, classes=list(classes))
+        return RunState(config=current, classes=list(classes), dataset=dataset)
     changes = runstate.config_changes(state.config, current) if state.config else ["(not recorded)"]
     if changes:
         raise ConfigError(
@@ -329,7 +329,11 @@ def _resume_point(cfg: Config, ckpt, output: str, classes: list[str]) -> RunStat
             f"the dataset under {cfg.data.uri} has other classes than run {cfg.run_id}'s checkpoint was trained on "
             f"({changed}), so resuming would train its outputs under other names; restore the dataset, or start "
             "a new run_id")
-    state.config, state.classes = current, list(classes)
+    if state.dataset and state.dataset != dataset:
+        log.warning(f"the dataset under {cfg.data.uri} changed since run {cfg.run_id}'s checkpoint (images added, "
+                    "removed, rewritten or relabelled): the run goes on with the dataset as it is now, so its "
+                    "validation split may hold images the checkpoint trained on")
+    state.config, state.classes, state.dataset = current, list(classes), dataset
     return state
 
 

@@ -40,6 +40,8 @@ class RunState:
     config: dict[str, Any] = field(default_factory=dict)  # the training-relevant config, flattened
     # the dataset's classes (labels) in output order; [] in checkpoints written before it was kept
     classes: list[str] = field(default_factory=list)
+    # what the dataset's listing said (sources.Source.fingerprint); "" in checkpoints written before it was kept
+    dataset: str = ""
 
     # ------------------------------------------------------------ JSON
 

@@ -9,6 +9,7 @@ outside `data.uri`), or `<split>/shard-NNNNNN.tar:<member>` (a sample of a shard
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import unicodedata
@@ -40,6 +41,19 @@ class Source:
 
     def image_count(self) -> int:
         return sum(self.layout.count(split) for split in self.layout.splits)
+
+    def fingerprint(self) -> str:
+        """A digest of what the listing says: every object's key, size and ETag, and each listed image's split and
+        label. It changes when an image is added, removed, relabelled or (in storage) rewritten. A local file's
+        modification time is left out: a folder copied afresh into each pod is the same dataset."""
+        def row(key: str, store, e: storage.Entry) -> str:
+            return f"{key}\t{e.size}" + ("" if isinstance(store, storage.LocalStore) else f"\t{e.etag}")
+
+        rows = sorted(row(k, store, e) for k, (store, e) in self.entries.items())
+        rows += sorted(row(e.rel, self.store, e) for es in self.shard_entries.values() for e in es)
+        rows += [*self.layout.classes] + [f"{split}\t{key}\t{label}" for split in self.layout.splits
+                                          for key, label in zip(*self.layout.items(split))]
+        return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
 def open_source(cfg: Config) -> Source:

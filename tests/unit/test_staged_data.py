@@ -462,3 +462,46 @@ def test_a_broken_link_in_a_local_folder_is_a_bad_image(tmp_path):
     checked = readers.create(sources.open_source(config(tmp_path / "d")), "copy",
                              readers.Staging(cache, cache / "images", (8, 8), checks))
     assert checked.bad == {key: "cannot be read (a broken link, or no permission)"}
+
+
+def test_the_dataset_fingerprint_changes_with_its_images_and_labels_not_with_a_fresh_copy(tmp_path):
+    import shutil
+
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=3, size=8, seed=0, test_per_class=1)
+    first = sources.open_source(config(tmp_path / "d")).fingerprint()
+    shutil.copytree(tmp_path / "d", tmp_path / "copy")  # as an init container copies it into each pod
+    assert sources.open_source(config(tmp_path / "copy")).fingerprint() == first
+    images = sorted((tmp_path / "copy/train").rglob("*.png"))
+    last_class = sorted((tmp_path / "copy/train").iterdir())[-1]
+    changes = [lambda: images[0].write_bytes(images[0].read_bytes() + b"x"),  # rewritten (another size)
+               lambda: images[1].rename(images[1].with_name("other.png")),  # renamed: removed and added
+               lambda: images[0].rename(last_class / images[0].name)]  # moved to another class: relabelled
+    seen = {first}
+    for change in changes:
+        change()
+        now = sources.open_source(config(tmp_path / "copy")).fingerprint()
+        assert now not in seen
+        seen.add(now)
+    # A manifest moves an image to the other class without touching a file.
+    images = sorted((tmp_path / "d/train").rglob("*.png"))
+    rows = [[p.relative_to(tmp_path / "d").as_posix(), p.parent.name] for p in images]
+    for i in range(2):
+        (tmp_path / f"m{i}.csv").write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
+        rows[0][1] = images[-1].parent.name
+    assert len({sources.open_source(config(tmp_path / "d", manifest=str(tmp_path / f"m{i}.csv"))).fingerprint()
+                for i in range(2)}) == 2
+
+
+def test_a_resume_on_a_changed_dataset_warns_and_keeps_the_new_fingerprint(tmp_path, capsys):
+    from job.runstate import RunState, training_config
+
+    cfg = config(tmp_path / "d")
+    cfg.run_id = "r1"
+    stored = RunState(phase="finetune", epoch=2, config=training_config(pipeline.redacted(cfg)), classes=["a", "b"])
+    for kept, now, warned in (("", "f1", False), ("f1", "f1", False), ("f1", "f2", True)):
+        stored.dataset = kept
+        ckpt = SimpleNamespace(fetch=lambda: stored)
+        state = pipeline._resume_point(cfg, ckpt, "incomplete", ["a", "b"], now)
+        assert state.epoch == 2 and state.dataset == now
+        assert ("changed since run r1's checkpoint" in capsys.readouterr().out) == warned
+    assert pipeline._resume_point(cfg, None, "empty", ["a", "b"], "f3").dataset == "f3"  # a new run keeps it
