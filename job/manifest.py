@@ -146,6 +146,9 @@ def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list
         key = row.path[len(root):] if row.path.startswith(root) else row.path
         while key.startswith("./"):  # as `find .` writes paths: the same object as without
             key = key[2:]
+        if ".." in key.split("/"):  # its copy would land outside the staging folder
+            raise DataError(f"{name} line {row.line}: {row.path} has a '..' part; give the path below data.uri "
+                            f"({data_uri}) without one, or as a full URI")
         if key in seen:
             raise DataError(f"{name} line {row.line}: {row.path} is listed twice (first on line {seen[key]})")
         seen[key] = row.line

@@ -77,6 +77,11 @@ def test_manifest_layout_checks_objects_duplicates_and_classes():
                               existing).files["train"] == {"cat": ["a/1.png"], "dog": ["a/2.png"]}
     for body, message in [
         (ok + "./a/1.png,dog,test\n", "m.csv line 5: ./a/1.png is listed twice (first on line 2)"),
+        (ok + "../up/1.png,dog,test\n", "m.csv line 5: ../up/1.png has a '..' part; give the path below data.uri "
+                                         "(s3://b/data) without one, or as a full URI"),
+        (ok + "s3://elsewhere/p/../../x.png,dog,test\n", "m.csv line 5: s3://elsewhere/p/../../x.png has a '..' part"
+                                                          "; give the path below data.uri (s3://b/data) without one, "
+                                                          "or as a full URI"),
         (ok + "a/9.png,cat,train\n", "m.csv line 5: a/9.png does not exist under s3://b/data"),
         (ok + "a/1.png,dog,test\n", "m.csv line 5: a/1.png is listed twice (first on line 2)"),
         (ok.replace("s3://elsewhere/p/3.png,cat,test", "s3://elsewhere/p/3.png,bird,test"),
