@@ -137,6 +137,23 @@ def _labels(value, line: int, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def joined_labels(rows: list[Row]) -> dict[str, str]:
+    """{label: separator} for the labels that look like several joined the wrong way, trained as one class made of
+    both: in a multi-label manifest, one with a `,` or `;`, or with spaces between labels that occur on their own
+    (`haze primary`); in a single-label one, one with the multi-label separator `|`."""
+    if not is_multi_label(rows):
+        return {r.label: SEPARATOR for r in rows if SEPARATOR in r.label}
+    labels = {x for r in rows for x in r.labels}
+    found = {}
+    for x in sorted(labels):
+        for sep in (",", ";", " "):
+            parts = [p.strip() for p in x.split(sep) if p.strip()]
+            if len(parts) > 1 and (sep != " " or all(p in labels for p in parts)):
+                found[x] = sep
+                break
+    return found
+
+
 def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list[str]:
     """Each row's key: relative to `data_uri` when inside it (a leading `./` dropped), else the full URI;
     DataError for a path listed twice or missing from `existing`."""

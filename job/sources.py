@@ -106,6 +106,13 @@ def _manifest_source(cfg: Config, store: storage.Store) -> Source:
     name = cfg.data.manifest
     rows = manifest.parse(_read(name, cfg.s3.endpoint_url), name)
     _check_task(cfg, manifest.is_multi_label(rows), name)
+    joined = manifest.joined_labels(rows)
+    if joined:
+        how = ("separates an image's labels with '|' in a CSV, a list in JSON lines" if manifest.is_multi_label(rows)
+               else "has one label an image; several need task: multi_label and a 'labels' column")
+        log.warning(f"{len(joined)} label(s) look like several joined into one, and train as one class: a "
+                    f"{'multi' if manifest.is_multi_label(rows) else 'single'}-label manifest {how}",
+                    manifest=name, examples={k: joined[k] for k in list(joined)[:5]})
     entries: dict[str, tuple[storage.Store, storage.Entry]] = {}
     root = cfg.data.uri.rstrip("/")
     for prefix in manifest.listing_prefixes(rows, cfg.data.uri):

@@ -261,3 +261,36 @@ def test_multilabel_finetunes_at_its_own_rate_unless_one_is_set():
 
     assert rate("multi_label") == recipe.MULTI_LABEL_FINETUNE_RATE and rate("single_label") == 1.0e-4
     assert rate("multi_label", learning_rate=1.0e-4) == 1.0e-4 and rate("single_label", learning_rate=3e-5) == 3e-5
+
+
+def test_labels_joined_the_wrong_way_are_found():
+    def joined(lines: list[str], header: str = "path,labels") -> dict[str, str]:
+        text = header + "\n" + "".join(f"{i}.png,{line}\n" for i, line in enumerate(lines))
+        return manifest.joined_labels(manifest.parse(text.encode(), "m.csv"))
+
+    assert joined(["shoe", "red shoe", "haze primary", "haze", "primary"]) == {"haze primary": " "}
+    assert joined(["shoe|red", "red shoe"]) == {"red shoe": " "}  # both are labels of their own
+    assert joined(['"shoe,red"', "a;b", "blue"]) == {"a;b": ";", "shoe,red": ","}  # never label names
+    assert joined(["red shoe", "shoe"]) == {}  # "red" is no label of its own: a name with a space
+    assert joined(["shoe|red", "shoe"], header="path,label") == {"shoe|red": "|"}  # single-label: one class
+    assert joined(["shoe", "red"], header="path,label") == {}
+
+
+@given(LABEL_SETS)
+def test_labels_written_with_the_separator_are_never_joined(sets):
+    # What a user writes the documented way (names without , ; or spaces between labels) is never flagged.
+    sets = [[x for x in labels if not any(c in x for c in ",; ")] for labels in sets]
+    rows = [(f"img/{i}.png", labels, None) for i, labels in enumerate(sets)]
+    assert manifest.joined_labels(manifest.parse(csv_text(rows).encode(), "m.csv")) == {}
+
+
+def test_joined_labels_are_warned_about_when_listed(tmp_path, capsys):
+    listed = labelled_manifest(tmp_path / "d")
+    sources.open_source(config(tmp_path / "d", manifest=str(listed)))
+    assert "joined into one" not in capsys.readouterr().out
+    rows = [json.loads(line) for line in listed.read_text().splitlines()]
+    rows[0]["labels"] = ["circle,square"]  # as a user might write both
+    listed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources.open_source(config(tmp_path / "d", manifest=str(listed)))
+    out = capsys.readouterr().out
+    assert "1 label(s) look like several joined into one" in out and "circle,square" in out
