@@ -94,7 +94,6 @@ def discover(rels: list[str], where: str) -> Layout:
     """Build the layout from object paths relative to the dataset root, or raise DataError."""
     found: dict[str, dict[str, list[str]]] = {}
     ignored = []
-    _refuse_split_aliases(rels, where)
     for rel in rels:
         parts = rel.split("/")
         if parts[0] not in SPLITS or len(parts) < 2 or any(p.startswith(".") for p in parts):
@@ -111,6 +110,7 @@ def discover(rels: list[str], where: str) -> Layout:
             per_class.append(rel)
         else:
             ignored.append(rel)
+    _refuse_split_aliases(rels, found, where)
     if "train" not in found:
         tops = sorted({r.split("/")[0] for r in rels if r.count("/") == 1 and r.lower().endswith(IMAGE_EXTENSIONS)})
         hint = f"; {', '.join(tops[:3])}{', ...' * (len(tops) > 3)} hold images: move the class folders into train/" \
@@ -134,17 +134,23 @@ def discover(rels: list[str], where: str) -> Layout:
     return Layout(classes, files, ignored)
 
 
-def _refuse_split_aliases(rels: list[str], where: str) -> None:
-    """DataError for images under a top-level folder named like a split but not as the job reads it (`val/`,
-    `Train/`, `testing/`): they would be silently ignored, the validation split carved from train instead."""
+def _refuse_split_aliases(rels: list[str], found: dict[str, dict[str, list[str]]], where: str) -> None:
+    """DataError for a top-level folder named like a split but not as the job reads it (`val/`, `Train/`,
+    `testing/`) that holds images of the training classes (or of any class, when there is no train/): they would
+    be silently ignored, the validation split carved from train instead. Other folders (a run's artifacts under
+    `eval/<run id>/`) stay ignored."""
+    aliased: dict[str, set[str]] = {}
     for rel in rels:
         parts = rel.split("/")
-        if len(parts) < 3 or parts[0] in SPLITS or not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        split = SPLIT_ALIASES.get(parts[0].lower(), parts[0].lower() if parts[0].lower() in SPLITS else None)
-        if split:
-            raise DataError(f"{where}/{parts[0]}/: the job reads the splits train/, validation/ and test/, so its "
-                            f"images would be ignored; rename it {split}/")
+        if len(parts) >= 3 and parts[0] not in SPLITS and parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+            aliased.setdefault(parts[0], set()).add(parts[1])
+    trained = set(found.get("train", {}))
+    for folder, classes in sorted(aliased.items()):
+        split = SPLIT_ALIASES.get(folder.lower(), folder.lower() if folder.lower() in SPLITS else None)
+        if split and (classes & trained or split == "train" and not trained):
+            fix = f"merge it into {split}/ or remove it" if split in found else f"rename it {split}/"
+            raise DataError(f"{where}/{folder}/: the job reads the splits train/, validation/ and test/, so its "
+                            f"images would be ignored; {fix}")
 
 
 def _require_images(split: str, per: dict[str, list[str]], where: str) -> None:
@@ -175,12 +181,12 @@ def broken_lines(classes: list[str]) -> list[str]:
     return [c for c in classes if c and c.splitlines() != [c]]
 
 
-def identical(listed: Layout | MultiLayout, digests: dict[str, str]) -> dict:
+def identical(listed: Layout | MultiLayout, digests: dict[str, bytes | str]) -> dict:
     """What byte-identical images (same `digests`: key -> content hash) say about the dataset:
     `{split: n}` for validation and test, the images whose bytes are also a training image's (their scores
     overstate accuracy on new images; validation: early stopping and train.search too), and `labelled_differently`,
     the groups of identical images that carry different labels (one of them is wrong), each a list of keys."""
-    by_digest: dict[str, list[tuple[str, str, object]]] = {}
+    by_digest: dict[bytes | str, list[tuple[str, str, object]]] = {}
     for split in listed.splits:
         for key, label in zip(*listed.items(split)):
             if key in digests:

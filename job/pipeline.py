@@ -378,6 +378,7 @@ def _warn_identical(run: Run) -> None:
     """Byte-identical images that a user would want to know of: held-out ones that are also training images, and
     identical ones labelled differently."""
     found = layout.identical(run.data.layout, run.data.digests)
+    run.data.digests = {}  # 32 bytes an image: not kept for the rest of the run
     for split, n in found["in_training"].items():
         log.warning(f"{n} {split} image(s) are byte-identical to training images: the {split} scores overstate "
                     "accuracy on new images" + (" (and steer early stopping and train.search)" if split == "validation"
@@ -386,7 +387,8 @@ def _warn_identical(run: Run) -> None:
     if clashes:
         log.warning(f"{len(clashes)} group(s) of byte-identical images carry different labels: one of each is "
                     "mislabelled", groups=len(clashes),
-                    examples=[[image_uri(run.cfg.data.uri, k) for k in keys] for keys in clashes[:3]])
+                    examples=[[image_uri(run.cfg.data.uri, k) for k in keys[:3]] + [f"... {len(keys)} in all"]
+                              * (len(keys) > 3) for keys in clashes[:3]])
     run.identical = {**found["in_training"], "labelled_differently": len(clashes)}
 
 

@@ -54,7 +54,7 @@ class Reader:
     def __init__(self, listed: layout.Layout | layout.MultiLayout, bad: dict[str, str], where: str,
                  image_size: tuple[int, int]):
         self.layout, self.bad, self.where, self.image_size = listed, dict(sorted(bad.items())), where, image_size
-        self.digests: dict[str, str] = {}  # key -> sha256 of its bytes (layout.identical)
+        self.digests: dict[str, bytes] = {}  # key -> SHA-256 of its bytes (layout.identical), until staging ends
 
     @property
     def multi(self) -> bool:
@@ -272,16 +272,16 @@ def create(source: Source, mode: str, how: Staging) -> Reader:
     return copied
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()  # 32 bytes an image, held until staging is checked
 
 
-def _file_digest(path: Path) -> str:
-    """The digest of a local file, or "" when it cannot be read (the checks name it as a bad image)."""
+def _file_digest(path: Path) -> bytes:
+    """The digest of a local file, or b"" when it cannot be read (the checks name it as a bad image)."""
     try:
         return _digest(path.read_bytes())
     except OSError:
-        return ""
+        return b""
 
 
 def _copy_objects(source: Source, cache_dir: Path, progress, stop) -> tuple[dict[str, Path], dict[str, int]]:

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import logs, metrics
-from job.errors import StorageError
+from job.errors import DataError, StorageError
 from job.files import atomic_path, write_text
+from job.layout import IMAGE_EXTENSIONS
 from job.uris import is_s3
 
 DOWNLOAD_THREADS = 32
@@ -281,13 +282,6 @@ class S3Store:
         self.delete([e.rel for e in self.list()])
 
 
-def _loops(folder: Path, base: Path) -> bool:
-    """Whether `folder` (at or below `base`) is, once links are resolved, one of the folders it lies in."""
-    parts = folder.relative_to(base).parts
-    real = os.path.realpath(folder)
-    return any(os.path.realpath(base.joinpath(*parts[:i])) == real for i in range(len(parts)))
-
-
 class LocalStore:
     """Files below a local folder; same interface as S3Store."""
 
@@ -302,21 +296,30 @@ class LocalStore:
             if not base.is_dir():
                 return []
             # Symlinked folders are followed (a class folder linked from elsewhere is a class), except one that
-            # leads back to a folder it is in (a loop).
+            # leads back to a folder it is in (a loop): each folder's (device, inode) and those above it.
+            above: dict[str, frozenset] = {}
             for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-                if _loops(Path(dirpath), base):
+                st = os.stat(dirpath)
+                chain = above.get(os.path.dirname(dirpath), frozenset())
+                if (st.st_dev, st.st_ino) in chain:
                     dirnames.clear()
                     continue
+                above[dirpath] = chain | {(st.st_dev, st.st_ino)}
                 dirnames.sort()
                 for name in sorted(filenames):
-                    p = Path(dirpath, name)
-                    try:
-                        st = p.stat()
-                    except OSError:  # a broken link: listed, and left out as an image that cannot be read
-                        out.append(Entry(p.relative_to(self.root).as_posix(), 0, ""))
-                        continue
-                    out.append(Entry(p.relative_to(self.root).as_posix(), st.st_size, str(st.st_mtime_ns)))
+                    out.append(self._entry(Path(dirpath, name)))
         return out
+
+    def _entry(self, p: Path) -> Entry:
+        rel = p.relative_to(self.root).as_posix()
+        try:
+            st = p.stat()
+        except OSError:
+            if not rel.lower().endswith(IMAGE_EXTENSIONS):  # a linked class or split folder that is not there
+                target = f" (to {os.readlink(p)})" if p.is_symlink() else ""
+                raise DataError(f"{p}: a broken link{target}; is a volume not mounted?") from None
+            return Entry(rel, 0, "")  # a broken link to an image: left out as an image that cannot be read
+        return Entry(rel, st.st_size, str(st.st_mtime_ns))
 
     def empty_folders(self) -> list[str]:
         """`<rel>/` of every folder with nothing in it: what an S3 listing shows as a folder marker."""

@@ -42,6 +42,9 @@ def test_non_images_and_loose_files_are_ignored():
         (rels({"train": {"a": 3, "b": 2}, "Test": {"a": 1, "b": 1}}), "rename it test/"),
         (rels({"Train": {"a": 3, "b": 2}}), "Train/: the job reads the splits train/, validation/ and test/"),
         (rels({"training": {"a": 3, "b": 2}}), "rename it train/"),
+        (rels({"train": {"a": 3, "b": 2}, "validation": {"a": 1, "b": 1}, "val": {"b": 1}}),
+         "val/: the job reads the splits train/, validation/ and test/, so its images would be ignored; merge it "
+         "into validation/ or remove it"),
         # The class folders at the top, as Keras' image_dataset_from_directory reads them.
         ([f"{c}/{i}.jpg" for c in "abcd" for i in range(2)], "; a, b, c, ... hold images: move the class folders"),
     ],
@@ -51,6 +54,12 @@ def test_bad_layouts_say_what_and_where(objects, message):
         discover(objects, "s3://b/d")
     assert message in str(e.value) and "s3://b/d" in str(e.value)
     assert exit_code_for(e.value) == 3
+
+
+def test_a_folder_named_like_a_split_without_training_classes_stays_ignored():
+    # A run's artifacts under the dataset (output.uri s3://b/d/eval): their PNGs are no class's images.
+    objects = rels({"train": {"a": 3, "b": 2}}) + ["eval/run-1/curves.png", "dev/run-2/confusion_matrix.png"]
+    assert discover(objects, "d").counts() == {"train": {"a": 3, "b": 2}}
 
 
 def test_split_is_stratified_seeded_and_disjoint():

@@ -129,3 +129,14 @@ def test_a_local_listing_follows_linked_folders_but_not_loops_and_lists_broken_l
     (data / "train/dog/gone.png").symlink_to(tmp_path / "nowhere.png")  # broken: the listing failed, exit 4
     entries = {e.rel: e.size for e in storage.open_store(str(data)).list()}
     assert entries == {"train/cat/1.png": 3, "train/dog/1.png": 4, "train/dog/gone.png": 0}
+
+
+def test_a_broken_link_to_a_class_folder_is_refused_not_dropped(tmp_path):
+    from job.errors import DataError
+
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        (tmp_path / "train" / c / "1.png").write_bytes(b"PNG")
+    (tmp_path / "train/c").symlink_to("/mnt/not-mounted/c")  # the class would vanish without a word
+    with pytest.raises(DataError, match=r"train/c: a broken link \(to /mnt/not-mounted/c\); is a volume not mounted"):
+        storage.open_store(str(tmp_path)).list()
