@@ -38,6 +38,13 @@ class DataConfig(_Section):
     manifest: str = ""  # CSV (path,label[,split]) or JSON lines, local or s3://; paths relative to uri or full URIs
     staging: Literal["auto", "copy", "stream"] = "auto"  # stream: shards read from storage every epoch
 
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _height_and_width(cls, v: Any) -> Any:
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ValueError("[height, width], e.g. [224, 224]")
+        return v
+
 
 class ModelConfig(_Section):
     backbone: str = "mobilenet_v2"

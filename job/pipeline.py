@@ -140,6 +140,7 @@ def validate(cfg: Config):
 
     source = read_listing(cfg)
     output_state(cfg)  # proves the output location is reachable with these credentials
+    check_weights(cfg)
     _check_class_weight(cfg, source)
     _staging(cfg, source)
     if source.kind == "shards" and (not source.image_count() or source.layout.multi_label):
@@ -300,14 +301,27 @@ def resolve_weights(cfg: Config, work: Path) -> tuple[str | None, bool]:
     weights = cfg.model.weights
     if weights in ("imagenet", "none"):
         return None, weights == "imagenet"
+    check_weights(cfg)
     if storage.is_s3(weights):
         parent, _, name = weights.rstrip("/").rpartition("/")
         local = work / "weights" / name
         storage.open_store(parent, cfg.s3.endpoint_url).download(name, local)
         return str(local), False
-    if not Path(weights).expanduser().is_file():
-        raise ConfigError(f"config: model.weights: no weights file at {weights} (imagenet | none | a path | s3://...)")
     return str(Path(weights).expanduser()), False
+
+
+def check_weights(cfg: Config) -> None:
+    """ConfigError when `model.weights` names a file or object that is not there (storage trouble: StorageError)."""
+    weights = cfg.model.weights
+    if weights in ("imagenet", "none"):
+        return
+    if storage.is_s3(weights):
+        parent, _, name = weights.rstrip("/").rpartition("/")
+        there = storage.open_store(parent, cfg.s3.endpoint_url).exists(name)
+    else:
+        there = Path(weights).expanduser().is_file()
+    if not there:
+        raise ConfigError(f"config: model.weights: no weights file at {weights} (imagenet | none | a path | s3://...)")
 
 
 def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: str) -> RunState:

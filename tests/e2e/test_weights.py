@@ -7,17 +7,21 @@ from conftest import BACKBONE, SIZE, run_cli, write_config
 pytestmark = pytest.mark.slow
 
 
-def test_unknown_weights_file_exits_2(tmp_path, sample_data):
+@pytest.mark.parametrize("command, where", [("train", "local"), ("train", "s3"), ("validate", "local"),
+                                            ("validate", "s3")])
+def test_unknown_weights_file_exits_2(tmp_path, sample_data, s3, command, where):
+    # `validate` checks what `train` would refuse before any work: a weights file or object that is not there.
+    weights = str(tmp_path / "nope.weights.h5") if where == "local" else f"s3://{s3.bucket()}/nope.weights.h5"
     cfg = write_config(
         tmp_path / "c.yaml",
         data={"uri": str(sample_data), "image_size": [SIZE, SIZE], "cache_dir": str(tmp_path / "cache")},
-        model={"backbone": BACKBONE, "weights": str(tmp_path / "nope.weights.h5")},
+        model={"backbone": BACKBONE, "weights": weights},
         output={"uri": str(tmp_path / "out")},
         metrics={"port": 0},
         export={"formats": ["saved_model"]},
     )
-    result = run_cli("train", "--config", str(cfg))
-    assert result.returncode == 2 and "model.weights: no weights file" in result.stderr
+    result = run_cli(command, "--config", str(cfg), env=s3.env())
+    assert result.returncode == 2 and f"model.weights: no weights file at {weights}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 

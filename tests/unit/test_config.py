@@ -65,6 +65,8 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("train.batch_size=abc", "train.batch_size:"),
         ("train.batch_size=0", "train.batch_size:"),
         ("data.image_size=[16, 16]", "data.image_size [16, 16] is outside what mobilenet_v2 accepts"),
+        ("data.image_size=224", "data.image_size: [height, width], e.g. [224, 224] (got 224)"),
+        ("data.image_size=[224, 224, 3]", "data.image_size: [height, width], e.g. [224, 224]"),
         ("model.backbone=resnet51", "did you mean 'resnet50'"),
         ("model.backbone=MobileNetV2", "did you mean 'mobilenet_v2'"),  # Keras' class name
         ("model.backbone=efficientnet-b0", "did you mean 'efficientnet_b0'"),
