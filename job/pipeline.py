@@ -206,6 +206,7 @@ def prepare(cfg: Config) -> Run | dict:
         source = read_listing(cfg)
     log.info("dataset listed", uri=cfg.data.uri, classes=len(source.layout.classes), counts=source.layout.counts())
     _check_class_weight(cfg, source)
+    check_weights(cfg)
     staging = _staging(cfg, source)
     # TensorFlow loads here (3 to 4 s of CPU), after what storage and the listing can refuse: a missing train/
     # folder or a class name the data lacks fails within a second, a rerun of a complete run ends as fast, and
@@ -301,8 +302,7 @@ def resolve_weights(cfg: Config, work: Path) -> tuple[str | None, bool]:
     weights = cfg.model.weights
     if weights in ("imagenet", "none"):
         return None, weights == "imagenet"
-    check_weights(cfg)
-    if storage.is_s3(weights):
+    if storage.is_s3(weights):  # (there: `check_weights` ran before TensorFlow loaded)
         parent, _, name = weights.rstrip("/").rpartition("/")
         local = work / "weights" / name
         storage.open_store(parent, cfg.s3.endpoint_url).download(name, local)

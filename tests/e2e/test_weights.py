@@ -20,9 +20,12 @@ def test_unknown_weights_file_exits_2(tmp_path, sample_data, s3, command, where)
         metrics={"port": 0},
         export={"formats": ["saved_model"]},
     )
-    result = run_cli(command, "--config", str(cfg), env=s3.env())
+    result = run_cli(command, "--config", str(cfg), env={**s3.env(), "PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 2 and f"model.weights: no weights file at {weights}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "job.pipeline" in imported and "tensorflow" not in imported  # refused within a second, before the import
 
 
 def test_weights_of_another_backbone_exit_2(tmp_path, sample_data, base_weights):
