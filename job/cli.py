@@ -174,8 +174,11 @@ def predict(
     undecodable = 0
     try:
         logs.setup(json=as_json, level="WARNING")
-        logs.quiet_tensorflow()
+        from job.predict import check_images
         from job.predict import predict as classify
+
+        check_images(images)  # before TensorFlow loads: a mistyped path is said within a second
+        logs.quiet_tensorflow()
 
         with logs.native_lines_filtered():  # LiteRT's info lines (--format tflite)
             for r in classify(model, images, top_k, endpoint_url, str(getattr(fmt, "value", fmt))):

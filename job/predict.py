@@ -73,12 +73,9 @@ def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "",
     scores (`labels`), and every score. An image that cannot be decoded gives `{"image", "error"}` and the others
     are still classified (one bad file among many loses nothing); one that cannot be read (a missing file, storage
     trouble) raises, after the results before it."""
+    check_images(images)  # a mistyped path fails before the model is fetched and TensorFlow loads (job.export)
     from job.export import THRESHOLDS
 
-    for uri in images:  # a mistyped path fails before the model is fetched and TensorFlow loads
-        why = "" if storage.is_s3(uri) else _unreadable(Path(uri))
-        if why:
-            raise ConfigError(f"{uri}: cannot read image ({why})")
     with fetched_run(model_uri, endpoint, fmt) as folder:
         labels = read_labels(folder / "labels.txt")
         multi = (folder / THRESHOLDS).is_file()
@@ -89,6 +86,14 @@ def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "",
                 yield _result(uri, classify(uri, blob), labels, top_k, multi)
             except DataError as e:
                 yield {"image": uri, "error": str(e)}
+
+
+def check_images(images: list[str]) -> None:
+    """ConfigError for the first local image argument that cannot be read: a mistyped path, a folder."""
+    for uri in images:
+        why = "" if storage.is_s3(uri) else _unreadable(Path(uri))
+        if why:
+            raise ConfigError(f"{uri}: cannot read image ({why})")
 
 
 def _unreadable(path: Path) -> str:

@@ -233,9 +233,11 @@ def test_predict_with_a_mistyped_path_exits_2_before_fetching_the_model(s3, tmp_
     assert out.returncode == 2 and f"{long}: cannot read image (File name too long)" in out.stderr, out.stderr
     missing = tmp_path / "no-such-image.png"
     out = run_cli("predict", "--model", "s3://no-such-bucket/models/run", str(missing),
-                  env=s3.env(), timeout=120)
+                  env={**s3.env(), "PYTHONPROFILEIMPORTTIME": "1"}, timeout=120)
     assert out.returncode == 2 and f"{missing}: cannot read image (no such file)" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "job.predict" in imported and "tensorflow" not in imported  # said within a second, before the import
     out = run_cli("predict", "--model", "s3://no-such-bucket/models/run", str(tmp_path), env=s3.env(),
                   timeout=120)
     assert out.returncode == 2 and f"{tmp_path}: cannot read image (a folder: name its image files" in out.stderr
