@@ -64,13 +64,17 @@ def _fail(exc: BaseException) -> None:
 
     from job import logs
     from job.distribute import tf_config_workers
-    from job.errors import JobError, WorkerLost, exit_code_for
+    from job.errors import JobError, StorageError, WorkerLost, exit_code_for
 
     several = tf_config_workers()[1] > 1
     if several and type(exc).__name__ in _PEER_ERRORS and type(exc).__module__.startswith("tensorflow"):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         exc = WorkerLost(f"lost contact with another worker mid-run ({first}); "
                          "the Job's next attempt resumes from the last checkpoint")
+    if not isinstance(exc, JobError) and _disk_full(exc):
+        exc = StorageError(f"no space left on the local disk ({type(exc).__name__}); data.cache_dir holds the staged "
+                           "images, their decoded cache and the checkpoints before upload: give the pod more "
+                           "ephemeral storage, or point data.cache_dir at a larger volume, and rerun the same run_id")
     code = exit_code_for(exc)
     if isinstance(exc, JobError):
         logs.get().error(str(exc), exit_code=code)
@@ -84,6 +88,20 @@ def _fail(exc: BaseException) -> None:
         sys.stderr.flush()
         os._exit(code)
     raise typer.Exit(code)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether `exc` or an exception it came from is a full local disk (OSError ENOSPC, or TensorFlow's
+    ResourceExhaustedError when it writes a checkpoint or a cache file)."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _load(path: Path, sets: list[str] | None):
