@@ -238,6 +238,19 @@ def prepare(cfg: Config) -> Run | dict:
                initial=initial)
 
 
+def _check_cache_dir(cache: Path) -> None:
+    """ConfigError when `data.cache_dir` cannot be created or written (a read-only root file system, a typo)."""
+    import tempfile
+
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"config: data.cache_dir: {cache} cannot be written ({e.strerror or e}); point it at a "
+                          "writable folder with room for the staged images (the chart mounts a volume there)") from None
+
+
 def _staging(cfg: Config, source) -> str:
     """`data.staging` resolved: copy, or stream; streaming gives each worker whole training shards, so it
     needs at least one per worker (checked before the workers meet: every one fails at once)."""
@@ -245,6 +258,7 @@ def _staging(cfg: Config, source) -> str:
     from job.distribute import tf_config_workers
 
     size = cfg.data.image_size
+    _check_cache_dir(Path(cfg.data.cache_dir))
     mode = sources.staging_mode(source, cfg.data.staging, Path(cfg.data.cache_dir), size[0] * size[1] * 3)
     shards, workers = len(source.shard_entries.get("train", [])), tf_config_workers()[1]
     if mode == "stream" and shards < workers:

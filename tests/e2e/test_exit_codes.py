@@ -68,6 +68,14 @@ def test_class_weight_naming_a_class_the_data_lacks_exits_2(tmp_path, sample_dat
     assert_one_line(run_cli(command, "--config", str(cfg)), 2, "train.class_weight", "circel")
 
 
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_a_cache_dir_that_cannot_be_written_exits_2(tmp_path, sample_data, command):
+    # A file where a folder is needed (a read-only root file system fails alike): one line, not a traceback.
+    (tmp_path / "a-file").write_text("x")
+    cfg = config(tmp_path, str(sample_data), str(tmp_path / "out"), data={"cache_dir": str(tmp_path / "a-file/c")})
+    assert_one_line(run_cli(command, "--config", str(cfg)), 2, "data.cache_dir", "a-file/c cannot be written")
+
+
 # ------------------------------------------------------------------ 3: data errors
 
 
