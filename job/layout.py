@@ -111,6 +111,9 @@ def discover(rels: list[str], where: str) -> Layout:
         else:
             ignored.append(rel)
     _refuse_split_aliases(rels, found, where)
+    if not rels:
+        raise DataError(f"nothing under {where}: no such folder or prefix, or an empty one (expected "
+                        f"{where}/train/<class>/<image>)")
     if "train" not in found:
         tops = sorted({r.split("/")[0] for r in rels if r.count("/") == 1 and r.lower().endswith(IMAGE_EXTENSIONS)})
         hint = f"; {', '.join(tops[:3])}{', ...' * (len(tops) > 3)} hold images: move the class folders into train/" \

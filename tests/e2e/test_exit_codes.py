@@ -154,7 +154,7 @@ def test_error_is_also_a_log_record(tmp_path, command):
     cfg = config(tmp_path, str(tmp_path / "empty"), str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
     result = run_cli(command, "--config", str(cfg))
-    assert_one_line(result, 3, "no train/ folder")
+    assert_one_line(result, 3, f"nothing under {tmp_path / 'empty'}: no such folder or prefix, or an empty one")
     assert any(r.get("level") == "error" and r.get("exit_code") == 3 for r in result.records())
 
 

@@ -33,6 +33,7 @@ def test_non_images_and_loose_files_are_ignored():
     "objects, message",
     [
         (rels({"validation": {"a": 1, "b": 1}}), "no train/ folder"),
+        ([], "nothing under s3://b/d: no such folder or prefix, or an empty one"),  # a mistyped data.uri
         (rels({"train": {"a": 3}}), "at least 2 are needed"),
         (rels({"train": {"a": 3, "b": 2}}) + ["train/c/"], "train/: class folder(s) with no images: c"),
         (rels({"train": {"a": 3, "b": 2}, "test": {"a": 1}}), "test/: class folders differ from train/ (missing b)"),
