@@ -360,7 +360,7 @@ def _stream(source: Source, how: Staging) -> Streamed:
     classes, multi = source.layout.classes, source.layout.multi_label
     found: dict[str, list] = {}
     bad: dict[str, str] = {}
-    digests: dict[str, str] = {}
+    digests: dict[str, bytes] = {}
     ignored: list[str] = []
     for split, entries in source.shard_entries.items():
         pairs, seen = found.setdefault(split, []), shards.SplitKeys(split)
