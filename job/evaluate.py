@@ -87,7 +87,13 @@ def plot_curves(history: dict[str, list[dict]], path: Path) -> None:
 # The confusion matrix plot stays readable and bounded: 0.5 inch a class up to 60 classes (class names on the
 # axes, counts in the cells up to 30), then one figure of at most 32 x 32 inches at 100 dpi (3,200 pixels a side)
 # with class indices on the axes. It grew without bound before: 300 classes took 7.4 GB and 35 s after training.
-NAMED_CLASSES, COUNTED_CLASSES, MAX_INCHES = 60, 30, 32.0
+# A class name longer than 30 characters is shortened on the axes (labels.txt has it whole).
+NAMED_CLASSES, COUNTED_CLASSES, MAX_INCHES, NAME_CHARS = 60, 30, 32.0, 30
+
+
+def axis_name(name: str) -> str:
+    """A class name as the confusion matrix plot shows it: at most NAME_CHARS characters."""
+    return name if len(name) <= NAME_CHARS else name[:NAME_CHARS - 1] + "…"
 
 
 def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str) -> None:
@@ -101,8 +107,9 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: s
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(cm, cmap="Blues", interpolation="nearest")
     if n <= NAMED_CLASSES:
-        ax.set_xticks(range(n), classes, rotation=45, ha="right")
-        ax.set_yticks(range(n), classes)
+        names = [axis_name(c) for c in classes]
+        ax.set_xticks(range(n), names, rotation=45, ha="right")
+        ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted" if n <= NAMED_CLASSES else "predicted (class index, as in labels.txt)")
     ax.set_ylabel("true" if n <= NAMED_CLASSES else "true (class index)")
     ax.set_title(title)

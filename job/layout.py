@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from job.errors import DataError
 
 SPLITS = ("train", "validation", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif")  # .jpe, .jfif: JPEG files too
+# Images in formats TensorFlow's decoders do not read (WebP they read only in part: not with an alpha channel, and an
+# animated one can abort the process): left out of training, and said so, with the advice to convert them.
+UNREAD_IMAGE_EXTENSIONS = (".webp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".ico",
+                           ".pbm", ".pgm", ".ppm", ".pnm", ".psd", ".svg", ".dng", ".cr2", ".nef", ".arw")
 # Top-level folder names that other tools and datasets use for a split: images under them would be ignored.
 SPLIT_ALIASES = {"training": "train", "val": "validation", "valid": "validation", "eval": "validation",
                  "dev": "validation", "testing": "test"}
@@ -96,6 +100,9 @@ def discover(rels: list[str], where: str) -> Layout:
     ignored = []
     for rel in rels:
         parts = rel.split("/")
+        if "" in parts[:-1] and parts[0] in (*SPLITS, ""):
+            raise DataError(f"{where}/{rel}: an empty folder name ('//') in the object's key; storage keeps it "
+                            f"apart from the path with one '/', so its class would be wrong: rename the object")
         if parts[0] not in SPLITS or len(parts) < 2 or any(p.startswith(".") for p in parts):
             continue
         split, cls = parts[0], parts[1]
@@ -124,7 +131,7 @@ def discover(rels: list[str], where: str) -> Layout:
     if len(classes) < 2:
         raise DataError(f"{where}/train/ has {len(classes)} class folder(s); at least 2 are needed")
     for split, per in found.items():
-        _require_images(split, per, where)
+        _require_images(split, per, where, unread_formats(ignored))
         if split != "train" and sorted(per) != classes:
             missing = sorted(set(classes) - set(per))
             extra = sorted(set(per) - set(classes))
@@ -132,7 +139,7 @@ def discover(rels: list[str], where: str) -> Layout:
                 x for x in (f"missing {', '.join(missing)}" if missing else "",
                             f"not in train/: {', '.join(extra)}" if extra else "") if x
             )
-            raise DataError(f"{where}/{split}/: class folders differ from train/ ({what})")
+            raise DataError(f"{where}/{split}/: class folders differ from train/ ({what}){_alike(missing, extra)}")
     files = {s: {c: sorted(found[s][c]) for c in classes} for s in SPLITS if s in found}
     return Layout(classes, files, ignored)
 
@@ -156,10 +163,28 @@ def _refuse_split_aliases(rels: list[str], found: dict[str, dict[str, list[str]]
                             f"images would be ignored; {fix}")
 
 
-def _require_images(split: str, per: dict[str, list[str]], where: str) -> None:
+def _require_images(split: str, per: dict[str, list[str]], where: str, unread: dict | None = None) -> None:
     empty = sorted(c for c, files in per.items() if not files)
     if empty:
-        raise DataError(f"{where}/{split}/: class folder(s) with no images: {', '.join(empty)}")
+        hint = f" (the job reads {' '.join(IMAGE_EXTENSIONS)}; the dataset has {formats_named(unread)}: convert " \
+            "them to JPEG or PNG)" if unread else ""
+        raise DataError(f"{where}/{split}/: class folder(s) with no images: {', '.join(empty)}{hint}")
+
+
+def unread_formats(names: list[str]) -> dict[str, int]:
+    """{extension: count} of the names that are images in a format the job does not read (`.webp`, `.tiff`)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        stem, dot, ext = name.rpartition("/")[2].rpartition(".")
+        if stem and "." + ext.lower() in UNREAD_IMAGE_EXTENSIONS:
+            ext = "." + ext.lower()
+            counts[ext] = counts.get(ext, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def formats_named(counts: dict[str, int]) -> str:
+    """`3 .webp, 1 .tiff`."""
+    return ", ".join(f"{n} {ext}" for ext, n in counts.items())
 
 
 def require_training_images(layout: Layout, where: str) -> None:
@@ -176,6 +201,17 @@ def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
     for c in classes:
         groups.setdefault(unicodedata.normalize("NFKC", c).casefold(), []).append(c)
     return [tuple(g) for g in groups.values() if len(g) > 1]
+
+
+def _alike(missing: list[str], extra: list[str]) -> str:
+    """A hint when a split's folder is a training class written in another case or Unicode form (a folder copied
+    from macOS is decomposed: `cafe\u0301`), which prints exactly like it."""
+    pairs = [(m, e) for group in case_clashes(missing + extra) for m in group if m in missing
+             for e in group if e in extra]
+    if not pairs:
+        return ""
+    shown = [n if unicodedata.is_normalized("NFKC", n) else ascii(n) for n in pairs[0]]  # tell look-alikes apart
+    return f"; {shown[1]} is {shown[0]} in another case or Unicode form: rename the folder"
 
 
 def broken_lines(classes: list[str]) -> list[str]:

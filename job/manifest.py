@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 
 from job.errors import DataError
-from job.layout import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, Layout, MultiLayout
+from job.layout import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UNREAD_IMAGE_EXTENSIONS, Layout, MultiLayout
 
 HEADERS = (["path", "label"], ["path", "label", "split"])
 MULTI_HEADERS = (["path", "labels"], ["path", "labels", "split"])
@@ -121,7 +121,9 @@ def _row(values: dict, line: int, name: str) -> Row:
         hint = f"; did you mean {alias}?" if alias else ""
         raise DataError(f"{name} line {line}: unknown split {split!r} (train, validation or test{hint})")
     if not path.lower().endswith(IMAGE_EXTENSIONS):
-        raise DataError(f"{name} line {line}: {path} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+        what = "in an image format the job does not read: convert it to JPEG or PNG" \
+            if path.lower().endswith(UNREAD_IMAGE_EXTENSIONS) else "not an image"
+        raise DataError(f"{name} line {line}: {path} is {what} ({', '.join(IMAGE_EXTENSIONS)})")
     return Row(line, path, label, split, labels)
 
 

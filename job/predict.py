@@ -44,8 +44,7 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
             folder = store.root
         else:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="finetune-job-model-")))
-            storage.stage(store, [e for e in store.list() if needed(e.rel)], tmp)
-            folder = tmp / store.bucket / store.prefix
+            folder, _ = storage.stage(store, [e for e in store.list() if needed(e.rel)], tmp)
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         if not any(rel == target or rel.startswith(target + "/") for rel in manifest["files"]):
             raise StorageError(f"{model_uri}: this run has no {fmt} (export.formats: see its manifest.json)")

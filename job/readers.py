@@ -30,7 +30,7 @@ from pathlib import Path
 from job import layout, logs, shards, storage
 from job.errors import DataError
 from job.files import write_text
-from job.sources import Source
+from job.sources import Source, warn_ignored
 
 log = logs.get()
 Share = tuple[int, int]  # (this worker's index, number of workers): the part of a split it reads
@@ -292,7 +292,7 @@ def _copy_objects(source: Source, cache_dir: Path, progress, stop) -> tuple[dict
     for store, keys in by_store.values():
         root, got = storage.stage(store, [source.entries[k][1] for k in keys], cache_dir, progress, stop)
         for key in keys:
-            local[key] = root / source.entries[key][1].rel
+            local[key] = storage.staged(root, source.entries[key][1].rel)
         stats = {k: stats[k] + got[k] for k in stats}
     return local, stats
 
@@ -311,11 +311,12 @@ def _copy_shards(source: Source, cache_dir: Path, progress, stop):
         pairs, seen = found.setdefault(split, []), shards.SplitKeys(split)
         for entry in shard_list:
             where = f"{source.uri}/{entry.rel}"
-            record = _extract(root / entry.rel, extracted / entry.rel, entry.etag, where, classes, multi)
+            folder = storage.staged(extracted, entry.rel)
+            record = _extract(storage.staged(root, entry.rel), folder, entry.etag, where, classes, multi)
             for name, label in record["samples"]:
                 seen.add(shards.member_key(name, where)[0], f"{where}:{name}")
                 key = f"{entry.rel}:{name}"
-                local[key] = extracted / entry.rel / name
+                local[key] = storage.staged(folder, name)
                 pairs.append((key, tuple(label) if multi else label))
             ignored += record["ignored"]
             progress(1)
@@ -332,7 +333,7 @@ def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str
         record = json.loads(done.read_text(encoding="utf-8"))
         same = (record["etag"], record.get("format"), record.get("classes"), record.get("multi")) == \
             (etag, EXTRACTED_FORMAT, classes, multi)
-        if same and all((folder / name).is_file() for name, _ in record["samples"]):
+        if same and all(storage.staged(folder, name).is_file() for name, _ in record["samples"]):
             return record
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -342,9 +343,10 @@ def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str
     with open(shard, "rb") as f:
         for sample in shards.samples(f, where, classes, ignored, multi):
             name = f"{sample.key}{sample.ext}"
+            path = storage.staged(folder, name)
             try:
-                (folder / name).parent.mkdir(parents=True, exist_ok=True)
-                (folder / name).write_bytes(sample.image)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(sample.image)
             except (FileExistsError, NotADirectoryError, IsADirectoryError):
                 raise DataError(f"{where}: member {name} collides with another member's path (a file and a "
                                 "folder of the same name)") from None
@@ -399,6 +401,4 @@ def _keep(how: Staging, images: int) -> Path | None:
 
 
 def _warn_ignored(ignored: list[str]) -> None:
-    if ignored:
-        log.warning("shard members ignored (they belong to no sample: no image among them)", count=len(ignored),
-                    examples=ignored[:5])
+    warn_ignored(ignored, "shard members ignored (they belong to no sample: no image among them)")

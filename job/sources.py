@@ -16,6 +16,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from job import layout as layouts
 from job import logs, manifest, shards, storage
 from job.config import Config
 from job.errors import ConfigError, DataError, StorageError
@@ -82,12 +83,24 @@ def _open(cfg: Config, store: storage.Store) -> Source:
                           "one label per image (task: single_label)")
     markers = store.empty_folders() if isinstance(store, storage.LocalStore) else []  # an empty class folder
     layout = discover([e.rel for e in listing] + markers, cfg.data.uri.rstrip("/"))
-    if layout.ignored:
-        log.warning("objects ignored (not images in a class folder)", count=len(layout.ignored),
-                    examples=layout.ignored[:5])
+    warn_ignored(layout.ignored, "objects ignored (not images in a class folder)")
     wanted = layout.keys()
     return Source("folder", cfg.data.uri, layout, {e.rel: (store, e) for e in listing if e.rel in wanted},
                   store=store)
+
+
+def warn_ignored(ignored: list[str], why: str) -> None:
+    """Warn of what the listing leaves out: images in formats the job does not read (with their counts and the
+    advice to convert them) apart from the other files (`why`)."""
+    unread = [n for n in ignored if layouts.unread_formats([n])]
+    left = set(unread)
+    if unread:
+        formats = layouts.formats_named(layouts.unread_formats(unread))
+        log.warning(f"images left out: {formats}, in formats the job does not read; convert them to JPEG or PNG",
+                    count=len(unread), examples=unread[:5])
+    others = [n for n in ignored if n not in left]
+    if others:
+        log.warning(why, count=len(others), examples=others[:5])
 
 
 def _read(uri: str, endpoint: str) -> bytes:

@@ -9,6 +9,7 @@ absence or a conditional write refused as designed is an answer, not a failure).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -32,6 +33,7 @@ RANGED_MIN = 16 * 2**20  # objects this large (tar shards) are fetched with para
 RANGED_CHUNK = 8 * 2**20
 STREAM_ATTEMPTS = 5
 INDEX_NAME = ".finetune-job-staged.json"
+NAME_MAX = 255  # bytes of one file or folder name on Linux file systems; a part of an S3 key may have 1,024
 log = logs.get()
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
 
@@ -449,6 +451,24 @@ def open_store(uri: str, endpoint: str = "") -> Store:
     return LocalStore(uri)
 
 
+def staged(root: Path, rel: str) -> Path:
+    """Where an object (or a shard's member) `rel` lies once staged under `root`: at its own path, except that a
+    part of it a local file system cannot hold as a name (over 255 bytes of UTF-8) becomes its first 100 bytes,
+    `~`, a digest of the whole part and its extension; so does a part a path cannot hold (``, `.`, `..`). Distinct
+    paths stay distinct."""
+    if not rel:
+        return root
+    return root.joinpath(*(_short(p) if len(p.encode()) > NAME_MAX or p in ("", ".", "..") else p
+                           for p in rel.split("/")))
+
+
+def _short(part: str) -> str:
+    ext = os.path.splitext(part)[1]
+    ext = ext if len(ext.encode()) <= 16 else ""
+    head = part.encode()[:100].decode("utf-8", "ignore")
+    return f"{head}~{hashlib.sha256(part.encode()).hexdigest()[:32]}{ext}"
+
+
 def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callable[[int], None] | None = None,
           stop: Callable[[], None] | None = None) -> tuple[Path, dict[str, int]]:
     """Make `entries` available as local files and return the local root they live under.
@@ -462,7 +482,7 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
         if progress:
             progress(len(entries))
         return store.root, {"downloaded": 0, "reused": len(entries), "bytes": 0}
-    root = Path(cache_dir) / store.bucket / store.prefix
+    root = staged(Path(cache_dir) / store.bucket, store.prefix)
     root.mkdir(parents=True, exist_ok=True)
     index_path = root / INDEX_NAME
     try:
@@ -472,7 +492,7 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
     todo = []
     for e in entries:
         known = index.get(e.rel)
-        local = root / e.rel
+        local = staged(root, e.rel)
         if known == [e.size, e.etag] and local.is_file() and local.stat().st_size == e.size:
             continue
         todo.append(e)
@@ -485,7 +505,7 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
     pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage")
     ok = False
     try:
-        futures = {pool.submit(store.download, e.rel, root / e.rel, e.size): e for e in todo}
+        futures = {pool.submit(store.download, e.rel, staged(root, e.rel), e.size): e for e in todo}
         for fut in as_completed(futures):
             e = futures[fut]
             stats["bytes"] += fut.result()

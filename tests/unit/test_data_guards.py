@@ -159,7 +159,10 @@ def test_csv_messages_name_the_line_and_the_header():
         "m.csv line 2: unknown split 'Train' (train, validation or test; did you mean train?)"
     assert refusal("path,label,split\na.png,cat,val\n") == \
         "m.csv line 2: unknown split 'val' (train, validation or test; did you mean validation?)"
-    assert refusal("path,label\na.tif,cat\n") == "m.csv line 2: a.tif is not an image (.jpg, .jpeg, .png, .bmp, .gif)"
+    assert refusal("path,label\na.tif,cat\n") == "m.csv line 2: a.tif is in an image format the job does not read: " \
+        "convert it to JPEG or PNG (.jpg, .jpeg, .jpe, .jfif, .png, .bmp, .gif)"
+    assert refusal("path,label\na.txt,cat\n") == \
+        "m.csv line 2: a.txt is not an image (.jpg, .jpeg, .jpe, .jfif, .png, .bmp, .gif)"
     assert refusal("path,label\n\n") == "m.csv: no entries"
 
 

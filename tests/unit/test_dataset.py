@@ -123,6 +123,17 @@ def test_the_confusion_plot_is_bounded_for_many_classes(tmp_path):
             assert png.size == (side, side), n
 
 
+def test_long_class_names_are_shortened_on_the_confusion_plot(tmp_path):
+    # A 300-character class name squeezed the matrix out of the figure ("Tight layout not applied").
+    import warnings
+
+    names = ["L" * 300, "short", "\u00fc" * 31]
+    assert [evaluate.axis_name(n) for n in names] == ["L" * 29 + "\u2026", "short", "\u00fc" * 29 + "\u2026"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate.plot_confusion(np.eye(3, dtype=int).tolist(), names, tmp_path / "cm.png", "test")
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 6), st.data())
 def test_rows_of_a_mapped_file_read_with_pread_equal_indexing(tmp_path_factory, n, dim, data):

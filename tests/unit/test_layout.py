@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 
 from job.errors import DataError, exit_code_for
-from job.layout import Layout, MultiLayout, discover, split_validation, unmeasured, without
+from job.layout import Layout, MultiLayout, discover, split_validation, unmeasured, unread_formats, without
 
 
 def rels(spec: dict[str, dict[str, int]]) -> list[str]:
@@ -48,6 +48,19 @@ def test_non_images_and_loose_files_are_ignored():
          "into validation/ or remove it"),
         # The class folders at the top, as Keras' image_dataset_from_directory reads them.
         ([f"{c}/{i}.jpg" for c in "abcd" for i in range(2)], "; a, b, c, ... hold images: move the class folders"),
+        # An S3 key with an empty folder name: `train//x.png` was a class named "", `train/a//x.png` an image of a
+        # that the staging wrote over `train/a/x.png`; a prefix written with a double slash listed no train/.
+        (rels({"train": {"a": 3, "b": 2}}) + ["train//5.png"], "s3://b/d/train//5.png: an empty folder name ('//')"),
+        (rels({"train": {"a": 3, "b": 2}}) + ["train/a//0.png"], "s3://b/d/train/a//0.png: an empty folder name"),
+        (["/" + r for r in rels({"train": {"a": 3, "b": 2}})], "s3://b/d//train/a/img0.jpg: an empty folder name"),
+        # Images only in formats the job does not read: said so, not "no images".
+        (rels({"train": {"a": 2}}) + ["train/b/1.webp", "train/b/2.WEBP", "train/b/3.tiff", "train/b/x.txt"],
+         "train/: class folder(s) with no images: b (the job reads .jpg .jpeg .jpe .jfif .png .bmp .gif; the "
+         "dataset has 2 .webp, 1 .tiff: convert them to JPEG or PNG)"),
+        # A validation folder copied from macOS names café decomposed: it prints exactly like train/'s.
+        (rels({"train": {"caf\u00e9": 2, "tea": 2}, "validation": {"cafe\u0301": 1, "tea": 1}}),
+         "validation/: class folders differ from train/ (missing caf\u00e9; not in train/: cafe\u0301); "
+         "'cafe\\u0301' is caf\u00e9 in another case or Unicode form: rename the folder"),
     ],
 )
 def test_bad_layouts_say_what_and_where(objects, message):
@@ -55,6 +68,20 @@ def test_bad_layouts_say_what_and_where(objects, message):
         discover(objects, "s3://b/d")
     assert message in str(e.value) and "s3://b/d" in str(e.value)
     assert exit_code_for(e.value) == 3
+
+
+def test_empty_folder_markers_and_jpeg_aliases_are_not_refused():
+    # A folder marker object (`train/c/`) ends in an empty name: it is not an empty folder name; .jfif is JPEG.
+    layout = discover(rels({"train": {"a": 2}}) + ["train/a/", "train/b/", "train/b/x.JFIF", "train/b/y.jpe"], "d")
+    assert layout.counts() == {"train": {"a": 2, "b": 2}}
+
+
+@given(st.lists(st.sampled_from(["a.webp", "b.TIFF", "c.tif", "d.txt", "e.jpg", "f", "webp", "g.heic", "x/.webp"]),
+                max_size=30))
+def test_unread_formats_count_the_images_the_job_does_not_read(names):
+    counts = unread_formats(names)
+    expected = Counter("." + n.rsplit(".", 1)[1].lower() for n in names if n in ("a.webp", "b.TIFF", "c.tif", "g.heic"))
+    assert counts == dict(expected) and list(counts.values()) == sorted(counts.values(), reverse=True)
 
 
 def test_a_folder_named_like_a_split_without_training_classes_stays_ignored():

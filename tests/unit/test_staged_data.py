@@ -505,3 +505,41 @@ def test_a_resume_on_a_changed_dataset_warns_and_keeps_the_new_fingerprint(tmp_p
         assert state.epoch == 2 and state.dataset == now
         assert ("changed since run r1's checkpoint" in capsys.readouterr().out) == warned
     assert pipeline._resume_point(cfg, None, "empty", ["a", "b"], "f3").dataset == "f3"  # a new run keeps it
+
+
+# ---------------------------------------------------------------- names a local file system cannot hold
+
+
+def test_shard_members_named_too_long_for_a_local_file_system_are_extracted(tmp_path):
+    long_key = "x" * 300 + "/" + "\u00fc" * 130  # a folder of 300 bytes, a file of 260 (and its extension)
+    members = [(f"{long_key}.jpg", b"CAT"), (f"{long_key}.cls", b"0"), ("dog/1.jpg", b"DOG"), ("dog/1.cls", b"1")]
+    root = shard_dataset(tmp_path / "d", {"train": [members]})
+    reader = stage(root, "copy", tmp_path)
+    assert as_read(reader) == {"train": [(b"CAT", "cat"), (b"DOG", "dog")]}
+    assert as_read(stage(root, "copy", tmp_path)) == as_read(reader)  # read back from the extracted cache
+
+
+def test_objects_named_too_long_for_a_local_file_system_are_read_in_copy_mode(tmp_path, s3, monkeypatch):
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    bucket, long_class = s3.bucket(), "\u00fc" * 130
+    for key, body in ((f"d/train/{long_class}/{'y' * 300}.png", b"LONG"), ("d/train/b/1.png", b"B")):
+        s3.client.put_object(Bucket=bucket, Key=key, Body=body)
+    reader = stage(f"s3://{bucket}/d", "copy", tmp_path)
+    assert as_read(reader) == {"train": [(b"B", "b"), (b"LONG", long_class)]}
+
+
+def test_images_in_formats_the_job_does_not_read_are_counted_apart(tmp_path):
+    # They were "objects ignored (not images in a class folder)", among notes and licences.
+    from structlog.testing import capture_logs
+
+    for rel in ("train/a/1.png", "train/a/2.webp", "train/a/3.WEBP", "train/b/1.png", "train/b/2.tiff",
+                "train/b/notes.txt"):
+        (tmp_path / "d" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / rel).write_bytes(b"P")
+    with capture_logs() as records:
+        sources.open_source(config(tmp_path / "d"))
+    assert [(r["event"], r["count"]) for r in records if r["event"].startswith("images left out")] == [
+        ("images left out: 2 .webp, 1 .tiff, in formats the job does not read; convert them to JPEG or PNG", 3)]
+    assert [(r["count"], r["examples"]) for r in records if r["event"].startswith("objects ignored")] == \
+        [(1, ["train/b/notes.txt"])]

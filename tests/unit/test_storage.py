@@ -4,7 +4,9 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given
 
 from job import metrics, storage
 from job.errors import StorageError
@@ -35,6 +37,49 @@ def test_stage_downloads_once_and_refetches_changed_objects(s3, tmp_path):
     _, changed = storage.stage(store, store.list(), tmp_path)
     assert changed["downloaded"] == 1
     assert (root / "train/a/7.png").read_bytes() == b"IMAGE 7"
+
+
+# A part of an S3 key may have 1,024 bytes; a local file name 255. A 300-byte file name failed the whole run with exit
+# 4 ("File name too long") after `validate` had said ok.
+LONG = {"ds/train/" + "\u00fc" * 130 + "/0.png": b"class name of 260 bytes",
+        "ds/train/b/" + "x" * 300 + ".png": b"file name of 304 bytes",
+        "ds/train/b/" + "\u00e9" * 100 + "y" * 60 + ".png": b"cut inside a two-byte letter",
+        "ds/train/b/short.png": b"short"}
+
+
+def test_objects_named_too_long_for_a_local_file_system_are_staged_under_short_names(s3, tmp_path):
+    bucket = s3.bucket()
+    for key, body in LONG.items():
+        s3.client.put_object(Bucket=bucket, Key=key, Body=body)
+    store = storage.open_store(f"s3://{bucket}/ds", s3.endpoint)
+    root, stats = storage.stage(store, store.list(), tmp_path)
+    assert stats["downloaded"] == 4
+    for key, body in LONG.items():
+        local = storage.staged(root, key.removeprefix("ds/"))
+        assert local.read_bytes() == body and local.suffix == ".png", key
+        assert all(len(part.encode()) <= 255 for part in local.relative_to(root).parts), key
+    assert storage.staged(root, "train/b/short.png") == root / "train/b/short.png"  # a name that fits is kept
+    assert storage.stage(store, store.list(), tmp_path)[1]["reused"] == 4
+
+
+PARTS = st.one_of(st.sampled_from(["", ".", "..", "a", "x" * 255, "x" * 256]),
+                  st.text(st.characters(exclude_characters="/", exclude_categories=["Cs"]), min_size=1, max_size=300))
+
+
+@given(st.lists(st.lists(PARTS, min_size=1, max_size=3), min_size=2, max_size=2))
+def test_staged_names_fit_a_file_system_and_stay_distinct(rels):
+    one, two = ("/".join(parts) for parts in rels)
+    here = storage.Path("/cache")
+    for rel in (one, two):
+        parts = storage.staged(here, rel).relative_to(here).parts
+        if not rel:  # the root itself (an S3 store without a prefix)
+            assert parts == ()
+            continue
+        assert len(parts) == rel.count("/") + 1 and all(0 < len(p.encode()) <= 255 for p in parts)
+        if all(0 < len(p.encode()) <= 255 and p not in (".", "..") for p in rel.split("/")):
+            assert "/".join(parts) == rel
+        assert ".." not in parts
+    assert (storage.staged(here, one) == storage.staged(here, two)) == (one == two)
 
 
 def test_local_folder_is_used_in_place(tmp_path):
