@@ -122,11 +122,8 @@ def discover(rels: list[str], where: str) -> Layout:
         raise DataError(f"nothing under {where}: no such folder or prefix, or an empty one (expected "
                         f"{where}/train/<class>/<image>)")
     if "train" not in found:
-        tops = sorted({r.split("/")[0] for r in rels if r.count("/") == 1 and r.lower().endswith(IMAGE_EXTENSIONS)})
-        hint = f"; {', '.join(tops[:3])}{', ...' * (len(tops) > 3)} hold images: move the class folders into train/" \
-            if tops else ""
         raise DataError(f"no train/ folder with class folders under {where} (expected {where}/train/<class>/<image>"
-                        f"{hint})")
+                        f"{_no_train_hint(rels, where)})")
     classes = sorted(found["train"])
     if len(classes) < 2:
         raise DataError(f"{where}/train/ has {len(classes)} class folder(s); at least 2 are needed")
@@ -142,6 +139,20 @@ def discover(rels: list[str], where: str) -> Layout:
             raise DataError(f"{where}/{split}/: class folders differ from train/ ({what}){_alike(missing, extra)}")
     files = {s: {c: sorted(found[s][c]) for c in classes} for s in SPLITS if s in found}
     return Layout(classes, files, ignored)
+
+
+def _no_train_hint(rels: list[str], where: str) -> str:
+    """Why there may be no train/: data.uri names a split folder or a class folder, or the class folders are at the
+    top (Keras' `image_dataset_from_directory` layout)."""
+    parent, _, last = where.rstrip("/").rpartition("/")
+    tops = sorted({r.split("/")[0] for r in rels if r.count("/") == 1 and r.lower().endswith(IMAGE_EXTENSIONS)})
+    if parent and (last in SPLITS or last.lower() in SPLIT_ALIASES) and tops:
+        return f"; it looks like a split folder: set data.uri to {parent}, the folder that holds train/"
+    if tops:
+        return f"; {', '.join(tops[:3])}{', ...' * (len(tops) > 3)} hold images: move the class folders into train/"
+    if any("/" not in r and r.lower().endswith(IMAGE_EXTENSIONS) for r in rels):
+        return "; images lie directly under it, as in a class folder: data.uri is the folder that holds train/"
+    return ""
 
 
 def _refuse_split_aliases(rels: list[str], found: dict[str, dict[str, list[str]]], where: str) -> None:

@@ -70,6 +70,19 @@ def test_bad_layouts_say_what_and_where(objects, message):
     assert exit_code_for(e.value) == 3
 
 
+@pytest.mark.parametrize("where, objects, hint", [
+    ("s3://b/d/train", ["a/1.jpg", "b/1.jpg"], "; it looks like a split folder: set data.uri to s3://b/d, the folder"),
+    ("/data/d/val", ["a/1.jpg", "b/1.jpg"], "; it looks like a split folder: set data.uri to /data/d, the folder"),
+    ("/data/d/train/a", ["1.jpg", "2.png"], "; images lie directly under it, as in a class folder: data.uri is"),
+    ("/data/d", ["a/1.jpg", "b/1.jpg"], "; a, b hold images: move the class folders into train/"),
+    ("/data/d", ["notes.txt", "x/notes.txt"], "<image>)"),
+])
+def test_no_train_folder_says_what_data_uri_seems_to_name(where, objects, hint):
+    with pytest.raises(DataError) as e:
+        discover(objects, where)
+    assert str(e.value).startswith(f"no train/ folder with class folders under {where} (") and hint in str(e.value)
+
+
 def test_empty_folder_markers_and_jpeg_aliases_are_not_refused():
     # A folder marker object (`train/c/`) ends in an empty name: it is not an empty folder name; .jfif is JPEG.
     layout = discover(rels({"train": {"a": 2}}) + ["train/a/", "train/b/", "train/b/x.JFIF", "train/b/y.jpe"], "d")
