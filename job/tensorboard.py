@@ -158,15 +158,24 @@ def misclassified(images, probs, truth, classes: list[str], thresholds: list[flo
 # ---------------------------------------------------------------- finetune-job tensorboard
 
 
-def mirror(store: storage.Store, folder: Path, known: dict[str, str]) -> int:
-    """Copy every run's event files under `store` (`<run_id>/tensorboard/...`) into `folder/<run_id>/...`,
-    those whose ETag changed since `known` (updated); removes local files gone from storage (a resumed run
-    rewrites its events). Returns how many files were copied."""
+def event_file(rel: str, own: str) -> tuple[str, str] | None:
+    """(run, path inside its tensorboard/) of an object under `--from`: `<run_id>/tensorboard/<rest>`, or
+    `tensorboard/<rest>` when `--from` names one run's folder (the run `own`, its last part); None for the rest."""
+    if rel.startswith(f"{FOLDER}/"):
+        return own, rel.removeprefix(f"{FOLDER}/")
+    run, _, rest = rel.partition(f"/{FOLDER}/")
+    return (run, rest) if rest and "/" not in run else None
+
+
+def mirror(store: storage.Store, folder: Path, known: dict[str, str], own: str = "run") -> int:
+    """Copy every run's event files under `store` (`<run_id>/tensorboard/...`, or one run's `tensorboard/...`)
+    into `folder/<run_id>/...`, those whose ETag changed since `known` (updated); removes local files gone from
+    storage (a resumed run rewrites its events). Returns how many files were copied."""
     wanted = {}
     for entry in store.list():
-        run, _, rest = entry.rel.partition(f"/{FOLDER}/")
-        if rest and "/" not in run:
-            wanted[entry.rel] = (entry, Path(folder) / run / rest)
+        found = event_file(entry.rel, own)
+        if found:
+            wanted[entry.rel] = (entry, Path(folder) / found[0] / found[1])
     copied = 0
     for rel, (entry, target) in wanted.items():
         if known.get(rel) != entry.etag or not target.is_file():
@@ -175,7 +184,7 @@ def mirror(store: storage.Store, folder: Path, known: dict[str, str]) -> int:
             known[rel] = entry.etag
             copied += 1
     for rel in [r for r in known if r not in wanted]:
-        run, _, rest = rel.partition(f"/{FOLDER}/")
+        run, rest = event_file(rel, own)
         (Path(folder) / run / rest).unlink(missing_ok=True)
         del known[rel]
     return copied
@@ -192,17 +201,21 @@ def serve(source: str, folder: Path, port: int, host: str, refresh_seconds: floa
     store = storage.open_store(source, endpoint)
     known: dict[str, str] = {}
     Path(folder).mkdir(parents=True, exist_ok=True)
-    mirror(store, folder, known)
+    own = source.rstrip("/").rpartition("/")[2] or "run"
+    mirror(store, folder, known, own)
+    if not known:  # a mistyped prefix, or runs yet to start: said, and served anyway
+        log.warning(f"no run's event files under {source} yet (expected {source}/<run_id>/{FOLDER}/); the mirror "
+                    "looks again every refresh")
     board = program.TensorBoard()
     board.configure(argv=[None, "--logdir", str(folder), "--port", str(port), "--host", host,
                           "--reload_interval", str(max(1, int(refresh_seconds)))])
     url = board.launch()
-    log.info("tensorboard serving", url=url, source=source, runs=len({r.split("/")[0] for r in known}))
+    log.info("tensorboard serving", url=url, source=source, runs=len({event_file(r, own)[0] for r in known}))
     due = time.monotonic() + refresh_seconds
     while not stop():
         time.sleep(0.2)
         if time.monotonic() >= due:
-            copied = mirror(store, folder, known)
+            copied = mirror(store, folder, known, own)
             if copied:
                 log.info("event files mirrored", files=copied)
             due = time.monotonic() + refresh_seconds

@@ -63,6 +63,26 @@ def test_the_mirror_copies_new_and_changed_event_files_and_drops_removed_ones(tm
     assert not (folder / "r1" / "events.1").exists() and (folder / "r2" / "events.2").read_bytes() == b"two"
 
 
+def test_the_mirror_of_one_runs_folder_serves_that_run():
+    # `--from <output.uri>/<run_id>` (one run's folder) mirrored nothing: its events are `tensorboard/...`.
+    assert tensorboard.event_file("r1/tensorboard/events.1", "out") == ("r1", "events.1")
+    assert tensorboard.event_file("tensorboard/train/events.1", "r7") == ("r7", "train/events.1")
+    assert tensorboard.event_file("r1/checkpoints/tensorboard/x", "out") is None  # not a run's own folder
+    assert tensorboard.event_file("metrics.json", "out") is None
+
+
+def test_the_mirror_of_a_single_run_copies_its_events_under_its_name(tmp_path):
+    run = tmp_path / "runs" / "20261206T010203Z-abcdef"
+    (run / "tensorboard" / "train").mkdir(parents=True)
+    (run / "tensorboard" / "train" / "events.1").write_bytes(b"one")
+    (run / "metrics.json").write_text("{}")
+    store, folder, known = storage.open_store(str(run)), tmp_path / "mirror", {}
+    assert tensorboard.mirror(store, folder, known, run.name) == 1
+    assert (folder / run.name / "train" / "events.1").read_bytes() == b"one"
+    (run / "tensorboard" / "train" / "events.1").unlink()
+    assert tensorboard.mirror(store, folder, known, run.name) == 0 and not any(folder.rglob("events.1"))
+
+
 def test_the_refit_phases_follow_on_the_axis():
     history = {"head": [{}] * 3, "finetune": [{}] * 4, "refit_head": [{}] * 2, "refit": [{}] * 3}
     assert tensorboard.step_of(history, "refit_head", 1) == 8
