@@ -7,6 +7,7 @@ The card is one `string.Template` (CARD); the helpers below fill in its tables a
 
 from __future__ import annotations
 
+import re
 from string import Template
 
 LOW_RECALL = 0.8  # classes below this recall on the headline split are named as a known limit
@@ -91,7 +92,7 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
     return CARD.substitute(**kind,
         run_id=run_id, backbone=model["backbone"], weights=model["weights"], data_uri=data["uri"],
         version=versions.get("finetune_job", ""), tensorflow=versions.get("tensorflow", ""),
-        num_classes=len(classes), class_list=", ".join(f"`{c}`" for c in classes), height=height, width=width,
+        num_classes=len(classes), class_list=", ".join(_code(c) for c in classes), height=height, width=width,
         counts_table=_counts_table(classes, counts), bad_images=bad_images,
         recipe=_recipe(config["train"], search, refit or {}),
         results_table=_multi_results(reports, per_label, split) if multi else _results_table(reports), split=split,
@@ -104,7 +105,16 @@ def _pct(x: float | None) -> str:
 
 
 def _row(*cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+    """A table row; a `|` inside a cell (a class named `a|b`) escaped, so that it stays one cell."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _code(text: str) -> str:
+    """`text` as a Markdown code span, also when it holds backticks (fenced by one backtick more than its longest
+    run of them, padded when it starts or ends with one)."""
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _table(header: list[str], rows: list[str]) -> str:
@@ -181,7 +191,7 @@ def _formats_table(formats: dict[str, dict]) -> str:
     score = "micro_f1" if any("micro_f1" in r for r in formats.values()) else "accuracy"  # multi-label: label sets
     for fmt, r in formats.items():
         if "error" in r:
-            rows.append(f"| {fmt} | not written: {r['error']} | | | |")
+            rows.append(_row(fmt, f"not written: {r['error']}", "", "", ""))
             continue
         agreement = "reference" if fmt == "saved_model" else _pct(r.get("agreement"))
         rows.append(_row(fmt, _pct(r[score]), agreement, f"{r['bytes'] / 1e6:.1f} MB",
@@ -196,4 +206,4 @@ def _limits(per_class: dict[str, dict], split: str, multi: bool = False) -> str:
     weak = sorted((v["recall"], c) for c, v in per_class.items() if v["recall"] < LOW_RECALL)
     if not weak:
         return f"- every {kind} has a recall of at least {_pct(LOW_RECALL)} on {split}."
-    return "\n".join(f"- `{c}`: recall {_pct(recall)} on {split} ({why})." for recall, c in weak)
+    return "\n".join(f"- {_code(c)}: recall {_pct(recall)} on {split} ({why})." for recall, c in weak)

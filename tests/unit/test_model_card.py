@@ -68,6 +68,22 @@ def test_the_tables_hold_the_run_numbers():
     assert "\n2 image(s) were skipped as undecodable or too large" in card
 
 
+def test_class_names_with_a_pipe_or_a_backtick_keep_the_tables_and_the_code_spans_whole():
+    # A class `a|b` split its row into one cell more: the counts stood under the wrong split.
+    import re
+
+    classes = ["a|b", "x`y", "``z"]
+    counts = {"train": {c: 10 + i for i, c in enumerate(classes)}, "test": {c: 1 for c in classes}}
+    per_class = {c: {"precision": 0.5, "recall": 0.2, "f1": 0.3, "support": 1} for c in classes}
+    test = {**TEST, "per_class": per_class}
+    cfg = config.redacted(config.load(None, ["data.uri=s3://b/d", "output.uri=/o", "run_id=r7"], environ={}))
+    card = model_card.render("r7", cfg, classes, counts, {"test": test}, FORMATS, 0, {})
+    rows = [re.split(r"(?<!\\)\|", line.strip()[1:-1]) for line in card.splitlines() if line.startswith("| a")]
+    assert [[c.strip() for c in row] for row in rows] == [["a\\|b", "10", "1"]]
+    assert "in output order: `a|b`, ``x`y``, ``` ``z ```." in card
+    assert "- ``x`y``: recall 20.0% on test" in card
+
+
 def test_the_recipe_and_the_known_limits():
     card = _card(overrides=["train.head.epochs=4", "train.finetune.unfreeze=20", "train.lr_schedule=cosine"])
     assert "- head: 4 epochs at 0.001 (cached_features), augment: False\n" in card
