@@ -157,6 +157,8 @@ def validate(config: ConfigOption, set_: SetOption = None) -> None:
     if few:
         typer.echo(f"warning: label(s) with fewer than {FEW} training images (their threshold and scores will be "
                    f"unreliable): {', '.join(few)}", err=True)
+    for message, _, missing in pipeline.unmeasured(layout):
+        typer.echo(f"warning: {message}: {', '.join(missing)}", err=True)
     kind = "labels" if layout.multi_label else "classes"
     typer.echo(f"ok: {len(layout.classes)} {kind}, run_id {cfg.run_id}", err=True)
 

@@ -127,17 +127,15 @@ def discover(rels: list[str], where: str) -> Layout:
     classes = sorted(found["train"])
     if len(classes) < 2:
         raise DataError(f"{where}/train/ has {len(classes)} class folder(s); at least 2 are needed")
+    _require_images("train", found["train"], where, unread_formats(ignored))
     for split, per in found.items():
-        _require_images(split, per, where, unread_formats(ignored))
-        if split != "train" and sorted(per) != classes:
+        extra = sorted(set(per) - set(classes))
+        if extra:  # a validation or test class folder lacking (or empty) is a class its scores do not measure
             missing = sorted(set(classes) - set(per))
-            extra = sorted(set(per) - set(classes))
-            what = "; ".join(
-                x for x in (f"missing {', '.join(missing)}" if missing else "",
-                            f"not in train/: {', '.join(extra)}" if extra else "") if x
-            )
+            what = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
+                                         f"not in train/: {', '.join(extra)}") if x)
             raise DataError(f"{where}/{split}/: class folders differ from train/ ({what}){_alike(missing, extra)}")
-    files = {s: {c: sorted(found[s][c]) for c in classes} for s in SPLITS if s in found}
+    files = {s: {c: sorted(found[s].get(c, [])) for c in classes} for s in SPLITS if s in found}
     return Layout(classes, files, ignored)
 
 

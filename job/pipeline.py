@@ -145,10 +145,22 @@ def validate(cfg: Config):
     _staging(cfg, source)
     if source.kind == "shards" and (not source.image_count() or source.layout.multi_label):
         how = readers.Staging(Path(cfg.data.cache_dir), Path(cfg.data.cache_dir), tuple(cfg.data.image_size))
-        layout = readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout
-        class_weights(cfg, layout)  # multi-label shards: the labels are known once read
-        return layout
-    return source.layout.carve(cfg.data.validation_split, cfg.train.seed).nonempty()
+        listed = readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout
+        class_weights(cfg, listed)  # multi-label shards: the labels are known once read
+    else:
+        listed = source.layout.carve(cfg.data.validation_split, cfg.train.seed).nonempty()
+    return listed
+
+
+def unmeasured(listed) -> list[tuple[str, str, list[str]]]:
+    """(message, split, classes) for each validation or test split that has no image of some class (multi-label:
+    none carrying some label): its scores do not measure them. `train` logs them, `validate` prints them."""
+    out = []
+    for split, missing in layout.unmeasured(listed.counts(), listed.classes).items():
+        what = f"carrying {len(missing)} label(s)" if listed.multi_label else f"of {len(missing)} class(es)"
+        out.append((f"no {split} images {what}: the {split} scores do not measure them"
+                    + (" (nor early stopping and train.search)" if split == "validation" else ""), split, missing))
+    return out
 
 
 def _check_class_weight(cfg: Config, source) -> None:
@@ -387,11 +399,8 @@ def stage_data(run: Run) -> None:
                  images=sum(map(staged.count, staged.layout.splits)) + len(staged.bad),
                  training_shards_of_this_worker=run.data.shards("train", run.share))
     log.info("dataset ready", mode=mode, counts=run.data.layout.counts(), bad_images=len(run.data.bad))
-    for split, missing in layout.unmeasured(run.data.layout.counts(), run.classes).items():
-        what = f"carrying {len(missing)} label(s)" if run.multi else f"of {len(missing)} class(es)"
-        log.warning(f"no {split} images {what}: the {split} scores do not measure them"
-                    + (" (nor early stopping and train.search)" if split == "validation" else ""),
-                    split=split, classes=missing)
+    for message, split, missing in unmeasured(run.data.layout):
+        log.warning(message, split=split, classes=missing)
     _warn_identical(run)
     if not run.data.count("validation"):
         log.warning("no validation images: early stopping watches the training loss, and no validation report "

@@ -36,7 +36,6 @@ def test_non_images_and_loose_files_are_ignored():
         ([], "nothing under s3://b/d: no such folder or prefix, or an empty one"),  # a mistyped data.uri
         (rels({"train": {"a": 3}}), "at least 2 are needed"),
         (rels({"train": {"a": 3, "b": 2}}) + ["train/c/"], "train/: class folder(s) with no images: c"),
-        (rels({"train": {"a": 3, "b": 2}, "test": {"a": 1}}), "test/: class folders differ from train/ (missing b)"),
         (rels({"train": {"a": 3, "b": 2}, "validation": {"a": 1, "b": 1, "c": 1}}), "not in train/: c"),
         # A split named as other tools name it: its images would be ignored without a word.
         (rels({"train": {"a": 3, "b": 2}, "val": {"a": 1, "b": 1}}), "s3://b/d/val/: the job reads the splits"),
@@ -81,6 +80,15 @@ def test_no_train_folder_says_what_data_uri_seems_to_name(where, objects, hint):
     with pytest.raises(DataError) as e:
         discover(objects, where)
     assert str(e.value).startswith(f"no train/ folder with class folders under {where} (") and hint in str(e.value)
+
+
+def test_a_test_or_validation_split_may_lack_a_class_folder_or_have_it_empty():
+    # Before, a folder dataset whose test/ lacked a class could not run at all: without the folder it was "class
+    # folders differ", with it empty "no images". A manifest's split could lack a class; now a folder's can too.
+    layout = discover(rels({"train": {"a": 3, "b": 2}, "test": {"a": 1}, "validation": {"b": 1}}) + ["validation/a/"],
+                      "d")
+    assert layout.counts() == {"train": {"a": 3, "b": 2}, "validation": {"a": 0, "b": 1}, "test": {"a": 1, "b": 0}}
+    assert unmeasured(layout.counts(), layout.classes) == {"validation": ["a"], "test": ["b"]}
 
 
 def test_empty_folder_markers_and_jpeg_aliases_are_not_refused():
