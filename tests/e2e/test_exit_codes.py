@@ -92,14 +92,21 @@ def test_missing_train_folder_exits_3(tmp_path, s3):
     assert "job.pipeline" in imported and "tensorflow" not in imported and "keras" not in imported
 
 
-def test_class_folders_differing_between_splits_exit_3(tmp_path, sample_data):
+def test_a_class_folder_that_train_lacks_exits_3_and_a_split_lacking_one_is_a_warning(tmp_path, sample_data):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(sample_data, data)
-    shutil.rmtree(data / "test" / "square")
+    shutil.move(data / "test" / "square", data / "test" / "squares")
     cfg = config(tmp_path, str(data), str(tmp_path / "out"))
-    assert_one_line(run_cli("validate", "--config", str(cfg)), 3, "test/", "missing square")
+    assert_one_line(run_cli("validate", "--config", str(cfg)), 3, "test/", "missing square; not in train/: squares")
+    # test/ without the class (a rare class kept for training): it runs, and its test scores do not measure it
+    shutil.rmtree(data / "test" / "squares")
+    out = run_cli("validate", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "warning: no test images of 1 class(es): the test scores do not measure them: square" in out.stderr
+    test_counts = {row.split()[0]: int(row.split()[-1]) for row in out.stdout.splitlines()[1:]}
+    assert test_counts["square"] == 0 and test_counts["circle"] > 0
 
 
 def test_too_many_bad_images_exits_3(tmp_path, sample_data):
