@@ -24,7 +24,8 @@ def _share_the_cores() -> None:
     """TensorFlow's intra-op thread pool, sized to the cores each test worker has (every process started from here
     inherits it): by default each process sizes it to every core, so that three workers on two cores ran three
     pools of two busy threads. The quality bench's quick mode, two runs at a time on two cores, took 168 s with
-    one thread a pool (and one inter-op thread) and 186 s with the defaults (2026-12-06, quiet). The inter-op pool,
+    one thread a pool (and one inter-op thread) and 186 s with the defaults; two fresh clones' `make test`, one after
+    the other, 1,280.1 s with one intra-op thread a worker and 1,422.8 s without (2026-12-06, quiet). The inter-op pool,
     where collective ops wait on each other, keeps its default. A variable already set wins."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
