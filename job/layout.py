@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 
 from job.errors import DataError
@@ -180,14 +181,15 @@ def _require_images(split: str, per: dict[str, list[str]], where: str, unread: d
         raise DataError(f"{where}/{split}/: class folder(s) with no images: {', '.join(empty)}{hint}")
 
 
+def unread_extension(name: str) -> str:
+    """The extension (`.webp`) of a name that is an image in a format the job does not read, else ""."""
+    stem, _, ext = name.rpartition("/")[2].rpartition(".")
+    return "." + ext.lower() if stem and "." + ext.lower() in UNREAD_IMAGE_EXTENSIONS else ""
+
+
 def unread_formats(names: list[str]) -> dict[str, int]:
     """{extension: count} of the names that are images in a format the job does not read (`.webp`, `.tiff`)."""
-    counts: dict[str, int] = {}
-    for name in names:
-        stem, dot, ext = name.rpartition("/")[2].rpartition(".")
-        if stem and "." + ext.lower() in UNREAD_IMAGE_EXTENSIONS:
-            ext = "." + ext.lower()
-            counts[ext] = counts.get(ext, 0) + 1
+    counts = Counter(ext for ext in map(unread_extension, names) if ext)
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
@@ -219,8 +221,13 @@ def _alike(missing: list[str], extra: list[str]) -> str:
              for e in group if e in extra]
     if not pairs:
         return ""
-    shown = [n if unicodedata.is_normalized("NFKC", n) else ascii(n) for n in pairs[0]]  # tell look-alikes apart
-    return f"; {shown[1]} is {shown[0]} in another case or Unicode form: rename the folder"
+    return f"; {shown(pairs[0][1])} is {shown(pairs[0][0])} in another case or Unicode form: rename the folder"
+
+
+def shown(name: str) -> str:
+    """A class name as messages print it: escaped unless in canonical Unicode form, so that look-alikes (`café`
+    composed and decomposed) can be told apart."""
+    return name if unicodedata.is_normalized("NFKC", name) else ascii(name)
 
 
 def broken_lines(classes: list[str]) -> list[str]:

@@ -145,11 +145,10 @@ def validate(cfg: Config):
     _staging(cfg, source)
     if source.kind == "shards" and (not source.image_count() or source.layout.multi_label):
         how = readers.Staging(Path(cfg.data.cache_dir), Path(cfg.data.cache_dir), tuple(cfg.data.image_size))
-        listed = readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout
-        class_weights(cfg, listed)  # multi-label shards: the labels are known once read
-    else:
-        listed = source.layout.carve(cfg.data.validation_split, cfg.train.seed).nonempty()
-    return listed
+        layout = readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout
+        class_weights(cfg, layout)  # multi-label shards: the labels are known once read
+        return layout
+    return source.layout.carve(cfg.data.validation_split, cfg.train.seed).nonempty()
 
 
 def unmeasured(listed) -> list[tuple[str, str, list[str]]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +64,8 @@ def open_source(cfg: Config) -> Source:
         raise DataError(f"{cfg.data.uri}: class name {ascii(broken[0])} holds a line break; labels.txt keeps one "
                         "class per line, so rename it")
     for names in case_clashes(source.layout.classes):
-        shown = [n if unicodedata.is_normalized("NFKC", n) else ascii(n) for n in names]  # tell look-alikes apart
-        log.warning("class names that differ only in case or Unicode form are different classes", classes=shown)
+        log.warning("class names that differ only in case or Unicode form are different classes",
+                    classes=[layouts.shown(n) for n in names])
     return source
 
 
@@ -92,7 +91,7 @@ def _open(cfg: Config, store: storage.Store) -> Source:
 def warn_ignored(ignored: list[str], why: str) -> None:
     """Warn of what the listing leaves out: images in formats the job does not read (with their counts and the
     advice to convert them) apart from the other files (`why`)."""
-    unread = [n for n in ignored if layouts.unread_formats([n])]
+    unread = [n for n in ignored if layouts.unread_extension(n)]
     left = set(unread)
     if unread:
         formats = layouts.formats_named(layouts.unread_formats(unread))
