@@ -27,6 +27,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
+def _home(v: str) -> str:
+    """A local path written `~/...`, expanded as data.uri, output.uri and model.weights expand it: left as it was,
+    it made a folder named `~` in the working directory (the image cache, Katib's file) or was "no such file"."""
+    return os.path.expanduser(v) if v.startswith("~") else v
+
+
 class DataConfig(_Section):
     uri: str = Field(min_length=1)
     image_size: tuple[int, int] = (180, 180)
@@ -37,6 +43,8 @@ class DataConfig(_Section):
     max_image_pixels: int = Field(90_000_000, ge=1)
     manifest: str = ""  # CSV (path,label[,split]) or JSON lines, local or s3://; paths relative to uri or full URIs
     staging: Literal["auto", "copy", "stream"] = "auto"  # stream: shards read from storage every epoch
+
+    _expand_home = field_validator("cache_dir", "manifest")(_home)
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -191,6 +199,8 @@ class MetricsConfig(_Section):
     linger_seconds: float = Field(15.0, ge=0.0)
     # A local path: the chief appends one line per epoch and one at the end in Katib's TEXT format (job/katib.py)
     file: str = ""
+
+    _expand_home = field_validator("file")(_home)
 
 
 class S3Config(_Section):

@@ -34,31 +34,43 @@ def decode_and_resize(encoded: tf.Tensor, image_size: tuple[int, int]) -> tf.Ten
     """Encoded JPEG/PNG/BMP/GIF bytes -> float32 RGB [h, w, 3] in 0..255.
 
     Grayscale, palette, RGBA, CMYK and 16-bit inputs all come out as 8-bit RGB (TensorFlow's decoders
-    convert them); animated GIFs give their first frame.
+    convert them; not a palette BMP's colours: `PALETTE_BMP`); animated GIFs give their first frame.
     """
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
     image = tf.image.resize(image, image_size, method="bilinear", antialias=True)
     return tf.ensure_shape(image, [*image_size, 3])
 
 
-def image_size(source) -> tuple[int, int] | None:
-    """(width, height) from an image's header (a path or a file-like object) without decoding it; None if
-    the header is unreadable."""
+# TensorFlow's BMP decoder ignores an 8-bit BMP's colour table: it returns the palette indices as grey levels
+# (tests/unit/test_dataset.py checks that it still does). Where the table is the grey ramp (Pillow's mode "L")
+# index i is grey i and the reading is right; any other table gave pictures of indices, trained on without a word.
+PALETTE_BMP = ("a BMP with a colour palette: TensorFlow's decoder reads its palette indices as grey levels "
+               "(convert it to PNG)")
+
+
+def header(source) -> tuple[tuple[int, int] | None, str]:
+    """From an image's header (a path or a file-like object), without decoding it: ((width, height), why
+    TensorFlow's decoder would misread its pixels, or ""); (None, "") if the header is unreadable."""
     try:
         with Image.open(source) as image:
-            return image.size
+            return image.size, PALETTE_BMP if image.format == "BMP" and image.mode == "P" else ""
     except (OSError, ValueError, SyntaxError):
-        return None
+        return None, ""
+
+
+def misread(blob: bytes) -> str:
+    """Why TensorFlow's decoder would misread these encoded bytes' pixels, or "" (`header`)."""
+    return header(io.BytesIO(blob))[1]
 
 
 def find_bad(paths: list[str], max_pixels: int) -> dict[str, str]:
-    """{path: reason} for images the job cannot train on: larger than `max_pixels` (from the header,
-    so a huge image is never decoded) or not decodable by TensorFlow's own decoders (the ones training
-    uses, so a file that passes here cannot fail mid-epoch)."""
+    """{path: reason} for images the job cannot train on: larger than `max_pixels` or misread by TensorFlow's
+    decoder (both from the header, so a huge image is never decoded), or not decodable by TensorFlow's own
+    decoders (the ones training uses, so a file that passes here cannot fail mid-epoch)."""
     with ThreadPoolExecutor(8) as pool:
-        sizes = list(pool.map(image_size, paths))
+        headers = list(pool.map(header, paths))
     bad = {p: "cannot be read (a broken link, or no permission)" for p in paths if not os.access(p, os.R_OK)}
-    bad |= _too_large(paths, sizes, max_pixels)  # (an unreadable file has no size)
+    bad |= _from_headers(paths, headers, max_pixels)  # (an unreadable file has no header)
     rest = [p for p in paths if p not in bad]
     encoded = tf.data.Dataset.from_tensor_slices(rest).map(tf.io.read_file) if rest else None
     return bad | {p: "cannot be decoded" for p in _undecodable(rest, encoded)}
@@ -67,15 +79,22 @@ def find_bad(paths: list[str], max_pixels: int) -> dict[str, str]:
 def find_bad_blobs(named: list[tuple[str, bytes]], max_pixels: int) -> dict[str, str]:
     """`find_bad` for images in memory: {name: reason}."""
     names = [n for n, _ in named]
-    bad = _too_large(names, [image_size(io.BytesIO(b)) for _, b in named], max_pixels)
+    bad = _from_headers(names, [header(io.BytesIO(b)) for _, b in named], max_pixels)
     rest = [(n, b) for n, b in named if n not in bad]
     encoded = tf.data.Dataset.from_tensor_slices([b for _, b in rest]) if rest else None
     return bad | {n: "cannot be decoded" for n in _undecodable([n for n, _ in rest], encoded)}
 
 
-def _too_large(names: list[str], sizes: list[tuple[int, int] | None], max_pixels: int) -> dict[str, str]:
-    return {name: (f"too large: {w}x{h} = {w * h:,} pixels (data.max_image_pixels {max_pixels:,})")
-            for name, (w, h) in ((n, s) for n, s in zip(names, sizes) if s) if w * h > max_pixels}
+def _from_headers(names: list[str], headers: list[tuple], max_pixels: int) -> dict[str, str]:
+    """{name: reason} for the images their headers (`header`) rule out: too large, or misread by the decoder."""
+    bad = {}
+    for name, (size, why) in zip(names, headers):
+        if size and size[0] * size[1] > max_pixels:
+            w, h = size
+            bad[name] = f"too large: {w}x{h} = {w * h:,} pixels (data.max_image_pixels {max_pixels:,})"
+        elif why:
+            bad[name] = why
+    return bad
 
 
 def _undecodable(names: list[str], encoded: tf.data.Dataset | None) -> list[str]:

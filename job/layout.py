@@ -108,7 +108,8 @@ def discover(rels: list[str], where: str) -> Layout:
             continue
         split, cls = parts[0], parts[1]
         if len(parts) == 2:
-            ignored.append(rel)  # a file directly under train/: belongs to no class
+            if parts[1]:  # a file directly under train/: belongs to no class (`train/` alone: a folder marker)
+                ignored.append(rel)
             continue
         per_class = found.setdefault(split, {}).setdefault(cls, [])
         name = parts[-1]

@@ -172,8 +172,10 @@ def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list
             raise DataError(f"{name} line {row.line}: {row.path} is listed twice (first on line {seen[key]})")
         seen[key] = row.line
         if key not in existing:
+            slashed = key.replace("\\", "/")  # a path written on Windows
+            hint = f" ({slashed} does: write paths with '/')" if "\\" in key and slashed in existing else ""
             raise DataError(f"{name} line {row.line}: {row.path} does not exist"
-                            + ("" if "://" in key else f" under {data_uri}"))
+                            + ("" if "://" in key else f" under {data_uri}") + hint)
     return list(seen)
 
 

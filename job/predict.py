@@ -119,6 +119,8 @@ def _classifier(fmt: str, path: Path, multi: bool = False):
     the other formats get the pixels the job's own decoder makes, as in training."""
     import tensorflow as tf
 
+    from job.dataset import misread
+
     if fmt in ("saved_model", "tf_serving"):
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]
 
@@ -139,6 +141,9 @@ def _classifier(fmt: str, path: Path, multi: bool = False):
             return (out[0][0], out[1][0] > 0.5) if multi else out[0]
 
     def classify(uri: str, blob: bytes):
+        why = misread(blob)  # decodable, but not to the picture it holds
+        if why:
+            raise DataError(f"{uri}: {why}")
         try:
             return probabilities(blob)
         except tf.errors.InvalidArgumentError:

@@ -60,6 +60,12 @@ def parse_classes(text: str, where: str, minimum: int = 2) -> list[str]:
     return classes
 
 
+# A sample is a run of adjacent members (WebDataset's convention): a tar written from a folder as `tar -cf x.tar .`
+# lists its files in directory order, so an image and its label can be far apart, and the image had "no label".
+BESIDE = ("beside it: a sample's members are adjacent in the tar (write it with `tar --sort=name`, or "
+          "`finetune-job pack`)")
+
+
 def check_listed(listed: set[str], found: dict[str, list[str]], where: str) -> None:
     """Every shard found is one that index.json lists, and the other way round: a shard it does not list is
     left over from an earlier pack, and its images would be trained under today's classes.txt."""
@@ -151,7 +157,7 @@ def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] |
 def _label_list(key: str, members: dict[str, bytes], name: str, classes: list[str] | None) -> tuple[int, ...]:
     """A multi-label sample's labels: `<key>.json` holds {"labels": [names in classes.txt]}."""
     if ".json" not in members:
-        raise DataError(f"{name}: sample {key} has no labels ({key}.json with {{\"labels\": [...]}})")
+        raise DataError(f"{name}: sample {key} has no labels ({key}.json with {{\"labels\": [...]}}) {BESIDE}")
     try:
         labels = json.loads(members[".json"])["labels"]
     except (ValueError, KeyError, TypeError):
@@ -181,7 +187,7 @@ def _label(key: str, members: dict[str, bytes], name: str, classes: list[str] | 
         if len(stripped) != 1:  # spaces around a name are forgiven only when that leaves no doubt
             raise DataError(f"{name}: {key}.txt names class {raw.strip()!r}, which {CLASSES} does not list")
         return stripped[0]
-    raise DataError(f"{name}: {key}{image} has no label ({key}.cls or {key}.txt)")
+    raise DataError(f"{name}: {key}{image} has no label ({key}.cls or {key}.txt) {BESIDE}")
 
 
 class SplitKeys:

@@ -204,20 +204,23 @@ def test_validate_prints_counts(trained, s3):
     assert int(rows["square"][0]) + int(rows["square"][1]) == 31  # corrupt.jpg is only found when decoding
 
 
-def test_predict_command_reads_model_and_images_from_s3(trained, s3, tmp_path):
+def test_predict_command_reads_model_and_images_from_s3(trained, s3, sample_data, tmp_path):
     """From S3, one JSON object per image as each is classified; an undecodable file among them is named on its
-    own line and exits 3, and the images after it are still classified."""
+    own line and exits 3, and the images after it are still classified. So is a palette BMP, which TensorFlow's
+    decoder (the signature's) would read as a picture of its palette indices."""
     uri = f"s3://{trained['bucket']}/{trained['prefix']}"
     images = [f"s3://{trained['bucket']}/datasets/shapes/test/{c}/{c}_0001.png" for c in ("triangle", "circle")]
-    broken = tmp_path / "broken.png"
+    broken, palette = tmp_path / "broken.png", tmp_path / "palette.bmp"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not the rest of a PNG" * 4)
+    Image.open(sample_data / "test/circle/circle_0001.png").convert("P").save(palette)
     (tmp_path / "tmp").mkdir()
-    out = run_cli("predict", "--model", uri, images[0], str(broken), images[1], "--top-k", "2", "--json",
-                  env={**s3.env(), "TMPDIR": str(tmp_path / "tmp")}, timeout=120)
+    out = run_cli("predict", "--model", uri, images[0], str(broken), str(palette), images[1], "--top-k", "2",
+                  "--json", env={**s3.env(), "TMPDIR": str(tmp_path / "tmp")}, timeout=120)
     assert out.returncode == 3, out.stderr
     assert list((tmp_path / "tmp").iterdir()) == []  # the downloaded model is not left behind
-    first, bad, last = (json.loads(line) for line in out.stdout.strip().splitlines())  # one object per image
+    first, bad, misread, last = (json.loads(line) for line in out.stdout.strip().splitlines())  # one per image
     assert bad == {"image": str(broken), "error": f"{broken}: not a decodable image"}
+    assert misread["image"] == str(palette) and misread["error"].startswith(f"{palette}: a BMP with a colour palette")
     assert f"finetune-job: error: {broken}: not a decodable image" in out.stderr and "Traceback" not in out.stderr
     for result, image in ((first, images[0]), (last, images[1])):
         assert result["image"] == image and len(result["top"]) == 2

@@ -31,6 +31,20 @@ def test_precedence_set_over_env_over_file(cfg_file):
     assert cfg.train.head.epochs == 2  # env beats file
 
 
+def test_local_paths_written_from_home_are_expanded(cfg_file, monkeypatch, tmp_path):
+    """`~/...` in data.cache_dir, a local data.manifest and metrics.file means the home folder, as it already did
+    in data.uri, output.uri and model.weights: it made a folder named `~` in the working directory (image cache,
+    Katib's file), and a manifest there was "no such file". Set in the file, by --set and from the environment."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    cfg = config.load(cfg_file, ["data.cache_dir=~/cache", "metrics.file=~/katib.txt"],
+                      environ={"FINETUNE_DATA__MANIFEST": "~/labels.csv"})
+    assert (cfg.data.cache_dir, cfg.data.manifest, cfg.metrics.file) == (
+        str(home / "cache"), str(home / "labels.csv"), str(home / "katib.txt"))
+    cfg = config.load(cfg_file, ["data.manifest=s3://b/~/labels.csv", "data.cache_dir=rel/~x"], environ={})
+    assert (cfg.data.manifest, cfg.data.cache_dir, cfg.metrics.file) == ("s3://b/~/labels.csv", "rel/~x", "")
+
+
 def test_values_are_yaml_typed(cfg_file):
     cfg = config.load(cfg_file, ["data.image_size=[96, 128]", "output.overwrite=true",
                                  "train.finetune.unfreeze=block_16_expand", "run_id=abc"], environ={})

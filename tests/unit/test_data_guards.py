@@ -32,8 +32,10 @@ def test_discover_sorts_files_keeps_split_order_and_reads_extensions_in_any_case
 
 
 def test_discover_ignores_a_bare_split_object_and_folder_markers_are_not_ignored_objects():
-    # An object named `train` (no slash) belongs to no class; a marker `train/b/` makes a class, ignored nowhere.
-    got = discover(["train", "train/a/1.jpg", "train/b/", "train/b/1.jpg", "validation", "test"], "d")
+    # An object named `train` (no slash) belongs to no class; a marker `train/b/` makes a class, ignored nowhere;
+    # the S3 console's "Create folder" makes `train/` and `test/` too: no "objects ignored" warning for those.
+    got = discover(["", "train", "train/", "train/a/1.jpg", "train/b/", "train/b/1.jpg", "validation", "test",
+                    "test/"], "d")
     assert got.counts() == {"train": {"a": 1, "b": 1}}
     assert got.ignored == []
 
@@ -349,12 +351,15 @@ def test_a_sample_whose_members_are_not_adjacent_is_refused():
     members = [("k1.png", b"1"), ("k1.cls", b"0"), ("k2.png", b"2"), ("k2.cls", b"1"), ("k1.txt", b"b")]
     assert read(tar_bytes(members), ignored=ignored) == [("k1", ".png", b"1", 0), ("k2", ".png", b"2", 1)]
     assert ignored == [f"{NAME}:k1.txt"]
+    # `tar -cf x.tar .` in a folder: directory order, each label away from its image: said so, with the remedy.
+    members = [("./2.txt", b"a"), ("./1.png", b"1"), ("./2.png", b"2"), ("./1.txt", b"b")]
+    assert shard_refusal(members) == f"{NAME}: 1.png has no label (1.cls or 1.txt) {shards.BESIDE}"
 
 
 def test_shard_messages():
     assert shard_refusal([("k.png", b"P"), ("k.jpg", b"J"), ("k.cls", b"0")]) == \
         f"{NAME}: sample k has 2 images (.png, .jpg, .cls); expected one"
-    assert shard_refusal([("k.png", b"P")]) == f"{NAME}: k.png has no label (k.cls or k.txt)"
+    assert shard_refusal([("k.png", b"P")]) == f"{NAME}: k.png has no label (k.cls or k.txt) {shards.BESIDE}"
     assert shard_refusal([("k.png", b"P"), ("k.cls", b"2")]) == f"{NAME}: k.cls is '2', not a class index (0..1)"
     assert shard_refusal([("k.png", b"P"), ("k.cls", b"-1")]) == f"{NAME}: k.cls is '-1', not a class index (0..1)"
     assert shard_refusal([("k.png", b"P"), ("k.cls", b"\xff")]) == \

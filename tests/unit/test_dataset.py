@@ -3,6 +3,7 @@ image cache, the cached features, and classification reports. TensorFlow on one 
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -36,6 +37,44 @@ def test_bad_images_are_named_with_the_reason(tmp_path):
         str(gone): "cannot be read (a broken link, or no permission)",
     }
     assert dataset.find_bad(good + [str(small_but_over)], max_pixels=90_000_000) == {}
+
+
+GREY_RAMP = [v for i in range(256) for v in (i, i, i)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["P", "L", "RGB", "RGBA"]), st.integers(1, 9), st.integers(1, 9), st.booleans(),
+       st.integers(0, 2**32 - 1))
+def test_a_bmp_is_refused_exactly_when_tensorflow_would_misread_its_pixels(mode, width, height, grey, seed):
+    """TensorFlow's BMP decoder reads an 8-bit BMP's palette indices as grey levels and ignores its colour table:
+    a palette BMP came out as a picture of its indices, in training and in the exported signature alike. Generated
+    BMPs of every mode Pillow writes, with random colour tables or the grey ramp (where index i is grey i and the
+    reading is right): the header check refuses exactly those whose decoded pixels are not the image's own."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    shape = (height, width) if mode in ("P", "L") else (height, width, len(mode))
+    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    if mode == "P":
+        image.putpalette(GREY_RAMP if grey else rng.integers(0, 256, 768).tolist())
+    buf = io.BytesIO()
+    image.save(buf, "BMP")
+    blob = buf.getvalue()
+    decoded = tf.io.decode_image(blob, channels=3, expand_animations=False).numpy()
+    misread = not np.array_equal(decoded, np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")))
+    assert (dataset.misread(blob) == dataset.PALETTE_BMP) == misread
+    assert dataset.find_bad_blobs([("x.bmp", blob)], 10**8) == ({"x.bmp": dataset.PALETTE_BMP} if misread else {})
+
+
+def test_a_palette_bmp_on_disk_is_a_bad_image_named_with_its_reason(tmp_path):
+    from PIL import Image
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    palette, grey, full = tmp_path / "palette.bmp", tmp_path / "grey.bmp", tmp_path / "rgb.bmp"
+    rgb.convert("P").save(palette)
+    rgb.convert("L").save(grey)
+    rgb.save(full)
+    assert dataset.find_bad([str(palette), str(grey), str(full)], 10**8) == {str(palette): dataset.PALETTE_BMP}
 
 
 def test_image_cache_gives_the_decoded_images(tmp_path):

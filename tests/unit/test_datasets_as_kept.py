@@ -83,6 +83,10 @@ def test_manifest_layout_checks_objects_duplicates_and_classes():
                                                           "; give the path below data.uri (s3://b/data) without one, "
                                                           "or as a full URI"),
         (ok + "a/9.png,cat,train\n", "m.csv line 5: a/9.png does not exist under s3://b/data"),
+        # A path written on Windows that names an object with '/': said so (a '\\' is a legal key character).
+        (ok + "a\\1.png,dog,test\n", "m.csv line 5: a\\1.png does not exist under s3://b/data (a/1.png does: "
+                                       "write paths with '/')"),
+        (ok + "a\\9.png,dog,test\n", "m.csv line 5: a\\9.png does not exist under s3://b/data"),
         (ok + "a/1.png,dog,test\n", "m.csv line 5: a/1.png is listed twice (first on line 2)"),
         (ok.replace("s3://elsewhere/p/3.png,cat,test", "s3://elsewhere/p/3.png,bird,test"),
          "m.csv line 4: class 'bird' of split test has no training images"),
