@@ -206,29 +206,31 @@ def require_training_images(layout: Layout, where: str) -> None:
 
 
 def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
-    """Groups of class names that differ only in case (`Cat`, `cat`) or in Unicode form (`café` composed, as most
-    systems write it, and decomposed, as macOS file names come; a ligature `ﬁ`; full-width letters): likely one
-    class, named twice."""
+    """Groups of class names that differ only in case (`Cat`, `cat`), in Unicode form (`café` composed, as most
+    systems write it, and decomposed, as macOS file names come; a ligature `ﬁ`; full-width letters) or in spaces
+    (a folder `cat ` beside `cat`, `ice  cream` beside `ice cream`): likely one class, named twice."""
     groups: dict[str, list[str]] = {}
     for c in classes:
-        groups.setdefault(unicodedata.normalize("NFKC", c).casefold(), []).append(c)
+        groups.setdefault(" ".join(unicodedata.normalize("NFKC", c).casefold().split()), []).append(c)
     return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
 def _alike(missing: list[str], extra: list[str]) -> str:
-    """A hint when a split's folder is a training class written in another case or Unicode form (a folder copied
-    from macOS is decomposed: `cafe\u0301`), which prints exactly like it."""
+    """A hint when a split's folder is a training class written in another case, Unicode form or spacing (a folder
+    copied from macOS is decomposed: `cafe\u0301`), which prints exactly like it."""
     pairs = [(m, e) for group in case_clashes(missing + extra) for m in group if m in missing
              for e in group if e in extra]
     if not pairs:
         return ""
-    return f"; {shown(pairs[0][1])} is {shown(pairs[0][0])} in another case or Unicode form: rename the folder"
+    return (f"; {shown(pairs[0][1])} is {shown(pairs[0][0])} in another case, Unicode form or spacing: rename the "
+            "folder")
 
 
 def shown(name: str) -> str:
-    """A class name as messages print it: escaped unless in canonical Unicode form, so that look-alikes (`café`
-    composed and decomposed) can be told apart."""
-    return name if unicodedata.is_normalized("NFKC", name) else ascii(name)
+    """A class name as messages and tables print it: escaped unless in canonical Unicode form with single spaces
+    between words, so that look-alikes (`café` composed and decomposed, `cat` and `cat `) can be told apart."""
+    plain = unicodedata.is_normalized("NFKC", name) and name == " ".join(name.split())
+    return name if plain else ascii(name)
 
 
 def broken_lines(classes: list[str]) -> list[str]:

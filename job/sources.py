@@ -64,7 +64,7 @@ def open_source(cfg: Config) -> Source:
         raise DataError(f"{cfg.data.uri}: class name {ascii(broken[0])} holds a line break; labels.txt keeps one "
                         "class per line, so rename it")
     for names in case_clashes(source.layout.classes):
-        log.warning("class names that differ only in case or Unicode form are different classes",
+        log.warning("class names that differ only in case, Unicode form or spaces are different classes",
                     classes=[layouts.shown(n) for n in names])
     return source
 

@@ -88,7 +88,12 @@ def test_require_training_images_without_a_train_split_names_every_class():
 
 def test_case_clashes_are_groups_of_two_or_more():
     assert layout.case_clashes(["a", "b"]) == []
-    assert layout.case_clashes(["Straße", "STRASSE", "x", "X", "x "]) == [("Straße", "STRASSE"), ("x", "X")]
+    assert layout.case_clashes(["Straße", "STRASSE", "x", "X", "x ", "y"]) == [("Straße", "STRASSE"), ("x", "X", "x ")]
+    # A folder `circle ` beside `circle`, and inner spaces: printed alike, so warned about; shown escaped.
+    assert layout.case_clashes(["circle", "circle ", "ice cream", "ice  cream", "ice\tcream", "icecream"]) == [
+        ("circle", "circle "), ("ice cream", "ice  cream", "ice\tcream")]
+    assert [layout.shown(n) for n in ("circle", "circle ", " circle", "ice  cream", "ice cream")] == [
+        "circle", "'circle '", "' circle'", "'ice  cream'", "ice cream"]
 
 
 def _train(**sizes: int) -> Layout:

@@ -59,7 +59,7 @@ def test_non_images_and_loose_files_are_ignored():
         # A validation folder copied from macOS names café decomposed: it prints exactly like train/'s.
         (rels({"train": {"caf\u00e9": 2, "tea": 2}, "validation": {"cafe\u0301": 1, "tea": 1}}),
          "validation/: class folders differ from train/ (missing caf\u00e9; not in train/: cafe\u0301); "
-         "'cafe\\u0301' is caf\u00e9 in another case or Unicode form: rename the folder"),
+         "'cafe\\u0301' is caf\u00e9 in another case, Unicode form or spacing: rename the folder"),
     ],
 )
 def test_bad_layouts_say_what_and_where(objects, message):
