@@ -47,10 +47,15 @@ def shard_names(rels: Iterable[str]) -> dict[str, list[str]]:
     return {s: sorted(found[s]) for s in SPLITS if s in found}
 
 
-def parse_classes(text: str, where: str, minimum: int = 2) -> list[str]:
-    """The class names of classes.txt, one per `\n`-ended line (`\r\n` too), exactly as written (a folder
-    named ` cat` is a class ` cat`; pack writes it so); blank lines are skipped. At least `minimum` (2 for
-    single-label; multi-label may have one label)."""
+def parse_classes(data: bytes, where: str, minimum: int = 2) -> list[str]:
+    """The class names of classes.txt (UTF-8; a byte-order mark, as Windows' Notepad writes, is not part of the
+    first name), one per `\n`-ended line (`\r\n` too), exactly as written (a folder named ` cat` is a class
+    ` cat`; pack writes it so); blank lines are skipped. At least `minimum` (2 for single-label; multi-label may
+    have one label). Other bytes are a DataError: decoded with replacement, a Latin-1 `café` was a class `caf�`."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: not UTF-8 text") from None
     classes = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
     if len(classes) < minimum:
         needed = "1 is" if minimum == 1 else f"{minimum} are"
@@ -174,13 +179,13 @@ def _label_list(key: str, members: dict[str, bytes], name: str, classes: list[st
 
 def _label(key: str, members: dict[str, bytes], name: str, classes: list[str] | None, image: str) -> int:
     if ".cls" in members:
-        raw = members[".cls"].decode("utf-8", "replace").strip()
+        raw = members[".cls"].decode("utf-8-sig", "replace").strip()
         if not (raw.isascii() and raw.isdigit()) or classes is None or int(raw) >= len(classes):
             known = f"0..{len(classes) - 1}" if classes else f"no {CLASSES} beside the shards"
             raise DataError(f"{name}: {key}.cls is {raw!r}, not a class index ({known})")
         return int(raw)
     if ".txt" in members:
-        raw = members[".txt"].decode("utf-8", "replace").removesuffix("\n").removesuffix("\r")
+        raw = members[".txt"].decode("utf-8-sig", "replace").removesuffix("\n").removesuffix("\r")
         if classes is not None and raw in classes:
             return classes.index(raw)
         stripped = [i for i, c in enumerate(classes or []) if c.strip() == raw.strip()]

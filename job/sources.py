@@ -136,7 +136,7 @@ def _manifest_source(cfg: Config, store: storage.Store) -> Source:
         parent = name.rstrip("/").rpartition("/")[0]
         classes_uri = f"{parent}/{shards.CLASSES}" if parent else shards.CLASSES
         classes = _read_optional(classes_uri, cfg.s3.endpoint_url)
-        parsed = shards.parse_classes(classes.decode("utf-8", "replace"), classes_uri, 1) if classes else None
+        parsed = shards.parse_classes(classes, classes_uri, 1) if classes else None
         layout = manifest.to_multi_layout(rows, name, cfg.data.uri, set(entries), parsed, classes_uri)
     else:
         layout = manifest.to_layout(rows, name, cfg.data.uri, set(entries))
@@ -173,8 +173,8 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
     by_rel = {e.rel: e for e in listing}
     if shards.CLASSES not in by_rel:
         raise DataError(f"{cfg.data.uri}/{shards.CLASSES}: missing (the shards' class names, one per line)")
-    classes = shards.parse_classes(store.read(shards.CLASSES).decode("utf-8", "replace"),
-                                   f"{cfg.data.uri}/{shards.CLASSES}", 1 if cfg.task == "multi_label" else 2)
+    classes = shards.parse_classes(store.read(shards.CLASSES), f"{cfg.data.uri}/{shards.CLASSES}",
+                                   1 if cfg.task == "multi_label" else 2)
     if "train" not in found:
         raise DataError(f"{cfg.data.uri}: shards but no train/shard-NNNNNN.tar")
     counts, images = {}, {}

@@ -272,12 +272,16 @@ def test_shard_names_sorted_per_split_in_split_order():
 
 
 def test_parse_classes_keeps_names_as_written():
-    assert shards.parse_classes("cat\n\n dog\r\n  \nemu \n", "w") == ["cat", " dog", "emu "]
+    assert shards.parse_classes(b"cat\n\n dog\r\n  \nemu \n", "w") == ["cat", " dog", "emu "]
+    # A byte-order mark (Windows' Notepad) is not part of the first name; bytes that are not UTF-8 are refused.
+    assert shards.parse_classes("\ufeffcaf\u00e9\r\ndog\r\n".encode(), "w") == ["caf\u00e9", "dog"]
+    with pytest.raises(DataError, match="^s3://b/classes.txt: not UTF-8 text$"):
+        shards.parse_classes("caf\u00e9\ndog\n".encode("latin-1"), "s3://b/classes.txt")
     with pytest.raises(DataError) as e:
-        shards.parse_classes("cat\n\n", "s3://b/classes.txt")
+        shards.parse_classes(b"cat\n\n", "s3://b/classes.txt")
     assert str(e.value) == "s3://b/classes.txt: 1 class(es); at least 2 are needed"
     with pytest.raises(DataError) as e:
-        shards.parse_classes("cat\ndog\ncat\n", "s3://b/classes.txt")
+        shards.parse_classes(b"cat\ndog\ncat\n", "s3://b/classes.txt")
     assert str(e.value) == "s3://b/classes.txt: a class is listed twice"
 
 
@@ -400,6 +404,12 @@ class Body:
 
     def read(self, n=-1):
         return self._data.read(n)
+
+
+def test_labels_written_with_a_byte_order_mark_read_as_without():
+    # Windows' Notepad starts a UTF-8 file with a byte-order mark: `k.txt` names class b all the same.
+    members = [("k1.png", b"1"), ("k1.txt", "\ufeffb\r\n".encode()), ("k2.png", b"2"), ("k2.cls", "\ufeff0".encode())]
+    assert read(tar_bytes(members)) == [("k1", ".png", b"1", 1), ("k2", ".png", b"2", 0)]
 
 
 def test_a_shard_is_read_as_a_stream_plain_or_compressed():
@@ -531,9 +541,9 @@ def test_packed_class_names_read_back_as_packed(tmp_path):
         (tmp_path / "data/train" / c).mkdir(parents=True)
         (tmp_path / "data/train" / c / "1.png").write_bytes(b"P")
     result = pack(str(tmp_path / "data"), str(tmp_path / "shards"), 10_000)
-    text = (tmp_path / "shards" / shards.CLASSES).read_text(encoding="utf-8")
+    text = (tmp_path / "shards" / shards.CLASSES).read_bytes()
     assert shards.parse_classes(text, "classes.txt") == result["classes"]
-    assert shards.parse_classes("a\r\nb\rc\n\r\nd", "w") == ["a", "b\rc", "d"]
+    assert shards.parse_classes(b"a\r\nb\rc\n\r\nd", "w") == ["a", "b\rc", "d"]
     for i, c in enumerate(("page\x0cbreak", "line\u2028sep", "next\x85line", "two\nlines")):
         (tmp_path / "data/train" / c).mkdir()
         (tmp_path / "data/train" / c / "1.png").write_bytes(b"P")
