@@ -107,6 +107,10 @@ def discover(rels: list[str], where: str) -> Layout:
         if parts[0] not in SPLITS or len(parts) < 2 or any(p.startswith(".") for p in parts):
             continue
         split, cls = parts[0], parts[1]
+        if not _utf8(rel):
+            raise DataError(f"{where}/{_raw(rel)}: a name that is not UTF-8 (Latin-1 or a Windows code page, as old "
+                            "zip files hold them); rename it in UTF-8, e.g. `convmv -r -f latin1 -t utf-8 --notest "
+                            "<folder>`: class names and records are UTF-8")
         if len(parts) == 2:
             if parts[1]:  # a file directly under train/: belongs to no class (`train/` alone: a folder marker)
                 ignored.append(rel)
@@ -139,6 +143,21 @@ def discover(rels: list[str], where: str) -> Layout:
             raise DataError(f"{where}/{split}/: class folders differ from train/ ({what}){_alike(missing, extra)}")
     files = {s: {c: sorted(found[s].get(c, [])) for c in classes} for s in SPLITS if s in found}
     return Layout(classes, files, ignored)
+
+
+def _utf8(name: str) -> bool:
+    """Whether a name is text: a local file name whose bytes are not UTF-8 is listed with surrogate escapes
+    (`caf\udce9`), and writing it as UTF-8 (labels.txt, a digest, the log) failed with a traceback, exit 1."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _raw(name: str) -> str:
+    """A name as its bytes read, those that are not UTF-8 as `\xe9`."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _no_train_hint(rels: list[str], where: str) -> str:

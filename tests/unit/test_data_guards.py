@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
 
 import pytest
 from conftest import tar_bytes
+from hypothesis import given
+from hypothesis import strategies as st
 
 from job import layout, manifest, shards
 from job.errors import DataError
@@ -84,6 +87,26 @@ def test_require_training_images_without_a_train_split_names_every_class():
     with pytest.raises(DataError) as e:
         layout.require_training_images(Layout(["b", "a"], {"test": {"a": ["1"], "b": ["2"]}}), "s3://x/d")
     assert str(e.value) == "s3://x/d/train/: class folder(s) with no images: a, b"
+
+
+@given(st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b and b[:1] != b"."))
+def test_a_name_that_is_not_utf8_is_refused_naming_its_bytes(raw):
+    """A local name listed as the file system gives it (os.fsdecode: bytes that are not UTF-8 as surrogates, as an
+    old zip's Latin-1 names come out on Linux): refused with its bytes shown, not a traceback when written."""
+    name = os.fsdecode(raw)
+    rels = ["train/a/1.jpg", "train/b/1.jpg", f"train/b/{name}.jpg"]
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(DataError) as e:
+            discover(rels, "d")
+        shown = raw.decode("utf-8", "backslashreplace")
+        assert str(e.value).startswith(f"d/train/b/{shown}.jpg: a name that is not UTF-8")
+        str(e.value).encode("utf-8")  # printable as it is
+        with pytest.raises(DataError, match="^d/train/"):  # a class folder's name too
+            discover(["train/a/1.jpg", f"train/{name}/1.jpg"], "d")
+    else:
+        assert discover(rels, "d").counts()["train"]["b"] == 2
 
 
 def test_case_clashes_are_groups_of_two_or_more():
