@@ -80,7 +80,13 @@ def _csv_rows(reader, name: str) -> list[Row]:
     return rows
 
 
+# What writes JSON lines from the JSON documents users have (an array of objects, objects over several lines).
+JQ = "one object per line, as `jq -c '.[]'` writes them from an array"
+
+
 def _jsonl(text: str, name: str) -> list[Row]:
+    if text.lstrip().startswith("["):  # no JSON line is an array
+        raise DataError(f"{name}: a JSON array; a JSON manifest is JSON lines, {JQ}")
     rows = []
     # JSON Lines are separated by \n alone: U+2028 and the like may stand raw inside a JSON string.
     for line, raw in enumerate(text.split("\n"), start=1):
@@ -89,7 +95,8 @@ def _jsonl(text: str, name: str) -> list[Row]:
         try:
             values = json.loads(raw)
         except ValueError as e:
-            raise DataError(f"{name} line {line}: not a JSON object ({e.msg})") from None
+            spread = "; an object over several lines? JSON lines keep each object on one line" * (raw.strip() == "{")
+            raise DataError(f"{name} line {line}: not a JSON object ({e.msg}){spread}") from None
         if not isinstance(values, dict) or "path" not in values or ("label" in values) == ("labels" in values):
             raise DataError(f"{name} line {line}: expected an object with \"path\" and \"label\" (multi-label: "
                             "\"labels\", a list) and maybe \"split\"")

@@ -43,6 +43,13 @@ def test_csv_and_jsonl_manifests():
     ("path,label\nnotes.txt,a\n", "m.csv", "m.csv line 2: notes.txt is not an image"),
     ('{"path": "x.png"}\n', "m.jsonl", 'm.jsonl line 1: expected an object with "path" and "label"'),
     ("{nope\n", "m.jsonl", "m.jsonl line 1: not a JSON object"),
+    # One JSON document instead of JSON lines: an array (on one line or many), objects written over several lines.
+    ('[{"path": "x.png", "label": "a"}]\n', "m.json", "m.json: a JSON array; a JSON manifest is JSON lines, one "
+                                                     "object per line, as `jq -c '.[]'` writes them from an array"),
+    ('\ufeff\n [\n  {"path": "x.png",\n   "label": "a"}\n]\n', "m.json", "m.json: a JSON array;"),
+    ('{\n "path": "x.png",\n "label": "a"\n}\n', "m.jsonl", "m.jsonl line 1: not a JSON object (Expecting property "
+                                                          "name enclosed in double quotes); an object over several "
+                                                          "lines? JSON lines keep each object on one line"),
     # A list under "label" used to become the class "['shoe']"; true the class "True".
     ('{"path": "x.png", "label": "a"}\n{"path": "y.png", "label": ["shoe"]}\n', "m.jsonl",
      'm.jsonl line 2: "label" must be a class name (a string or an integer), not ["shoe"] (a list of labels is '
