@@ -38,8 +38,8 @@ def parse_size(text: str) -> int:
     number, unit, suffix = float(match.group(1)), match.group(2).lower(), (match.group(3) or "").lower()
     base = 1024 if suffix == "ib" else 1000
     value = int(number * base ** "_kmgt".index(unit or "_"))
-    if value < 1024:
-        raise ConfigError(f"--shard-size {text!r}: at least 1 KB")
+    if value < 1000:  # 1KB itself is fine
+        raise ConfigError(f"--shard-size {text!r}: at least 1KB")
     return value
 
 

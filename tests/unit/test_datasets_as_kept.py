@@ -140,6 +140,18 @@ def test_sizes():
         parse_size("big")
 
 
+@given(st.integers(0, 5000), st.sampled_from(["", "K", "M", "G", "T"]), st.sampled_from(["", "B", "iB", "b", "ib"]))
+def test_a_size_is_its_number_times_its_unit_and_at_least_1kb(number, unit, suffix):
+    # `1KB` was refused as less than "at least 1 KB" (the floor was 1,024 bytes, 1KiB).
+    text = f"{number}{unit}{suffix}"
+    bytes_ = number * (1024 if unit and suffix.lower() == "ib" else 1000) ** "_KMGT".index(unit or "_")
+    if bytes_ >= 1000:
+        assert parse_size(text) == bytes_
+    else:
+        with pytest.raises(ConfigError, match=f"^--shard-size '{text}': at least 1KB$"):
+            parse_size(text)
+
+
 def test_pack_round_trips_a_folder_dataset(tmp_path):
     write_sample_dataset(tmp_path / "data", classes=3, per_class=10, size=24, seed=0, test_per_class=4)
     result = pack(str(tmp_path / "data"), str(tmp_path / "shards"), shard_size=20_000)
