@@ -141,7 +141,11 @@ def test_sizes():
 
 
 @given(st.integers(0, 5000), st.sampled_from(["", "K", "M", "G", "T"]), st.sampled_from(["", "B", "iB", "b", "ib"]))
-@example(1, "K", "B").example(999, "", "").example(1000, "", "").example(1023, "", "B").example(1, "K", "iB")
+@example(1, "K", "B")
+@example(999, "", "")
+@example(1000, "", "")
+@example(1023, "", "B")
+@example(1, "K", "iB")
 def test_a_size_is_its_number_times_its_unit_and_at_least_1kb(number, unit, suffix):
     # `1KB` was refused as less than "at least 1 KB" (the floor was 1,024 bytes, 1KiB).
     text = f"{number}{unit}{suffix}"
