@@ -107,10 +107,9 @@ def discover(rels: list[str], where: str) -> Layout:
         if parts[0] not in SPLITS or len(parts) < 2 or any(p.startswith(".") for p in parts):
             continue
         split, cls = parts[0], parts[1]
-        if not _utf8(rel):
-            raise DataError(f"{where}/{_raw(rel)}: a name that is not UTF-8 (Latin-1 or a Windows code page, as old "
-                            "zip files hold them); rename it in UTF-8, e.g. `convmv -r -f latin1 -t utf-8 --notest "
-                            "<folder>`: class names and records are UTF-8")
+        if not utf8(rel):
+            raise DataError(f"{where}/{raw_name(rel)}: {NOT_UTF8}, e.g. `convmv -r -f latin1 -t utf-8 --notest "
+                            "<folder>`")
         if len(parts) == 2:
             if parts[1]:  # a file directly under train/: belongs to no class (`train/` alone: a folder marker)
                 ignored.append(rel)
@@ -145,9 +144,14 @@ def discover(rels: list[str], where: str) -> Layout:
     return Layout(classes, files, ignored)
 
 
-def _utf8(name: str) -> bool:
-    """Whether a name is text: a local file name whose bytes are not UTF-8 is listed with surrogate escapes
-    (`caf\udce9`), and writing it as UTF-8 (labels.txt, a digest, the log) failed with a traceback, exit 1."""
+# A local file name (or a tar member's) whose bytes are not UTF-8 is read with surrogate escapes (`caf\udce9`):
+# writing it as UTF-8 (labels.txt, the dataset's digest, the log) failed with a traceback, exit 1.
+NOT_UTF8 = ("a name that is not UTF-8 (Latin-1 or a Windows code page, as old zip files hold them): class names and "
+            "records are UTF-8, so rename it in UTF-8")
+
+
+def utf8(name: str) -> bool:
+    """Whether a name is text, not surrogate-escaped bytes (`NOT_UTF8`)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -155,8 +159,8 @@ def _utf8(name: str) -> bool:
     return True
 
 
-def _raw(name: str) -> str:
-    """A name as its bytes read, those that are not UTF-8 as `\xe9`."""
+def raw_name(name: str) -> str:
+    """A name as its bytes read, those that are not UTF-8 as `\\xe9`."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 

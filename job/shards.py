@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job.errors import ConfigError, DataError
-from job.layout import IMAGE_EXTENSIONS, SPLITS
+from job.layout import IMAGE_EXTENSIONS, NOT_UTF8, SPLITS, raw_name, utf8
 
 SHARD = re.compile(r"^(train|validation|test)/shard-(\d{6})\.tar$")
 CLASSES = "classes.txt"
@@ -91,6 +91,8 @@ def member_key(name: str, where: str) -> tuple[str, str] | None:
     path = name.removeprefix("./")
     if path.startswith("/") or any(p in ("", ".", "..") for p in path.split("/")):
         raise DataError(f"{where}: member {name!r} is not a plain relative path")
+    if not utf8(name):
+        raise DataError(f"{where}: member {raw_name(name)}: {NOT_UTF8} (and pack again)")
     folder, _, base = path.rpartition("/")
     stem, dot, ext = base.partition(".")
     if not dot or not stem:

@@ -429,6 +429,13 @@ class Body:
         return self._data.read(n)
 
 
+def test_a_member_name_that_is_not_utf8_is_refused_naming_its_bytes():
+    # Written by a tool that kept Latin-1 names (tarfile writes surrogate escapes back as the bytes they stand for).
+    name = os.fsdecode(b"caf\xe9.png")
+    refusal = shard_refusal([(name, b"P"), (os.fsdecode(b"caf\xe9.cls"), b"0")])
+    assert refusal == f"{NAME}: member caf\\xe9.png: {layout.NOT_UTF8} (and pack again)"
+
+
 def test_labels_written_with_a_byte_order_mark_read_as_without():
     # Windows' Notepad starts a UTF-8 file with a byte-order mark: `k.txt` names class b all the same.
     members = [("k1.png", b"1"), ("k1.txt", "\ufeffb\r\n".encode()), ("k2.png", b"2"), ("k2.cls", "\ufeff0".encode())]
