@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +99,37 @@ def axis_name(name: str) -> str:
     return name if len(name) <= NAME_CHARS else name[:NAME_CHARS - 1] + "…"
 
 
+GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
+
+
+@contextlib.contextmanager
+def missing_glyphs(plot: str):
+    """Matplotlib's font has no glyphs for many scripts (CJK, Thai, ...): it draws such class names as boxes and
+    warned on stderr once per glyph and call, raw lines amid the JSON log. One log record instead, naming the
+    characters; other warnings pass as they were."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    missing = set()
+    for w in caught:
+        glyph = GLYPH.match(str(w.message))
+        if glyph:
+            missing.add(chr(int(glyph.group(1))))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        from job import logs
+
+        logs.get().warning("class names drawn with boxes in a plot: its font has no glyph for these characters",
+                           plot=plot, characters="".join(sorted(missing)))
+
+
 def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    with missing_glyphs(path.name):
+        _plot_confusion(cm, classes, path, title)
+
+
+def _plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -223,6 +223,13 @@ def serve(source: str, folder: Path, port: int, host: str, refresh_seconds: floa
 
 def image_grid(pixels, labels: list[str]) -> bytes:
     """A PNG of images in a row with a caption each (misclassified examples)."""
+    from job.evaluate import missing_glyphs
+
+    with missing_glyphs("misclassified_test_images"):
+        return _image_grid(pixels, labels)
+
+
+def _image_grid(pixels, labels: list[str]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")

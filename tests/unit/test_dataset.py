@@ -173,6 +173,21 @@ def test_long_class_names_are_shortened_on_the_confusion_plot(tmp_path):
         evaluate.plot_confusion(np.eye(3, dtype=int).tolist(), names, tmp_path / "cm.png", "test")
 
 
+def test_names_the_plot_font_cannot_draw_are_one_log_record_not_raw_warnings(tmp_path):
+    # Matplotlib's DejaVu Sans has no CJK glyphs: it warned on stderr once per glyph and call, amid the JSON log.
+    import warnings
+
+    from structlog.testing import capture_logs
+
+    with warnings.catch_warnings(), capture_logs() as logs:
+        warnings.simplefilter("error")  # a glyph warning that escaped would raise
+        evaluate.plot_confusion(np.eye(3, dtype=int).tolist(), ["\u732b", "\u72ac", "cat"], tmp_path / "cm.png", "t")
+    assert [(r["event"], r["plot"], r["characters"]) for r in logs] == [
+        ("class names drawn with boxes in a plot: its font has no glyph for these characters", "cm.png",
+         "\u72ac\u732b")]
+    assert (tmp_path / "cm.png").stat().st_size > 0
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 6), st.data())
 def test_rows_of_a_mapped_file_read_with_pread_equal_indexing(tmp_path_factory, n, dim, data):
