@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 import job
-from job.layout import FEW, shown
+from job.layout import FEW, case_clashes, shown
 
 app = typer.Typer(
     name="finetune-job",
@@ -166,7 +166,8 @@ def validate(config: ConfigOption, set_: SetOption = None) -> None:
 def _print_counts(layout) -> None:
     """Images per class and split; multi-label: images carrying each label, those with none, and the images."""
     counts, splits = layout.counts(), layout.splits
-    rows = [(shown(c), [counts[s][c] for s in splits]) for c in layout.classes]  # look-alikes told apart
+    alike = {name for group in case_clashes(layout.classes) for name in group}  # told apart in the table
+    rows = [(shown(c) if c in alike else c, [counts[s][c] for s in splits]) for c in layout.classes]
     if layout.multi_label:
         rows.append(("(no label)", [layout.unlabelled(s) for s in splits]))
     rows.append(("images" if layout.multi_label else "total", [layout.count(s) for s in splits]))

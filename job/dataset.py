@@ -53,7 +53,8 @@ def header(source) -> tuple[tuple[int, int] | None, str]:
     TensorFlow's decoder would misread its pixels, or ""); (None, "") if the header is unreadable."""
     try:
         with Image.open(source) as image:
-            return image.size, PALETTE_BMP if image.format == "BMP" and image.mode == "P" else ""
+            # Pillow's mode "1": a black-and-white table (0/1 out of TensorFlow); "L": the grey ramp, read right.
+            return image.size, PALETTE_BMP if image.format == "BMP" and image.mode in ("P", "1") else ""
     except (OSError, ValueError, SyntaxError):
         return None, ""
 

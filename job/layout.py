@@ -107,15 +107,15 @@ def discover(rels: list[str], where: str) -> Layout:
         if parts[0] not in SPLITS or len(parts) < 2 or any(p.startswith(".") for p in parts):
             continue
         split, cls = parts[0], parts[1]
-        if not utf8(rel):
-            raise DataError(f"{where}/{raw_name(rel)}: {NOT_UTF8}, e.g. `convmv -r -f latin1 -t utf-8 --notest "
-                            "<folder>`")
         if len(parts) == 2:
             if parts[1]:  # a file directly under train/: belongs to no class (`train/` alone: a folder marker)
                 ignored.append(rel)
             continue
-        per_class = found.setdefault(split, {}).setdefault(cls, [])
         name = parts[-1]
+        if not utf8(cls) or (name.lower().endswith(IMAGE_EXTENSIONS) and not utf8(rel)):  # other files: ignored
+            raise DataError(f"{where}/{raw_name(rel)}: {NOT_UTF8}, e.g. `convmv -r -f latin1 -t utf-8 --notest "
+                            "<folder>`")
+        per_class = found.setdefault(split, {}).setdefault(cls, [])
         if name == "":
             continue  # a "folder" marker object: the class exists, maybe empty
         if name.lower().endswith(IMAGE_EXTENSIONS):

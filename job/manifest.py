@@ -84,8 +84,16 @@ def _csv_rows(reader, name: str) -> list[Row]:
 JQ = "one object per line, as `jq -c '.[]'` writes them from an array"
 
 
+def _document(text: str):
+    """The text as one JSON document, or None where it is not one."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def _jsonl(text: str, name: str) -> list[Row]:
-    if text.lstrip().startswith("["):  # no JSON line is an array
+    if text.lstrip().startswith("[") and isinstance(_document(text), list):  # one array, not lines
         raise DataError(f"{name}: a JSON array; a JSON manifest is JSON lines, {JQ}")
     rows = []
     # JSON Lines are separated by \n alone: U+2028 and the like may stand raw inside a JSON string.
@@ -179,7 +187,7 @@ def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list
             raise DataError(f"{name} line {row.line}: {row.path} is listed twice (first on line {seen[key]})")
         seen[key] = row.line
         if key not in existing:
-            slashed = key.replace("\\", "/")  # a path written on Windows
+            slashed = key.replace("\\", "/").removeprefix("./")  # a path written on Windows (`.\\a\\1.png` too)
             hint = f" ({slashed} does: write paths with '/')" if "\\" in key and slashed in existing else ""
             raise DataError(f"{name} line {row.line}: {row.path} does not exist"
                             + ("" if "://" in key else f" under {data_uri}") + hint)

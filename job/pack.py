@@ -15,6 +15,7 @@ TensorFlow.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import tempfile
@@ -49,6 +50,8 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     from job import sources
     from job.config import Config
 
+    if source_uri.startswith("~"):  # as data.uri and data.manifest take it (`--from=~/...`: no shell expands it)
+        source_uri = os.path.expanduser(source_uri)
     manifest = source_uri if source_uri.lower().endswith((".csv", ".jsonl", ".json")) else ""
     data_uri = source_uri.rsplit("/", 1)[0] if manifest else source_uri
     cfg = Config.model_validate({"data": {"uri": data_uri, "manifest": manifest}, "output": {"uri": dest_uri},

@@ -91,12 +91,12 @@ def member_key(name: str, where: str) -> tuple[str, str] | None:
     path = name.removeprefix("./")
     if path.startswith("/") or any(p in ("", ".", "..") for p in path.split("/")):
         raise DataError(f"{where}: member {name!r} is not a plain relative path")
-    if not utf8(name):
-        raise DataError(f"{where}: member {raw_name(name)}: {NOT_UTF8} (and pack again)")
     folder, _, base = path.rpartition("/")
     stem, dot, ext = base.partition(".")
     if not dot or not stem:
         return None
+    if not utf8(name):  # a member of a sample (the others are skipped, and their names logged escaped)
+        raise DataError(f"{where}: member {raw_name(name)}: {NOT_UTF8} (and pack again)")
     return (f"{folder}/{stem}" if folder else stem), "." + ext.lower()
 
 
@@ -187,7 +187,10 @@ def _label(key: str, members: dict[str, bytes], name: str, classes: list[str] | 
             raise DataError(f"{name}: {key}.cls is {raw!r}, not a class index ({known})")
         return int(raw)
     if ".txt" in members:
-        raw = members[".txt"].decode("utf-8-sig", "replace").removesuffix("\n").removesuffix("\r")
+        try:
+            raw = members[".txt"].decode("utf-8-sig").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError:
+            raise DataError(f"{name}: {key}.txt is not UTF-8 text (classes.txt is)") from None
         if classes is not None and raw in classes:
             return classes.index(raw)
         stripped = [i for i, c in enumerate(classes or []) if c.strip() == raw.strip()]

@@ -63,6 +63,10 @@ def open_source(cfg: Config) -> Source:
     if broken:
         raise DataError(f"{cfg.data.uri}: class name {ascii(broken[0])} holds a line break; labels.txt keeps one "
                         "class per line, so rename it")
+    blank = [c for c in source.layout.classes if not c.strip()]
+    if blank:
+        raise DataError(f"{cfg.data.uri}: a class named {blank[0]!r}, only spaces (a folder, or a JSON label): it "
+                        "prints as nothing, and classes.txt skips blank lines, so a packed copy lost it; rename it")
     for names in case_clashes(source.layout.classes):
         log.warning("class names that differ only in case, Unicode form or spaces are different classes",
                     classes=[layouts.shown(n) for n in names])

@@ -45,3 +45,14 @@ def test_console_script_and_module_entry_points():
     for argv in ([CLI, "--version"], [sys.executable, "-m", "job", "--version"]):
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stdout.strip() == f"finetune-job {job.__version__}"
+
+
+def test_validate_escapes_only_look_alike_names_in_its_table(capsys):
+    # `circle ` beside `circle` print alike: escaped; a name merely decomposed (macOS) and alone is shown as it is.
+    from job.cli import _print_counts
+    from job.layout import Layout
+
+    names = ["cafe\u0301", "circle", "circle "]
+    _print_counts(Layout(names, {"train": {c: [f"train/{i}/1.jpg"] for i, c in enumerate(names)}}))
+    rows = capsys.readouterr().out.splitlines()[1:4]
+    assert [row.split("  ")[0] for row in rows] == ["cafe\u0301", "circle", "'circle '"]

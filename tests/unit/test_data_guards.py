@@ -94,7 +94,7 @@ def test_a_name_that_is_not_utf8_is_refused_naming_its_bytes(raw):
     """A local name listed as the file system gives it (os.fsdecode: bytes that are not UTF-8 as surrogates, as an
     old zip's Latin-1 names come out on Linux): refused with its bytes shown, not a traceback when written."""
     name = os.fsdecode(raw)
-    rels = ["train/a/1.jpg", "train/b/1.jpg", f"train/b/{name}.jpg"]
+    rels = ["train/a/1.jpg", "train/b/1.jpg", f"train/b/{name}.jpg", f"train/a/{name}.txt"]  # the .txt: ignored
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -107,6 +107,7 @@ def test_a_name_that_is_not_utf8_is_refused_naming_its_bytes(raw):
             discover(["train/a/1.jpg", f"train/{name}/1.jpg"], "d")
     else:
         assert discover(rels, "d").counts()["train"]["b"] == 2
+    assert discover(rels[:2] + rels[3:], "d").ignored == [rels[3]]  # a file that is no image: left out, not refused
 
 
 def test_case_clashes_are_groups_of_two_or_more():
@@ -400,8 +401,7 @@ def test_shard_messages():
         f"{NAME}: k.cls is '0', not a class index (no classes.txt beside the shards)"
     assert shard_refusal([("k.png", b"P"), ("k.txt", b"a")], classes=None) == \
         f"{NAME}: k.txt names class 'a', which classes.txt does not list"
-    assert shard_refusal([("k.png", b"P"), ("k.txt", b"\xff\n")]) == \
-        f"{NAME}: k.txt names class '\ufffd', which classes.txt does not list"
+    assert shard_refusal([("k.png", b"P"), ("k.txt", b"\xff\n")]) == f"{NAME}: k.txt is not UTF-8 text (classes.txt is)"
     assert shard_refusal([("k.png", b"P"), ("k.txt", b"cat")], classes=(" cat", "cat ")) == \
         f"{NAME}: k.txt names class 'cat', which classes.txt does not list"
 

@@ -43,7 +43,7 @@ GREY_RAMP = [v for i in range(256) for v in (i, i, i)]
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.sampled_from(["P", "L", "RGB", "RGBA"]), st.integers(1, 9), st.integers(1, 9), st.booleans(),
+@given(st.sampled_from(["P", "L", "1", "RGB", "RGBA"]), st.integers(1, 9), st.integers(1, 9), st.booleans(),
        st.integers(0, 2**32 - 1))
 def test_a_bmp_is_refused_exactly_when_tensorflow_would_misread_its_pixels(mode, width, height, grey, seed):
     """TensorFlow's BMP decoder reads an 8-bit BMP's palette indices as grey levels and ignores its colour table:
@@ -53,17 +53,42 @@ def test_a_bmp_is_refused_exactly_when_tensorflow_would_misread_its_pixels(mode,
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    shape = (height, width) if mode in ("P", "L") else (height, width, len(mode))
-    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    shape = (height, width) if mode in ("P", "L", "1") else (height, width, len(mode))
+    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), "L" if mode == "1" else mode)
+    image = image.convert("1") if mode == "1" else image
     if mode == "P":
         image.putpalette(GREY_RAMP if grey else rng.integers(0, 256, 768).tolist())
     buf = io.BytesIO()
     image.save(buf, "BMP")
     blob = buf.getvalue()
-    decoded = tf.io.decode_image(blob, channels=3, expand_animations=False).numpy()
-    misread = not np.array_equal(decoded, np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")))
+    try:
+        decoded = tf.io.decode_image(blob, channels=3, expand_animations=False).numpy()
+    except tf.errors.InvalidArgumentError:  # a 1-bit BMP: not decoded at all
+        decoded = None
+    misread = decoded is None or not np.array_equal(decoded, np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")))
     assert (dataset.misread(blob) == dataset.PALETTE_BMP) == misread
     assert dataset.find_bad_blobs([("x.bmp", blob)], 10**8) == ({"x.bmp": dataset.PALETTE_BMP} if misread else {})
+
+
+def _bmp8(palette: list[tuple[int, int, int]], indices: np.ndarray) -> bytes:
+    """An 8-bit BMP with this colour table (as other tools write them; Pillow always writes 256 entries)."""
+    import struct
+
+    h, w = indices.shape
+    rows = b"".join(indices[r].astype(np.uint8).tobytes() + b"\0" * (-w % 4) for r in range(h - 1, -1, -1))
+    table = b"".join(bytes([b, g, r, 0]) for r, g, b in palette)
+    dib = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 8, 0, len(rows), 2835, 2835, len(palette), 0)
+    offset = 14 + len(dib) + len(table)
+    return b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + dib + table + rows
+
+
+def test_an_8_bit_black_and_white_bmp_is_refused_too():
+    # Two table entries, black and white: Pillow opens it as mode "1", TensorFlow gives grey levels 0 and 1.
+    indices = np.array([[0, 1, 1], [1, 0, 1]])
+    blob = _bmp8([(0, 0, 0), (255, 255, 255)], indices)
+    assert tf.io.decode_image(blob, channels=3).numpy()[..., 0].tolist() == indices.tolist()
+    assert dataset.misread(blob) == dataset.PALETTE_BMP
+    assert dataset.misread(_bmp8([(i, i, i) for i in range(256)], indices)) == ""  # the grey ramp reads right
 
 
 def test_a_palette_bmp_on_disk_is_a_bad_image_named_with_its_reason(tmp_path):

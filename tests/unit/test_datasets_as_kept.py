@@ -43,6 +43,8 @@ def test_csv_and_jsonl_manifests():
     ("path,label\nnotes.txt,a\n", "m.csv", "m.csv line 2: notes.txt is not an image"),
     ('{"path": "x.png"}\n', "m.jsonl", 'm.jsonl line 1: expected an object with "path" and "label"'),
     ("{nope\n", "m.jsonl", "m.jsonl line 1: not a JSON object"),
+    # Lines that are arrays are JSON lines of the wrong shape, not one array to split with jq.
+    ('["a/1.png", "cat"]\n["a/2.png", "dog"]\n', "m.jsonl", 'm.jsonl line 1: expected an object with "path"'),
     # One JSON document instead of JSON lines: an array (on one line or many), objects written over several lines.
     ('[{"path": "x.png", "label": "a"}]\n', "m.json", "m.json: a JSON array; a JSON manifest is JSON lines, one "
                                                      "object per line, as `jq -c '.[]'` writes them from an array"),
@@ -94,6 +96,8 @@ def test_manifest_layout_checks_objects_duplicates_and_classes():
         (ok + "a\\1.png,dog,test\n", "m.csv line 5: a\\1.png does not exist under s3://b/data (a/1.png does: "
                                        "write paths with '/')"),
         (ok + "a\\9.png,dog,test\n", "m.csv line 5: a\\9.png does not exist under s3://b/data"),
+        (ok + ".\\a\\1.png,dog,test\n", "m.csv line 5: .\\a\\1.png does not exist under s3://b/data (a/1.png does: "
+                                           "write paths with '/')"),
         (ok + "a/1.png,dog,test\n", "m.csv line 5: a/1.png is listed twice (first on line 2)"),
         (ok.replace("s3://elsewhere/p/3.png,cat,test", "s3://elsewhere/p/3.png,bird,test"),
          "m.csv line 4: class 'bird' of split test has no training images"),
@@ -197,6 +201,29 @@ def test_within_is_at_or_below_a_folder_never_a_sibling(tmp_path_factory, bucket
             assert not within("/".join([base, *folder[:-1], folder[-1] + tail]), outer)
         assert not within(f"s3://{bucket}x/" + "/".join(folder), f"s3://{bucket}/" + "/".join(folder))  # another bucket
     assert not within(f"s3://{bucket}/a", str(root / bucket))  # storage and a local folder: never the same
+
+
+def test_pack_reads_a_source_written_from_home(tmp_path, monkeypatch):
+    # `pack --from=~/data` (no shell expands it there) and a manifest at `~/...`: the home folder, as in a config.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_sample_dataset(tmp_path / "data", classes=2, per_class=3, size=16, seed=0, test_per_class=0)
+    assert pack("~/data", str(tmp_path / "shards"), shard_size=20_000)["counts"] == {"train": {"circle": 3,
+                                                                                               "square": 3}}
+    (tmp_path / "data" / "m.csv").write_text("path,label\n" + "".join(
+        f"{p.relative_to(tmp_path / 'data').as_posix()},{p.parent.name}\n" for p in (tmp_path / "data").rglob("*.*")
+        if p.suffix != ".csv"))
+    assert pack("~/data/m.csv", str(tmp_path / "shards2"), shard_size=20_000)["counts"]["train"]["square"] == 3
+
+
+def test_a_class_named_only_with_spaces_is_refused(tmp_path):
+    # pack wrote it to classes.txt, whose blank lines are skipped: read back, the shards had a class fewer.
+    for c in (" ", "a", "b"):
+        (tmp_path / "d/train" / c).mkdir(parents=True)
+        (tmp_path / "d/train" / c / "1.png").write_bytes(b"P")
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "d")}, "output": {"uri": str(tmp_path / "o")},
+                                 "model": {"weights": "none"}})
+    with pytest.raises(DataError, match=r"a class named ' ', only spaces"):
+        sources.open_source(cfg)
 
 
 def test_pack_into_the_dataset_it_reads_is_refused_before_writing(tmp_path):
