@@ -171,6 +171,10 @@ def _no_train_hint(rels: list[str], where: str) -> str:
     tops = sorted({r.split("/")[0] for r in rels if r.count("/") == 1 and r.lower().endswith(IMAGE_EXTENSIONS)})
     if parent and (last in SPLITS or last.lower() in SPLIT_ALIASES) and tops:
         return f"; it looks like a split folder: set data.uri to {parent}, the folder that holds train/"
+    if "train" in tops:  # Kaggle's cats-vs-dogs layout: train/cat.1.jpg
+        return ("; train/ holds images but no class folders: put each class's images in train/<class>/ (a file "
+                "name such as cat.1.jpg names no class), or list them with their labels in a manifest (data.manifest)")
+    tops = [t for t in tops if t not in SPLITS]
     if tops:
         return f"; {', '.join(tops[:3])}{', ...' * (len(tops) > 3)} hold images: move the class folders into train/"
     if any("/" not in r and r.lower().endswith(IMAGE_EXTENSIONS) for r in rels):

@@ -75,6 +75,11 @@ def test_bad_layouts_say_what_and_where(objects, message):
     ("/data/d/train/a", ["1.jpg", "2.png"], "; images lie directly under it, as in a class folder: data.uri is"),
     ("/data/d", ["a/1.jpg", "b/1.jpg"], "; a, b hold images: move the class folders into train/"),
     ("/data/d", ["notes.txt", "x/notes.txt"], "<image>)"),
+    # Kaggle's cats-vs-dogs layout: the class only in the file name. Not "train hold images: move the class folders
+    # into train/" (train/ taken for a class folder at the top), nor a test/ beside it taken so.
+    ("/data/d", ["train/cat.1.jpg", "train/dog.1.jpg", "test/1.jpg"], "; train/ holds images but no class folders: "
+     "put each class's images in train/<class>/ (a file name such as cat.1.jpg names no class), or list them"),
+    ("/data/d", ["test/1.jpg", "a/1.jpg"], "; a hold images: move the class folders into train/"),
 ])
 def test_no_train_folder_says_what_data_uri_seems_to_name(where, objects, hint):
     with pytest.raises(DataError) as e:
