@@ -125,7 +125,7 @@ def discover(rels: list[str], where: str) -> Layout:
     _refuse_split_aliases(rels, found, where)
     if not rels:
         raise DataError(f"nothing under {where}: no such folder or prefix, or an empty one (expected "
-                        f"{where}/train/<class>/<image>)")
+                        f"{where}/train/<class>/<image>){_archive_hint([where.rpartition('/')[2]])}")
     if "train" not in found:
         raise DataError(f"no train/ folder with class folders under {where} (expected {where}/train/<class>/<image>"
                         f"{_no_train_hint(rels, where)})")
@@ -171,6 +171,9 @@ def _no_train_hint(rels: list[str], where: str) -> str:
     tops = sorted({r.split("/")[0] for r in rels if r.count("/") == 1 and r.lower().endswith(IMAGE_EXTENSIONS)})
     if parent and (last in SPLITS or last.lower() in SPLIT_ALIASES) and tops:
         return f"; it looks like a split folder: set data.uri to {parent}, the folder that holds train/"
+    archives = _archive_hint([r for r in rels if "/" not in r])
+    if archives:
+        return archives
     if "train" in tops:  # Kaggle's cats-vs-dogs layout: train/cat.1.jpg
         return ("; train/ holds images but no class folders: put each class's images in train/<class>/ (a file "
                 "name such as cat.1.jpg names no class), or list them with their labels in a manifest (data.manifest)")
@@ -180,6 +183,18 @@ def _no_train_hint(rels: list[str], where: str) -> str:
     if any("/" not in r and r.lower().endswith(IMAGE_EXTENSIONS) for r in rels):
         return "; images lie directly under it, as in a class folder: data.uri is the folder that holds train/"
     return ""
+
+
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
+
+
+def _archive_hint(names: list[str]) -> str:
+    """A hint when data.uri names an archive, or holds one at the top, as a dataset is often uploaded."""
+    named = [n for n in names if n.lower().endswith(ARCHIVES)]
+    if not named:
+        return ""
+    return (f"; {named[0]} is an archive: the job reads a folder per class, a manifest or tar shards "
+            "(<split>/shard-NNNNNN.tar), not an archive of them: extract it into storage")
 
 
 def _refuse_split_aliases(rels: list[str], found: dict[str, dict[str, list[str]]], where: str) -> None:

@@ -80,11 +80,26 @@ def test_bad_layouts_say_what_and_where(objects, message):
     ("/data/d", ["train/cat.1.jpg", "train/dog.1.jpg", "test/1.jpg"], "; train/ holds images but no class folders: "
      "put each class's images in train/<class>/ (a file name such as cat.1.jpg names no class), or list them"),
     ("/data/d", ["test/1.jpg", "a/1.jpg"], "; a hold images: move the class folders into train/"),
+    # A dataset uploaded as an archive: said so, before any other guess.
+    ("s3://b/up", ["flowers.tar.gz", "README.md"], "; flowers.tar.gz is an archive: the job reads a folder per class, "
+     "a manifest or tar shards (<split>/shard-NNNNNN.tar), not an archive of them: extract it into storage)"),
 ])
 def test_no_train_folder_says_what_data_uri_seems_to_name(where, objects, hint):
     with pytest.raises(DataError) as e:
         discover(objects, where)
     assert str(e.value).startswith(f"no train/ folder with class folders under {where} (") and hint in str(e.value)
+
+
+@pytest.mark.parametrize("where", ["s3://b/flowers.zip", "/data/flowers.TAR", "/data/flowers.tgz"])
+def test_a_data_uri_naming_an_archive_says_so(where):
+    with pytest.raises(DataError) as e:
+        discover([], where)
+    assert str(e.value).endswith(f"; {where.rpartition('/')[2]} is an archive: the job reads a folder per class, a "
+                                 "manifest or tar shards (<split>/shard-NNNNNN.tar), not an archive of them: "
+                                 "extract it into storage")
+    with pytest.raises(DataError) as e:
+        discover([], "s3://b/flowers")
+    assert "archive" not in str(e.value)
 
 
 def test_a_test_or_validation_split_may_lack_a_class_folder_or_have_it_empty():
