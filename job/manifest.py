@@ -186,6 +186,9 @@ def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list
         if key in seen:
             raise DataError(f"{name} line {row.line}: {row.path} is listed twice (first on line {seen[key]})")
         seen[key] = row.line
+        if key not in existing and key.startswith("/"):  # a local absolute path that data.uri does not hold
+            raise DataError(f"{name} line {row.line}: {row.path} is outside data.uri ({data_uri}); paths are relative "
+                            "to it, or full s3:// URIs: set data.uri to a folder that holds them all")
         if key not in existing:
             slashed = key.replace("\\", "/").removeprefix("./")  # a path written on Windows (`.\\a\\1.png` too)
             hint = f" ({slashed} does: write paths with '/')" if "\\" in key and slashed in existing else ""

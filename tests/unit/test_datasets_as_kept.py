@@ -96,6 +96,10 @@ def test_manifest_layout_checks_objects_duplicates_and_classes():
         (ok + "a\\1.png,dog,test\n", "m.csv line 5: a\\1.png does not exist under s3://b/data (a/1.png does: "
                                        "write paths with '/')"),
         (ok + "a\\9.png,dog,test\n", "m.csv line 5: a\\9.png does not exist under s3://b/data"),
+        # An absolute local path that data.uri does not hold was "does not exist", though it did.
+        (ok + "/home/me/a/1.png,dog,test\n", "m.csv line 5: /home/me/a/1.png is outside data.uri (s3://b/data); "
+                                            "paths are relative to it, or full s3:// URIs: set data.uri to a folder "
+                                            "that holds them all"),
         (ok + ".\\a\\1.png,dog,test\n", "m.csv line 5: .\\a\\1.png does not exist under s3://b/data (a/1.png does: "
                                            "write paths with '/')"),
         (ok + "a/1.png,dog,test\n", "m.csv line 5: a/1.png is listed twice (first on line 2)"),
