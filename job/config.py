@@ -282,6 +282,25 @@ def _set_path(tree: dict, path: list[str], value: Any, source: str) -> None:
     node[path[-1]] = value
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML that refuses a key written twice in one mapping: PyYAML keeps the last one silently, so a section
+    written twice (`train:` copied below another) lost every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in first:
+                raise yaml.MarkedYAMLError(problem=f"{key!r} written twice in one mapping (first on line "
+                                                   f"{first[key] + 1}); the second would replace the first",
+                                           problem_mark=key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                first.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_value(raw: str) -> Any:
     """YAML-typed value: `64` -> int, `true` -> bool, `[64, 64]` -> list, else the string."""
     try:
@@ -381,7 +400,7 @@ def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: d
     if path is not None:
         p = Path(path)
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # a SafeLoader
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None
         except (OSError, UnicodeDecodeError) as e:

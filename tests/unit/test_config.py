@@ -45,6 +45,26 @@ def test_local_paths_written_from_home_are_expanded(cfg_file, monkeypatch, tmp_p
     assert (cfg.data.manifest, cfg.data.cache_dir, cfg.metrics.file) == ("s3://b/~/labels.csv", "rel/~x", "")
 
 
+@pytest.mark.parametrize("text, line, key, first", [
+    # A section written twice (copied below another): PyYAML kept the second, and batch_size 16 was lost unsaid.
+    (BASE + "train:\n  batch_size: 16\nmodel: {weights: none}\ntrain:\n  head: {epochs: 1}\n", 6, "train", 3),
+    ("data: {uri: s3://b/d, uri: s3://b/e}\noutput: {uri: s3://b/out}\n", 1, "uri", 1),
+])
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path, text, line, key, first):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(path, environ={})
+    assert str(e.value) == (f"config file {path} line {line}: not valid YAML ({key!r} written twice in one mapping "
+                            f"(first on line {first}); the second would replace the first)")
+
+
+def test_yaml_merge_keys_still_read():
+    # A merge key's keys may be overridden by the mapping that merges them: not "written twice".
+    loaded = config.yaml.load("base: &b {x: 1, y: 1}\na:\n  <<: *b\n  y: 2\n", Loader=config._UniqueKeys)
+    assert loaded["a"] == {"x": 1, "y": 2}
+
+
 def test_values_are_yaml_typed(cfg_file):
     cfg = config.load(cfg_file, ["data.image_size=[96, 128]", "output.overwrite=true",
                                  "train.finetune.unfreeze=block_16_expand", "run_id=abc"], environ={})
