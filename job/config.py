@@ -152,6 +152,17 @@ class TrainConfig(_Section):
     # of the model the choices were made with.
     refit: bool = False
 
+    @field_validator("class_weight", mode="before")
+    @classmethod
+    def _names_not_yaml_booleans(cls, v):
+        """Classes named yes/no (a binary task) or on/off: YAML reads those keys as booleans, and the error was
+        "Input should be 'none' or 'auto' or Input should be a valid string"."""
+        odd = [k for k in v if isinstance(k, bool) or k is None] if isinstance(v, dict) else []
+        if odd:
+            raise ValueError(f"YAML read a class name as {odd[0]!r}: quote class names such as yes, no, on, off, "
+                             "true, false, null ('yes': 2.0)")
+        return v
+
     @field_validator("class_weight")
     @classmethod
     def _positive_weights(cls, v):

@@ -65,6 +65,13 @@ def test_yaml_merge_keys_still_read():
     assert loaded["a"] == {"x": 1, "y": 2}
 
 
+def test_class_weights_of_classes_named_as_yaml_booleans_or_numbers_when_quoted_or_numeric(cfg_file):
+    cfg = config.load(cfg_file, ["train.class_weight={'yes': 2.0, 'no': 1.0}"], environ={})
+    assert cfg.train.class_weight == {"yes": 2.0, "no": 1.0}
+    assert config.load(cfg_file, ["train.class_weight={0: 1.0, 1: 5.0}"], environ={}).train.class_weight == {
+        "0": 1.0, "1": 5.0}  # folders 0 and 1
+
+
 def test_values_are_yaml_typed(cfg_file):
     cfg = config.load(cfg_file, ["data.image_size=[96, 128]", "output.overwrite=true",
                                  "train.finetune.unfreeze=block_16_expand", "run_id=abc"], environ={})
@@ -117,6 +124,9 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("train.finetune.layer_decay=1.5", "train.finetune.layer_decay:"),
         ("train.class_weight=balanced", "train.class_weight:"),
         ("train.class_weight={cat: 0}", "class weights must be > 0"),
+        # A binary yes/no task: YAML reads those keys as booleans (the error said "a valid string").
+        ("train.class_weight={yes: 2.0, no: 1.0}", "train.class_weight: YAML read a class name as True: quote class "
+                                                   "names such as yes, no, on, off, true, false, null ('yes': 2.0)"),
         ("train.search.learning_rates=[1e-4, 0]", "train.search.learning_rates: each learning rate must be > 0"),
         ("train.search.learning_rates=[1e-4, 1e-4]", "the learning rates must be distinct"),
         ("train.search.rates=[1e-4]", "unknown key 'train.search.rates'"),
