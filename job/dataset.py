@@ -46,6 +46,17 @@ def decode_and_resize(encoded: tf.Tensor, image_size: tuple[int, int]) -> tf.Ten
 # index i is grey i and the reading is right; any other table gave pictures of indices, trained on without a word.
 PALETTE_BMP = ("a BMP with a colour palette: TensorFlow's decoder reads its palette indices as grey levels "
                "(convert it to PNG)")
+# It ignores a 32-bit BMP's colour masks too, reading every pixel as B, G, R: masks in another order swapped colours.
+MASKED_BMP = ("a BMP whose colour masks are not in blue-green-red order: TensorFlow's decoder ignores them and "
+              "swaps its colours (convert it to PNG)")
+
+
+def _bmp_misread(image) -> str:
+    """Why TensorFlow would misread a BMP that Pillow opened, or "": Pillow reads its colour table and masks."""
+    if image.mode in ("P", "1"):  # "1": a black-and-white table (0/1 out of TensorFlow); "L": the grey ramp
+        return PALETTE_BMP
+    raw = image.tile[0][3][0] if image.tile and image.tile[0][3] else ""  # Pillow's raw mode from the masks
+    return MASKED_BMP if image.mode in ("RGB", "RGBA") and isinstance(raw, str) and not raw.startswith("BGR") else ""
 
 
 def header(source) -> tuple[tuple[int, int] | None, str]:
@@ -53,8 +64,7 @@ def header(source) -> tuple[tuple[int, int] | None, str]:
     TensorFlow's decoder would misread its pixels, or ""); (None, "") if the header is unreadable."""
     try:
         with Image.open(source) as image:
-            # Pillow's mode "1": a black-and-white table (0/1 out of TensorFlow); "L": the grey ramp, read right.
-            return image.size, PALETTE_BMP if image.format == "BMP" and image.mode in ("P", "1") else ""
+            return image.size, _bmp_misread(image) if image.format == "BMP" else ""
     except (OSError, ValueError, SyntaxError):
         return None, ""
 

@@ -91,6 +91,30 @@ def test_an_8_bit_black_and_white_bmp_is_refused_too():
     assert dataset.misread(_bmp8([(i, i, i) for i in range(256)], indices)) == ""  # the grey ramp reads right
 
 
+def _bmp32(pixels: np.ndarray, masks: tuple[int, int, int, int]) -> bytes:
+    """A 32-bit BMP (BITFIELDS, V4 header) whose bytes are each pixel's B, G, R, A, with these colour masks."""
+    import struct
+
+    h, w, _ = pixels.shape
+    bgra = np.concatenate([pixels[..., ::-1], np.full((h, w, 1), 255, np.uint8)], axis=-1)
+    rows = b"".join(bgra[r].tobytes() for r in range(h - 1, -1, -1))
+    dib = struct.pack("<IiiHHIIiiII", 108, w, h, 1, 32, 3, len(rows), 2835, 2835, 0, 0)
+    dib += struct.pack("<IIII", *masks) + b"BGRs" + bytes(108 - 40 - 20)
+    return b"BM" + struct.pack("<IHHI", 14 + len(dib) + len(rows), 0, 0, 14 + len(dib)) + dib + rows
+
+
+def test_a_bmp_whose_colour_masks_tensorflow_ignores_is_refused():
+    # Masks that name byte 0 red: Pillow applies them, TensorFlow reads B, G, R all the same (colours swapped).
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    swapped = _bmp32(pixels, (0x000000FF, 0x0000FF00, 0x00FF0000, 0xFF000000))
+    assert tf.io.decode_image(swapped, channels=3).numpy().tolist() == pixels.tolist()  # the masks ignored
+    assert np.asarray(Image.open(io.BytesIO(swapped)).convert("RGB")).tolist() == pixels[..., ::-1].tolist()
+    assert dataset.misread(swapped) == dataset.MASKED_BMP
+    assert dataset.misread(_bmp32(pixels, (0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000))) == ""  # BGRA: right
+
+
 def test_a_palette_bmp_on_disk_is_a_bad_image_named_with_its_reason(tmp_path):
     from PIL import Image
 
