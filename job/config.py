@@ -27,9 +27,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
-def _home(v: str) -> str:
-    """A local path written `~/...`, expanded as data.uri, output.uri and model.weights expand it: left as it was,
-    it made a folder named `~` in the working directory (the image cache, Katib's file) or was "no such file"."""
+def home_path(v: str) -> str:
+    """A local path written `~/...`, expanded as data.uri, output.uri and model.weights expand it (`pack --from`
+    too): left as it was, it made a folder named `~` in the working directory (the image cache, Katib's file) or
+    was "no such file"."""
     return os.path.expanduser(v) if v.startswith("~") else v
 
 
@@ -44,7 +45,7 @@ class DataConfig(_Section):
     manifest: str = ""  # CSV (path,label[,split]) or JSON lines, local or s3://; paths relative to uri or full URIs
     staging: Literal["auto", "copy", "stream"] = "auto"  # stream: shards read from storage every epoch
 
-    _expand_home = field_validator("cache_dir", "manifest")(_home)
+    _expand_home = field_validator("cache_dir", "manifest")(home_path)
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -211,7 +212,7 @@ class MetricsConfig(_Section):
     # A local path: the chief appends one line per epoch and one at the end in Katib's TEXT format (job/katib.py)
     file: str = ""
 
-    _expand_home = field_validator("file")(_home)
+    _expand_home = field_validator("file")(home_path)
 
 
 class S3Config(_Section):

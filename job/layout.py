@@ -112,13 +112,14 @@ def discover(rels: list[str], where: str) -> Layout:
                 ignored.append(rel)
             continue
         name = parts[-1]
-        if not utf8(cls) or (name.lower().endswith(IMAGE_EXTENSIONS) and not utf8(rel)):  # other files: ignored
+        image = name.lower().endswith(IMAGE_EXTENSIONS)
+        if not utf8(cls) or (image and not utf8(rel)):  # other files: ignored
             raise DataError(f"{where}/{raw_name(rel)}: {NOT_UTF8}, e.g. `convmv -r -f latin1 -t utf-8 --notest "
                             "<folder>`")
         per_class = found.setdefault(split, {}).setdefault(cls, [])
         if name == "":
             continue  # a "folder" marker object: the class exists, maybe empty
-        if name.lower().endswith(IMAGE_EXTENSIONS):
+        if image:
             per_class.append(rel)
         else:
             ignored.append(rel)

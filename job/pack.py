@@ -15,7 +15,6 @@ TensorFlow.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import tempfile
@@ -48,10 +47,9 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
          overwrite: bool = False) -> dict:
     """Write the shards; returns index.json's content plus where they went."""
     from job import sources
-    from job.config import Config
+    from job.config import Config, home_path
 
-    if source_uri.startswith("~"):  # as data.uri and data.manifest take it (`--from=~/...`: no shell expands it)
-        source_uri = os.path.expanduser(source_uri)
+    source_uri = home_path(source_uri)  # as data.uri and data.manifest take it (`--from=~/...`: no shell expands it)
     manifest = source_uri if source_uri.lower().endswith((".csv", ".jsonl", ".json")) else ""
     data_uri = source_uri.rsplit("/", 1)[0] if manifest else source_uri
     cfg = Config.model_validate({"data": {"uri": data_uri, "manifest": manifest}, "output": {"uri": dest_uri},
