@@ -313,12 +313,26 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _parse_value(raw: str) -> Any:
-    """YAML-typed value: `64` -> int, `true` -> bool, `[64, 64]` -> list, else the string."""
+def _parse_value(raw: str, path: list[str] = ()) -> Any:
+    """YAML-typed value: `64` -> int, `true` -> bool, `[64, 64]` -> list, else the string. A key that holds a
+    string takes the text as it is: `FINETUNE_RUN_ID=2024-01-01` is that run id, not a date (nor `007` the int 7)."""
+    if _annotation_at(path) is str:
+        return raw
     try:
         return yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         return raw
+
+
+def _annotation_at(path: list[str]) -> Any:
+    """The type a config key is declared with, or None for a key that is not one."""
+    model: Any = Config
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+    return model if path else None
 
 
 def _env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any, str]]:
@@ -334,7 +348,7 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any, str]]:
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if path[0] in sections:
-            found.append((path, _parse_value(environ[name]), f"environment variable {name}"))
+            found.append((path, _parse_value(environ[name], path), f"environment variable {name}"))
     return found
 
 
@@ -344,7 +358,8 @@ def _set_overrides(assignments: list[str]) -> list[tuple[list[str], Any, str]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.batch_size=64")
-        found.append((key.strip().split("."), _parse_value(raw), f"--set {key.strip()}"))
+        path = key.strip().split(".")
+        found.append((path, _parse_value(raw, path), f"--set {key.strip()}"))
     return found
 
 
@@ -401,6 +416,9 @@ def _one_line(err: ValidationError) -> str:
     if key:
         given = e.get("input")
         shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+        if e["type"] == "string_type" and isinstance(given, (bool, int, float, dt.date)):  # YAML typed the text
+            kind = {bool: "a boolean", int: "a number", float: "a number"}.get(type(given), "a date")
+            shown = f": YAML read {given!r} as {kind}; quote it ({loc[-1]}: \"...\")"
         return f"config: {key}: {msg}{shown}"
     return f"config: {msg}"
 

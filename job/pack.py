@@ -27,7 +27,8 @@ from job.files import write_labels
 from job.uris import within
 
 log = logs.get()
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
+# `iB` only after a unit (KiB, MiB): `5000iB` is no size, not 5,000 bytes.
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?b)?|b?)\s*$", re.I)
 
 
 def parse_size(text: str) -> int:
@@ -35,7 +36,7 @@ def parse_size(text: str) -> int:
     match = _SIZE.match(text)
     if not match:
         raise ConfigError(f"--shard-size {text!r}: expected a size like 256MB, 1GiB or 100000000")
-    number, unit, suffix = float(match.group(1)), match.group(2).lower(), (match.group(3) or "").lower()
+    number, unit, suffix = float(match.group(1)), (match.group(2) or "").lower(), (match.group(3) or "").lower()
     base = 1024 if suffix == "ib" else 1000
     value = int(number * base ** "_kmgt".index(unit or "_"))
     if value < 1000:  # 1KB itself is fine

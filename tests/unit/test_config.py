@@ -1,6 +1,10 @@
 """Config resolution: file < env < --set, validation with one-line errors. No TensorFlow."""
 
+import re
+
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from job import config
 from job.errors import ConfigError
@@ -77,6 +81,28 @@ def test_values_are_yaml_typed(cfg_file):
                                  "train.finetune.unfreeze=block_16_expand", "run_id=abc"], environ={})
     assert cfg.data.image_size == (96, 128) and cfg.output.overwrite is True
     assert cfg.train.finetune.unfreeze == "block_16_expand" and cfg.run_id == "abc"
+
+
+@given(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True))
+@example("2024-01-01")
+@example("007")
+@example("0x1F")
+@example("1.50")
+@example("true")
+def test_a_string_key_set_from_the_environment_or_set_is_the_text_as_written(text):
+    # `FINETUNE_RUN_ID=2024-01-01` was refused as a date, and `007` became the run id "7".
+    where = ["data.uri=s3://b/data", "output.uri=s3://b/out"]
+    assert config.load(None, where, environ={"FINETUNE_RUN_ID": text}).run_id == text
+    assert config.load(None, [*where, f"run_id={text}"], environ={}).run_id == text
+    assert config.load(None, [*where, f"data.uri=s3://b/{text}"], environ={}).data.uri == f"s3://b/{text}"
+
+
+@pytest.mark.parametrize(("value", "read_as"), [("2024-01-01", "datetime.date(2024, 1, 1) as a date"),
+                                                ("yes", "True as a boolean")])
+def test_a_yaml_typed_value_for_a_string_key_says_to_quote_it(cfg_file, value, read_as):
+    cfg_file.write_text(BASE + f"run_id: {value}\n")
+    with pytest.raises(ConfigError, match=rf"^config: run_id: .*: YAML read {re.escape(read_as)}; quote it"):
+        config.load(cfg_file, environ={})
 
 
 def test_recipe_keys_take_their_documented_forms(cfg_file):

@@ -154,9 +154,14 @@ def test_sizes():
 @example(1000, "", "")
 @example(1023, "", "B")
 @example(1, "K", "iB")
+@example(5000, "", "iB")
 def test_a_size_is_its_number_times_its_unit_and_at_least_1kb(number, unit, suffix):
     # `1KB` was refused as less than "at least 1 KB" (the floor was 1,024 bytes, 1KiB).
     text = f"{number}{unit}{suffix}"
+    if not unit and suffix.lower() == "ib":  # `5000iB` was read as 5,000 bytes: `iB` binds to a unit
+        with pytest.raises(ConfigError, match=f"^--shard-size '{text}': expected a size like"):
+            parse_size(text)
+        return
     bytes_ = number * (1024 if unit and suffix.lower() == "ib" else 1000) ** "_KMGT".index(unit or "_")
     if bytes_ >= 1000:
         assert parse_size(text) == bytes_
