@@ -47,7 +47,9 @@ def report(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
         "examples": int(len(labels)),
         "accuracy": accuracy,
         "loss": loss,
-        "macro_f1": float(f1.mean()) if len(classes) else 0.0,
+        # Over the classes the split has or that were predicted (scikit-learn's): a class that validation/ or
+        # test/ lacks, predicted as nothing, has no F1; counted as 0 it held a split of every image right below 1.
+        "macro_f1": float(f1[(support > 0) | (predicted > 0)].mean()) if len(labels) else 0.0,
         # Mean recall over the classes present: accuracy that an imbalanced split cannot inflate.
         "balanced_accuracy": float(recall[support > 0].mean()) if (support > 0).any() else 0.0,
         "per_class": per_class,

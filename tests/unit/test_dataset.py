@@ -200,6 +200,23 @@ def test_report_counts_and_balanced_accuracy():
     assert r["loss"] == pytest.approx(-(6 * np.log(0.99) + 2 * np.log(0.01)) / 8, rel=1e-5)
 
 
+@given(st.integers(2, 6).flatmap(lambda n: st.tuples(
+    st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), min_size=1, max_size=40))))
+def test_macro_f1_averages_the_classes_a_split_has_or_predicts(case):
+    # A class that a split lacks (validation/ and test/ may hold a subset of the classes) and that nothing was
+    # predicted as has no F1: it counted as 0, so a test split without one class of four and every image right
+    # scored macro-F1 0.75. The classes averaged are those in the labels or the predictions (scikit-learn's).
+    n, pairs = case
+    labels, predicted = (np.array(x) for x in zip(*pairs))
+    present = set(labels) | set(predicted)
+    f1s = []
+    for c in present:
+        tp = sum(lab == c and p == c for lab, p in pairs)
+        f1s.append(2 * tp / (sum(lab == c for lab, _ in pairs) + sum(p == c for _, p in pairs)))
+    report = evaluate.report(np.eye(n, dtype=np.float32)[predicted], labels, [f"c{i}" for i in range(n)])
+    assert report["macro_f1"] == pytest.approx(sum(f1s) / len(f1s))
+
+
 def test_the_confusion_plot_is_bounded_for_many_classes(tmp_path):
     # 0.5 inch a class at 100 dpi grew without bound: 300 classes took 7.4 GB after training, 1,000 would not fit.
     from PIL import Image
