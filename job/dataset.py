@@ -19,13 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 from job import logs
+from job.headers import header
 from job.files import atomic_path
-
-# The job checks image sizes itself (data.max_image_pixels) from the header, before any decoding.
-Image.MAX_IMAGE_PIXELS = None
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -34,44 +31,11 @@ def decode_and_resize(encoded: tf.Tensor, image_size: tuple[int, int]) -> tf.Ten
     """Encoded JPEG/PNG/BMP/GIF bytes -> float32 RGB [h, w, 3] in 0..255.
 
     Grayscale, palette, RGBA, CMYK and 16-bit inputs all come out as 8-bit RGB (TensorFlow's decoders
-    convert them; not a palette BMP's colours: `PALETTE_BMP`); animated GIFs give their first frame.
+    convert them; not a palette BMP's colours: `headers.PALETTE_BMP`); animated GIFs give their first frame.
     """
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
     image = tf.image.resize(image, image_size, method="bilinear", antialias=True)
     return tf.ensure_shape(image, [*image_size, 3])
-
-
-# TensorFlow's BMP decoder ignores an 8-bit BMP's colour table: it returns the palette indices as grey levels
-# (tests/unit/test_dataset.py checks that it still does). Where the table is the grey ramp (Pillow's mode "L")
-# index i is grey i and the reading is right; any other table gave pictures of indices, trained on without a word.
-PALETTE_BMP = ("a BMP with a colour palette: TensorFlow's decoder reads its palette indices as grey levels "
-               "(convert it to PNG)")
-# It ignores a 32-bit BMP's colour masks too, reading every pixel as B, G, R: masks in another order swapped colours.
-MASKED_BMP = ("a BMP whose colour masks are not in blue-green-red order: TensorFlow's decoder ignores them and "
-              "swaps its colours (convert it to PNG)")
-
-
-def _bmp_misread(image) -> str:
-    """Why TensorFlow would misread a BMP that Pillow opened, or "": Pillow reads its colour table and masks."""
-    if image.mode in ("P", "1"):  # "1": a black-and-white table (0/1 out of TensorFlow); "L": the grey ramp
-        return PALETTE_BMP
-    raw = image.tile[0][3][0] if image.tile and image.tile[0][3] else ""  # Pillow's raw mode from the masks
-    return MASKED_BMP if image.mode in ("RGB", "RGBA") and isinstance(raw, str) and not raw.startswith("BGR") else ""
-
-
-def header(source) -> tuple[tuple[int, int] | None, str]:
-    """From an image's header (a path or a file-like object), without decoding it: ((width, height), why
-    TensorFlow's decoder would misread its pixels, or ""); (None, "") if the header is unreadable."""
-    try:
-        with Image.open(source) as image:
-            return image.size, _bmp_misread(image) if image.format == "BMP" else ""
-    except (OSError, ValueError, SyntaxError):
-        return None, ""
-
-
-def misread(blob: bytes) -> str:
-    """Why TensorFlow's decoder would misread these encoded bytes' pixels, or "" (`header`)."""
-    return header(io.BytesIO(blob))[1]
 
 
 def find_bad(paths: list[str], max_pixels: int) -> dict[str, str]:

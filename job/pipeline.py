@@ -139,6 +139,8 @@ def validate(cfg: Config):
     from job import readers
 
     source = read_listing(cfg)
+    if source.kind != "shards":
+        _misread_bmps(cfg, source)
     output_state(cfg)  # proves the output location is reachable with these credentials
     check_weights(cfg)
     _check_class_weight(cfg, source)
@@ -149,6 +151,39 @@ def validate(cfg: Config):
         class_weights(cfg, layout)  # multi-label shards: the labels are known once read
         return layout
     return source.layout.carve(cfg.data.validation_split, cfg.train.seed).nonempty()
+
+
+BMP_CHECKED = 1000  # at most this many BMPs' first bytes does validate read (ranged GETs, 16 at a time)
+
+
+def _misread_bmps(cfg: Config, source) -> None:
+    """validate downloads no image, but it reads the first bytes of the BMPs it lists (up to BMP_CHECKED, a
+    seeded sample beyond): a BMP whose colour table or masks TensorFlow's decoder ignores is a bad image to
+    `train` (headers.PALETTE_BMP), so they are warned about here, and past `data.max_bad_fraction` refused as
+    `train` would refuse them after staging."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from job import headers
+
+    bmps = sorted(k for k in source.entries if k.lower().endswith(".bmp"))
+    checked = random.Random(0).sample(bmps, min(len(bmps), BMP_CHECKED))
+
+    def why(key: str) -> str:
+        store, entry = source.entries[key]
+        return headers.misread(store.read(entry.rel, head=headers.BMP_HEAD_BYTES))
+
+    with ThreadPoolExecutor(16) as pool:
+        bad = {k: w for k, w in zip(checked, pool.map(why, checked)) if w}
+    if not bad:
+        return
+    example, reason = min(bad.items())
+    total = source.image_count()
+    if len(checked) == len(bmps) and len(bad) / max(total, 1) > cfg.data.max_bad_fraction:
+        raise DataError(f"{len(bad)} of {total} images are bad ({len(bad) / total:.1%} > data.max_bad_fraction "
+                        f"{cfg.data.max_bad_fraction:.1%}), e.g. {image_uri(cfg.data.uri, example)}: {reason}")
+    log.warning(f"BMPs that training will skip as bad images: {reason}", count=len(bad), checked=len(checked),
+                bmps=len(bmps), examples=[image_uri(cfg.data.uri, k) for k in sorted(bad)[:5]])
 
 
 def unmeasured(listed) -> list[tuple[str, str, list[str]]]:

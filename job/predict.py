@@ -119,7 +119,7 @@ def _classifier(fmt: str, path: Path, multi: bool = False):
     the other formats get the pixels the job's own decoder makes, as in training."""
     import tensorflow as tf
 
-    from job.dataset import misread
+    from job.headers import misread
 
     if fmt in ("saved_model", "tf_serving"):
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]

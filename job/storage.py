@@ -268,9 +268,11 @@ class S3Store:
         middle is picked up where it stopped."""
         return _Resumable(self.client, self.bucket, self._key(rel), join(self.uri, rel))
 
-    def read(self, rel: str) -> bytes:
+    def read(self, rel: str, head: int = 0) -> bytes:
+        """The object's bytes; its first `head` bytes only if given (a ranged GET)."""
+        ranged = {"Range": f"bytes=0-{head - 1}"} if head else {}
         with storage_errors(f"reading {join(self.uri, rel)}"):
-            data = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+            data = self.client.get_object(Bucket=self.bucket, Key=self._key(rel), **ranged)["Body"].read()
         metrics.s3_bytes_downloaded(len(data))
         return data
 
@@ -375,9 +377,9 @@ class LocalStore:
         with storage_errors(f"reading {self.root / rel}"):
             return open(self.root / rel, "rb")  # noqa: SIM115 (the reader closes it)
 
-    def read(self, rel: str) -> bytes:
-        with storage_errors(f"reading {self.root / rel}"):
-            return (self.root / rel).read_bytes()
+    def read(self, rel: str, head: int = 0) -> bytes:
+        with storage_errors(f"reading {self.root / rel}"), open(self.root / rel, "rb") as f:
+            return f.read(head or -1)
 
     def delete(self, rels: list[str]) -> None:
         with storage_errors(f"deleting below {self.root}"):

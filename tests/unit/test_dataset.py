@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 tf = pytest.importorskip("tensorflow")
 
-from job import dataset, evaluate  # noqa: E402
+from job import dataset, evaluate, headers  # noqa: E402
 from job.sample_data import write_sample_dataset  # noqa: E402
 
 
@@ -66,8 +66,8 @@ def test_a_bmp_is_refused_exactly_when_tensorflow_would_misread_its_pixels(mode,
     except tf.errors.InvalidArgumentError:  # a 1-bit BMP: not decoded at all
         decoded = None
     misread = decoded is None or not np.array_equal(decoded, np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")))
-    assert (dataset.misread(blob) == dataset.PALETTE_BMP) == misread
-    assert dataset.find_bad_blobs([("x.bmp", blob)], 10**8) == ({"x.bmp": dataset.PALETTE_BMP} if misread else {})
+    assert (headers.misread(blob) == headers.PALETTE_BMP) == misread
+    assert dataset.find_bad_blobs([("x.bmp", blob)], 10**8) == ({"x.bmp": headers.PALETTE_BMP} if misread else {})
 
 
 def _bmp8(palette: list[tuple[int, int, int]], indices: np.ndarray) -> bytes:
@@ -87,8 +87,8 @@ def test_an_8_bit_black_and_white_bmp_is_refused_too():
     indices = np.array([[0, 1, 1], [1, 0, 1]])
     blob = _bmp8([(0, 0, 0), (255, 255, 255)], indices)
     assert tf.io.decode_image(blob, channels=3).numpy()[..., 0].tolist() == indices.tolist()
-    assert dataset.misread(blob) == dataset.PALETTE_BMP
-    assert dataset.misread(_bmp8([(i, i, i) for i in range(256)], indices)) == ""  # the grey ramp reads right
+    assert headers.misread(blob) == headers.PALETTE_BMP
+    assert headers.misread(_bmp8([(i, i, i) for i in range(256)], indices)) == ""  # the grey ramp reads right
 
 
 def _bmp32(pixels: np.ndarray, masks: tuple[int, int, int, int]) -> bytes:
@@ -111,8 +111,8 @@ def test_a_bmp_whose_colour_masks_tensorflow_ignores_is_refused():
     swapped = _bmp32(pixels, (0x000000FF, 0x0000FF00, 0x00FF0000, 0xFF000000))
     assert tf.io.decode_image(swapped, channels=3).numpy().tolist() == pixels.tolist()  # the masks ignored
     assert np.asarray(Image.open(io.BytesIO(swapped)).convert("RGB")).tolist() == pixels[..., ::-1].tolist()
-    assert dataset.misread(swapped) == dataset.MASKED_BMP
-    assert dataset.misread(_bmp32(pixels, (0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000))) == ""  # BGRA: right
+    assert headers.misread(swapped) == headers.MASKED_BMP
+    assert headers.misread(_bmp32(pixels, (0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000))) == ""  # BGRA: right
 
 
 def test_a_palette_bmp_on_disk_is_a_bad_image_named_with_its_reason(tmp_path):
@@ -123,7 +123,7 @@ def test_a_palette_bmp_on_disk_is_a_bad_image_named_with_its_reason(tmp_path):
     rgb.convert("P").save(palette)
     rgb.convert("L").save(grey)
     rgb.save(full)
-    assert dataset.find_bad([str(palette), str(grey), str(full)], 10**8) == {str(palette): dataset.PALETTE_BMP}
+    assert dataset.find_bad([str(palette), str(grey), str(full)], 10**8) == {str(palette): headers.PALETTE_BMP}
 
 
 def test_image_cache_gives_the_decoded_images(tmp_path):

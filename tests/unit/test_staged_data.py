@@ -543,3 +543,43 @@ def test_images_in_formats_the_job_does_not_read_are_counted_apart(tmp_path):
         ("images left out: 2 .webp, 1 .tiff, in formats the job does not read; convert them to JPEG or PNG", 3)]
     assert [(r["count"], r["examples"]) for r in records if r["event"].startswith("objects ignored")] == \
         [(1, ["train/b/notes.txt"])]
+
+
+def _with_bmps(root: Path, palette: int, grey: int = 2) -> Path:
+    """A folder dataset of 6 PNGs a class plus `palette` palette BMPs and `grey` greyscale ones in one class."""
+    from PIL import Image
+
+    write_sample_dataset(root, classes=2, per_class=6, size=16, seed=0, test_per_class=0)
+    folder = next((root / "train").iterdir())
+    for i in range(palette):
+        Image.new("RGB", (16, 16), (200, 30 * i, 10)).convert("P").save(folder / f"p{i}.BMP")
+    for i in range(grey):
+        Image.new("L", (16, 16), 40 * i).save(folder / f"g{i}.bmp")  # the grey ramp: TensorFlow reads it right
+    return root
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_validate_reads_the_bmps_headers_warns_of_palette_ones_and_refuses_as_train_would(tmp_path, where, request,
+                                                                                          capsys):
+    # validate downloaded nothing, so a dataset of palette BMPs (bad images to train: headers.PALETTE_BMP) said ok,
+    # and its run failed after staging.
+    def validated(palette: int, **data):
+        root = _with_bmps(tmp_path / f"d{palette}", palette)
+        uri, endpoint = root, ""
+        if where == "s3":
+            s3 = request.getfixturevalue("s3")
+            bucket = s3.bucket()
+            s3.upload_dir(root, bucket, "d")
+            uri, endpoint = f"s3://{bucket}/d", s3.endpoint
+        cfg = Config.model_validate({"data": {"uri": str(uri), "validation_split": 0.0, **data},
+                                     "output": {"uri": str(tmp_path / "out")}, "model": {"weights": "none"},
+                                     "s3": {"endpoint_url": endpoint}})
+        pipeline.validate(cfg)
+        return capsys.readouterr().out
+
+    assert "BMP" not in validated(0)  # grey BMPs are read right
+    (line,) = [x for x in validated(2, max_bad_fraction=0.2).splitlines() if "BMPs that training will skip" in x]
+    assert "colour palette" in line and "count=2" in line and "checked=4" in line  # 2 of 4 BMPs, 2 of 16 images
+    with pytest.raises(DataError, match=r"^3 of 17 images are bad \(17\.6% > data\.max_bad_fraction 1\.0%\), "
+                                        r"e\.g\. .*/train/\w+/p0\.BMP: a BMP with a colour palette"):
+        validated(3)
