@@ -23,8 +23,10 @@ ENV_PREFIX = "FINETUNE_"
 
 
 class _Section(BaseModel):
-    # Values are YAML-typed, so FINETUNE_RUN_ID=20240101 arrives as a number: strings accept numbers.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # The file's values are YAML-typed, so `run_id: 20240101` arrives as a number: strings accept numbers. No
+    # number may be NaN or infinite (`.nan`, `.inf` in YAML): a class weight of NaN trained a NaN model to exit 0.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
 
 
 def home_path(v: str) -> str:

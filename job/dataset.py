@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from job import logs
-from job.headers import header
 from job.files import atomic_path
+from job.headers import header
 
 AUTOTUNE = tf.data.AUTOTUNE
 

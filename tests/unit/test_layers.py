@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-DATA = ["job.layout", "job.headers", "job.manifest", "job.shards", "job.sources", "job.readers", "job.pack", "job.dataset",
-        "job.stream"]
+DATA = ["job.layout", "job.headers", "job.manifest", "job.shards", "job.sources", "job.readers", "job.pack",
+        "job.dataset", "job.stream"]
 TENSORFLOW_FREE = ["job.layout", "job.headers", "job.manifest", "job.shards", "job.sources", "job.readers", "job.pack",
                    "job.model_card", "job.runstate", "job.recipe", "job.config", "job.cli", "job.pipeline"]
 TRAINING_AND_EXPORT = ("job.loop", "job.export", "job.formats", "job.model", "job.checkpoint", "job.pipeline")

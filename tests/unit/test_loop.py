@@ -4,6 +4,8 @@ stopping restores the best epoch, a crashed phase resumes at its next epoch with
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -340,3 +342,20 @@ def test_layer_depths_count_the_bases_layers_with_weights():
     assert layers == 3
     assert dict(zip(names, depths)) == {"first/kernel": 0, "first/bias": 0, "last/kernel": 2, "last/bias": 2,
                                         "head/kernel": None, "head/bias": None}
+
+
+def test_a_diverged_phase_stops_before_its_epoch_is_saved(tmp_path, cluster, data):
+    # A loss of NaN went on to an exported model of NaNs, and the run ended complete with exit 0.
+    from job.errors import ConfigError
+
+    model, state, ckpt = tiny_model(cluster), RunState(), checkpoints(tmp_path, cluster)
+    phase = phase_of(model, data, 3, lambda: {"val_loss": 0.5, "val_accuracy": 0.5})
+    phase = dataclasses.replace(phase, learning_rate=1e38)  # Adam steps by about the rate: weights of 1e38
+    with pytest.raises(ConfigError, match=r"^training diverged: head epoch 1 has loss (nan|inf) at learning rate "
+                                          r"1e\+38; lower train\.head\.learning_rate$"):
+        loop.run_phase(phase, cluster, BATCH, loop.Options(), ckpt, state)
+    assert ckpt.latest is None and state.epoch == 0  # nothing of the diverged epoch kept
+    scripted = iter([0.5, float("nan")])  # the validation loss alone, in the second epoch
+    phase = phase_of(tiny_model(cluster), data, 3, lambda: {"val_loss": next(scripted), "val_accuracy": 0.5})
+    with pytest.raises(ConfigError, match=r"^training diverged: head epoch 2 has val_loss nan"):
+        loop.run_phase(phase, cluster, BATCH, loop.Options(), checkpoints(tmp_path / "2", cluster), RunState())
