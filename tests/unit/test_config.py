@@ -157,6 +157,12 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("train.search.learning_rates=[1e-4, 1e-4]", "the learning rates must be distinct"),
         ("train.search.rates=[1e-4]", "unknown key 'train.search.rates'"),
         ("run_id=../escape", "run_id:"),
+        # NaN and infinity (YAML's .nan, .inf): a NaN class weight trained a model of NaNs to exit 0.
+        ("train.class_weight={cat: .nan, dog: 1}", "train.class_weight: Input should be 'none' or 'auto' or Input "
+                                                   "should be a finite number"),
+        ("train.head.learning_rate=.inf", "train.head.learning_rate: Input should be a finite number (got inf)"),
+        ("train.search.learning_rates=[.nan]", "train.search.learning_rates: Input should be a finite number"),
+        ("data.max_bad_fraction=-.inf", "data.max_bad_fraction: Input should be a finite number"),
         ("batch_size", "expected KEY=VALUE"),
         ("train.batch_size.x=1", "not a section"),
     ],
