@@ -36,6 +36,15 @@ def home_path(v: str) -> str:
     return os.path.expanduser(v) if v.startswith("~") else v
 
 
+def s3_form(v: str) -> str:
+    """A location whose text starts with `s3:` must be s3://bucket[/prefix]: `s3:/bucket/models` (one slash) or
+    `s3://` (no bucket) were local folders named `s3:` in the working directory, where the artifacts were lost
+    with the pod."""
+    if v[:3].lower() == "s3:" and not (v.startswith("s3://") and v[5:].split("/", 1)[0]):
+        raise ValueError("expected s3://bucket/prefix (two slashes, then the bucket)")
+    return v
+
+
 class DataConfig(_Section):
     uri: str = Field(min_length=1)
     image_size: tuple[int, int] = (180, 180)
@@ -48,6 +57,7 @@ class DataConfig(_Section):
     staging: Literal["auto", "copy", "stream"] = "auto"  # stream: shards read from storage every epoch
 
     _expand_home = field_validator("cache_dir", "manifest")(home_path)
+    _s3_form = field_validator("uri", "manifest")(s3_form)
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -62,6 +72,8 @@ class ModelConfig(_Section):
     weights: str = "imagenet"
     head_units: int = Field(256, ge=0)
     head_dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+    _s3_form = field_validator("weights")(s3_form)
 
     @field_validator("backbone")
     @classmethod
@@ -185,6 +197,8 @@ class DistributionConfig(_Section):
 class OutputConfig(_Section):
     uri: str = Field(min_length=1)
     overwrite: bool = False
+
+    _s3_form = field_validator("uri")(s3_form)
 
 
 class ExportConfig(_Section):

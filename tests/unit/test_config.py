@@ -163,6 +163,13 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("train.head.learning_rate=.inf", "train.head.learning_rate: Input should be a finite number (got inf)"),
         ("train.search.learning_rates=[.nan]", "train.search.learning_rates: Input should be a finite number"),
         ("data.max_bad_fraction=-.inf", "data.max_bad_fraction: Input should be a finite number"),
+        # `s3:/bucket/models` and `s3://` were local folders named `s3:` in the working directory.
+        ("output.uri=s3:/bucket/models", "output.uri: expected s3://bucket/prefix (two slashes, then the bucket) "
+                                         "(got 's3:/bucket/models')"),
+        ("output.uri=s3://", "output.uri: expected s3://bucket/prefix"),
+        ("data.uri=S3:bucket/data", "data.uri: expected s3://bucket/prefix"),
+        ("data.manifest=s3:///labels.csv", "data.manifest: expected s3://bucket/prefix"),
+        ("model.weights=s3:/b/base.weights.h5", "model.weights: expected s3://bucket/prefix"),
         ("batch_size", "expected KEY=VALUE"),
         ("train.batch_size.x=1", "not a section"),
     ],
