@@ -101,10 +101,14 @@ def _jsonl(text: str, name: str) -> list[Row]:
         if not raw.strip():
             continue
         try:
-            values = json.loads(raw)
+            values = json.loads(raw, object_pairs_hook=_unique_keys)
+        except _KeyTwice as e:
+            raise DataError(f"{name} line {line}: key {e.args[0]!r} written twice (a JSON reader keeps one of them "
+                            "silently)") from None
         except ValueError as e:
             spread = "; an object over several lines? JSON lines keep each object on one line" * (raw.strip() == "{")
             raise DataError(f"{name} line {line}: not a JSON object ({e.msg}){spread}") from None
+        _refuse_other_keys(values, line, name)
         if not isinstance(values, dict) or "path" not in values or ("label" in values) == ("labels" in values):
             raise DataError(f"{name} line {line}: expected an object with \"path\" and \"label\" (multi-label: "
                             "\"labels\", a list) and maybe \"split\"")
@@ -122,6 +126,37 @@ def _jsonl(text: str, name: str) -> list[Row]:
         raise DataError(f"{name} line {odd.line}: \"label\" and \"labels\" mixed in one manifest (one task per "
                         "dataset)")
     return rows
+
+
+JSON_KEYS = ("path", "label", "labels", "split")
+
+
+class _KeyTwice(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    found: dict = {}
+    for key, value in pairs:
+        if key in found:
+            raise _KeyTwice(key)
+        found[key] = value
+    return found
+
+
+def _refuse_other_keys(values, line: int, name: str) -> None:
+    """Other keys are kept out of the way (metadata), but not one that reads like a key of JSON_KEYS in another case
+    (`"Split"`), nor one holding a split's name (`"subset": "test"`): both were ignored, so the test images were
+    trained on."""
+    for key, value in values.items() if isinstance(values, dict) else ():
+        if key in JSON_KEYS:
+            continue
+        if key.strip().lower() in JSON_KEYS:
+            raise DataError(f"{name} line {line}: key {key!r} is not read (did you mean '{key.strip().lower()}'? "
+                            "keys are lower case, as written)")
+        if isinstance(value, str) and value.strip().lower() in set(SPLITS) | set(SPLIT_ALIASES):
+            raise DataError(f"{name} line {line}: key {key!r} holds the split name {value!r}, but the split is read "
+                            f"from \"split\" only: rename the key (`jq -c '.split = .{key} | del(.{key})'`)")
 
 
 def _row(values: dict, line: int, name: str) -> Row:

@@ -582,3 +582,20 @@ def test_packed_class_names_read_back_as_packed(tmp_path):
         assert not (tmp_path / f"shards{i}").exists()
         (tmp_path / "data/train" / c / "1.png").unlink()
         (tmp_path / "data/train" / c).rmdir()
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    # "Split" or "subset" beside the keys read was ignored: the test images were trained on, without a word.
+    ('{"path": "a.png", "label": "c", "Split": "test"}', "key 'Split' is not read (did you mean 'split'? keys are "
+                                                         "lower case, as written)"),
+    ('{"path": "a.png", "label": "c", "subset": "val"}', "key 'subset' holds the split name 'val', but the split is "
+                                                         "read from \"split\" only: rename the key (`jq -c '.split = "
+                                                         ".subset | del(.subset)'`)"),
+    ('{"path": "a.png", "labels": ["c"], " LABEL": "x"}', "key ' LABEL' is not read (did you mean 'label'?"),
+    # Written twice: Python's JSON reader kept the last silently (the image trained as the second class).
+    ('{"path": "a.png", "label": "c", "label": "d"}', "key 'label' written twice (a JSON reader keeps one of them "
+                                                      "silently)"),
+])
+def test_a_json_line_key_that_would_be_ignored_or_overwritten_is_refused(line, expected):
+    message = refusal('{"path": "b.png", "label": "c", "source": "web", "note": null}\n' + line + "\n", "m.jsonl")
+    assert message.startswith(f"m.jsonl line 2: {expected}")
