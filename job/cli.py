@@ -7,7 +7,6 @@ exit codes here. Nothing at module level imports TensorFlow, so `--help` is fast
 from __future__ import annotations
 
 import enum
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +14,7 @@ from typing import Annotated
 import typer
 
 import job
+from job.files import json_text
 from job.layout import FEW, case_clashes, shown
 
 app = typer.Typer(
@@ -194,7 +194,8 @@ def predict(
 
     undecodable = 0
     try:
-        logs.setup(json=as_json, level="WARNING")
+        # Its log records on stderr: stdout keeps one line (--json: one object) per image, nothing else.
+        logs.setup(json=as_json, level="WARNING", stream=sys.stderr)
         from job.predict import check_images
         from job.predict import predict as classify
 
@@ -207,9 +208,9 @@ def predict(
                     undecodable += 1  # one line (--json: one object) per image, so no log record goes there
                     typer.echo(f"finetune-job: error: {r['error']}", err=True)
                     if as_json:
-                        typer.echo(json.dumps(r))
+                        typer.echo(json_text(r))
                     continue
-                typer.echo(json.dumps(r) if as_json else r["image"] + ": " + _shown(r))
+                typer.echo(json_text(r) if as_json else r["image"] + ": " + _shown(r))
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     if undecodable:

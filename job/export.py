@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,7 @@ import job
 from job import evaluate, formats, logs, model_card
 from job.config import redacted, to_yaml
 from job.dataset import decode_and_resize
-from job.files import write_labels
+from job.files import json_text, write_labels
 from job.model import Parts, build, with_thresholds
 from job.readers import image_uri
 from job.storage import Store
@@ -188,13 +187,8 @@ def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[
 
 
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_plain) + "\n", encoding="utf-8")
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+    """Strict JSON: a score that is NaN (the mAP of a split whose images carry no label) is null."""
+    path.write_text(json_text(data, indent=2) + "\n", encoding="utf-8")
 
 
 def sha256(path: Path) -> str:

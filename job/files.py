@@ -7,6 +7,8 @@ leaves nothing behind under the final name.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -40,3 +42,20 @@ def write_labels(dest: Path, classes: list[str]) -> None:
 
 def read_labels(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
+
+
+def finite(tree):
+    """The tree with each NaN or infinite number as None (numpy scalars as Python's): JSON has no NaN, and
+    Python's `NaN` in metrics.json or a log line is refused by strict readers (`JSON.parse`, `jq`, Go)."""
+    if isinstance(tree, dict):
+        return {k: finite(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [finite(v) for v in tree]
+    if hasattr(tree, "dtype") and hasattr(tree, "item") and not getattr(tree, "shape", ()):
+        tree = tree.item()
+    return None if isinstance(tree, float) and not math.isfinite(tree) else tree
+
+
+def json_text(tree, **options) -> str:
+    """Strict JSON of `tree` (`finite`): NaN and infinity as null."""
+    return json.dumps(finite(tree), allow_nan=False, **options)

@@ -300,13 +300,15 @@ def identical(listed: Layout | MultiLayout, digests: dict[str, bytes | str]) -> 
     return {"in_training": {s: n for s, n in seen.items() if n}, "labelled_differently": sorted(clashes)}
 
 
-def unmeasured(counts: dict[str, dict[str, int]], classes: list[str]) -> dict[str, list[str]]:
-    """For each split but train that has images: the classes it has none of (multi-label: no image carrying the
-    label), which its scores do not measure (for validation: early stopping and train.search neither)."""
+def unmeasured(counts: dict[str, dict[str, int]], classes: list[str], images: dict[str, int]) -> dict[str, list[str]]:
+    """For each split but train that has images (`images`: their number per split): the classes it has none of
+    (multi-label: no image carrying the label), which its scores do not measure (for validation: early stopping and
+    train.search neither). A multi-label split of images carrying no label at all was left out: its label counts sum
+    to 0."""
     out = {}
     for split, per in counts.items():
         missing = [c for c in classes if not per.get(c)]
-        if split != "train" and sum(per.values()) and missing:
+        if split != "train" and images.get(split) and missing:
             out[split] = missing
     return out
 

@@ -15,14 +15,18 @@ from collections.abc import Callable, Iterator
 
 import structlog
 
+from job.files import json_text
+
 
 def interactive() -> bool:
     return sys.stdout.isatty()
 
 
-def setup(json: bool | None = None, level: str = "INFO") -> None:
+def setup(json: bool | None = None, level: str = "INFO", stream=None) -> None:
+    """Log records to `stream` (standard output unless given); JSON lines are strict JSON (NaN as null)."""
     json = not interactive() if json is None else json
-    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
+    renderer = structlog.processors.JSONRenderer(serializer=json_text) if json else \
+        structlog.dev.ConsoleRenderer(colors=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -32,7 +36,7 @@ def setup(json: bool | None = None, level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
     # TensorFlow's C++ logging below errors is noise in a job log; TF_CPP_MIN_LOG_LEVEL=0 turns it back on.

@@ -7,6 +7,7 @@ The card is one `string.Template` (CARD); the helpers below fill in its tables a
 
 from __future__ import annotations
 
+import math
 import re
 from string import Template
 
@@ -101,7 +102,7 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
 
 
 def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x * 100:.1f}%"
+    return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:.1f}%"  # NaN: no positive to rank
 
 
 def _row(*cells) -> str:
@@ -203,7 +204,14 @@ def _formats_table(formats: dict[str, dict]) -> str:
 def _limits(per_class: dict[str, dict], split: str, multi: bool = False) -> str:
     kind, why = ("label", "often missed on images that carry it") if multi else ("class", "its images are often "
                                                                                  "given another class")
-    weak = sorted((v["recall"], c) for c, v in per_class.items() if v["recall"] < LOW_RECALL)
+    # A class with no image in the split has recall 0 there, which measures nothing: listed apart, not as weak.
+    weak = sorted((v["recall"], c) for c, v in per_class.items() if v["support"] and v["recall"] < LOW_RECALL)
+    absent = [c for c, v in per_class.items() if not v["support"]]
+    lines = [f"- {_code(c)}: recall {_pct(recall)} on {split} ({why})." for recall, c in weak]
     if not weak:
-        return f"- every {kind} has a recall of at least {_pct(LOW_RECALL)} on {split}."
-    return "\n".join(f"- {_code(c)}: recall {_pct(recall)} on {split} ({why})." for recall, c in weak)
+        lines.append(f"- every {kind} {'measured ' * bool(absent)}has a recall of at least {_pct(LOW_RECALL)} on "
+                     f"{split}.")
+    if absent:
+        shown = ", ".join(_code(c) for c in absent[:10]) + f", ... {len(absent)} in all" * (len(absent) > 10)
+        lines.append(f"- not measured, no {split} image {'carries' if multi else 'of'} them: {shown}.")
+    return "\n".join(lines)

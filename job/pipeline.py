@@ -149,8 +149,19 @@ def validate(cfg: Config):
         how = readers.Staging(Path(cfg.data.cache_dir), Path(cfg.data.cache_dir), tuple(cfg.data.image_size))
         layout = readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout
         class_weights(cfg, layout)  # multi-label shards: the labels are known once read
-        return layout
-    return source.layout.carve(cfg.data.validation_split, cfg.train.seed).nonempty()
+    else:
+        layout = source.layout.carve(cfg.data.validation_split, cfg.train.seed).nonempty()
+    _check_val_map(cfg, layout)
+    return layout
+
+
+def _check_val_map(cfg: Config, listed) -> None:
+    """DataError when early stopping (and train.search) would compare val_map over validation images that carry no
+    label: it is undefined (NaN) on every epoch, so the first epoch was kept without a word."""
+    images = listed.count("validation")
+    if cfg.train.early_stopping_metric == "val_map" and images and not sum(listed.counts()["validation"].values()):
+        raise DataError(f"the {images} validation image(s) carry no label, so val_map (train.early_stopping_metric) "
+                        "is undefined: use val_loss, or validation images that carry labels")
 
 
 BMP_CHECKED = 1000  # at most this many BMPs' first bytes does validate read (ranged GETs, 16 at a time)
@@ -190,7 +201,8 @@ def unmeasured(listed) -> list[tuple[str, str, list[str]]]:
     """(message, split, classes) for each validation or test split that has no image of some class (multi-label:
     none carrying some label): its scores do not measure them. `train` logs them, `validate` prints them."""
     out = []
-    for split, missing in layout.unmeasured(listed.counts(), listed.classes).items():
+    images = {split: listed.count(split) for split in listed.splits}
+    for split, missing in layout.unmeasured(listed.counts(), listed.classes, images).items():
         what = f"carrying {len(missing)} label(s)" if listed.multi_label else f"of {len(missing)} class(es)"
         out.append((f"no {split} images {what}: the {split} scores do not measure them"
                     + (" (nor early stopping and train.search)" if split == "validation" else ""), split, missing))
@@ -435,6 +447,7 @@ def stage_data(run: Run) -> None:
     log.info("dataset ready", mode=mode, counts=run.data.layout.counts(), bad_images=len(run.data.bad))
     for message, split, missing in unmeasured(run.data.layout):
         log.warning(message, split=split, classes=missing)
+    _check_val_map(cfg, run.data.layout)
     _warn_identical(run)
     if not run.data.count("validation"):
         log.warning("no validation images: early stopping watches the training loss, and no validation report "

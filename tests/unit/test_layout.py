@@ -4,7 +4,7 @@ from collections import Counter
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 
 from job.errors import DataError, exit_code_for
 from job.layout import Layout, MultiLayout, discover, split_validation, unmeasured, unread_formats, without
@@ -108,7 +108,8 @@ def test_a_test_or_validation_split_may_lack_a_class_folder_or_have_it_empty():
     layout = discover(rels({"train": {"a": 3, "b": 2}, "test": {"a": 1}, "validation": {"b": 1}}) + ["validation/a/"],
                       "d")
     assert layout.counts() == {"train": {"a": 3, "b": 2}, "validation": {"a": 0, "b": 1}, "test": {"a": 1, "b": 0}}
-    assert unmeasured(layout.counts(), layout.classes) == {"validation": ["a"], "test": ["b"]}
+    assert unmeasured(layout.counts(), layout.classes, {s: layout.count(s) for s in layout.splits}) == \
+        {"validation": ["a"], "test": ["b"]}
 
 
 def test_empty_folder_markers_and_jpeg_aliases_are_not_refused():
@@ -174,14 +175,18 @@ CLASSES = ["a", "b", "c", "d"]
 
 
 @given(st.dictionaries(st.sampled_from(["train", "validation", "test"]),
-                       st.dictionaries(st.sampled_from(CLASSES), st.integers(0, 3)), min_size=1))
-def test_unmeasured_names_each_class_a_scored_split_lacks(counts):
+                       st.dictionaries(st.sampled_from(CLASSES), st.integers(0, 3)), min_size=1),
+       st.dictionaries(st.sampled_from(["train", "validation", "test"]), st.integers(0, 3)))
+@example({"validation": {}}, {"validation": 4})
+def test_unmeasured_names_each_class_a_scored_split_lacks(counts, unlabelled):
     """A split with images but none of a class cannot score that class (a class of 1 or 2 images keeps them all in
-    train when validation is carved at 0.2): named so that a warning can say so. Train and empty splits: never."""
-    said = unmeasured(counts, CLASSES)
+    train when validation is carved at 0.2): named so that a warning can say so. Train and empty splits: never.
+    `unlabelled`: multi-label images carrying no label; a split of only those was left out (its counts sum to 0)."""
+    images = {split: sum(per.values()) + unlabelled.get(split, 0) for split, per in counts.items()}
+    said = unmeasured(counts, CLASSES, images)
     for split, per in counts.items():
         lacking = [c for c in CLASSES if per.get(c, 0) == 0]
-        scored = split != "train" and sum(per.values()) > 0
+        scored = split != "train" and images[split] > 0
         assert said.get(split, []) == (lacking if scored else [])
     assert set(said) <= set(counts) - {"train"}
 
@@ -189,4 +194,5 @@ def test_unmeasured_names_each_class_a_scored_split_lacks(counts):
 def test_a_carved_validation_split_lacks_a_class_of_one_image():
     layout = discover(rels({"train": {"a": 1, "b": 20, "c": 20}}), "s3://b/data")
     carved = split_validation(layout, 0.2, seed=1)
-    assert unmeasured(carved.counts(), carved.classes) == {"validation": ["a"]}
+    assert unmeasured(carved.counts(), carved.classes, {s: carved.count(s) for s in carved.splits}) == \
+        {"validation": ["a"]}

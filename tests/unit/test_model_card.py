@@ -13,7 +13,7 @@ PER_CLASS = {"rose": {"precision": 0.9, "recall": 0.95, "f1": 0.9, "support": 20
              "daisy": {"precision": 0.7, "recall": 0.35, "f1": 0.5, "support": 3}}
 TEST = {"examples": 43, "accuracy": 0.75, "loss": 0.6, "macro_f1": 0.74, "balanced_accuracy": None,
         "per_class": PER_CLASS}
-VALIDATION = {**TEST, "examples": 30, "accuracy": 0.9, "per_class": {"rose": {"recall": 0.9}}}
+VALIDATION = {**TEST, "examples": 30, "accuracy": 0.9, "per_class": {"rose": {"recall": 0.9, "support": 30}}}
 FORMATS = {"saved_model": {"accuracy": 0.75, "bytes": 9e6, "latency_ms_batch1": 3.0},
            "tflite": {"accuracy": 0.7, "agreement": 0.99, "bytes": 2.5e6, "latency_ms_batch1": 1.25},
            "onnx": {"error": "onnx: conversion failed: ImportError: no tf2onnx"}}
@@ -124,7 +124,17 @@ def test_a_multilabel_card_gives_map_f1s_and_each_labels_threshold():
     assert labels[2] == ["rose", "20", "97.0%", "90.0%", "95.0%", "92.0%", "0.410"]
     assert labels[3][2] == "n/a"  # no positive example: no average precision
     assert fmts[0][1] == "micro-F1" and fmts[3] == ["tflite", "84.0%", "99.0%", "2.0 MB", "1.0 ms"]
+    # No test image carries tulip: its recall of 0 measures nothing (it was listed as "often missed").
+    assert "- `tulip`: recall" not in card
+    assert "- every label measured has a recall of at least 80.0% on test.\n- not measured, no test image carries " \
+           "them: `tulip`." in card
+    report["per_label"]["tulip"]["support"] = 6
+    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {})
     assert "- `tulip`: recall 50.0% on test (often missed on images that carry it)." in card
+    assert "not measured" not in card
+    report["map"] = float("nan")  # no positive in the split: no mean average precision
+    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {})
+    assert _tables(card)[1][2][2] == "n/a" and "nan" not in card
 
 
 def test_the_card_names_the_rate_the_search_chose_and_every_trials_scores():

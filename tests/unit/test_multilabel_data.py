@@ -294,3 +294,25 @@ def test_joined_labels_are_warned_about_when_listed(tmp_path, capsys):
     sources.open_source(config(tmp_path / "d", manifest=str(listed)))
     out = capsys.readouterr().out
     assert "1 label(s) look like several joined into one" in out and "circle,square" in out
+
+
+def test_a_split_whose_images_carry_no_label_is_unmeasured_and_val_map_on_it_is_refused(tmp_path):
+    # Test images carrying no label at all: validate gave no warning (the split's label counts sum to 0), and with
+    # early_stopping_metric val_map every epoch's val_map was NaN, so the first epoch was kept without a word.
+    from job import pipeline
+
+    listed = labelled_manifest(tmp_path / "d", n=16)
+    rows = [json.loads(line) for line in listed.read_text().splitlines()]
+    for r in rows:
+        if r["split"] == "test":
+            r["labels"], r["split"] = [], "validation"
+    listed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    validated = pipeline.validate(config(tmp_path / "d", manifest=str(listed)))
+    assert validated.count("validation") == 4
+    ((message, split, missing),) = pipeline.unmeasured(validated)
+    assert split == "validation" and missing == ["circle", "square"] and "nor early stopping" in message
+    cfg = config(tmp_path / "d", manifest=str(listed))
+    cfg.train.early_stopping_metric = "val_map"
+    with pytest.raises(DataError, match=r"^the 4 validation image\(s\) carry no label, so val_map "
+                                        r"\(train\.early_stopping_metric\) is undefined: use val_loss"):
+        pipeline.validate(cfg)
