@@ -7,6 +7,7 @@ any work; problems become one ConfigError line that names the key.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import secrets
 import urllib.parse
@@ -365,6 +366,25 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any, str]]:
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if path[0] in sections:
             found.append((path, _parse_value(environ[name], path), f"environment variable {name}"))
+        elif meant := _key_paths().get("_".join(path)):
+            # FINETUNE_TRAIN_BATCH_SIZE: one `_` where `__` parts the section from its key; ignored, it trained at
+            # the file's batch size without a word.
+            raise ConfigError(f"environment variable {name} is not read: did you mean "
+                              f"{ENV_PREFIX}{'__'.join(meant).upper()}? (`__` between a section and its key)")
+    return found
+
+
+@functools.cache
+def _key_paths(model: Any = None, above: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """{"train_batch_size": ("train", "batch_size"), ...}: every key below a section, joined with single `_`."""
+    found = {}
+    for name, field in (model or Config).model_fields.items():
+        path = (*above, name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            found |= _key_paths(ann, path)
+        elif above:
+            found["_".join(path)] = path
     return found
 
 

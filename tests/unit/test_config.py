@@ -202,6 +202,16 @@ def test_env_typo_is_caught(cfg_file):
         config.load(cfg_file, environ={"FINETUNE_TRAIN__BATCHSIZE": "4"})
 
 
+@pytest.mark.parametrize(("name", "meant"), [("FINETUNE_TRAIN_BATCH_SIZE", "FINETUNE_TRAIN__BATCH_SIZE"),
+                                             ("FINETUNE_OUTPUT_URI", "FINETUNE_OUTPUT__URI"),
+                                             ("FINETUNE_TRAIN_HEAD__EPOCHS", "FINETUNE_TRAIN__HEAD__EPOCHS"),
+                                             ("FINETUNE_EXPORT_FORMATS", "FINETUNE_EXPORT__FORMATS")])
+def test_an_env_var_with_one_underscore_after_its_section_names_the_one_meant(cfg_file, name, meant):
+    # One `_` where `__` parts the section from its key: ignored, the run trained at the file's values without a word.
+    with pytest.raises(ConfigError, match=f"^environment variable {name} is not read: did you mean {meant}\\? "):
+        config.load(cfg_file, environ={name: "4"})
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "nope.yaml", environ={})
