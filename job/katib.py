@@ -49,6 +49,20 @@ def line(values: dict, when: dt.datetime | None = None) -> str:
     return " ".join([when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), *pairs])
 
 
+def check_writable(path: str) -> None:
+    """ConfigError unless lines can be appended to `path` (its folders created, the file too, empty): a folder or a
+    read-only place failed the run after its first epoch, with a traceback (exit 1, which a Job retries)."""
+    from job.errors import ConfigError
+
+    if not path:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).open("a", encoding="utf-8").close()
+    except OSError as e:
+        raise ConfigError(f"config: metrics.file {path}: cannot be written ({e.strerror or e})") from None
+
+
 def append(path: str, text: str) -> None:
     """Append one line to `path` (its folders created), flushed at once: Katib tails the file."""
     target = Path(path)

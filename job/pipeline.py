@@ -265,6 +265,7 @@ def prepare(cfg: Config) -> Run | dict:
     log.info("dataset listed", uri=cfg.data.uri, classes=len(source.layout.classes), counts=source.layout.counts())
     _check_class_weight(cfg, source)
     check_weights(cfg)
+    katib.check_writable(cfg.metrics.file)
     staging = _staging(cfg, source)
     # TensorFlow loads here (3 to 4 s of CPU), after what storage and the listing can refuse: a missing train/
     # folder or a class name the data lacks fails within a second, a rerun of a complete run ends as fast, and

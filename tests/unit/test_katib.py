@@ -165,3 +165,24 @@ def test_trial_pod_with_katibs_sidecar_is_a_valid_restricted_job():
         assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
         assert effective["runAsNonRoot"] and effective["runAsUser"] > 0 and sc["readOnlyRootFilesystem"]
         assert effective["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_a_metrics_file_that_cannot_be_written_is_refused_before_training(tmp_path):
+    # A folder (or a place the pod cannot write) failed the run after its first epoch, with a traceback (exit 1).
+    from job import katib, pipeline
+    from job.config import Config
+    from job.errors import ConfigError
+    from job.sample_data import write_sample_dataset
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for path in (tmp_path / "folder", tmp_path / "a-file" / "katib.txt"):
+        with pytest.raises(ConfigError, match=f"^config: metrics.file {path}: cannot be written \\("):
+            katib.check_writable(str(path))
+    katib.check_writable(str(tmp_path / "new" / "katib.txt"))
+    assert (tmp_path / "new" / "katib.txt").read_text() == ""  # created, no line in it
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=3, size=8, seed=0, test_per_class=0)
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "d")}, "output": {"uri": str(tmp_path / "out")},
+                                 "model": {"weights": "none"}, "metrics": {"file": str(tmp_path / "folder")}})
+    with pytest.raises(ConfigError, match="metrics.file"):
+        pipeline.prepare(cfg)
