@@ -21,6 +21,7 @@ from job import backbones, recipe
 from job.errors import ConfigError, did_you_mean
 
 ENV_PREFIX = "FINETUNE_"
+RUN_ID_MAX = 128  # as the chart's values.schema.json
 
 
 class _Section(BaseModel):
@@ -256,6 +257,8 @@ class Config(_Section):
     def _safe_run_id(cls, v: str) -> str:
         if v and (not all(c.isalnum() or c in "._-" for c in v) or v.startswith(".")):
             raise ValueError("only letters, digits, '.', '_' and '-' (it becomes a storage prefix)")
+        if len(v.encode()) > RUN_ID_MAX:  # a folder name holds 255 bytes: 300 characters failed with a traceback
+            raise ValueError(f"at most {RUN_ID_MAX} bytes of UTF-8, not {len(v.encode())} (it becomes a folder name)")
         return v
 
     @model_validator(mode="after")

@@ -157,6 +157,9 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("train.search.learning_rates=[1e-4, 1e-4]", "the learning rates must be distinct"),
         ("train.search.rates=[1e-4]", "unknown key 'train.search.rates'"),
         ("run_id=../escape", "run_id:"),
+        # Longer than a folder name holds: a traceback (OSError: File name too long), exit 1.
+        ("run_id=" + "a" * 300, "run_id: at most 128 bytes of UTF-8, not 300 (it becomes a folder name)"),
+        ("run_id=" + "\u00e9" * 65, "run_id: at most 128 bytes of UTF-8, not 130"),
         # NaN and infinity (YAML's .nan, .inf): a NaN class weight trained a model of NaNs to exit 0.
         ("train.class_weight={cat: .nan, dog: 1}", "train.class_weight: Input should be 'none' or 'auto' or Input "
                                                    "should be a finite number"),
