@@ -1114,3 +1114,23 @@ def test_rendered_job_runs_end_to_end_against_s3(s3_server: str, tmp_path: Path)
     keys = {o["Key"].removeprefix("models/shapes/wiring-1/") for o in listed.get("Contents", [])}
     assert "_SUCCESS" in keys
     assert "labels.txt" in keys
+
+
+@pytest.mark.parametrize(("s3", "expected"), [({}, "http://minio.storage:9000"),
+                                              ({"endpointUrl": "http://other:9000"}, "http://minio.storage:9000")])
+def test_tensorboard_reads_the_storage_the_job_reads(s3: dict, expected: str) -> None:
+    # config.s3.endpoint_url reached the Job (its config file) but not TensorBoard, which then read AWS's S3.
+    values = VALUE_SETS["ci/tensorboard-values.yaml"]
+    values = {**values, "s3": {**values.get("s3", {}), "endpointUrl": ""} | s3,
+              "config": {**values.get("config", {}), "s3": {"endpoint_url": "http://minio.storage:9000"}}}
+    manifests = render(values)
+    tensorboard = env_of(only(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    assert tensorboard["AWS_ENDPOINT_URL_S3"] == expected == env_of(job_container(manifests))["AWS_ENDPOINT_URL_S3"]
+
+
+@pytest.mark.parametrize("label", ["app.kubernetes.io/instance", "app.kubernetes.io/component"])
+def test_pod_labels_may_not_be_the_charts_own(label: str) -> None:
+    # Written twice in the pod template, one was lost: the worker Service and the PodMonitor lost their pods.
+    with pytest.raises(Exception, match=f"podLabels: {label} is one of the chart's own labels"):
+        render({"podLabels": {label: "x"}, "workers": 2})
+    assert train_pod(render({"podLabels": {"team": "vision"}}))["metadata"]["labels"]["team"] == "vision"

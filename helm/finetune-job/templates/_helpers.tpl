@@ -144,7 +144,9 @@ S3 endpoint, region, credentials and extraEnv. */}}
   value: /tmp
 - name: KERAS_HOME
   value: /tmp/.keras
-{{- with .Values.s3.endpointUrl }}
+{{- /* config.s3.endpoint_url reached the Job alone (its config file, which wins over this variable), not
+TensorBoard: both take it here, first, as the job does */}}
+{{- with dig "s3" "endpoint_url" "" (.Values.config | default dict) | default .Values.s3.endpointUrl }}
 - name: AWS_ENDPOINT_URL_S3
   value: {{ . | quote }}
 {{- end }}
@@ -285,6 +287,12 @@ metadata:
   labels:
     {{- include "finetune-job.selectorLabels" . | nindent 4 }}
     app.kubernetes.io/component: train
+    {{- range $key, $_ := .Values.podLabels }}
+    {{- if has $key (list "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/component") }}
+    {{- /* written twice in the pod, one was lost: the worker Service and the PodMonitor lost their pods */}}
+    {{- fail (printf "podLabels: %s is one of the chart's own labels, which its Services and PodMonitor select by" $key) }}
+    {{- end }}
+    {{- end }}
     {{- with .Values.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
