@@ -11,6 +11,8 @@ import math
 import re
 from string import Template
 
+from job import recipe
+
 LOW_RECALL = 0.8  # classes below this recall on the headline split are named as a known limit
 
 # A backslash at the end of a line continues the paragraph: the card has one line per paragraph.
@@ -83,7 +85,8 @@ MULTI = {"kind_title": "a multi-label image classifier of {n} labels", "kind_nam
 
 def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict[str, int]], reports: dict,
            formats: dict[str, dict], bad_images: int, versions: dict[str, str], search: list[dict] = (),
-           refit: dict | None = None) -> str:
+           refit: dict | None = None, history: dict[str, list[dict]] | None = None) -> str:
+    """`history`: the epochs trained per phase (history.json), so that the recipe says what ran, not what was set."""
     data, model = config["data"], config["model"]
     height, width = data["image_size"]
     split = "test" if "test" in reports else "validation"
@@ -95,7 +98,7 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
         version=versions.get("finetune_job", ""), tensorflow=versions.get("tensorflow", ""),
         num_classes=len(classes), class_list=", ".join(_code(c) for c in classes), height=height, width=width,
         counts_table=_counts_table(classes, counts), bad_images=bad_images,
-        recipe=_recipe(config["train"], search, refit or {}),
+        recipe=_recipe(config["train"], search, refit or {}, history, model["weights"] == "none"),
         results_table=_multi_results(reports, per_label, split) if multi else _results_table(reports), split=split,
         formats_table=_formats_table(formats), limits=_limits(per_label, split, multi),
         smallest=min((v.get("images", sum(v.values())) for v in counts.values()), default=0))
@@ -143,12 +146,22 @@ def _multi_results(reports: dict, per_label: dict[str, dict], split: str) -> str
         ["label", "images with it", "average precision", "precision", "recall", "F1", "threshold"], labels)
 
 
-def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None) -> str:
+def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None,
+            history: dict[str, list[dict]] | None = None, from_scratch: bool = False) -> str:
+    """The recipe as it ran: with `history`, the epochs each phase trained (early stopping ends them before their
+    maximum) and the best kept, the fine-tuning rate the search chose, and from scratch the single phase that trains
+    every layer at the head's rate (the card gave the configured epochs and rates, which did not run)."""
     head, finetune = train["head"], train["finetune"]
-    return "\n".join([*_search_lines(search), *_refit_lines(refit or {}),
-        f"- head: {head['epochs']} epochs at {head['learning_rate']} ({head['mode']}), augment: {head['augment']}",
-        f"- fine-tuning: {finetune['epochs']} epochs at {finetune['learning_rate']}, "
-        f"unfreeze: {finetune['unfreeze']}, augment: {finetune['augment']}"
+    epochs, rate = recipe.finetune_schedule(head["epochs"], head["learning_rate"], finetune["epochs"],
+                                            finetune["learning_rate"], from_scratch)
+    rate = next((t["learning_rate"] for t in search if t["chosen"]), rate)
+    unfreeze = "every layer, BatchNormalization included (from scratch)" if from_scratch else finetune["unfreeze"]
+    head_line = "- head: none (from scratch: no pre-trained base to keep)" if from_scratch else \
+        f"- head: {_epochs(head['epochs'], history, 'head', train)} at {head['learning_rate']:g} ({head['mode']}), " \
+        f"augment: {head['augment']}"
+    return "\n".join([*_search_lines(search), *_refit_lines(refit or {}), head_line,
+        f"- fine-tuning: {_epochs(epochs, history, 'finetune', train)} at {rate:g}, unfreeze: {unfreeze}, "
+        f"augment: {finetune['augment']}"
         + (f", layer-wise rate decay to {finetune['layer_decay']:g} at the first layer"
            if finetune.get("layer_decay", 1.0) < 1.0 else ""),
         f"- batch {train['batch_size']}, seed {train['seed']}, early stopping on {train['early_stopping_metric']} "
@@ -156,6 +169,18 @@ def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None) -> 
         f"weight decay {train['weight_decay']}, schedule {train['lr_schedule']}, "
         f"class weights {train['class_weight']}",
     ])
+
+
+def _epochs(at_most: int, history: dict[str, list[dict]] | None, phase: str, train: dict) -> str:
+    """'4 epochs', or as trained: '3 epochs trained of at most 10, the best (epoch 2) kept'."""
+    if history is None:
+        return f"{at_most} epochs"
+    records = history.get(phase)
+    if not records:
+        return "no epoch trained" + f" (at most {at_most})" * bool(at_most)
+    best = recipe.best_epoch(train["early_stopping_metric"], records)
+    kept = f", the best (epoch {best}) kept" if best and best != len(records) else ""
+    return f"{len(records)} epochs trained of at most {at_most}{kept}"
 
 
 def _search_lines(search: list[dict]) -> list[str]:

@@ -157,3 +157,36 @@ def test_a_refit_says_what_the_model_trained_on_and_what_validation_measured():
     assert len(lines) == 1 and "training + validation" in lines[0]
     assert "head 4 epochs" in lines[0] and "fine-tuning 6 epochs at 0.0003" in lines[0]
     assert model_card._refit_lines({}) == []
+
+
+def _records(val_losses: list[float]) -> list[dict]:
+    return [{"epoch": i + 1, "loss": 1.0, "accuracy": 0.5, "val_loss": v, "val_accuracy": 0.5}
+            for i, v in enumerate(val_losses)]
+
+
+def test_the_recipe_says_what_trained_not_what_was_set():
+    # The card gave the configured epochs and rates: with `weights: none` "head: 1 epochs at 0.001" (no head phase
+    # ran) and "fine-tuning: ... at 0.0001" (it trained every layer at 0.001); beside the search's chosen 3e-4 the
+    # configured 1e-4; the maximum epochs where early stopping had ended the phase.
+    def card(history, overrides=(), search=()):
+        cfg = config.redacted(config.load(None, ["data.uri=s3://b/flowers", "output.uri=/o", "run_id=r7",
+                                                 *overrides], environ={}))
+        return model_card.render("r7", cfg, ["rose", "tulip"], COUNTS, {"test": TEST}, FORMATS, 0, {}, search,
+                                 None, history)
+
+    text = card({"head": _records([0.9, 0.8]), "finetune": _records([0.7, 0.5, 0.6, 0.65])},
+                ["train.head.epochs=2", "train.finetune.epochs=10", "train.search.learning_rates=[]"])
+    assert "- head: 2 epochs trained of at most 2 at 0.001 (cached_features)" in text
+    assert "- fine-tuning: 4 epochs trained of at most 10, the best (epoch 2) kept at 0.0001, unfreeze: " in text
+    trials = [{"learning_rate": 1e-4, "epochs": 1, "best_epoch": 1, "val_loss": 0.5, "val_accuracy": 0.8,
+               "chosen": False},
+              {"learning_rate": 3e-4, "epochs": 1, "best_epoch": 1, "val_loss": 0.4, "val_accuracy": 0.8,
+               "chosen": True}]
+    text = card({"head": _records([0.9]), "finetune": _records([0.7, 0.5])}, search=trials)
+    assert "- fine-tuning: 2 epochs trained of at most 10 at 0.0003, unfreeze: " in text
+    text = card({"head": [], "finetune": _records([0.9, 0.8, 0.7])},
+                ["model.weights=none", "train.head.epochs=1", "train.finetune.epochs=2",
+                 "train.search.learning_rates=[]"])
+    assert "- head: none (from scratch: no pre-trained base to keep)\n" in text
+    assert ("- fine-tuning: 3 epochs trained of at most 3 at 0.001, unfreeze: every layer, BatchNormalization "
+            "included (from scratch), augment: ") in text
