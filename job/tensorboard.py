@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from job import logs, storage
+from job.errors import ConfigError
 
 log = logs.get()
 FOLDER = "tensorboard"
@@ -190,6 +191,27 @@ def mirror(store: storage.Store, folder: Path, known: dict[str, str], own: str =
     return copied
 
 
+MARK = ".finetune-job-mirror"  # in a --folder this command made: its files are the mirror's own
+
+
+def mirror_folder(folder: Path) -> None:
+    """Make `folder` the mirror, empty: runs mirrored by an earlier session (of another prefix, or deleted since)
+    were served as current. Only a folder this command made (MARK) is emptied; another that holds files is a
+    ConfigError, never emptied."""
+    folder = Path(folder)
+    try:
+        if folder.is_dir() and any(folder.iterdir()):
+            files = [p for p in folder.rglob("*") if p.is_file()]
+            if not (folder / MARK).is_file() and not all(".tfevents." in p.name for p in files):  # (an older mirror)
+                raise ConfigError(f"tensorboard --folder {folder}: holds files this command did not write; give "
+                                  "a new or empty folder (the mirror's files are replaced at every start)")
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MARK).touch()
+    except OSError as e:
+        raise ConfigError(f"tensorboard --folder {folder}: cannot be the mirror ({e.strerror or e})") from None
+
+
 def serve(source: str, folder: Path, port: int, host: str, refresh_seconds: float, endpoint: str = "",
           stop=lambda: False) -> None:
     """Mirror `source`'s event files into `folder` every `refresh_seconds` and serve TensorBoard on them at
@@ -200,8 +222,8 @@ def serve(source: str, folder: Path, port: int, host: str, refresh_seconds: floa
 
     store = storage.open_store(source, endpoint)
     known: dict[str, str] = {}
-    Path(folder).mkdir(parents=True, exist_ok=True)
     own = source.rstrip("/").rpartition("/")[2] or "run"
+    mirror_folder(folder)
     mirror(store, folder, known, own)
     if not known:  # a mistyped prefix, or runs yet to start: said, and served anyway
         log.warning(f"no run's event files under {source} yet (expected {source}/<run_id>/{FOLDER}/); the mirror "
@@ -209,7 +231,12 @@ def serve(source: str, folder: Path, port: int, host: str, refresh_seconds: floa
     board = program.TensorBoard()
     board.configure(argv=[None, "--logdir", str(folder), "--port", str(port), "--host", host,
                           "--reload_interval", str(max(1, int(refresh_seconds)))])
-    url = board.launch()
+    try:
+        url = board.launch()
+    except program.TensorBoardServerException as e:  # a port in use or out of range, a host it cannot bind
+        raise ConfigError(f"tensorboard --host {host} --port {port}: {e.msg.strip()}") from None
+    except (SystemExit, OSError) as e:
+        raise ConfigError(f"tensorboard --host {host} --port {port}: cannot serve there ({e})") from None
     log.info("tensorboard serving", url=url, source=source, runs=len({event_file(r, own)[0] for r in known}))
     due = time.monotonic() + refresh_seconds
     while not stop():

@@ -87,3 +87,47 @@ def test_the_refit_phases_follow_on_the_axis():
     history = {"head": [{}] * 3, "finetune": [{}] * 4, "refit_head": [{}] * 2, "refit": [{}] * 3}
     assert tensorboard.step_of(history, "refit_head", 1) == 8
     assert tensorboard.step_of(history, "refit", 3) == 12
+
+
+def test_the_mirror_folder_starts_empty_and_another_folder_is_never_emptied(tmp_path):
+    # Runs mirrored by an earlier session (another prefix, or deleted since) were served as current.
+    import pytest
+
+    from job.errors import ConfigError
+
+    mine = tmp_path / "mirror"
+    tensorboard.mirror_folder(mine)
+    (mine / "old-run" / "train").mkdir(parents=True)
+    (mine / "old-run" / "train" / "events.out.tfevents.1.host").write_bytes(b"e")
+    tensorboard.mirror_folder(mine)
+    assert sorted(p.name for p in mine.rglob("*")) == [tensorboard.MARK]
+    older = tmp_path / "older"  # an earlier version's mirror: event files only, no mark
+    (older / "r1").mkdir(parents=True)
+    (older / "r1" / "events.out.tfevents.2.host").write_bytes(b"e")
+    tensorboard.mirror_folder(older)
+    assert not (older / "r1").exists()
+    theirs = tmp_path / "home"
+    (theirs / "notes").mkdir(parents=True)
+    (theirs / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=f"^tensorboard --folder {theirs}: holds files this command did not write"):
+        tensorboard.mirror_folder(theirs)
+    assert (theirs / "notes" / "todo.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="cannot be the mirror"):
+        tensorboard.mirror_folder(theirs / "notes" / "todo.txt")
+
+
+def test_a_port_in_use_is_a_one_line_error(tmp_path):
+    # It was "unexpected error: TensorBoardPortInUseError", exit 1, with a traceback.
+    import socket
+
+    import pytest
+
+    from job.errors import ConfigError
+
+    (tmp_path / "runs").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"^tensorboard --host 127.0.0.1 --port {port}: .*"):
+            tensorboard.serve(str(tmp_path / "runs"), tmp_path / "mirror", port, "127.0.0.1", 30, stop=lambda: True)
