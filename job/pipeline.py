@@ -405,6 +405,11 @@ def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: s
     if state is None:
         return RunState(config=current, classes=list(classes), dataset=dataset)
     changes = runstate.config_changes(state.config, current) if state.config else ["(not recorded)"]
+    grown = runstate.grown_after_done(state, current)
+    if grown:
+        raise ConfigError(f"config: run {cfg.run_id}'s checkpoint has finished the phase whose epochs grew, so they "
+                          f"would not train: {'; '.join(grown)}. Restore them, or start a new run_id (epochs may grow "
+                          "while their phase is under way)")
     if changes:
         raise ConfigError(
             f"config: run {cfg.run_id} has a checkpoint trained with another config, so resuming would mix "

@@ -114,6 +114,18 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]
     return changes
 
 
+ORDER = ("head", "finetune", "refit_head", "refit", "trained")
+
+
+def grown_after_done(state: RunState, current: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each epoch budget grown (MAY_GROW) whose phase the checkpoint has finished: nothing
+    trains it again, so the run would end with the old epochs while its config.yaml and card said the new."""
+    done = {"train.head.epochs": "head", "train.finetune.epochs": "finetune"}
+    return [f"{key}: {state.config[key]!r} -> {current[key]!r}" for key, phase in done.items()
+            if key in state.config and current.get(key, 0) > state.config[key]
+            and ORDER.index(state.phase) > ORDER.index(phase)]
+
+
 def class_changes(stored: list[str], current: list[str]) -> str:
     """What differs between the classes a checkpoint was trained on and the dataset's now, in output order: ""
     when nothing does (or the checkpoint kept none). A renamed, added or reordered class moves the outputs' names."""

@@ -227,3 +227,17 @@ def test_class_changes_say_what_moved_the_outputs(stored, current):
     if set(stored) == set(current) and stored != current:  # the same names in another order: other outputs too
         assert said == f"another order: {', '.join(stored)} -> {', '.join(current)}"
     assert runstate.class_changes([], current) == ""  # a checkpoint written before the classes were kept
+
+
+@given(st.sampled_from(runstate.ORDER), st.integers(1, 5), st.integers(1, 5), st.integers(0, 3), st.integers(0, 3))
+def test_epochs_may_grow_only_while_their_phase_is_under_way(phase, head, finetune, more_head, more_finetune):
+    # A checkpoint past fine-tuning ("trained") resumed with train.finetune.epochs raised: nothing trained, and the
+    # run ended with the old epochs while its config.yaml and model card said the new ones.
+    state = RunState(phase=phase, config={"train.head.epochs": head, "train.finetune.epochs": finetune})
+    current = {"train.head.epochs": head + more_head, "train.finetune.epochs": finetune + more_finetune}
+    said = runstate.grown_after_done(state, current)
+    head_done, finetune_done = phase != "head", phase not in ("head", "finetune")
+    assert said == ([f"train.head.epochs: {head} -> {head + more_head}"] if head_done and more_head else []) + \
+        ([f"train.finetune.epochs: {finetune} -> {finetune + more_finetune}"] if finetune_done and more_finetune
+         else [])
+    assert runstate.config_changes(state.config, current) == []  # growing stays allowed in itself
