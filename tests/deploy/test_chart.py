@@ -1134,3 +1134,13 @@ def test_pod_labels_may_not_be_the_charts_own(label: str) -> None:
     with pytest.raises(Exception, match=f"podLabels: {label} is one of the chart's own labels"):
         render({"podLabels": {label: "x"}, "workers": 2})
     assert train_pod(render({"podLabels": {"team": "vision"}}))["metadata"]["labels"]["team"] == "vision"
+
+
+@pytest.mark.parametrize("release", ["1flowers", "my.run"])
+def test_a_release_name_kubernetes_refuses_for_a_service_fails_the_render(release: str) -> None:
+    # Helm accepts these release names; the Services named after them were refused by the API server (DNS-1035).
+    with pytest.raises(Exception, match=f"the resources' name \"{re.escape(release)}-finetune-job\" .* must start "
+                                        "with a letter"):
+        render({"tensorboard": {"enabled": True, "from": "s3://b/m"}}, name=release)
+    assert only(render({"fullnameOverride": "flowers"}, name="1flowers"), "ConfigMap")["metadata"]["name"] \
+        .startswith("flowers")

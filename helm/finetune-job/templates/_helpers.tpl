@@ -4,18 +4,25 @@
 {{- end }}
 
 {{/* Full name "<release>-<chart>" (just the release name when it already contains the chart
-name), cut to 63 characters. */}}
+name), cut to 63 characters. It names Services too, whose names Kubernetes wants as DNS-1035 labels (a
+letter first, no dot), which Helm's release names need not be: `1flowers` or `my.run` rendered Services the
+API server refuses, so the render fails naming it. */}}
 {{- define "finetune-job.fullname" -}}
+{{- $full := "" }}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- $full = .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- $full = .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- $full = printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $full) }}
+{{- fail (printf "the resources' name %q (release %q) must start with a letter and hold only a-z, 0-9 and '-' (Kubernetes' Service names, DNS-1035): choose another release name or fullnameOverride" $full .Release.Name) }}
+{{- end }}
+{{- $full }}
 {{- end }}
 
 {{/* "chart-version" for the helm.sh/chart label. */}}
