@@ -74,13 +74,14 @@ COPY --from=build /opt/finetune-job/weights /opt/finetune-job/weights
 
 # HOME and KERAS_HOME under /tmp: the root filesystem is read-only in the cluster and Keras
 # writes ~/.keras. NVIDIA_* let the NVIDIA container runtime mount the driver into this
-# non-CUDA base image.
+# non-CUDA base image. TF_CPP_MIN_LOG_LEVEL=2, the job's own default (README): TensorFlow's native
+# lines below errors stay out of the pod's log unless set lower (1 had them shown in the cluster only).
 ENV PATH=/opt/venv/bin:${PATH} \
     HOME=/tmp \
     KERAS_HOME=/tmp/.keras \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    TF_CPP_MIN_LOG_LEVEL=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
