@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+import re
 import secrets
 import urllib.parse
 from pathlib import Path
@@ -316,7 +317,13 @@ def _set_path(tree: dict, path: list[str], value: Any, source: str) -> None:
 
 class _UniqueKeys(yaml.SafeLoader):
     """YAML that refuses a key written twice in one mapping: PyYAML keeps the last one silently, so a section
-    written twice (`train:` copied below another) lost every key of the first."""
+    written twice (`train:` copied below another) lost every key of the first. And that keeps YAML 1.1's other
+    integers as written (`007` octal, `0x1F`, `1_000`, `1:30`): `run_id: 007` became the run `7`, and
+    `class_weight: {010: 5.0}` weighed a class `8`; a number key reads them as decimal, as YAML 1.2 does."""
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        return int(text) if re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", text) else text
 
     def construct_mapping(self, node, deep=False):
         first: dict = {}
@@ -333,13 +340,16 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_UniqueKeys.add_constructor("tag:yaml.org,2002:int", _UniqueKeys.construct_yaml_int)
+
+
 def _parse_value(raw: str, path: list[str] = ()) -> Any:
     """YAML-typed value: `64` -> int, `true` -> bool, `[64, 64]` -> list, else the string. A key that holds a
     string takes the text as it is: `FINETUNE_RUN_ID=2024-01-01` is that run id, not a date (nor `007` the int 7)."""
     if _annotation_at(path) is str:
         return raw
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
+        return yaml.load(raw, Loader=_UniqueKeys) if raw != "" else ""  # a SafeLoader
     except yaml.YAMLError:
         return raw
 

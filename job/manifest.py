@@ -191,14 +191,14 @@ def _labels(value, line: int, name: str) -> tuple[str, ...]:
 
 def joined_labels(rows: list[Row]) -> dict[str, str]:
     """{label: separator} for the labels that look like several joined the wrong way, trained as one class made of
-    both: in a multi-label manifest, one with a `,` or `;`, or with spaces between labels that occur on their own
-    (`haze primary`); in a single-label one, one with the multi-label separator `|`."""
+    both: in a multi-label manifest, one with a `,`, `;` or `|` (the CSV's separator, inside a JSON list's name),
+    or with spaces between labels that occur on their own (`haze primary`); in a single-label one, one with `|`."""
     if not is_multi_label(rows):
         return {r.label: SEPARATOR for r in rows if SEPARATOR in r.label}
     labels = {x for r in rows for x in r.labels}
     found = {}
     for x in sorted(labels):
-        for sep in (",", ";", " "):
+        for sep in (",", ";", SEPARATOR, " "):
             parts = [p.strip() for p in x.split(sep) if p.strip()]
             if len(parts) > 1 and (sep != " " or all(p in labels for p in parts)):
                 found[x] = sep

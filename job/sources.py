@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def open_source(cfg: Config) -> Source:
     if broken:
         raise DataError(f"{cfg.data.uri}: class name {ascii(broken[0])} holds a line break; labels.txt keeps one "
                         "class per line, so rename it")
+    hidden = [c for c in source.layout.classes if any(unicodedata.category(ch) == "Cc" for ch in c)]
+    if hidden:  # a NUL or a tab in a label trained and exported without a word, and printed as something else
+        raise DataError(f"{cfg.data.uri}: class name {ascii(hidden[0])} holds a control character, which prints "
+                        "as nothing or as a jump (a tab, a NUL); rename it")
     blank = [c for c in source.layout.classes if not c.strip()]
     if blank:
         raise DataError(f"{cfg.data.uri}: a class named {blank[0]!r}, only spaces (a folder, or a JSON label): it "

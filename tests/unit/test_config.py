@@ -97,6 +97,18 @@ def test_a_string_key_set_from_the_environment_or_set_is_the_text_as_written(tex
     assert config.load(None, [*where, f"data.uri=s3://b/{text}"], environ={}).data.uri == f"s3://b/{text}"
 
 
+def test_yaml_1_1_integers_other_than_decimal_are_kept_as_written(tmp_path):
+    # YAML 1.1 reads 007 and 010 as octal: `run_id: 007` was the run "7", and a class weight for the class "010"
+    # went to a class "8" (accepted without a word where one existed).
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE + "run_id: 007\ntrain: {batch_size: 010, class_weight: {010: 5.0, 8: 1.0}}\n")
+    cfg = config.load(path, environ={})
+    assert cfg.run_id == "007" and cfg.train.batch_size == 10 and cfg.train.class_weight == {"010": 5.0, "8": 1.0}
+    assert config.load(path, ["train.class_weight={0x1F: 2.0}"], environ={}).train.class_weight == {"0x1F": 2.0}
+    with pytest.raises(ConfigError, match=r"^config: train.batch_size: .* \(got '0x20'\)$"):
+        config.load(path, ["train.batch_size=0x20"], environ={})
+
+
 @pytest.mark.parametrize(("value", "read_as"), [("2024-01-01", "datetime.date(2024, 1, 1) as a date"),
                                                 ("yes", "True as a boolean")])
 def test_a_yaml_typed_value_for_a_string_key_says_to_quote_it(cfg_file, value, read_as):

@@ -567,7 +567,7 @@ def test_packed_class_names_read_back_as_packed(tmp_path):
     # pack writes classes.txt one class per line. A class name with any break that str.splitlines splits at
     # (\n, \r, \x0b, \x0c, \x1c-\x1e, \x85, U+2028, U+2029) would shift the names after it in classes.txt or in
     # a run's labels.txt as other tools read them: the listing refuses it, so pack writes nothing.
-    for c in ("dog", "cat\u00e9 \t tab"):
+    for c in ("dog", "cat\u00e9  two spaces"):
         (tmp_path / "data/train" / c).mkdir(parents=True)
         (tmp_path / "data/train" / c / "1.png").write_bytes(b"P")
     result = pack(str(tmp_path / "data"), str(tmp_path / "shards"), 10_000)

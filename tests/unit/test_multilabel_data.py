@@ -274,6 +274,11 @@ def test_labels_joined_the_wrong_way_are_found():
     assert joined(["red shoe", "shoe"]) == {}  # "red" is no label of its own: a name with a space
     assert joined(["shoe|red", "shoe"], header="path,label") == {"shoe|red": "|"}  # single-label: one class
     assert joined(["shoe", "red"], header="path,label") == {}
+    # In a JSON list, the CSV's separator stays inside a name: "r|g" trained as one label, without the warning
+    # that "r,g" got.
+    rows = manifest.parse(b'{"path": "a.png", "labels": ["r|g", "b"]}\n{"path": "b.png", "labels": ["r"]}\n',
+                          "m.jsonl")
+    assert manifest.joined_labels(rows) == {"r|g": "|"}
 
 
 @given(LABEL_SETS)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -583,3 +584,19 @@ def test_validate_reads_the_bmps_headers_warns_of_palette_ones_and_refuses_as_tr
     with pytest.raises(DataError, match=r"^3 of 17 images are bad \(17\.6% > data\.max_bad_fraction 1\.0%\), "
                                         r"e\.g\. .*/train/\w+/p0\.BMP: a BMP with a colour palette"):
         validated(3)
+
+
+@pytest.mark.parametrize("name", ["re\x00d", "red\tshoe", "\x1b[31mred"])
+def test_a_class_name_with_a_control_character_is_refused(tmp_path, name):
+    # A NUL or a tab in a label (JSON lines, a CSV field, a folder) trained and exported without a word.
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    rows = [{"path": str(p.relative_to(tmp_path / "d")), "label": name if i % 2 else "blue"}
+            for i, p in enumerate(sorted((tmp_path / "d").rglob("*.png")))]
+    (tmp_path / "d" / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"class name {re.escape(ascii(name))} holds a control character"):
+        sources.open_source(config(tmp_path / "d", manifest=str(tmp_path / "d" / "m.jsonl")))
+    if "\x00" not in name:  # (a file system holds no NUL in a name)
+        (tmp_path / "d" / "train" / name).mkdir()
+        (tmp_path / "d" / "train" / name / "1.png").write_bytes((tmp_path / "d" / rows[0]["path"]).read_bytes())
+        with pytest.raises(DataError, match="holds a control character"):
+            sources.open_source(config(tmp_path / "d"))
