@@ -245,7 +245,8 @@ def pack(
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     images = sum(result["images"].values())
-    typer.echo(f"packed {images} images of {len(result['classes'])} classes into {len(result['shards'])} shards "
+    kind = "labels" if result.get("task") == "multi_label" else "classes"
+    typer.echo(f"packed {images} images of {len(result['classes'])} {kind} into {len(result['shards'])} shards "
                f"under {result['to']}")
 
 

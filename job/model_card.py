@@ -31,7 +31,7 @@ A `keras.applications` **$backbone** (weights: `$weights`) fine-tuned by finetun
 ## Intended input
 
 Photos or images like the training data, any size: they are resized to ${height}x${width} (bilinear, \
-antialiased, no crop, so the aspect ratio is not kept) and must show one object of one of the classes above. \
+antialiased, no crop, so the aspect ratio is not kept) and $kind_subject. \
 The SavedModel takes encoded JPEG/PNG/BMP/GIF bytes; LiteRT and ONNX take decoded RGB pixels (0..255, \
 resized), as the JSON beside each file says. $kind_rule
 
@@ -75,9 +75,11 @@ Or `finetune-job predict --model <this run> image.jpg [--format tflite|tflite_in
 
 
 SINGLE = {"kind_title": "an image classifier of {n} classes", "kind_names": "Classes",
+          "kind_subject": "must show one object of one of the classes above",
           "kind_rule": 'Every image gets one of these classes: there is no "none of them".',
           "usage": 'print(out["label"].numpy(), out["probabilities"].numpy())'}
-MULTI = {"kind_title": "a multi-label image classifier of {n} labels", "kind_names": "Labels",
+MULTI = {"kind_title": "a multi-label image classifier of {n} label{s}", "kind_names": "Labels",
+         "kind_subject": "may show what any of the labels above names, several of them or none",
          "kind_rule": "Each label is decided on its own: an image gets every label whose score reaches its threshold "
                       "(thresholds.json, built into every format), maybe none.",
          "usage": 'print(out["labels"].numpy(), out["scores"].numpy())  # names above threshold ("" elsewhere)'}
@@ -91,7 +93,7 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
     height, width = data["image_size"]
     split = "test" if "test" in reports else "validation"
     multi = config.get("task") == "multi_label"
-    kind = {k: v.format(n=len(classes)) for k, v in (MULTI if multi else SINGLE).items()}
+    kind = {k: v.format(n=len(classes), s="s" * (len(classes) != 1)) for k, v in (MULTI if multi else SINGLE).items()}
     per_label = reports.get(split, {}).get("per_label" if multi else "per_class", {})
     return CARD.substitute(**kind,
         run_id=run_id, backbone=model["backbone"], weights=model["weights"], data_uri=data["uri"],

@@ -89,8 +89,8 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
         classes_file = Path(tmp) / shards.CLASSES  # last: without it, a half-written pack is not a dataset
         write_labels(classes_file, layout.classes)
         dest.upload(classes_file, shards.CLASSES)
-    return {"to": dest.uri, "classes": layout.classes, "counts": layout.counts(), "images": images,
-            "shards": shard_counts}
+    return {"to": dest.uri, "task": "multi_label" if layout.multi_label else "single_label", "classes": layout.classes,
+            "counts": layout.counts(), "images": images, "shards": shard_counts}
 
 
 def _refuse_or_clear(dest: storage.Store, overwrite: bool) -> None:

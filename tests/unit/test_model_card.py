@@ -118,6 +118,10 @@ def test_a_multilabel_card_gives_map_f1s_and_each_labels_threshold():
     card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {})
     assert "# m1: a multi-label image classifier of 2 labels" in card and "Labels, in output order" in card
     assert 'there is no "none of them"' not in card and "maybe none" in card
+    # It said an image "must show one object of one of the classes above", beside "maybe none".
+    assert "one object of one of" not in card and "may show what any of the labels above names" in card
+    one = model_card.render("m1", cfg, ["rose"], counts, {"test": report}, formats, 0, {})
+    assert "# m1: a multi-label image classifier of 1 label\n" in one  # not "of 1 labels"
     data, results, labels, fmts = _tables(card)
     assert data[-2:] == [["(no label)", "5"], ["**images**", "40"]]
     assert results[2] == ["test", "40", "97.0%", "85.0%", "77.0%", "60.0%", "0.310"]

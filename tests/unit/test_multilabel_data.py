@@ -321,3 +321,13 @@ def test_a_split_whose_images_carry_no_label_is_unmeasured_and_val_map_on_it_is_
     with pytest.raises(DataError, match=r"^the 4 validation image\(s\) carry no label, so val_map "
                                         r"\(train\.early_stopping_metric\) is undefined: use val_loss"):
         pipeline.validate(cfg)
+
+
+def test_pack_counts_a_multilabel_manifests_labels_as_labels(tmp_path):
+    # "packed 16 images of 2 classes": they are labels, as validate and the card call them.
+    from conftest import run_cli
+
+    listed = labelled_manifest(tmp_path / "d")
+    out = run_cli("pack", "--from", str(listed), "--to", str(tmp_path / "shards"))  # its own process and logging
+    assert out.returncode == 0, out.stderr
+    assert "packed 16 images of 2 labels into 2 shards under" in out.stdout
