@@ -16,6 +16,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import posixpath
 from dataclasses import dataclass
 
 from job.errors import DataError
@@ -210,9 +212,12 @@ def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list
     """Each row's key: relative to `data_uri` when inside it (a leading `./` dropped), else the full URI;
     DataError for a path listed twice or missing from `existing`."""
     root = data_uri.rstrip("/") + "/"
+    local = "://" not in data_uri or data_uri.startswith("file://")
     seen: dict[str, int] = {}
     for row in rows:
         key = row.path[len(root):] if row.path.startswith(root) else row.path
+        if local and ("://" not in key or key.startswith("file://")):
+            key = _local_key(key, data_uri)
         while key.startswith("./"):  # as `find .` writes paths: the same object as without
             key = key[2:]
         if ".." in key.split("/"):  # its copy would land outside the staging folder
@@ -230,6 +235,21 @@ def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list
             raise DataError(f"{name} line {row.line}: {row.path} does not exist"
                             + ("" if "://" in key else f" under {data_uri}") + hint)
     return list(seen)
+
+
+def _local_key(path: str, data_uri: str) -> str:
+    """A local manifest path as the listing names it: `a//b` and `a/./b` as `a/b` (they were "does not exist"),
+    and an absolute path (or `file://` URI) inside data.uri relative to it, however either is spelled (a relative
+    data.uri, a `..`, a symlink: they were "outside data.uri"). A path with a `..` part is left as written."""
+    path = path.removeprefix("file://")
+    if not path.startswith("/"):
+        return path if ".." in path.split("/") else posixpath.normpath(path)
+    base = data_uri.removeprefix("file://")
+    for resolve in (os.path.abspath, os.path.realpath):
+        inside = os.path.relpath(resolve(path), resolve(base))
+        if inside != "." and not inside.startswith(".."):
+            return inside
+    return path
 
 
 def to_layout(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> Layout:

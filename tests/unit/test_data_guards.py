@@ -599,3 +599,26 @@ def test_packed_class_names_read_back_as_packed(tmp_path):
 def test_a_json_line_key_that_would_be_ignored_or_overwritten_is_refused(line, expected):
     message = refusal('{"path": "b.png", "label": "c", "source": "web", "note": null}\n' + line + "\n", "m.jsonl")
     assert message.startswith(f"m.jsonl line 2: {expected}")
+
+
+def test_local_manifest_paths_are_read_however_they_are_spelled(tmp_path, monkeypatch):
+    # `images//a.png` and `images/./b.png` were "does not exist"; an absolute path inside data.uri was "outside
+    # data.uri" when data.uri was relative, held a `..` or a symlink; a file:// URI of an image listed by its
+    # relative path too was two images.
+    data = tmp_path / "d"
+    (data / "images").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(data)
+    existing = {f"images/{n}.png" for n in "abcdef"}
+    monkeypatch.chdir(tmp_path)
+    rows = rows_of("images//a.png,cat,", "images/./b.png,dog,", f"{data}/images/c.png,cat,",
+                   f"{tmp_path}/x/../d/images/d.png,dog,", f"{tmp_path}/link/images/e.png,cat,",
+                   f"file://{data}/images/f.png,dog,")
+    for uri in ("d", str(data), f"{tmp_path}/link", f"file://{data}"):
+        assert sorted(to_layout(rows, uri, existing).keys()) == sorted(existing), uri
+    twice = rows_of("images/a.png,cat,", f"file://{data}/images/a.png,cat,", "images/b.png,dog,")
+    assert layout_refusal(twice, str(data), existing) == f"m.csv line 3: file://{data}/images/a.png is listed twice " \
+                                                         "(first on line 2)"
+    outside = rows_of("images/a.png,cat,", f"{tmp_path}/elsewhere/b.png,dog,")
+    assert "is outside data.uri" in layout_refusal(outside, "d", existing)
+    assert "has a '..' part" in layout_refusal(rows_of("images/../images/a.png,cat,", "images/b.png,dog,"), "d",
+                                               existing)
