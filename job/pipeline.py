@@ -155,6 +155,18 @@ def validate(cfg: Config):
     return layout
 
 
+def _own_files(out: storage.Store) -> list[str]:
+    """What overwriting the run deletes: every file of its folder but the lease. ConfigError when a complete run
+    lies below it (an output.uri set inside this run's folder): its files went with this run's, without a word."""
+    files = [e.rel for e in out.list() if e.rel != "_LEASE"]
+    nested = sorted(rel.rpartition("/")[0] for rel in files if rel.endswith("/_SUCCESS"))
+    if nested:
+        raise ConfigError(f"config: output.overwrite: {out.uri} holds another complete run below it "
+                          f"({storage.join(out.uri, nested[0])}), which overwriting would delete; move it, or choose "
+                          "another run_id")
+    return files
+
+
 def _check_val_map(cfg: Config, listed) -> None:
     """DataError when early stopping (and train.search) would compare val_map over validation images that carry no
     label: it is undefined (NaN) on every epoch, so the first epoch was kept without a word."""
@@ -282,7 +294,7 @@ def prepare(cfg: Config) -> Run | dict:
             # attempt (a preempted or failed pod of the same Job) and resumes.
             if cluster.is_chief:
                 log.warning("overwriting the complete run", artifacts=out.uri)
-                out.delete([e.rel for e in out.list() if e.rel != "_LEASE"])
+                out.delete(_own_files(out))
             state = "empty"
         from job.checkpoint import Checkpoints
 

@@ -600,3 +600,21 @@ def test_a_class_name_with_a_control_character_is_refused(tmp_path, name):
         (tmp_path / "d" / "train" / name / "1.png").write_bytes((tmp_path / "d" / rows[0]["path"]).read_bytes())
         with pytest.raises(DataError, match="holds a control character"):
             sources.open_source(config(tmp_path / "d"))
+
+
+def test_overwriting_a_run_never_deletes_a_complete_run_below_it(tmp_path):
+    # output.uri set to a run's folder put a second run inside the first; overwriting the first deleted it.
+    from job import storage
+    from job.errors import ConfigError
+
+    run = tmp_path / "out" / "r1"
+    for rel in ("_SUCCESS", "model.keras", "checkpoints/ckpt-1.index", "_LEASE"):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text("x")
+    assert sorted(pipeline._own_files(storage.LocalStore(str(run)))) == ["_SUCCESS", "checkpoints/ckpt-1.index",
+                                                                        "model.keras"]
+    (run / "nested").mkdir()
+    (run / "nested" / "_SUCCESS").write_text("")
+    with pytest.raises(ConfigError, match=f"^config: output.overwrite: {run} holds another complete run below it "
+                                          f"\\({run}/nested\\), which overwriting would delete"):
+        pipeline._own_files(storage.LocalStore(str(run)))
