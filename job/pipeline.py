@@ -155,6 +155,22 @@ def validate(cfg: Config):
     return layout
 
 
+def _warn_other_config(cfg: Config, out: storage.Store) -> None:
+    """A complete run is not redone; when its config.yaml differs from this config in what trains a model, say so
+    (a changed recipe ended "already complete" without a word)."""
+    import yaml
+
+    try:
+        stored = yaml.safe_load(out.read("config.yaml"))
+    except Exception:  # noqa: BLE001 (an older run without one, or unreadable: nothing to compare)
+        return
+    changes = runstate.config_changes(runstate.training_config(stored or {}),
+                                      runstate.training_config(redacted(cfg))) if isinstance(stored, dict) else []
+    if changes:
+        log.warning(f"run {cfg.run_id} is complete, trained with another config, and is not redone: set "
+                    "output.overwrite to train it again with this one, or choose another run_id", changes=changes)
+
+
 def _own_files(out: storage.Store) -> list[str]:
     """What overwriting the run deletes: every file of its folder but the lease. ConfigError when a complete run
     lies below it (an output.uri set inside this run's folder): its files went with this run's, without a word."""
@@ -270,6 +286,7 @@ def prepare(cfg: Config) -> Run | dict:
     A complete run returns its summary instead (nothing to do unless `output.overwrite`)."""
     out, state = output_state(cfg)
     if state == "complete" and not cfg.output.overwrite:
+        _warn_other_config(cfg, out)
         return {"status": "already complete", "artifacts": out.uri}
     timings = Timings()
     with timings.measure("listing"):

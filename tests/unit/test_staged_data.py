@@ -618,3 +618,24 @@ def test_overwriting_a_run_never_deletes_a_complete_run_below_it(tmp_path):
     with pytest.raises(ConfigError, match=f"^config: output.overwrite: {run} holds another complete run below it "
                                           f"\\({run}/nested\\), which overwriting would delete"):
         pipeline._own_files(storage.LocalStore(str(run)))
+
+
+def test_a_complete_run_asked_again_with_another_recipe_says_so(tmp_path, capsys):
+    # It ended "already complete", exit 0, without a word that the stored model was trained otherwise.
+    from job.config import redacted, to_yaml
+
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+
+    def cfg(seed: int) -> Config:
+        return Config.model_validate({"data": {"uri": str(tmp_path / "d")}, "output": {"uri": str(tmp_path / "out")},
+                                      "model": {"weights": "none"}, "run_id": "r1", "train": {"seed": seed}})
+
+    (tmp_path / "out" / "r1").mkdir(parents=True)
+    (tmp_path / "out" / "r1" / "config.yaml").write_text(to_yaml(cfg(1)))
+    (tmp_path / "out" / "r1" / "_SUCCESS").write_text("")
+    assert redacted(cfg(1))["run_id"] == "r1"
+    assert pipeline.prepare(cfg(1))["status"] == "already complete"
+    assert "another config" not in capsys.readouterr().out
+    assert pipeline.prepare(cfg(5))["status"] == "already complete"
+    out = capsys.readouterr().out
+    assert "run r1 is complete, trained with another config, and is not redone" in out and "train.seed: 1 -> 5" in out
