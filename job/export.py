@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 import job
-from job import evaluate, formats, logs, model_card
+from job import evaluate, formats, logs, model_card, signals
 from job.config import redacted, to_yaml
 from job.dataset import decode_and_resize
 from job.files import json_text, write_labels
@@ -42,8 +42,10 @@ def artifacts(run, reports: dict, folder: Path) -> dict:
     write_labels(folder / "labels.txt", classes)
     if run.multi:
         write_json(folder / THRESHOLDS, thresholds_file(classes, run.thresholds))
+    signals.check("export")  # between its stages: a stop while exporting was ignored until the run was complete
     with measure("formats"):
         checked = _formats(run, served, folder)
+    signals.check("export")
     with measure("export_reports"):
         bad = [{"file": image_uri(cfg.data.uri, key), "reason": reason} for key, reason in run.data.bad.items()]
         write_json(folder / "metrics.json", {**reports, "formats": checked["formats"], "bad_images": bad})

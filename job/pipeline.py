@@ -826,6 +826,7 @@ def export_run(run: Run, reports: dict, started: float) -> dict:
         _final_summaries(run, reports, folder)
     if run.lease:
         run.lease.check()
+    signals.check("export")  # the last point before storage: the upload, once begun, ends with _SUCCESS
     log.info("uploading the artifacts", to=run.out.uri, files=sum(1 for p in folder.rglob("*") if p.is_file()))
     with run.timings.measure("upload"):
         export.upload(folder, run.out)
