@@ -18,12 +18,15 @@ import io
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 
 from job.errors import DataError
 from job.layout import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UNREAD_IMAGE_EXTENSIONS, Layout, MultiLayout
 
 HEADERS = (["path", "label"], ["path", "label", "split"])
+JSON_LINES = (".jsonl", ".ndjson", ".json")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what ends a line for the csv module
 MULTI_HEADERS = (["path", "labels"], ["path", "labels", "split"])
 SEPARATOR = "|"  # between the labels of a multi-label CSV row
 
@@ -42,12 +45,13 @@ def is_multi_label(rows: list[Row]) -> bool:
 
 
 def parse(data: bytes, name: str) -> list[Row]:
-    """The rows of a manifest file (`name` is its URI, for messages). CSV unless it ends in .jsonl/.json."""
+    """The rows of a manifest file (`name` is its URI, for messages). CSV unless it ends in JSON_LINES' suffixes
+    (`.ndjson`, the other common name of JSON lines, was read as a CSV and refused for its header)."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{name}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
-    rows = _jsonl(text, name) if name.lower().endswith((".jsonl", ".json")) else _csv(text, name)
+    rows = _jsonl(text, name) if name.lower().endswith(JSON_LINES) else _csv(text, name)
     if not rows:
         raise DataError(f"{name}: no entries")
     return rows
@@ -68,10 +72,15 @@ def _csv_rows(reader, name: str) -> list[Row]:
         raise DataError(f"{name} line 1: the header must be 'path,label[,split]' (or multi-label "
                         f"'path,labels[,split]'), not {','.join(header)!r}")
     rows = []
+    end = reader.line_num  # of the record before (a blank line is a record of no field)
     for fields in reader:
-        line = reader.line_num
+        start, line = end + 1, reader.line_num
+        end = line
         if not fields or all(not f.strip() for f in fields):
             continue
+        if any(_LINE_BREAK.search(f) for f in fields):  # a quote left open swallowed the lines after it
+            raise DataError(f"{name} line {start}: a quoted field runs over lines {start} to {line}: a quote left "
+                            "open? (a path or a label holds no line break)")
         if len(fields) != len(header):
             raise DataError(f"{name} line {line}: {len(fields)} fields, expected {len(header)} ({','.join(header)})")
         values = dict(zip(header, (f.strip() for f in fields)))

@@ -24,6 +24,7 @@ from pathlib import Path
 from job import logs, shards, storage
 from job.errors import ConfigError, StorageError
 from job.files import write_labels
+from job.manifest import JSON_LINES
 from job.uris import within
 
 log = logs.get()
@@ -51,7 +52,7 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     from job.config import Config, home_path
 
     source_uri = home_path(source_uri)  # as data.uri and data.manifest take it (`--from=~/...`: no shell expands it)
-    manifest = source_uri if source_uri.lower().endswith((".csv", ".jsonl", ".json")) else ""
+    manifest = source_uri if source_uri.lower().endswith((".csv", *JSON_LINES)) else ""
     data_uri = source_uri.rsplit("/", 1)[0] if manifest else source_uri
     cfg = Config.model_validate({"data": {"uri": data_uri, "manifest": manifest}, "output": {"uri": dest_uri},
                                  "s3": {"endpoint_url": endpoint}, "model": {"weights": "none"},

@@ -540,7 +540,10 @@ def test_a_csv_manifest_with_cr_line_endings_is_read_and_csv_errors_are_data_err
         assert [(r.line, r.path, r.label) for r in manifest.parse(data, "m.csv")] == [(2, "a.png", "cat"),
                                                                                      (3, "b.png", "dog")]
     assert refusal("path,label\na\rb.png,cat\n") == "m.csv line 2: 1 fields, expected 2 (path,label)"
-    assert [r.path for r in parse('path,label\n"a\rb.png",cat\n"c\r\nd.png",dog\n')] == ["a\rb.png", "c\r\nd.png"]
+    # A line break inside a quoted field is a quote left open, never a path or a label (a file named with a CR,
+    # which this once read, is not worth the open quote it hides).
+    assert refusal('path,label\n"a\rb.png",cat\n') == "m.csv line 2: a quoted field runs over lines 2 to 3: a " \
+                                                       "quote left open? (a path or a label holds no line break)"
     assert refusal("path,label\n" + "x" * 200_000 + ".png,cat\n") == \
         "m.csv line 2: not CSV (field larger than field limit (131072))"
 
@@ -622,3 +625,27 @@ def test_local_manifest_paths_are_read_however_they_are_spelled(tmp_path, monkey
     assert "is outside data.uri" in layout_refusal(outside, "d", existing)
     assert "has a '..' part" in layout_refusal(rows_of("images/../images/a.png,cat,", "images/b.png,dog,"), "d",
                                                existing)
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=8), st.data())
+def test_a_quote_left_open_in_a_csv_is_named_at_its_line(blank_after, data):
+    # It swallowed the lines after it into one field: a class named with line breaks, said of data.uri with no
+    # line, or "1 class(es) in train" when the quote sat on the first row.
+    lines, where = [], {}
+    for i, blank in enumerate(blank_after):
+        where[i] = len(lines) + 2  # (line 1 is the header)
+        lines.append(f"{i}.png,c{i % 2}")
+        if blank:
+            lines.append("")
+    k = data.draw(st.integers(0, len(blank_after) - 1))
+    lines[where[k] - 2] = f'"{k}.png,c{k % 2}'
+    ending = data.draw(st.sampled_from(["\n", "\r\n"]))
+    message = refusal(ending.join(["path,label", *lines]) + ending)
+    assert message.startswith(f"m.csv line {where[k]}: a quoted field runs over lines {where[k]} to ")
+    assert message.endswith("a quote left open? (a path or a label holds no line break)")
+
+
+def test_ndjson_is_json_lines():
+    # `.ndjson` was read as a CSV and refused for its header.
+    rows = parse('{"path": "a.png", "label": "cat"}\n{"path": "b.png", "label": "dog"}\n', "m.ndjson")
+    assert [(r.path, r.label) for r in rows] == [("a.png", "cat"), ("b.png", "dog")]
