@@ -182,7 +182,9 @@ def _print_counts(layout) -> None:
 def predict(
     model: Annotated[str, typer.Option("--model", "-m", help="An exported run: local folder or s3://bucket/prefix/run_id.")],
     images: Annotated[list[str], typer.Argument(help="Image files or s3:// URIs.")],
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many labels to print per image.")] = 3,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="How many labels to print per image "
+                                                "(default 3; multi-label: at most this many above their thresholds, "
+                                                "default all of them).")] = None,
     endpoint_url: Annotated[str, typer.Option(help="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per image.")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="Which artifact of the run classifies.")] = "saved_model",

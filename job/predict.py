@@ -65,7 +65,7 @@ def read_image(uri: str, endpoint: str = "") -> bytes:
         raise ConfigError(f"{uri}: cannot read image ({e.strerror})") from None
 
 
-def predict(model_uri: str, images: list[str], top_k: int, endpoint: str = "",
+def predict(model_uri: str, images: list[str], top_k: int | None, endpoint: str = "",
             fmt: str = "saved_model") -> Iterator[dict]:
     """One result per image (local path or s3:// URI), in order, as each is classified with the chosen artifact:
     the top-k labels with probabilities (`top`); a multi-label run: the labels above their thresholds with their
@@ -105,12 +105,14 @@ def _unreadable(path: Path) -> str:
         return e.strerror or str(e)
 
 
-def _result(uri: str, output, labels: list[str], top_k: int, multi: bool) -> dict:
+def _result(uri: str, output, labels: list[str], top_k: int | None, multi: bool) -> dict:
+    """Single-label: the `top_k` (default 3) most probable labels. Multi-label: the labels above their thresholds,
+    the `top_k` highest of them if given (it was ignored without a word); every score in "scores"."""
     if multi:
         scores, above = output
         chosen = [{"label": labels[i], "score": float(scores[i])} for i in scores.argsort()[::-1] if above[i]]
-        return {"image": uri, "labels": chosen, "scores": {c: float(v) for c, v in zip(labels, scores)}}
-    order = output.argsort()[::-1][:top_k]
+        return {"image": uri, "labels": chosen[:top_k], "scores": {c: float(v) for c, v in zip(labels, scores)}}
+    order = output.argsort()[::-1][:top_k or 3]
     return {"image": uri, "top": [{"label": labels[i], "probability": float(output[i])} for i in order]}
 
 

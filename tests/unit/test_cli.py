@@ -56,3 +56,19 @@ def test_validate_escapes_only_look_alike_names_in_its_table(capsys):
     _print_counts(Layout(names, {"train": {c: [f"train/{i}/1.jpg"] for i, c in enumerate(names)}}))
     rows = capsys.readouterr().out.splitlines()[1:4]
     assert [row.split("  ")[0] for row in rows] == ["cafe\u0301", "circle", "'circle '"]
+
+
+def test_top_k_caps_a_multilabel_images_labels_above_their_thresholds():
+    # --top-k was ignored for multi-label runs without a word: `-k 1` still printed every label above threshold.
+    import numpy as np
+
+    from job.predict import _result
+
+    scores, above = np.array([0.9, 0.2, 0.95, 0.7]), np.array([True, False, True, True])
+    labels = ["a", "b", "c", "d"]
+    every = _result("x.png", (scores, above), labels, None, multi=True)
+    assert [x["label"] for x in every["labels"]] == ["c", "a", "d"] and len(every["scores"]) == 4
+    assert [x["label"] for x in _result("x.png", (scores, above), labels, 1, multi=True)["labels"]] == ["c"]
+    probabilities = np.array([0.1, 0.2, 0.3, 0.4])
+    assert [x["label"] for x in _result("x.png", probabilities, labels, None, multi=False)["top"]] == ["d", "c", "b"]
+    assert [x["label"] for x in _result("x.png", probabilities, labels, 1, multi=False)["top"]] == ["d"]
