@@ -1144,3 +1144,11 @@ def test_a_release_name_kubernetes_refuses_for_a_service_fails_the_render(releas
         render({"tensorboard": {"enabled": True, "from": "s3://b/m"}}, name=release)
     assert only(render({"fullnameOverride": "flowers"}, name="1flowers"), "ConfigMap")["metadata"]["name"] \
         .startswith("flowers")
+
+
+def test_the_metrics_port_may_not_be_the_workers_port() -> None:
+    # Two container ports alike: the metrics server and TensorFlow's worker server could not both bind it.
+    port = 12345
+    with pytest.raises(Exception, match=f"config.metrics.port {port} is multiWorker.port too"):
+        render({"workers": 2, "multiWorker": {"port": port}, "config": {"metrics": {"port": port}}})
+    assert workload(render({"workers": 1, "multiWorker": {"port": port}, "config": {"metrics": {"port": port}}}))

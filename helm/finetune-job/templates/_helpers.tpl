@@ -337,6 +337,10 @@ spec:
         - name: TF_CONFIG_CLUSTER
           value: {{ include "finetune-job.tfCluster" . | quote }}
         {{- end }}
+      {{- if and (gt $workers 1) (eq $metricsPort (int .Values.multiWorker.port)) }}
+      {{- /* both servers would bind it: the second to start failed, after the pods were scheduled */}}
+      {{- fail (printf "config.metrics.port %d is multiWorker.port too: TensorFlow's worker server and the metrics server cannot share it; change one" $metricsPort) }}
+      {{- end }}
       {{- if or (gt $metricsPort 0) (gt $workers 1) }}
       ports:
         {{- if gt $metricsPort 0 }}
