@@ -293,7 +293,9 @@ def to_multi_layout(rows: list[Row], name: str, data_uri: str, existing: set[str
     for row, key in zip(rows, _keys(rows, name, data_uri, existing)):
         outside = [x for x in row.labels if x not in index]
         if outside:
-            raise DataError(f"{name} line {row.line}: label {outside[0]!r} is not in {classes_name}")
+            alike = [c for c in classes if c.strip().casefold() == outside[0].strip().casefold()]
+            hint = f" (it has {alike[0]!r}: names are exact, spaces and case included)" if alike else ""
+            raise DataError(f"{name} line {row.line}: label {outside[0]!r} is not in {classes_name}{hint}")
         sets.setdefault(row.split or "train", {})[key] = tuple(sorted(index[x] for x in row.labels))
     if "train" not in sets:
         raise DataError(f"{name}: no training images (every row has split validation or test)")

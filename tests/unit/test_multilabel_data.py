@@ -88,8 +88,13 @@ def test_classes_txt_fixes_the_labels_and_their_order():
     rows = manifest.parse(b'{"path": "a.png", "labels": ["dog"]}\n{"path": "b.png", "labels": ["cat"]}\n', "m.jsonl")
     built = manifest.to_multi_layout(rows, "m.jsonl", "/d", {"a.png", "b.png"}, ["dog", "cat"], "classes.txt")
     assert built.classes == ["dog", "cat"] and built.items("train") == (["a.png", "b.png"], [(0,), (1,)])
-    with pytest.raises(DataError, match="^m.jsonl line 2: label 'cat' is not in classes.txt"):
+    with pytest.raises(DataError, match="^m.jsonl line 2: label 'cat' is not in classes.txt$"):
         manifest.to_multi_layout(rows, "m.jsonl", "/d", {"a.png", "b.png"}, ["dog"], "classes.txt")
+    # classes.txt's `cat ` (a trailing space, or `Cat`) beside a manifest's `cat`: nothing showed the difference.
+    for written in ("cat ", "Cat"):
+        with pytest.raises(DataError, match=f"^m.jsonl line 2: label 'cat' is not in classes.txt \\(it has "
+                                            f"'{written}': names are exact, spaces and case included\\)$"):
+            manifest.to_multi_layout(rows, "m.jsonl", "/d", {"a.png", "b.png"}, ["dog", written], "classes.txt")
     with pytest.raises(DataError, match="^classes.txt: label 'bird' has no training image in m.jsonl"):
         manifest.to_multi_layout(rows, "m.jsonl", "/d", {"a.png", "b.png"}, ["dog", "cat", "bird"], "classes.txt")
 
