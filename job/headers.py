@@ -47,3 +47,16 @@ def misread(blob: bytes) -> str:
     """Why TensorFlow's decoder would misread these encoded bytes' pixels, or "" (`header`). The first
     BMP_HEAD_BYTES of a BMP are enough."""
     return header(io.BytesIO(blob))[1]
+
+
+READ_FORMATS = ("JPEG", "PNG", "BMP", "GIF")  # what training reads (layout.IMAGE_EXTENSIONS), as Pillow names them
+
+
+def unread_format(blob: bytes) -> str:
+    """Pillow's name of these bytes' image format when it is one training does not read (WEBP, TIFF, ICO...),
+    else "" (one it reads, or none Pillow knows)."""
+    try:
+        with Image.open(io.BytesIO(blob)) as image:
+            return "" if image.format in READ_FORMATS else str(image.format)
+    except (OSError, ValueError, SyntaxError):
+        return ""

@@ -121,7 +121,7 @@ def _classifier(fmt: str, path: Path, multi: bool = False):
     the other formats get the pixels the job's own decoder makes, as in training."""
     import tensorflow as tf
 
-    from job.headers import misread
+    from job.headers import misread, unread_format
 
     if fmt in ("saved_model", "tf_serving"):
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]
@@ -143,6 +143,10 @@ def _classifier(fmt: str, path: Path, multi: bool = False):
             return (out[0][0], out[1][0] > 0.5) if multi else out[0]
 
     def classify(uri: str, blob: bytes):
+        unread = unread_format(blob)  # an RGB WebP was classified, though training leaves WebP out (it may abort)
+        if unread:
+            raise DataError(f"{uri}: a {unread} image, a format the job does not read (training leaves them out "
+                            "too): convert it to JPEG or PNG")
         why = misread(blob)  # decodable, but not to the picture it holds
         if why:
             raise DataError(f"{uri}: {why}")
