@@ -177,6 +177,10 @@ def _row(values: dict, line: int, name: str) -> Row:
         raise DataError(f"{name} line {line}: empty path")
     if labels is None and not label:
         raise DataError(f"{name} line {line}: empty label for {path}")
+    broken = [x for x in (labels if labels is not None else (label,)) if x and x.splitlines() != [x]]
+    if broken:  # (refused for the dataset later too, but without the file and line)
+        raise DataError(f"{name} line {line}: label {ascii(broken[0])} holds a line break; labels.txt keeps one "
+                        "class per line, so rename it")
     if split is not None and split not in SPLITS:
         alias = SPLIT_ALIASES.get(split.lower(), split.lower() if split.lower() in SPLITS else "")
         hint = f"; did you mean {alias}?" if alias else ""

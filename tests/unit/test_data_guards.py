@@ -550,13 +550,18 @@ def test_a_csv_manifest_with_cr_line_endings_is_read_and_csv_errors_are_data_err
 
 def test_a_jsonl_manifest_is_split_at_newlines_only_and_its_labels_are_exact():
     # json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside strings; str.splitlines() cut
-    # the line there and refused a valid manifest as "not a JSON object".
-    lines = [json.dumps({"path": f" {n}.png ", "label": label}, ensure_ascii=False)
-             for n, label in enumerate(["a\u2028b", "c\x85", "d\u2029", " cat ", "x\x0cy"])]
+    # the line there and refused a valid manifest as "not a JSON object". (In a path here: a label holding a line
+    # break is refused at its line, below.)
+    lines = [json.dumps({"path": f" {n}{odd}.png ", "label": label}, ensure_ascii=False)
+             for n, (odd, label) in enumerate([("a\u2028b", "x"), ("c\x85", "y"), ("d\u2029", " cat ")])]
     got = parse("\n".join(lines) + "\n", "m.jsonl")
-    assert [(r.line, r.path, r.label) for r in got] == [(1, "0.png", "a\u2028b"), (2, "1.png", "c\x85"),
-                                                        (3, "2.png", "d\u2029"), (4, "3.png", " cat "),
-                                                        (5, "4.png", "x\x0cy")]
+    assert [(r.line, r.path, r.label) for r in got] == [(1, "0a\u2028b.png", "x"), (2, "1c\x85.png", "y"),
+                                                        (3, "2d\u2029.png", " cat ")]
+    for label in ("a\u2028b", "c\x85", "x\x0cy"):
+        line = json.dumps({"path": "5.png", "label": label}, ensure_ascii=False)
+        assert refusal(lines[0] + "\n" + line + "\n", "m.jsonl") == \
+            f"m.jsonl line 2: label {ascii(label)} holds a line break; labels.txt keeps one class per line, so " \
+            "rename it"
 
 
 def test_a_cls_label_of_a_non_ascii_digit_is_a_data_error():
