@@ -201,8 +201,7 @@ def predict(
         from job.predict import check_images
         from job.predict import predict as classify
 
-        check_images(images)  # before TensorFlow loads: a mistyped path is said within a second
-        logs.quiet_tensorflow()
+        check_images(images)  # before TensorFlow loads: a mistyped path is said within a second (a --model too)
 
         with logs.native_lines_filtered():  # LiteRT's info lines (--format tflite)
             for r in classify(model, images, top_k, endpoint_url, str(getattr(fmt, "value", fmt))):

@@ -18,14 +18,10 @@ import job
 from job import evaluate, formats, logs, model_card, signals
 from job.config import redacted, to_yaml
 from job.dataset import decode_and_resize
-from job.files import json_text, write_labels
+from job.files import MANIFEST, SUCCESS, THRESHOLDS, json_text, sha256, write_labels  # noqa: F401
 from job.model import Parts, build, with_thresholds
 from job.readers import image_uri
 from job.storage import Store
-
-SUCCESS = "_SUCCESS"
-MANIFEST = "manifest.json"
-THRESHOLDS = "thresholds.json"
 
 
 def artifacts(run, reports: dict, folder: Path) -> dict:
@@ -193,12 +189,6 @@ def write_json(path: Path, data) -> None:
     path.write_text(json_text(data, indent=2) + "\n", encoding="utf-8")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -7,12 +7,27 @@ leaves nothing behind under the final name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+# A run's files that say what it is, beside its artifacts (job.export writes them, job.predict reads them without
+# TensorFlow: a mistyped --model is said in a second, not after TensorFlow's import).
+SUCCESS = "_SUCCESS"
+MANIFEST = "manifest.json"
+THRESHOLDS = "thresholds.json"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

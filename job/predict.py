@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from job import storage
+from job import logs, storage
 from job.errors import ConfigError, DataError, StorageError
 from job.files import read_labels
 
@@ -27,11 +27,12 @@ def artifact(fmt: str) -> str:
 @contextlib.contextmanager
 def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") -> Iterator[Path]:
     """A complete exported run as a local folder, the format's files and the labels checked against the manifest."""
-    from job.export import MANIFEST, SUCCESS, THRESHOLDS, sha256
+    from job.files import MANIFEST, SUCCESS, THRESHOLDS, sha256
 
     store = storage.open_store(model_uri, endpoint)
     if not store.exists(SUCCESS):
-        raise StorageError(f"{model_uri}: not a complete run (no {SUCCESS})")
+        hint = _where_runs_are(store, model_uri, endpoint)
+        raise StorageError(f"{model_uri}: not a complete run (no {SUCCESS}){hint}")
     target = artifact(fmt)
 
     def needed(rel: str) -> bool:
@@ -54,6 +55,24 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
         yield folder
 
 
+def _where_runs_are(store, model_uri: str, endpoint: str) -> str:
+    """Why --model is no run, where it can tell: no such folder, the folder of several runs, a folder inside one
+    (each was "not a complete run" alone)."""
+    from job.files import SUCCESS
+
+    if isinstance(store, storage.LocalStore) and not store.root.is_dir():
+        return ": no such folder"
+    runs = sorted(rel.rpartition("/")[0] for rel in (e.rel for e in store.list()) if rel.count("/") == 1
+                  and rel.endswith(f"/{SUCCESS}"))
+    if runs:
+        return (f"; it holds {len(runs)} complete run(s) ({', '.join(runs[:3])}{', ...' * (len(runs) > 3)}): give "
+                f"one, e.g. --model {storage.join(model_uri, runs[0])}")
+    parent = model_uri.rstrip("/").rpartition("/")[0]
+    if parent and parent not in ("s3:/", "s3:") and storage.open_store(parent, endpoint).exists(SUCCESS):
+        return f"; it is inside the run {parent}: give that folder"
+    return ""
+
+
 def read_image(uri: str, endpoint: str = "") -> bytes:
     """One image's bytes, from a local path or an s3:// URI."""
     if storage.is_s3(uri):
@@ -73,11 +92,12 @@ def predict(model_uri: str, images: list[str], top_k: int | None, endpoint: str 
     are still classified (one bad file among many loses nothing); one that cannot be read (a missing file, storage
     trouble) raises, after the results before it."""
     check_images(images)  # a mistyped path fails before the model is fetched and TensorFlow loads (job.export)
-    from job.export import THRESHOLDS
+    from job.files import THRESHOLDS
 
     with fetched_run(model_uri, endpoint, fmt) as folder:
         labels = read_labels(folder / "labels.txt")
         multi = (folder / THRESHOLDS).is_file()
+        logs.quiet_tensorflow()  # TensorFlow loads once the run is found: a mistyped --model took 10 s to be said
         classify = _classifier(fmt, folder / artifact(fmt), multi)
         for uri in images:
             blob = read_image(uri, endpoint)

@@ -72,3 +72,26 @@ def test_top_k_caps_a_multilabel_images_labels_above_their_thresholds():
     probabilities = np.array([0.1, 0.2, 0.3, 0.4])
     assert [x["label"] for x in _result("x.png", probabilities, labels, None, multi=False)["top"]] == ["d", "c", "b"]
     assert [x["label"] for x in _result("x.png", probabilities, labels, 1, multi=False)["top"]] == ["d"]
+
+
+def test_a_model_that_is_no_run_says_where_the_runs_are(tmp_path):
+    # Each was "not a complete run (no _SUCCESS)" alone, after TensorFlow's import (10 s).
+    import pytest
+
+    from job.errors import StorageError
+    from job.predict import fetched_run
+
+    for run in ("r1", "r2"):
+        (tmp_path / "runs" / run / "saved_model").mkdir(parents=True)
+        (tmp_path / "runs" / run / "_SUCCESS").write_text("")
+    said = {}
+    for model in ("nope", "runs", "runs/r1/saved_model"):
+        with pytest.raises(StorageError) as e, fetched_run(str(tmp_path / model)):
+            pass
+        said[model] = str(e.value)
+    assert said["nope"].endswith("not a complete run (no _SUCCESS): no such folder")
+    assert said["runs"].endswith(f"; it holds 2 complete run(s) (r1, r2): give one, e.g. --model {tmp_path}/runs/r1")
+    assert said["runs/r1/saved_model"].endswith(f"; it is inside the run {tmp_path}/runs/r1: give that folder")
+    code = "import sys, job.predict, job.files; print('tensorflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip() == "False"  # the run is checked before TensorFlow loads
