@@ -1152,3 +1152,14 @@ def test_the_metrics_port_may_not_be_the_workers_port() -> None:
     with pytest.raises(Exception, match=f"config.metrics.port {port} is multiWorker.port too"):
         render({"workers": 2, "multiWorker": {"port": port}, "config": {"metrics": {"port": port}}})
     assert workload(render({"workers": 1, "multiWorker": {"port": port}, "config": {"metrics": {"port": port}}}))
+
+
+@pytest.mark.parametrize("limits", [{}, {"nvidia.com/gpu": 1}])
+def test_a_gpu_requested_other_than_its_limit_fails_the_render(limits: dict) -> None:
+    # A GPU in requests alone, or two requested against a limit of one: the API server refused the pod.
+    requests = {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": 2}
+    with pytest.raises(Exception, match="resources.requests.nvidia.com/gpu: 2, but resources.limits.nvidia.com/gpu "
+                                        "is"):
+        render({"resources": {"requests": requests, "limits": {"memory": "1Gi", **limits}}})
+    gpu = {"requests": {**requests, "nvidia.com/gpu": 1}, "limits": {"memory": "1Gi", "nvidia.com/gpu": 1}}
+    assert job_container(render({"resources": gpu}))["resources"]["limits"]["nvidia.com/gpu"] == 1

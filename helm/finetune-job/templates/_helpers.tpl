@@ -354,6 +354,14 @@ spec:
           protocol: TCP
         {{- end }}
       {{- end }}
+      {{- $limits := .Values.resources.limits | default dict }}
+      {{- range $name, $count := .Values.resources.requests | default dict }}
+      {{- /* an extended resource (nvidia.com/gpu) is requested through its limit: a request alone, or one unlike
+      the limit, rendered a pod the API server refuses */}}
+      {{- if and (contains "/" $name) (ne (toString $count) (toString (get $limits $name))) }}
+      {{- fail (printf "resources.requests.%s: %v, but resources.limits.%s is %v; Kubernetes takes an extended resource as a limit (the request may only repeat it): set limits.%s: %v" $name $count $name (get $limits $name | default "not set") $name $count) }}
+      {{- end }}
+      {{- end }}
       resources:
         {{- toYaml .Values.resources | nindent 8 }}
       securityContext:
