@@ -271,7 +271,8 @@ def test_schema_accepts_the_new_values() -> None:
         "workload": {"kind": "JobSet"},
         "workers": 4,
         "kueue": {"queueName": "team-a", "priorityClass": "batch.low-1"},
-        "resources": {"requests": {"cpu": 0.5, "memory": "2Gi", "nvidia.com/gpu": 1}},
+        "resources": {"requests": {"cpu": 0.5, "memory": "2Gi", "nvidia.com/gpu": 1},
+                      "limits": {"nvidia.com/gpu": 1}},  # (a GPU request without its limit: the API refused the pod)
         "tensorboard": {
             "enabled": True,
             "from": "s3://bucket/models/flowers",
