@@ -256,8 +256,9 @@ def tensorboard(
     source: Annotated[str, typer.Option("--from", help="Where the runs are: output.uri (s3://... or a folder).")],
     port: Annotated[int, typer.Option("--port", help="TensorBoard's port.")] = 6006,
     host: Annotated[str, typer.Option("--host", help="Address to bind; 127.0.0.1 keeps it local.")] = "0.0.0.0",
-    folder: Annotated[Path, typer.Option("--folder", help="Local mirror of the event files.")]
-    = Path("/tmp/finetune-job/tensorboard"),
+    folder: Annotated[Path, typer.Option("--folder", help="Local mirror of the event files (emptied at start; "
+                                         "a folder of other files is refused).")]
+    = Path("/tmp/finetune-job/tensorboard"),  # job.tensorboard.DEFAULT_FOLDER (imported late: --help stays fast)
     refresh: Annotated[float, typer.Option("--refresh", min=1.0, help="Seconds between mirror refreshes.")] = 30.0,
     endpoint_url: Annotated[str, typer.Option(help="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).")] = "",
 ) -> None:

@@ -49,7 +49,9 @@ def misread(blob: bytes) -> str:
     return header(io.BytesIO(blob))[1]
 
 
-READ_FORMATS = ("JPEG", "PNG", "BMP", "GIF")  # what training reads (layout.IMAGE_EXTENSIONS), as Pillow names them
+# What training reads (layout.IMAGE_EXTENSIONS), as Pillow names them: MPO is a JPEG that holds several pictures
+# (cameras and phones write them; TensorFlow decodes the first), which predict refused.
+READ_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF")
 
 
 def unread_format(blob: bytes) -> str:

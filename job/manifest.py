@@ -140,6 +140,7 @@ def _jsonl(text: str, name: str) -> list[Row]:
 
 
 JSON_KEYS = ("path", "label", "labels", "split")
+SPLIT_NAMES = (*SPLITS, "val", "valid", "training", "testing")  # what another key holding the split says
 
 
 class _KeyTwice(Exception):
@@ -165,7 +166,8 @@ def _refuse_other_keys(values, line: int, name: str) -> None:
         if key.strip().lower() in JSON_KEYS:
             raise DataError(f"{name} line {line}: key {key!r} is not read (did you mean '{key.strip().lower()}'? "
                             "keys are lower case, as written)")
-        if isinstance(value, str) and value.strip().lower() in set(SPLITS) | set(SPLIT_ALIASES):
+        # Only where "split" is absent, and not for words that are more than split names (`"annotator": "dev"`).
+        if "split" not in values and isinstance(value, str) and value.strip().lower() in SPLIT_NAMES:
             raise DataError(f"{name} line {line}: key {key!r} holds the split name {value!r}, but the split is read "
                             f"from \"split\" only: rename the key (`jq -c '.split = .{key} | del(.{key})'`)")
 

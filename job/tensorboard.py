@@ -194,15 +194,19 @@ def mirror(store: storage.Store, folder: Path, known: dict[str, str], own: str =
 MARK = ".finetune-job-mirror"  # in a --folder this command made: its files are the mirror's own
 
 
+DEFAULT_FOLDER = Path("/tmp/finetune-job/tensorboard")
+
+
 def mirror_folder(folder: Path) -> None:
     """Make `folder` the mirror, empty: runs mirrored by an earlier session (of another prefix, or deleted since)
-    were served as current. Only a folder this command made (MARK) is emptied; another that holds files is a
-    ConfigError, never emptied."""
+    were served as current. Only a folder this command made (MARK) is emptied, or the default one holding event
+    files alone (an earlier version's mirror); another that holds files is a ConfigError, never emptied (a Keras
+    TensorBoard logdir holds event files alone too)."""
     folder = Path(folder)
     try:
         if folder.is_dir() and any(folder.iterdir()):
-            files = [p for p in folder.rglob("*") if p.is_file()]
-            if not (folder / MARK).is_file() and not all(".tfevents." in p.name for p in files):  # (an older mirror)
+            older = folder == DEFAULT_FOLDER and all(".tfevents." in p.name for p in folder.rglob("*") if p.is_file())
+            if not (folder / MARK).is_file() and not older:
                 raise ConfigError(f"tensorboard --folder {folder}: holds files this command did not write; give "
                                   "a new or empty folder (the mirror's files are replaced at every start)")
             shutil.rmtree(folder)

@@ -609,6 +609,13 @@ def test_a_json_line_key_that_would_be_ignored_or_overwritten_is_refused(line, e
     assert message.startswith(f"m.jsonl line 2: {expected}")
 
 
+def test_other_json_keys_are_metadata_even_when_they_hold_split_like_words():
+    # Beside "split" (the split is read there), and for words that are more than split names.
+    rows = parse('{"path": "a.png", "label": "c", "split": "train", "orig_split": "validation"}\n'
+                 '{"path": "b.png", "label": "d", "annotator": "dev", "stage": "eval"}\n', "m.jsonl")
+    assert [(r.path, r.split) for r in rows] == [("a.png", "train"), ("b.png", None)]
+
+
 def test_local_manifest_paths_are_read_however_they_are_spelled(tmp_path, monkeypatch):
     # `images//a.png` and `images/./b.png` were "does not exist"; an absolute path inside data.uri was "outside
     # data.uri" when data.uri was relative, held a `..` or a symlink; a file:// URI of an image listed by its

@@ -23,6 +23,16 @@ def test_the_formats_training_does_not_read_are_named(fmt, unread):
     assert headers.unread_format(encoded(fmt)) == unread
 
 
+def test_a_jpeg_of_several_pictures_is_read():
+    # Pillow names a JPEG with an MPF index (two pictures, as cameras write them) "MPO": predict refused it.
+    out = io.BytesIO()
+    first, second = Image.new("RGB", (8, 8), (10, 20, 30)), Image.new("RGB", (8, 8), (30, 20, 10))
+    first.save(out, format="MPO", save_all=True, append_images=[second])
+    with Image.open(io.BytesIO(out.getvalue())) as image:
+        assert image.format == "MPO"
+    assert headers.unread_format(out.getvalue()) == ""
+
+
 def test_bytes_that_are_no_image_are_left_to_the_decoder():
     assert headers.unread_format(b"not an image at all") == "" and headers.unread_format(b"") == ""
 

@@ -104,7 +104,14 @@ def test_the_mirror_folder_starts_empty_and_another_folder_is_never_emptied(tmp_
     older = tmp_path / "older"  # an earlier version's mirror: event files only, no mark
     (older / "r1").mkdir(parents=True)
     (older / "r1" / "events.out.tfevents.2.host").write_bytes(b"e")
-    tensorboard.mirror_folder(older)
+    with pytest.raises(ConfigError, match="holds files this command did not write"):  # or a Keras logdir: kept
+        tensorboard.mirror_folder(older)
+    assert (older / "r1" / "events.out.tfevents.2.host").is_file()
+    tensorboard.DEFAULT_FOLDER, default = older, tensorboard.DEFAULT_FOLDER  # the default folder: an older mirror
+    try:
+        tensorboard.mirror_folder(older)
+    finally:
+        tensorboard.DEFAULT_FOLDER = default
     assert not (older / "r1").exists()
     theirs = tmp_path / "home"
     (theirs / "notes").mkdir(parents=True)
