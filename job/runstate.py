@@ -119,8 +119,10 @@ ORDER = ("head", "finetune", "refit_head", "refit", "trained")
 
 def grown_after_done(state: RunState, current: dict[str, Any]) -> list[str]:
     """`key: old -> new` for each epoch budget grown (MAY_GROW) whose phase the checkpoint has finished: nothing
-    trains it again, so the run would end with the old epochs while its config.yaml and card said the new."""
-    done = {"train.head.epochs": "head", "train.finetune.epochs": "finetune"}
+    trains it again, so the run would end with the old epochs while its config.yaml and card said the new. From
+    scratch (`model.weights: none`) the one fine-tuning phase trains the head's epochs too."""
+    scratch = current.get("model.weights") == "none"
+    done = {"train.head.epochs": "finetune" if scratch else "head", "train.finetune.epochs": "finetune"}
     return [f"{key}: {state.config[key]!r} -> {current[key]!r}" for key, phase in done.items()
             if key in state.config and current.get(key, 0) > state.config[key]
             and ORDER.index(state.phase) > ORDER.index(phase)]

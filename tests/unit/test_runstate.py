@@ -241,3 +241,8 @@ def test_epochs_may_grow_only_while_their_phase_is_under_way(phase, head, finetu
         ([f"train.finetune.epochs: {finetune} -> {finetune + more_finetune}"] if finetune_done and more_finetune
          else [])
     assert runstate.config_changes(state.config, current) == []  # growing stays allowed in itself
+    # From scratch there is no head phase: the fine-tuning phase trains the head's epochs too.
+    scratch = runstate.grown_after_done(state, {**current, "model.weights": "none"})
+    assert scratch == ([f"train.head.epochs: {head} -> {head + more_head}"] if finetune_done and more_head else []) \
+        + ([f"train.finetune.epochs: {finetune} -> {finetune + more_finetune}"] if finetune_done and more_finetune
+           else [])

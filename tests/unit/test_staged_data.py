@@ -640,3 +640,7 @@ def test_a_complete_run_asked_again_with_another_recipe_says_so(tmp_path, capsys
     assert pipeline.prepare(cfg(5))["status"] == "already complete"
     out = capsys.readouterr().out
     assert "run r1 is complete, trained with another config, and is not redone" in out and "train.seed: 1 -> 5" in out
+    grown = cfg(1).model_copy(update={"train": cfg(1).train.model_copy(update={"head": cfg(1).train.head.model_copy(
+        update={"epochs": 40})})})
+    assert pipeline.prepare(grown)["status"] == "already complete"  # more epochs: not trained either, so said
+    assert f"train.head.epochs: {cfg(1).train.head.epochs} -> 40" in capsys.readouterr().out
