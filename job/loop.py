@@ -349,7 +349,8 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
             record = _train_epoch(phase, cluster, global_batch, steps, batches, step, state, options, saver)
             # At the epoch's end (a schedule moves it); a MirroredVariable under a strategy: read as a tensor.
             record["learning_rate"] = float(tf.convert_to_tensor(optimizer.learning_rate))
-            _refuse_divergence(phase.name, record)
+            if not phase.pause_after:  # a train.search trial that diverges is ranked last instead (choose_trial)
+                _refuse_divergence(phase.name, record)
             # Without validation data, early stopping watches the training loss and accuracy.
             *monitored, due = cluster.mean([*recipe.monitored(record), float(saver.due())])
             if state.end_epoch(record, tuple(monitored), options.metric, options.patience, phase.epochs):
@@ -375,7 +376,7 @@ def _refuse_divergence(phase: str, record: dict) -> None:
     lost = [k for k in ("loss", "val_loss") if k in record and not math.isfinite(record[k])]
     if lost:
         key = "train.head.learning_rate" if phase.endswith("head") else \
-            "train.finetune.learning_rate or train.search.learning_rates"
+            "train.finetune.learning_rate or train.search.learning_rates (from scratch: train.head.learning_rate)"
         raise ConfigError(f"training diverged: {phase} epoch {record['epoch']} has {lost[0]} {record[lost[0]]} at "
                           f"learning rate {record['learning_rate']:.3g}; lower {key}")
 

@@ -164,12 +164,15 @@ def best_epoch(metric: str, records: Sequence[Mapping]) -> int:
 
 def choose_trial(metric: str, trials: Sequence[Mapping]) -> int:
     """train.search: the index of the best trial, each a mapping with its best epoch's val_loss and val_accuracy
-    (multi-label: val_map), under `metric` as early stopping compares epochs (`is_better`); the earlier on a tie."""
+    (multi-label: val_map), under `metric` as early stopping compares epochs (`is_better`); the earlier on a tie.
+    A trial whose scores are not finite (its rate diverged) is never chosen over one whose are."""
     def monitored(t: Mapping) -> tuple[float, float]:
         return t["val_loss"], t.get("val_map", t.get("val_accuracy"))
 
-    best = 0
-    for i in range(1, len(trials)):
+    finite = [i for i, t in enumerate(trials) if all(v is None or math.isfinite(v) for v in monitored(t))]
+    candidates = finite or list(range(len(trials)))
+    best = candidates[0]
+    for i in candidates[1:]:
         if is_better(metric, monitored(trials[i]), monitored(trials[best])):
             best = i
     return best

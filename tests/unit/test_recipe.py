@@ -1,5 +1,7 @@
 """The recipe's rules (job/recipe.py): pure logic, no TensorFlow."""
 
+import math
+
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given
@@ -61,6 +63,20 @@ def test_the_chosen_trial_is_the_first_of_the_best(scores):
     assert by_accuracy == min(range(len(scores)), key=lambda i: (-scores[i][1], scores[i][0], i))
     multi = [{"val_loss": loss, "val_map": accuracy} for loss, accuracy in scores]
     assert recipe.choose_trial("val_map", multi) == by_accuracy  # mAP like accuracy: higher is better
+
+
+@given(st.lists(st.tuples(st.floats(0, 10), st.floats(0, 1)), min_size=1, max_size=6),
+       st.lists(st.sampled_from([float("nan"), float("inf")]), min_size=1, max_size=3), st.data())
+def test_a_diverged_trial_is_never_chosen_over_a_finite_one(scores, lost, data):
+    # A rate of train.search.learning_rates that diverges (loss NaN) is a trial lost, not the run: before, its NaN
+    # either won (compared first, nothing is "better" than NaN) or stopped the run.
+    trials = [_trial(loss, accuracy) for loss, accuracy in scores]
+    for value in lost:
+        trials.insert(data.draw(st.integers(0, len(trials))), _trial(value, float("nan")))
+    finite = [t for t in trials if math.isfinite(t["val_loss"])]
+    for metric in ("val_loss", "val_accuracy"):
+        assert trials[recipe.choose_trial(metric, trials)] is finite[recipe.choose_trial(metric, finite)]
+    assert recipe.choose_trial("val_loss", [_trial(float("nan"), 0.5)]) == 0  # nothing else to choose
 
 
 @given(st.floats(0, 100), st.integers(1, 10_000))
