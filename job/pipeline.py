@@ -300,6 +300,7 @@ def prepare(cfg: Config) -> Run | dict:
     check_weights(cfg)
     katib.check_writable(cfg.metrics.file)
     staging = _staging(cfg, source)
+    doomed = _own_files(out) if state == "complete" else []  # refused on every worker, before they meet
     # TensorFlow loads here (3 to 4 s of CPU), after what storage and the listing can refuse: a missing train/
     # folder or a class name the data lacks fails within a second, a rerun of a complete run ends as fast, and
     # storage that cannot be reached fails once its retries are spent, without the import.
@@ -315,7 +316,7 @@ def prepare(cfg: Config) -> Run | dict:
             # attempt (a preempted or failed pod of the same Job) and resumes.
             if cluster.is_chief:
                 log.warning("overwriting the complete run", artifacts=out.uri)
-                out.delete(_own_files(out))
+                out.delete(doomed)
             state = "empty"
         from job.checkpoint import Checkpoints
 

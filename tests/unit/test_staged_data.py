@@ -619,6 +619,13 @@ def test_overwriting_a_run_never_deletes_a_complete_run_below_it(tmp_path):
     with pytest.raises(ConfigError, match=f"^config: output.overwrite: {run} holds another complete run below it "
                                           f"\\({run}/nested\\), which overwriting would delete"):
         pipeline._own_files(storage.LocalStore(str(run)))
+    # train refuses it on every worker before they meet (a chief alone refusing left the others waiting)
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "d")}, "output": {"uri": str(tmp_path / "out"),
+                                 "overwrite": True}, "model": {"weights": "none"}, "run_id": "r1"})
+    with pytest.raises(ConfigError, match="holds another complete run below it"):
+        pipeline.prepare(cfg)
+    assert (run / "model.keras").is_file() and (run / "nested" / "_SUCCESS").is_file()
 
 
 def test_a_complete_run_asked_again_with_another_recipe_says_so(tmp_path, capsys):
