@@ -379,12 +379,16 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any, str]]:
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if path[0] in sections:
             found.append((path, _parse_value(environ[name], path), f"environment variable {name}"))
-        elif meant := _key_paths().get("_".join(path)):
+        elif not _SERVICE_LINK.match(environ[name]) and (meant := _key_paths().get("_".join(path))):
             # FINETUNE_TRAIN_BATCH_SIZE: one `_` where `__` parts the section from its key; ignored, it trained at
             # the file's batch size without a word.
             raise ConfigError(f"environment variable {name} is not read: did you mean "
                               f"{ENV_PREFIX}{'__'.join(meant).upper()}? (`__` between a section and its key)")
     return found
+
+
+# What Kubernetes injects for a Service named like a section (`finetune-metrics`: FINETUNE_METRICS_PORT=tcp://...).
+_SERVICE_LINK = re.compile(r"^(tcp|udp|sctp)://")
 
 
 @functools.cache

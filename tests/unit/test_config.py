@@ -227,6 +227,12 @@ def test_an_env_var_with_one_underscore_after_its_section_names_the_one_meant(cf
         config.load(cfg_file, environ={name: "4"})
 
 
+def test_a_kubernetes_service_link_named_like_a_key_is_ignored(cfg_file):
+    # A Service `finetune-metrics` in the namespace injects FINETUNE_METRICS_PORT=tcp://...: not the job's.
+    env = {"FINETUNE_METRICS_PORT": "tcp://10.0.0.7:8000", "FINETUNE_METRICS_SERVICE_HOST": "10.0.0.7"}
+    assert config.load(cfg_file, environ=env).metrics.port == config.load(cfg_file, environ={}).metrics.port
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "nope.yaml", environ={})
