@@ -1145,6 +1145,11 @@ def test_a_release_name_kubernetes_refuses_for_a_service_fails_the_render(releas
         render({"tensorboard": {"enabled": True, "from": "s3://b/m"}}, name=release)
     assert only(render({"fullnameOverride": "flowers"}, name="1flowers"), "ConfigMap")["metadata"]["name"] \
         .startswith("flowers")
+    # Without a Service (one worker, a Job, no TensorBoard) such a name is fine: Jobs and ConfigMaps take it.
+    assert workload(render(name=release))["metadata"]["name"].startswith(release)
+    for values in ({"workers": 2}, {"workload": {"kind": "JobSet"}}):
+        with pytest.raises(Exception, match="must start with a letter"):
+            render(values, name=release)
 
 
 def test_the_metrics_port_may_not_be_the_workers_port() -> None:

@@ -4,9 +4,9 @@
 {{- end }}
 
 {{/* Full name "<release>-<chart>" (just the release name when it already contains the chart
-name), cut to 63 characters. It names Services too, whose names Kubernetes wants as DNS-1035 labels (a
-letter first, no dot), which Helm's release names need not be: `1flowers` or `my.run` rendered Services the
-API server refuses, so the render fails naming it. */}}
+name), cut to 63 characters. It names Services too (several workers, TensorBoard, a JobSet's own), whose names
+Kubernetes wants as DNS-1035 labels (a letter first, no dot), which Helm's release names need not be: `1flowers`
+or `my.run` rendered Services the API server refuses, so then the render fails naming it. */}}
 {{- define "finetune-job.fullname" -}}
 {{- $full := "" }}
 {{- if .Values.fullnameOverride }}
@@ -19,7 +19,8 @@ API server refuses, so the render fails naming it. */}}
 {{- $full = printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
-{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $full) }}
+{{- $services := or (gt (int .Values.workers) 1) .Values.tensorboard.enabled (eq .Values.workload.kind "JobSet") }}
+{{- if and $services (not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $full)) }}
 {{- fail (printf "the resources' name %q (release %q) must start with a letter and hold only a-z, 0-9 and '-' (Kubernetes' Service names, DNS-1035): choose another release name or fullnameOverride" $full .Release.Name) }}
 {{- end }}
 {{- $full }}
