@@ -230,9 +230,11 @@ def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list
     local = "://" not in data_uri or data_uri.startswith("file://")
     seen: dict[str, int] = {}
     for row in rows:
-        key = row.path[len(root):] if row.path.startswith(root) else row.path
-        if local and ("://" not in key or key.startswith("file://")):
-            key = _local_key(key, data_uri)
+        if local and (row.path.startswith(("/", "file://"))):  # resolved whole: `/data/train/dog/../cat/1.jpg` too
+            key = _local_key(row.path, data_uri)
+        else:
+            key = row.path[len(root):] if row.path.startswith(root) else row.path
+            key = _local_key(key, data_uri) if local and "://" not in key else key
         while key.startswith("./"):  # as `find .` writes paths: the same object as without
             key = key[2:]
         if ".." in key.split("/"):  # its copy would land outside the staging folder

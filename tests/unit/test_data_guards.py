@@ -627,7 +627,8 @@ def test_local_manifest_paths_are_read_however_they_are_spelled(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     rows = rows_of("images//a.png,cat,", "images/./b.png,dog,", f"{data}/images/c.png,cat,",
                    f"{tmp_path}/x/../d/images/d.png,dog,", f"{tmp_path}/link/images/e.png,cat,",
-                   f"file://{data}/images/f.png,dog,")
+                   f"file://{data}/images/f.png,dog,", f"{data}/images/../images/g.png,cat,")
+    existing.add("images/g.png")
     for uri in ("d", str(data), f"{tmp_path}/link", f"file://{data}"):
         assert sorted(to_layout(rows, uri, existing).keys()) == sorted(existing), uri
     twice = rows_of("images/a.png,cat,", f"file://{data}/images/a.png,cat,", "images/b.png,dog,")
