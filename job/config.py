@@ -253,6 +253,15 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     s3: S3Config = S3Config()
 
+    @field_validator("run_id", mode="before")
+    @classmethod
+    def _run_id_as_written(cls, v: Any) -> Any:
+        """`run_id: 1.10` was the run `1.1`: YAML reads it as a number, whose text is lost. (Integers keep theirs:
+        `_UniqueKeys`.)"""
+        if isinstance(v, float):
+            raise ValueError(f"YAML read it as the number {v!r}; quote it (run_id: \"...\")")
+        return v
+
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, v: str) -> str:

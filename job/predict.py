@@ -61,7 +61,7 @@ def _where_runs_are(store, model_uri: str, endpoint: str) -> str:
     from job.files import SUCCESS
 
     if isinstance(store, storage.LocalStore) and not store.root.is_dir():
-        return ": no such folder"
+        return ": a file, not a run's folder" if store.root.exists() else ": no such folder"
     runs = sorted(rel.rpartition("/")[0] for rel in (e.rel for e in store.list()) if rel.count("/") == 1
                   and rel.endswith(f"/{SUCCESS}"))
     if runs:

@@ -85,13 +85,15 @@ def test_a_model_that_is_no_run_says_where_the_runs_are(tmp_path):
         (tmp_path / "runs" / run / "saved_model").mkdir(parents=True)
         (tmp_path / "runs" / run / "_SUCCESS").write_text("")
     said = {}
-    for model in ("nope", "runs", "runs/r1/saved_model"):
+    (tmp_path / "runs" / "r1" / "model.keras").write_text("")
+    for model in ("nope", "runs", "runs/r1/saved_model", "runs/r1/model.keras"):
         with pytest.raises(StorageError) as e, fetched_run(str(tmp_path / model)):
             pass
         said[model] = str(e.value)
     assert said["nope"].endswith("not a complete run (no _SUCCESS): no such folder")
     assert said["runs"].endswith(f"; it holds 2 complete run(s) (r1, r2): give one, e.g. --model {tmp_path}/runs/r1")
     assert said["runs/r1/saved_model"].endswith(f"; it is inside the run {tmp_path}/runs/r1: give that folder")
+    assert said["runs/r1/model.keras"].endswith(": a file, not a run's folder")
     code = "import sys, job.predict, job.files; print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           timeout=60).stdout.strip() == "False"  # the run is checked before TensorFlow loads

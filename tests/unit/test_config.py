@@ -107,6 +107,10 @@ def test_yaml_1_1_integers_other_than_decimal_are_kept_as_written(tmp_path):
     assert config.load(path, ["train.class_weight={0x1F: 2.0}"], environ={}).train.class_weight == {"0x1F": 2.0}
     with pytest.raises(ConfigError, match=r"^config: train.batch_size: .* \(got '0x20'\)$"):
         config.load(path, ["train.batch_size=0x20"], environ={})
+    path.write_text(BASE + "run_id: 1.10\n")  # the run "1.1": a float's text is lost, so it is refused
+    with pytest.raises(ConfigError, match=r"^config: run_id: YAML read it as the number 1.1; quote it"):
+        config.load(path, environ={})
+    assert config.load(path, ["run_id=1.10"], environ={}).run_id == "1.10"  # --set takes the text
 
 
 @pytest.mark.parametrize(("value", "read_as"), [("2024-01-01", "datetime.date(2024, 1, 1) as a date"),
