@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -30,13 +31,18 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_CALLS = itertools.count()
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success it becomes `dest`, on failure it is removed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden, and unique per process and thread: parallel writers of one file never share a temporary.
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{threading.get_ident()}.part")
+    # Hidden, and unique per process, thread and call: parallel writers of one file never share a temporary (two
+    # generators of tf.data that stream one shard run interleaved on one thread: per thread, the first rename took
+    # the second's temporary, and training failed with FileNotFoundError, exit 1).
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{threading.get_ident()}-{next(_CALLS)}.part")
     try:
         yield tmp
         os.replace(tmp, dest)
