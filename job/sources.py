@@ -191,6 +191,11 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
         index = _read_index(store, f"{cfg.data.uri}/{shards.INDEX}")
         shards.check_listed(set(index["shards"]), found, cfg.data.uri)
         _check_task(cfg, index.get("task", "single_label") == "multi_label", f"{cfg.data.uri}/{shards.INDEX}")
+        packed = index.get("classes")
+        if isinstance(packed, list) and packed != classes:  # the .cls indices name classes.txt's lines
+            raise DataError(f"{cfg.data.uri}/{shards.CLASSES} lists {_few(classes)} but the shards were packed "
+                            f"with {_few(packed)} ({shards.INDEX}): their labels would name other classes; restore "
+                            f"{shards.CLASSES} as packed, or pack again")
         counts, images = index["counts"], index.get("images") or {}
     if cfg.task == "multi_label":  # the labels of each image are known once the shards are read
         layout = MultiLayout(classes, {s: {f"#{i}": () for i in range(images.get(s, 0))} for s in found})
@@ -201,6 +206,10 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
             require_training_images(layout, cfg.data.uri)
     return Source("shards", cfg.data.uri, layout, store=store,
                   shard_entries={s: [by_rel[r] for r in rels] for s, rels in found.items()})
+
+
+def _few(names: list) -> str:
+    return ", ".join(map(str, names[:6])) + f", ... {len(names)} in all" * (len(names) > 6)
 
 
 def _read_index(store: storage.Store, where: str) -> dict:

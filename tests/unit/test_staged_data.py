@@ -651,3 +651,17 @@ def test_a_complete_run_asked_again_with_another_recipe_says_so(tmp_path, capsys
         update={"epochs": 40})})})
     assert pipeline.prepare(grown)["status"] == "already complete"  # more epochs: not trained either, so said
     assert f"train.head.epochs: {cfg(1).train.head.epochs} -> 40" in capsys.readouterr().out
+
+
+def test_a_classes_txt_unlike_the_one_packed_is_refused(tmp_path):
+    # classes.txt reordered after pack: the .cls indices named other classes, trained on without a word (validate
+    # took index.json's counts by name and so contradicted training).
+    write_sample_dataset(tmp_path / "data", classes=3, per_class=4, size=8, seed=0, test_per_class=0)
+    pack(str(tmp_path / "data"), str(tmp_path / "shards"), 20_000)
+    packed = (tmp_path / "shards" / "classes.txt").read_text().split()
+    (tmp_path / "shards" / "classes.txt").write_text("\n".join(reversed(packed)) + "\n")
+    with pytest.raises(DataError, match=rf"classes.txt lists {', '.join(reversed(packed))} but the shards were "
+                                        rf"packed with {', '.join(packed)} \(index.json\)"):
+        sources.open_source(config(tmp_path / "shards"))
+    (tmp_path / "shards" / "classes.txt").write_text("\n".join(packed) + "\n")
+    assert sources.open_source(config(tmp_path / "shards")).layout.classes == packed
