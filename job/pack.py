@@ -24,6 +24,7 @@ from pathlib import Path
 from job import logs, shards, storage
 from job.errors import ConfigError, StorageError
 from job.files import write_labels
+from job.layout import IMAGE_EXTENSIONS, SPLITS
 from job.manifest import JSON_LINES
 from job.uris import within
 
@@ -100,6 +101,10 @@ def _refuse_or_clear(dest: storage.Store, overwrite: bool) -> None:
     rels = [e.rel for e in dest.list()]
     old = [r for r in rels if shards.SHARD.match(r)]
     meta = [r for r in (shards.CLASSES, shards.INDEX) if r in rels]
+    images = [r for r in rels if r.lower().endswith(IMAGE_EXTENSIONS) and r.split("/", 1)[0] in SPLITS]
+    if images:  # a folder dataset: the shards beside it made it read as shards, its own images dropped unsaid
+        raise StorageError(f"--to {dest.uri}: holds a folder dataset ({images[0]}, {len(images)} image(s) under "
+                           "train/, validation/ or test/), which the shards would hide; pack into an empty prefix")
     if not old and not meta:
         return
     if not overwrite:

@@ -120,6 +120,11 @@ def test_pack_refuses_a_destination_with_shards_unless_overwrite(tmp_path):
     assert sorted(p.name for p in (tmp_path / "shards/train").iterdir()) == ["shard-000000.tar"] != first
     reader = stage(tmp_path / "shards", "copy", tmp_path)
     assert reader.layout.counts() == result["counts"] == {"train": {"circle": 3, "square": 3}}
+    # Into a folder dataset, --overwrite or not: its images were hidden by the shards beside them, without a word.
+    for overwrite in (False, True):
+        with pytest.raises(StorageError, match=f"--to {tmp_path / 'a'}: holds a folder dataset \\(train/"):
+            pack(str(tmp_path / "b"), str(tmp_path / "a"), shard_size=100_000, overwrite=overwrite)
+    assert not (tmp_path / "a" / "classes.txt").exists()
 
 
 def test_a_shard_that_index_json_does_not_list_is_refused(tmp_path):
