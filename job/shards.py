@@ -134,6 +134,9 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
                     if key is not None:
                         yield key, current
                     key, current = found[0], {}
+                if found[1] in current:  # `x.cls` and `x.CLS`: the last one won, without a word
+                    raise DataError(f"{name}: sample {key} has two {found[1]} members (extensions differ only in "
+                                    f"case; {member.name} is the second)")
                 current[found[1]] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{name}: not a readable tar file ({type(e).__name__}: {e}); is it truncated?") from None
@@ -180,6 +183,15 @@ def _label_list(key: str, members: dict[str, bytes], name: str, classes: list[st
 
 
 def _label(key: str, members: dict[str, bytes], name: str, classes: list[str] | None, image: str) -> int:
+    """The class index of `<key>.cls`, else of the class `<key>.txt` names; both there, they must agree (the
+    .cls won without a word)."""
+    if ".cls" in members and ".txt" in members:
+        by_index = _label(key, {".cls": members[".cls"]}, name, classes, image)
+        by_name = _label(key, {".txt": members[".txt"]}, name, classes, image)
+        if by_index != by_name:
+            raise DataError(f"{name}: sample {key} has two labels: {key}.cls says {classes[by_index]!r}, {key}.txt "
+                            f"says {classes[by_name]!r}")
+        return by_index
     if ".cls" in members:
         raw = members[".cls"].decode("utf-8-sig", "replace").strip()
         if not (raw.isascii() and raw.isdigit()) or classes is None or int(raw) >= len(classes):

@@ -662,3 +662,12 @@ def test_ndjson_is_json_lines():
     # `.ndjson` was read as a CSV and refused for its header.
     rows = parse('{"path": "a.png", "label": "cat"}\n{"path": "b.png", "label": "dog"}\n', "m.ndjson")
     assert [(r.path, r.label) for r in rows] == [("a.png", "cat"), ("b.png", "dog")]
+
+
+def test_a_sample_labelled_twice_is_refused_unless_its_labels_agree():
+    # `x.cls` 0 beside `x.txt` b: the .cls won without a word; `x.cls` and `x.CLS`: the last one won.
+    assert shard_refusal([("x.png", b"P"), ("x.cls", b"0"), ("x.txt", b"b")]) == \
+        f"{NAME}: sample x has two labels: x.cls says 'a', x.txt says 'b'"
+    assert read(tar_bytes([("x.png", b"P"), ("x.cls", b"1"), ("x.txt", b"b")])) == [("x", ".png", b"P", 1)]
+    assert shard_refusal([("x.png", b"P"), ("x.cls", b"0"), ("x.CLS", b"1")]) == \
+        f"{NAME}: sample x has two .cls members (extensions differ only in case; x.CLS is the second)"
