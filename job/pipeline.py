@@ -164,10 +164,10 @@ def _warn_other_config(cfg: Config, out: storage.Store) -> None:
         stored = yaml.safe_load(out.read("config.yaml"))
     except Exception:  # noqa: BLE001 (an older run without one, or unreadable: nothing to compare)
         return
-    before, now = (runstate.training_config(c) for c in ((stored if isinstance(stored, dict) else {}), redacted(cfg)))
-    # every key, epochs grown too: nothing trains a complete run again
-    changes = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k)] if isinstance(stored, dict) else []
+    if not isinstance(stored, dict):
+        return
+    changes = runstate.config_changes(runstate.training_config(stored), runstate.training_config(redacted(cfg)),
+                                      grow=False)  # epochs grown too: nothing trains a complete run again
     if changes:
         log.warning(f"run {cfg.run_id} is complete, trained with another config, and is not redone: set "
                     "output.overwrite to train it again with this one, or choose another run_id", changes=changes)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from job import logs, storage
 from job.errors import ConfigError, DataError, StorageError
-from job.files import read_labels
+from job.files import MANIFEST, SUCCESS, THRESHOLDS, read_labels, sha256
 
 
 def artifact(fmt: str) -> str:
@@ -27,8 +27,6 @@ def artifact(fmt: str) -> str:
 @contextlib.contextmanager
 def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") -> Iterator[Path]:
     """A complete exported run as a local folder, the format's files and the labels checked against the manifest."""
-    from job.files import MANIFEST, SUCCESS, THRESHOLDS, sha256
-
     store = storage.open_store(model_uri, endpoint)
     if not store.exists(SUCCESS):
         hint = _where_runs_are(store, model_uri, endpoint)
@@ -58,8 +56,6 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
 def _where_runs_are(store, model_uri: str, endpoint: str) -> str:
     """Why --model is no run, where it can tell: no such folder, the folder of several runs, a folder inside one
     (each was "not a complete run" alone)."""
-    from job.files import SUCCESS
-
     if isinstance(store, storage.LocalStore) and not store.root.is_dir():
         return ": a file, not a run's folder" if store.root.exists() else ": no such folder"
     runs = sorted(rel.rpartition("/")[0] for rel in (e.rel for e in store.list()) if rel.count("/") == 1
@@ -92,7 +88,6 @@ def predict(model_uri: str, images: list[str], top_k: int | None, endpoint: str 
     are still classified (one bad file among many loses nothing); one that cannot be read (a missing file, storage
     trouble) raises, after the results before it."""
     check_images(images)  # a mistyped path fails before the model is fetched and TensorFlow loads (job.export)
-    from job.files import THRESHOLDS
 
     with fetched_run(model_uri, endpoint, fmt) as folder:
         labels = read_labels(folder / "labels.txt")

@@ -103,12 +103,14 @@ def training_config(config: dict) -> dict[str, Any]:
     return {k: v for k, v in flatten(config).items() if not k.startswith(SAFE_TO_CHANGE)}
 
 
-def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for each training-relevant key that differs; epochs may only grow."""
+def config_changes(stored: dict[str, Any], current: dict[str, Any], grow: bool = True) -> list[str]:
+    """`key: old -> new` for each training-relevant key that differs; epochs may only grow (`grow`: they may at all;
+    not for a complete run, which nothing trains again)."""
     changes = []
     for key in sorted(set(stored) | set(current)):
         old, new = stored.get(key), current.get(key)
-        if old == new or (key in MAY_GROW and isinstance(old, int) and isinstance(new, int) and new > old):
+        grown = grow and key in MAY_GROW and isinstance(old, int) and isinstance(new, int) and new > old
+        if old == new or grown:
             continue
         changes.append(f"{key}: {old!r} -> {new!r}")
     return changes
