@@ -123,8 +123,9 @@ def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str]
             batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
             multi: bool = False, keep: Path | None = None, etags: dict[str, str] | None = None) -> tf.data.Dataset:
     """(image float32 0..255, label) batches streamed from the shards: a seeded new shard order every pass,
-    PARALLEL_SHARDS shards read at a time, then a shuffle buffer. `multi`: labels float32 [labels] 0/1. `keep`:
-    the folder where decoded shards are kept (`etags`: each shard's ETag, part of the kept file's name)."""
+    PARALLEL_SHARDS shards read at a time, then a shuffle buffer within the pass (`repeat`: pass after pass, each
+    every sample once). `multi`: labels float32 [labels] 0/1. `keep`: the folder where decoded shards are kept
+    (`etags`: each shard's ETag, part of the kept file's name)."""
     label_spec = tf.TensorSpec([None, len(classes)], tf.float32) if multi else tf.TensorSpec([None], tf.int32)
     signature = (tf.TensorSpec([None, *image_size, 3], tf.uint8), label_spec)
     files = {rel: keep / kept_name(rel, (etags or {}).get(rel, ""), allowed, image_size, multi)
@@ -137,15 +138,15 @@ def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str]
     order = tf.data.Dataset.from_tensor_slices(rels)
     if shuffle:
         order = order.shuffle(len(rels), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        order = order.repeat()
     ds = order.interleave(
         lambda rel: tf.data.Dataset.from_generator(shard, args=(rel,), output_signature=signature),
         cycle_length=min(PARALLEL_SHARDS, len(rels)), num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
     ds = ds.map(lambda image, label: (tf.cast(image, tf.float32), label), num_parallel_calls=AUTOTUNE,
                 deterministic=True)
     if shuffle:
-        ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed)
+        ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+    if repeat:  # after the shuffle buffer: each pass is every sample once (repeated before it, a pass of fewer
+        ds = ds.repeat()  # samples than the buffer was a random multiset of two or three passes)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 

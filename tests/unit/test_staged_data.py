@@ -670,3 +670,22 @@ def test_a_classes_txt_unlike_the_one_packed_is_refused(tmp_path):
         sources.open_source(config(tmp_path / "shards"))
     (tmp_path / "shards" / "classes.txt").write_text("\n".join(packed) + "\n")
     assert sources.open_source(config(tmp_path / "shards")).layout.classes == packed
+
+
+def test_each_pass_of_a_repeated_stream_is_every_training_sample_once(tmp_path):
+    """Streaming repeats pass after pass behind its shuffle buffer: each pass of n samples is the n samples (with
+    the repeat before the buffer, a pass of fewer samples than the buffer was a random multiset of several)."""
+    from job import stream
+
+    write_sample_dataset(tmp_path / "d", classes=3, per_class=8, size=8, seed=0, test_per_class=0)
+    pack(str(tmp_path / "d"), str(tmp_path / "s"), shard_size=1_500)
+    reader = stage(tmp_path / "s", "stream", tmp_path).settle(0, 0)
+    keys = set(reader.items("train")[0])
+    rels = reader.shards("train")
+    assert len(rels) > 1 and len(keys) == 24
+    ds = stream.dataset(reader.store, rels, reader.layout.classes, keys, (8, 8), 4, shuffle=True, seed=5,
+                        repeat=True)
+    rows = [(x.tobytes(), int(y)) for xs, ys in ds.take(3 * 24 // 4) for x, y in zip(xs.numpy(), ys.numpy())]
+    passes = [sorted(rows[i * 24:(i + 1) * 24]) for i in range(3)]
+    assert len(set(passes[0])) == 24 and passes[0] == passes[1] == passes[2]
+    assert rows[:24] != rows[24:48]  # each pass in an order of its own
