@@ -313,6 +313,7 @@ def _copy_shards(source: Source, cache_dir: Path, progress, stop):
             where = f"{source.uri}/{entry.rel}"
             folder = storage.staged(extracted, entry.rel)
             record = _extract(storage.staged(root, entry.rel), folder, entry.etag, where, classes, multi)
+            shards.check_count(where, len(record["samples"]), source.shard_counts.get(entry.rel))
             for name, label in record["samples"]:
                 seen.add(shards.member_key(name, where)[0], f"{where}:{name}")
                 key = f"{entry.rel}:{name}"
@@ -373,6 +374,7 @@ def _stream(source: Source, how: Staging) -> Streamed:
                 pairs.append((key, label))
                 chunk.append((key, image))
                 digests[key] = _digest(image)
+            shards.check_count(f"{source.uri}/{entry.rel}", len(chunk), source.shard_counts.get(entry.rel))
             if how.checks:
                 bad |= how.checks.encoded(chunk)
             how.progress(1)

@@ -84,6 +84,13 @@ def check_listed(listed: set[str], found: dict[str, list[str]], where: str) -> N
         raise DataError(f"{where}/{missing[0]}: listed in {INDEX} but missing")
 
 
+def check_count(where: str, read: int, counted: int | None) -> None:
+    """A shard read to its end holds the samples index.json counts (None: not counted)."""
+    if counted is not None and read != counted:
+        raise DataError(f"{where}: {read} sample(s) read, but {INDEX} counts {counted}: the shard changed after it "
+                        "was packed (cut short, or rewritten); pack again")
+
+
 def member_key(name: str, where: str) -> tuple[str, str] | None:
     """(key, extension) of a tar member in the WebDataset convention: the whole path up to the first dot of
     the file name (`cat/0001.jpg` -> `cat/0001`, `.jpg`). None for a member that belongs to no sample (no
@@ -138,10 +145,25 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
                     raise DataError(f"{name}: sample {key} has two {found[1]} members (extensions differ only in "
                                     f"case; {member.name} is the second)")
                 current[found[1]] = tar.extractfile(member).read()
+            _check_end(tar, name)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{name}: not a readable tar file ({type(e).__name__}: {e}); is it truncated?") from None
     if key is not None:
         yield key, current
+
+
+def _check_end(tar: tarfile.TarFile, name: str) -> None:
+    """A tar read to its end has its end-of-archive block, and only zeros after it. tarfile reads a tar cut at a
+    member's boundary as a shorter tar, and stops at the first end of tars joined one after the other (`cat a.tar
+    b.tar`): either way samples were lost without a word."""
+    stream = tar.fileobj  # the (decompressed) stream: at the end, it has read the end block past the last member
+    if stream.tell() == tar.offset:
+        raise DataError(f"{name}: ends after a member, without the tar's end-of-archive block: cut short (a copy or "
+                        "upload that stopped?); copy it again, or pack again")
+    while chunk := stream.read(1 << 16):
+        if chunk.strip(b"\0"):
+            raise DataError(f"{name}: holds data after the tar's end-of-archive block (tars joined with `cat`?), whose "
+                            "samples would be lost; write one tar (`tar -A` joins tars), or pack again")
 
 
 def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] | None,

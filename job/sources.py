@@ -33,6 +33,7 @@ class Source:
     layout: Layout  # as listed: a sharded dataset's files are known only once its shards are read
     entries: dict[str, tuple[storage.Store, storage.Entry]] = field(default_factory=dict)  # key -> object
     shard_entries: dict[str, list[storage.Entry]] = field(default_factory=dict)  # split -> shards (kind shards)
+    shard_counts: dict[str, int] = field(default_factory=dict)  # shard -> samples, as index.json counts them
     store: storage.Store | None = None  # data.uri
 
     def bytes(self) -> int:
@@ -186,7 +187,7 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
                                    1 if cfg.task == "multi_label" else 2)
     if "train" not in found:
         raise DataError(f"{cfg.data.uri}: shards but no train/shard-NNNNNN.tar")
-    counts, images = {}, {}
+    counts, images, packed_counts = {}, {}, {}
     if shards.INDEX in by_rel:
         index = _read_index(store, f"{cfg.data.uri}/{shards.INDEX}")
         shards.check_listed(set(index["shards"]), found, cfg.data.uri)
@@ -197,6 +198,7 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
                             f"with {_few(packed)} ({shards.INDEX}): their labels would name other classes; restore "
                             f"{shards.CLASSES} as packed, or pack again")
         counts, images = index["counts"], index.get("images") or {}
+        packed_counts = {rel: n for rel, n in index["shards"].items() if isinstance(n, int)}
     if cfg.task == "multi_label":  # the labels of each image are known once the shards are read
         layout = MultiLayout(classes, {s: {f"#{i}": () for i in range(images.get(s, 0))} for s in found})
     else:
@@ -205,7 +207,7 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
         if counts:
             require_training_images(layout, cfg.data.uri)
     return Source("shards", cfg.data.uri, layout, store=store,
-                  shard_entries={s: [by_rel[r] for r in rels] for s, rels in found.items()})
+                  shard_entries={s: [by_rel[r] for r in rels] for s, rels in found.items()}, shard_counts=packed_counts)
 
 
 def _few(names: list) -> str:

@@ -142,6 +142,34 @@ def test_corrupt_and_truncated_shards():
             read(data)
 
 
+def _member_ends(members: list[tuple[str, bytes]]) -> list[int]:
+    """The byte offsets where each member of an uncompressed tar_bytes tar ends (header and padded data)."""
+    ends, at = [], 0
+    for _, data in members:
+        at += 512 + -(-len(data) // 512) * 512
+        ends.append(at)
+    return ends
+
+
+@given(st.lists(st.binary(min_size=1, max_size=1500), min_size=1, max_size=5), st.data())
+def test_a_tar_cut_at_a_members_end_or_joined_to_another_is_refused(images, data):
+    """tarfile reads a tar cut at a member's boundary as a shorter tar, and stops at the first end of two tars
+    joined with `cat`: both lost samples without a word. Whole tars, compressed or not, read completely."""
+    members = [m for i, image in enumerate(images) for m in ((f"k{i}.png", image), (f"k{i}.cls", b"0"))]
+    whole = tar_bytes(members)
+    assert [s.image for s in read(whole)] == images
+    assert [s.image for s in read(tar_bytes(members, "w:gz"))] == images
+    j = data.draw(st.integers(0, len(members) - 1), label="cut after member")
+    cut = _member_ends(members)[j]
+    with pytest.raises(DataError, match="shard-000000.tar: ends after a member, without the tar's end-of-archive "
+                                        "block: cut short"):
+        read(whole[:cut])
+    if j % 2:  # cut after a label, then ended as a tar: a shorter tar, read as it is
+        assert [s.image for s in read(whole[:cut] + bytes(1024))] == images[:(j + 1) // 2]
+    with pytest.raises(DataError, match="holds data after the tar's end-of-archive block .tars joined with `cat`"):
+        read(whole + tar_bytes([("z.png", b"Z"), ("z.cls", b"1")]))
+
+
 def test_sizes():
     assert parse_size("256MB") == 256_000_000 and parse_size("1GiB") == 2**30 and parse_size("4096") == 4096
     with pytest.raises(Exception, match="--shard-size"):

@@ -5,12 +5,14 @@ folders, copied and streamed readers agree. Local folders; no TensorFlow except 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -689,3 +691,20 @@ def test_each_pass_of_a_repeated_stream_is_every_training_sample_once(tmp_path):
     passes = [sorted(rows[i * 24:(i + 1) * 24]) for i in range(3)]
     assert len(set(passes[0])) == 24 and passes[0] == passes[1] == passes[2]
     assert rows[:24] != rows[24:48]  # each pass in an order of its own
+
+
+@pytest.mark.parametrize("mode", ["copy", "stream"])
+def test_a_packed_shard_that_lost_samples_is_refused_against_its_index(tmp_path, mode):
+    """index.json counts each shard's samples: a shard with fewer (cut short and closed again as a tar, or
+    rewritten) lost images without a word before."""
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=6, size=8, seed=0, test_per_class=0)
+    pack(str(tmp_path / "d"), str(tmp_path / "s"), shard_size=100_000)
+    shard = tmp_path / "s" / "train" / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        kept = [(m, tar.extractfile(m).read()) for m in tar.getmembers()[:-2]]  # all but the last sample
+    with tarfile.open(shard, "w") as tar:
+        for member, data in kept:
+            tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 's'}/train/shard-000000.tar: 11 sample(s) read, "
+                                                  "but index.json counts 12: the shard changed after it was packed")):
+        stage(tmp_path / "s", mode, tmp_path)
