@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job.errors import ConfigError, DataError
-from job.layout import IMAGE_EXTENSIONS, NOT_UTF8, SPLITS, raw_name, utf8
+from job.layout import IMAGE_EXTENSIONS, NOT_UTF8, SPLIT_ALIASES, SPLITS, raw_name, utf8
 
 SHARD = re.compile(r"^(train|validation|test)/shard-(\d{6})\.tar$")
+TAR = re.compile(r"\.(tar|tgz|tar\.(gz|bz2|xz))$", re.IGNORECASE)
 CLASSES = "classes.txt"
 INDEX = "index.json"
 
@@ -45,6 +46,20 @@ def shard_names(rels: Iterable[str]) -> dict[str, list[str]]:
         if match:
             found.setdefault(match.group(1), []).append(rel)
     return {s: sorted(found[s]) for s in SPLITS if s in found}
+
+
+def misnamed(rels: Iterable[str]) -> list[str]:
+    """Tars that look like shards but are not named as the job reads them (`train/shard-2.tar`, `.TAR`,
+    `.tar.gz`, `val/shard-000000.tar`, a `shard-000000.tar` outside a split folder): they were ignored without
+    a word, and their images never trained."""
+    odd = []
+    for rel in rels:
+        if SHARD.match(rel) or not TAR.search(rel):
+            continue
+        parts = rel.lower().split("/")
+        if (len(parts) == 2 and (parts[0] in SPLITS or parts[0] in SPLIT_ALIASES)) or parts[-1].startswith("shard"):
+            odd.append(rel)
+    return sorted(odd)
 
 
 def parse_classes(data: bytes, where: str, minimum: int = 2) -> list[str]:

@@ -84,6 +84,11 @@ def _open(cfg: Config, store: storage.Store) -> Source:
         return _manifest_source(cfg, store)
     listing = store.list()
     found = shards.shard_names(e.rel for e in listing)
+    odd = shards.misnamed(e.rel for e in listing)
+    if odd:
+        raise DataError(f"{cfg.data.uri}/{odd[0]}: a tar the job does not read ({len(odd)} such): shards are "
+                        "<split>/shard-NNNNNN.tar, the split train, validation or test, six digits, the tar "
+                        "uncompressed or gzipped but named .tar; rename it (or pack the images again)")
     if found:
         return _shard_source(cfg, store, listing, found)
     if cfg.task == "multi_label":

@@ -170,6 +170,29 @@ def test_a_tar_cut_at_a_members_end_or_joined_to_another_is_refused(images, data
         read(whole + tar_bytes([("z.png", b"Z"), ("z.cls", b"1")]))
 
 
+@given(st.sampled_from(["train", "validation", "test", "val", "Train", "dev", "."]),
+       st.from_regex(r"shard-[0-9]{1,7}", fullmatch=True), st.sampled_from([".tar", ".TAR", ".tar.gz", ".tgz"]))
+def test_every_tar_named_like_a_shard_is_read_or_refused(split, stem, ext):
+    """A shard named otherwise than `<split>/shard-NNNNNN.tar` was ignored without a word (its images never
+    trained): each such name is now either read or refused, never both, never neither."""
+    rel = f"{stem}{ext}" if split == "." else f"{split}/{stem}{ext}"
+    read_as_shard = bool(shards.shard_names([rel]))
+    assert read_as_shard != bool(shards.misnamed([rel]))
+    assert read_as_shard == (split in ("train", "validation", "test") and ext == ".tar" and len(stem) == 12)
+
+
+def test_misnamed_shards_are_refused_naming_one(tmp_path):
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=4, size=8, seed=0, test_per_class=1)
+    pack(str(tmp_path / "d"), str(tmp_path / "s"), shard_size=100_000)
+    (tmp_path / "s" / "test" / "shard-000000.tar").rename(tmp_path / "s" / "test" / "shard-0.tar")
+    (tmp_path / "s" / "train" / "cat.tar").write_bytes(b"")  # a tar in a split folder, named otherwise
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "s")}, "output": {"uri": str(tmp_path / "o")},
+                                 "model": {"weights": "none"}})
+    with pytest.raises(DataError, match=r"/s/test/shard-0.tar: a tar the job does not read \(2 such\): shards are "
+                                        r"<split>/shard-NNNNNN.tar"):
+        sources.open_source(cfg)
+
+
 def test_sizes():
     assert parse_size("256MB") == 256_000_000 and parse_size("1GiB") == 2**30 and parse_size("4096") == 4096
     with pytest.raises(Exception, match="--shard-size"):
