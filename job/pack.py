@@ -2,7 +2,7 @@
 
     finetune-job pack --from s3://b/flowers --to s3://b/flowers-shards [--shard-size 256MB]
     finetune-job pack --from s3://b/labels.csv --to s3://b/flowers-shards   # paths relative to the CSV's folder
-    finetune-job pack ... --overwrite     # replace the shards already there (deleted first)
+    finetune-job pack ... --overwrite     # replace the shards already there (deleted once the source reads)
 
 Each split's images are shuffled (seeded) across its shards, so that streaming reads a mix of classes
 from every shard; each sample is `<key>.<ext>` with `<key>.cls` (multi-label: `<key>.json`, its label
@@ -67,6 +67,7 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
                           f"it, e.g. {data_uri.rstrip('/')}-shards")
     layout = source.layout  # (a class name with a line break, which classes.txt cannot hold, is refused there)
     dest = storage.open_store(dest_uri, endpoint)
+    _read_one_of_each_store(source)  # before anything is deleted: a source listed but not readable stops here
     _refuse_or_clear(dest, overwrite)
     shard_counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="finetune-job-pack-") as tmp, ThreadPoolExecutor(16) as pool:
@@ -113,6 +114,16 @@ def _refuse_or_clear(dest: storage.Store, overwrite: bool) -> None:
     dest.delete(meta)
     dest.delete(old)
     log.info("old shards deleted", to=dest.uri, shards=len(old))
+
+
+def _read_one_of_each_store(source) -> None:
+    """Read one image of each place the source's images are in (a manifest may name several buckets): storage
+    that lists but does not read (no s3:GetObject, a proxy) fails here, before --overwrite deletes the old pack."""
+    first: dict[int, str] = {}
+    for key, (store, _) in sorted(source.entries.items()):
+        first.setdefault(id(store), key)
+    for key in first.values():
+        _read(source, key)
 
 
 def _upload(dest, path: Path, tmp: Path) -> None:

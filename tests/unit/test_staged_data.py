@@ -708,3 +708,20 @@ def test_a_packed_shard_that_lost_samples_is_refused_against_its_index(tmp_path,
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 's'}/train/shard-000000.tar: 11 sample(s) read, "
                                                   "but index.json counts 12: the shard changed after it was packed")):
         stage(tmp_path / "s", mode, tmp_path)
+
+
+def test_pack_overwrite_reads_the_source_before_deleting_the_old_pack(tmp_path):
+    """A source that lists but does not read (here: its images are links into a folder since moved; in S3, no
+    s3:GetObject) failed only after --overwrite had deleted the old pack: the destination was left empty."""
+    write_sample_dataset(tmp_path / "a", classes=2, per_class=4, size=8, seed=0, test_per_class=0)
+    write_sample_dataset(tmp_path / "real", classes=2, per_class=3, size=8, seed=1, test_per_class=0)
+    for image in sorted((tmp_path / "real").rglob("*.png")):
+        link = tmp_path / "linked" / image.relative_to(tmp_path / "real")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(image)
+    (tmp_path / "real").rename(tmp_path / "moved")
+    pack(str(tmp_path / "a"), str(tmp_path / "shards"), shard_size=100_000)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()}
+    with pytest.raises(StorageError, match="reading .*linked/train/"):
+        pack(str(tmp_path / "linked"), str(tmp_path / "shards"), shard_size=100_000, overwrite=True)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
