@@ -65,13 +65,22 @@ def misnamed(rels: Iterable[str]) -> list[str]:
 def parse_classes(data: bytes, where: str, minimum: int = 2) -> list[str]:
     """The class names of classes.txt (UTF-8; a byte-order mark, as Windows' Notepad writes, is not part of the
     first name), one per `\n`-ended line (`\r\n` too), exactly as written (a folder named ` cat` is a class
-    ` cat`; pack writes it so); blank lines are skipped. At least `minimum` (2 for single-label; multi-label may
-    have one label). Other bytes are a DataError: decoded with replacement, a Latin-1 `café` was a class `caf�`."""
+    ` cat`; pack writes it so); blank lines after the last name are skipped, a blank line before it is a
+    DataError: a `.cls` index counts the names, and whether a blank line counts is anyone's guess (skipped, it
+    shifted every label after it by one). At least `minimum` (2 for single-label; multi-label may have one label).
+    Other bytes are a DataError: decoded with replacement, a Latin-1 `café` was a class `caf�`."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{where}: not UTF-8 text") from None
-    classes = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    blank = [n for n, line in enumerate(lines, 1) if not line.strip()]
+    if blank:
+        raise DataError(f"{where} line {blank[0]}: blank, between class names: a .cls label is the index of a name, "
+                        "and a blank line would shift (or not) the names after it; remove it")
+    classes = lines
     if len(classes) < minimum:
         needed = "1 is" if minimum == 1 else f"{minimum} are"
         raise DataError(f"{where}: {len(classes)} class(es); at least {needed} needed")
