@@ -550,7 +550,7 @@ def _workers_agree_on_dataset(run: Run) -> None:
     stream = run.data.mode == "stream"
     mine = len(run.data.shards("train", run.share)) if stream else run.data.count("train")
     counts = [run.data.count(split) for split in ("train", "validation", "test")]
-    rows = run.cluster.gather(counts + [int(stream), mine])
+    rows = run.cluster.gather(counts + [int(stream), mine, len(run.data.items("train", run.share)[0])])
     if any(row[:4] != rows[0][:4] for row in rows):
         raise DataError(f"the workers see different datasets under {run.cfg.data.uri} (did it change while the run "
                         f"started, or does data.staging auto decide differently on their disks?): images per "
@@ -559,6 +559,12 @@ def _workers_agree_on_dataset(run: Run) -> None:
         raise DataError(f"{run.cfg.data.uri}/train/: {len(run.data.shards('train'))} shard(s) hold training images "
                         f"(after the validation split) for {run.cluster.num_workers} workers; streaming needs at "
                         "least one per worker (pack with a smaller --shard-size, or data.staging: copy)")
+    shares = [row[5] for row in rows]
+    if stream and max(shares) > 1.25 * min(shares) and run.cluster.is_chief:
+        log.warning("streaming workers hold unequal shares of the training images (whole shards each, balanced as "
+                    "they allow), and all run the same steps: the images of a smaller share are seen more often; "
+                    "pack with a smaller --shard-size", images_by_worker=shares,
+                    weight=round(max(shares) / min(shares), 2))
 
 
 def _training_batches(run: Run, split: str = "train"):

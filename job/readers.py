@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -168,9 +169,10 @@ class Streamed(Reader):
         self.keep = keep  # where decoded shards are kept after their first read (job/stream.py), or None
 
     def shards(self, split: str, share: Share | None = None) -> list[str]:
-        """The shards holding a split's images (this worker's part of them with `share`)."""
-        rels = sorted({shard_of(k) for k in self.layout.items(split)[0]})
-        return rels if share is None else rels[share[0]::share[1]]
+        """The shards holding a split's images (this worker's part of them with `share`: shards balanced by
+        their images, `balanced`)."""
+        held = Counter(shard_of(k) for k in self.layout.items(split)[0])
+        return sorted(held) if share is None else balanced(held, share[1])[share[0]]
 
     def _share(self, split, keys, labels, share):
         mine = set(self.shards(split, share))
@@ -202,6 +204,19 @@ class Streamed(Reader):
         wanted = set(self.items(split)[0] if keys is None else keys)
         rels = sorted({shard_of(k) for k in wanted})
         return stream.pixels(self.store, rels, self.layout.classes, wanted, self.image_size, multi=self.multi)
+
+
+def balanced(images: dict[str, int], workers: int) -> list[list[str]]:
+    """Whole shards to `workers` workers, their images as even as whole shards allow: the largest shard first, each
+    to the worker with the fewest images so far (every worker runs the same steps, so a worker with fewer images
+    repeats them more often: every third shard to a worker had given one 7 images and another 233)."""
+    shares: list[list[str]] = [[] for _ in range(workers)]
+    held = [0] * workers
+    for rel in sorted(images, key=lambda r: (-images[r], r)):
+        worker = min(range(workers), key=lambda w: (held[w], w))
+        shares[worker].append(rel)
+        held[worker] += images[rel]
+    return [sorted(share) for share in shares]
 
 
 def image_uri(data_uri: str, key: str) -> str:

@@ -309,7 +309,7 @@ def test_a_file_and_a_folder_of_the_same_name_in_a_shard(tmp_path):
         stage(root, "copy", tmp_path)
 
 
-def test_streaming_workers_each_need_a_training_shard_after_the_validation_split(tmp_path):
+def test_streaming_workers_each_need_a_training_shard_after_the_validation_split(tmp_path, capsys):
     nine = [m for n in range(9) for m in ((f"a{n}.png", b"%d" % n), (f"a{n}.cls", b"%d" % (n % 2)))]
     root = shard_dataset(tmp_path / "d", {"train": [nine, [("z.png", b"Z"), ("z.cls", b"1")]]})
     staged = stage(root, "stream", tmp_path)
@@ -328,11 +328,20 @@ def test_streaming_workers_each_need_a_training_shard_after_the_validation_split
             rows[worker] = row
             return rows if all(rows) else [row]
         return SimpleNamespace(data=reader, share=(worker, 2), cfg=config(root),
-                               cluster=SimpleNamespace(num_workers=2, gather=gather))
+                               cluster=SimpleNamespace(num_workers=2, gather=gather, is_chief=worker == 0))
 
     pipeline._workers_agree_on_dataset(run_of(0))  # alone, worker 0 sees nothing wrong
     with pytest.raises(DataError, match="1 shard\\(s\\) hold training images .* for 2 workers"):
         pipeline._workers_agree_on_dataset(run_of(1))
+    # Uncarved, the workers hold 9 and 1 training images: the chief says the one is seen 9 times as often.
+    reader = readers.Streamed(staged.layout, {}, "d", (8, 8), staged.store, staged.etags).settle(0, seed)
+    rows[:] = [[], []]
+    capsys.readouterr()
+    pipeline._workers_agree_on_dataset(run_of(1))
+    assert "unequal shares" not in capsys.readouterr().out  # the chief says it, once
+    pipeline._workers_agree_on_dataset(run_of(0))
+    out = capsys.readouterr().out
+    assert out.count("unequal shares of the training images") == 1 and "[9, 1]" in out and "9.0" in out
 
 
 def test_validate_refuses_what_train_would(tmp_path):
@@ -725,3 +734,18 @@ def test_pack_overwrite_reads_the_source_before_deleting_the_old_pack(tmp_path):
     with pytest.raises(StorageError, match="reading .*linked/train/"):
         pack(str(tmp_path / "linked"), str(tmp_path / "shards"), shard_size=100_000, overwrite=True)
     assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
+
+
+@given(st.dictionaries(st.from_regex(r"train/shard-[0-9]{6}\.tar", fullmatch=True), st.integers(1, 300),
+                       min_size=1, max_size=12), st.integers(1, 5))
+def test_streaming_shares_are_whole_shards_balanced_by_their_images(images, workers):
+    """Every shard goes to exactly one worker, and the workers' images differ by at most the largest shard (every
+    n-th shard to a worker had given one 7 images and another 233 of two shards 7, 233 and a third)."""
+    shares = readers.balanced(images, workers)
+    assert sorted(rel for share in shares for rel in share) == sorted(images) and len(shares) == workers
+    held = [sum(images[r] for r in share) for share in shares]
+    assert max(held) - min(held) <= max(images.values())
+    assert shares == readers.balanced(dict(reversed(images.items())), workers)  # the same on every worker
+    if workers == 2 and len(images) == 3:  # the largest shard alone, the two others together
+        single, pair = sorted(shares, key=len)
+        assert len(pair) == 2 and images[single[0]] == max(images.values())
