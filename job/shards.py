@@ -203,11 +203,20 @@ def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] |
     if multi and single and ".json" not in members:
         raise ConfigError(f"{name}: sample {key} has one label ({key}.cls or .txt), but task is multi_label: "
                           "set task: single_label, or pack the multi-label manifest")
-    if not multi and not single and ".json" in members:
+    if not multi and not single and _holds_labels(members.get(".json")):
         raise ConfigError(f"{name}: sample {key} has a label list ({key}.json): a multi-label dataset; set "
                           "task: multi_label")
     label = _label_list(key, members, name, classes) if multi else _label(key, members, name, classes, images[0])
     yield Sample(key, images[0], members[images[0]], label)
+
+
+def _holds_labels(data: bytes | None) -> bool:
+    """Whether a `<key>.json` is a label list ({"labels": [...]}), not other metadata (WebDataset samples often
+    carry a caption or a source in one: that is no label, and said so, not advice to train multi-label)."""
+    try:
+        return isinstance(json.loads(data or b"null").get("labels"), list)
+    except (ValueError, AttributeError):
+        return False
 
 
 def _label_list(key: str, members: dict[str, bytes], name: str, classes: list[str] | None) -> tuple[int, ...]:

@@ -128,6 +128,9 @@ def test_shard_samples_and_their_labels():
     ([("k1.png", b"P"), ("k1.cls", b"7")], "k1.cls is '7', not a class index (0..1)"),
     ([("k1.png", b"P"), ("k1.txt", b"zebra")], "k1.txt names class 'zebra', which classes.txt does not list"),
     ([("k1.png", b"P"), ("k1.jpg", b"J"), ("k1.cls", b"0")], "sample k1 has 2 images"),
+    # WebDataset metadata that is not a label list: no label, not advice to train multi-label
+    ([("k1.png", b"P"), ("k1.json", b'{"caption": "a cat", "labels": "cat"}')], "k1.png has no label (k1.cls or"),
+    ([("k1.png", b"P"), ("k1.json", b"\xff not json")], "k1.png has no label (k1.cls or k1.txt)"),
 ])
 def test_bad_shards_name_the_member(members, message):
     with pytest.raises(DataError) as e:
