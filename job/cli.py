@@ -122,6 +122,12 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
     try:
         signals.install()
         cfg = _load(config, set_)
+        from job import pipeline
+
+        done = pipeline.complete_run(cfg)  # before the metrics: a push would replace the run's final values
+        if done:
+            logs.get().info("run finished", **done)
+            return
         worker, _ = tf_config_workers()
         metrics.start(run_id=cfg.run_id, backbone=cfg.model.backbone, version=job.__version__, worker=worker,
                       is_chief=worker == 0, host=cfg.metrics.host, port=cfg.metrics.port,
@@ -130,8 +136,6 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
     except BaseException as exc:  # noqa: BLE001 - every failure leaves through _fail
         _fail(exc)
     try:
-        from job import pipeline
-
         summary = pipeline.train(cfg)  # it loads TensorFlow once the dataset is listed
     except BaseException as exc:  # noqa: BLE001
         from job.errors import Preempted

@@ -76,7 +76,7 @@ def _counter(name: str, doc: str, *labels: str) -> Counter:
 
 
 INFO = Info("finetune_job", "The run: backbone and job version (value 1).", _RUN, registry=REGISTRY)
-RUN_STATUS = _gauge("run_status", "1 for the run's status (running, succeeded, failed), else 0.", "status")
+RUN_STATUS = _gauge("run_status", "1 for the run's status (running, succeeded, failed, preempted), else 0.", "status")
 PHASE = _gauge("phase", "1 for the phase the run is in, 0 for the others.", "phase")
 EPOCH = _gauge("epoch", "Current epoch of the phase, 1-based.", "phase")
 EPOCHS = _gauge("epochs", "Epochs planned for the phase (early stopping may end it sooner).", "phase")
@@ -256,14 +256,16 @@ def epoch_done(
     phase: str, epoch: int, *, train_loss: float, train_accuracy: float, val_loss: float, val_accuracy: float,
     val_map: float | None = None,
 ) -> None:
-    """Epoch `epoch` of `phase` finished with these results (`val_map`: multi-label runs)."""
+    """Epoch `epoch` of `phase` finished with these results (`val_map`: multi-label runs, which have no validation
+    accuracy: its series stays absent, not NaN)."""
     run = _run.labels
     EPOCH.labels(**run, phase=phase).set(epoch)
     TRAIN_LOSS.labels(**run, phase=phase).set(train_loss)
     TRAIN_ACCURACY.labels(**run, phase=phase).set(train_accuracy)
     VAL_LOSS.labels(**run, phase=phase).set(val_loss)
-    VAL_ACCURACY.labels(**run, phase=phase).set(val_accuracy)
-    if val_map is not None:
+    if val_map is None:
+        VAL_ACCURACY.labels(**run, phase=phase).set(val_accuracy)
+    else:
         VAL_MAP.labels(**run, phase=phase).set(val_map)
 
 

@@ -155,6 +155,24 @@ def validate(cfg: Config):
     return layout
 
 
+def complete_run(cfg: Config) -> dict | None:
+    """The summary of a run that is complete with nothing to do (its `_SUCCESS` there, no `output.overwrite`), else
+    None. Its final Katib line is written again from its metrics.json: a trial pod started again after the upload
+    (evicted, retried) wrote none, and Katib failed the complete trial for want of its objective."""
+    import json
+
+    from job.distribute import tf_config_workers
+
+    out, state = output_state(cfg)
+    if state != "complete" or cfg.output.overwrite:
+        return None
+    _warn_other_config(cfg, out)
+    if cfg.metrics.file:
+        katib.check_writable(cfg.metrics.file)
+        katib.run_done(cfg.metrics.file, json.loads(out.read("metrics.json")), chief=tf_config_workers()[0] == 0)
+    return {"status": "already complete", "artifacts": out.uri}
+
+
 def _warn_other_config(cfg: Config, out: storage.Store) -> None:
     """A complete run is not redone; when its config.yaml differs from this config in what trains a model, say so
     (a changed recipe ended "already complete" without a word)."""
@@ -288,10 +306,10 @@ def prepare(cfg: Config) -> Run | dict:
     """Everything before the first download: a bad config, weights file or `unfreeze` fails here.
 
     A complete run returns its summary instead (nothing to do unless `output.overwrite`)."""
+    done = complete_run(cfg)
+    if done:
+        return done
     out, state = output_state(cfg)
-    if state == "complete" and not cfg.output.overwrite:
-        _warn_other_config(cfg, out)
-        return {"status": "already complete", "artifacts": out.uri}
     timings = Timings()
     with timings.measure("listing"):
         source = read_listing(cfg)

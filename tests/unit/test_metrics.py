@@ -368,5 +368,32 @@ def test_a_multilabel_epoch_exposes_the_validation_map(run):
     families = scrape(opts["port"])
     (sample,) = families["finetune_job_val_map"][1]
     assert sample.labels["phase"] == "finetune" and sample.value == 0.875
+    assert not families.get("finetune_job_val_accuracy", (None, []))[1]  # none, where it was a NaN series
     metrics.epoch_done("head", 1, train_loss=0.3, train_accuracy=0.9, val_loss=0.35, val_accuracy=0.5)
     assert [s.labels["phase"] for s in scrape(opts["port"])["finetune_job_val_map"][1]] == ["finetune"]
+
+
+def test_a_rerun_of_a_complete_run_keeps_its_pushed_metrics_and_reports_to_katib_again(run, gateway, tmp_path):
+    """`train` on a complete run does nothing: it pushed a fresh registry over the run's group (the success time
+    moved to the rerun, the counters 0, the epochs gone), and wrote no Katib line, so a trial pod started again after
+    the upload failed its trial for want of the objective."""
+    from conftest import run_cli, write_config
+
+    run(run_id="done-1", pushgateway=gateway.url)
+    metrics.step_done("finetune", 16, 0.3, 0.1)
+    metrics.finish(True)
+    before = group(gateway, "done-1")
+    assert pushed_value(before, "finetune_job_images_processed_total", phase="finetune") == 16
+    folder = tmp_path / "out" / "done-1"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"validation": {"loss": 0.5, "accuracy": 0.75},
+                                                     "test": {"accuracy": 0.5}, "formats": {}}))
+    (folder / "_SUCCESS").write_text("")
+    config = write_config(tmp_path / "c.yaml", run_id="done-1", data={"uri": str(tmp_path / "d")},
+                          output={"uri": str(tmp_path / "out")}, model={"weights": "none"},
+                          metrics={"pushgateway": gateway.url, "port": 0, "file": str(tmp_path / "katib.txt")})
+    result = run_cli("train", "--config", str(config), timeout=120)
+    assert result.returncode == 0 and '"status": "already complete"' in result.stdout, result.stderr
+    assert group(gateway, "done-1") == before  # push times included: nothing pushed
+    (line,) = (tmp_path / "katib.txt").read_text().splitlines()
+    assert line.split()[1:] == ["val_loss=0.5", "val_accuracy=0.75", "test_accuracy=0.5"]
