@@ -77,3 +77,27 @@ def test_the_documented_rest_body_fits_the_real_savedmodel_signature(tmp_path):
     out = signature(**{input_name: batch})
     assert set(out) == set(documented)  # the response's keys are the signature's outputs
     assert out["probabilities"].shape == (1, len(classes)) and out["label"].numpy()[0].decode() in classes
+
+
+def test_the_documented_python_decoding_reads_pixels_as_the_job_does(tmp_path):
+    """The LiteRT/ONNX example's decoding, run as written, gives the pixels TensorFlow decodes (before the resize,
+    which differs a little by design): Pillow's convert("RGB") had turned a 16-bit grey PNG all white."""
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    block = re.search(r"```python\n(import json, numpy as np\n.*?)```", SERVING, re.S).group(1)
+    decoding = block[:block.index("pixels = ")].replace("info = json.load", "# info = json.load")
+    decoding = decoding.replace('h, w = info["input"]["shape"][1:3]', "")
+    rng = np.random.default_rng(0)
+    images = {"grey16.png": Image.fromarray(rng.integers(0, 65536, (9, 7)).astype(np.uint16)),
+              "rgb.png": Image.fromarray(rng.integers(0, 256, (9, 7, 3)).astype(np.uint8)),
+              "grey.png": Image.fromarray(rng.integers(0, 256, (9, 7)).astype(np.uint8)),
+              "rgba.png": Image.fromarray(rng.integers(0, 256, (9, 7, 4)).astype(np.uint8))}
+    for name, made in images.items():
+        made.save(tmp_path / name)
+        scope: dict = {}
+        exec(decoding.replace("rose.jpg", str(tmp_path / name)), scope)  # noqa: S102 (the README's own lines)
+        read = np.asarray(scope["image"].convert("RGB"))
+        decoded = tf.io.decode_image((tmp_path / name).read_bytes(), channels=3, expand_animations=False).numpy()
+        np.testing.assert_array_equal(read, decoded, err_msg=name)
