@@ -46,7 +46,9 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
             folder, _ = storage.stage(store, [e for e in store.list() if needed(e.rel)], tmp)
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         if not any(rel == target or rel.startswith(target + "/") for rel in manifest["files"]):
-            raise StorageError(f"{model_uri}: this run has no {fmt} (export.formats: see its manifest.json)")
+            kept = ", ".join(manifest.get("formats") or {}) or "see its manifest.json"
+            raise ConfigError(f"--format {fmt}: the run {model_uri} was not exported as {fmt} (its export.formats: "
+                              f"{kept})")
         for rel, info in manifest["files"].items():
             if needed(rel) and (not (folder / rel).is_file() or sha256(folder / rel) != info["sha256"]):
                 raise StorageError(f"{model_uri}/{rel}: does not match the manifest's checksum")

@@ -1,5 +1,6 @@
 """The CLI surface: fast --help without TensorFlow, --version, commands listed."""
 
+import json
 import subprocess
 import sys
 
@@ -78,7 +79,7 @@ def test_a_model_that_is_no_run_says_where_the_runs_are(tmp_path):
     # Each was "not a complete run (no _SUCCESS)" alone, after TensorFlow's import (10 s).
     import pytest
 
-    from job.errors import StorageError
+    from job.errors import ConfigError, StorageError
     from job.predict import fetched_run
 
     for run in ("r1", "r2"):
@@ -94,6 +95,13 @@ def test_a_model_that_is_no_run_says_where_the_runs_are(tmp_path):
     assert said["runs"].endswith(f"; it holds 2 complete run(s) (r1, r2): give one, e.g. --model {tmp_path}/runs/r1")
     assert said["runs/r1/saved_model"].endswith(f"; it is inside the run {tmp_path}/runs/r1: give that folder")
     assert said["runs/r1/model.keras"].endswith(": a file, not a run's folder")
+    # A format the run was not exported as is usage (exit 2), naming the ones it has; it was a storage error (4).
+    (tmp_path / "runs" / "r1" / "manifest.json").write_text(json.dumps(
+        {"files": {}, "formats": {"saved_model": {"accuracy": 1.0}, "onnx": {"accuracy": 1.0}}}))
+    with pytest.raises(ConfigError) as e, fetched_run(str(tmp_path / "runs" / "r1"), fmt="tflite"):
+        pass
+    assert str(e.value) == f"--format tflite: the run {tmp_path}/runs/r1 was not exported as tflite (its " \
+                           "export.formats: saved_model, onnx)"
     code = "import sys, job.predict, job.files; print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           timeout=60).stdout.strip() == "False"  # the run is checked before TensorFlow loads
