@@ -155,6 +155,14 @@ def validate(cfg: Config):
     return layout
 
 
+def listed_counts(source) -> dict | str:
+    """The images per split and class as listed; shards without index.json (or multi-label ones: their labels) are
+    counted only once read, where the listing said 0 of each."""
+    if source.kind == "shards" and (source.layout.multi_label or not source.image_count()):
+        return "known once the shards are read (staging)"
+    return source.layout.counts()
+
+
 def complete_run(cfg: Config) -> dict | None:
     """The summary of a run that is complete with nothing to do (its `_SUCCESS` there, no `output.overwrite`), else
     None. Its final Katib line is written again from its metrics.json: a trial pod started again after the upload
@@ -313,7 +321,7 @@ def prepare(cfg: Config) -> Run | dict:
     timings = Timings()
     with timings.measure("listing"):
         source = read_listing(cfg)
-    log.info("dataset listed", uri=cfg.data.uri, classes=len(source.layout.classes), counts=source.layout.counts())
+    log.info("dataset listed", uri=cfg.data.uri, classes=len(source.layout.classes), counts=listed_counts(source))
     _check_class_weight(cfg, source)
     check_weights(cfg)
     katib.check_writable(cfg.metrics.file)

@@ -749,3 +749,14 @@ def test_streaming_shares_are_whole_shards_balanced_by_their_images(images, work
     if workers == 2 and len(images) == 3:  # the largest shard alone, the two others together
         single, pair = sorted(shares, key=len)
         assert len(pair) == 2 and images[single[0]] == max(images.values())
+
+
+def test_the_listing_of_shards_without_an_index_does_not_count_zero_images(tmp_path):
+    nine = [m for n in range(9) for m in ((f"a{n}.png", b"%d" % n), (f"a{n}.cls", b"%d" % (n % 2)))]
+    bare = sources.open_source(config(shard_dataset(tmp_path / "d", {"train": [nine]})))
+    assert pipeline.listed_counts(bare) == "known once the shards are read (staging)"  # it logged 0 of each class
+    write_sample_dataset(tmp_path / "f", classes=2, per_class=3, size=8, seed=0, test_per_class=0)
+    pack(str(tmp_path / "f"), str(tmp_path / "s"), shard_size=100_000)
+    for uri in ("f", "s"):
+        assert pipeline.listed_counts(sources.open_source(config(tmp_path / uri))) == \
+            {"train": {"circle": 3, "square": 3}}
