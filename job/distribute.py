@@ -60,16 +60,21 @@ def tf_config_workers(environ=os.environ) -> tuple[int, int]:
     return index, max(total, 1)
 
 
+def check_strategy(strategy: str, environ=os.environ) -> None:
+    """ConfigError for a strategy this process cannot run (no TensorFlow: `validate` says it too)."""
+    if strategy == "multi_worker" and tf_config_workers(environ)[1] < 2 and not environ.get("TF_CONFIG"):
+        raise ConfigError("config: distribution.strategy: multi_worker needs TF_CONFIG with the workers' addresses")
+
+
 def setup(strategy: str, cpu_replicas: int, mixed_precision: str | bool, connect_timeout: float = 300.0) -> Cluster:
     import tensorflow as tf
 
+    check_strategy(strategy)
     gpus = tf.config.list_physical_devices("GPU")
     worker_index, num_workers = tf_config_workers()
     kind = strategy
     if kind == "auto":
         kind = "multi_worker" if num_workers > 1 else "mirrored" if len(gpus) > 1 or cpu_replicas > 1 else "one_device"
-    if kind == "multi_worker" and num_workers < 2 and not os.environ.get("TF_CONFIG"):
-        raise ConfigError("config: distribution.strategy: multi_worker needs TF_CONFIG with the workers' addresses")
 
     if not gpus and cpu_replicas > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]

@@ -50,7 +50,7 @@ $recipe
 
 $results_table
 
-### Exported formats (checked on the $split split)
+### Exported formats ($checked)
 
 $formats_table
 
@@ -87,23 +87,46 @@ MULTI = {"kind_title": "a multi-label image classifier of {n} label{s}", "kind_n
 
 def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict[str, int]], reports: dict,
            formats: dict[str, dict], bad_images: int, versions: dict[str, str], search: list[dict] = (),
-           refit: dict | None = None, history: dict[str, list[dict]] | None = None) -> str:
-    """`history`: the epochs trained per phase (history.json), so that the recipe says what ran, not what was set."""
+           refit: dict | None = None, history: dict[str, list[dict]] | None = None, checked_on: str = "") -> str:
+    """`history`: the epochs trained per phase (history.json), so that the recipe says what ran, not what was set.
+    `checked_on`: the split the formats were scored on (manifest.json's formats_checked_on). Without validation and
+    test splits, nothing is measured on images the model did not train on, and the card says so (it claimed
+    recall on validation, and the formats' scores on the training images as validation's)."""
     data, model = config["data"], config["model"]
     height, width = data["image_size"]
-    split = "test" if "test" in reports else "validation"
+    split = next((s for s in ("test", "validation") if s in reports), "")
     multi = config.get("task") == "multi_label"
     kind = {k: v.format(n=len(classes), s="s" * (len(classes) != 1)) for k, v in (MULTI if multi else SINGLE).items()}
     per_label = reports.get(split, {}).get("per_label" if multi else "per_class", {})
+    validated = _images(counts, "validation") > 0
     return CARD.substitute(**kind,
         run_id=run_id, backbone=model["backbone"], weights=model["weights"], data_uri=data["uri"],
         version=versions.get("finetune_job", ""), tensorflow=versions.get("tensorflow", ""),
         num_classes=len(classes), class_list=", ".join(_code(c) for c in classes), height=height, width=width,
         counts_table=_counts_table(classes, counts), bad_images=bad_images,
-        recipe=_recipe(config["train"], search, refit or {}, history, model["weights"] == "none"),
-        results_table=_multi_results(reports, per_label, split) if multi else _results_table(reports), split=split,
-        formats_table=_formats_table(formats), limits=_limits(per_label, split, multi),
+        recipe=_recipe(config["train"], search, refit or {}, history, model["weights"] == "none", validated),
+        results_table=(_multi_results(reports, per_label, split) if multi else _results_table(reports)) if split
+        else NOT_MEASURED, checked=_checked(checked_on or split or "train"),
+        formats_table=_formats_table(formats), limits=_limits(per_label, split, multi) if split else
+        f"- {NOT_MEASURED}",
         smallest=min((v.get("images", sum(v.values())) for v in counts.values()), default=0))
+
+
+NOT_MEASURED = ("not measured: the run had no validation or test images, so nothing was scored on images the model "
+                "did not train on.")
+
+
+def _images(counts: dict[str, dict[str, int]], split: str) -> int:
+    """A split's images in the card's counts (multi-label: its `images` entry)."""
+    found = counts.get(split) or {}
+    return found["images"] if "images" in found else sum(found.values())
+
+
+def _checked(split: str) -> str:
+    if split == "train":
+        return "checked on the training images: the run had no validation or test split, so these scores are on " \
+               "images the model trained on"
+    return f"checked on the {split} split"
 
 
 def _pct(x: float | None) -> str:
@@ -149,7 +172,7 @@ def _multi_results(reports: dict, per_label: dict[str, dict], split: str) -> str
 
 
 def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None,
-            history: dict[str, list[dict]] | None = None, from_scratch: bool = False) -> str:
+            history: dict[str, list[dict]] | None = None, from_scratch: bool = False, validated: bool = True) -> str:
     """The recipe as it ran: with `history`, the epochs each phase trained (early stopping ends them before their
     maximum) and the best kept, the fine-tuning rate the search chose, and from scratch the single phase that trains
     every layer at the head's rate (the card gave the configured epochs and rates, which did not run)."""
@@ -166,7 +189,8 @@ def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None,
         f"augment: {finetune['augment']}"
         + (f", layer-wise rate decay to {finetune['layer_decay']:g} at the first layer"
            if finetune.get("layer_decay", 1.0) < 1.0 else ""),
-        f"- batch {train['batch_size']}, seed {train['seed']}, early stopping on {train['early_stopping_metric']} "
+        f"- batch {train['batch_size']}, seed {train['seed']}, early stopping on "
+        f"{train['early_stopping_metric'] if validated else 'the training loss (no validation images)'} "
         f"(patience {train['early_stopping_patience']}), label smoothing {train['label_smoothing']}, "
         f"weight decay {train['weight_decay']}, schedule {train['lr_schedule']}, "
         f"class weights {train['class_weight']}",

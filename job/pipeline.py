@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from job import evaluate, katib, layout, logs, metrics, recipe, runstate, storage
+from job import distribute, evaluate, katib, layout, logs, metrics, recipe, runstate, storage
 from job.config import Config, redacted
 from job.errors import ConfigError, DataError
 from job.readers import Reader, image_uri
@@ -143,6 +143,8 @@ def validate(cfg: Config):
         _misread_bmps(cfg, source)
     output_state(cfg)  # proves the output location is reachable with these credentials
     check_weights(cfg)
+    katib.check_writable(cfg.metrics.file)  # as train checks them, before any work (validate said ok to both)
+    distribute.check_strategy(cfg.distribution.strategy)
     _check_class_weight(cfg, source)
     _staging(cfg, source)
     if source.kind == "shards" and (not source.image_count() or source.layout.multi_label):
@@ -388,8 +390,6 @@ def _staging(cfg: Config, source) -> str:
 
 
 def _start_strategy(cfg: Config):
-    from job import distribute
-
     cluster = distribute.setup(cfg.distribution.strategy, cfg.distribution.cpu_replicas, cfg.train.mixed_precision,
                                cfg.distribution.connect_timeout_seconds)
     logs.bind(worker=cluster.worker_index)

@@ -194,3 +194,19 @@ def test_the_recipe_says_what_trained_not_what_was_set():
     assert "- head: none (from scratch: no pre-trained base to keep)\n" in text
     assert ("- fine-tuning: 3 epochs trained of at most 3 at 0.001, unfreeze: every layer, BatchNormalization "
             "included (from scratch), augment: ") in text
+
+
+def test_a_run_without_validation_or_test_images_claims_no_score():
+    # It showed an empty results table, "every class has a recall of at least 80.0% on validation", the formats'
+    # scores on the training images "checked on the validation split", and early stopping on val_loss.
+    cfg = config.redacted(config.load(None, ["data.uri=s3://b/flowers", "output.uri=/o", "run_id=r7"], environ={}))
+    card = model_card.render("r7", cfg, ["rose", "tulip"], {"train": {"rose": 30, "tulip": 30}}, {}, FORMATS, 0,
+                             {}, checked_on="train")
+    assert "recall" not in card and "on validation" not in card and "val_loss" not in card
+    assert card.count(model_card.NOT_MEASURED) == 2  # the results and the known limits
+    assert "### Exported formats (checked on the training images: the run had no validation or test split" in card
+    assert "early stopping on the training loss (no validation images) (patience" in card
+    full = model_card.render("r7", cfg, ["rose", "tulip"], {**COUNTS, "validation": {"rose": 5, "tulip": 5}},
+                             {"validation": VALIDATION, "test": TEST}, FORMATS, 0, {}, checked_on="test")
+    assert "### Exported formats (checked on the test split)" in full and "early stopping on val_loss (" in full
+    assert model_card.NOT_MEASURED not in full and "recall" in full

@@ -23,7 +23,7 @@ from hypothesis import given
 
 from job import files, layout, pipeline, readers, shards, sources
 from job.config import Config
-from job.errors import DataError, StorageError
+from job.errors import ConfigError, DataError, StorageError
 from job.pack import pack
 from job.sample_data import write_sample_dataset
 
@@ -344,10 +344,18 @@ def test_streaming_workers_each_need_a_training_shard_after_the_validation_split
     assert out.count("unequal shares of the training images") == 1 and "[9, 1]" in out and "9.0" in out
 
 
-def test_validate_refuses_what_train_would(tmp_path):
+def test_validate_refuses_what_train_would(tmp_path, monkeypatch):
     write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
     with pytest.raises(DataError, match="stream needs tar shards"):
         pipeline.validate(config(tmp_path / "d", staging="stream"))
+    # validate said ok to both, which train refuses before any work
+    cfg = config(tmp_path / "d")
+    with pytest.raises(ConfigError, match=f"metrics.file {tmp_path}: cannot be written"):
+        pipeline.validate(cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"file": str(tmp_path)})}))
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    multi = cfg.model_copy(update={"distribution": cfg.distribution.model_copy(update={"strategy": "multi_worker"})})
+    with pytest.raises(ConfigError, match="multi_worker needs TF_CONFIG"):
+        pipeline.validate(multi)
 
 
 # ---------------------------------------------------------------- streamed shards kept decoded
@@ -760,3 +768,18 @@ def test_the_listing_of_shards_without_an_index_does_not_count_zero_images(tmp_p
     for uri in ("f", "s"):
         assert pipeline.listed_counts(sources.open_source(config(tmp_path / uri))) == \
             {"train": {"circle": 3, "square": 3}}
+
+
+def test_validate_warns_of_a_run_that_will_measure_nothing(tmp_path):
+    # validate said only "ok"; the run then exported scores on its own training images (its card now says so).
+    from conftest import run_cli, write_config
+
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=4, size=8, seed=0, test_per_class=0)
+    said = {}
+    for split in (0, 0.25):
+        cfg = write_config(tmp_path / f"c{split}.yaml", data={"uri": str(tmp_path / "d"), "validation_split": split},
+                           output={"uri": str(tmp_path / "o")}, model={"weights": "none"})
+        result = run_cli("validate", "--config", str(cfg), timeout=60)
+        assert result.returncode == 0, result.stderr
+        said[split] = "warning: no validation or test images" in result.stderr
+    assert said == {0: True, 0.25: False}
