@@ -96,6 +96,14 @@ def _check_augment(v: Augment) -> Augment:
     return v
 
 
+def _check_augment_list(v):
+    """A list is checked as written, before its type: `[{rotation: abc}]` was pydantic's "Input should be a valid
+    boolean or Input should be a valid string or ... unable to parse string as a number"."""
+    if isinstance(v, list):
+        recipe.augment_ops(v)
+    return v
+
+
 class HeadConfig(_Section):
     epochs: int = Field(10, ge=0)
     learning_rate: float = Field(1.0e-3, gt=0.0)
@@ -104,6 +112,7 @@ class HeadConfig(_Section):
     augment: Augment = False
 
     _augment = field_validator("augment")(_check_augment)
+    _augment_list = field_validator("augment", mode="before")(_check_augment_list)
 
 
 class FinetuneConfig(_Section):
@@ -121,6 +130,7 @@ class FinetuneConfig(_Section):
     layer_decay: float = Field(1.0, gt=0.0, le=1.0)
 
     _augment = field_validator("augment")(_check_augment)
+    _augment_list = field_validator("augment", mode="before")(_check_augment_list)
 
     @field_validator("unfreeze")
     @classmethod
@@ -187,6 +197,13 @@ class TrainConfig(_Section):
         if isinstance(v, dict) and any(w <= 0 for w in v.values()):
             raise ValueError("class weights must be > 0")
         return v
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> TrainConfig:
+        if not self.head.epochs and not self.finetune.epochs:  # a random head was exported as a complete run, exit 0
+            raise ValueError("head.epochs and finetune.epochs are both 0: nothing would train (the head is new); give "
+                             "one of them epochs")
+        return self
 
 
 class DistributionConfig(_Section):

@@ -861,6 +861,7 @@ def export_run(run: Run, reports: dict, started: float) -> dict:
     export.write_manifest(folder, export.manifest_fields(run, checked))
     if run.board:
         _final_summaries(run, reports, folder)
+        run.board.close()  # its last copy to storage before the artifacts': it landed after _SUCCESS
     if run.lease:
         run.lease.check()
     signals.check("export")  # the last point before storage: the upload, once begun, ends with _SUCCESS

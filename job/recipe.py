@@ -43,7 +43,9 @@ def augment_ops(spec: AugmentSpec) -> list[tuple[str, float]]:
         else:
             raise ValueError(f"each op is a name or {{name: factor}}, got {item!r}")
         if name not in AUGMENT_OPS:
-            raise ValueError(f"unknown augmentation op '{name}' (one of: {', '.join(AUGMENT_OPS)})")
+            spaced = ", with a space after the colon" * (":" in str(name))  # YAML's `{rotation:0.1}` is one key
+            raise ValueError(f"unknown augmentation op '{name}' (one of: {', '.join(AUGMENT_OPS)}; a factor is "
+                             f"written {{rotation: 0.1}}{spaced})")
         if factor is None:
             factor = AUGMENT_OPS[name]
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:

@@ -55,5 +55,7 @@ def test_a_listed_format_that_fails_is_exit_1_and_a_default_one_is_left_out(tmp_
     assert not list(run.glob("*.tflite*"))  # nothing half-checked is shipped
     assert not (run / "model.onnx").exists()  # nor the first attempt's ONNX file
     assert checked["tf_serving"]["agreement"] == 1.0 and (run / "_SUCCESS").is_file()
+    done = (run / "_SUCCESS").stat().st_mtime_ns  # written last: TensorBoard's event file was copied after it
+    assert list(run.glob("tensorboard/*")) and not [p for p in run.rglob("*") if p.stat().st_mtime_ns > done]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["formats"] == checked

@@ -157,6 +157,14 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("train.finetune.unfreeze=-2", "train.finetune.unfreeze:"),
         ("train.finetune.augment=[flip, spin]", "unknown augmentation op 'spin' (one of: flip,"),
         ("train.head.augment=[{rotation: 1.5}]", "train.head.augment: augmentation op 'rotation': factor must be"),
+        # pydantic's union error was "Input should be a valid boolean or Input should be a valid string or ..."
+        ("train.finetune.augment=[{rotation: abc}]", "train.finetune.augment: augmentation op 'rotation': factor "
+                                                     "must be a number in (0, 1], got 'abc'"),
+        ("train.finetune.augment=[flip,{rotation:0.1}]", "unknown augmentation op 'rotation:0.1' (one of: "),
+        ("train.finetune.augment=[flip,{rotation:0.1}]", "written {rotation: 0.1}, with a space after the colon"),
+        # Nothing trains: a random head was exported as a complete run, exit 0.
+        ("train={head: {epochs: 0}, finetune: {epochs: 0}}", "train: head.epochs and finetune.epochs are both 0: "
+                                                             "nothing would train"),
         ("train.finetune.augment=sometimes", "train.finetune.augment:"),
         ("train.early_stopping_metric=accuracy", "'val_loss', 'val_accuracy' or 'val_map'"),
         ("train.lr_schedule=step", "train.lr_schedule:"),
