@@ -13,6 +13,7 @@ phase 2 carry it over.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import keras
@@ -82,23 +83,27 @@ class Parts:
 
 def build(backbone: str, weights_file: str | None, image_size: tuple[int, int], num_classes: int,
           head_units: int, head_dropout: float, *, imagenet: bool = False, from_scratch: bool = False,
-          multi_label: bool = False) -> Parts:
+          multi_label: bool = False, weights_named: str = "") -> Parts:
     """Build the model. `weights_file` is a local file of base weights; `imagenet` asks Keras for them.
     `multi_label`: one sigmoid per label (scores) instead of a softmax over the classes.
 
     `from_scratch` (`model.weights: none`): a random base whose BatchNormalization is called in training
     mode while training, with momentum SCRATCH_BN_MOMENTUM. The export rebuilds the model with the same
-    flag, so the saved model.keras trains the same way if a user fits it further.
+    flag, so the saved model.keras trains the same way if a user fits it further. `weights_named`: the weights as
+    the config names them (an s3:// URI), for messages.
     """
     spec = backbones.get(backbone)
     shape = (*image_size, 3)
     constructor = getattr(keras.applications, spec.constructor)
     weights = "imagenet" if imagenet else weights_file
     try:
-        base = constructor(include_top=False, weights=weights, input_shape=shape)
+        with warnings.catch_warnings():  # Keras' own: one per layer of a file that does not fit (99 for MobileNetV2),
+            warnings.simplefilter("ignore")  # and "rows is not 224" at every other size with imagenet weights
+            base = constructor(include_top=False, weights=weights, input_shape=shape)
     except (ValueError, OSError) as e:
-        reason = str(e).splitlines()[0]
-        raise ConfigError(f"config: model.weights: {weights} does not fit {backbone}: {reason}") from None
+        reason = str(e).splitlines()[0].split(". Example error message", 1)[0].rstrip(".:")
+        raise ConfigError(f"config: model.weights: {weights_named or weights} does not fit {backbone}: {reason} "
+                          f"(weights of another backbone?)") from None
     except Exception as e:  # keras.utils.get_file raises a bare Exception when the download fails
         if not imagenet:
             raise

@@ -424,7 +424,8 @@ def _build_model(cfg: Config, cluster, classes: list[str], work: Path):
     with cluster.strategy.scope():
         parts = model.build(cfg.model.backbone, weights_file, tuple(cfg.data.image_size), len(classes),
                             cfg.model.head_units, cfg.model.head_dropout, imagenet=imagenet,
-                            from_scratch=cfg.model.weights == "none", multi_label=cfg.task == "multi_label")
+                            from_scratch=cfg.model.weights == "none", multi_label=cfg.task == "multi_label",
+                            weights_named=cfg.model.weights)
     if parts.from_scratch:  # every layer trains: train.finetune.unfreeze does not apply
         return parts, len(model.unfreezable_layers(parts.base))
     return parts, model.check_unfreeze(parts.base, cfg.train.finetune.unfreeze, cfg.model.backbone)

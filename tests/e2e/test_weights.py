@@ -40,3 +40,8 @@ def test_weights_of_another_backbone_exit_2(tmp_path, sample_data, base_weights)
     result = run_cli("train", "--config", str(cfg))
     assert result.returncode == 2 and "does not fit densenet121" in result.stderr, result.stderr[-1500:]
     assert "Traceback" not in result.stderr
+    # One line (Keras warned once per layer before it: 198 lines), whole, naming the weights as configured.
+    assert "UserWarning" not in result.stderr and result.stderr.count("\n") <= 2, result.stderr[-1500:]
+    line = next(x for x in result.stderr.splitlines() if x.startswith("finetune-job: error:"))
+    assert line.startswith(f"finetune-job: error: config: model.weights: {base_weights} does not fit densenet121: ")
+    assert line.endswith("(weights of another backbone?)")
