@@ -70,7 +70,7 @@ out = serve(image_bytes=tf.constant([open("image.jpg", "rb").read()]))
 $usage
 ```
 
-Or `finetune-job predict --model <this run> image.jpg [--format tflite|tflite_int8|onnx]`.
+Or `finetune-job predict --model <this run> image.jpg [--format tf_serving|tflite|tflite_int8|onnx]`.
 """)
 
 
@@ -127,6 +127,10 @@ def _checked(split: str) -> str:
         return "checked on the training images: the run had no validation or test split, so these scores are on " \
                "images the model trained on"
     return f"checked on the {split} split"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
 
 
 def _pct(x: float | None) -> str:
@@ -200,13 +204,13 @@ def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None,
 def _epochs(at_most: int, history: dict[str, list[dict]] | None, phase: str, train: dict) -> str:
     """'4 epochs', or as trained: '3 epochs trained of at most 10, the best (epoch 2) kept'."""
     if history is None:
-        return f"{at_most} epochs"
+        return _plural(at_most, "epoch")
     records = history.get(phase)
     if not records:
         return "no epoch trained" + f" (at most {at_most})" * bool(at_most)
     best = recipe.best_epoch(train["early_stopping_metric"], records)
     kept = f", the best (epoch {best}) kept" if best and best != len(records) else ""
-    return f"{len(records)} epochs trained of at most {at_most}{kept}"
+    return f"{_plural(len(records), 'epoch')} trained of at most {at_most}{kept}"
 
 
 def _search_lines(search: list[dict]) -> list[str]:
@@ -216,7 +220,7 @@ def _search_lines(search: list[dict]) -> list[str]:
     chosen = next(t for t in search if t["chosen"])
     second = "val_map" if "val_map" in chosen else "val_accuracy"
     scores = "; ".join(f"{t['learning_rate']:g}: val_loss {t['val_loss']:.4f}, {second} {t[second]:.4f} after "
-                       f"{t['epochs']} epochs" for t in search)
+                       f"{_plural(t['epochs'], 'epoch')}" for t in search)
     return [f"- fine-tuning learning rate **{chosen['learning_rate']:g}**, chosen on validation by train.search: "
             f"each rate trained from the head's weights, the best continued ({scores})"]
 

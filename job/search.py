@@ -72,7 +72,8 @@ def run(run, make_phase: Callable[..., object], learning_rates: list[float], run
     shutil.rmtree(folder, ignore_errors=True)
     trials, results, reuse = [], [], loop.Reuse()  # one traced step for every trial
     for i, (rate, phase) in enumerate(zip(learning_rates, phases)):
-        log.info("search trial started", learning_rate=rate, trial=i + 1, trials=len(learning_rates), epochs=rung)
+        log.info("search trial started", learning_rate=rate, trial=i + 1, trials=len(learning_rates),
+                 epochs=min(rung, phase.epochs))  # a phase shorter than the rung ends the trial first
         for variable, value in zip(variables, start):
             variable.assign(value)
         trial = RunState(phase="finetune", history={"finetune": []})
