@@ -163,6 +163,8 @@ def validate(config: ConfigOption, set_: SetOption = None) -> None:
                    f"unreliable): {', '.join(few)}", err=True)
     for message, _, missing in pipeline.unmeasured(layout):
         typer.echo(f"warning: {message}: {', '.join(missing)}", err=True)
+    if pipeline.batch_over_images(cfg, layout):
+        typer.echo(f"warning: {pipeline.batch_over_images(cfg, layout)}", err=True)
     if not layout.count("validation") and not layout.count("test"):
         typer.echo("warning: no validation or test images (data.validation_split 0, no validation/ or test/): the run "
                    "will measure nothing on images it did not train on, and early stopping will watch the training "

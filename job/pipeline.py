@@ -157,6 +157,16 @@ def validate(cfg: Config):
     return layout
 
 
+def batch_over_images(cfg: Config, listed) -> str:
+    """A warning when train.batch_size exceeds the training images: an epoch is whole batches, so each step repeats
+    images (48 images at batch 64: one step of 64, 16 of them twice), or "" when it does not."""
+    n = listed.count("train")
+    if cfg.train.batch_size <= n:
+        return ""
+    return (f"train.batch_size {cfg.train.batch_size} is more than the {n} training images: every step repeats "
+            "images (an epoch is whole batches); a batch at most the images is one pass an epoch")
+
+
 def listed_counts(source) -> dict | str:
     """The images per split and class as listed; shards without index.json (or multi-label ones: their labels) are
     counted only once read, where the listing said 0 of each."""
@@ -516,6 +526,9 @@ def stage_data(run: Run) -> None:
         log.warning(message, split=split, classes=missing)
     _check_val_map(cfg, run.data.layout)
     _warn_identical(run)
+    large = batch_over_images(cfg, run.data.layout)
+    if large:
+        log.warning(large)
     if not run.data.count("validation"):
         log.warning("no validation images: early stopping watches the training loss, and no validation report "
                     "is written")

@@ -783,3 +783,13 @@ def test_validate_warns_of_a_run_that_will_measure_nothing(tmp_path):
         assert result.returncode == 0, result.stderr
         said[split] = "warning: no validation or test images" in result.stderr
     assert said == {0: True, 0.25: False}
+
+
+def test_a_batch_larger_than_the_training_images_is_warned_of(tmp_path):
+    # 48 images at batch 64 trained one step of 64 an epoch, 16 of them twice, without a word.
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=3, size=8, seed=0, test_per_class=0)
+    listed = sources.open_source(config(tmp_path / "d")).layout
+    cfg = config(tmp_path / "d")
+    said = {b: pipeline.batch_over_images(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"batch_size": b})}), listed) for b in (5, 6, 7)}
+    assert said[5] == said[6] == "" and said[7].startswith("train.batch_size 7 is more than the 6 training images")
