@@ -515,9 +515,12 @@ def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: d
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} cannot be read: {e}") from None
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
+            mark, begun = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+            # An unclosed `[` is found at the end of the file: the line where it began is the one to look at.
+            context = f"; {e.context} begun on line {begun.line + 1}" if begun and getattr(e, "context", None) and \
+                (not mark or begun.line != mark.line) else ""
+            raise ConfigError(f"config file {p}{where}: not valid YAML ({getattr(e, 'problem', e)}{context})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: expected a mapping of keys at the top level")
         tree = loaded or {}

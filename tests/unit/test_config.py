@@ -252,6 +252,11 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.load(bad, environ={})
+    # Found at the end of the file ("line 3" of two): the line where the `[` began is named too.
+    bad.write_text("data:\n  uri: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"line 3: not valid YAML \(expected ',' or '\]', but got '<stream end>'; "
+                                          r"while parsing a flow sequence begun on line 2\)$"):
+        config.load(bad, environ={})
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     with pytest.raises(ConfigError, match="'data' is required"):
