@@ -188,7 +188,10 @@ def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None,
     head_line = "- head: none (from scratch: no pre-trained base to keep)" if from_scratch else \
         f"- head: {_epochs(head['epochs'], history, 'head', train)} at {head['learning_rate']:g} ({head['mode']}), " \
         f"augment: {head['augment']}"
-    return "\n".join([*_search_lines(search), *_refit_lines(refit or {}), head_line,
+    skipped = ["- train.refit was set but not done: it needs a single-label task, pre-trained weights, "
+               "head.mode cached_features and a validation split (the log's 'refit skipped' says which was missing)"
+               ] if train.get("refit") and not refit else []
+    return "\n".join([*_search_lines(search), *_refit_lines(refit or {}), *skipped, head_line,
         f"- fine-tuning: {_epochs(epochs, history, 'finetune', train)} at {rate:g}, unfreeze: {unfreeze}, "
         f"augment: {finetune['augment']}"
         + (f", layer-wise rate decay to {finetune['layer_decay']:g} at the first layer"

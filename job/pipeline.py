@@ -735,8 +735,8 @@ def refit_phases(run: Run) -> None:
     if state.phase in ("head", "finetune"):  # training on the training split has just ended
         why = refit.skipped(cfg, run.multi, run.parts.from_scratch, run.data.count("validation"))
         if why is not None:
-            if cfg.train.refit:
-                log.info("refit skipped", reason=why)
+            if cfg.train.refit:  # asked for and not done: said (the card says it too)
+                log.warning("refit skipped", reason=why)
             return
         rate = search.chosen_rate(state) or cfg.train.finetune.learning_rate
         state.refit = {**refit.plan(state.history, run.options.metric, rate), "validation": _report(run, "validation")}

@@ -206,6 +206,11 @@ def test_a_run_without_validation_or_test_images_claims_no_score():
     assert card.count(model_card.NOT_MEASURED) == 2  # the results and the known limits
     assert "### Exported formats (checked on the training images: the run had no validation or test split" in card
     assert "early stopping on the training loss (no validation images) (patience" in card
+    assert "train.refit was set but not done" not in card
+    asked = config.redacted(config.load(None, ["data.uri=s3://b/flowers", "output.uri=/o", "run_id=r7",
+                                               "train.refit=true"], environ={}))
+    assert "- train.refit was set but not done: it needs" in model_card.render(
+        "r7", asked, ["rose", "tulip"], {"train": {"rose": 30, "tulip": 30}}, {}, FORMATS, 0, {}, checked_on="train")
     full = model_card.render("r7", cfg, ["rose", "tulip"], {**COUNTS, "validation": {"rose": 5, "tulip": 5}},
                              {"validation": VALIDATION, "test": TEST}, FORMATS, 0, {}, checked_on="test")
     assert "### Exported formats (checked on the test split)" in full and "early stopping on val_loss (" in full
