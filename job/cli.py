@@ -123,8 +123,12 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
         signals.install()
         cfg = _load(config, set_)
         from job import pipeline
+        from job.errors import JobError
 
-        done = pipeline.complete_run(cfg)  # before the metrics: a push would replace the run's final values
+        try:
+            done = pipeline.complete_run(cfg)  # before the metrics: a push would replace the run's final values
+        except JobError:  # (storage denied, say): raised again by train below, where the metrics record the failure
+            done = None
         if done:
             logs.get().info("run finished", **done)
             return

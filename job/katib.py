@@ -63,6 +63,21 @@ def check_writable(path: str) -> None:
         raise ConfigError(f"config: metrics.file {path}: cannot be written ({e.strerror or e})") from None
 
 
+def check_path(path: str) -> None:
+    """ConfigError where `path` can never be the metrics file, whatever the machine: a folder, or below a file. No
+    write: `validate` runs where the trial's folders (Katib's `/var/log/katib`) need not exist."""
+    from job.errors import ConfigError
+
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"config: metrics.file {path}: a folder, not a file")
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"config: metrics.file {path}: {blocking} is a file, so no file can be below it")
+
+
 def append(path: str, text: str) -> None:
     """Append one line to `path` (its folders created), flushed at once: Katib tails the file."""
     target = Path(path)

@@ -46,9 +46,11 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
             folder, _ = storage.stage(store, [e for e in store.list() if needed(e.rel)], tmp)
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         if not any(rel == target or rel.startswith(target + "/") for rel in manifest["files"]):
-            kept = ", ".join(manifest.get("formats") or {}) or "see its manifest.json"
-            raise ConfigError(f"--format {fmt}: the run {model_uri} was not exported as {fmt} (its export.formats: "
-                              f"{kept})")
+            formats = manifest.get("formats") or {}
+            kept = ", ".join(f for f in formats if "error" not in (formats[f] or {})) or "none"
+            failed = f"; {fmt} failed: {formats[fmt]['error']}" if "error" in (formats.get(fmt) or {}) else ""
+            raise ConfigError(f"--format {fmt}: the run {model_uri} was not exported as {fmt} (it was as: {kept}"
+                              f"{failed})")
         for rel, info in manifest["files"].items():
             if needed(rel) and (not (folder / rel).is_file() or sha256(folder / rel) != info["sha256"]):
                 raise StorageError(f"{model_uri}/{rel}: does not match the manifest's checksum")

@@ -48,27 +48,31 @@ def shard_names(rels: Iterable[str]) -> dict[str, list[str]]:
     return {s: sorted(found[s]) for s in SPLITS if s in found}
 
 
-def misnamed(rels: Iterable[str]) -> list[str]:
+def misnamed(rels: Iterable[str], sharded: bool) -> list[str]:
     """Tars that look like shards but are not named as the job reads them (`train/shard-2.tar`, `.TAR`,
     `.tar.gz`, `val/shard-000000.tar`, a `shard-000000.tar` outside a split folder): they were ignored without
-    a word, and their images never trained."""
+    a word, and their images never trained. Beside shards (`sharded`) any tar in a split folder is one; in a folder
+    dataset only a tar named `shard...` (an archive of the originals there stays an ignored object). Hidden files
+    (macOS' `._shard-000000.tar`) are no shards."""
     odd = []
     for rel in rels:
-        if SHARD.match(rel) or not TAR.search(rel):
-            continue
         parts = rel.lower().split("/")
-        if (len(parts) == 2 and (parts[0] in SPLITS or parts[0] in SPLIT_ALIASES)) or parts[-1].startswith("shard"):
+        if SHARD.match(rel) or not TAR.search(rel) or any(p.startswith(".") for p in parts):
+            continue
+        in_split = len(parts) == 2 and (parts[0] in SPLITS or parts[0] in SPLIT_ALIASES)
+        if (sharded and in_split) or (parts[-1].startswith("shard") and (in_split or len(parts) == 1)):
             odd.append(rel)
     return sorted(odd)
 
 
-def parse_classes(data: bytes, where: str, minimum: int = 2) -> list[str]:
+def parse_classes(data: bytes, where: str, minimum: int = 2, indexed: bool = True) -> list[str]:
     """The class names of classes.txt (UTF-8; a byte-order mark, as Windows' Notepad writes, is not part of the
     first name), one per `\n`-ended line (`\r\n` too), exactly as written (a folder named ` cat` is a class
-    ` cat`; pack writes it so); blank lines after the last name are skipped, a blank line before it is a
-    DataError: a `.cls` index counts the names, and whether a blank line counts is anyone's guess (skipped, it
-    shifted every label after it by one). At least `minimum` (2 for single-label; multi-label may have one label).
-    Other bytes are a DataError: decoded with replacement, a Latin-1 `café` was a class `caf�`."""
+    ` cat`; pack writes it so); blank lines are skipped, but where labels are indices (`indexed`: single-label
+    shards' `.cls`) a blank line before the last name is a DataError: whether it counts is anyone's guess
+    (skipped, it shifted every label after it by one); multi-label labels are names. At least `minimum` (2 for
+    single-label; multi-label may have one label). Other bytes are a DataError: decoded with replacement, a
+    Latin-1 `café` was a class `caf�`."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -77,10 +81,10 @@ def parse_classes(data: bytes, where: str, minimum: int = 2) -> list[str]:
     while lines and not lines[-1].strip():
         lines.pop()
     blank = [n for n, line in enumerate(lines, 1) if not line.strip()]
-    if blank:
+    if blank and indexed:
         raise DataError(f"{where} line {blank[0]}: blank, between class names: a .cls label is the index of a name, "
                         "and a blank line would shift (or not) the names after it; remove it")
-    classes = lines
+    classes = [line for line in lines if line.strip()]
     if len(classes) < minimum:
         needed = "1 is" if minimum == 1 else f"{minimum} are"
         raise DataError(f"{where}: {len(classes)} class(es); at least {needed} needed")
@@ -184,10 +188,21 @@ def _check_end(tar: tarfile.TarFile, name: str) -> None:
     if stream.tell() == tar.offset:
         raise DataError(f"{name}: ends after a member, without the tar's end-of-archive block: cut short (a copy or "
                         "upload that stopped?); copy it again, or pack again")
+    if any(chunk.strip(b"\0") for chunk in _rest(stream)):
+        raise DataError(f"{name}: holds data after the tar's end-of-archive block (tars joined with `cat`?), whose "
+                        "samples would be lost; write one tar (`tar -A` joins tars), or pack again")
+
+
+def _rest(stream) -> Iterator[bytes]:
+    """What follows the tar's end block: the rest of its (decompressed) stream, then for a compressed tar what
+    follows the compressed stream's end (tarfile decompresses one gzip member: `cat a.tar.gz b.tar.gz` read as a)."""
     while chunk := stream.read(1 << 16):
-        if chunk.strip(b"\0"):
-            raise DataError(f"{name}: holds data after the tar's end-of-archive block (tars joined with `cat`?), whose "
-                            "samples would be lost; write one tar (`tar -A` joins tars), or pack again")
+        yield chunk
+    comptype = getattr(stream, "comptype", "tar")
+    if comptype != "tar":
+        yield getattr(stream.cmp, "unused_data", b"")[8 if comptype == "gz" else 0:]  # gzip's CRC and size: 8 bytes
+        while chunk := stream.fileobj.read(1 << 16):
+            yield chunk
 
 
 def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] | None,

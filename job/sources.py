@@ -84,7 +84,7 @@ def _open(cfg: Config, store: storage.Store) -> Source:
         return _manifest_source(cfg, store)
     listing = store.list()
     found = shards.shard_names(e.rel for e in listing)
-    odd = shards.misnamed(e.rel for e in listing)
+    odd = shards.misnamed((e.rel for e in listing), sharded=bool(found))
     if odd:
         raise DataError(f"{cfg.data.uri}/{odd[0]}: a tar the job does not read ({len(odd)} such): shards are "
                         "<split>/shard-NNNNNN.tar, the split train, validation or test, six digits, the tar "
@@ -151,7 +151,7 @@ def _manifest_source(cfg: Config, store: storage.Store) -> Source:
         parent = name.rstrip("/").rpartition("/")[0]
         classes_uri = f"{parent}/{shards.CLASSES}" if parent else shards.CLASSES
         classes = _read_optional(classes_uri, cfg.s3.endpoint_url)
-        parsed = shards.parse_classes(classes, classes_uri, 1) if classes else None
+        parsed = shards.parse_classes(classes, classes_uri, 1, indexed=False) if classes else None
         layout = manifest.to_multi_layout(rows, name, cfg.data.uri, set(entries), parsed, classes_uri)
     else:
         layout = manifest.to_layout(rows, name, cfg.data.uri, set(entries))
@@ -188,8 +188,9 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
     by_rel = {e.rel: e for e in listing}
     if shards.CLASSES not in by_rel:
         raise DataError(f"{cfg.data.uri}/{shards.CLASSES}: missing (the shards' class names, one per line)")
-    classes = shards.parse_classes(store.read(shards.CLASSES), f"{cfg.data.uri}/{shards.CLASSES}",
-                                   1 if cfg.task == "multi_label" else 2)
+    multi = cfg.task == "multi_label"  # labels by name (.json), not by index (.cls)
+    classes = shards.parse_classes(store.read(shards.CLASSES), f"{cfg.data.uri}/{shards.CLASSES}", 1 if multi else 2,
+                                   indexed=not multi)
     if "train" not in found:
         raise DataError(f"{cfg.data.uri}: shards but no train/shard-NNNNNN.tar")
     counts, images, packed_counts = {}, {}, {}

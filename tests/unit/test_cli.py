@@ -100,8 +100,14 @@ def test_a_model_that_is_no_run_says_where_the_runs_are(tmp_path):
         {"files": {}, "formats": {"saved_model": {"accuracy": 1.0}, "onnx": {"accuracy": 1.0}}}))
     with pytest.raises(ConfigError) as e, fetched_run(str(tmp_path / "runs" / "r1"), fmt="tflite"):
         pass
-    assert str(e.value) == f"--format tflite: the run {tmp_path}/runs/r1 was not exported as tflite (its " \
-                           "export.formats: saved_model, onnx)"
+    assert str(e.value) == f"--format tflite: the run {tmp_path}/runs/r1 was not exported as tflite (it was as: " \
+                           "saved_model, onnx)"
+    # One whose export failed is not among them: its error is named.
+    (tmp_path / "runs" / "r1" / "manifest.json").write_text(json.dumps(
+        {"files": {}, "formats": {"saved_model": {"accuracy": 1.0}, "onnx": {"error": "onnx: conversion failed"}}}))
+    with pytest.raises(ConfigError) as e, fetched_run(str(tmp_path / "runs" / "r1"), fmt="onnx"):
+        pass
+    assert str(e.value).endswith("(it was as: saved_model; onnx failed: onnx: conversion failed)")
     code = "import sys, job.predict, job.files; print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           timeout=60).stdout.strip() == "False"  # the run is checked before TensorFlow loads

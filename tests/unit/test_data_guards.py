@@ -301,6 +301,7 @@ def test_parse_classes_keeps_names_as_written():
         # a .cls index counts names: whether a blank line counts is a guess (skipped, it shifted the labels after it)
         with pytest.raises(DataError, match=f"^s3://b/classes.txt line {line}: blank, between class names"):
             shards.parse_classes(text, "s3://b/classes.txt")
+        assert shards.parse_classes(text, "w", indexed=False) == [n for n in text.decode().split() if n]  # by name
     # A byte-order mark (Windows' Notepad) is not part of the first name; bytes that are not UTF-8 are refused.
     assert shards.parse_classes("\ufeffcaf\u00e9\r\ndog\r\n".encode(), "w") == ["caf\u00e9", "dog"]
     with pytest.raises(DataError, match="^s3://b/classes.txt: not UTF-8 text$"):

@@ -169,8 +169,11 @@ def test_a_tar_cut_at_a_members_end_or_joined_to_another_is_refused(images, data
         read(whole[:cut])
     if j % 2:  # cut after a label, then ended as a tar: a shorter tar, read as it is
         assert [s.image for s in read(whole[:cut] + bytes(1024))] == images[:(j + 1) // 2]
-    with pytest.raises(DataError, match="holds data after the tar's end-of-archive block .tars joined with `cat`"):
-        read(whole + tar_bytes([("z.png", b"Z"), ("z.cls", b"1")]))
+    other = [("z.png", b"Z"), ("z.cls", b"1")]
+    for joined in (whole + tar_bytes(other), tar_bytes(members, "w:gz") + tar_bytes(other, "w:gz")):
+        with pytest.raises(DataError, match="holds data after the tar's end-of-archive block .tars joined with `cat`"):
+            read(joined)
+    assert [s.image for s in read(tar_bytes(members, "w:gz") + bytes(100))] == images  # zeros after it are padding
 
 
 @given(st.sampled_from(["train", "validation", "test", "val", "Train", "dev", "."]),
@@ -180,8 +183,24 @@ def test_every_tar_named_like_a_shard_is_read_or_refused(split, stem, ext):
     trained): each such name is now either read or refused, never both, never neither."""
     rel = f"{stem}{ext}" if split == "." else f"{split}/{stem}{ext}"
     read_as_shard = bool(shards.shard_names([rel]))
-    assert read_as_shard != bool(shards.misnamed([rel]))
+    for sharded in (False, True):
+        assert read_as_shard != bool(shards.misnamed([rel], sharded))
     assert read_as_shard == (split in ("train", "validation", "test") and ext == ".tar" and len(stem) == 12)
+    hidden = f"{split}/._{stem}{ext}"  # macOS' AppleDouble files beside them are no shards
+    assert not shards.shard_names([hidden]) and not shards.misnamed([hidden], True)
+
+
+def test_an_archive_in_a_folder_dataset_stays_an_ignored_object(tmp_path, capsys):
+    # Refused as a misnamed shard, a folder dataset with its originals' archive in train/ could not run at all.
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=3, size=8, seed=0, test_per_class=0)
+    (tmp_path / "d" / "train" / "original-images.tar.gz").write_bytes(b"")
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "d")}, "output": {"uri": str(tmp_path / "o")},
+                                 "model": {"weights": "none"}})
+    assert sources.open_source(cfg).layout.count("train") == 6
+    assert "original-images.tar.gz" in capsys.readouterr().out
+    (tmp_path / "d" / "train" / "shard-000001.tar.gz").write_bytes(b"")  # named as a shard: meant as one
+    with pytest.raises(DataError, match="train/shard-000001.tar.gz: a tar the job does not read"):
+        sources.open_source(cfg)
 
 
 def test_misnamed_shards_are_refused_naming_one(tmp_path):

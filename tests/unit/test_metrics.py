@@ -397,3 +397,16 @@ def test_a_rerun_of_a_complete_run_keeps_its_pushed_metrics_and_reports_to_katib
     assert group(gateway, "done-1") == before  # push times included: nothing pushed
     (line,) = (tmp_path / "katib.txt").read_text().splitlines()
     assert line.split()[1:] == ["val_loss=0.5", "val_accuracy=0.75", "test_accuracy=0.5"]
+
+
+def test_a_run_whose_output_storage_fails_at_start_is_pushed_as_failed(gateway, s3, tmp_path):
+    """Checking for a complete run before the metrics must not hide a failure from them: an output bucket that does
+    not exist is exit 4, and the Pushgateway holds the run as failed (FinetuneJobFailed fires)."""
+    from conftest import run_cli, write_config
+
+    config = write_config(tmp_path / "c.yaml", run_id="denied-1", data={"uri": str(tmp_path / "d")},
+                          output={"uri": "s3://no-such-bucket-here/runs"}, model={"weights": "none"},
+                          metrics={"pushgateway": gateway.url, "port": 0, "linger_seconds": 0})
+    result = run_cli("train", "--config", str(config), env=s3.env(), timeout=120)
+    assert result.returncode == 4, result.stderr[-1500:]
+    assert pushed_value(group(gateway, "denied-1"), "finetune_job_run_status", status="failed") == 1

@@ -344,18 +344,28 @@ def test_streaming_workers_each_need_a_training_shard_after_the_validation_split
     assert out.count("unequal shares of the training images") == 1 and "[9, 1]" in out and "9.0" in out
 
 
-def test_validate_refuses_what_train_would(tmp_path, monkeypatch):
+def test_validate_refuses_what_train_would(tmp_path, monkeypatch, capsys):
     write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
     with pytest.raises(DataError, match="stream needs tar shards"):
         pipeline.validate(config(tmp_path / "d", staging="stream"))
     # validate said ok to both, which train refuses before any work
     cfg = config(tmp_path / "d")
-    with pytest.raises(ConfigError, match=f"metrics.file {tmp_path}: cannot be written"):
-        pipeline.validate(cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"file": str(tmp_path)})}))
+    def metrics_file(path) -> Config:
+        return cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"file": str(path)})})
+
+    with pytest.raises(ConfigError, match=f"metrics.file {tmp_path}: a folder, not a file"):
+        pipeline.validate(metrics_file(tmp_path))
+    with pytest.raises(ConfigError, match="is a file, so no file can be below it"):
+        pipeline.validate(metrics_file(tmp_path / "d" / "train" / "circle" / "circle_0000.png" / "m.txt"))
+    pipeline.validate(metrics_file(tmp_path / "not" / "yet" / "m.txt"))  # a trial pod's folder: made by train
+    assert not (tmp_path / "not").exists()  # validate writes nothing
+    # multi_worker without TF_CONFIG: the chart sets it in the Job's pods only, and its `helm test` validates
+    # without it: a warning there, where train refuses it.
     monkeypatch.delenv("TF_CONFIG", raising=False)
     multi = cfg.model_copy(update={"distribution": cfg.distribution.model_copy(update={"strategy": "multi_worker"})})
-    with pytest.raises(ConfigError, match="multi_worker needs TF_CONFIG"):
-        pipeline.validate(multi)
+    capsys.readouterr()
+    pipeline.validate(multi)
+    assert "multi_worker needs TF_CONFIG" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- streamed shards kept decoded
@@ -793,3 +803,15 @@ def test_a_batch_larger_than_the_training_images_is_warned_of(tmp_path):
     said = {b: pipeline.batch_over_images(cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"batch_size": b})}), listed) for b in (5, 6, 7)}
     assert said[5] == said[6] == "" and said[7].startswith("train.batch_size 7 is more than the 6 training images")
+
+
+def test_streaming_workers_read_shares_balanced_by_images(tmp_path):
+    # Every other shard to a worker: shards of 6, 1 and 5 images gave one worker 11 images and the other 1.
+    def samples(prefix, n):
+        return [m for i in range(n) for m in ((f"{prefix}{i}.png", b"%s%d" % (prefix.encode(), i)),
+                                              (f"{prefix}{i}.cls", b"%d" % (i % 2)))]
+
+    root = shard_dataset(tmp_path / "d", {"train": [samples("a", 6), samples("b", 1), samples("c", 5)]})
+    reader = stage(root, "stream", tmp_path).settle(0, 0)
+    shares = [reader.items("train", (w, 2))[0] for w in range(2)]
+    assert [len(s) for s in shares] == [6, 6] and sorted(shares[0] + shares[1]) == sorted(reader.items("train")[0])
