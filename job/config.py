@@ -45,6 +45,9 @@ def s3_form(v: str) -> str:
     with the pod."""
     if v[:3].lower() == "s3:" and not (v.startswith("s3://") and v[5:].split("/", 1)[0]):
         raise ValueError("expected s3://bucket/prefix (two slashes, then the bucket)")
+    bucket = v[5:].split("/", 1)[0] if v.startswith("s3://") else ""
+    if bucket and not re.fullmatch(r"[A-Za-z0-9._-]+", bucket):  # boto3's check: exit 4, "storage unreachable"
+        raise ValueError(f"bucket name {bucket!r}: letters, digits, '.', '-' and '_' only")
     return v
 
 
@@ -253,6 +256,13 @@ class MetricsConfig(_Section):
 
 class S3Config(_Section):
     endpoint_url: str = ""
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _a_url(cls, v: str) -> str:
+        if v and not v.lower().startswith(("http://", "https://")):  # boto3's ValueError: exit 1, "unexpected"
+            raise ValueError(f"expected a URL such as http://{v} (got {v!r})")
+        return v
 
 
 class Config(_Section):

@@ -42,7 +42,8 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     # Hidden, and unique per process, thread and call: parallel writers of one file never share a temporary (two
     # generators of tf.data that stream one shard run interleaved on one thread: per thread, the first rename took
     # the second's temporary, and training failed with FileNotFoundError, exit 1).
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{threading.get_ident()}-{next(_CALLS)}.part")
+    # The name's first 40 characters only: a name of 225 to 255 bytes fits, and had no room for the rest.
+    tmp = dest.with_name(f".{dest.name[:40]}.{os.getpid()}-{threading.get_ident()}-{next(_CALLS)}.part")
     try:
         yield tmp
         os.replace(tmp, dest)

@@ -320,12 +320,16 @@ def to_multi_layout(rows: list[Row], name: str, data_uri: str, existing: set[str
     return MultiLayout(classes, {s: sets[s] for s in SPLITS if s in sets})
 
 
-def listing_prefixes(rows: list[Row], data_uri: str) -> list[str]:
+def listing_prefixes(rows: list[Row], data_uri: str, name: str = "manifest") -> list[str]:
     """Where the manifest's objects live: `data_uri`, plus for full URIs outside it the longest common
-    prefix of their keys in each bucket (one listing per bucket, not one request per object)."""
+    prefix of their keys in each bucket (one listing per bucket, not one request per object). DataError for a URI
+    of another scheme (`https://`, `s3a://`, `S3://`: exit 4 from storage, the row unnamed)."""
     root = data_uri.rstrip("/") + "/"
     outside: dict[str, list[str]] = {}
     for row in rows:
+        if "://" in row.path and not row.path.startswith(("s3://", "file://")):
+            raise DataError(f"{name} line {row.line}: {row.path}: a full URI must be s3://bucket/key (lower-case "
+                            "s3), or give the path relative to data.uri")
         if "://" in row.path and not row.path.startswith(root):
             scheme, _, rest = row.path.partition("://")
             bucket, _, key = rest.partition("/")

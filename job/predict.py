@@ -15,6 +15,7 @@ from pathlib import Path
 from job import logs, storage
 from job.errors import ConfigError, DataError, StorageError
 from job.files import MANIFEST, SUCCESS, THRESHOLDS, read_labels, sha256
+from job.uris import split_s3
 
 
 def artifact(fmt: str) -> str:
@@ -76,6 +77,8 @@ def _where_runs_are(store, model_uri: str, endpoint: str) -> str:
 def read_image(uri: str, endpoint: str = "") -> bytes:
     """One image's bytes, from a local path or an s3:// URI."""
     if storage.is_s3(uri):
+        if not split_s3(uri)[1]:  # `s3://bucket`: its parent `s3:` was read as a local folder
+            raise ConfigError(f"{uri}: names a bucket, not an image (s3://bucket/key)")
         parent, _, name = uri.rpartition("/")
         return storage.open_store(parent, endpoint).read(name)
     try:

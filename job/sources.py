@@ -142,7 +142,7 @@ def _manifest_source(cfg: Config, store: storage.Store) -> Source:
                     manifest=name, examples={k: joined[k] for k in list(joined)[:5]})
     entries: dict[str, tuple[storage.Store, storage.Entry]] = {}
     root = cfg.data.uri.rstrip("/")
-    for prefix in manifest.listing_prefixes(rows, cfg.data.uri):
+    for prefix in manifest.listing_prefixes(rows, cfg.data.uri, name):
         where = store if prefix == root else storage.open_store(prefix, cfg.s3.endpoint_url)
         for e in where.list():
             key = e.rel if where is store else f"{prefix}/{e.rel}"

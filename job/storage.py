@@ -16,17 +16,16 @@ import random
 import shutil
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from job import logs, metrics
-from job.errors import DataError, StorageError
+from job.errors import ConfigError, DataError, StorageError
 from job.files import atomic_path, write_text
 from job.layout import IMAGE_EXTENSIONS
-from job.uris import is_s3
+from job.uris import is_s3, split_s3
 
 DOWNLOAD_THREADS = 32
 RANGED_MIN = 16 * 2**20  # objects this large (tar shards) are fetched with parallel ranged GETs
@@ -98,7 +97,11 @@ def client(endpoint: str = ""):
                 # Custom endpoints (MinIO, Ceph, moto) want path-style addressing.
                 s3={"addressing_style": "path"} if url else {},
             )
-            c = boto3.session.Session().client("s3", endpoint_url=url or None, config=cfg)
+            try:
+                c = boto3.session.Session().client("s3", endpoint_url=url or None, config=cfg)
+            except ValueError as e:  # AWS_ENDPOINT_URL=127.0.0.1:9000 (no scheme): exit 1, "unexpected"
+                raise ConfigError(f"config: S3 endpoint {url!r} (s3.endpoint_url or AWS_ENDPOINT_URL): {e}; write "
+                                  f"it as a URL, http://host:port") from None
             c.meta.events.register("needs-retry.s3", _count_failed_attempt)
             _clients[url] = c
         return _clients[url]
@@ -142,10 +145,8 @@ class S3Store:
     """Objects below s3://bucket/prefix/."""
 
     def __init__(self, uri: str, endpoint: str = ""):
-        parsed = urllib.parse.urlsplit(uri)
         self.uri = uri.rstrip("/")
-        self.bucket = parsed.netloc
-        self.prefix = parsed.path.strip("/")
+        self.bucket, self.prefix = split_s3(uri)
         self.client = client(endpoint)
         if not self.bucket:
             raise StorageError(f"{uri}: no bucket in the URI (expected s3://bucket/prefix)")

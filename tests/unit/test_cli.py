@@ -111,3 +111,15 @@ def test_a_model_that_is_no_run_says_where_the_runs_are(tmp_path):
     code = "import sys, job.predict, job.files; print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           timeout=60).stdout.strip() == "False"  # the run is checked before TensorFlow loads
+
+
+def test_an_image_uri_naming_only_a_bucket_says_so():
+    # `s3://odd` was read as the local file `s3:/odd`: "No such file or directory", exit 4.
+    import pytest
+
+    from job.errors import ConfigError
+    from job.predict import read_image
+
+    for uri in ("s3://odd", "s3://odd/"):
+        with pytest.raises(ConfigError, match=f"^{uri}: names a bucket, not an image"):
+            read_image(uri)

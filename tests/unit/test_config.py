@@ -197,6 +197,10 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("data.uri=S3:bucket/data", "data.uri: expected s3://bucket/prefix"),
         ("data.manifest=s3:///labels.csv", "data.manifest: expected s3://bucket/prefix"),
         ("model.weights=s3:/b/base.weights.h5", "model.weights: expected s3://bucket/prefix"),
+        # boto3 refused them: exit 4 "storage unreachable" over three lines, and exit 1 "unexpected error".
+        ("data.uri=s3://my bucket/data", "data.uri: bucket name 'my bucket': letters, digits, '.', '-' and '_' only"),
+        ("output.uri=s3://b\u00fcck/x", "output.uri: bucket name"),
+        ("s3.endpoint_url=127.0.0.1:9000", "s3.endpoint_url: expected a URL such as http://127.0.0.1:9000"),
         ("batch_size", "expected KEY=VALUE"),
         ("train.batch_size.x=1", "not a section"),
     ],

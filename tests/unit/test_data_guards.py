@@ -260,13 +260,16 @@ def test_listing_prefixes_per_bucket_at_the_edges():
         return manifest.listing_prefixes(rows_of(*(f"{p},c," for p in paths)), data_uri)
 
     assert prefixes("a.png", "s3://b/data/x/1.png", data_uri="s3://b/data/") == ["s3://b/data"]
+    for other in ("https://b.s3.amazonaws.com/x/1.png", "s3a://b/x/1.png", "S3://b/x/1.png"):  # exit 4, row unnamed
+        with pytest.raises(DataError, match=f"^manifest line 3: {re.escape(other)}: a full URI must be s3://"):
+            prefixes("a.png", other)
     assert prefixes("s3://z/p/q/1.png", "s3://a/1.png", "s3://a/2.png", "s3://m/p/10.png", "s3://m/p/11.png",
                     "s3://m/p/1.png") == ["s3://b/data", "s3://a", "s3://m/p", "s3://z/p/q"]
     # one key, or one key a prefix of another: no index past the end of the shorter
     assert prefixes("s3://o/k/a.png") == ["s3://b/data", "s3://o/k"]
     assert prefixes("s3://o/k/a.png", "s3://o/k/a.png.png") == ["s3://b/data", "s3://o/k"]
-    assert prefixes("s3://o/k/a/1.png", "s3://o/k/b/1.png", "gs://o/x/1.png") == ["s3://b/data", "gs://o/x",
-                                                                                 "s3://o/k"]
+    assert prefixes("s3://o/k/a/1.png", "s3://o/k/b/1.png", "s3://p/x/1.png") == ["s3://b/data", "s3://o/k",
+                                                                                 "s3://p/x"]
     assert prefixes("s3://b/database/1.png") == ["s3://b/data", "s3://b/database"]  # outside data/, though alike
     # the common prefix is compared character by character, from the first
     assert prefixes("s3://o/a/1.png", "s3://o/b/1.png") == ["s3://b/data", "s3://o"]
