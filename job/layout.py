@@ -285,8 +285,10 @@ def broken_lines(classes: list[str]) -> list[str]:
 def identical(listed: Layout | MultiLayout, digests: dict[str, bytes | str]) -> dict:
     """What byte-identical images (same `digests`: key -> content hash) say about the dataset:
     `{split: n}` for validation and test, the images whose bytes are also a training image's (their scores
-    overstate accuracy on new images; validation: early stopping and train.search too), and `labelled_differently`,
-    the groups of identical images that carry different labels (one of them is wrong), each a list of keys."""
+    overstate accuracy on new images; validation: early stopping and train.search too), `labelled_differently`,
+    the groups of identical images that carry different labels (one of them is wrong), each a list of keys, and
+    `copies_in_training`, the training images that repeat another of the same label (the same photo uploaded twice,
+    say under two Unicode forms of its name: each copy weighs once more, without a word before)."""
     by_digest: dict[bytes | str, list[tuple[str, str, object]]] = {}
     for split in listed.splits:
         for key, label in zip(*listed.items(split)):
@@ -297,7 +299,12 @@ def identical(listed: Layout | MultiLayout, digests: dict[str, bytes | str]) -> 
             for split in listed.splits if split != "train"}
     clashes = [sorted(key for _, key, _ in found) for found in by_digest.values()
                if len({label for _, _, label in found}) > 1]
-    return {"in_training": {s: n for s, n in seen.items() if n}, "labelled_differently": sorted(clashes)}
+    copies = 0
+    for found in by_digest.values():
+        labels = [repr(label) for split, _, label in found if split == "train"]
+        copies += len(labels) - len(set(labels))
+    return {"in_training": {s: n for s, n in seen.items() if n}, "labelled_differently": sorted(clashes),
+            "copies_in_training": copies}
 
 
 def unmeasured(counts: dict[str, dict[str, int]], classes: list[str], images: dict[str, int]) -> dict[str, list[str]]:

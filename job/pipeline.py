@@ -557,7 +557,12 @@ def _warn_identical(run: Run) -> None:
                     "mislabelled", groups=len(clashes),
                     examples=[[image_uri(run.cfg.data.uri, k) for k in keys[:3]] + [f"... {len(keys)} in all"]
                               * (len(keys) > 3) for keys in clashes[:3]])
-    run.identical = {**found["in_training"], "labelled_differently": len(clashes)}
+    if found["copies_in_training"]:
+        log.warning(f"{found['copies_in_training']} training image(s) are byte-identical copies of another of the same "
+                    "label: each copy weighs once more in training (and in the class weights)",
+                    images=found["copies_in_training"])
+    run.identical = {**found["in_training"], "labelled_differently": len(clashes),
+                     "copies_in_training": found["copies_in_training"]}
 
 
 def _too_many_bad(cfg: Config, staged: Reader) -> None:

@@ -469,18 +469,27 @@ def test_identical_images_are_counted_against_training_and_across_labels(data):
                 for _, _, other, same in images if same == content and other != label}
     assert found["labelled_differently"] == sorted(
         sorted(k for _, k, _, content in images if content == c) for c in clashing)
+    # training images that repeat an earlier one of the same content and label, pair by pair
+    assert found["copies_in_training"] == sum(
+        1 for i, (s, _, label, content) in enumerate(images) if s == "train" and any(
+            s2 == "train" and label2 == label and same == content for s2, _, label2, same in images[:i]))
 
 
 def test_identical_images_are_warned_of_and_counted_for_the_manifest(tmp_path, capsys):
     write_sample_dataset(tmp_path / "d", classes=2, per_class=4, size=8, seed=0, test_per_class=1)
     train = sorted((tmp_path / "d/train").rglob("*.png"))
     (tmp_path / "d/test" / train[-1].parent.name / "copy.png").write_bytes(train[0].read_bytes())
+    # The same photo twice in its class, as a Mac's upload (NFD) and a Linux one (NFC) of `café.png` make it.
+    (train[1].parent / "cafe\u0301.png").write_bytes(train[1].read_bytes())
+    (train[1].parent / "caf\u00e9.png").write_bytes(train[1].read_bytes())
     reader = stage(tmp_path / "d", "copy", tmp_path).settle(0, seed=1)
     run = SimpleNamespace(data=reader, cfg=config(tmp_path / "d"), identical={})
     pipeline._warn_identical(run)
-    assert run.identical == {"test": 1, "labelled_differently": 1}  # a copy of class 0's image filed under 1
+    # a copy of class 0's image filed under 1; two copies of one training image in its own class
+    assert run.identical == {"test": 1, "labelled_differently": 1, "copies_in_training": 2}
     out = capsys.readouterr().out
     assert "1 test image(s) are byte-identical to training images" in out and "one of each is mislabelled" in out
+    assert "2 training image(s) are byte-identical copies of another of the same label" in out
 
 
 def test_a_broken_link_in_a_local_folder_is_a_bad_image(tmp_path):
