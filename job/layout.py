@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from job.errors import DataError
@@ -280,6 +281,18 @@ def broken_lines(classes: list[str]) -> list[str]:
     """The class names that hold a line break (`\n`, `\r`, or any other that str.splitlines splits at): labels.txt
     keeps one class per line, so each would shift the names of the classes after it."""
     return [c for c in classes if c and c.splitlines() != [c]]
+
+
+def file_and_folder(keys: Iterable[str]) -> tuple[str, str] | None:
+    """(key, key below it) of the first image whose key is also a folder of another's (`cat/x.png` and
+    `cat/x.png/y.png`): storage holds both, a local copy cannot (it validated, then failed its run with exit 4)."""
+    known = set(keys)
+    for key in sorted(known):
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in known:
+                return "/".join(parts[:i]), key
+    return None
 
 
 def identical(listed: Layout | MultiLayout, digests: dict[str, bytes | str]) -> dict:

@@ -61,6 +61,10 @@ class Source:
 def open_source(cfg: Config) -> Source:
     """List the dataset (no image downloads) and check its layout; the validation split is carved later."""
     source = _open(cfg, storage.open_store(cfg.data.uri, cfg.s3.endpoint_url))
+    both = layouts.file_and_folder(source.entries)
+    if both:
+        raise DataError(f"{storage.join(cfg.data.uri, both[0])}: an image, and also the folder of "
+                        f"{storage.join(cfg.data.uri, both[1])}: a local copy cannot be both; rename one")
     broken = broken_lines(source.layout.classes)
     if broken:
         raise DataError(f"{cfg.data.uri}: class name {ascii(broken[0])} holds a line break; labels.txt keeps one "

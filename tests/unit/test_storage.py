@@ -216,3 +216,30 @@ def test_an_endpoint_without_a_scheme_is_a_config_error(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "127.0.0.1:5599")
     with pytest.raises(ConfigError, match="S3 endpoint '127.0.0.1:5599' .*write it as a URL, http://host:port"):
         storage.client("")
+
+
+def test_an_image_that_is_also_a_folder_is_refused_at_listing(s3):
+    # S3 holds `cat/x.png` and `cat/x.png/y.png`; no local copy can: it validated, then its run failed with exit 4.
+    from job import sources
+    from job.config import Config
+    from job.errors import DataError
+
+    bucket = s3.bucket()
+    for key in ("d/train/cat/x.png", "d/train/cat/x.png/y.png", "d/train/dog/z.png"):
+        s3.client.put_object(Bucket=bucket, Key=key, Body=b"P")
+    cfg = Config.model_validate({"data": {"uri": f"s3://{bucket}/d"}, "output": {"uri": "/tmp/unused"},
+                                 "model": {"weights": "none"}, "s3": {"endpoint_url": s3.endpoint}})
+    with pytest.raises(DataError, match=f"^s3://{bucket}/d/train/cat/x.png: an image, and also the folder of "
+                                        f"s3://{bucket}/d/train/cat/x.png/y.png"):
+        sources.open_source(cfg)
+
+
+@given(st.lists(st.lists(st.sampled_from("ab"), min_size=1, max_size=3).map("/".join), max_size=6))
+def test_file_and_folder_finds_a_key_that_is_another_keys_folder(keys):
+    from job import layout
+
+    found = layout.file_and_folder(keys)
+    clash = any(k != o and o.startswith(k + "/") for k in keys for o in keys)
+    assert (found is not None) == clash
+    if found:
+        assert found[0] in keys and found[1] in keys and found[1].startswith(found[0] + "/")
