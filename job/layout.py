@@ -176,6 +176,9 @@ def _no_train_hint(rels: list[str], where: str) -> str:
     archives = _archive_hint([r for r in rels if "/" not in r])
     if archives:
         return archives
+    manifests = sorted(r for r in rels if "/" not in r and r.lower().endswith((".csv", ".jsonl", ".ndjson")))
+    if manifests:
+        return f"; {manifests[0]} looks like a manifest: set data.manifest to {where.rstrip('/')}/{manifests[0]}"
     if "train" in tops:  # Kaggle's cats-vs-dogs layout: train/cat.1.jpg
         return ("; train/ holds images but no class folders: put each class's images in train/<class>/ (a file "
                 "name such as cat.1.jpg names no class), or list them with their labels in a manifest (data.manifest)")

@@ -83,6 +83,9 @@ def test_bad_layouts_say_what_and_where(objects, message):
     # A dataset uploaded as an archive: said so, before any other guess.
     ("s3://b/up", ["flowers.tar.gz", "README.md"], "; flowers.tar.gz is an archive: the job reads a folder per class, "
      "a manifest or tar shards (<split>/shard-NNNNNN.tar), not an archive of them: extract it into storage)"),
+    # A folder holding a manifest, data.manifest not set: "no train/ folder" alone.
+    ("s3://b/m", ["labels.csv", "imgs/cat/1.png"], "; labels.csv looks like a manifest: set data.manifest to "
+     "s3://b/m/labels.csv"),
 ])
 def test_no_train_folder_says_what_data_uri_seems_to_name(where, objects, hint):
     with pytest.raises(DataError) as e:
