@@ -179,15 +179,16 @@ def listed_counts(source) -> dict | str:
     return source.layout.counts()
 
 
-def complete_run(cfg: Config) -> dict | None:
+def complete_run(cfg: Config, found: tuple[storage.Store, str] | None = None) -> dict | None:
     """The summary of a run that is complete with nothing to do (its `_SUCCESS` there, no `output.overwrite`), else
-    None. Its final Katib line is written again from its metrics.json: a trial pod started again after the upload
-    (evicted, retried) wrote none, and Katib failed the complete trial for want of its objective."""
+    None (`found`: output_state's answer, when known). Its final Katib line is written again from its metrics.json: a
+    trial pod started again after the upload (evicted, retried) wrote none, and Katib failed the complete trial for
+    want of its objective."""
     import json
 
     from job.distribute import tf_config_workers
 
-    out, state = output_state(cfg)
+    out, state = found or output_state(cfg)
     if state != "complete" or cfg.output.overwrite:
         return None
     _warn_other_config(cfg, out)
@@ -330,10 +331,10 @@ def prepare(cfg: Config) -> Run | dict:
     """Everything before the first download: a bad config, weights file or `unfreeze` fails here.
 
     A complete run returns its summary instead (nothing to do unless `output.overwrite`)."""
-    done = complete_run(cfg)
+    out, state = output_state(cfg)
+    done = complete_run(cfg, (out, state))
     if done:
         return done
-    out, state = output_state(cfg)
     timings = Timings()
     with timings.measure("listing"):
         source = read_listing(cfg)
