@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import secrets
+import typing
 import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,24 @@ class _Section(BaseModel):
     # number may be NaN or infinite (`.nan`, `.inf` in YAML): a class weight of NaN trained a NaN model to exit 0.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
                               allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """A YAML boolean (`true`, `yes`, `on`, `no`) where a key takes none: pydantic made it 1 or 0, so
+        `unfreeze: yes` unfroze one layer and `unfreeze: no` skipped the fine-tuning, without a word."""
+        for key, value in data.items() if isinstance(data, dict) else ():
+            field = cls.model_fields.get(key)
+            # (a text key says to quote it: _one_line)
+            if isinstance(value, bool) and field is not None and field.annotation is not str and \
+                    not _takes_bool(field.annotation):
+                raise ValueError(f"{key}: YAML read {value!r} as a boolean (true/yes/on, false/no/off), which this key "
+                                 "does not take")
+        return data
+
+
+def _takes_bool(annotation: Any) -> bool:
+    return annotation is bool or any(_takes_bool(a) for a in typing.get_args(annotation))
 
 
 def home_path(v: str) -> str:
@@ -138,10 +157,13 @@ class FinetuneConfig(_Section):
     @field_validator("unfreeze")
     @classmethod
     def _sane_unfreeze(cls, v: int | str) -> int | str:
+        if v == 0:  # the fine-tuning was skipped without a word
+            raise ValueError("0 unfreezes no layer: fine-tuning would train nothing of the base; to skip it, set "
+                             "train.finetune.epochs: 0")
         if isinstance(v, int) and v < 0:
-            raise ValueError("must be all, a layer count >= 0 or a layer name")
+            raise ValueError("must be all, a layer count >= 1 or a layer name")
         if isinstance(v, str) and not v.strip():
-            raise ValueError("must be all, a layer count >= 0 or a layer name")
+            raise ValueError("must be all, a layer count >= 1 or a layer name")
         return v
 
 
@@ -253,6 +275,13 @@ class MetricsConfig(_Section):
 
     _expand_home = field_validator("file")(home_path)
 
+    @field_validator("host")
+    @classmethod
+    def _an_address(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._:%-]+", v):  # `not a host!!` only warned, and the run served no /metrics
+            raise ValueError("expected an address or host name to bind (0.0.0.0, 127.0.0.1, ::)")
+        return v
+
 
 class S3Config(_Section):
     endpoint_url: str = ""
@@ -261,7 +290,7 @@ class S3Config(_Section):
     @classmethod
     def _a_url(cls, v: str) -> str:
         if v and not v.lower().startswith(("http://", "https://")):  # boto3's ValueError: exit 1, "unexpected"
-            raise ValueError(f"expected a URL such as http://{v} (got {v!r})")
+            raise ValueError(f"expected a URL such as http://{v}")
         return v
 
 

@@ -31,6 +31,10 @@ log = logs.get()
 def rates(cfg, has_validation: bool) -> list[float]:
     """The rates to try: none when one or none is configured, or without validation data to choose on."""
     chosen = list(cfg.train.search.learning_rates)
+    if len(chosen) == 1 and chosen[0] != cfg.train.finetune.learning_rate:  # ignored without a word, as documented
+        log.warning("train.search.learning_rates holds one rate: no search, and fine-tuning at "
+                    "train.finetune.learning_rate, not at it; set that key to fine-tune at another rate",
+                    listed=chosen[0], learning_rate=cfg.train.finetune.learning_rate)
     if len(chosen) > 1 and not has_validation:
         log.warning("train.search skipped: no validation split to choose on; fine-tuning at "
                     "train.finetune.learning_rate", learning_rate=cfg.train.finetune.learning_rate)

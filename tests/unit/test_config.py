@@ -200,7 +200,16 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         # boto3 refused them: exit 4 "storage unreachable" over three lines, and exit 1 "unexpected error".
         ("data.uri=s3://my bucket/data", "data.uri: bucket name 'my bucket': letters, digits, '.', '-' and '_' only"),
         ("output.uri=s3://b\u00fcck/x", "output.uri: bucket name"),
-        ("s3.endpoint_url=127.0.0.1:9000", "s3.endpoint_url: expected a URL such as http://127.0.0.1:9000"),
+        ("s3.endpoint_url=127.0.0.1:9000", "s3.endpoint_url: expected a URL such as http://127.0.0.1:9000 (got "
+                                           "'127.0.0.1:9000')"),
+        # YAML booleans where a number or a name goes: 1 and 0 without a word (`unfreeze: no` skipped fine-tuning).
+        ("train.finetune.unfreeze=yes", "train.finetune: unfreeze: YAML read True as a boolean"),
+        ("train.finetune.unfreeze=false", "train.finetune: unfreeze: YAML read False as a boolean"),
+        ("train.batch_size=true", "train: batch_size: YAML read True as a boolean"),
+        ("model.head_units=off", "model: head_units: YAML read False as a boolean"),
+        ("train.finetune.unfreeze=0", "train.finetune.unfreeze: 0 unfreezes no layer: fine-tuning would train "
+                                      "nothing of the base; to skip it, set train.finetune.epochs: 0"),
+        ("metrics.host=not a host!!", "metrics.host: expected an address or host name to bind"),
         ("batch_size", "expected KEY=VALUE"),
         ("train.batch_size.x=1", "not a section"),
     ],

@@ -359,3 +359,17 @@ def test_a_diverged_phase_stops_before_its_epoch_is_saved(tmp_path, cluster, dat
     phase = phase_of(tiny_model(cluster), data, 3, lambda: {"val_loss": next(scripted), "val_accuracy": 0.5})
     with pytest.raises(ConfigError, match=r"^training diverged: head epoch 2 has val_loss nan"):
         loop.run_phase(phase, cluster, BATCH, loop.Options(), checkpoints(tmp_path / "2", cluster), RunState())
+
+
+def test_one_search_rate_is_no_search_and_says_so(capsys):
+    # `learning_rates: [3e-4]` fine-tuned at the default 1e-4 without a word, and config.yaml kept the 3e-4.
+    from job import config, search
+
+    def rates(*sets):
+        return search.rates(config.load(None, ["data.uri=/d", "output.uri=/o", *sets], environ={}), True)
+
+    capsys.readouterr()
+    assert rates("train.search.learning_rates=[3e-4]") == [] and "holds one rate" in capsys.readouterr().out
+    assert rates("train.search.learning_rates=[3e-4]", "train.finetune.learning_rate=3e-4") == []
+    assert "holds one rate" not in capsys.readouterr().out  # the rate it names is the one fine-tuned at
+    assert rates("train.search.learning_rates=[1e-4, 3e-4]") == [1e-4, 3e-4]
