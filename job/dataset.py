@@ -230,8 +230,8 @@ def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
     """The frozen base's features of a finite, unshuffled dataset of `count` (images, labels): (features
     memory-mapped [count, dim] float32, labels), computed in one pass, written to disk as they come (not
     held in memory) beside the image cache, so that a run resumed on the same disk reuses them. The file
-    names carry a digest of `key` (backbone, weights, image size, and what identifies the images: files
-    and sizes, or shards and ETags), so changed inputs never meet stale features."""
+    names carry a digest of `key` (backbone, the base's weights, image size, and what identifies the images:
+    files, sizes and modification times, or shards and ETags), so changed inputs never meet stale features."""
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     out, labels_out = Path(folder) / f"features-{digest}.npy", Path(folder) / f"labels-{digest}.npy"
     if out.exists() and labels_out.exists():  # written under temporary names and renamed: complete

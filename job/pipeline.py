@@ -695,9 +695,10 @@ def _on_features(run: Run, split: str = "train") -> dict:
 def _features(run: Run, split: str, share: tuple[int, int] | None):
     """The frozen base's features of a split (this worker's share of it with `share`) and their labels, cached."""
     from job import dataset
+    from job.export import weights_fingerprint
 
-    cfg = run.cfg
-    key = [cfg.model.backbone, cfg.model.weights, list(cfg.data.image_size), split, run.classes,
+    cfg = run.cfg  # the base as it is (a weights file replaced at the same path met the old base's features)
+    key = [cfg.model.backbone, weights_fingerprint(run.parts.base), list(cfg.data.image_size), split, run.classes,
            run.data.identity(split, share)]
     count = len(run.data.items(split, share)[0])
     return dataset.cached_features(run.parts.features, run.data.images(split, 64, share=share), count, key, run.cache)

@@ -145,8 +145,10 @@ class Copied(Reader):
                                      seed=seed, repeat=repeat, cache_dir=self.cache, start=start)
 
     def identity(self, split, share=None):
+        # size and modification time, as the image cache's name has them: an image rewritten at the same size (in
+        # storage, then staged again) met the features of its old bytes after a resume
         keys, labels = self.items(split, share)
-        return [[p, Path(p).stat().st_size, y] for p, y in zip(self._paths(keys), labels)]
+        return [[p, (st := Path(p).stat()).st_size, st.st_mtime_ns, y] for p, y in zip(self._paths(keys), labels)]
 
     def pixels(self, split, keys=None):
         from job import dataset

@@ -824,3 +824,16 @@ def test_streaming_workers_read_shares_balanced_by_images(tmp_path):
     reader = stage(root, "stream", tmp_path).settle(0, 0)
     shares = [reader.items("train", (w, 2))[0] for w in range(2)]
     assert [len(s) for s in shares] == [6, 6] and sorted(shares[0] + shares[1]) == sorted(reader.items("train")[0])
+
+
+def test_an_image_rewritten_at_its_size_changes_what_identifies_the_split(tmp_path):
+    # The feature cache's key had paths and sizes only: after a resume, new images at the same keys and sizes (staged
+    # again from storage) trained the head on the old images' features.
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=3, size=8, seed=0, test_per_class=0)
+    before = stage(tmp_path / "d", "copy", tmp_path).settle(0, 0).identity("train")
+    image = sorted((tmp_path / "d" / "train").rglob("*.png"))[0]
+    image.write_bytes(bytes(reversed(image.read_bytes())))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    after = stage(tmp_path / "d", "copy", tmp_path).settle(0, 0).identity("train")
+    assert len(after) == len(before) == 6 and after != before
+    assert [row for row in after if row[0] != str(image)] == [row for row in before if row[0] != str(image)]
