@@ -208,12 +208,28 @@ def write_manifest(folder: Path, extra: dict) -> dict:
     return manifest
 
 
+ARTIFACT_FOLDERS = ("saved_model", "tf_serving")  # beside the files at the top of a run's folder
+
+
+def stale_artifacts(found: list[str], written: set[str]) -> list[str]:
+    """What an earlier attempt uploaded that this one did not write: files at the top of the run's folder and in the
+    SavedModel folders (a `model.tflite.json` of a format dropped on the resume stayed beside the new `_SUCCESS`).
+    Never checkpoints, TensorBoard's files, the lease, or anything in another folder (a run nested below)."""
+    def artifact(rel: str) -> bool:
+        top = rel.split("/", 1)[0]
+        return ("/" not in rel and rel not in ("_LEASE", MANIFEST, SUCCESS)) or top in ARTIFACT_FOLDERS
+
+    return sorted(rel for rel in found if artifact(rel) and rel not in written)
+
+
 def upload(folder: Path, store: Store) -> None:
-    """Upload every file, then the manifest, then `_SUCCESS`: a run is complete only when that exists."""
+    """Upload every file, remove the artifacts an earlier attempt left that this one has not (a format it no longer
+    writes), then the manifest, then `_SUCCESS`: a run is complete only when that exists."""
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (MANIFEST, SUCCESS)]
     with ThreadPoolExecutor(8, thread_name_prefix="upload") as pool:
         for f in [pool.submit(store.upload, p, p.relative_to(folder).as_posix()) for p in files]:
             f.result()
+    store.delete(stale_artifacts([e.rel for e in store.list()], {p.relative_to(folder).as_posix() for p in files}))
     store.upload(folder / MANIFEST, MANIFEST)
     (folder / SUCCESS).write_text("", encoding="utf-8")
     store.upload(folder / SUCCESS, SUCCESS)
