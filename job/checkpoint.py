@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from job import logs, metrics
 from job.distribute import Cluster
+from job.errors import StorageError
 from job.runstate import RunState
 from job.storage import Store
 
@@ -28,6 +29,15 @@ REMOTE = "checkpoints"
 STATE_FILE = "checkpoint"  # CheckpointManager's own index of checkpoints; uploaded last
 _CHECKPOINT_FILE = re.compile(r"^ckpt-(\d+)\.(index|data-\d+-of-\d+)$")
 log = logs.get()
+
+
+def _read_whole(path: str) -> RunState:
+    """The run state of the checkpoint at `path`, once every tensor of it has been read (their checksums checked): a
+    damaged data file fails here, where the restore failed with a raw TensorFlow error."""
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+        reader.get_tensor(name)
+    return RunState.from_json(reader.get_tensor("state/.ATTRIBUTES/VARIABLE_VALUE").decode())
 
 
 def number(name: str) -> int | None:
@@ -72,16 +82,24 @@ class Checkpoints:
         index = tf.train.get_checkpoint_state(str(self.restore_dir))
         if index is None or not index.model_checkpoint_path:
             return None
-        name = Path(index.model_checkpoint_path).name
-        for rel in remote:
-            if rel.startswith(name + "."):
-                self.store.download(f"{REMOTE}/{rel}", self.restore_dir / rel)
-        self.latest = str(self.restore_dir / name)
-        state = RunState.from_json(
-            tf.train.load_checkpoint(self.latest).get_tensor("state/.ATTRIBUTES/VARIABLE_VALUE").decode())
-        log.info("resuming from checkpoint", checkpoint=storage_name(self.store, name), phase=state.phase,
-                 epochs_done=state.epoch, steps_done=state.step)
-        return state
+        latest = Path(index.model_checkpoint_path).name  # then the older ones it keeps, newest first
+        names = [latest] + [n for p in reversed(index.all_model_checkpoint_paths) if (n := Path(p).name) != latest]
+        for name in names:
+            for rel in remote:
+                if rel.startswith(name + "."):
+                    self.store.download(f"{REMOTE}/{rel}", self.restore_dir / rel)
+            try:
+                state = _read_whole(str(self.restore_dir / name))
+            except (tf.errors.OpError, ValueError) as e:  # a damaged or missing file: exit 1, every retry alike
+                log.warning("checkpoint unreadable, trying the one before it",
+                            checkpoint=storage_name(self.store, name), error=str(e).splitlines()[0][:300])
+                continue
+            self.latest = str(self.restore_dir / name)
+            log.info("resuming from checkpoint", checkpoint=storage_name(self.store, name), phase=state.phase,
+                     epochs_done=state.epoch, steps_done=state.step)
+            return state
+        raise StorageError(f"{self.store.uri}/{REMOTE}: none of the {len(names)} checkpoint(s) kept can be read "
+                           f"(damaged or incomplete); delete that folder to train the run again from the start")
 
     def restore(self, **objects) -> None:
         """Load the latest checkpoint (fetched, or saved by this run) into `objects` (weights=, optimizer=, ...)."""

@@ -195,6 +195,34 @@ def test_the_state_is_the_one_of_the_latest_checkpoint(tmp_path):
     assert checkpoints(tmp_path).fetch() == state_of(step=3)
 
 
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    # Damaged or incomplete, the newest checkpoint failed every retry with a raw TensorFlow error (exit 1), though
+    # the older ones it keeps were whole.
+    from job.errors import StorageError
+
+    ckpt = checkpoints(tmp_path)
+    models = [tiny_model(seed) for seed in (1, 2, 3)]
+    for step, model in zip((1, 2, 3), models):
+        ckpt.save(state_of(step=step), weights=model)
+    data = tmp_path / "out" / REMOTE / "ckpt-3.data-00000-of-00001"
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+    again = checkpoints(tmp_path)
+    with capture_logs() as logs:
+        assert again.fetch() == state_of(step=2)
+    assert [x["checkpoint"] for x in logs if x["event"] == "checkpoint unreadable, trying the one before it"] == [
+        storage_name(again.store, "ckpt-3")]
+    restored = tiny_model(9)
+    again.restore(weights=restored)
+    assert all(np.array_equal(a, b) for a, b in zip(restored.get_weights(), models[1].get_weights()))
+    (tmp_path / "out" / REMOTE / "ckpt-2.index").write_bytes(b"")  # an emptied index
+    (tmp_path / "out" / REMOTE / "ckpt-1.data-00000-of-00001").unlink()  # a file lost
+    with pytest.raises(StorageError, match="none of the 3 checkpoint.s. kept can be read .damaged or incomplete.; "
+                                           "delete that folder"):
+        checkpoints(tmp_path).fetch()
+
+
 def test_numbering_continues_after_a_fetch(tmp_path):
     model = tiny_model(0)
     first = checkpoints(tmp_path)
