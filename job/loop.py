@@ -516,7 +516,8 @@ def _train_epoch(phase: Phase, cluster: Cluster, global_batch: int, steps: int, 
             advance(1)
             if stop > 0:
                 saver.save()
-                raise signals.stopped(f"in {phase.name} epoch {epoch} after step {state.step}, checkpoint saved")
+                saved = getattr(saver.ckpt, "on_stop", "checkpoint saved")  # a search trial: nothing kept in storage
+                raise signals.stopped(f"in {phase.name} epoch {epoch} after step {state.step}, {saved}")
             if state.step < steps and (due > 0 or (options.every_steps and state.step % options.every_steps == 0)):
                 saver.save()
     seen = steps * global_batch

@@ -48,6 +48,9 @@ class _Local:
 
     def __init__(self, folder: Path, then=None):
         self.folder, self.then = folder, then
+        # what a stop inside a trial keeps: its pause is local to this pod (the message claimed a checkpoint)
+        self.on_stop = "checkpoint saved" if then is not None else \
+            "in a train.search trial: the rerun starts the search again from the head's last checkpoint"
 
     def save(self, state, **objects) -> None:
         if self.then is not None:

@@ -108,13 +108,14 @@ def test_the_refit_trains_the_chosen_epochs_on_train_and_validation(searched):
     assert manifest["validation"]["accuracy"] == pytest.approx(best["val_accuracy"])
 
 
-def stop(cfg, env, predicate) -> list[dict]:
-    """A run of `cfg` (resuming whatever it left) stopped with SIGTERM once `predicate(its log so far, a line)`: its
-    log."""
+def stop(cfg, env, predicate, says: str = "") -> list[dict]:
+    """A run of `cfg` (resuming whatever it left) stopped with SIGTERM once `predicate(its log so far, a line)`, its
+    error line saying `says`: its log."""
     job = Running(cfg, env)
     job.wait_for(lambda r: predicate(job.lines, r))
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait(60) == 143, job.stderr[-2000:]
+    assert says in job.stderr, job.stderr[-2000:]
     return job.lines
 
 
@@ -134,7 +135,8 @@ def test_a_search_stopped_three_times_resumes_to_the_same_choice_and_weights(s3,
     weights and history."""
     manifest, history, _ = searched
     cfg = config(tmp_path, dataset, "search-stopped")
-    stop(cfg, s3.env(), finetune_epochs(RUNG + 1))  # in the second trial
+    # in the second trial, whose stop claimed "checkpoint saved" (none is, before the search's choice)
+    stop(cfg, s3.env(), finetune_epochs(RUNG + 1), says="in a train.search trial: the rerun starts the search again")
 
     # Nothing of the search is in storage before its choice: the rung runs again from the head's checkpoint.
     records = stop(cfg, s3.env(), finetune_epochs(2 * RUNG + 1))  # after the choice
