@@ -506,7 +506,8 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
         write_text(index_path, json.dumps(index))
 
     pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="stage")
-    ok = False
+    ok = stopping = False
+    futures: dict = {}
     try:
         futures = {pool.submit(store.download, e.rel, staged(root, e.rel), e.size): e for e in todo}
         for fut in as_completed(futures):
@@ -519,10 +520,16 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
             if stats["downloaded"] % 500 == 0:
                 save_index()
             if stop:
+                stopping = True
                 stop()
+                stopping = False
         ok = True
     finally:
-        # One failure (or a stop) ends the staging now, not after every queued GET.
-        pool.shutdown(wait=ok, cancel_futures=True)
+        # One failure ends the staging now, not after every queued GET; a stop lets the GETs in flight end, and
+        # keeps them: the index had only the files seen done (1 of 60 on disk), so the rerun fetched them again.
+        pool.shutdown(wait=ok or stopping, cancel_futures=True)
+        for fut, e in futures.items():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                index[e.rel] = [e.size, e.etag]
         save_index()
     return root, stats

@@ -243,3 +243,25 @@ def test_file_and_folder_finds_a_key_that_is_another_keys_folder(keys):
     assert (found is not None) == clash
     if found:
         assert found[0] in keys and found[1] in keys and found[1].startswith(found[0] + "/")
+
+
+def test_a_stop_during_staging_keeps_every_file_it_fetched(s3, tmp_path):
+    # SIGTERM while staging: the index held only the files the loop had seen done (1 of 60 on disk), so the rerun
+    # downloaded the others again ("nothing is downloaded twice", the README said).
+    bucket = s3.bucket()
+    for i in range(40):
+        s3.client.put_object(Bucket=bucket, Key=f"d/train/c/{i}.png", Body=bytes([i]) * 50_000)
+    store = storage.open_store(f"s3://{bucket}/d", s3.endpoint)
+
+    class Stop(Exception):
+        pass
+
+    def stop():
+        raise Stop
+
+    with pytest.raises(Stop):
+        storage.stage(store, store.list(), tmp_path, stop=stop)
+    root = storage.staged(tmp_path / bucket, "d")
+    on_disk = [p for p in root.rglob("*.png")]
+    again = storage.stage(store, store.list(), tmp_path)[1]
+    assert len(on_disk) >= 1 and again["reused"] == len(on_disk) and again["downloaded"] == 40 - len(on_disk)
