@@ -102,8 +102,10 @@ def build(backbone: str, weights_file: str | None, image_size: tuple[int, int], 
             base = constructor(include_top=False, weights=weights, input_shape=shape)
     except (ValueError, OSError) as e:
         reason = str(e).splitlines()[0].split(". Example error message", 1)[0].rstrip(".:")
-        raise ConfigError(f"config: model.weights: {weights_named or weights} does not fit {backbone}: {reason} "
-                          f"(weights of another backbone?)") from None
+        named = str(weights_named or weights)
+        why = ("Keras reads a file saved by save_weights only when it is named *.weights.h5: rename it?"
+               if named.endswith(".h5") and not named.endswith(".weights.h5") else "weights of another backbone?")
+        raise ConfigError(f"config: model.weights: {named} does not fit {backbone}: {reason} ({why})") from None
     except Exception as e:  # keras.utils.get_file raises a bare Exception when the download fails
         if not imagenet:
             raise
