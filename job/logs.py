@@ -47,9 +47,11 @@ def setup(json: bool | None = None, level: str = "INFO", stream=None) -> None:
 
 # TensorFlow's C++ log lines ("I0000 00:00:1796453644.687724   23047 port.cc:153] ..."): severity I, W, E, F.
 _NATIVE_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] ")
-# Info lines printed by the same libraries without that prefix (absl before its set-up, LiteRT, the quantizer).
+# Info lines printed by the same libraries without that prefix (absl before its set-up, LiteRT, the quantizer), and
+# libjpeg's own warnings on a damaged JPEG, which the job reports itself in one line (predict's error, a bad image).
 _NATIVE_INFO = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\) is called|INFO: |"
-                          r"fully_quantize: \d)")
+                          r"fully_quantize: \d|Corrupt JPEG data|Premature end of JPEG file|Improper call to JPEG "
+                          r"library|Input file read error|Invalid JPEG file structure|Not a JPEG file)")
 
 
 def quiet_tensorflow() -> None:
