@@ -82,15 +82,18 @@ class Checkpoints:
         index = tf.train.get_checkpoint_state(str(self.restore_dir))
         if index is None or not index.model_checkpoint_path:
             return None
-        latest = Path(index.model_checkpoint_path).name  # then the older ones it keeps, newest first
-        names = [latest] + [n for p in reversed(index.all_model_checkpoint_paths) if (n := Path(p).name) != latest]
+        # The index's latest, then the older ones in storage, newest first (a resumed attempt's index lists only
+        # the checkpoints it saved itself)
+        latest = Path(index.model_checkpoint_path).name
+        older = sorted({n for n in remote.values() if n < (number(latest + ".index") or 0)}, reverse=True)
+        names = [latest] + [f"ckpt-{n}" for n in older]
         for name in names:
             for rel in remote:
                 if rel.startswith(name + "."):
                     self.store.download(f"{REMOTE}/{rel}", self.restore_dir / rel)
             try:
                 state = _read_whole(str(self.restore_dir / name))
-            except (tf.errors.OpError, ValueError) as e:  # a damaged or missing file: exit 1, every retry alike
+            except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:  # damaged, cut or missing: exit 1
                 log.warning("checkpoint unreadable, trying the one before it",
                             checkpoint=storage_name(self.store, name), error=str(e).splitlines()[0][:300])
                 continue

@@ -32,19 +32,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
                               allow_inf_nan=False)
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+    def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
         """A YAML boolean (`true`, `yes`, `on`, `no`) where a key takes none: pydantic made it 1 or 0, so
-        `unfreeze: yes` unfroze one layer and `unfreeze: no` skipped the fine-tuning, without a word."""
-        for key, value in data.items() if isinstance(data, dict) else ():
-            field = cls.model_fields.get(key)
-            # (a text key says to quote it: _one_line)
-            if isinstance(value, bool) and field is not None and field.annotation is not str and \
-                    not _takes_bool(field.annotation):
-                raise ValueError(f"{key}: YAML read {value!r} as a boolean (true/yes/on, false/no/off), which this key "
-                                 "does not take")
-        return data
+        `unfreeze: yes` unfroze one layer and `unfreeze: no` skipped the fine-tuning, without a word. (A text key
+        says to quote it: _one_line.)"""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation is not str and not _takes_bool(annotation):
+            raise ValueError("YAML read a boolean (true/yes/on, false/no/off), which this key does not take: give "
+                             "a number or a name")
+        return value
 
 
 def _takes_bool(annotation: Any) -> bool:
@@ -162,6 +160,8 @@ class FinetuneConfig(_Section):
                              "train.finetune.epochs: 0")
         if isinstance(v, int) and v < 0:
             raise ValueError("must be all, a layer count >= 1 or a layer name")
+        if isinstance(v, str) and v.strip().isdigit():  # (YAML keeps `00` as text) taken for a layer's name
+            raise ValueError(f"a layer count is a number: write {v.strip()} unquoted")
         if isinstance(v, str) and not v.strip():
             raise ValueError("must be all, a layer count >= 1 or a layer name")
         return v

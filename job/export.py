@@ -208,16 +208,22 @@ def write_manifest(folder: Path, extra: dict) -> dict:
     return manifest
 
 
-ARTIFACT_FOLDERS = ("saved_model", "tf_serving")  # beside the files at the top of a run's folder
+ARTIFACT_FOLDERS = ("saved_model", "tf_serving")
+# Every file the job writes at the top of a run's folder, but the manifest and _SUCCESS
+ARTIFACT_FILES = {"model.keras", "labels.txt", THRESHOLDS, "metrics.json", "history.json", "curves.png",
+                  "confusion_matrix.png", "config.yaml", "MODEL_CARD.md", "model.tflite", "model.tflite.json",
+                  "model_int8.tflite", "model_int8.tflite.json", "model.onnx", "model.onnx.json"}
 
 
 def stale_artifacts(found: list[str], written: set[str]) -> list[str]:
-    """What an earlier attempt uploaded that this one did not write: files at the top of the run's folder and in the
-    SavedModel folders (a `model.tflite.json` of a format dropped on the resume stayed beside the new `_SUCCESS`).
-    Never checkpoints, TensorBoard's files, the lease, or anything in another folder (a run nested below)."""
+    """What an earlier attempt uploaded that this one did not write (a `model.tflite.json` of a format dropped on the
+    resume stayed beside the new `_SUCCESS`): only names the job writes, and the SavedModel folders unless a run or
+    lease lies in them. Never a user's file, checkpoints, TensorBoard's files, the lease, or a run nested below."""
+    nested = {rel.split("/", 1)[0] for rel in found if rel.rsplit("/", 1)[-1] in (SUCCESS, "_LEASE") and "/" in rel}
+
     def artifact(rel: str) -> bool:
         top = rel.split("/", 1)[0]
-        return ("/" not in rel and rel not in ("_LEASE", MANIFEST, SUCCESS)) or top in ARTIFACT_FOLDERS
+        return rel in ARTIFACT_FILES or (top in ARTIFACT_FOLDERS and top not in nested)
 
     return sorted(rel for rel in found if artifact(rel) and rel not in written)
 

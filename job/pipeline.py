@@ -20,13 +20,14 @@ import functools
 import os
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from job import distribute, evaluate, katib, layout, logs, metrics, recipe, runstate, storage
 from job.config import Config, redacted
-from job.errors import ConfigError, DataError
+from job.errors import ConfigError, DataError, StorageError
 from job.readers import Reader, image_uri
 from job.runstate import RunState
 
@@ -600,7 +601,12 @@ def _workers_agree_on_dataset(run: Run) -> None:
     stream = run.data.mode == "stream"
     mine = len(run.data.shards("train", run.share)) if stream else run.data.count("train")
     counts = [run.data.count(split) for split in ("train", "validation", "test")]
-    rows = run.cluster.gather(counts + [int(stream), mine, len(run.data.items("train", run.share)[0])])
+    # and where each resumed: a worker that could not read the latest checkpoint took the one before it (checkpoint.py)
+    resumed = [zlib.crc32(run.state.phase.encode()), run.state.epoch, run.state.step]
+    rows = run.cluster.gather(counts + [int(stream), mine, len(run.data.items("train", run.share)[0]), *resumed])
+    if any(row[6:] != rows[0][6:] for row in rows):
+        raise StorageError(f"the workers resumed from different checkpoints (epochs and steps done: "
+                           f"{[row[7:] for row in rows]}): one could not read the latest; run them again")
     if any(row[:4] != rows[0][:4] for row in rows):
         raise DataError(f"the workers see different datasets under {run.cfg.data.uri} (did it change while the run "
                         f"started, or does data.staging auto decide differently on their disks?): images per "

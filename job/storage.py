@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -472,6 +473,9 @@ def _short(part: str) -> str:
     return f"{head}~{hashlib.sha256(part.encode()).hexdigest()[:32]}{ext}"
 
 
+STOP_WAIT_SECONDS = 10  # how long a stop while staging waits for the downloads in flight
+
+
 def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callable[[int], None] | None = None,
           stop: Callable[[], None] | None = None) -> tuple[Path, dict[str, int]]:
     """Make `entries` available as local files and return the local root they live under.
@@ -525,9 +529,12 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
                 stopping = False
         ok = True
     finally:
-        # One failure ends the staging now, not after every queued GET; a stop lets the GETs in flight end, and
-        # keeps them: the index had only the files seen done (1 of 60 on disk), so the rerun fetched them again.
-        pool.shutdown(wait=ok or stopping, cancel_futures=True)
+        # One failure ends the staging now, not after every queued GET; a stop gives the GETs in flight a few
+        # seconds (a SIGTERM's grace is short; a shard may take minutes) and keeps those that ended: the index had
+        # only the files seen done (1 of 60 on disk), so the rerun fetched them again.
+        pool.shutdown(wait=ok, cancel_futures=True)
+        if stopping:
+            wait_for(futures, timeout=STOP_WAIT_SECONDS)
         for fut, e in futures.items():
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 index[e.rel] = [e.size, e.etag]

@@ -223,6 +223,21 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
         checkpoints(tmp_path).fetch()
 
 
+def test_the_fallback_reaches_the_checkpoints_of_an_earlier_attempt(tmp_path):
+    # A resumed attempt's index lists only what it saved: its one damaged checkpoint was "none readable", and the
+    # advice was to delete a folder that held two good ones.
+    first = checkpoints(tmp_path)
+    model = tiny_model(0)
+    for step in (1, 2):
+        first.save(state_of(step=step), weights=model)
+    second = checkpoints(tmp_path)
+    second.fetch()
+    second.save(state_of(step=3), weights=model)
+    data = tmp_path / "out" / REMOTE / "ckpt-3.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:-8])  # cut short
+    assert checkpoints(tmp_path).fetch() == state_of(step=2)
+
+
 def test_numbering_continues_after_a_fetch(tmp_path):
     model = tiny_model(0)
     first = checkpoints(tmp_path)

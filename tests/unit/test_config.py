@@ -203,10 +203,13 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("s3.endpoint_url=127.0.0.1:9000", "s3.endpoint_url: expected a URL such as http://127.0.0.1:9000 (got "
                                            "'127.0.0.1:9000')"),
         # YAML booleans where a number or a name goes: 1 and 0 without a word (`unfreeze: no` skipped fine-tuning).
-        ("train.finetune.unfreeze=yes", "train.finetune: unfreeze: YAML read True as a boolean"),
-        ("train.finetune.unfreeze=false", "train.finetune: unfreeze: YAML read False as a boolean"),
-        ("train.batch_size=true", "train: batch_size: YAML read True as a boolean"),
-        ("model.head_units=off", "model: head_units: YAML read False as a boolean"),
+        ("train.finetune.unfreeze=yes", "train.finetune.unfreeze: YAML read a boolean (true/yes/on, false/no/off), "
+                                        "which this key does not take: give a number or a name (got True)"),
+        ("train.finetune.unfreeze='20'", "train.finetune.unfreeze: a layer count is a number: write 20 unquoted"),
+        ("train.finetune.unfreeze=false", "train.finetune.unfreeze: YAML read a boolean"),
+        ("train.batch_size=true", "train.batch_size: YAML read a boolean"),
+        ("model.head_units=off", "model.head_units: YAML read a boolean"),
+        ("train.early_stopping_patience=false", "train.early_stopping_patience: YAML read a boolean"),
         ("train.finetune.unfreeze=0", "train.finetune.unfreeze: 0 unfreezes no layer: fine-tuning would train "
                                       "nothing of the base; to skip it, set train.finetune.epochs: 0"),
         ("metrics.host=not a host!!", "metrics.host: expected an address or host name to bind"),

@@ -322,12 +322,13 @@ def test_streaming_workers_each_need_a_training_shard_after_the_validation_split
     assert reader.shards("train", (1, 2)) == []  # the one-image shard went to validation
 
     rows = [[], []]  # what each worker puts into the all-gather
+    resumed = [SimpleNamespace(phase="head", epoch=2, step=0)] * 2  # where each worker's checkpoint left it
 
     def run_of(worker):
         def gather(row):
             rows[worker] = row
             return rows if all(rows) else [row]
-        return SimpleNamespace(data=reader, share=(worker, 2), cfg=config(root),
+        return SimpleNamespace(data=reader, share=(worker, 2), cfg=config(root), state=resumed[worker],
                                cluster=SimpleNamespace(num_workers=2, gather=gather, is_chief=worker == 0))
 
     pipeline._workers_agree_on_dataset(run_of(0))  # alone, worker 0 sees nothing wrong
@@ -342,6 +343,12 @@ def test_streaming_workers_each_need_a_training_shard_after_the_validation_split
     pipeline._workers_agree_on_dataset(run_of(0))
     out = capsys.readouterr().out
     assert out.count("unequal shares of the training images") == 1 and "[9, 1]" in out and "9.0" in out
+    # A worker that fell back to an older checkpoint would train other steps than the others: all stop.
+    resumed[1] = SimpleNamespace(phase="head", epoch=1, step=0)
+    rows[:] = [[], []]
+    pipeline._workers_agree_on_dataset(run_of(1))
+    with pytest.raises(StorageError, match=r"the workers resumed from different checkpoints .*\[\[2, 0\], \[1, 0\]\]"):
+        pipeline._workers_agree_on_dataset(run_of(0))
 
 
 def test_validate_refuses_what_train_would(tmp_path, monkeypatch, capsys):
