@@ -373,3 +373,24 @@ def test_one_search_rate_is_no_search_and_says_so(capsys):
     assert rates("train.search.learning_rates=[3e-4]", "train.finetune.learning_rate=3e-4") == []
     assert "holds one rate" not in capsys.readouterr().out  # the rate it names is the one fine-tuned at
     assert rates("train.search.learning_rates=[1e-4, 3e-4]") == [1e-4, 3e-4]
+
+
+def test_the_features_cache_key_follows_the_base_weights(monkeypatch, tmp_path):
+    # The key named `model.weights` as configured: a weights file replaced at the same path between attempts met the
+    # old base's cached features on the resume.
+    from types import SimpleNamespace
+
+    from job import config, pipeline
+
+    keys = []
+    monkeypatch.setattr(dataset, "cached_features", lambda extractor, batches, count, key, folder: keys.append(key))
+    base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    data = SimpleNamespace(identity=lambda split, share: [["a.png", 1, 2, 0]], items=lambda split, share: (["a"], [0]),
+                           images=lambda split, batch, share=None: None)
+    run = SimpleNamespace(cfg=config.load(None, ["data.uri=/d", "output.uri=/o"], environ={}), data=data,
+                          parts=SimpleNamespace(base=base, features=base), classes=["a", "b"], cache=tmp_path)
+    pipeline._features(run, "train", None)
+    pipeline._features(run, "train", None)
+    base.layers[0].kernel.assign(base.layers[0].kernel + 1.0)  # another base at the same path
+    pipeline._features(run, "train", None)
+    assert keys[0] == keys[1] != keys[2]
