@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from job import backbones, recipe
 from job.errors import ConfigError, did_you_mean
+from job.uris import is_s3, split_s3, within
 
 ENV_PREFIX = "FINETUNE_"
 RUN_ID_MAX = 128  # as the chart's values.schema.json
@@ -60,9 +61,9 @@ def s3_form(v: str) -> str:
     """A location whose text starts with `s3:` must be s3://bucket[/prefix]: `s3:/bucket/models` (one slash) or
     `s3://` (no bucket) were local folders named `s3:` in the working directory, where the artifacts were lost
     with the pod."""
-    if v[:3].lower() == "s3:" and not (v.startswith("s3://") and v[5:].split("/", 1)[0]):
+    bucket = split_s3(v)[0] if is_s3(v) else ""
+    if v[:3].lower() == "s3:" and not bucket:
         raise ValueError("expected s3://bucket/prefix (two slashes, then the bucket)")
-    bucket = v[5:].split("/", 1)[0] if v.startswith("s3://") else ""
     if bucket and not re.fullmatch(r"[A-Za-z0-9._-]+", bucket):  # boto3's check: exit 4, "storage unreachable"
         raise ValueError(f"bucket name {bucket!r}: letters, digits, '.', '-' and '_' only")
     return v
@@ -584,7 +585,6 @@ def _check_output_outside_splits(cfg: Config) -> None:
     their PNGs (curves, confusion matrix) as images of a class. A manifest names its files, so it is exempt."""
     if cfg.data.manifest:
         return
-    from job.uris import within
 
     run_folder = f"{cfg.output.uri.rstrip('/')}/{cfg.run_id}"
     for split in ("train", "validation", "test"):

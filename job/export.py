@@ -208,11 +208,12 @@ def write_manifest(folder: Path, extra: dict) -> dict:
     return manifest
 
 
-ARTIFACT_FOLDERS = ("saved_model", "tf_serving")
-# Every file the job writes at the top of a run's folder, but the manifest and _SUCCESS
+# The folders and the files the job writes at the top of a run's folder (but the manifest and _SUCCESS): the formats'
+# as formats.FILES names them (a file each, and its description `<file>.json`), and the others
+ARTIFACT_FOLDERS = ("saved_model", *(f.split("/", 1)[0] for f in formats.FILES.values() if "/" in f))
 ARTIFACT_FILES = {"model.keras", "labels.txt", THRESHOLDS, "metrics.json", "history.json", "curves.png",
-                  "confusion_matrix.png", "config.yaml", "MODEL_CARD.md", "model.tflite", "model.tflite.json",
-                  "model_int8.tflite", "model_int8.tflite.json", "model.onnx", "model.onnx.json"}
+                  "confusion_matrix.png", "config.yaml", "MODEL_CARD.md",
+                  *(name for f in formats.FILES.values() if "/" not in f for name in (f, f"{f}.json"))}
 
 
 def stale_artifacts(found: list[str], written: set[str]) -> list[str]:
