@@ -170,7 +170,7 @@ def validate(config: ConfigOption, set_: SetOption = None) -> None:
     if pipeline.batch_over_images(cfg, layout):
         typer.echo(f"warning: {pipeline.batch_over_images(cfg, layout)}", err=True)
     if not layout.count("validation") and not layout.count("test"):
-        typer.echo("warning: no validation or test images (data.validation_split 0, no validation/ or test/): the run "
+        typer.echo("warning: no validation or test images (none given, and data.validation_split carved none): the run "
                    "will measure nothing on images it did not train on, and early stopping will watch the training "
                    "loss", err=True)
     kind = "labels" if layout.multi_label else "classes"

@@ -337,12 +337,13 @@ def unmeasured(counts: dict[str, dict[str, int]], classes: list[str], images: di
 
 
 def split_validation(layout: Layout, fraction: float, seed: int) -> Layout:
-    """Carve a stratified, seeded validation split out of train/ when validation/ is absent.
+    """Carve a stratified, seeded validation split out of train/ when validation/ holds no image (absent, or only
+    empty class folders, as a console's "Create folder" leaves them).
 
     Each class keeps at least one training image; a class with 2+ images gives at least one to
     validation (when fraction > 0) so every class is measured.
     """
-    if "validation" in layout.files or fraction <= 0:
+    if layout.count("validation") or fraction <= 0:
         return layout
     train, val = {}, {}
     for c in layout.classes:
@@ -425,7 +426,7 @@ class MultiLayout:
         first, each label's images in a seeded order: about `fraction` of each label's images, and of the
         images with no label, go to validation); a move that would leave a label with no training image is
         skipped. The same split whatever order the images were listed in."""
-        if "validation" in self.sets or fraction <= 0:
+        if self.count("validation") or fraction <= 0:
             return self
         train = self.sets["train"]
         order = sorted(train)

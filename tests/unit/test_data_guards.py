@@ -138,6 +138,20 @@ def test_split_validation_counts_at_the_edges():
     assert split_validation(_train(a=4, b=4), -0.5, 1) == _train(a=4, b=4)
 
 
+def test_empty_validation_class_folders_are_carved_like_an_absent_validation_folder():
+    # The S3 console's "Create folder" (or `mkdir -p validation/{a,b}`) leaves validation/ with empty class folders:
+    # the run had no validation split at all (no early stopping on it, no report), where an absent folder is carved.
+    rels = [f"train/{c}/{i}.png" for c in "ab" for i in range(5)]
+    absent = discover(rels, "s3://b/d").carve(0.2, 3).nonempty()
+    markers = discover([*rels, "validation/", "validation/a/", "validation/b/"], "s3://b/d").carve(0.2, 3).nonempty()
+    assert markers.counts()["validation"] == {"a": 1, "b": 1} and markers.files == absent.files
+    # Images in validation/, even in one class only, are the user's split: nothing is carved.
+    given_one = discover([*rels, "validation/a/v.png", "validation/b/"], "s3://b/d").carve(0.2, 3)
+    assert given_one.counts()["train"] == {"a": 5, "b": 5} and given_one.counts()["validation"] == {"a": 1, "b": 0}
+    multi = layout.MultiLayout(["a", "b"], {"train": {str(i): (i % 2,) for i in range(10)}, "validation": {}})
+    assert multi.carve(0.2, 3).count("validation") == 2 and multi.carve(0.2, 3).count("train") == 8
+
+
 def test_split_validation_is_pinned_per_seed_and_class_and_ignores_listing_order():
     # A resumed run (or another worker) must carve exactly the same split: pin it for one seed.
     base = _train(a=6, b=6)
