@@ -26,8 +26,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif")  #
 UNREAD_IMAGE_EXTENSIONS = (".webp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".ico",
                            ".pbm", ".pgm", ".ppm", ".pnm", ".psd", ".svg", ".dng", ".cr2", ".nef", ".arw")
 # Top-level folder names that other tools and datasets use for a split: images under them would be ignored.
-SPLIT_ALIASES = {"training": "train", "val": "validation", "valid": "validation", "eval": "validation",
-                 "dev": "validation", "testing": "test"}
+SPLIT_ALIASES = {"training": "train", "val": "validation", "valid": "validation", "validate": "validation",
+                 "eval": "validation", "dev": "validation", "testing": "test", "tests": "test"}
+# Folders of thumbnails that NAS boxes write beside each photo (Synology's `@eaDir`): near-copies of the photos, never
+# training images; macOS's zip metadata (`__MACOSX`) holds `._name` files only.
+JUNK_FOLDERS = ("@eaDir", "__MACOSX")
 
 
 @dataclass
@@ -105,7 +108,11 @@ def discover(rels: list[str], where: str) -> Layout:
         if "" in parts[:-1] and parts[0] in (*SPLITS, ""):
             raise DataError(f"{where}/{rel}: an empty folder name ('//') in the object's key; storage keeps it "
                             f"apart from the path with one '/', so its class would be wrong: rename the object")
-        if parts[0] not in SPLITS or len(parts) < 2 or any(p.startswith(".") for p in parts):
+        if parts[0] not in SPLITS or len(parts) < 2:
+            continue
+        if any(p.startswith(".") or p in JUNK_FOLDERS for p in parts):
+            if _hidden_image(parts):  # left out, and said: a class folder named `.old` lost its images silently
+                ignored.append(rel)
             continue
         split, cls = parts[0], parts[1]
         if len(parts) == 2:
@@ -125,6 +132,7 @@ def discover(rels: list[str], where: str) -> Layout:
         else:
             ignored.append(rel)
     _refuse_split_aliases(rels, found, where)
+    ignored += [rel for rel in rels if _beside_the_splits(rel, found.get("train", {}))]
     if not rels:
         raise DataError(f"nothing under {where}: no such folder or prefix, or an empty one (expected "
                         f"{where}/train/<class>/<image>){_archive_hint([where.rpartition('/')[2]])}")
@@ -202,6 +210,22 @@ def _archive_hint(names: list[str]) -> str:
             "(<split>/shard-NNNNNN.tar), not an archive of them: extract it into storage")
 
 
+def _hidden_image(parts: list[str]) -> bool:
+    """Whether a path under a split that the layout leaves out (a hidden name, a NAS's thumbnail folder) is an image a
+    user may have meant to train on: not macOS's `._name` metadata nor a thumbnail (`JUNK_FOLDERS`)."""
+    return (parts[-1].lower().endswith(IMAGE_EXTENSIONS) and not parts[-1].startswith("._")
+            and not any(p in JUNK_FOLDERS for p in parts))
+
+
+def _beside_the_splits(rel: str, trained: dict) -> bool:
+    """Whether `rel` is an image in a folder named like a training class under a top-level folder that is not a
+    split (`holdout/cat/1.jpg`, `test.bak/cat/1.jpg`): ignored, and said so. A run's artifacts under the data
+    (`runs/<run id>/curves.png`) are not in a class folder."""
+    parts = rel.split("/")
+    return (len(parts) >= 3 and parts[0] not in SPLITS and parts[1] in trained and not rel.startswith("__MACOSX/")
+            and not any(p.startswith(".") for p in parts) and parts[-1].lower().endswith(IMAGE_EXTENSIONS))
+
+
 def _refuse_split_aliases(rels: list[str], found: dict[str, dict[str, list[str]]], where: str) -> None:
     """DataError for a top-level folder named like a split but not as the job reads it (`val/`, `Train/`,
     `testing/`) that holds images of the training classes (or of any class, when there is no train/): they would
@@ -214,7 +238,8 @@ def _refuse_split_aliases(rels: list[str], found: dict[str, dict[str, list[str]]
             aliased.setdefault(parts[0], set()).add(parts[1])
     trained = set(found.get("train", {}))
     for folder, classes in sorted(aliased.items()):
-        split = SPLIT_ALIASES.get(folder.lower(), folder.lower() if folder.lower() in SPLITS else None)
+        name = folder.strip().lower()  # `validation ` with a space: the folder the user meant, misnamed
+        split = SPLIT_ALIASES.get(name, name if name in SPLITS else None)
         if split and (classes & trained or split == "train" and not trained):
             fix = f"merge it into {split}/ or remove it" if split in found else f"rename it {split}/"
             raise DataError(f"{where}/{folder}/: the job reads the splits train/, validation/ and test/, so its "

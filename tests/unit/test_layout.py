@@ -26,7 +26,18 @@ def test_non_images_and_loose_files_are_ignored():
     layout = discover(rels({"train": {"a": 2, "b": 2}}) + ["train/a/notes.txt", "train/readme.md", "other/x.jpg",
                                                             "train/.hidden/x.jpg"], "d")
     assert layout.counts() == {"train": {"a": 2, "b": 2}}
-    assert sorted(layout.ignored) == ["train/a/notes.txt", "train/readme.md"]
+    assert sorted(layout.ignored) == ["train/.hidden/x.jpg", "train/a/notes.txt", "train/readme.md"]
+
+
+def test_images_left_out_of_the_splits_are_said_and_thumbnails_and_metadata_are_not_trained():
+    # A hidden class folder or image, and images in class folders of a folder that is not a split (`holdout/`,
+    # `test.bak/`), were left out without a word; a NAS's thumbnails (`@eaDir/`) were trained on as photos.
+    layout = discover(rels({"train": {"a": 2, "b": 2}}) + [
+        "train/.old/1.jpg", "train/a/.1.png", "holdout/a/1.jpg", "test.bak/b/2.png", "holdout/zzz/1.jpg",
+        "runs/r1/curves.png", "train/a/._1.jpg", "train/.DS_Store", "train/a/@eaDir/1.jpg/SYNOPHOTO_THUMB_M.jpg",
+        "__MACOSX/train/a/._1.jpg", "train/__MACOSX/a/._1.jpg"], "d")
+    assert layout.counts() == {"train": {"a": 2, "b": 2}}
+    assert sorted(layout.ignored) == ["holdout/a/1.jpg", "test.bak/b/2.png", "train/.old/1.jpg", "train/a/.1.png"]
 
 
 @pytest.mark.parametrize(
@@ -42,6 +53,11 @@ def test_non_images_and_loose_files_are_ignored():
         (rels({"train": {"a": 3, "b": 2}, "Test": {"a": 1, "b": 1}}), "rename it test/"),
         (rels({"Train": {"a": 3, "b": 2}}), "Train/: the job reads the splits train/, validation/ and test/"),
         (rels({"training": {"a": 3, "b": 2}}), "rename it train/"),
+        # A split folder with a space before or after its name, or named `tests/` or `validate/`.
+        (rels({"train": {"a": 3, "b": 2}, "validation ": {"a": 1, "b": 1}}), "d/validation /: the job reads"),
+        (rels({"train ": {"a": 3, "b": 2}}), "rename it train/"),
+        (rels({"train": {"a": 3, "b": 2}, "tests": {"a": 1}}), "tests/: the job reads the splits"),
+        (rels({"train": {"a": 3, "b": 2}, "validate": {"b": 1}}), "rename it validation/"),
         (rels({"train": {"a": 3, "b": 2}, "validation": {"a": 1, "b": 1}, "val": {"b": 1}}),
          "val/: the job reads the splits train/, validation/ and test/, so its images would be ignored; merge it "
          "into validation/ or remove it"),
