@@ -34,13 +34,22 @@ def _bmp_misread(image) -> str:
 
 
 def header(source) -> tuple[tuple[int, int] | None, str]:
-    """From an image's header (a path or a file-like object), without decoding it: ((width, height), why
-    TensorFlow's decoder would misread its pixels, or ""); (None, "") if the header is unreadable."""
+    """From an image's header (a path or a file-like object), without decoding it: ((width, height), why the job
+    leaves it out although its header reads (a format training does not read, whatever its name: a WebP named
+    .jpg, which `predict` refused; or pixels TensorFlow's decoder would misread), or ""); (None, "") if the header
+    is unreadable."""
     try:
         with Image.open(source) as image:
+            if image.format not in READ_FORMATS:
+                return image.size, unread_reason(str(image.format))
             return image.size, _bmp_misread(image) if image.format == "BMP" else ""
     except (OSError, ValueError, SyntaxError):
         return None, ""
+
+
+def unread_reason(fmt: str) -> str:
+    """Why an image in format `fmt` (Pillow's name: WEBP, TIFF) is left out, in training and in `predict`."""
+    return f"a {fmt} image, a format the job does not read: convert it to JPEG or PNG"
 
 
 def misread(blob: bytes) -> str:

@@ -143,7 +143,7 @@ def _classifier(fmt: str, path: Path, multi: bool = False):
     the other formats get the pixels the job's own decoder makes, as in training."""
     import tensorflow as tf
 
-    from job.headers import misread, unread_format
+    from job.headers import misread, unread_format, unread_reason
 
     if fmt in ("saved_model", "tf_serving"):
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]
@@ -167,8 +167,7 @@ def _classifier(fmt: str, path: Path, multi: bool = False):
     def classify(uri: str, blob: bytes):
         unread = unread_format(blob)  # an RGB WebP was classified, though training leaves WebP out (it may abort)
         if unread:
-            raise DataError(f"{uri}: a {unread} image, a format the job does not read (training leaves them out "
-                            "too): convert it to JPEG or PNG")
+            raise DataError(f"{uri}: {unread_reason(unread)} (training leaves them out too)")
         why = misread(blob)  # decodable, but not to the picture it holds
         if why:
             raise DataError(f"{uri}: {why}")

@@ -39,6 +39,24 @@ def test_bad_images_are_named_with_the_reason(tmp_path):
     assert dataset.find_bad(good + [str(small_but_over)], max_pixels=90_000_000) == {}
 
 
+def test_an_image_in_a_format_training_does_not_read_is_bad_whatever_its_name(tmp_path):
+    # An RGB WebP named .jpg decodes in TensorFlow and was trained on, while `predict` refused it (and an animated
+    # or transparent one was "cannot be decoded"): judged by its bytes, as predict judges them, it is left out.
+    from PIL import Image
+
+    picture = Image.new("RGB", (20, 20), (200, 40, 40))
+    files = {}
+    for name, fmt in (("webp.jpg", "WEBP"), ("tiff.png", "TIFF"), ("png.jpg", "PNG"), ("jpeg.png", "JPEG")):
+        picture.save(tmp_path / name, format=fmt)
+        files[name] = str(tmp_path / name)
+    bad = dataset.find_bad(list(files.values()), 10**8)
+    assert bad == {files["webp.jpg"]: headers.unread_reason("WEBP"), files["tiff.png"]: headers.unread_reason("TIFF")}
+    assert bad[files["webp.jpg"]] == "a WEBP image, a format the job does not read: convert it to JPEG or PNG"
+    blobs = [(n, (tmp_path / n).read_bytes()) for n in files]
+    assert dataset.find_bad_blobs(blobs, 10**8) == {"webp.jpg": headers.unread_reason("WEBP"),
+                                                   "tiff.png": headers.unread_reason("TIFF")}
+
+
 GREY_RAMP = [v for i in range(256) for v in (i, i, i)]
 
 
