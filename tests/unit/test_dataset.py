@@ -57,6 +57,22 @@ def test_an_image_in_a_format_training_does_not_read_is_bad_whatever_its_name(tm
                                                    "tiff.png": headers.unread_reason("TIFF")}
 
 
+def test_libjpegs_own_lines_on_a_damaged_jpeg_do_not_reach_stderr(tmp_path, capfd, monkeypatch):
+    # `train` printed "Improper call to JPEG library in state 201" beside its own "bad image skipped" record.
+    from PIL import Image
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")  # the job's default (job/logs.py setup)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, "JPEG")
+    whole = buf.getvalue()
+    (tmp_path / "half.jpg").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "end.jpg").write_bytes(whole[:-2])
+    bad = dataset.find_bad([str(tmp_path / "half.jpg"), str(tmp_path / "end.jpg")], 10**8)
+    assert set(bad.values()) == {"cannot be decoded"} and len(bad) == 2
+    err = capfd.readouterr().err
+    assert "JPEG library" not in err and "Input file read error" not in err, err
+
+
 GREY_RAMP = [v for i in range(256) for v in (i, i, i)]
 
 
