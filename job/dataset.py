@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from job import logs
 from job.files import atomic_path
-from job.headers import header
+from job.headers import EMPTY, header
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -45,6 +45,7 @@ def find_bad(paths: list[str], max_pixels: int) -> dict[str, str]:
     with ThreadPoolExecutor(8) as pool:
         headers = list(pool.map(header, paths))
     bad = {p: "cannot be read (a broken link, or no permission)" for p in paths if not os.access(p, os.R_OK)}
+    bad |= {p: EMPTY for p in paths if p not in bad and not os.path.getsize(p)}
     bad |= _from_headers(paths, headers, max_pixels)  # (an unreadable file has no header)
     rest = [p for p in paths if p not in bad]
     encoded = tf.data.Dataset.from_tensor_slices(rest).map(tf.io.read_file) if rest else None
@@ -54,7 +55,8 @@ def find_bad(paths: list[str], max_pixels: int) -> dict[str, str]:
 def find_bad_blobs(named: list[tuple[str, bytes]], max_pixels: int) -> dict[str, str]:
     """`find_bad` for images in memory: {name: reason}."""
     names = [n for n, _ in named]
-    bad = _from_headers(names, [header(io.BytesIO(b)) for _, b in named], max_pixels)
+    bad = {n: EMPTY for n, b in named if not b}
+    bad |= _from_headers(names, [header(io.BytesIO(b)) for _, b in named], max_pixels)
     rest = [(n, b) for n, b in named if n not in bad]
     encoded = tf.data.Dataset.from_tensor_slices([b for _, b in rest]) if rest else None
     return bad | {n: "cannot be decoded" for n in _undecodable([n for n, _ in rest], encoded)}

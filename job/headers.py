@@ -21,6 +21,8 @@ PALETTE_BMP = ("a BMP with a colour palette: TensorFlow's decoder reads its pale
 # It ignores a 32-bit BMP's colour masks too, reading every pixel as B, G, R: masks in another order swapped colours.
 MASKED_BMP = ("a BMP whose colour masks are not in blue-green-red order: TensorFlow's decoder ignores them and "
               "swaps its colours (convert it to PNG)")
+# An image file of no bytes (a failed copy, a placeholder): a bad image, known from its size before any read.
+EMPTY = "empty (0 bytes)"
 # A BMP's file header, info header, masks and a 256-colour table fit in this many first bytes.
 BMP_HEAD_BYTES = 2048
 

@@ -142,7 +142,7 @@ def validate(cfg: Config):
 
     source = read_listing(cfg)
     if source.kind != "shards":
-        _misread_bmps(cfg, source)
+        _bad_in_listing(cfg, source)
     output_state(cfg)  # proves the output location is reachable with these credentials
     check_weights(cfg)
     katib.check_path(cfg.metrics.file)  # what train refuses anywhere (validate said ok); no write here
@@ -241,36 +241,41 @@ def _check_val_map(cfg: Config, listed) -> None:
 BMP_CHECKED = 1000  # at most this many BMPs' first bytes does validate read (ranged GETs, 16 at a time)
 
 
-def _misread_bmps(cfg: Config, source) -> None:
-    """validate downloads no image, but it reads the first bytes of the BMPs it lists (up to BMP_CHECKED, a
-    seeded sample beyond): a BMP whose colour table or masks TensorFlow's decoder ignores is a bad image to
-    `train` (headers.PALETTE_BMP), so they are warned about here, and past `data.max_bad_fraction` refused as
-    `train` would refuse them after staging."""
+def _bad_in_listing(cfg: Config, source) -> None:
+    """validate downloads no image, but the listing gives each image's size, and it reads the first bytes of the
+    BMPs it lists (up to BMP_CHECKED, a seeded sample beyond): an empty file, and a BMP whose colour table or masks
+    TensorFlow's decoder ignores (headers.PALETTE_BMP), are bad images to `train`, so they are warned about here,
+    and past `data.max_bad_fraction` refused as `train` would refuse them after staging."""
     import random
     from concurrent.futures import ThreadPoolExecutor
 
     from job import headers
 
-    bmps = sorted(k for k in source.entries if k.lower().endswith(".bmp"))
+    empty = {k: headers.EMPTY for k, (_, entry) in source.entries.items() if entry.size == 0}
+    bmps = sorted(k for k in source.entries if k.lower().endswith(".bmp") and k not in empty)
     checked = random.Random(0).sample(bmps, min(len(bmps), BMP_CHECKED))
 
     def why(key: str) -> str:
         store, entry = source.entries[key]
-        if entry.size < 26:  # no BMP header (train counts it undecodable); an empty object refuses a ranged GET
+        if entry.size < 26:  # no BMP header (train counts it undecodable)
             return ""
         return headers.misread(store.read(entry.rel, head=headers.BMP_HEAD_BYTES))
 
     with ThreadPoolExecutor(16) as pool:
-        bad = {k: w for k, w in zip(checked, pool.map(why, checked)) if w}
-    if not bad:
-        return
-    example, reason = min(bad.items())
-    total = source.image_count()
-    if len(checked) == len(bmps) and len(bad) / max(total, 1) > cfg.data.max_bad_fraction:
-        raise DataError(f"{len(bad)} of {total} images are bad ({len(bad) / total:.1%} > data.max_bad_fraction "
+        misread = {k: w for k, w in zip(checked, pool.map(why, checked)) if w}
+    bad, total = empty | misread, source.image_count()
+    known = bad if len(checked) == len(bmps) else empty  # a sample of the BMPs tells no total
+    if known and len(known) / max(total, 1) > cfg.data.max_bad_fraction:
+        example, reason = min(known.items())
+        raise DataError(f"{len(known)} of {total} images are bad ({len(known) / total:.1%} > data.max_bad_fraction "
                         f"{cfg.data.max_bad_fraction:.1%}), e.g. {image_uri(cfg.data.uri, example)}: {reason}")
-    log.warning(f"BMPs that training will skip as bad images: {reason}", count=len(bad), checked=len(checked),
-                bmps=len(bmps), examples=[image_uri(cfg.data.uri, k) for k in sorted(bad)[:5]])
+    if empty:
+        log.warning("empty images (0 bytes) that training will skip as bad images", count=len(empty),
+                    examples=[image_uri(cfg.data.uri, k) for k in sorted(empty)[:5]])
+    if misread:
+        reason = misread[min(misread)]
+        log.warning(f"BMPs that training will skip as bad images: {reason}", count=len(misread), checked=len(checked),
+                    bmps=len(bmps), examples=[image_uri(cfg.data.uri, k) for k in sorted(misread)[:5]])
 
 
 def unmeasured(listed) -> list[tuple[str, str, list[str]]]:

@@ -606,7 +606,6 @@ def _with_bmps(root: Path, palette: int, grey: int = 2) -> Path:
         Image.new("RGB", (16, 16), (200, 30 * i, 10)).convert("P").save(folder / f"p{i}.BMP")
     for i in range(grey):
         Image.new("L", (16, 16), 40 * i).save(folder / f"g{i}.bmp")  # the grey ramp: TensorFlow reads it right
-    (folder / "empty.bmp").write_bytes(b"")  # S3 refuses a ranged GET of an empty object: a storage error, exit 4
     return root
 
 
@@ -631,10 +630,46 @@ def test_validate_reads_the_bmps_headers_warns_of_palette_ones_and_refuses_as_tr
 
     assert "BMP" not in validated(0)  # grey BMPs are read right
     (line,) = [x for x in validated(2, max_bad_fraction=0.2).splitlines() if "BMPs that training will skip" in x]
-    assert "colour palette" in line and "count=2" in line and "checked=5" in line  # 2 of 5 BMPs, 2 of 17 images
-    with pytest.raises(DataError, match=r"^3 of 18 images are bad \(16\.7% > data\.max_bad_fraction 1\.0%\), "
+    assert "colour palette" in line and "count=2" in line and "checked=4" in line  # 2 of 4 BMPs, 2 of 16 images
+    with pytest.raises(DataError, match=r"^3 of 17 images are bad \(17\.6% > data\.max_bad_fraction 1\.0%\), "
                                         r"e\.g\. .*/train/\w+/p0\.BMP: a BMP with a colour palette"):
         validated(3)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_validate_counts_empty_images_as_train_does(tmp_path, where, request, capsys):
+    # validate said ok of a dataset whose empty files train then refused (exit 3) as "cannot be decoded".
+    root = tmp_path / "d"
+    write_sample_dataset(root, classes=2, per_class=6, size=16, seed=0, test_per_class=0)
+    folder = next((root / "train").iterdir())
+    (folder / "empty.bmp").write_bytes(b"")  # S3 refuses a ranged GET of an empty object: none is asked
+    (folder / "empty.jpg").write_bytes(b"")
+    uri, endpoint = root, ""
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        bucket = s3.bucket()
+        s3.upload_dir(root, bucket, "d")
+        uri, endpoint = f"s3://{bucket}/d", s3.endpoint
+
+    def validated(**data):
+        cfg = Config.model_validate({"data": {"uri": str(uri), "validation_split": 0.0, **data},
+                                     "output": {"uri": str(tmp_path / "out")}, "model": {"weights": "none"},
+                                     "s3": {"endpoint_url": endpoint}})
+        pipeline.validate(cfg)
+        return capsys.readouterr().out
+
+    (line,) = [x for x in validated(max_bad_fraction=0.2).splitlines() if "empty images" in x]
+    assert "count=2" in line and "empty.bmp" in line and "empty.jpg" in line
+    with pytest.raises(DataError, match=r"^2 of 14 images are bad \(14\.3% > data\.max_bad_fraction 1\.0%\), "
+                                        r"e\.g\. .*/train/\w+/empty\.bmp: empty \(0 bytes\)$"):
+        validated()
+    assert dataset_find_bad([str(folder / "empty.jpg")]) == {str(folder / "empty.jpg"): "empty (0 bytes)"}
+
+
+def dataset_find_bad(paths: list[str]) -> dict:
+    from job import dataset
+
+    return dataset.find_bad(paths, 10**8)
 
 
 @pytest.mark.parametrize("name", ["re\x00d", "red\tshoe", "\x1b[31mred"])
