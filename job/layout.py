@@ -147,8 +147,8 @@ def discover(rels: list[str], where: str) -> Layout:
         extra = sorted(set(per) - set(classes))
         if extra:  # a validation or test class folder lacking (or empty) is a class its scores do not measure
             missing = sorted(set(classes) - set(per))
-            what = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
-                                         f"not in train/: {', '.join(extra)}") if x)
+            what = "; ".join(x for x in (f"missing {', '.join(map(shown, missing))}" if missing else "",
+                                         f"not in train/: {', '.join(map(shown, extra))}") if x)
             raise DataError(f"{where}/{split}/: class folders differ from train/ ({what}){_alike(missing, extra)}")
     files = {s: {c: sorted(found[s].get(c, [])) for c in classes} for s in SPLITS if s in found}
     return Layout(classes, files, ignored)
@@ -285,6 +285,16 @@ def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
     for c in classes:
         groups.setdefault(" ".join(unicodedata.normalize("NFKC", c).casefold().split()), []).append(c)
     return [tuple(g) for g in groups.values() if len(g) > 1]
+
+
+def lookalike(name: str, known) -> str:
+    """A hint when `name` is one of `known` in another case, Unicode form or spacing (they print alike: a manifest's
+    `cafe\u0301` beside classes.txt's `café`), else ""."""
+    for group in case_clashes([name, *(k for k in known if k != name)]):
+        if name in group:
+            other = next(c for c in group if c != name)
+            return f"; {ascii(name)} is {shown(other)} in another case, Unicode form or spacing"
+    return ""
 
 
 def _alike(missing: list[str], extra: list[str]) -> str:

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from job.errors import DataError
-from job.layout import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UNREAD_IMAGE_EXTENSIONS, Layout, MultiLayout
+from job.layout import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UNREAD_IMAGE_EXTENSIONS, Layout, MultiLayout, lookalike
 
 HEADERS = (["path", "label"], ["path", "label", "split"])
 JSON_LINES = (".jsonl", ".ndjson", ".json")
@@ -284,7 +284,7 @@ def to_layout(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> 
     for row in rows:
         if (row.split or "train") != "train" and row.label not in files["train"]:
             raise DataError(f"{name} line {row.line}: class {row.label!r} of split {row.split} has no training "
-                            "images")
+                            f"images{lookalike(row.label, classes)}")
     return Layout(classes, {s: {c: sorted(files[s].get(c, [])) for c in classes} for s in SPLITS if s in files})
 
 
@@ -301,9 +301,8 @@ def to_multi_layout(rows: list[Row], name: str, data_uri: str, existing: set[str
     for row, key in zip(rows, _keys(rows, name, data_uri, existing)):
         outside = [x for x in row.labels if x not in index]
         if outside:
-            alike = [c for c in classes if c.strip().casefold() == outside[0].strip().casefold()]
-            hint = f" (it has {alike[0]!r}: names are exact, spaces and case included)" if alike else ""
-            raise DataError(f"{name} line {row.line}: label {outside[0]!r} is not in {classes_name}{hint}")
+            raise DataError(f"{name} line {row.line}: label {outside[0]!r} is not in {classes_name}"
+                            f"{lookalike(outside[0], classes)}")
         sets.setdefault(row.split or "train", {})[key] = tuple(sorted(index[x] for x in row.labels))
     if "train" not in sets:
         raise DataError(f"{name}: no training images (every row has split validation or test)")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job.errors import ConfigError, DataError
-from job.layout import IMAGE_EXTENSIONS, NOT_UTF8, SPLIT_ALIASES, SPLITS, raw_name, utf8
+from job.layout import IMAGE_EXTENSIONS, NOT_UTF8, SPLIT_ALIASES, SPLITS, lookalike, raw_name, utf8
 
 SHARD = re.compile(r"^(train|validation|test)/shard-(\d{6})\.tar$")
 TAR = re.compile(r"\.(tar|tgz|tar\.(gz|bz2|xz))$", re.IGNORECASE)
@@ -248,7 +248,8 @@ def _label_list(key: str, members: dict[str, bytes], name: str, classes: list[st
         raise DataError(f"{name}: {key}.json lists a label twice")
     outside = [x for x in labels if x not in (classes or [])]
     if outside:
-        raise DataError(f"{name}: {key}.json names label {outside[0]!r}, which {CLASSES} does not list")
+        raise DataError(f"{name}: {key}.json names label {outside[0]!r}, which {CLASSES} does not list"
+                        f"{lookalike(outside[0], classes or [])}")
     return tuple(sorted(classes.index(x) for x in labels))
 
 
@@ -276,8 +277,13 @@ def _label(key: str, members: dict[str, bytes], name: str, classes: list[str] | 
         if classes is not None and raw in classes:
             return classes.index(raw)
         stripped = [i for i, c in enumerate(classes or []) if c.strip() == raw.strip()]
-        if len(stripped) != 1:  # spaces around a name are forgiven only when that leaves no doubt
-            raise DataError(f"{name}: {key}.txt names class {raw.strip()!r}, which {CLASSES} does not list")
+        if len(stripped) > 1:  # spaces around a name are forgiven only when that leaves no doubt
+            raise DataError(f"{name}: {key}.txt names class {raw!r}, which could be any of "
+                            f"{', '.join(repr(classes[i]) for i in stripped)} in {CLASSES} (names are exact, spaces "
+                            "included)")
+        if not stripped:
+            raise DataError(f"{name}: {key}.txt names class {raw.strip()!r}, which {CLASSES} does not list"
+                            f"{lookalike(raw.strip(), classes or [])}")
         return stripped[0]
     raise DataError(f"{name}: {key}{image} has no label ({key}.cls or {key}.txt) {BESIDE}")
 

@@ -101,7 +101,8 @@ def _open(cfg: Config, store: storage.Store) -> Source:
                           "one label per image (task: single_label)")
     markers = store.empty_folders() if isinstance(store, storage.LocalStore) else []  # an empty class folder
     layout = discover([e.rel for e in listing] + markers, cfg.data.uri.rstrip("/"))
-    warn_ignored(layout.ignored, "objects ignored (not images in a class folder of train/, validation/ or test/, or hidden)")
+    warn_ignored(layout.ignored, "objects ignored (not images in a class folder of train/, validation/ or test/, "
+                                 "or hidden)")
     wanted = layout.keys()
     return Source("folder", cfg.data.uri, layout, {e.rel: (store, e) for e in listing if e.rel in wanted},
                   store=store)

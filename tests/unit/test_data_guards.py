@@ -152,6 +152,23 @@ def test_empty_validation_class_folders_are_carved_like_an_absent_validation_fol
     assert multi.carve(0.2, 3).count("validation") == 2 and multi.carve(0.2, 3).count("train") == 8
 
 
+def test_a_label_written_in_another_unicode_form_says_so_wherever_it_is_written():
+    # A manifest's validation row, a shard's .txt, a multi-label shard's .json: `cafe\u0301` beside `café` printed
+    # "class 'café' ... has no training images" and "names class 'café', which classes.txt does not list".
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    hint = "; 'cafe\\u0301' is caf\u00e9 in another case, Unicode form or spacing"
+    rows = [{"path": f"t{i}.png", "label": c} for i, c in enumerate([nfc, nfc, "tea", "tea"])] + [
+        {"path": "v.png", "label": nfd, "split": "validation"}]
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    with pytest.raises(DataError) as e:
+        manifest.to_layout(manifest.parse(text, "m.jsonl"), "m.jsonl", "/d", {r["path"] for r in rows})
+    assert str(e.value) == f"m.jsonl line 5: class {nfd!r} of split validation has no training images{hint}"
+    assert shard_refusal([("k.png", b"P"), ("k.txt", nfd.encode())], classes=(nfc, "tea")) == \
+        f"{NAME}: k.txt names class {nfd!r}, which classes.txt does not list{hint}"
+    assert layout.lookalike("tea", [nfc, "tea"]) == "" and layout.lookalike("dog", [nfc]) == ""
+    assert layout.lookalike("Tea ", ["tea"]) == "; 'Tea ' is tea in another case, Unicode form or spacing"
+
+
 def test_split_validation_is_pinned_per_seed_and_class_and_ignores_listing_order():
     # A resumed run (or another worker) must carve exactly the same split: pin it for one seed.
     base = _train(a=6, b=6)
@@ -425,7 +442,8 @@ def test_shard_messages():
         f"{NAME}: k.txt names class 'a', which classes.txt does not list"
     assert shard_refusal([("k.png", b"P"), ("k.txt", b"\xff\n")]) == f"{NAME}: k.txt is not UTF-8 text (classes.txt is)"
     assert shard_refusal([("k.png", b"P"), ("k.txt", b"cat")], classes=(" cat", "cat ")) == \
-        f"{NAME}: k.txt names class 'cat', which classes.txt does not list"
+        f"{NAME}: k.txt names class 'cat', which could be any of ' cat', 'cat ' in classes.txt (names are exact, " \
+        "spaces included)"
 
 
 def test_corrupt_shard_message():
@@ -482,7 +500,8 @@ def test_labels_by_index_and_by_name_at_the_edges():
                                                           ("k5", 0), ("k6", 2)]
     # `dog` plus spaces could be either class: refused, not guessed
     assert shard_refusal([("k.png", b"P"), ("k.txt", b" dog")], classes=(" cat", "dog", "dog ")) == \
-        f"{NAME}: k.txt names class 'dog', which classes.txt does not list"
+        f"{NAME}: k.txt names class ' dog', which could be any of 'dog', 'dog ' in classes.txt (names are exact, " \
+        "spaces included)"
 
 
 def test_split_keys_name_both_places():

@@ -74,7 +74,7 @@ def test_images_left_out_of_the_splits_are_said_and_thumbnails_and_metadata_are_
          "dataset has 2 .webp, 1 .tiff: convert them to JPEG or PNG)"),
         # A validation folder copied from macOS names café decomposed: it prints exactly like train/'s.
         (rels({"train": {"caf\u00e9": 2, "tea": 2}, "validation": {"cafe\u0301": 1, "tea": 1}}),
-         "validation/: class folders differ from train/ (missing caf\u00e9; not in train/: cafe\u0301); "
+         "validation/: class folders differ from train/ (missing caf\u00e9; not in train/: 'cafe\\u0301'); "
          "'cafe\\u0301' is caf\u00e9 in another case, Unicode form or spacing: rename the folder"),
     ],
 )
