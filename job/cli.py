@@ -7,6 +7,7 @@ exit codes here. Nothing at module level imports TensorFlow, so `--help` is fast
 from __future__ import annotations
 
 import enum
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -235,8 +236,15 @@ def predict(
 def _shown(result: dict) -> str:
     """One image's line: the top-k labels with probabilities; multi-label, the labels above their thresholds."""
     if "labels" in result:
-        return ", ".join(f"{t['label']} {t['score']:.3f}" for t in result["labels"]) or "(no label above threshold)"
-    return ", ".join(f"{t['label']} {t['probability']:.3f}" for t in result["top"])
+        return ", ".join(f"{_label(t['label'])} {t['score']:.3f}" for t in result["labels"]) or \
+            "(no label above threshold)"
+    return ", ".join(f"{_label(t['label'])} {t['probability']:.3f}" for t in result["top"])
+
+
+def _label(name: str) -> str:
+    """A label as predict's line prints it: in JSON quotes when it holds a comma or a quote, or begins or ends with a
+    space (`Zeta, "z"` read as two entries of the line), else as it is."""
+    return json.dumps(name, ensure_ascii=False) if "," in name or '"' in name or name != name.strip() else name
 
 
 @app.command()

@@ -1,10 +1,13 @@
 """The CLI surface: fast --help without TensorFlow, --version, commands listed."""
 
 import json
+import re
 import subprocess
 import sys
 
 from conftest import CLI
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import job
@@ -73,6 +76,25 @@ def test_top_k_caps_a_multilabel_images_labels_above_their_thresholds():
     probabilities = np.array([0.1, 0.2, 0.3, 0.4])
     assert [x["label"] for x in _result("x.png", probabilities, labels, None, multi=False)["top"]] == ["d", "c", "b"]
     assert [x["label"] for x in _result("x.png", probabilities, labels, 1, multi=False)["top"]] == ["d"]
+
+
+LINE_ENTRY = re.compile(r'("(?:[^"\\]|\\.)*"|[^,"]*?) (\d\.\d{3})(?:, |$)')
+LABEL = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=12)
+
+
+@given(st.lists(LABEL, min_size=1, max_size=4, unique=True), st.booleans())
+def test_predicts_line_reads_back_as_the_labels_it_printed(labels, multi):
+    # A class `Zeta, "z"` printed as `Zeta, "z" 0.847, alpha 0.069`: no reader could tell where an entry ended.
+    from job.cli import _shown
+
+    if multi:
+        result = {"labels": [{"label": x, "score": 0.5} for x in labels]}
+    else:
+        result = {"top": [{"label": x, "probability": 0.25} for x in labels]}
+    line = _shown(result)
+    entries = LINE_ENTRY.findall(line)
+    assert "".join(f"{label} {p}, " for label, p in entries)[:-2] == line
+    assert [json.loads(x) if x.startswith('"') else x for x, _ in entries] == labels
 
 
 def test_a_model_that_is_no_run_says_where_the_runs_are(tmp_path):
