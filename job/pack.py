@@ -9,12 +9,15 @@ from every shard; each sample is `<key>.<ext>` with `<key>.cls` (multi-label: `<
 list); `classes.txt` and `index.json` (the task, counts per split and class, and the shards: the job reads
 only those) go beside the shards, classes.txt last. A
 destination that holds shards is refused (exit 4) unless `--overwrite`, which deletes them first: never a
-mix of two packs. Images are copied as they are: the job skips undecodable ones when it trains. No
-TensorFlow.
+mix of two packs. Images are copied as they are: the job skips undecodable ones when it trains. Those whose
+header already shows it (an empty file, no image, a format the job does not read, a BMP its decoder misreads) are
+warned of here with the member each became, which training names when it skips it (the members are renumbered).
+No TensorFlow.
 """
 
 from __future__ import annotations
 
+import io
 import random
 import re
 import tempfile
@@ -24,6 +27,7 @@ from pathlib import Path
 from job import logs, shards, storage
 from job.errors import ConfigError, StorageError
 from job.files import write_labels
+from job.headers import EMPTY, header
 from job.layout import IMAGE_EXTENSIONS, SPLITS
 from job.manifest import JSON_LINES
 from job.uris import within
@@ -70,6 +74,7 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     _read_one_of_each_store(source)  # before anything is deleted: a source listed but not readable stops here
     _refuse_or_clear(dest, overwrite)
     shard_counts: dict[str, int] = {}
+    suspects: list[str] = []  # "source key -> member: reason"
     with tempfile.TemporaryDirectory(prefix="finetune-job-pack-") as tmp, ThreadPoolExecutor(16) as pool:
         for split in layout.splits:
             items = [(key, [layout.classes[i] for i in y] if layout.multi_label else y)
@@ -80,10 +85,16 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
             for start in range(0, len(items), 256):  # 16 parallel GETs, 256 images in memory at most
                 chunk = items[start:start + 256]
                 for n, ((key, label), data) in enumerate(zip(chunk, pool.map(lambda i: _read(source, i[0]), chunk))):
-                    writer.add(f"{start + n:08d}", Path(key).suffix.lower(), data, label)
+                    member = writer.add(f"{start + n:08d}", Path(key).suffix.lower(), data, label)
+                    why = _bad(data)
+                    if why:
+                        suspects.append(f"{key} -> {member}: {why}")
             writer.close()
             shard_counts.update(writer.counts)
             log.info("split packed", split=split, images=len(items), shards=len(writer.counts))
+        if suspects:
+            log.warning("images that training will skip as bad images, packed as they are", count=len(suspects),
+                        examples=suspects[:5], source=source_uri)
         index_file = Path(tmp) / shards.INDEX
         images = {split: layout.count(split) for split in layout.splits}
         index_file.write_text(shards.index(layout.classes, layout.counts(), shard_counts, cfg.task, images),
@@ -124,6 +135,14 @@ def _read_one_of_each_store(source) -> None:
         first.setdefault(id(store), key)
     for key in first.values():
         _read(source, key)
+
+
+def _bad(data: bytes) -> str:
+    """Why training will skip these image bytes, where their header shows it without decoding; else ""."""
+    if not data:
+        return EMPTY
+    size, why = header(io.BytesIO(data))
+    return why or ("" if size else "not an image that can be read")
 
 
 def _upload(dest, path: Path, tmp: Path) -> None:

@@ -313,8 +313,9 @@ class ShardWriter:
         self.number, self.tar, self.path, self.size = -1, None, None, 0
         self.counts: dict[str, int] = {}  # shard -> samples
 
-    def add(self, key: str, ext: str, image: bytes, label: int | list[str]) -> None:
-        """One sample: its label an index (`<key>.cls`) or, multi-label, a list of names (`<key>.json`)."""
+    def add(self, key: str, ext: str, image: bytes, label: int | list[str]) -> str:
+        """One sample: its label an index (`<key>.cls`) or, multi-label, a list of names (`<key>.json`); returns
+        where its image went, as training names it (`train/shard-000000.tar:00000036.jpg`)."""
         size = len(image) + 3 * 512
         if self.tar is None or (self.size and self.size + size > self.max_bytes):
             self._next()
@@ -329,6 +330,7 @@ class ShardWriter:
         self.size += size
         rel = self.path.relative_to(self.folder).as_posix()
         self.counts[rel] = self.counts.get(rel, 0) + 1
+        return f"{rel}:{key}{ext}"
 
     def _next(self) -> None:
         self.close()

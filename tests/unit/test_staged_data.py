@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import hypothesis.strategies as st
 import pytest
+import structlog.testing
 from conftest import tar_bytes
 from hypothesis import given
 
@@ -127,6 +128,32 @@ def test_pack_refuses_a_destination_with_shards_unless_overwrite(tmp_path):
         with pytest.raises(StorageError, match=f"--to {tmp_path / 'a'}: holds a folder dataset \\(train/"):
             pack(str(tmp_path / "b"), str(tmp_path / "a"), shard_size=100_000, overwrite=overwrite)
     assert not (tmp_path / "a" / "classes.txt").exists()
+
+
+def test_pack_names_the_images_training_will_skip_with_the_members_they_became(tmp_path):
+    # pack copied an empty file, a WebP named .jpg and a text named .png without a word, renumbered: training then
+    # named `shard-000000.tar:00000036.jpg`, which nothing traced back to the user's file.
+    from PIL import Image
+
+    write_sample_dataset(tmp_path / "a", classes=2, per_class=4, size=8, seed=0, test_per_class=0)
+    folder = tmp_path / "a" / "train" / "circle"
+    (folder / "empty.jpg").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(folder / "webp.jpg", format="WEBP")
+    (folder / "notes.png").write_text("not an image")
+    with structlog.testing.capture_logs() as logged:
+        pack(str(tmp_path / "a"), str(tmp_path / "shards"), shard_size=100_000)
+    (record,) = [r for r in logged if "training will skip" in r["event"]]
+    assert record["count"] == 3 and record["log_level"] == "warning"
+    reasons = {}
+    for example in record["examples"]:
+        key, _, rest = example.partition(" -> ")
+        member, _, reasons[key] = rest.partition(": ")
+        shard, _, name = member.partition(":")
+        with tarfile.open(tmp_path / "shards" / shard) as tar:  # the member holds that very file
+            assert tar.extractfile(name).read() == (tmp_path / "a" / key).read_bytes(), example
+    assert reasons == {"train/circle/empty.jpg": "empty (0 bytes)", "train/circle/notes.png": "not an image that can "
+                       "be read", "train/circle/webp.jpg": "a WEBP image, a format the job does not read: convert it "
+                       "to JPEG or PNG"}
 
 
 def test_a_shard_that_index_json_does_not_list_is_refused(tmp_path):
