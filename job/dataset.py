@@ -28,13 +28,16 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 def decode_and_resize(encoded: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
-    """Encoded JPEG/PNG/BMP/GIF bytes -> float32 RGB [h, w, 3] in 0..255.
+    """Encoded JPEG/PNG/BMP/GIF bytes -> float32 RGB [h, w, 3], whole numbers in 0..255.
 
     Grayscale, palette, RGBA, CMYK and 16-bit inputs all come out as 8-bit RGB (TensorFlow's decoders
     convert them; not a palette BMP's colours: `headers.PALETTE_BMP`); animated GIFs give their first frame.
+    The resized pixels are rounded, as the image cache keeps them (uint8): training, evaluation, the exported
+    signature and `predict` see the same pixels of a file (the signature's unrounded floats moved a probability
+    by up to 0.02 from what evaluation measured).
     """
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
-    image = tf.image.resize(image, image_size, method="bilinear", antialias=True)
+    image = tf.round(tf.image.resize(image, image_size, method="bilinear", antialias=True))
     return tf.ensure_shape(image, [*image_size, 3])
 
 
@@ -129,7 +132,7 @@ def cache_images(paths: list[str], image_size: tuple[int, int], cache_dir: Path)
 
     The file name carries a digest of the paths, their sizes and modification times, and the image
     size, so a changed dataset gets a new file and an unchanged one (a re-run, a resumed pod) reuses
-    it. Pixels are rounded to 8 bits: at most half a grey level from `decode_and_resize`'s floats.
+    it. Pixels are 8 bits, as `decode_and_resize` rounds them.
     None (decode every epoch) when the file would take more than half the free space there.
     """
     h, w = image_size
