@@ -106,8 +106,8 @@ def _describe(path: Path, fmt: str, image_size: tuple[int, int], classes: list[s
         "format": fmt,
         "runtime": "onnxruntime" if fmt == "onnx" else "LiteRT (ai-edge-litert) or TensorFlow Lite",
         "input": {"shape": [None, h, w, 3], "dtype": dtype, "layout": "NHWC, RGB", "range": [0, 255],
-                  "resize": f"to {h}x{w}, bilinear with antialiasing, no crop (aspect ratio not kept), rounded to whole "
-                            "numbers",
+                  "resize": f"to {h}x{w}, bilinear with antialiasing, no crop (aspect ratio not kept), rounded to "
+                            "whole numbers",
                   "preprocessing": "inside the model: feed plain pixels"},
         "output": {"shape": [None, len(classes)], "dtype": "uint8" if fmt == "tflite_int8" else "float32",
                    "meaning": "class probabilities in the order of labels"},
