@@ -247,7 +247,7 @@ def _results_table(reports: dict) -> str:
 
 def _formats_table(formats: dict[str, dict]) -> str:
     rows = []
-    score = "micro_f1" if any("micro_f1" in r for r in formats.values()) else "accuracy"  # multi-label: label sets
+    score = "micro_f1" if any("micro_f1" in r for r in formats.values()) else "accuracy"  # micro-F1: multi-label
     for fmt, r in formats.items():
         if "error" in r:
             rows.append(_row(fmt, f"not written: {r['error']}", "", "", ""))
@@ -255,8 +255,9 @@ def _formats_table(formats: dict[str, dict]) -> str:
         agreement = "reference" if fmt == "saved_model" else _pct(r.get("agreement"))
         rows.append(_row(fmt, _pct(r[score]), agreement, f"{r['bytes'] / 1e6:.1f} MB",
                          f"{r['latency_ms_batch1']:.1f} ms"))
-    return _table(["format", "micro-F1" if score == "micro_f1" else "accuracy", "agreement with the SavedModel",
-                   "size", "latency, 1 image, CPU"], rows)
+    agreement = "agreement with the SavedModel" + (" (label decisions)" if score == "micro_f1" else "")
+    return _table(["format", "micro-F1" if score == "micro_f1" else "accuracy", agreement, "size",
+                   "latency, 1 image, CPU"], rows)
 
 
 def _limits(per_class: dict[str, dict], split: str, multi: bool = False) -> str:

@@ -59,3 +59,35 @@ def test_model_card():
     assert "`tulip`: recall 55.0% on test" in card and "`rose`: recall" not in card
     assert "| onnx | not written: onnx: conversion failed" in card
     assert "2 image(s) were skipped" in card
+
+
+def test_multilabel_agreement_is_of_label_decisions_not_whole_label_sets(tmp_path):
+    # 100 labels: a float16 format that flips one borderline label in each of 30 images agreed with the SavedModel
+    # on 0% of whole label sets, and a listed `tflite` failed a run that had trained (exit 1).
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n, labels = 30, 100
+    scores = rng.uniform(0, 1, (n, labels)).astype(np.float32)
+    reference = (scores, scores >= 0.5)
+    flipped = scores.copy()
+    flipped[np.arange(n), rng.integers(0, labels, n)] += 0.004  # float16's rounding, one label an image ...
+    flipped[np.arange(n), 0] = 0.5 + np.where(scores[:, 0] >= 0.5, -1e-3, 1e-3)  # ... and one that crosses for sure
+
+    class Run:
+        def predict(self, x):
+            rows = x[:, 0, 0, 0].astype(int)
+            return flipped[rows], (flipped[rows] >= 0.5).astype(np.float32)
+
+    pixels = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 1, 1, 3), np.float32)
+    (tmp_path / "m").write_bytes(b"x")
+    truth = (rng.uniform(0, 1, (n, labels)) > 0.7).astype(np.float32)
+    result = formats.check_multi(Run(), pixels, truth, reference, tmp_path / "m")
+    decisions = float(((flipped >= 0.5) == reference[1]).mean())
+    assert result["agreement"] == pytest.approx(decisions) and 0.98 < decisions < 1.0
+    assert result["label_set_agreement"] == pytest.approx(float(np.all((flipped >= 0.5) == reference[1], 1).mean()))
+    assert result["label_set_agreement"] == 0.0
+    formats._judge("tflite", {"agreement": 0.995, "label_set_agreement": 0.0, "micro_f1": 0.5}, {}, 0.02, False, Log())
+    with pytest.raises(formats.ConversionError, match=r"on 98\.0% of label decisions \(image and label\)"):
+        formats._judge("onnx", {"agreement": 0.98, "label_set_agreement": 0.0, "micro_f1": 0.5}, {}, 0.02, False,
+                       Log())
