@@ -212,7 +212,11 @@ def joined_labels(rows: list[Row]) -> dict[str, str]:
     or with spaces between labels that occur on their own (`haze primary`); in a single-label one, one with `|`."""
     if not is_multi_label(rows):
         return {r.label: SEPARATOR for r in rows if SEPARATOR in r.label}
-    labels = {x for r in rows for x in r.labels}
+    return joined_names({x for r in rows for x in r.labels})
+
+
+def joined_names(labels: set[str]) -> dict[str, str]:
+    """`joined_labels` of a multi-label dataset's label names (a manifest's, or classes.txt beside shards)."""
     found = {}
     for x in sorted(labels):
         for sep in (",", ";", SEPARATOR, " "):

@@ -88,8 +88,12 @@ def parse_classes(data: bytes, where: str, minimum: int = 2, indexed: bool = Tru
     if len(classes) < minimum:
         needed = "1 is" if minimum == 1 else f"{minimum} are"
         raise DataError(f"{where}: {len(classes)} class(es); at least {needed} needed")
-    if len(set(classes)) != len(classes):
-        raise DataError(f"{where}: a class is listed twice")
+    first: dict[str, int] = {}
+    for n, line in enumerate(lines, 1):
+        if line in first:
+            raise DataError(f"{where} line {n}: class {line!r} is listed twice (first on line {first[line]})")
+        if line.strip():
+            first[line] = n
     return classes
 
 

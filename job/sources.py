@@ -134,17 +134,22 @@ def _read(uri: str, endpoint: str) -> bytes:
         raise
 
 
+def _warn_joined(joined: dict[str, str], multi: bool, **where) -> None:
+    """Warn of labels that look like several joined into one (`manifest.joined_labels`)."""
+    if not joined:
+        return
+    how = ("separates an image's labels with '|' in a CSV, a list in JSON lines (and pack keeps those lists)" if multi
+           else "has one label an image; several need task: multi_label and a 'labels' column")
+    log.warning(f"{len(joined)} label(s) look like several joined into one, and train as one class: a "
+                f"{'multi' if multi else 'single'}-label manifest {how}",
+                examples={k: joined[k] for k in list(joined)[:5]}, **where)
+
+
 def _manifest_source(cfg: Config, store: storage.Store) -> Source:
     name = cfg.data.manifest
     rows = manifest.parse(_read(name, cfg.s3.endpoint_url), name)
     _check_task(cfg, manifest.is_multi_label(rows), name)
-    joined = manifest.joined_labels(rows)
-    if joined:
-        how = ("separates an image's labels with '|' in a CSV, a list in JSON lines" if manifest.is_multi_label(rows)
-               else "has one label an image; several need task: multi_label and a 'labels' column")
-        log.warning(f"{len(joined)} label(s) look like several joined into one, and train as one class: a "
-                    f"{'multi' if manifest.is_multi_label(rows) else 'single'}-label manifest {how}",
-                    manifest=name, examples={k: joined[k] for k in list(joined)[:5]})
+    _warn_joined(manifest.joined_labels(rows), manifest.is_multi_label(rows), manifest=name)
     entries: dict[str, tuple[storage.Store, storage.Entry]] = {}
     root = cfg.data.uri.rstrip("/")
     for prefix in manifest.listing_prefixes(rows, cfg.data.uri, name):
@@ -211,6 +216,7 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
         counts, images = index["counts"], index.get("images") or {}
         packed_counts = {rel: n for rel, n in index["shards"].items() if isinstance(n, int)}
     if cfg.task == "multi_label":  # the labels of each image are known once the shards are read
+        _warn_joined(manifest.joined_names(set(classes)), True, classes=f"{cfg.data.uri}/{shards.CLASSES}")
         layout = MultiLayout(classes, {s: {f"#{i}": () for i in range(images.get(s, 0))} for s in found})
     else:
         files = {s: {c: [""] * counts.get(s, {}).get(c, 0) for c in classes} for s in found}

@@ -345,7 +345,10 @@ def test_parse_classes_keeps_names_as_written():
     assert str(e.value) == "s3://b/classes.txt: 1 class(es); at least 2 are needed"
     with pytest.raises(DataError) as e:
         shards.parse_classes(b"cat\ndog\ncat\n", "s3://b/classes.txt")
-    assert str(e.value) == "s3://b/classes.txt: a class is listed twice"
+    assert str(e.value) == "s3://b/classes.txt line 3: class 'cat' is listed twice (first on line 1)"
+    with pytest.raises(DataError) as e:  # by name (multi-label), blank lines counted as lines
+        shards.parse_classes(b"a\n\nb\nc\n\nb\n", "w", indexed=False)
+    assert str(e.value) == "w line 6: class 'b' is listed twice (first on line 3)"
 
 
 def test_check_listed_messages():

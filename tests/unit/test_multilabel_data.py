@@ -307,6 +307,12 @@ def test_joined_labels_are_warned_about_when_listed(tmp_path, capsys):
     sources.open_source(config(tmp_path / "d", manifest=str(listed)))
     out = capsys.readouterr().out
     assert "1 label(s) look like several joined into one" in out and "circle,square" in out
+    # Packed, the label is classes.txt's: the warning was the manifest's only.
+    pack(str(listed), str(tmp_path / "shards"), 4000)
+    capsys.readouterr()
+    sources.open_source(config(tmp_path / "shards"))
+    out = capsys.readouterr().out
+    assert "1 label(s) look like several joined into one" in out and "circle,square" in out and "classes.txt" in out
 
 
 def test_a_split_whose_images_carry_no_label_is_unmeasured_and_val_map_on_it_is_refused(tmp_path):
