@@ -370,7 +370,7 @@ def prepare(cfg: Config) -> Run | dict:
         from job.checkpoint import Checkpoints
 
         ckpt = Checkpoints(out, work, cluster, cfg.checkpoint.keep, guard=lease.check if lease else None)
-        resumed = _resume_point(cfg, ckpt, state, source.layout.classes, source.fingerprint())
+        resumed = _resume_point(cfg, ckpt, state, source.layout.classes, source.fingerprint(), _base_weights(parts))
     except BaseException:
         if lease:
             lease.release()
@@ -479,13 +479,21 @@ def check_weights(cfg: Config) -> None:
         raise ConfigError(f"config: model.weights: no weights file at {weights} (imagenet | none | a path | s3://...)")
 
 
-def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: str) -> RunState:
-    """The fetched checkpoint's run state if there is one and its config and the dataset's classes still fit; else
-    a new state. A dataset changed under the same classes (`dataset`: its listing's fingerprint) is a warning."""
+def _base_weights(parts) -> str:
+    """The fingerprint of the base as built, before any checkpoint is restored ("" from scratch: nothing to keep)."""
+    from job.export import weights_fingerprint
+
+    return "" if parts.from_scratch else weights_fingerprint(parts.base)
+
+
+def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: str, base: str = "") -> RunState:
+    """The fetched checkpoint's run state if there is one and its config, the base's weights (`base`: their
+    fingerprint) and the dataset's classes still fit; else a new state. A dataset changed under the same classes
+    (`dataset`: its listing's fingerprint) is a warning."""
     current = runstate.training_config(redacted(cfg))
     state = ckpt.fetch() if output == "incomplete" else None
     if state is None:
-        return RunState(config=current, classes=list(classes), dataset=dataset)
+        return RunState(config=current, classes=list(classes), dataset=dataset, base=base)
     changes = runstate.config_changes(state.config, current) if state.config else ["(not recorded)"]
     grown = runstate.grown_after_done(state, current)
     if grown:
@@ -497,6 +505,11 @@ def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: s
             f"config: run {cfg.run_id} has a checkpoint trained with another config, so resuming would mix "
             f"the two: {'; '.join(changes)}. Restore those keys, or start a new run_id "
             f"(safe to change: {', '.join(runstate.SAFE_TO_CHANGE + runstate.MAY_GROW)}; epochs only upwards)")
+    if state.base and base and state.base != base:
+        raise ConfigError(
+            f"config: model.weights: the base weights at {cfg.model.weights} are not those run {cfg.run_id}'s "
+            "checkpoint was trained on (the file was replaced), so resuming would mix the two; restore the file, or "
+            "start a new run_id")
     changed = runstate.class_changes(state.classes, list(classes))
     if changed:
         raise DataError(
@@ -507,7 +520,7 @@ def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: s
         log.warning(f"the dataset under {cfg.data.uri} changed since run {cfg.run_id}'s checkpoint (images added, "
                     "removed, rewritten or relabelled): the run goes on with the dataset as it is now, so its "
                     "validation split may hold images the checkpoint trained on")
-    state.config, state.classes, state.dataset = current, list(classes), dataset
+    state.config, state.classes, state.dataset, state.base = current, list(classes), dataset, base
     return state
 
 

@@ -42,6 +42,9 @@ class RunState:
     classes: list[str] = field(default_factory=list)
     # what the dataset's listing said (sources.Source.fingerprint); "" in checkpoints written before it was kept
     dataset: str = ""
+    # sha256 of the base's weights as built from model.weights (export.weights_fingerprint): a file replaced at the
+    # same path between attempts resumed a head trained on the old base's features over the new base, without a word
+    base: str = ""
 
     # ------------------------------------------------------------ JSON
 

@@ -585,6 +585,25 @@ def test_a_resume_on_a_changed_dataset_warns_and_keeps_the_new_fingerprint(tmp_p
     assert pipeline._resume_point(cfg, None, "empty", ["a", "b"], "f3").dataset == "f3"  # a new run keeps it
 
 
+def test_a_resume_over_other_base_weights_at_the_same_path_is_refused(tmp_path):
+    # The weights file replaced between attempts: the head trained on the old base's features went on over the new
+    # base, and the run was exported as complete, matching neither an uninterrupted run on the one nor the other.
+    from job.runstate import RunState, training_config
+
+    cfg = config(tmp_path / "d")
+    cfg.run_id = "r1"
+    stored = RunState(phase="head", epoch=2, config=training_config(pipeline.redacted(cfg)), classes=["a", "b"])
+    for kept, now in (("", "b1"), ("b1", "b1"), ("b1", "")):  # not kept (older checkpoints), the same, from scratch
+        stored.base = kept
+        state = pipeline._resume_point(cfg, SimpleNamespace(fetch=lambda: stored), "incomplete", ["a", "b"], "f", now)
+        assert state.epoch == 2 and state.base == now
+    stored.base = "b1"
+    with pytest.raises(ConfigError, match=r"^config: model\.weights: the base weights at .* are not those run r1's "
+                                          r"checkpoint was trained on \(the file was replaced\)"):
+        pipeline._resume_point(cfg, SimpleNamespace(fetch=lambda: stored), "incomplete", ["a", "b"], "f", "b2")
+    assert pipeline._resume_point(cfg, None, "empty", ["a", "b"], "f", "b3").base == "b3"  # a new run keeps it
+
+
 # ---------------------------------------------------------------- names a local file system cannot hold
 
 
