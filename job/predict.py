@@ -45,7 +45,7 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
         else:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="finetune-job-model-")))
             folder, _ = storage.stage(store, [e for e in store.list() if needed(e.rel)], tmp)
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        manifest = _manifest(folder / MANIFEST, model_uri)
         if not any(rel == target or rel.startswith(target + "/") for rel in manifest["files"]):
             formats = manifest.get("formats") or {}
             kept = ", ".join(f for f in formats if "error" not in (formats[f] or {})) or "none"
@@ -53,9 +53,27 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
             raise ConfigError(f"--format {fmt}: the run {model_uri} was not exported as {fmt} (it was as: {kept}"
                               f"{failed})")
         for rel, info in manifest["files"].items():
-            if needed(rel) and (not (folder / rel).is_file() or sha256(folder / rel) != info["sha256"]):
+            if needed(rel) and not (folder / rel).is_file():
+                raise StorageError(f"{model_uri}/{rel}: missing (the manifest lists it)")
+            if needed(rel) and sha256(folder / rel) != info["sha256"]:
                 raise StorageError(f"{model_uri}/{rel}: does not match the manifest's checksum")
         yield folder
+
+
+def _manifest(path: Path, model_uri: str) -> dict:
+    """The run's manifest.json, or StorageError (exit 4): without a readable one nothing can be checked (a
+    missing or cut manifest was a traceback, exit 1)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StorageError(f"{model_uri}/{MANIFEST}: missing, so the run's files cannot be checked; export the run "
+                           "again (delete its _SUCCESS and rerun train)") from None
+    except (OSError, ValueError) as e:
+        raise StorageError(f"{model_uri}/{MANIFEST}: unreadable ({type(e).__name__}), so the run's files cannot be "
+                           "checked; export the run again (delete its _SUCCESS and rerun train)") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise StorageError(f"{model_uri}/{MANIFEST}: not a run's manifest (no \"files\"); export the run again")
+    return manifest
 
 
 def _where_runs_are(store, model_uri: str, endpoint: str) -> str:

@@ -1,5 +1,6 @@
 """The CLI surface: fast --help without TensorFlow, --version, commands listed."""
 
+import hashlib
 import json
 import re
 import subprocess
@@ -130,6 +131,28 @@ def test_a_model_that_is_no_run_says_where_the_runs_are(tmp_path):
     with pytest.raises(ConfigError) as e, fetched_run(str(tmp_path / "runs" / "r1"), fmt="onnx"):
         pass
     assert str(e.value).endswith("(it was as: saved_model; onnx failed: onnx: conversion failed)")
+    # A listed file that is gone is said to be missing ("does not match the manifest's checksum" misled).
+    (tmp_path / "runs" / "r1" / "labels.txt").write_text("a\nb\n")
+    labels_sha = hashlib.sha256(b"a\nb\n").hexdigest()
+    for sha, said in ((labels_sha, "saved_model/saved_model.pb: missing (the manifest lists it)"),
+                      ("0" * 64, "labels.txt: does not match the manifest's checksum")):
+        (tmp_path / "runs" / "r1" / "manifest.json").write_text(json.dumps(
+            {"files": {"labels.txt": {"bytes": 4, "sha256": sha},
+                       "saved_model/saved_model.pb": {"bytes": 1, "sha256": "0" * 64}}}))
+        with pytest.raises(StorageError) as e, fetched_run(str(tmp_path / "runs" / "r1")):
+            pass
+        assert str(e.value) == f"{tmp_path}/runs/r1/{said}"
+    # No manifest, a cut one, or one that is no run's: a traceback (FileNotFoundError, JSONDecodeError), exit 1.
+    manifest = tmp_path / "runs" / "r1" / "manifest.json"
+    for body, said in ((None, "manifest.json: missing, so the run's files cannot be checked"),
+                       ('{"files": {"labels.txt', "manifest.json: unreadable (JSONDecodeError)"),
+                       ("[1, 2]", "manifest.json: not a run's manifest")):
+        manifest.unlink(missing_ok=True)
+        if body is not None:
+            manifest.write_text(body)
+        with pytest.raises(StorageError) as e, fetched_run(str(tmp_path / "runs" / "r1")):
+            pass
+        assert str(e.value).startswith(f"{tmp_path}/runs/r1/{said}"), str(e.value)
     code = "import sys, job.predict, job.files; print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           timeout=60).stdout.strip() == "False"  # the run is checked before TensorFlow loads
