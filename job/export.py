@@ -109,6 +109,7 @@ def manifest_fields(run, checked: dict) -> dict:
         "strategy": {"kind": cluster.kind, "replicas": cluster.replicas, "workers": cluster.num_workers,
                      "mixed_precision": cluster.mixed_precision},
         "formats": checked["formats"], "formats_checked_on": checked["checked_on"], "timings": dict(run.timings),
+        "resumed_from": run.resumed_from or None,  # the timings are this attempt's: where it took over, if it did
         "search": run.state.search,  # train.search's trials at their pause, [] without
         "refit": refit_fields(run),  # train.refit's epochs and rate, {} without
     }

@@ -70,6 +70,9 @@ class Run:
     board: Any = None  # job.tensorboard.Board: the chief's event files
     misclassified: tuple = ()  # (uint8 images, captions) of wrong test predictions, for TensorBoard
     initial: list | None = None  # train.refit: the model's variables as built, where the refit starts again
+    # where this attempt resumed an earlier one's checkpoint ({"phase", "epochs_done"}), {} when it started afresh:
+    # manifest.json's timings are this attempt's
+    resumed_from: dict = field(default_factory=dict)
 
     @property
     def cache(self) -> Path:
@@ -376,8 +379,10 @@ def prepare(cfg: Config) -> Run | dict:
             lease.release()
         raise
     initial = [v.numpy() for v in parts.model.variables] if cfg.train.refit else None  # before any restore
+    was = {"phase": resumed.phase, "epochs_done": resumed.epoch} if any(resumed.history.values()) or resumed.step \
+        else {}
     return Run(cfg, out, source.layout, source, cluster, work, parts, unfreeze, ckpt, resumed, lease, timings, staging,
-               initial=initial)
+               initial=initial, resumed_from=was)
 
 
 def _check_cache_dir(cache: Path) -> None:

@@ -104,6 +104,7 @@ def test_every_artifact_is_in_storage(trained, s3):
     assert sum(counts["train"].values()) + sum(counts["validation"].values()) == 90 + 1
     assert manifest["dataset"]["bad_images"] == 2
     assert {"staging_seconds", "head_seconds", "finetune_seconds", "export_seconds"} <= set(manifest["timings"])
+    assert manifest["resumed_from"] is None  # one attempt: its timings are the run's
     # Evaluation read validation and test through the image cache: one decoded file per split, none twice.
     cache = trained["tmp"] / "cache" / "runs" / "e2e" / "worker-0" / "cache"
     assert len(list(cache.glob("images-*.npy"))) == 3
