@@ -218,6 +218,11 @@ def _warn_other_config(cfg: Config, out: storage.Store) -> None:
     if changes:
         log.warning(f"run {cfg.run_id} is complete, trained with another config, and is not redone: set "
                     "output.overwrite to train it again with this one, or choose another run_id", changes=changes)
+    wanted = (stored.get("export") or {}).get("formats"), cfg.export.formats
+    if wanted[0] != wanted[1]:  # asked for a format the run was not exported as: exit 0 without a word
+        log.warning(f"run {cfg.run_id} is complete and not exported again, so export.formats as set here is not "
+                    f"what it has: delete its _SUCCESS to export it again from its trained checkpoint (no training), "
+                    "or choose another run_id", exported=wanted[0], asked=wanted[1])
 
 
 def _own_files(out: storage.Store) -> list[str]:

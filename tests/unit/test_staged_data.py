@@ -782,6 +782,13 @@ def test_a_complete_run_asked_again_with_another_recipe_says_so(tmp_path, capsys
         update={"epochs": 40})})})
     assert pipeline.prepare(grown)["status"] == "already complete"  # more epochs: not trained either, so said
     assert f"train.head.epochs: {cfg(1).train.head.epochs} -> 40" in capsys.readouterr().out
+    # A format asked for that the run was not exported as: exit 0, no such file, no word.
+    tflite = cfg(1).model_copy(update={"export": cfg(1).export.model_copy(update={"formats": ["saved_model",
+                                                                                             "tflite"]})})
+    assert pipeline.prepare(tflite)["status"] == "already complete"
+    out = capsys.readouterr().out
+    assert "run r1 is complete and not exported again, so export.formats as set here is not what it has" in out
+    assert "another config" not in out  # export.* is safe to change: no training key differs
 
 
 def test_a_classes_txt_unlike_the_one_packed_is_refused(tmp_path):
