@@ -91,3 +91,10 @@ def test_multilabel_agreement_is_of_label_decisions_not_whole_label_sets(tmp_pat
     with pytest.raises(formats.ConversionError, match=r"on 98\.0% of label decisions \(image and label\)"):
         formats._judge("onnx", {"agreement": 0.98, "label_set_agreement": 0.0, "micro_f1": 0.5}, {}, 0.02, False,
                        Log())
+    # With sparse labels an export that says no to everything agrees on 99% of the decisions: its scores do not.
+    for broken in (np.full_like(scores, np.nan), np.zeros_like(scores)):
+        flipped[:] = broken
+        result = formats.check_multi(Run(), pixels, truth, reference, tmp_path / "m")
+        with pytest.raises(formats.ConversionError, match=r"^tflite: its scores differ from the SavedModel's by up "
+                                                          r"to (nan|0\.9\d*) \(at most 0\.05 expected"):
+            formats._judge("tflite", {**result, "agreement": 0.995}, {}, 0.02, False, Log())
