@@ -218,11 +218,26 @@ def _warn_other_config(cfg: Config, out: storage.Store) -> None:
     if changes:
         log.warning(f"run {cfg.run_id} is complete, trained with another config, and is not redone: set "
                     "output.overwrite to train it again with this one, or choose another run_id", changes=changes)
-    wanted = (stored.get("export") or {}).get("formats"), cfg.export.formats
-    if wanted[0] != wanted[1]:  # asked for a format the run was not exported as: exit 0 without a word
-        log.warning(f"run {cfg.run_id} is complete and not exported again, so export.formats as set here is not "
-                    f"what it has: delete its _SUCCESS to export it again from its trained checkpoint (no training), "
-                    "or choose another run_id", exported=wanted[0], asked=wanted[1])
+    _warn_missing_formats(cfg, out)
+
+
+def _warn_missing_formats(cfg: Config, out: storage.Store) -> None:
+    """A complete run asked for a format it was not exported as (or whose export failed) ended exit 0 without it
+    and without a word: say so, and how to export it."""
+    import json
+
+    from job.formats import DEFAULT_FORMATS
+
+    try:
+        formats = json.loads(out.read("manifest.json")).get("formats") or {}
+    except Exception:  # noqa: BLE001 (an older run, or unreadable: nothing to compare)
+        return
+    has = {f for f, r in formats.items() if isinstance(r, dict) and "error" not in r}
+    missing = [f for f in (cfg.export.formats or DEFAULT_FORMATS) if f not in has]
+    if missing:
+        log.warning(f"run {cfg.run_id} is complete and not exported again, and it has no {', '.join(missing)}: "
+                    "delete its _SUCCESS to export it again from its trained checkpoint (no training), or choose "
+                    "another run_id", has=sorted(has))
 
 
 def _own_files(out: storage.Store) -> list[str]:

@@ -782,13 +782,21 @@ def test_a_complete_run_asked_again_with_another_recipe_says_so(tmp_path, capsys
         update={"epochs": 40})})})
     assert pipeline.prepare(grown)["status"] == "already complete"  # more epochs: not trained either, so said
     assert f"train.head.epochs: {cfg(1).train.head.epochs} -> 40" in capsys.readouterr().out
-    # A format asked for that the run was not exported as: exit 0, no such file, no word.
-    tflite = cfg(1).model_copy(update={"export": cfg(1).export.model_copy(update={"formats": ["saved_model",
-                                                                                             "tflite"]})})
-    assert pipeline.prepare(tflite)["status"] == "already complete"
-    out = capsys.readouterr().out
-    assert "run r1 is complete and not exported again, so export.formats as set here is not what it has" in out
+    # A format asked for that the run was not exported as (or whose export failed): exit 0, no such file, no word.
+    (tmp_path / "out" / "r1" / "manifest.json").write_text(json.dumps({"formats": {
+        "saved_model": {"accuracy": 1.0}, "tflite": {"accuracy": 1.0}, "onnx": {"error": "onnx: failed"}}}))
+
+    def asked(formats) -> str:
+        run = cfg(1).model_copy(update={"export": cfg(1).export.model_copy(update={"formats": formats})})
+        assert pipeline.prepare(run)["status"] == "already complete"
+        return capsys.readouterr().out
+
+    for formats in (["tflite", "saved_model"], ["saved_model"]):  # what it has, in any order: nothing to say
+        assert "not exported again" not in asked(formats)
+    out = asked(["saved_model", "onnx"])
+    assert "run r1 is complete and not exported again, and it has no onnx" in out
     assert "another config" not in out  # export.* is safe to change: no training key differs
+    assert "it has no tf_serving, tflite_int8" in asked(None)  # the defaults, which it lacks in part
 
 
 def test_a_classes_txt_unlike_the_one_packed_is_refused(tmp_path):
