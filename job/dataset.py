@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from job import logs
 from job.files import atomic_path
-from job.headers import EMPTY, header
+from job.headers import EMPTY, UNREADABLE, header
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -47,7 +47,7 @@ def find_bad(paths: list[str], max_pixels: int) -> dict[str, str]:
     decoders (the ones training uses, so a file that passes here cannot fail mid-epoch)."""
     with ThreadPoolExecutor(8) as pool:
         headers = list(pool.map(header, paths))
-    bad = {p: "cannot be read (a broken link, or no permission)" for p in paths if not os.access(p, os.R_OK)}
+    bad = {p: UNREADABLE for p in paths if not os.access(p, os.R_OK)}
     bad |= {p: EMPTY for p in paths if p not in bad and not os.path.getsize(p)}
     bad |= _from_headers(paths, headers, max_pixels)  # (an unreadable file has no header)
     rest = [p for p in paths if p not in bad]

@@ -23,6 +23,7 @@ MASKED_BMP = ("a BMP whose colour masks are not in blue-green-red order: TensorF
               "swaps its colours (convert it to PNG)")
 # An image file of no bytes (a failed copy, a placeholder): a bad image, known from its size before any read.
 EMPTY = "empty (0 bytes)"
+UNREADABLE = "cannot be read (a broken link, or no permission)"
 # A BMP's file header, info header, masks and a 256-colour table fit in this many first bytes.
 BMP_HEAD_BYTES = 2048
 

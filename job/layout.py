@@ -222,8 +222,9 @@ def _beside_the_splits(rel: str, trained: dict) -> bool:
     split (`holdout/cat/1.jpg`, `test.bak/cat/1.jpg`): ignored, and said so. A run's artifacts under the data
     (`runs/<run id>/curves.png`) are not in a class folder."""
     parts = rel.split("/")
-    return (len(parts) >= 3 and parts[0] not in SPLITS and parts[1] in trained and not rel.startswith("__MACOSX/")
-            and not any(p.startswith(".") for p in parts) and parts[-1].lower().endswith(IMAGE_EXTENSIONS))
+    return (len(parts) >= 3 and parts[0] not in SPLITS and parts[1] in trained
+            and not any(p.startswith(".") or p in JUNK_FOLDERS for p in parts)
+            and parts[-1].lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _refuse_split_aliases(rels: list[str], found: dict[str, dict[str, list[str]]], where: str) -> None:

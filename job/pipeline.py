@@ -274,7 +274,9 @@ def _bad_in_listing(cfg: Config, source) -> None:
 
     from job import headers
 
-    empty = {k: headers.EMPTY for k, (_, entry) in source.entries.items() if entry.size == 0}
+    # A local broken link is listed with size 0 and no modification time: train says it cannot be read.
+    empty = {k: headers.EMPTY if entry.etag else headers.UNREADABLE for k, (_, entry) in source.entries.items()
+             if entry.size == 0}
     bmps = sorted(k for k in source.entries if k.lower().endswith(".bmp") and k not in empty)
     checked = random.Random(0).sample(bmps, min(len(bmps), BMP_CHECKED))
 
@@ -293,8 +295,8 @@ def _bad_in_listing(cfg: Config, source) -> None:
         raise DataError(f"{len(known)} of {total} images are bad ({len(known) / total:.1%} > data.max_bad_fraction "
                         f"{cfg.data.max_bad_fraction:.1%}), e.g. {image_uri(cfg.data.uri, example)}: {reason}")
     if empty:
-        log.warning("empty images (0 bytes) that training will skip as bad images", count=len(empty),
-                    examples=[image_uri(cfg.data.uri, k) for k in sorted(empty)[:5]])
+        log.warning("empty or unreadable images that training will skip as bad images", count=len(empty),
+                    examples=[f"{image_uri(cfg.data.uri, k)}: {why}" for k, why in sorted(empty.items())[:5]])
     if misread:
         reason = misread[min(misread)]
         log.warning(f"BMPs that training will skip as bad images: {reason}", count=len(misread), checked=len(checked),
@@ -399,10 +401,20 @@ def prepare(cfg: Config) -> Run | dict:
             lease.release()
         raise
     initial = [v.numpy() for v in parts.model.variables] if cfg.train.refit else None  # before any restore
-    was = {"phase": resumed.phase, "epochs_done": resumed.epoch} if any(resumed.history.values()) or resumed.step \
-        else {}
+    was = _resumed_from(resumed)
     return Run(cfg, out, source.layout, source, cluster, work, parts, unfreeze, ckpt, resumed, lease, timings, staging,
                initial=initial, resumed_from=was)
+
+
+def _resumed_from(state: RunState) -> dict:
+    """Where an attempt takes over from a checkpoint: its phase, the epochs that phase ran (early stopping sets the
+    state's epoch to the budget) and the steps of a part-finished one; {"phase": "trained"} when only evaluation and
+    export are left; {} for a run that starts afresh."""
+    if not (any(state.history.values()) or state.step or state.phase != "head"):
+        return {}
+    if state.phase == "trained":
+        return {"phase": "trained"}
+    return {"phase": state.phase, "epochs_done": len(state.history.get(state.phase, [])), "steps_done": state.step}
 
 
 def _check_cache_dir(cache: Path) -> None:
@@ -531,10 +543,10 @@ def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: s
             f"the two: {'; '.join(changes)}. Restore those keys, or start a new run_id "
             f"(safe to change: {', '.join(runstate.SAFE_TO_CHANGE + runstate.MAY_GROW)}; epochs only upwards)")
     if state.base and base and state.base != base:
+        how = "Keras cached other ImageNet weights" if cfg.model.weights == "imagenet" else "the file was replaced"
         raise ConfigError(
-            f"config: model.weights: the base weights at {cfg.model.weights} are not those run {cfg.run_id}'s "
-            "checkpoint was trained on (the file was replaced), so resuming would mix the two; restore the file, or "
-            "start a new run_id")
+            f"config: model.weights: the base weights of {cfg.model.weights} are not those run {cfg.run_id}'s "
+            f"checkpoint was trained on ({how}), so resuming would mix the two; restore them, or start a new run_id")
     changed = runstate.class_changes(state.classes, list(classes))
     if changed:
         raise DataError(

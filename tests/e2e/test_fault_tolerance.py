@@ -194,7 +194,8 @@ def test_sigterm_in_finetuning_checkpoints_and_the_rerun_resumes_through_storage
     assert "runs/preempted/_SUCCESS" in s3.keys(dataset, "runs/preempted/")
     # Its timings are this attempt's: the manifest says where it took over (it did not say it resumed at all).
     manifest = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/preempted/manifest.json")["Body"].read())
-    assert manifest["resumed_from"] == {"phase": "finetune", "epochs_done": saved["epochs_done"]}
+    assert manifest["resumed_from"] == {"phase": "finetune", "epochs_done": saved["epochs_done"],
+                                        "steps_done": saved["steps_done"]}
 
 
 def test_stopped_storage_exits_4_within_60_seconds(sample_data, base_weights, tmp_path):

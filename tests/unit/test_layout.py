@@ -35,7 +35,8 @@ def test_images_left_out_of_the_splits_are_said_and_thumbnails_and_metadata_are_
     layout = discover(rels({"train": {"a": 2, "b": 2}}) + [
         "train/.old/1.jpg", "train/a/.1.png", "holdout/a/1.jpg", "test.bak/b/2.png", "holdout/zzz/1.jpg",
         "runs/r1/curves.png", "train/a/._1.jpg", "train/.DS_Store", "train/a/@eaDir/1.jpg/SYNOPHOTO_THUMB_M.jpg",
-        "__MACOSX/train/a/._1.jpg", "train/__MACOSX/a/._1.jpg"], "d")
+        "__MACOSX/train/a/._1.jpg", "train/__MACOSX/a/._1.jpg", "holdout/a/@eaDir/1.jpg/SYNOPHOTO_THUMB_XL.jpg",
+        "@eaDir/a/x.jpg"], "d")
     assert layout.counts() == {"train": {"a": 2, "b": 2}}
     assert sorted(layout.ignored) == ["holdout/a/1.jpg", "test.bak/b/2.png", "train/.old/1.jpg", "train/a/.1.png"]
 

@@ -598,7 +598,7 @@ def test_a_resume_over_other_base_weights_at_the_same_path_is_refused(tmp_path):
         state = pipeline._resume_point(cfg, SimpleNamespace(fetch=lambda: stored), "incomplete", ["a", "b"], "f", now)
         assert state.epoch == 2 and state.base == now
     stored.base = "b1"
-    with pytest.raises(ConfigError, match=r"^config: model\.weights: the base weights at .* are not those run r1's "
+    with pytest.raises(ConfigError, match=r"^config: model\.weights: the base weights of .* are not those run r1's "
                                           r"checkpoint was trained on \(the file was replaced\)"):
         pipeline._resume_point(cfg, SimpleNamespace(fetch=lambda: stored), "incomplete", ["a", "b"], "f", "b2")
     assert pipeline._resume_point(cfg, None, "empty", ["a", "b"], "f", "b3").base == "b3"  # a new run keeps it
@@ -704,8 +704,13 @@ def test_validate_counts_empty_images_as_train_does(tmp_path, where, request, ca
         pipeline.validate(cfg)
         return capsys.readouterr().out
 
-    (line,) = [x for x in validated(max_bad_fraction=0.2).splitlines() if "empty images" in x]
-    assert "count=2" in line and "empty.bmp" in line and "empty.jpg" in line
+    if where == "local":  # a broken link is listed with size 0 too: it cannot be read, as train says
+        (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (line,) = [x for x in validated(max_bad_fraction=0.3).splitlines() if "empty or unreadable images" in x]
+    assert "empty.bmp: empty (0 bytes)" in line and "empty.jpg: empty (0 bytes)" in line
+    assert ("count=3" in line and "gone.jpg: cannot be read (a broken link" in line) if where == "local" else \
+        "count=2" in line
+    (folder / "gone.jpg").unlink(missing_ok=True)
     with pytest.raises(DataError, match=r"^2 of 14 images are bad \(14\.3% > data\.max_bad_fraction 1\.0%\), "
                                         r"e\.g\. .*/train/\w+/empty\.bmp: empty \(0 bytes\)$"):
         validated()
@@ -940,3 +945,16 @@ def test_an_image_rewritten_at_its_size_changes_what_identifies_the_split(tmp_pa
     after = stage(tmp_path / "d", "copy", tmp_path).settle(0, 0).identity("train")
     assert len(after) == len(before) == 6 and after != before
     assert [row for row in after if row[0] != str(image)] == [row for row in before if row[0] != str(image)]
+
+
+def test_resumed_from_says_where_an_attempt_took_over():
+    # It gave the phase's epoch budget after early stopping (the state's epoch jumps to it), dropped the steps of a
+    # part-finished epoch, and {"phase": "trained", "epochs_done": 0} for an attempt that only exported.
+    from job.runstate import RunState
+
+    assert pipeline._resumed_from(RunState()) == {}
+    stopped = RunState(phase="finetune", epoch=10, step=0, history={"head": [{}] * 4, "finetune": [{}] * 3})
+    assert pipeline._resumed_from(stopped) == {"phase": "finetune", "epochs_done": 3, "steps_done": 0}
+    midway = RunState(phase="head", epoch=1, step=5, history={"head": [{}], "finetune": []})
+    assert pipeline._resumed_from(midway) == {"phase": "head", "epochs_done": 1, "steps_done": 5}
+    assert pipeline._resumed_from(RunState(phase="trained", history={"head": [{}]})) == {"phase": "trained"}
