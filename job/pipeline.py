@@ -583,6 +583,7 @@ def stage_data(run: Run) -> None:
                  images=sum(map(staged.count, staged.layout.splits)) + len(staged.bad),
                  training_shards_of_this_worker=run.data.shards("train", run.share))
     log.info("dataset ready", mode=mode, counts=run.data.layout.counts(), bad_images=len(run.data.bad))
+    _check_splits(run)
     for message, split, missing in unmeasured(run.data.layout):
         log.warning(message, split=split, classes=missing)
     _check_val_map(cfg, run.data.layout)
@@ -597,6 +598,25 @@ def stage_data(run: Run) -> None:
         log.info("no test images: no test report; the exported formats are checked on "
                  + ("validation" if run.data.count("validation") else "training") + " images")
     _workers_agree_on_dataset(run)
+
+
+def _check_splits(run: Run) -> None:
+    """Warn when a resumed run's splits are not its checkpoint's though the config is (images found bad otherwise,
+    or a validation split carved otherwise by another version of the job): its validation images may be ones it
+    trained on. Then keep this attempt's."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for split in run.data.layout.splits:
+        digest.update(json.dumps([split, *run.data.layout.items(split)], default=int).encode())
+    now = digest.hexdigest()[:20]
+    if run.state.splits and run.state.splits != now:
+        log.warning(f"the images of each split are not those run {run.cfg.run_id}'s checkpoint was trained with "
+                    "(images added or removed, found bad otherwise, or the validation split carved otherwise by "
+                    "another version of the job): the run goes on with the splits as they are now, so its validation "
+                    "images may be ones it trained on")
+    run.state.splits = now
 
 
 def _warn_identical(run: Run) -> None:

@@ -45,6 +45,9 @@ class RunState:
     # sha256 of the base's weights as built from model.weights (export.weights_fingerprint): a file replaced at the
     # same path between attempts resumed a head trained on the old base's features over the new base, without a word
     base: str = ""
+    # a digest of the images of each split with their labels once staged (bad images out, validation carved): ""
+    # in checkpoints written before it was kept
+    splits: str = ""
 
     # ------------------------------------------------------------ JSON
 

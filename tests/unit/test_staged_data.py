@@ -958,3 +958,28 @@ def test_resumed_from_says_where_an_attempt_took_over():
     midway = RunState(phase="head", epoch=1, step=5, history={"head": [{}], "finetune": []})
     assert pipeline._resumed_from(midway) == {"phase": "head", "epochs_done": 1, "steps_done": 5}
     assert pipeline._resumed_from(RunState(phase="trained", history={"head": [{}]})) == {"phase": "trained"}
+
+
+def test_a_resume_whose_splits_differ_from_its_checkpoints_warns():
+    # A job upgraded mid-run carved an empty validation/ (or judged a WebP named .jpg bad) where the checkpoint's
+    # attempt had not: images it trained on became validation images, without a word (same config, same listing).
+    from job.layout import Layout
+    from job.runstate import RunState
+
+    def run(files: dict, kept: str) -> SimpleNamespace:
+        return SimpleNamespace(data=SimpleNamespace(layout=Layout(["a", "b"], files)), state=RunState(splits=kept),
+                               cfg=SimpleNamespace(run_id="r1"))
+
+    first = run({"train": {"a": ["1", "2"], "b": ["3", "4"]}, "validation": {"a": ["5"], "b": ["6"]}}, "")
+    with structlog.testing.capture_logs() as logged:
+        pipeline._check_splits(first)
+    assert first.state.splits and not logged
+    same = run({"train": {"a": ["1", "2"], "b": ["3", "4"]}, "validation": {"a": ["5"], "b": ["6"]}},
+               first.state.splits)
+    moved = run({"train": {"a": ["1", "5"], "b": ["3", "4"]}, "validation": {"a": ["2"], "b": ["6"]}},
+                first.state.splits)  # the same counts, one image moved
+    with structlog.testing.capture_logs() as logged:
+        pipeline._check_splits(same)
+        pipeline._check_splits(moved)
+    assert [r["log_level"] for r in logged] == ["warning"] and "run r1's checkpoint" in logged[0]["event"]
+    assert moved.state.splits != first.state.splits == same.state.splits
