@@ -33,7 +33,7 @@ A `keras.applications` **$backbone** (weights: `$weights`) fine-tuned by finetun
 Photos or images like the training data, any size: they are resized to ${height}x${width} (bilinear, \
 antialiased, no crop, so the aspect ratio is not kept) and $kind_subject. \
 The SavedModel takes encoded JPEG/PNG/BMP/GIF bytes; LiteRT and ONNX take decoded RGB pixels (0..255, \
-resized), as the JSON beside each file says. $kind_rule
+resized, rounded to whole numbers as training read them), as the JSON beside each file says. $kind_rule
 
 ## Training data
 
