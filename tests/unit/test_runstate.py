@@ -82,7 +82,7 @@ def test_json_round_trip_keeps_every_field():
                      config={"train.seed": 3, "train.class_weight": {"a": 2.0}},
                      search=[{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75, "chosen": True}],
                      refit={"head_epochs": 2, "finetune_epochs": 5, "learning_rate": 3e-4, "validation": {"loss": 0.4}},
-                     classes=["cat", "dog"], dataset="ab12")
+                     classes=["cat", "dog"], dataset="ab12", base="cd34", splits="ef56")
     text = state.to_json()
     assert json.loads(text) == {"phase": "finetune", "epoch": 4, "step": 7, "sums": [2.5, 3.0], "best": [0.25, 0.75],
                                 "best_epoch": 3, "patience_used": 1,
@@ -91,7 +91,8 @@ def test_json_round_trip_keeps_every_field():
                                 "search": [{"learning_rate": 1e-4, "val_loss": 0.5, "val_accuracy": 0.75,
                                             "chosen": True}],
                                 "refit": {"head_epochs": 2, "finetune_epochs": 5, "learning_rate": 3e-4,
-                                          "validation": {"loss": 0.4}}, "classes": ["cat", "dog"], "dataset": "ab12"}
+                                          "validation": {"loss": 0.4}}, "classes": ["cat", "dog"], "dataset": "ab12",
+                                "base": "cd34", "splits": "ef56"}
     assert RunState.from_json(text) == state
     assert RunState.from_json("{}") == RunState()  # a checkpoint from before a field was kept reads with its default
 
