@@ -232,17 +232,19 @@ def _traced_extractor(extractor):
 
 
 def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
-                    folder: Path) -> tuple[np.ndarray, np.ndarray]:
+                    folder: Path, advance=lambda n: None) -> tuple[np.ndarray, np.ndarray]:
     """The frozen base's features of a finite, unshuffled dataset of `count` (images, labels): (features
     memory-mapped [count, dim] float32, labels), computed in one pass, written to disk as they come (not
     held in memory) beside the image cache, so that a run resumed on the same disk reuses them. The file
     names carry a digest of `key` (backbone, the base's weights, image size, and what identifies the images:
-    files, sizes and modification times, or shards and ETags), so changed inputs never meet stale features."""
+    files, sizes and modification times, or shards and ETags), so changed inputs never meet stale features.
+    `advance(n)` is called after each batch of n images (progress)."""
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     out, labels_out = Path(folder) / f"features-{digest}.npy", Path(folder) / f"labels-{digest}.npy"
     if out.exists() and labels_out.exists():  # written under temporary names and renamed: complete
         logs.get().info("reusing cached features", file=str(out))
         return np.load(out, mmap_mode="r"), np.load(labels_out)
+    logs.get().info("computing the frozen base's features", images=count)  # minutes on a large dataset
     extract = _traced_extractor(extractor)
     labels = None  # shaped from the first batch: int32 [count], or float32 [count, labels] (multi-label)
     # Written with plain writes, not through a memory map: written pages of a map count in this process's RSS
@@ -259,6 +261,7 @@ def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
                 f.write(batch.tobytes())
                 labels[start : start + len(batch)] = ys
             start += len(batch)
+            advance(len(batch))
         if start != count:
             raise RuntimeError(f"feature extraction saw {start} images, expected {count}")
         if labels is None:

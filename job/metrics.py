@@ -89,6 +89,9 @@ VAL_ACCURACY = _gauge("val_accuracy", "Validation accuracy (0..1) of the last fi
 VAL_MAP = _gauge("val_map", "Validation mean average precision (0..1) of the last finished epoch (multi_label).",
                  "phase")
 IMAGES = _counter("images_processed", "Training images processed by this worker.", "phase")
+STAGE_DONE = _gauge("stage_items_done", "Items done of a stage before training: staging (images, or shards read), "
+                    "features (images through the frozen base).", "stage")
+STAGE_ITEMS = _gauge("stage_items", "Items of that stage in all (with stage_items_done: its progress).", "stage")
 STEP_DURATION = Histogram(
     "finetune_job_step_duration_seconds",
     "Wall time of one training step, waiting for its batch included.",
@@ -120,6 +123,8 @@ _METRICS = (
     VAL_ACCURACY,
     VAL_MAP,
     IMAGES,
+    STAGE_DONE,
+    STAGE_ITEMS,
     STEP_DURATION,
     DATA_WAIT,
     S3_DOWNLOADED,
@@ -228,6 +233,12 @@ def set_phase(phase: str) -> None:
         raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
     for name in PHASES:
         PHASE.labels(**_run.labels, phase=name).set(name == phase)
+
+
+def stage_progress(stage: str, done: int, total: int) -> None:
+    """`done` of `total` items of a stage before training (staging, features): a long one shows it moves."""
+    STAGE_DONE.labels(**_run.labels, stage=stage).set(done)
+    STAGE_ITEMS.labels(**_run.labels, stage=stage).set(total)
 
 
 def epoch_started(phase: str, epoch: int, epochs: int, steps_per_epoch: int) -> None:

@@ -571,7 +571,8 @@ def stage_data(run: Run) -> None:
     checks = readers.Checks(local_files=lambda paths: dataset.find_bad(paths, cfg.data.max_image_pixels),
                             encoded=lambda named: dataset.find_bad_blobs(named, cfg.data.max_image_pixels))
     total = sum(map(len, source.shard_entries.values())) if source.kind == "shards" else len(source.entries)
-    with logs.progress("staging" if mode == "copy" else "reading shards", total) as advance:
+    with logs.progress("staging" if mode == "copy" else "reading shards", total,
+                       report=lambda done, of: metrics.stage_progress("staging", done, of)) as advance:
         how = readers.Staging(Path(cfg.data.cache_dir), run.cache, run.size, checks, advance,
                               stop=lambda: signals.check("staging"), measure=run.timings.measure)
         staged = readers.create(source, mode, how)
@@ -782,7 +783,10 @@ def _features(run: Run, split: str, share: tuple[int, int] | None):
     key = [cfg.model.backbone, weights_fingerprint(run.parts.base), list(cfg.data.image_size), split, run.classes,
            run.data.identity(split, share)]
     count = len(run.data.items(split, share)[0])
-    return dataset.cached_features(run.parts.features, run.data.images(split, 64, share=share), count, key, run.cache)
+    with logs.progress(f"{split} features", count,
+                       report=lambda done, of: metrics.stage_progress("features", done, of)) as advance:
+        return dataset.cached_features(run.parts.features, run.data.images(split, 64, share=share), count, key,
+                                       run.cache, advance)
 
 
 def finetune_phase(run: Run) -> None:

@@ -112,7 +112,8 @@ metrics.epoch_started("head", 1, 3, 10)
 metrics.step_done("head", 8, 0.5, 0.1)
 metrics.epoch_done("head", 1, train_loss=0.5, train_accuracy=0.8, val_loss=0.6, val_accuracy=0.7)
 metrics.s3_bytes_downloaded(10); metrics.s3_bytes_uploaded(20); metrics.s3_error("GetObject")
-metrics.bad_images(2); metrics.checkpoint_saved(); metrics.finish(True)
+metrics.bad_images(2); metrics.checkpoint_saved(); metrics.stage_progress("staging", 40, 6000)
+metrics.finish(True)
 print(json.dumps({"tf": "tensorflow" in sys.modules, "text": generate_latest(metrics.REGISTRY).decode()}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -121,6 +122,8 @@ print(json.dumps({"tf": "tensorflow" in sys.modules, "text": generate_latest(met
     families = {f.name: (f.type, f.samples) for f in text_string_to_metric_families(result["text"])}
     assert value(families, "finetune_job_images_processed_total", phase="head") == 8
     assert value(families, "finetune_job_bad_images_total") == 2
+    assert value(families, "finetune_job_stage_items_done", stage="staging") == 40
+    assert value(families, "finetune_job_stage_items", stage="staging") == 6000
     assert value(families, "finetune_job_val_accuracy", phase="head") == 0.7
     assert value(families, "finetune_job_last_success_timestamp_seconds") > 0
 
