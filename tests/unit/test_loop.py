@@ -383,7 +383,7 @@ def test_the_features_cache_key_follows_the_base_weights(monkeypatch, tmp_path):
     from job import config, pipeline
 
     keys = []
-    monkeypatch.setattr(dataset, "cached_features", lambda extractor, batches, count, key, folder, advance: keys.append(key))
+    monkeypatch.setattr(dataset, "cached_features", lambda extractor, batches, count, key, *_: keys.append(key))
     base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     data = SimpleNamespace(identity=lambda split, share: [["a.png", 1, 2, 0]], items=lambda split, share: (["a"], [0]),
                            images=lambda split, batch, share=None: None)
