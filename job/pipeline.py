@@ -349,8 +349,11 @@ def train(cfg: Config) -> dict:
         with run.timings.measure("evaluate"):
             reports = evaluate_splits(run)
         if not run.cluster.is_chief:
+            _drop_local_copies(run)
             return {"status": "done (worker)", "artifacts": run.out.uri}
-        return export_run(run, reports, started)
+        summary = export_run(run, reports, started)
+        _drop_local_copies(run)
+        return summary
     finally:
         if run.board:
             run.board.close()  # copied to storage on every exit, SIGTERM included
@@ -953,6 +956,18 @@ def evaluate_splits(run: Run) -> dict[str, dict]:
     log.info("training done", weights_sha256=export.weights_fingerprint(run.parts.model),
              epochs={k: len(v) for k, v in run.state.history.items()})
     return reports
+
+
+def _drop_local_copies(run: Run) -> None:
+    """Once the run is complete (or this worker done), the local copies of what storage holds (the checkpoints, the
+    artifacts) go from `data.cache_dir`: every finished run left them there (80 MB at MobileNet 32x32), and nothing
+    reads them again (a rerun of a complete run does nothing). The staged images stay (a run of another id reads
+    them), and so do the run's image and feature caches (an overwrite of it reads them)."""
+    inside = isinstance(run.out, storage.LocalStore) and run.work.resolve() in run.out.root.resolve().parents
+    if inside:  # an output.uri under data.cache_dir's run folder: never delete there
+        return
+    for folder in (run.ckpt.dir, run.ckpt.restore_dir, run.work / "artifacts"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def export_run(run: Run, reports: dict, started: float) -> dict:
