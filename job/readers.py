@@ -305,12 +305,12 @@ def _copy_objects(source: Source, cache_dir: Path, progress, stop) -> tuple[dict
     by_store: dict[int, tuple[storage.Store, list[str]]] = {}
     for key, (store, _) in source.entries.items():
         by_store.setdefault(id(store), (store, []))[1].append(key)
-    local, stats = {}, {"downloaded": 0, "reused": 0, "bytes": 0}
+    local, stats = {}, {"downloaded": 0, "reused": 0, "read_in_place": 0, "bytes": 0}
     for store, keys in by_store.values():
         root, got = storage.stage(store, [source.entries[k][1] for k in keys], cache_dir, progress, stop)
         for key in keys:
             local[key] = storage.staged(root, source.entries[key][1].rel)
-        stats = {k: stats[k] + got[k] for k in stats}
+        stats = {k: stats[k] + got.get(k, 0) for k in stats}  # a local folder is read in place: nothing "reused"
     return local, stats
 
 

@@ -488,7 +488,7 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
     if isinstance(store, LocalStore):
         if progress:
             progress(len(entries))
-        return store.root, {"downloaded": 0, "reused": len(entries), "bytes": 0}
+        return store.root, {"downloaded": 0, "reused": 0, "read_in_place": len(entries), "bytes": 0}
     root = staged(Path(cache_dir) / store.bucket, store.prefix)
     root.mkdir(parents=True, exist_ok=True)
     index_path = root / INDEX_NAME

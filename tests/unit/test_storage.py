@@ -92,6 +92,7 @@ def test_local_folder_is_used_in_place(tmp_path):
     assert [e.rel for e in store.list()] == ["train/a/x.png"]
     root, stats = storage.stage(store, store.list(), tmp_path / "cache")
     assert root == tmp_path and stats["downloaded"] == 0
+    assert stats["read_in_place"] == 1 and stats["reused"] == 0  # "reused: 6000" of a folder nothing was copied from
 
 
 def test_upload_read_exists_delete(s3, tmp_path):
