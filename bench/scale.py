@@ -242,7 +242,7 @@ def tables(report: dict) -> str:
             "staging, MB/s": lambda r: f"{r['staging'].get('bytes_per_s', 0) / 1e6:.1f}",
             "fine-tuning, images/s per epoch": lambda r: " / ".join(f"{x:.0f}" for x in r["finetune_images_per_s"]),
             "peak RSS, MiB": lambda r: f"{r['peak_rss_mib']:,.0f}",
-            "cache disk, MiB": lambda r: f"{r['cache_disk_mib']:,.0f}",
+            "cache disk left after the run, MiB": lambda r: f"{r['cache_disk_mib']:,.0f}",
             "test accuracy": lambda r: f"{r['test_accuracy']:.3f}"}
     for label, cell in rows.items():
         lines.append(f"| {label} | " + " | ".join(cell(r) for r in runs.values()) + " |")

@@ -243,6 +243,7 @@ def cached_features(extractor, batches: tf.data.Dataset, count: int, key: list,
     out, labels_out = Path(folder) / f"features-{digest}.npy", Path(folder) / f"labels-{digest}.npy"
     if out.exists() and labels_out.exists():  # written under temporary names and renamed: complete
         logs.get().info("reusing cached features", file=str(out))
+        advance(count)  # all there: the stage is done (its gauge stayed at 0 of count)
         return np.load(out, mmap_mode="r"), np.load(labels_out)
     logs.get().info("computing the frozen base's features", images=count)  # minutes on a large dataset
     extract = _traced_extractor(extractor)

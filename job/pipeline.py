@@ -196,6 +196,7 @@ def complete_run(cfg: Config, found: tuple[storage.Store, str] | None = None) ->
     if state != "complete" or cfg.output.overwrite:
         return None
     _warn_other_config(cfg, out)
+    _warn_missing_formats(cfg, out)
     if cfg.metrics.file:
         katib.check_writable(cfg.metrics.file)
         katib.run_done(cfg.metrics.file, json.loads(out.read("metrics.json")), chief=tf_config_workers()[0] == 0)
@@ -218,7 +219,6 @@ def _warn_other_config(cfg: Config, out: storage.Store) -> None:
     if changes:
         log.warning(f"run {cfg.run_id} is complete, trained with another config, and is not redone: set "
                     "output.overwrite to train it again with this one, or choose another run_id", changes=changes)
-    _warn_missing_formats(cfg, out)
 
 
 def _warn_missing_formats(cfg: Config, out: storage.Store) -> None:
@@ -233,7 +233,7 @@ def _warn_missing_formats(cfg: Config, out: storage.Store) -> None:
     except Exception:  # noqa: BLE001 (an older run, or unreadable: nothing to compare)
         return
     has = {f for f, r in formats.items() if isinstance(r, dict) and "error" not in r}
-    missing = [f for f in (cfg.export.formats or DEFAULT_FORMATS) if f not in has]
+    missing = [f for f in (DEFAULT_FORMATS if cfg.export.formats is None else cfg.export.formats) if f not in has]
     if missing:
         log.warning(f"run {cfg.run_id} is complete and not exported again, and it has no {', '.join(missing)}: "
                     "delete its _SUCCESS to export it again from its trained checkpoint (no training), or choose "
@@ -963,7 +963,8 @@ def _drop_local_copies(run: Run) -> None:
     artifacts) go from `data.cache_dir`: every finished run left them there (80 MB at MobileNet 32x32), and nothing
     reads them again (a rerun of a complete run does nothing). The staged images stay (a run of another id reads
     them), and so do the run's image and feature caches (an overwrite of it reads them)."""
-    inside = isinstance(run.out, storage.LocalStore) and run.work.resolve() in run.out.root.resolve().parents
+    root = run.out.root.resolve() if isinstance(run.out, storage.LocalStore) else None
+    inside = root is not None and (run.work.resolve() == root or run.work.resolve() in root.parents)
     if inside:  # an output.uri under data.cache_dir's run folder: never delete there
         return
     for folder in (run.ckpt.dir, run.ckpt.restore_dir, run.work / "artifacts"):

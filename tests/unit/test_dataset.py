@@ -204,11 +204,15 @@ def test_cached_features_are_computed_once_and_batched_with_their_labels(tmp_pat
     def batches():
         return dataset.image_dataset(paths, labels, (16, 16), 4, cache_dir=tmp_path / "cache")
 
-    first, first_labels = dataset.cached_features(extractor, batches(), 10, ["k", paths], tmp_path / "cache")
-    assert first.shape == (10, 3) and first_labels.tolist() == labels
+    done = []  # the progress each call reports (the features gauge): every image, computed or read back
+    first, first_labels = dataset.cached_features(extractor, batches(), 10, ["k", paths], tmp_path / "cache",
+                                                  done.append)
+    assert first.shape == (10, 3) and first_labels.tolist() == labels and done == [4, 4, 2]
     assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 1
-    again, _ = dataset.cached_features(extractor, batches().take(0), 10, ["k", paths], tmp_path / "cache")
+    again, _ = dataset.cached_features(extractor, batches().take(0), 10, ["k", paths], tmp_path / "cache",
+                                       done.append)
     np.testing.assert_array_equal(first, again)  # read back, not recomputed (the dataset given is empty)
+    assert done[3:] == [10]  # the gauge stayed at 0 of 10 for a resumed run's whole head phase
     dataset.cached_features(extractor, batches(), 10, ["other weights", paths], tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2
     with pytest.raises(RuntimeError, match="saw 10 images, expected 11"):

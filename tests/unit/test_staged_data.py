@@ -802,6 +802,9 @@ def test_a_complete_run_asked_again_with_another_recipe_says_so(tmp_path, capsys
     assert "run r1 is complete and not exported again, and it has no onnx" in out
     assert "another config" not in out  # export.* is safe to change: no training key differs
     assert "it has no tf_serving, tflite_int8" in asked(None)  # the defaults, which it lacks in part
+    assert "not exported again" not in asked([])  # none listed: the SavedModel alone, which it has
+    (tmp_path / "out" / "r1" / "config.yaml").unlink()  # an older run without one: still said
+    assert "it has no onnx" in asked(["onnx"])
 
 
 def test_a_classes_txt_unlike_the_one_packed_is_refused(tmp_path):
