@@ -655,24 +655,34 @@ def _with_bmps(root: Path, palette: int, grey: int = 2) -> Path:
     return root
 
 
+def _placed(root: Path, where: str, request) -> tuple[str, str]:
+    """(data.uri, s3 endpoint) of a local dataset folder, read in place or uploaded to the S3 server."""
+    if where != "s3":
+        return str(root), ""
+    s3 = request.getfixturevalue("s3")
+    bucket = s3.bucket()
+    s3.upload_dir(root, bucket, "d")
+    return f"s3://{bucket}/d", s3.endpoint
+
+
+def _validated(place: tuple[str, str], tmp_path: Path, capsys, **data) -> str:
+    """What `validate` logs of the dataset at `place` (`_placed`), without a validation split."""
+    uri, endpoint = place
+    cfg = Config.model_validate({"data": {"uri": uri, "validation_split": 0.0, **data},
+                                 "output": {"uri": str(tmp_path / "out")}, "model": {"weights": "none"},
+                                 "s3": {"endpoint_url": endpoint}})
+    pipeline.validate(cfg)
+    return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_validate_reads_the_bmps_headers_warns_of_palette_ones_and_refuses_as_train_would(tmp_path, where, request,
                                                                                           capsys):
     # validate downloaded nothing, so a dataset of palette BMPs (bad images to train: headers.PALETTE_BMP) said ok,
     # and its run failed after staging.
     def validated(palette: int, **data):
-        root = _with_bmps(tmp_path / f"d{palette}", palette)
-        uri, endpoint = root, ""
-        if where == "s3":
-            s3 = request.getfixturevalue("s3")
-            bucket = s3.bucket()
-            s3.upload_dir(root, bucket, "d")
-            uri, endpoint = f"s3://{bucket}/d", s3.endpoint
-        cfg = Config.model_validate({"data": {"uri": str(uri), "validation_split": 0.0, **data},
-                                     "output": {"uri": str(tmp_path / "out")}, "model": {"weights": "none"},
-                                     "s3": {"endpoint_url": endpoint}})
-        pipeline.validate(cfg)
-        return capsys.readouterr().out
+        place = _placed(_with_bmps(tmp_path / f"d{palette}", palette), where, request)
+        return _validated(place, tmp_path, capsys, **data)
 
     assert "BMP" not in validated(0)  # grey BMPs are read right
     (line,) = [x for x in validated(2, max_bad_fraction=0.2).splitlines() if "BMPs that training will skip" in x]
@@ -690,19 +700,10 @@ def test_validate_counts_empty_images_as_train_does(tmp_path, where, request, ca
     folder = next((root / "train").iterdir())
     (folder / "empty.bmp").write_bytes(b"")  # S3 refuses a ranged GET of an empty object: none is asked
     (folder / "empty.jpg").write_bytes(b"")
-    uri, endpoint = root, ""
-    if where == "s3":
-        s3 = request.getfixturevalue("s3")
-        bucket = s3.bucket()
-        s3.upload_dir(root, bucket, "d")
-        uri, endpoint = f"s3://{bucket}/d", s3.endpoint
+    place = _placed(root, where, request)
 
     def validated(**data):
-        cfg = Config.model_validate({"data": {"uri": str(uri), "validation_split": 0.0, **data},
-                                     "output": {"uri": str(tmp_path / "out")}, "model": {"weights": "none"},
-                                     "s3": {"endpoint_url": endpoint}})
-        pipeline.validate(cfg)
-        return capsys.readouterr().out
+        return _validated(place, tmp_path, capsys, **data)
 
     if where == "local":  # a broken link is listed with size 0 too: it cannot be read, as train says
         (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
