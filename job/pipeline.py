@@ -70,7 +70,7 @@ class Run:
     board: Any = None  # job.tensorboard.Board: the chief's event files
     misclassified: tuple = ()  # (uint8 images, captions) of wrong test predictions, for TensorBoard
     initial: list | None = None  # train.refit: the model's variables as built, where the refit starts again
-    # where this attempt resumed an earlier one's checkpoint ({"phase", "epochs_done"}), {} when it started afresh:
+    # where this attempt resumed an earlier one's checkpoint (`_resumed_from`), {} when it started afresh:
     # manifest.json's timings are this attempt's
     resumed_from: dict = field(default_factory=dict)
 
