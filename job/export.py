@@ -104,7 +104,9 @@ def manifest_fields(run, checked: dict) -> dict:
     return {
         "run_id": cfg.run_id, "versions": versions(), "backbone": cfg.model.backbone, "classes": run.classes,
         "seed": cfg.train.seed, "weights_sha256": weights_fingerprint(run.parts.model),
-        "dataset": {"uri": cfg.data.uri, "staging": run.data.mode, "counts": run.data.layout.counts(),
+        # fingerprint: what the listing said when the run started (a complete run asked again compares it)
+        "dataset": {"uri": cfg.data.uri, "fingerprint": run.state.dataset, "staging": run.data.mode,
+                    "counts": run.data.layout.counts(),
                     "bad_images": len(run.data.bad), "identical_images": run.identical},
         "strategy": {"kind": cluster.kind, "replicas": cluster.replicas, "workers": cluster.num_workers,
                      "mixed_precision": cluster.mixed_precision},

@@ -197,6 +197,7 @@ def complete_run(cfg: Config, found: tuple[storage.Store, str] | None = None) ->
         return None
     _warn_other_config(cfg, out)
     _warn_missing_formats(cfg, out)
+    _warn_other_dataset(cfg, out)
     if cfg.metrics.file:
         katib.check_writable(cfg.metrics.file)
         katib.run_done(cfg.metrics.file, json.loads(out.read("metrics.json")), chief=tf_config_workers()[0] == 0)
@@ -238,6 +239,38 @@ def _warn_missing_formats(cfg: Config, out: storage.Store) -> None:
         log.warning(f"run {cfg.run_id} is complete and not exported again, and it has no {', '.join(missing)}: "
                     "delete its _SUCCESS to export it again from its trained checkpoint (no training), or choose "
                     "another run_id", has=sorted(has))
+
+
+def _warn_other_dataset(cfg: Config, out: storage.Store) -> None:
+    """A complete run asked again after its dataset changed (a class or images added, relabelled) ended "already
+    complete" without a word, its model blind to the change: say so, from the listing's fingerprint that
+    manifest.json keeps (an older run has none: nothing to compare). A dataset that does not list now is not this
+    rerun's business (the run is complete): said, without failing."""
+    import json
+
+    from job.errors import JobError
+
+    try:
+        manifest = json.loads(out.read("manifest.json"))
+        kept = manifest["dataset"]["fingerprint"]
+    except Exception:  # noqa: BLE001 (an older run, or unreadable: nothing to compare)
+        return
+    if not isinstance(kept, str) or not kept:
+        return
+    try:
+        source = read_listing(cfg)
+    except JobError as e:
+        log.warning(f"run {cfg.run_id} is complete; its dataset could not be listed to compare", reason=str(e))
+        return
+    if source.fingerprint() == kept:
+        return
+    trained = manifest.get("classes") if isinstance(manifest.get("classes"), list) else []
+    now = source.layout.classes
+    changes = {k: v for k, v in (("classes_added", [c for c in now if c not in trained]),
+                                  ("classes_removed", [c for c in trained if c not in now])) if v}
+    log.warning(f"run {cfg.run_id} is complete, trained on the dataset under {cfg.data.uri} as it was, and is not "
+                "redone: it changed since (images added, removed, rewritten or relabelled); set output.overwrite "
+                "to train it again on the dataset as it is now, or choose another run_id", **changes)
 
 
 def _own_files(out: storage.Store) -> list[str]:

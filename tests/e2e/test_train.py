@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,7 @@ def test_every_artifact_is_in_storage(trained, s3):
     # 90 images + the gray one; corrupt.jpg and huge.png dropped
     assert sum(counts["train"].values()) + sum(counts["validation"].values()) == 90 + 1
     assert manifest["dataset"]["bad_images"] == 2
+    assert re.fullmatch("[0-9a-f]{64}", manifest["dataset"]["fingerprint"])  # the listing's, for a rerun to compare
     assert {"staging_seconds", "head_seconds", "finetune_seconds", "export_seconds"} <= set(manifest["timings"])
     assert manifest["resumed_from"] is None  # one attempt: its timings are the run's
     # Evaluation read validation and test through the image cache: one decoded file per split, none twice.
@@ -193,6 +195,8 @@ def test_rerun_of_a_complete_run_does_nothing(trained, s3):
     again = run_cli("train", "--config", str(trained["config"]), env=s3.env(), timeout=120)
     assert again.returncode == 0
     assert any(r.get("status") == "already complete" for r in again.records())
+    # manifest.json's listing fingerprint is the one a listing gives again: the unchanged dataset is not "changed".
+    assert not [r for r in again.records() if r.get("level") == "warning"], again.stdout[-2000:]
     after = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(
         Bucket=trained["bucket"], Prefix=trained["prefix"])["Contents"]}
     assert after == before

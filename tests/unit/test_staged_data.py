@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -806,6 +807,36 @@ def test_a_complete_run_asked_again_with_another_recipe_says_so(tmp_path, capsys
     assert "not exported again" not in asked([])  # none listed: the SavedModel alone, which it has
     (tmp_path / "out" / "r1" / "config.yaml").unlink()  # an older run without one: still said
     assert "it has no onnx" in asked(["onnx"])
+
+
+def test_a_complete_run_asked_again_after_its_dataset_changed_says_so(tmp_path, capsys):
+    # A class added to the dataset, then `train` again: "already complete", exit 0, a model without the class and
+    # not a word. manifest.json keeps the listing's fingerprint; a rerun compares it.
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "d")}, "output": {"uri": str(tmp_path / "out")},
+                                 "model": {"weights": "none"}, "run_id": "r1"})
+    run = tmp_path / "out" / "r1"
+    run.mkdir(parents=True)
+    (run / "_SUCCESS").write_text("")
+    trained = sources.open_source(cfg).layout.classes
+
+    def rerun(fingerprint) -> str:
+        (run / "manifest.json").write_text(json.dumps({"classes": trained, "dataset": {"fingerprint": fingerprint}}))
+        assert pipeline.prepare(cfg)["status"] == "already complete"
+        return capsys.readouterr().out
+
+    assert "changed since" not in rerun(sources.open_source(cfg).fingerprint())  # the same dataset: nothing said
+    assert "changed since" not in rerun(None)  # an older run without one: nothing to compare
+    kept = sources.open_source(cfg).fingerprint()
+    image = next((tmp_path / "d" / "train" / trained[0]).iterdir())
+    shutil.copy(image, image.with_name("added" + image.suffix))
+    out = rerun(kept)
+    assert f"run r1 is complete, trained on the dataset under {tmp_path / 'd'} as it was, and is not redone" in out
+    assert "classes_added" not in out
+    shutil.copytree(tmp_path / "d" / "train" / trained[0], tmp_path / "d" / "train" / "zebra")
+    assert "classes_added=['zebra']" in rerun(kept)
+    shutil.rmtree(tmp_path / "d" / "train")  # no dataset there now: said, and the complete run still ends well
+    assert "its dataset could not be listed to compare" in rerun(kept)
 
 
 def test_a_classes_txt_unlike_the_one_packed_is_refused(tmp_path):
