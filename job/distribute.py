@@ -64,6 +64,12 @@ def check_strategy(strategy: str, environ=os.environ) -> None:
     """ConfigError for a strategy this process cannot run (no TensorFlow: `validate` says it too)."""
     if strategy == "multi_worker" and tf_config_workers(environ)[1] < 2 and not environ.get("TF_CONFIG"):
         raise ConfigError("config: distribution.strategy: multi_worker needs TF_CONFIG with the workers' addresses")
+    workers = tf_config_workers(environ)[1]
+    if strategy in ("one_device", "mirrored") and workers > 1:
+        # one_device failed with a traceback (exit 1, retried to no end); mirrored trained each worker alone, and
+        # the chief exported its own model as the run's, exit 0
+        raise ConfigError(f"config: distribution.strategy: {strategy} trains on this node alone, but TF_CONFIG names "
+                          f"{workers} workers, which would each train without the others; set auto or multi_worker")
 
 
 def setup(strategy: str, cpu_replicas: int, mixed_precision: str | bool, connect_timeout: float = 300.0) -> Cluster:

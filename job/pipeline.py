@@ -152,7 +152,7 @@ def validate(cfg: Config):
     try:
         distribute.check_strategy(cfg.distribution.strategy)
     except ConfigError as e:  # the chart sets TF_CONFIG in the Job's pods only (its `helm test` validates without it)
-        log.warning(f"{e}; without it, train refuses this config", tf_config=bool(os.environ.get("TF_CONFIG")))
+        log.warning(f"{e} (train refuses it)", tf_config=bool(os.environ.get("TF_CONFIG")))
     _check_class_weight(cfg, source)
     _staging(cfg, source)
     if source.kind == "shards" and (not source.image_count() or source.layout.multi_label):

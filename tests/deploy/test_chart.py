@@ -294,6 +294,12 @@ def test_schema_accepts_the_new_values() -> None:
         ({"s3": {"accessKeyId": "AKIA", "secretAccessKey": "s", "existingSecret": "creds"}}, "not both"),
         ({"s3": {"accessKeyId": "AKIA"}}, "go together"),
         ({"podMonitor": {"enabled": True}, "config": {"metrics": {"port": 0}}}, "needs config.metrics.port"),
+        # each worker trained alone (mirrored: the chief exported its own model as the run's) or failed, exit 1
+        ({"workers": 3, "config": {"distribution": {"strategy": "mirrored"}}},
+         "config.distribution.strategy mirrored trains on one node, but workers is 3"),
+        ({"workers": 2, "workload": {"kind": "JobSet"}, "config": {"distribution": {"strategy": "one_device"}}},
+         "config.distribution.strategy one_device trains on one node, but workers is 2"),
+        ({"config": {"distribution": {"strategy": "multi_worker"}}}, "multi_worker needs several workers"),
     ],
 )
 def test_contradictory_values_fail_with_a_message(values: dict[str, Any], complaint: str) -> None:
@@ -356,12 +362,18 @@ def test_job_policies() -> None:
     assert spec["ttlSecondsAfterFinished"] == 0
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
     assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 60
-    fail, ignore = spec["podFailurePolicy"]["rules"]
+    fail, ignore, stopped = spec["podFailurePolicy"]["rules"]
     assert fail == {
         "action": "FailJob",
         "onExitCodes": {"containerName": "train", "operator": "In", "values": [2, 3]},
     }
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # When one of several workers is evicted, the others stop with it (exit 143) without the condition: counted,
+    # each eviction used up workers - 1 of backoffLimit.
+    assert stopped == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "train", "operator": "In", "values": [143]},
+    }
     unlimited = only(render({"activeDeadlineSeconds": None, "ttlSecondsAfterFinished": None}), "Job")["spec"]
     assert "activeDeadlineSeconds" not in unlimited and "ttlSecondsAfterFinished" not in unlimited
 
@@ -812,7 +824,10 @@ def jobset_action(policy: dict[str, Any], reason: str, message: str) -> str:
         (1, None, "RestartJobSet"),  # a crash: all workers restart, counted against maxRestarts
         (4, None, "RestartJobSet"),  # storage error
         (23, None, "RestartJobSet"),
-        (143, None, "RestartJobSet"),  # SIGTERM without a disruption (kubectl delete pod)
+        # stopped after a checkpoint without the condition: the other workers when one is evicted (they share the
+        # stop), or `kubectl delete pod`; counted, each eviction of a worker used up maxRestarts
+        (143, None, "RestartJobSetAndIgnoreMaxRestarts"),
+        (137, None, "RestartJobSet"),  # killed (out of memory, or the grace period ran out): counted
     ],
 )
 def test_jobset_failure_policy_restarts_all_workers_together(

@@ -403,6 +403,24 @@ def test_validate_refuses_what_train_would(tmp_path, monkeypatch, capsys):
     assert "multi_worker needs TF_CONFIG" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("strategy", ["one_device", "mirrored"])
+def test_a_one_node_strategy_among_several_workers_is_refused(strategy):
+    # TF_CONFIG of 3 workers (the chart's `workers: 3`) with a one-node strategy: one_device failed with a traceback
+    # (exit 1, retried by the Job), mirrored trained each worker alone and the chief exported its own model, exit 0.
+    from job import distribute
+
+    three = {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:1", "c:1"]}, "task": {"type": "worker",
+                                                                                         "index": 1}})}
+    with pytest.raises(ConfigError, match=f"strategy: {strategy} trains on this node alone, but TF_CONFIG names 3 "
+                                          "workers"):
+        distribute.check_strategy(strategy, three)
+    for fine in ("auto", "multi_worker"):
+        distribute.check_strategy(fine, three)
+    distribute.check_strategy(strategy, {})  # one node: its own choice
+    one = {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}})}
+    distribute.check_strategy(strategy, one)
+
+
 # ---------------------------------------------------------------- streamed shards kept decoded
 
 

@@ -270,18 +270,27 @@ affinity:
 3 (bad data): a retry cannot help, fail the Job at once. A disruption (preemption, eviction, node
 drain): in a plain Job the replacement pod resumes from the last checkpoint and the disruption does
 not use up backoffLimit; in a JobSet the Job fails, and the JobSet's failure policy restarts all
-workers together without counting it. */}}
+workers together without counting it. Exit code 143 is a stop asked for (SIGTERM), after a checkpoint: the
+workers share a stop through their gradients' all-reduce, so when one is evicted all the others exit 143 too,
+without the DisruptionTarget condition (only the evicted pod has it); counted, each eviction of one worker
+used up workers - 1 of backoffLimit. */}}
 {{- define "finetune-job.podFailurePolicy" -}}
+{{- $onDisruption := eq .Values.workload.kind "JobSet" | ternary "FailJob" "Ignore" }}
 rules:
   - action: FailJob
     onExitCodes:
       containerName: train
       operator: In
       values: [2, 3]
-  - action: {{ eq .Values.workload.kind "JobSet" | ternary "FailJob" "Ignore" }}
+  - action: {{ $onDisruption }}
     onPodConditions:
       - type: DisruptionTarget
         status: "True"
+  - action: {{ $onDisruption }}
+    onExitCodes:
+      containerName: train
+      operator: In
+      values: [143]
 {{- end }}
 
 {{/* Pod template of the training workers, for the Job and the JobSet alike. With workers > 1 a
@@ -289,6 +298,14 @@ shell wrapper builds TF_CONFIG from the workers' stable hostnames (tfCluster) an
 completion index. */}}
 {{- define "finetune-job.trainPod" -}}
 {{- $workers := int .Values.workers }}
+{{- $strategy := dig "distribution" "strategy" "auto" .Values.config }}
+{{- if and (gt $workers 1) (has $strategy (list "one_device" "mirrored")) }}
+{{- /* each worker trained alone (mirrored: the chief exported its own model) or failed with exit 1, retried */}}
+{{- fail (printf "config.distribution.strategy %s trains on one node, but workers is %d: set it to auto or multi_worker" $strategy $workers) }}
+{{- end }}
+{{- if and (eq $workers 1) (eq $strategy "multi_worker") }}
+{{- fail "config.distribution.strategy multi_worker needs several workers, but workers is 1: set workers, or the strategy to auto" }}
+{{- end }}
 {{- $metricsPort := include "finetune-job.metricsPort" . | int }}
 {{- $configFile := printf "%s/config.yaml" (include "finetune-job.configDir" .) }}
 metadata:
