@@ -988,6 +988,22 @@ def test_monitoring_objects() -> None:
         assert json.loads(text) == json.loads((CHART / "dashboards" / file_name).read_text())
 
 
+def test_dashboards_of_one_release_name_in_two_namespaces_do_not_collide() -> None:
+    # Both in Grafana's namespace under one name: the second install failed on Helm's ownership check, and
+    # uninstalling the first took the other's dashboard.
+    values = {"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}}
+
+    def names(namespace: str, dashboard: dict) -> set[str]:
+        manifests = render({"grafanaDashboard": {"enabled": True, **dashboard}}, namespace=namespace)
+        return {m["metadata"]["name"] for m in manifests if m["kind"] == "ConfigMap" and "dashboard" in
+                m["metadata"]["name"] and m["metadata"]["namespace"] == dashboard.get("namespace", namespace)}
+
+    team_a, team_b = names("team-a", values["grafanaDashboard"]), names("team-b", values["grafanaDashboard"])
+    assert team_a and team_b and not team_a & team_b
+    assert all(n.startswith("team-a-") and len(n) <= 63 for n in team_a)
+    assert names("ml", {}) == names("ml2", {}) == {"finetune-finetune-job-dashboard-finetune-job"}  # each in its own
+
+
 def test_monitoring_is_off_by_default_and_port_zero_opens_no_port() -> None:
     manifests = render({"config": {"metrics": {"port": 0}}})
     assert {"PodMonitor", "PrometheusRule"}.isdisjoint(kinds(manifests))
