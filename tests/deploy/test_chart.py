@@ -259,6 +259,16 @@ def test_schema_accepts_the_shipped_values(value_set: str) -> None:
             {"cache": {"persistence": {"accessModes": ["ReadWriteSometimes"]}}},
             "/cache/persistence/accessModes",
         ),
+        # Each rendered a pod or claim the API server refuses (or YAML that did not parse), after the install began.
+        ({"podLabels": {"team": "ml team"}}, "/podLabels/team"),
+        ({"podLabels": {"team": "x" * 64}}, "/podLabels/team"),
+        ({"podLabels": {"my team": "ml"}}, "invalid propertyName 'my team'"),
+        ({"extraEnv": [{"name": "FOO", "value": 1}]}, "/extraEnv/0/value"),
+        ({"priorityClassName": "Training"}, "/priorityClassName"),
+        ({"tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}]},
+         "/tolerations/0"),
+        ({"tolerations": [{"key": "k", "operator": "Exists", "tolerationSeconds": 30}]}, "/tolerations/0"),
+        ({"cache": {"persistence": {"storageClass": "Fast SSD"}}}, "/cache/persistence/storageClass"),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
@@ -282,6 +292,13 @@ def test_schema_accepts_the_new_values() -> None:
             "nodeSelector": {"kubernetes.io/os": "linux"},
             "tolerations": [{"key": "dedicated", "operator": "Exists"}],
         },
+        # what the API server takes, next to what the schema now refuses (test_schema_rejects_bad_values)
+        "podLabels": {"example.com/team": "ml_team-1.a", "empty": ""},
+        "priorityClassName": "training.high-1",
+        "tolerations": [{"key": "k", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+                        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "extraEnv": [{"name": "A", "value": "1"},
+                     {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
     }
     with helm_python.Chart.load(CHART) as chart:
         chart.validate_schema(chart.merge_values(values))
@@ -441,6 +458,11 @@ def test_cache_on_a_persistent_volume_claim() -> None:
     claim = only(manifests, "PersistentVolumeClaim")
     assert claim["spec"]["resources"]["requests"]["storage"] == "80Gi"
     assert claim["spec"]["storageClassName"] == "fast"
+    # "-", as other charts spell "no class" (a volume made beforehand binds): rendered as YAML that did not parse
+    unclassed = render({"cache": {"persistence": {"enabled": True, "storageClass": "-"}}})
+    assert only(unclassed, "PersistentVolumeClaim")["spec"]["storageClassName"] == ""
+    assert "storageClassName" not in only(render({"cache": {"persistence": {"enabled": True}}}),
+                                          "PersistentVolumeClaim")["spec"]  # the cluster's default class
     volumes = {v["name"]: v for v in only(manifests, "Job")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     # The helm test pod must not wait for a ReadWriteOnce claim the Job holds.
