@@ -1222,3 +1222,27 @@ def test_a_gpu_requested_other_than_its_limit_fails_the_render(limits: dict) -> 
         render({"resources": {"requests": requests, "limits": {"memory": "1Gi", **limits}}})
     gpu = {"requests": {**requests, "nvidia.com/gpu": 1}, "limits": {"memory": "1Gi", "nvidia.com/gpu": 1}}
     assert job_container(render({"resources": gpu}))["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_extra_volumes_reach_the_training_pods_and_tensorboard() -> None:
+    # A private CA for an https S3 endpoint: AWS_CA_BUNDLE named a file no pod had (read-only root filesystem, no way
+    # to mount one), so the job and TensorBoard failed on TLS, exit 4.
+    values = {"extraVolumes": [{"name": "s3-ca", "configMap": {"name": "s3-ca"}}],
+              "extraVolumeMounts": [{"name": "s3-ca", "mountPath": "/etc/s3-ca", "readOnly": True}],
+              "extraEnv": [{"name": "AWS_CA_BUNDLE", "value": "/etc/s3-ca/ca.crt"}],
+              "tensorboard": {"enabled": True}}
+    for kind in ("Job", "Deployment"):
+        pod = only(render(values), kind)["spec"]["template"]["spec"]
+        assert {"name": "s3-ca", "configMap": {"name": "s3-ca"}} in pod["volumes"], kind
+        (container,) = pod["containers"]
+        assert {"name": "s3-ca", "mountPath": "/etc/s3-ca", "readOnly": True} in container["volumeMounts"], kind
+        assert env_of(container)["AWS_CA_BUNDLE"] == "/etc/s3-ca/ca.crt", kind
+    jobset = only(render({**values, "workload": {"kind": "JobSet"}, "workers": 2}), "JobSet")
+    pod = the_replicated_job(jobset)["template"]["spec"]["template"]["spec"]
+    assert {"name": "s3-ca", "configMap": {"name": "s3-ca"}} in pod["volumes"]
+    with pytest.raises(helm_python.HelmRenderError, match="extraVolumeMounts: \"ca\" is none of extraVolumes"):
+        render({**values, "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ca"}]})
+    with pytest.raises(helm_python.HelmRenderError, match="extraVolumes: \"tmp\" is a volume of the chart's own"):
+        render({"extraVolumes": [{"name": "tmp", "emptyDir": {}}]})
+    with pytest.raises(helm_python.HelmValuesError, match="/extraVolumeMounts/0"):
+        render({**values, "extraVolumeMounts": [{"name": "s3-ca"}]})

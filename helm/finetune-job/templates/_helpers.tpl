@@ -194,6 +194,27 @@ TensorBoard: both take it here, first, as the job does */}}
   emptyDir:
     medium: Memory
     sizeLimit: {{ .Values.shm.sizeLimit }}
+{{- include "finetune-job.extraVolumes" . }}
+{{- end }}
+
+{{/* extraVolumes (after the chart's own volumes), each extraVolumeMounts' volume checked to be there: a mount of a
+volume the pod lacks, or a name the chart's own volumes use, rendered a pod the API server refuses. */}}
+{{- define "finetune-job.extraVolumes" -}}
+{{- $names := list }}
+{{- range .Values.extraVolumes }}
+{{- if or (has .name $names) (has .name (list "config" "tmp" "dshm" "cache")) }}
+{{- fail (printf "extraVolumes: %q is a volume of the chart's own (config, tmp, dshm, cache) or named twice; choose another name" .name) }}
+{{- end }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- range .Values.extraVolumeMounts }}
+{{- if not (has .name $names) }}
+{{- fail (printf "extraVolumeMounts: %q is none of extraVolumes; add it there" .name) }}
+{{- end }}
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* The dataset cache of the training pods: an emptyDir or the persistent claim. */}}
@@ -218,6 +239,9 @@ TensorBoard: both take it here, first, as the job does */}}
   mountPath: /dev/shm
 - name: cache
   mountPath: {{ include "finetune-job.cacheDir" . }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Identity and pod security context of every pod of the chart (TensorBoard too): the service
