@@ -306,7 +306,9 @@ def finish(success: bool, preempted: bool = False) -> None:
     group (the others), keep /metrics up for `linger_seconds` so the last values get scraped, stop.
 
     A preempted run (SIGTERM, checkpoint saved) is "preempted", not "failed": it resumes, and
-    FinetuneJobFailed must not fire on every routine eviction."""
+    FinetuneJobFailed must not fire on every routine eviction. It does not linger: the pod's grace period is the
+    checkpoint's, and a linger that outlasted it ended in SIGKILL (exit 137, counted as a failure by the chart's Job)
+    where the run had stopped cleanly; the Pushgateway, when set, has its final state."""
     run = _run.labels
     status = "succeeded" if success else "preempted" if preempted else "failed"
     for name in STATUSES:
@@ -326,7 +328,7 @@ def finish(success: bool, preempted: bool = False) -> None:
                 grouping_key=_run.grouping_key,
                 timeout=PUSH_TIMEOUT_SECONDS,
             )
-    if _run.server is not None and _run.linger_seconds > 0:
+    if _run.server is not None and _run.linger_seconds > 0 and not preempted:
         time.sleep(_run.linger_seconds)
     _stop()
     # The run is over: later calls only update the registry.

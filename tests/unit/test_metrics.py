@@ -341,6 +341,17 @@ def test_linger_keeps_metrics_up_after_finish(run):
         get(f"http://127.0.0.1:{opts['port']}/metrics", timeout=2)
 
 
+def test_a_preempted_run_does_not_linger(run):
+    # Its grace period is the checkpoint's: a linger of 15-30 s after a slow checkpoint ended in SIGKILL (exit 137,
+    # which the chart's Job counts as a failure) where the run had stopped cleanly.
+    run(run_id="run-preempted", linger_seconds=600)
+    finisher = threading.Thread(target=metrics.finish, args=(False,), kwargs={"preempted": True}, daemon=True)
+    finisher.start()
+    finisher.join(timeout=60)
+    assert not finisher.is_alive()
+    assert registry_value("finetune_job_run_status", "run-preempted", status="preempted") == 1
+
+
 def test_device_memory_is_read_only_from_an_imported_tensorflow(run, monkeypatch):
     """No GPU here: a stand-in for an already imported TensorFlow with one GPU exercises the sampling."""
     calls = []
