@@ -1054,6 +1054,11 @@ def test_notes_say_how_to_follow_the_run() -> None:
     assert "port-forward job/finetune-finetune-job-1 8000:8000" in text
     assert "s3://models/flowers/finetune-1/_SUCCESS" in text
     assert "helm test finetune" in text
+    # Revision 1 with the default run id: after an uninstall the name's run may be complete, and the Job then trains
+    # nothing (exit 0) without a word in the notes.
+    assert "run finetune-1 may be complete\nin storage already" in text and "Set config.run_id" in text
+    assert "may be complete" not in helm_lint.notes({}, revision=2)
+    assert "may be complete" not in helm_lint.notes({"config": {"run_id": "flowers-v7"}})
     multi = helm_lint.notes(VALUE_SETS["ci/multiworker-values.yaml"])
     assert "-l batch.kubernetes.io/job-name=finetune-finetune-job-1 --prefix" in multi
     jobset = helm_lint.notes(VALUE_SETS["ci/jobset-values.yaml"])
