@@ -39,8 +39,12 @@ SERVING_NAME = "classifier"  # tf_serving/<name>/<version>/: the model name in T
 FILES = {"tf_serving": f"tf_serving/{SERVING_NAME}/1", "tflite": "model.tflite",
          "tflite_int8": "model_int8.tflite", "onnx": "model.onnx"}
 FLOAT_AGREEMENT = 0.99  # float formats must give the SavedModel's top-1 on at least this share of images
-# Multi-label float formats: each score within this of the SavedModel's (float16 weights move them by about 0.004).
+# Float formats: each score within this of the SavedModel's (float16 weights move them by about 0.004 to 0.009).
 FLOAT_SCORE_DIFFERENCE = 0.05
+# Single-label: an image whose SavedModel top two are closer than this is a near tie, which float16's rounding may
+# turn either way; agreement is judged on the other images (one near tie among 37 check images failed a run that
+# had trained, exit 1, while every score was within 0.005 of the SavedModel's).
+NEAR_TIE = 0.02
 LATENCY_RUNS = 20
 
 
@@ -219,13 +223,21 @@ def _litert(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 def check(run: Runner, pixels: np.ndarray, labels: np.ndarray, reference: np.ndarray | None,
           path: Path) -> dict:
-    """Accuracy, agreement with the SavedModel's top-1, size and single-image latency of one format."""
+    """Accuracy, agreement with the SavedModel's top-1 (`reference`: its probabilities) on every image and on those
+    that are no near tie (`near_ties`: how many are), the largest probability difference, size and single-image
+    latency of one format."""
     probs = np.concatenate([run.predict(pixels[i:i + 64]) for i in range(0, len(pixels), 64)])
     predicted = probs.argmax(-1)
     result = {"accuracy": float((predicted == labels).mean()) if len(labels) else None,
               **_size_and_latency(run, pixels, path), "examples": int(len(labels))}
-    if reference is not None:
-        result["agreement"] = float((predicted == reference).mean()) if len(labels) else None
+    if reference is not None and len(labels):
+        same = predicted == reference.argmax(-1)
+        top_two = np.sort(reference, axis=-1)[:, -2:] if reference.shape[-1] > 1 else np.zeros((len(reference), 2))
+        tie = top_two[:, 1] - top_two[:, 0] < NEAR_TIE
+        result["agreement"] = float(same.mean())
+        result["near_ties"] = int(tie.sum())
+        result["agreement_beyond_near_ties"] = float(same[~tie].mean()) if (~tie).any() else None
+        result["max_score_difference"] = round(float(np.abs(probs - reference).max()), 6)
     return result
 
 
@@ -285,7 +297,7 @@ def export_all(folder: Path, keras_model, image_size: tuple[int, int], classes: 
         reference = tuple(np.concatenate([o[k] for o in outs]) if outs else np.zeros((0, len(classes))) for k in (0, 1))
         reference = (reference[0], reference[1] > 0.5)
     else:
-        reference = np.concatenate(outs).argmax(-1) if outs else np.zeros((0,), np.int64)
+        reference = np.concatenate(outs) if outs else np.zeros((0, len(classes)), np.float32)
     for fmt in wanted:
         started = time.monotonic()
         try:
@@ -323,9 +335,12 @@ def _judge(fmt: str, result: dict, reference: dict, max_drop: float, fail_on_dro
     if agreement is None:
         return  # no images to check on
     if fmt != "tflite_int8":
-        if agreement < FLOAT_AGREEMENT:
+        ties = result.get("near_ties", 0)
+        decided = result.get("agreement_beyond_near_ties", agreement) if ties else agreement
+        if decided is not None and decided < FLOAT_AGREEMENT:
             what = "label decisions (image and label)" if "label_set_agreement" in result else "images"
-            raise ConversionError(f"{fmt}: agrees with the SavedModel on {agreement:.1%} of {what} "
+            beyond = f" beyond {ties} near tie(s) (top two within {NEAR_TIE})" if ties else ""
+            raise ConversionError(f"{fmt}: agrees with the SavedModel on {decided:.1%} of {what}{beyond} "
                                   f"(at least {FLOAT_AGREEMENT:.0%} expected)")
         difference = result.get("max_score_difference")  # multi-label: with sparse labels, an export that says no
         if difference is not None and not difference <= FLOAT_SCORE_DIFFERENCE:  # to everything (NaN) agrees on 99%

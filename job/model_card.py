@@ -107,8 +107,8 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
         recipe=_recipe(config["train"], search, refit or {}, history, model["weights"] == "none", validated),
         results_table=(_multi_results(reports, per_label, split) if multi else _results_table(reports)) if split
         else NOT_MEASURED, checked=_checked(checked_on or split or "train"),
-        formats_table=_formats_table(formats), limits=_limits(per_label, split, multi) if split else
-        f"- {NOT_MEASURED}",
+        formats_table=_formats_table(formats), limits=(_limits(per_label, split, multi) if split else
+                                                       f"- {NOT_MEASURED}") + _format_drops(formats),
         smallest=min((v.get("images", sum(v.values())) for v in counts.values()), default=0))
 
 
@@ -258,6 +258,19 @@ def _formats_table(formats: dict[str, dict]) -> str:
     agreement = "agreement with the SavedModel" + (" (label decisions)" if score == "micro_f1" else "")
     return _table(["format", "micro-F1" if score == "micro_f1" else "accuracy", agreement, "size",
                    "latency, 1 image, CPU"], rows)
+
+
+def _format_drops(formats: dict[str, dict]) -> str:
+    """A line for each format whose score fell past export.max_accuracy_drop (kept, flagged): the card showed only its
+    number in the formats' table, the warning was in the logs and the flag in manifest.json."""
+    lines = []
+    for fmt, r in formats.items():
+        if r.get("accuracy_drop_exceeded"):
+            score = "micro_f1" if "micro_f1_drop" in r else "accuracy"
+            lines.append(f"\n- `{fmt}` scores {_pct(r[score])} {score.replace('_', '-')}, "
+                         f"{r[f'{score}_drop'] * 100:.1f} points below the SavedModel, past "
+                         "export.max_accuracy_drop: prefer another format where that matters.")
+    return "".join(lines)
 
 
 def _limits(per_class: dict[str, dict], split: str, multi: bool = False) -> str:

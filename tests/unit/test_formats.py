@@ -98,3 +98,41 @@ def test_multilabel_agreement_is_of_label_decisions_not_whole_label_sets(tmp_pat
         with pytest.raises(formats.ConversionError, match=r"^tflite: its scores differ from the SavedModel's by up "
                                                           r"to (nan|0\.9\d*) \(at most 0\.05 expected"):
             formats._judge("tflite", {**result, "agreement": 0.995}, {}, 0.02, False, Log())
+
+
+def test_a_near_tie_that_float16_turns_does_not_fail_a_float_format(tmp_path):
+    # 37 check images, one whose top two classes were 0.005 apart: float16 weights turned it, agreement 97.3% < 99%,
+    # and a listed `tflite` failed the run after training (exit 1), every probability within 0.005 of the SavedModel's.
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    n, classes = 37, 4
+    reference = rng.dirichlet(np.ones(classes) * 0.5, n).astype(np.float32)
+    reference[0] = [0.1178, 0.2821, 0.2976, 0.3025]  # a near tie: the top two 0.0049 apart
+    served = reference.copy()
+
+    class Run:
+        def predict(self, x):
+            return served[x[:, 0, 0, 0].astype(int)]
+
+    pixels = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 1, 1, 3), np.float32)
+    labels = reference.argmax(-1)
+    (tmp_path / "m").write_bytes(b"x")
+    served[0] = [0.1178, 0.2869, 0.2981, 0.2972]  # float16's rounding turns it
+    turned = formats.check(Run(), pixels, labels, reference, tmp_path / "m")
+    assert turned["agreement"] == pytest.approx(36 / 37) and turned["near_ties"] >= 1
+    assert turned["agreement_beyond_near_ties"] == 1.0 and turned["max_score_difference"] == pytest.approx(0.0053)
+    formats._judge("tflite", turned, {"accuracy": 1.0}, 0.02, False, Log())
+    # An image that is no near tie, turned: a real disagreement, and still refused.
+    clear = int(np.argmax(np.sort(reference, -1)[:, -1] - np.sort(reference, -1)[:, -2]))
+    served[clear] = np.roll(reference[clear], 1)
+    wrong = formats.check(Run(), pixels, labels, reference, tmp_path / "m")
+    with pytest.raises(formats.ConversionError, match=r"^tflite: agrees with the SavedModel on 97\.\d% of images "
+                                                      r"beyond \d+ near tie\(s\) \(top two within 0\.02\)"):
+        formats._judge("tflite", wrong, {"accuracy": 1.0}, 0.02, False, Log())
+    # Every top-1 the same, yet the probabilities far off (an export broken short of its decisions): refused too.
+    served[:] = reference * 0.5 + 0.5 / classes
+    shrunk = formats.check(Run(), pixels, labels, reference, tmp_path / "m")
+    assert shrunk["agreement"] == 1.0
+    with pytest.raises(formats.ConversionError, match="its scores differ from the SavedModel's by up to"):
+        formats._judge("onnx", shrunk, {"accuracy": 1.0}, 0.02, False, Log())

@@ -215,3 +215,19 @@ def test_a_run_without_validation_or_test_images_claims_no_score():
                              {"validation": VALIDATION, "test": TEST}, FORMATS, 0, {}, checked_on="test")
     assert "### Exported formats (checked on the test split)" in full and "early stopping on val_loss (" in full
     assert model_card.NOT_MEASURED not in full and "recall" in full
+
+
+def test_a_format_past_its_accuracy_drop_is_a_known_limit():
+    # tflite_int8 66.7% against the SavedModel's 83.3%: a warning in the logs, `accuracy_drop_exceeded` in the
+    # manifest, and in the card only a number in the formats' table.
+    cfg = config.redacted(config.load(None, ["data.uri=s3://b/flowers", "output.uri=/o", "run_id=r7"], environ={}))
+    flagged = {**FORMATS, "tflite_int8": {"accuracy": 0.667, "accuracy_drop": 0.167, "accuracy_drop_exceeded": True,
+                                          "agreement": 0.83, "bytes": 1e6, "latency_ms_batch1": 1.0}}
+    card = model_card.render("r7", cfg, ["rose", "tulip", "daisy"], COUNTS, {"test": TEST}, flagged, 0, {})
+    limits = card.split("## Known limits")[1].split("## How to use")[0]
+    assert ("- `tflite_int8` scores 66.7% accuracy, 16.7 points below the SavedModel, past export.max_accuracy_drop"
+            in limits)
+    assert "scores" not in _card().split("## Known limits")[1].split("## How to use")[0]  # none flagged: no line
+    within = {**flagged, "tflite_int8": {**flagged["tflite_int8"], "accuracy_drop_exceeded": False}}
+    assert "max_accuracy_drop" not in model_card.render("r7", cfg, ["rose", "tulip", "daisy"], COUNTS, {"test": TEST},
+                                                        within, 0, {})
