@@ -180,6 +180,13 @@ def choose_trial(metric: str, trials: Sequence[Mapping]) -> int:
     return best
 
 
+def diverged(trial: Mapping) -> bool:
+    """A train.search trial whose best epoch's scores are not finite: every epoch it trained diverged (a trial whose
+    loss blew up after a finite epoch keeps that epoch's weights as its best)."""
+    return not all(v is None or math.isfinite(v) for v in (trial["val_loss"], trial.get("val_map",
+                                                                                           trial.get("val_accuracy"))))
+
+
 def average_momentum(epochs: float, steps_per_epoch: int) -> float:
     """train.finetune.average_epochs: the momentum of a per-step exponential moving average whose horizon
     (1 / (1 - momentum) steps) is `epochs` epochs; 0 (no averaging) when that is a step or less."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from job import logs, recipe
+from job.errors import ConfigError
 from job.runstate import RunState
 
 log = logs.get()
@@ -90,6 +91,10 @@ def run(run, make_phase: Callable[..., object], learning_rates: list[float], run
                         "best_epoch": trial.best_epoch, **dict(zip(("val_loss", _second(run)), trial.best))})
         log.info("search trial paused", **results[-1])
     chosen = recipe.choose_trial(options.metric, results)
+    if recipe.diverged(results[chosen]):  # every trial: its NaN weights were continued, or exported as complete
+        raise ConfigError(f"training diverged: every train.search trial has val_loss {results[chosen]['val_loss']} "
+                          f"(learning rates {', '.join(f'{r:.3g}' for r in learning_rates)}); lower "
+                          "train.search.learning_rates")
     for i, r in enumerate(results):
         r["chosen"] = i == chosen
     log.info("search chose", **{k: v for k, v in results[chosen].items() if k != "chosen"}, trial=chosen + 1)

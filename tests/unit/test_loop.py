@@ -361,6 +361,32 @@ def test_a_diverged_phase_stops_before_its_epoch_is_saved(tmp_path, cluster, dat
         loop.run_phase(phase, cluster, BATCH, loop.Options(), checkpoints(tmp_path / "2", cluster), RunState())
 
 
+def test_a_search_whose_every_trial_diverged_stops_the_run(tmp_path, cluster, data):
+    # Every rate of train.search diverged (loss NaN from its first epoch): the NaN trial was chosen, as nothing was
+    # better, and a model of NaNs exported as complete with exit 0 (a trial's divergence is ranked, not refused).
+    from types import SimpleNamespace
+
+    from job import search
+    from job.errors import ConfigError
+
+    model = tiny_model(cluster)
+
+    def validate():  # NaN from the first epoch, as a rate far too high gives it
+        return {"val_loss": float("nan"), "val_accuracy": float("nan")}
+
+    def make_phase(rate, pause_after=0, on_epoch=False):
+        return dataclasses.replace(phase_of(model, data, 3, validate), name="finetune", learning_rate=rate,
+                                   pause_after=pause_after)
+
+    run = SimpleNamespace(parts=SimpleNamespace(model=model), cluster=cluster, options=loop.Options(),
+                          cfg=SimpleNamespace(train=SimpleNamespace(batch_size=BATCH)), work=tmp_path, multi=False,
+                          state=RunState(), ckpt=checkpoints(tmp_path, cluster))
+    with pytest.raises(ConfigError, match=r"^training diverged: every train.search trial has val_loss nan "
+                                          r"\(learning rates 0.1, 0.3\); lower train.search.learning_rates$"):
+        search.run(run, make_phase, [0.1, 0.3], 1, lambda record: None)
+    assert run.ckpt.latest is None  # nothing of the diverged trials kept in storage
+
+
 def test_one_search_rate_is_no_search_and_says_so(capsys):
     # `learning_rates: [3e-4]` fine-tuned at the default 1e-4 without a word, and config.yaml kept the 3e-4.
     from job import config, search

@@ -77,6 +77,12 @@ def test_a_diverged_trial_is_never_chosen_over_a_finite_one(scores, lost, data):
     for metric in ("val_loss", "val_accuracy"):
         assert trials[recipe.choose_trial(metric, trials)] is finite[recipe.choose_trial(metric, finite)]
     assert recipe.choose_trial("val_loss", [_trial(float("nan"), 0.5)]) == 0  # nothing else to choose
+    # ... and then the chosen trial is known to have diverged: every rate did (job/search.py stops the run, exit 2,
+    # where it exported a model of NaNs as complete).
+    chosen = trials[recipe.choose_trial("val_loss", trials)]
+    assert recipe.diverged(chosen) == (not finite)
+    assert recipe.diverged(_trial(float("nan"), 0.5)) and recipe.diverged(_trial(0.5, float("inf")))
+    assert not recipe.diverged(_trial(0.5, 0.9)) and not recipe.diverged({"val_loss": 0.5, "val_map": None})
 
 
 @given(st.floats(0, 100), st.integers(1, 10_000))
