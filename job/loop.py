@@ -366,6 +366,12 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
         for variable, copy in zip(kept, best):
             variable.assign(copy.value())
         log.info("restored best weights", phase=phase.name, best_epoch=state.best_epoch, averaged=bool(averaged))
+    elif averaged and not phase.restore_best and state.epoch >= phase.epochs:
+        # A phase that keeps its last epoch (train.refit's) keeps its moving average: the refit exported the live
+        # weights, though the fine-tuning chose its epochs on the average's scores and the card promised the average.
+        for variable, copy in zip(variables, averaged):
+            variable.assign(copy.value())
+        log.info("kept the moving average", phase=phase.name)
     return False
 
 

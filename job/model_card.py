@@ -191,11 +191,17 @@ def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None,
     skipped = ["- train.refit was set but not done: it needs a single-label task, pre-trained weights, "
                "head.mode cached_features and a validation split (the log's 'refit skipped' says which was missing)"
                ] if train.get("refit") and not refit else []
-    return "\n".join([*_search_lines(search), *_refit_lines(refit or {}), *skipped, head_line,
+    # From scratch BatchNormalization trains, so nothing is averaged, and no base is kept to decay the rate towards:
+    # the card claimed both where they were set; with no fine-tuning epoch, it gave the settings of a phase that
+    # did not run.
+    finetune_line = "- fine-tuning: none (train.finetune.epochs: 0)" if epochs <= 0 else (
         f"- fine-tuning: {_epochs(epochs, history, 'finetune', train)} at {rate:g}, unfreeze: {unfreeze}, "
         f"augment: {finetune['augment']}"
         + (f", layer-wise rate decay to {finetune['layer_decay']:g} at the first layer"
-           if finetune.get("layer_decay", 1.0) < 1.0 else ""),
+           if finetune.get("layer_decay", 1.0) < 1.0 and not from_scratch else "")
+        + (f", the weights' moving average over {finetune['average_epochs']:g} epochs validated and kept (exported)"
+           if finetune.get("average_epochs", 0) > 0 and not from_scratch else ""))
+    return "\n".join([*_search_lines(search), *_refit_lines(refit or {}), *skipped, head_line, finetune_line,
         f"- batch {train['batch_size']}, seed {train['seed']}, early stopping on "
         f"{train['early_stopping_metric'] if validated else 'the training loss (no validation images)'} "
         f"(patience {train['early_stopping_patience']}), label smoothing {train['label_smoothing']}, "

@@ -204,6 +204,27 @@ def complete_run(cfg: Config, found: tuple[storage.Store, str] | None = None) ->
     return {"status": "already complete", "artifacts": out.uri}
 
 
+def _warn_unused(cfg: Config) -> None:
+    """Fine-tuning keys set for a run that cannot use them, said: they were dropped without a word, and the model
+    card claimed a rate decay that never ran. From scratch one phase trains every layer, BatchNormalization
+    included (no moving average: its statistics would not match; no base to keep; no search); without fine-tuning
+    epochs, nothing of the fine-tuning applies."""
+    ft, search_set = cfg.train.finetune, "learning_rates" in cfg.train.search.model_fields_set
+    if cfg.model.weights == "none":
+        why = "model.weights is none: one phase trains every layer from scratch at train.head.learning_rate"
+    elif ft.epochs == 0:
+        why = "train.finetune.epochs is 0: no fine-tuning"
+    else:
+        return
+    unused = [key for key, used in (("train.search.learning_rates", search_set and len(cfg.train.search.learning_rates)
+                                     > 1), ("train.finetune.average_epochs", ft.average_epochs > 0),
+                                    ("train.finetune.layer_decay", ft.layer_decay < 1.0),
+                                    ("train.finetune.augment", bool(ft.augment) and cfg.model.weights != "none"))
+              if used]  # (from scratch the one phase augments as train.finetune.augment says)
+    if unused:
+        log.warning(f"{', '.join(unused)} ignored: {why}")
+
+
 def _warn_other_config(cfg: Config, out: storage.Store) -> None:
     """A complete run is not redone; when its config.yaml differs from this config in what trains a model, say so
     (a changed recipe ended "already complete" without a word)."""
@@ -408,6 +429,7 @@ def prepare(cfg: Config) -> Run | dict:
     log.info("dataset listed", uri=cfg.data.uri, classes=len(source.layout.classes), counts=listed_counts(source))
     _check_class_weight(cfg, source)
     check_weights(cfg)
+    _warn_unused(cfg)
     katib.check_writable(cfg.metrics.file)
     staging = _staging(cfg, source)
     doomed = _own_files(out) if state == "complete" else []  # refused on every worker, before they meet
@@ -892,7 +914,7 @@ def refit_phases(run: Run) -> None:
         phase = loop.Phase(name="refit", model=run.parts.model, dataset_fn=_training_batches(run, refit.SPLIT),
                            **common, epochs=state.refit["finetune_epochs"], learning_rate=state.refit["learning_rate"],
                            validate=lambda: None, augment=augment, on_epoch=_on_epoch(run, "refit"),
-                           rate_scales=_rate_scales(run))
+                           rate_scales=_rate_scales(run), average_epochs=cfg.train.finetune.average_epochs)
         loop.run_phase(phase, run.cluster, cfg.train.batch_size, options, run.ckpt, state)
 
 

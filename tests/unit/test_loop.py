@@ -253,6 +253,25 @@ def test_an_averaged_phase_trains_alike_and_keeps_the_moving_average(tmp_path, c
     assert not np.array_equal(averaged_seen[0][0], plain_seen[0][0])  # validation saw the average
 
 
+def test_a_phase_that_keeps_its_last_epoch_keeps_its_moving_average(tmp_path, cluster, data):
+    # train.refit with train.finetune.average_epochs: the refit (no validation, its last epoch kept) exported the live
+    # weights, though the fine-tuning had chosen its epochs on the average's scores and the card promised the average.
+    options = loop.Options(patience=0)
+    model, state = tiny_model(cluster), RunState()
+    loop.run_phase(averaged_phase(model, data, 3, improving(state)), cluster, BATCH, options,
+                   checkpoints(tmp_path / "best", cluster), state)  # improving: its best is its last epoch's average
+    last_average = model.get_weights()
+    model = tiny_model(cluster)
+    refit = dataclasses.replace(averaged_phase(model, data, 3, lambda: None), restore_best=False)
+    loop.run_phase(refit, cluster, BATCH, options, checkpoints(tmp_path / "refit", cluster), RunState())
+    for a, b in zip(last_average, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    model = tiny_model(cluster)  # without the average: its live weights, as before
+    loop.run_phase(dataclasses.replace(refit, model=model, average_epochs=0.0), cluster, BATCH, options,
+                   checkpoints(tmp_path / "plain", cluster), RunState())
+    assert not np.array_equal(model.get_weights()[0], last_average[0])
+
+
 def test_an_averaged_phase_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, cluster, data):
     """The moving average is in the checkpoint: a phase resumed mid-epoch ends exactly as an uninterrupted one."""
     options = loop.Options(patience=0, every_steps=2)

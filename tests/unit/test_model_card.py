@@ -194,6 +194,18 @@ def test_the_recipe_says_what_trained_not_what_was_set():
     assert "- head: none (from scratch: no pre-trained base to keep)\n" in text
     assert ("- fine-tuning: 3 epochs trained of at most 3 at 0.001, unfreeze: every layer, BatchNormalization "
             "included (from scratch), augment: ") in text
+    # From scratch neither a rate decay (no base) nor a moving average (BatchNormalization trains) runs: the card
+    # claimed the decay. With a base, the average is what was exported: the card never said so.
+    scratch = card({"head": [], "finetune": _records([0.9])},
+                   ["model.weights=none", "train.finetune.layer_decay=0.5", "train.finetune.average_epochs=2"])
+    assert "rate decay" not in scratch and "moving average" not in scratch
+    based = card({"head": _records([0.9]), "finetune": _records([0.7])},
+                 ["train.finetune.layer_decay=0.5", "train.finetune.average_epochs=2"])
+    assert ", layer-wise rate decay to 0.5 at the first layer, the weights' moving average over 2 epochs validated " \
+           "and kept (exported)" in based
+    none = card({"head": _records([0.9]), "finetune": []}, ["train.finetune.epochs=0", "train.finetune.augment=true",
+                                                            "train.finetune.layer_decay=0.5"])
+    assert "- fine-tuning: none (train.finetune.epochs: 0)\n" in none and "rate decay" not in none
 
 
 def test_a_run_without_validation_or_test_images_claims_no_score():

@@ -784,6 +784,26 @@ def test_overwriting_a_run_never_deletes_a_complete_run_below_it(tmp_path):
     assert (run / "model.keras").is_file() and (run / "nested" / "_SUCCESS").is_file()
 
 
+def test_fine_tuning_keys_a_run_cannot_use_are_said(capsys):
+    from job import config as config_module
+
+    # From scratch (or with no fine-tuning epoch) a search, a moving average and a rate decay that were set were
+    # dropped without a word, and the model card claimed the decay.
+    def said(*sets) -> str:
+        capsys.readouterr()
+        pipeline._warn_unused(config_module.load(None, ["data.uri=/d", "output.uri=/o", *sets], environ={}))
+        return capsys.readouterr().out
+
+    scratch = said("model.weights=none", "train.search.learning_rates=[1e-3, 3e-3]", "train.finetune.average_epochs=2",
+                   "train.finetune.layer_decay=0.5", "train.finetune.augment=true")
+    assert ("train.search.learning_rates, train.finetune.average_epochs, train.finetune.layer_decay ignored: "
+            "model.weights is none") in scratch and "augment" not in scratch  # from scratch the one phase augments
+    assert said("model.weights=none") == ""  # the default search is no one's setting: nothing to say
+    none = said("train.finetune.epochs=0", "train.search.learning_rates=[1e-3, 3e-3]", "train.finetune.augment=true")
+    assert "train.search.learning_rates, train.finetune.augment ignored: train.finetune.epochs is 0" in none
+    assert said("train.finetune.layer_decay=0.5", "train.finetune.average_epochs=2") == ""  # both apply
+
+
 def test_a_complete_run_asked_again_with_another_recipe_says_so(tmp_path, capsys):
     # It ended "already complete", exit 0, without a word that the stored model was trained otherwise.
     from job.config import redacted, to_yaml
