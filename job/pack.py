@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from job import logs, shards, storage
-from job.errors import ConfigError, StorageError
+from job.errors import ConfigError, JobError, StorageError
 from job.files import write_labels
 from job.headers import EMPTY, header
 from job.layout import IMAGE_EXTENSIONS, SPLITS
@@ -72,7 +72,19 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     layout = source.layout  # (a class name with a line break, which classes.txt cannot hold, is refused there)
     dest = storage.open_store(dest_uri, endpoint)
     _read_one_of_each_store(source)  # before anything is deleted: a source listed but not readable stops here
-    _refuse_or_clear(dest, overwrite)
+    deleted = _refuse_or_clear(dest, overwrite)
+    try:
+        return _write(source, layout, cfg, dest, shard_size, seed, source_uri)
+    except JobError as e:  # a read or an upload failed midway: what the destination holds now, and what to do
+        before = f" (the {deleted} shard(s) there before were deleted first, --overwrite)" if deleted else ""
+        e.args = (f"{e.args[0] if e.args else e}; pack stopped midway: {dest.uri} holds part of a pack and no "
+                  f"{shards.CLASSES}, so it is no dataset{before}; pack again with --overwrite",)
+        raise
+
+
+def _write(source, layout, cfg, dest: storage.Store, shard_size: int, seed: int, source_uri: str) -> dict:
+    """Each split's shards, then index.json, then classes.txt (last: without it, a half-written pack is no dataset);
+    index.json's content plus where they went."""
     shard_counts: dict[str, int] = {}
     suspects: list[str] = []  # "source key -> member: reason"
     with tempfile.TemporaryDirectory(prefix="finetune-job-pack-") as tmp, ThreadPoolExecutor(16) as pool:
@@ -107,9 +119,9 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
             "counts": layout.counts(), "images": images, "shards": shard_counts}
 
 
-def _refuse_or_clear(dest: storage.Store, overwrite: bool) -> None:
+def _refuse_or_clear(dest: storage.Store, overwrite: bool) -> int:
     """Refuse a destination that holds shards (StorageError) unless `overwrite`: then delete them, classes.txt
-    and index.json first, so that no mix of the old and new pack is ever a readable dataset."""
+    and index.json first, so that no mix of the old and new pack is ever a readable dataset; how many shards went."""
     rels = [e.rel for e in dest.list()]
     old = [r for r in rels if shards.SHARD.match(r)]
     meta = [r for r in (shards.CLASSES, shards.INDEX) if r in rels]
@@ -118,13 +130,14 @@ def _refuse_or_clear(dest: storage.Store, overwrite: bool) -> None:
         raise StorageError(f"--to {dest.uri}: holds a folder dataset ({images[0]}, {len(images)} image(s) under "
                            "train/, validation/ or test/), which the shards would hide; pack into an empty prefix")
     if not old and not meta:
-        return
+        return 0
     if not overwrite:
         raise StorageError(f"--to {dest.uri}: already holds {len(old)} shard(s) (and {', '.join(meta) or 'no index'}); "
                            "pack into an empty prefix, or pass --overwrite to replace them")
     dest.delete(meta)
     dest.delete(old)
     log.info("old shards deleted", to=dest.uri, shards=len(old))
+    return len(old)
 
 
 def _read_one_of_each_store(source) -> None:

@@ -944,6 +944,35 @@ def test_pack_overwrite_reads_the_source_before_deleting_the_old_pack(tmp_path):
     assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
 
 
+def test_a_pack_that_fails_midway_says_what_the_destination_holds(tmp_path, monkeypatch):
+    # A read failing after --overwrite had deleted the old pack (storage gone away, one object denied): the error named
+    # the object alone, the destination held neither pack, and nothing said so or what to do.
+    from job import pack as pack_module
+
+    write_sample_dataset(tmp_path / "a", classes=2, per_class=40, size=8, seed=0, test_per_class=0)
+    pack(str(tmp_path / "a"), str(tmp_path / "shards"), shard_size=2_000)
+    old = len(list((tmp_path / "shards").rglob("shard-*.tar")))
+    reads, real = [], pack_module._read
+
+    def failing(source, key):
+        reads.append(key)
+        if len(reads) > 30:
+            raise StorageError(f"reading {key}: access denied")
+        return real(source, key)
+
+    monkeypatch.setattr(pack_module, "_read", failing)
+    where = re.escape(str(tmp_path / "shards"))
+    with pytest.raises(StorageError, match=rf"access denied; pack stopped midway: {where} "
+                                           rf"holds part of a pack and no classes.txt, so it is no dataset \(the {old} "
+                                           r"shard\(s\) there before were deleted first, --overwrite\); pack again "
+                                           r"with --overwrite"):
+        pack(str(tmp_path / "a"), str(tmp_path / "shards"), shard_size=2_000, overwrite=True)
+    assert not (tmp_path / "shards" / "classes.txt").exists()
+    reads.clear()
+    with pytest.raises(StorageError, match=r"so it is no dataset; pack again with --overwrite"):  # nothing deleted
+        pack(str(tmp_path / "a"), str(tmp_path / "fresh"), shard_size=2_000)
+
+
 @given(st.dictionaries(st.from_regex(r"train/shard-[0-9]{6}\.tar", fullmatch=True), st.integers(1, 300),
                        min_size=1, max_size=12), st.integers(1, 5))
 def test_streaming_shares_are_whole_shards_balanced_by_their_images(images, workers):
