@@ -87,7 +87,9 @@ def _write(source, layout, cfg, dest: storage.Store, shard_size: int, seed: int,
     index.json's content plus where they went."""
     shard_counts: dict[str, int] = {}
     suspects: list[str] = []  # "source key -> member: reason"
-    with tempfile.TemporaryDirectory(prefix="finetune-job-pack-") as tmp, ThreadPoolExecutor(16) as pool:
+    total = sum(layout.count(split) for split in layout.splits)  # a record every 30 s: 6,000 images ran 40 s unsaid
+    with tempfile.TemporaryDirectory(prefix="finetune-job-pack-") as tmp, ThreadPoolExecutor(16) as pool, \
+            logs.progress("packing", total) as advance:
         for split in layout.splits:
             items = [(key, [layout.classes[i] for i in y] if layout.multi_label else y)
                      for key, y in zip(*layout.items(split))]
@@ -101,6 +103,7 @@ def _write(source, layout, cfg, dest: storage.Store, shard_size: int, seed: int,
                     why = _bad(data)
                     if why:
                         suspects.append(f"{key} -> {member}: {why}")
+                advance(len(chunk))
             writer.close()
             shard_counts.update(writer.counts)
             log.info("split packed", split=split, images=len(items), shards=len(writer.counts))

@@ -944,6 +944,18 @@ def test_pack_overwrite_reads_the_source_before_deleting_the_old_pack(tmp_path):
     assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
 
 
+def test_pack_logs_its_progress(tmp_path, monkeypatch):
+    # 6,000 images packed for 40 s before its first record (the split's, at its end).
+    from job import logs
+
+    write_sample_dataset(tmp_path / "a", classes=2, per_class=300, size=8, seed=0, test_per_class=0)
+    monkeypatch.setattr(logs, "PROGRESS_SECONDS", 0.0)  # every advance is due
+    with structlog.testing.capture_logs() as logged:
+        pack(str(tmp_path / "a"), str(tmp_path / "shards"), shard_size=100_000)
+    done = [r["done"] for r in logged if r["event"] == "packing: in progress"]
+    assert done == [256, 512] and all(r["total"] == 600 for r in logged if r["event"] == "packing: in progress")
+
+
 def test_a_pack_that_fails_midway_says_what_the_destination_holds(tmp_path, monkeypatch):
     # A read failing after --overwrite had deleted the old pack (storage gone away, one object denied): the error named
     # the object alone, the destination held neither pack, and nothing said so or what to do.
