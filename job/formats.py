@@ -39,11 +39,13 @@ SERVING_NAME = "classifier"  # tf_serving/<name>/<version>/: the model name in T
 FILES = {"tf_serving": f"tf_serving/{SERVING_NAME}/1", "tflite": "model.tflite",
          "tflite_int8": "model_int8.tflite", "onnx": "model.onnx"}
 FLOAT_AGREEMENT = 0.99  # float formats must give the SavedModel's top-1 on at least this share of images
-# Float formats: each score within this of the SavedModel's (float16 weights move them by about 0.004 to 0.009).
-FLOAT_SCORE_DIFFERENCE = 0.05
-# Single-label: an image whose SavedModel top two are closer than this is a near tie, which float16's rounding may
-# turn either way; agreement is judged on the other images (one near tie among 37 check images failed a run that
-# had trained, exit 1, while every score was within 0.005 of the SavedModel's).
+# Float formats: each score within this of the SavedModel's. float16 weights moved them by 0.004 to 0.009 on the
+# tests' bases and by 0.06 on an odd one (a non-square input, BatchNormalization statistics far from ImageNet's); an
+# export broken short of its decisions (NaN, all zeros, preprocessing lost) moves them by far more.
+FLOAT_SCORE_DIFFERENCE = 0.1
+# Single-label: an image whose SavedModel top two are closer than this, or than twice the largest score difference
+# measured, is a near tie, which that rounding may turn either way; agreement is judged on the other images (one
+# near tie among 37 check images failed a run that had trained, exit 1, every score within 0.005 of the SavedModel's).
 NEAR_TIE = 0.02
 LATENCY_RUNS = 20
 
@@ -232,12 +234,13 @@ def check(run: Runner, pixels: np.ndarray, labels: np.ndarray, reference: np.nda
               **_size_and_latency(run, pixels, path), "examples": int(len(labels))}
     if reference is not None and len(labels):
         same = predicted == reference.argmax(-1)
+        difference = float(np.abs(probs - reference).max())
         top_two = np.sort(reference, axis=-1)[:, -2:] if reference.shape[-1] > 1 else np.zeros((len(reference), 2))
-        tie = top_two[:, 1] - top_two[:, 0] < NEAR_TIE
+        tie = top_two[:, 1] - top_two[:, 0] < max(NEAR_TIE, 2 * min(difference, FLOAT_SCORE_DIFFERENCE))
         result["agreement"] = float(same.mean())
         result["near_ties"] = int(tie.sum())
         result["agreement_beyond_near_ties"] = float(same[~tie].mean()) if (~tie).any() else None
-        result["max_score_difference"] = round(float(np.abs(probs - reference).max()), 6)
+        result["max_score_difference"] = round(difference, 6)
     return result
 
 
@@ -339,7 +342,8 @@ def _judge(fmt: str, result: dict, reference: dict, max_drop: float, fail_on_dro
         decided = result.get("agreement_beyond_near_ties", agreement) if ties else agreement
         if decided is not None and decided < FLOAT_AGREEMENT:
             what = "label decisions (image and label)" if "label_set_agreement" in result else "images"
-            beyond = f" beyond {ties} near tie(s) (top two within {NEAR_TIE})" if ties else ""
+            beyond = f" beyond {ties} near tie(s) (the SavedModel's top two closer than float rounding moves them)" \
+                if ties else ""
             raise ConversionError(f"{fmt}: agrees with the SavedModel on {decided:.1%} of {what}{beyond} "
                                   f"(at least {FLOAT_AGREEMENT:.0%} expected)")
         difference = result.get("max_score_difference")  # multi-label: with sparse labels, an export that says no

@@ -96,7 +96,7 @@ def test_multilabel_agreement_is_of_label_decisions_not_whole_label_sets(tmp_pat
         flipped[:] = broken
         result = formats.check_multi(Run(), pixels, truth, reference, tmp_path / "m")
         with pytest.raises(formats.ConversionError, match=r"^tflite: its scores differ from the SavedModel's by up "
-                                                          r"to (nan|0\.9\d*) \(at most 0\.05 expected"):
+                                                          r"to (nan|0\.9\d*) \(at most 0\.1 expected"):
             formats._judge("tflite", {**result, "agreement": 0.995}, {}, 0.02, False, Log())
 
 
@@ -123,12 +123,18 @@ def test_a_near_tie_that_float16_turns_does_not_fail_a_float_format(tmp_path):
     assert turned["agreement"] == pytest.approx(36 / 37) and turned["near_ties"] >= 1
     assert turned["agreement_beyond_near_ties"] == 1.0 and turned["max_score_difference"] == pytest.approx(0.0053)
     formats._judge("tflite", turned, {"accuracy": 1.0}, 0.02, False, Log())
+    # An odd base whose float16 export drifts by 0.06: an image 0.08 apart turns, within what that drift explains.
+    served[:] = reference
+    reference[1], served[1] = [0.46, 0.54, 0.0, 0.0], [0.52, 0.48, 0.0, 0.0]
+    drifted = formats.check(Run(), pixels, labels, reference, tmp_path / "m")
+    assert drifted["max_score_difference"] == pytest.approx(0.06) and drifted["agreement_beyond_near_ties"] == 1.0
+    formats._judge("tflite", drifted, {"accuracy": 1.0}, 0.02, False, Log())
     # An image that is no near tie, turned: a real disagreement, and still refused.
     clear = int(np.argmax(np.sort(reference, -1)[:, -1] - np.sort(reference, -1)[:, -2]))
     served[clear] = np.roll(reference[clear], 1)
     wrong = formats.check(Run(), pixels, labels, reference, tmp_path / "m")
-    with pytest.raises(formats.ConversionError, match=r"^tflite: agrees with the SavedModel on 97\.\d% of images "
-                                                      r"beyond \d+ near tie\(s\) \(top two within 0\.02\)"):
+    with pytest.raises(formats.ConversionError, match=r"^tflite: agrees with the SavedModel on 9\d\.\d% of images "
+                                                      r"beyond \d+ near tie\(s\) \(the SavedModel's top two closer "):
         formats._judge("tflite", wrong, {"accuracy": 1.0}, 0.02, False, Log())
     # Every top-1 the same, yet the probabilities far off (an export broken short of its decisions): refused too.
     served[:] = reference * 0.5 + 0.5 / classes
