@@ -57,9 +57,7 @@ $formats_table
 ## Known limits
 
 $limits
-- the smallest split has $smallest images: accuracy moves by several points from one sample to the next \
-at that size.
-- the model knows only these classes and has not been checked for fairness or robustness.
+$smallest- the model knows only these classes and has not been checked for fairness or robustness.
 
 ## How to use
 
@@ -104,16 +102,26 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
         version=versions.get("finetune_job", ""), tensorflow=versions.get("tensorflow", ""),
         num_classes=len(classes), class_list=", ".join(_code(c) for c in classes), height=height, width=width,
         counts_table=_counts_table(classes, counts), bad_images=bad_images,
-        recipe=_recipe(config["train"], search, refit or {}, history, model["weights"] == "none", validated),
+        recipe=_recipe(config["train"], search, refit or {}, history, model["weights"] == "none", validated,
+                       "test" in reports),
         results_table=(_multi_results(reports, per_label, split) if multi else _results_table(reports)) if split
-        else NOT_MEASURED, checked=_checked(checked_on or split or "train"),
+        else NOT_MEASURED, checked=_checked(checked_on or split or "train", bool(refit)),
         formats_table=_formats_table(formats), limits=(_limits(per_label, split, multi) if split else
                                                        f"- {NOT_MEASURED}") + _format_drops(formats),
-        smallest=min((v.get("images", sum(v.values())) for v in counts.values()), default=0))
+        smallest=_smallest(min((v.get("images", sum(v.values())) for v in counts.values()), default=0)))
 
 
 NOT_MEASURED = ("not measured: the run had no validation or test images, so nothing was scored on images the model "
                 "did not train on.")
+
+
+def _smallest(images: int) -> str:
+    """The line on the smallest split's size, where one image moves its accuracy by a third of a point or more (it
+    said "several points" of a split of 1,000 images too)."""
+    if images >= 300:
+        return ""
+    return (f"- the smallest split has {_plural(images, 'image')}: accuracy moves by several points from one sample "
+            "to the next at that size.\n")
 
 
 def _images(counts: dict[str, dict[str, int]], split: str) -> int:
@@ -122,10 +130,13 @@ def _images(counts: dict[str, dict[str, int]], split: str) -> int:
     return found["images"] if "images" in found else sum(found.values())
 
 
-def _checked(split: str) -> str:
+def _checked(split: str, refit: bool = False) -> str:
     if split == "train":
         return "checked on the training images: the run had no validation or test split, so these scores are on " \
                "images the model trained on"
+    if split == "validation" and refit:  # (92.9% where the model before the refit scored 28.6%, with no word)
+        return "checked on the validation split, which the refit trained on: these scores are on images the " \
+               "exported model trained on"
     return f"checked on the {split} split"
 
 
@@ -176,7 +187,8 @@ def _multi_results(reports: dict, per_label: dict[str, dict], split: str) -> str
 
 
 def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None,
-            history: dict[str, list[dict]] | None = None, from_scratch: bool = False, validated: bool = True) -> str:
+            history: dict[str, list[dict]] | None = None, from_scratch: bool = False, validated: bool = True,
+            tested: bool = True) -> str:
     """The recipe as it ran: with `history`, the epochs each phase trained (early stopping ends them before their
     maximum) and the best kept, the fine-tuning rate the search chose, and from scratch the single phase that trains
     every layer at the head's rate (the card gave the configured epochs and rates, which did not run)."""
@@ -201,7 +213,7 @@ def _recipe(train: dict, search: list[dict] = (), refit: dict | None = None,
            if finetune.get("layer_decay", 1.0) < 1.0 and not from_scratch else "")
         + (f", the weights' moving average over {finetune['average_epochs']:g} epochs validated and kept (exported)"
            if finetune.get("average_epochs", 0) > 0 and not from_scratch else ""))
-    return "\n".join([*_search_lines(search), *_refit_lines(refit or {}), *skipped, head_line, finetune_line,
+    return "\n".join([*_search_lines(search), *_refit_lines(refit or {}, tested), *skipped, head_line, finetune_line,
         f"- batch {train['batch_size']}, seed {train['seed']}, early stopping on "
         f"{train['early_stopping_metric'] if validated else 'the training loss (no validation images)'} "
         f"(patience {train['early_stopping_patience']}), label smoothing {train['label_smoothing']}, "
@@ -234,15 +246,18 @@ def _search_lines(search: list[dict]) -> list[str]:
             f"each rate trained from the head's weights, the best continued ({scores})"]
 
 
-def _refit_lines(refit: dict) -> list[str]:
-    """train.refit: what the exported model was trained on, and which model the validation row is."""
+def _refit_lines(refit: dict, tested: bool = True) -> list[str]:
+    """train.refit: what the exported model was trained on, and which model the validation row is (`tested`: a test
+    split scored the exported model; without one, nothing did on images it had not trained on, where the card said
+    it was "scored on test")."""
     if not refit:
         return []
+    scored = "exported and scored on test" if tested else \
+        "exported, and no test split scored it: nothing measured it on images it did not train on"
     return [f"- **refit on training + validation images**: once validation had chosen the epochs, the model was "
             f"trained again from the pre-trained base on both splits, the head {refit['head_epochs']} epochs and "
             f"the fine-tuning {refit['finetune_epochs']} epochs at {refit['learning_rate']:g}; this is the model "
-            f"exported and scored on test. The validation row is the model the choices were made with, before the "
-            f"refit (train.refit)"]
+            f"{scored}. The validation row is the model the choices were made with, before the refit (train.refit)"]
 
 
 def _results_table(reports: dict) -> str:

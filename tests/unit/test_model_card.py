@@ -93,6 +93,8 @@ def test_the_recipe_and_the_known_limits():
     assert limits[:2] == ["- `daisy`: recall 35.0% on test (its images are often given another class).",
                           "- `tulip`: recall 55.0% on test (its images are often given another class)."]
     assert limits[2].startswith("- the smallest split has 43 images")
+    assert model_card._smallest(1).startswith("- the smallest split has 1 image:")
+    assert model_card._smallest(1000) == ""  # one image is 0.1 point there: "several points" was false
     only_validation = _card({"validation": VALIDATION})
     assert "checked on the validation split" in only_validation
     assert "- every class has a recall of at least 80.0% on validation." in only_validation
@@ -161,6 +163,18 @@ def test_a_refit_says_what_the_model_trained_on_and_what_validation_measured():
     assert len(lines) == 1 and "training + validation" in lines[0]
     assert "head 4 epochs" in lines[0] and "fine-tuning 6 epochs at 0.0003" in lines[0]
     assert model_card._refit_lines({}) == []
+    # Without a test split the card said the refit model was "scored on test", and its formats' scores (92.9%, the
+    # model before the refit 28.6%) were on validation images the refit had trained on, without a word.
+    refit = {"head_epochs": 4, "finetune_epochs": 6, "learning_rate": 3e-4}
+    cfg = config.redacted(config.load(None, ["data.uri=s3://b/flowers", "output.uri=/o", "run_id=r7",
+                                             "train.refit=true"], environ={}))
+    untested = model_card.render("r7", cfg, ["rose", "tulip", "daisy"], COUNTS, {"validation": VALIDATION}, FORMATS,
+                                 0, {}, refit=refit, checked_on="validation")
+    assert "scored on test" not in untested and "no test split scored it" in untested
+    assert "checked on the validation split, which the refit trained on" in untested
+    tested = model_card.render("r7", cfg, ["rose", "tulip", "daisy"], COUNTS, {"validation": VALIDATION, "test": TEST},
+                               FORMATS, 0, {}, refit=refit, checked_on="test")
+    assert "exported and scored on test" in tested and "which the refit trained on" not in tested
 
 
 def _records(val_losses: list[float]) -> list[dict]:
