@@ -66,10 +66,12 @@ class Reader:
         after staging)."""
         kept = self.layout.without(set(self.bad))
         before, after = self.layout.counts(), kept.counts()
-        for split in kept.splits:
-            emptied = [c for c, n in after[split].items() if not n and before[split][c]]
-            if emptied:
-                raise DataError(f"{self.where}/{split}/: no usable images left in {', '.join(emptied)}")
+        # A class left without training images cannot be learned. One left without validation or test images is
+        # what an empty folder there is: a warning that those scores do not measure it (pipeline.unmeasured); it was
+        # exit 3 when its images were bad and a warning when its folder was empty.
+        emptied = [c for c, n in after.get("train", {}).items() if not n and before["train"][c]]
+        if emptied:
+            raise DataError(f"{self.where}/train/: no usable images left in {', '.join(emptied)}")
         kept.require_training_images(self.where)
         self.layout = kept.carve(validation_split, seed).nonempty()
         return self

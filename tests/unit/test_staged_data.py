@@ -944,6 +944,25 @@ def test_pack_overwrite_reads_the_source_before_deleting_the_old_pack(tmp_path):
     assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
 
 
+def test_a_validation_or_test_class_left_without_images_by_bad_ones_is_what_an_empty_folder_is(tmp_path):
+    # Its only images undecodable: exit 3 ("no usable images left"), where an empty folder there is a warning that
+    # those scores do not measure the class. A training class left without images still cannot be learned.
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=4, size=8, seed=0, test_per_class=2)
+    (tmp_path / "d" / "validation" / "circle").mkdir(parents=True)
+    (tmp_path / "d" / "validation" / "circle" / "x.png").write_bytes(b"\x89PNG junk")
+    listed = sources.open_source(config(tmp_path / "d")).layout
+    test_square = [k for k in listed.items("test")[0] if "/square/" in k]
+    bad = {"validation/circle/x.png": "undecodable", **{k: "undecodable" for k in test_square}}
+    settled = readers.Reader(listed, bad, str(tmp_path / "d"), (8, 8)).settle(0.2, 0)
+    carved = settled.layout.items("validation")[0]  # its one image was bad: carved from train, as an empty folder is
+    assert carved and all(k.startswith("train/") for k in carved)
+    assert settled.layout.counts()["test"] == {"circle": 2, "square": 0}
+    assert [(split, classes) for _, split, classes in pipeline.unmeasured(settled.layout)] == [("test", ["square"])]
+    train_circle = [k for k in listed.items("train")[0] if "/circle/" in k]
+    with pytest.raises(DataError, match=r"/train/: no usable images left in circle$"):
+        readers.Reader(listed, {k: "undecodable" for k in train_circle}, str(tmp_path / "d"), (8, 8)).settle(0.2, 0)
+
+
 def test_pack_logs_its_progress(tmp_path, monkeypatch):
     # 6,000 images packed for 40 s before its first record (the split's, at its end).
     from job import logs
