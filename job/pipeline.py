@@ -357,6 +357,19 @@ def _bad_in_listing(cfg: Config, source) -> None:
                     bmps=len(bmps), examples=[image_uri(cfg.data.uri, k) for k in sorted(misread)[:5]])
 
 
+def _warn_carved_share(cfg: Config, listed, settled) -> None:
+    """A carved validation split far larger than data.validation_split (each class of two images or more gives one
+    at least: 0.01 of 300 classes of 3 images took a third of them), said: it was not, nor documented."""
+    carved, train = settled.count("validation"), settled.count("train")
+    if listed.count("validation") or not carved:
+        return
+    share, asked = carved / (carved + train), cfg.data.validation_split
+    if share > 2 * asked and share - asked > 0.05:
+        log.warning(f"the carved validation split holds {share:.0%} of the training images, not the "
+                    f"{asked:.0%} of data.validation_split: each class of two images or more gives one at least; add "
+                    "images, or a validation/ folder", validation=carved, train=train)
+
+
 def unmeasured(listed) -> list[tuple[str, str, list[str]]]:
     """(message, split, classes) for each validation or test split that has no image of some class (multi-label:
     none carrying some label): its scores do not measure them. `train` logs them, `validate` prints them."""
@@ -643,6 +656,7 @@ def stage_data(run: Run) -> None:
                  training_shards_of_this_worker=run.data.shards("train", run.share))
     log.info("dataset ready", mode=mode, counts=run.data.layout.counts(), bad_images=len(run.data.bad))
     _check_splits(run)
+    _warn_carved_share(cfg, source.layout, run.data.layout)
     for message, split, missing in unmeasured(run.data.layout):
         log.warning(message, split=split, classes=missing)
     _check_val_map(cfg, run.data.layout)

@@ -963,6 +963,29 @@ def test_a_validation_or_test_class_left_without_images_by_bad_ones_is_what_an_e
         readers.Reader(listed, {k: "undecodable" for k in train_circle}, str(tmp_path / "d"), (8, 8)).settle(0.2, 0)
 
 
+def test_a_carved_validation_split_far_above_its_fraction_is_said(tmp_path, capsys):
+    # 300 classes of 3 images at validation_split 0.01: one image of each class, a third of them, without a word.
+    from job import layout
+
+    def listed(per_class: int, classes: int = 30) -> layout.Layout:
+        files = {f"c{i}": [f"train/c{i}/{j}.png" for j in range(per_class)] for i in range(classes)}
+        return layout.Layout(list(files), {"train": files})
+
+    def said(per_class: int, fraction: float) -> str:
+        capsys.readouterr()
+        source = listed(per_class)
+        pipeline._warn_carved_share(config(tmp_path, validation_split=fraction), source, source.carve(fraction, 0))
+        return capsys.readouterr().out
+
+    assert "holds 33% of the training images, not the 1% of data.validation_split" in said(3, 0.01)
+    assert said(100, 0.01) == "" and said(3, 0.3) == "" and said(10, 0.2) == ""  # as asked, or near it
+    given = listed(3)  # a validation/ folder of the user's: not carved, nothing to say
+    given.files["validation"] = {c: list(v) for c, v in given.files["train"].items()}
+    capsys.readouterr()
+    pipeline._warn_carved_share(config(tmp_path, validation_split=0.01), given, given)
+    assert capsys.readouterr().out == ""
+
+
 def test_pack_logs_its_progress(tmp_path, monkeypatch):
     # 6,000 images packed for 40 s before its first record (the split's, at its end).
     from job import logs
