@@ -39,6 +39,17 @@ def expected(tree):
 @given(trees)
 def test_non_finite_numbers_are_null_and_the_rest_is_kept(tree):
     assert strict(json_text(tree)) == expected(tree)
+    assert strict(json_text(tree, indent=2)) == expected(tree)  # indented, lists of numbers on one line
+
+
+def test_indented_lists_of_numbers_stay_on_one_line():
+    # A confusion matrix of 1,000 classes, one cell a line: metrics.json of 22 MB and 2 million lines.
+    matrix = np.arange(300 * 300).reshape(300, 300).tolist()
+    text = json_text({"test": {"confusion_matrix": matrix, "per_class": {"a": {"recall": 0.5}}}, "labels": ["a"]},
+                     indent=2)
+    assert strict(text)["test"]["confusion_matrix"] == matrix
+    assert len(text.splitlines()) < 320 and '"labels": [\n    "a"\n  ]' in text  # strings keep their own lines
+    assert strict(json_text({"a": "@@row-0", "b": [1]}, indent=2)) == {"a": "@@row-0", "b": [1]}  # strings kept
 
 
 def test_numpy_scalars_are_plain_numbers():
