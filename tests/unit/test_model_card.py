@@ -257,3 +257,13 @@ def test_a_format_past_its_accuracy_drop_is_a_known_limit():
     within = {**flagged, "tflite_int8": {**flagged["tflite_int8"], "accuracy_drop_exceeded": False}}
     assert "max_accuracy_drop" not in model_card.render("r7", cfg, ["rose", "tulip", "daisy"], COUNTS, {"test": TEST},
                                                         within, 0, {})
+
+
+def test_known_limits_name_at_most_the_twenty_weakest_classes():
+    # 1,000 classes, nearly all below 80% recall: 999 lines in the card's known limits (108 KB).
+    per_class = {f"c{i:03d}": {"precision": 0.5, "recall": i / 1000, "f1": 0.5, "support": 2} for i in range(1000)}
+    text = model_card._limits(per_class, "test")
+    lines = text.splitlines()
+    assert len(lines) == 21 and lines[0].startswith("- `c000`: recall 0.0% on test")
+    assert lines[19].startswith("- `c019`:") and lines[20] == ("- ... and 780 more classes with a recall below 80.0% "
+                                                               "on test (metrics.json has each).")
