@@ -304,7 +304,8 @@ def _limits(per_class: dict[str, dict], split: str, multi: bool = False) -> str:
     # The weakest first, at most SHOWN of them: 1,000 classes gave 999 such lines (a card of 108 KB).
     lines = [f"- {_code(c)}: recall {_pct(recall)} on {split} ({why})." for recall, c in weak[:SHOWN]]
     if len(weak) > SHOWN:
-        lines.append(f"- ... and {len(weak) - SHOWN} more {kind}s with a recall below {_pct(LOW_RECALL)} on {split} "
+        lines.append(f"- ... and {len(weak) - SHOWN} more {'labels' if multi else 'classes'} with a recall below "
+                     f"{_pct(LOW_RECALL)} on {split} "
                      "(metrics.json has each).")
     if not weak:
         lines.append(f"- every {kind} {'measured ' * bool(absent)}has a recall of at least {_pct(LOW_RECALL)} on "
