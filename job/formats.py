@@ -43,9 +43,11 @@ FLOAT_AGREEMENT = 0.99  # float formats must give the SavedModel's top-1 on at l
 # tests' bases and by 0.06 on an odd one (a non-square input, BatchNormalization statistics far from ImageNet's); an
 # export broken short of its decisions (NaN, all zeros, preprocessing lost) moves them by far more.
 FLOAT_SCORE_DIFFERENCE = 0.1
-# Single-label: an image whose SavedModel top two are closer than this, or than twice the largest score difference
-# measured, is a near tie, which that rounding may turn either way; agreement is judged on the other images (one
-# near tie among 37 check images failed a run that had trained, exit 1, every score within 0.005 of the SavedModel's).
+# Single-label: an image whose SavedModel top two are closer than this is a near tie, which float16's rounding may
+# turn either way; agreement is judged on the other images (one near tie among 37 check images failed a run that had
+# trained, exit 1, every score within 0.005 of the SavedModel's), or on every image when all are near ties. A band
+# that grew with the measured difference excused any export within FLOAT_SCORE_DIFFERENCE: an all-zeros export of a
+# 100-class model whose top scores are 0.04 passed.
 NEAR_TIE = 0.02
 LATENCY_RUNS = 20
 
@@ -236,7 +238,7 @@ def check(run: Runner, pixels: np.ndarray, labels: np.ndarray, reference: np.nda
         same = predicted == reference.argmax(-1)
         difference = float(np.abs(probs - reference).max())
         top_two = np.sort(reference, axis=-1)[:, -2:] if reference.shape[-1] > 1 else np.zeros((len(reference), 2))
-        tie = top_two[:, 1] - top_two[:, 0] < max(NEAR_TIE, 2 * min(difference, FLOAT_SCORE_DIFFERENCE))
+        tie = top_two[:, 1] - top_two[:, 0] < NEAR_TIE
         result["agreement"] = float(same.mean())
         result["near_ties"] = int(tie.sum())
         result["agreement_beyond_near_ties"] = float(same[~tie].mean()) if (~tie).any() else None
@@ -338,12 +340,12 @@ def _judge(fmt: str, result: dict, reference: dict, max_drop: float, fail_on_dro
     if agreement is None:
         return  # no images to check on
     if fmt != "tflite_int8":
-        ties = result.get("near_ties", 0)
-        decided = result.get("agreement_beyond_near_ties", agreement) if ties else agreement
-        if decided is not None and decided < FLOAT_AGREEMENT:
+        ties, beyond_ties = result.get("near_ties", 0), result.get("agreement_beyond_near_ties")
+        excused = ties and beyond_ties is not None  # all near ties: every image is judged
+        decided = beyond_ties if excused else agreement
+        if decided < FLOAT_AGREEMENT:
             what = "label decisions (image and label)" if "label_set_agreement" in result else "images"
-            beyond = f" beyond {ties} near tie(s) (the SavedModel's top two closer than float rounding moves them)" \
-                if ties else ""
+            beyond = f" beyond {ties} near tie(s) (the SavedModel's top two within {NEAR_TIE})" if excused else ""
             raise ConversionError(f"{fmt}: agrees with the SavedModel on {decided:.1%} of {what}{beyond} "
                                   f"(at least {FLOAT_AGREEMENT:.0%} expected)")
         difference = result.get("max_score_difference")  # multi-label: with sparse labels, an export that says no
