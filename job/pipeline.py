@@ -883,7 +883,10 @@ def finetune_phase(run: Run) -> None:
                               validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
                               augment=augment,
                               on_epoch=_on_epoch(run, "finetune") if on_epoch else None,
-                              average_epochs=ft.average_epochs, pause_after=pause_after, rate_scales=scales)
+                              pause_after=pause_after, rate_scales=scales,
+                              # from scratch none, as documented and warned of: the loop averaged where no layer
+                              # was BatchNormalization (VGG), which the warning and the card denied
+                              average_epochs=0.0 if run.parts.from_scratch else ft.average_epochs)
 
         rates = [] if run.parts.from_scratch else search.rates(cfg, run.data.count("validation") > 0)
         if rates and run.state.phase == "head":
