@@ -1023,6 +1023,8 @@ def test_dashboards_of_one_release_name_in_two_namespaces_do_not_collide() -> No
     team_a, team_b = names("team-a", values["grafanaDashboard"]), names("team-b", values["grafanaDashboard"])
     assert team_a and team_b and not team_a & team_b
     assert all(n.startswith("team-a-") and len(n) <= 63 for n in team_a)
+    long_a, long_b = (names("a" * 60 + end, values["grafanaDashboard"]) for end in ("-x", "-y"))
+    assert not long_a & long_b and all(len(n) <= 63 for n in long_a)  # cut namespaces: still apart
     assert names("ml", {}) == names("ml2", {}) == {"finetune-finetune-job-dashboard-finetune-job"}  # each in its own
 
 
