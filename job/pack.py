@@ -73,18 +73,22 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     dest = storage.open_store(dest_uri, endpoint)
     _read_one_of_each_store(source)  # before anything is deleted: a source listed but not readable stops here
     deleted = _refuse_or_clear(dest, overwrite)
+    uploaded: list[str] = []
     try:
-        return _write(source, layout, cfg, dest, shard_size, seed, source_uri)
+        return _write(source, layout, cfg, dest, shard_size, seed, source_uri, uploaded)
     except JobError as e:  # a read or an upload failed midway: what the destination holds now, and what to do
-        before = f" (the {deleted} shard(s) there before were deleted first, --overwrite)" if deleted else ""
-        e.args = (f"{e.args[0] if e.args else e}; pack stopped midway: {dest.uri} holds part of a pack and no "
-                  f"{shards.CLASSES}, so it is no dataset{before}; pack again with --overwrite",)
+        if not uploaded and not deleted:  # nothing written nor deleted there (a destination that denies writes)
+            raise
+        before = f"; the {deleted} shard(s) there before were deleted first (--overwrite)" if deleted else ""
+        e.args = (f"{e.args[0] if e.args else e}; pack stopped midway: {dest.uri} has no {shards.CLASSES}, so it is "
+                  f"no dataset (shards there are this unfinished pack's{before}); pack again with --overwrite",)
         raise
 
 
-def _write(source, layout, cfg, dest: storage.Store, shard_size: int, seed: int, source_uri: str) -> dict:
+def _write(source, layout, cfg, dest: storage.Store, shard_size: int, seed: int, source_uri: str,
+           uploaded: list[str]) -> dict:
     """Each split's shards, then index.json, then classes.txt (last: without it, a half-written pack is no dataset);
-    index.json's content plus where they went."""
+    index.json's content plus where they went. `uploaded`: the shards written so far."""
     shard_counts: dict[str, int] = {}
     suspects: list[str] = []  # "source key -> member: reason"
     total = sum(layout.count(split) for split in layout.splits)  # a record every 30 s: 6,000 images ran 40 s unsaid
@@ -95,7 +99,8 @@ def _write(source, layout, cfg, dest: storage.Store, shard_size: int, seed: int,
                      for key, y in zip(*layout.items(split))]
             random.Random(f"{seed}:{split}").shuffle(items)
 
-            writer = shards.ShardWriter(Path(tmp), split, shard_size, lambda path: _upload(dest, path, Path(tmp)))
+            writer = shards.ShardWriter(Path(tmp), split, shard_size,
+                                        lambda path: uploaded.append(_upload(dest, path, Path(tmp))))
             for start in range(0, len(items), 256):  # 16 parallel GETs, 256 images in memory at most
                 chunk = items[start:start + 256]
                 for n, ((key, label), data) in enumerate(zip(chunk, pool.map(lambda i: _read(source, i[0]), chunk))):
@@ -161,9 +166,11 @@ def _bad(data: bytes) -> str:
     return why or ("" if size else "not an image that can be read")
 
 
-def _upload(dest, path: Path, tmp: Path) -> None:
-    dest.upload(path, path.relative_to(tmp).as_posix())
+def _upload(dest, path: Path, tmp: Path) -> str:
+    rel = path.relative_to(tmp).as_posix()
+    dest.upload(path, rel)
     path.unlink()
+    return rel
 
 
 def _read(source, key: str) -> bytes:

@@ -361,7 +361,9 @@ def _warn_carved_share(cfg: Config, listed, settled) -> None:
     """A carved validation split far larger than data.validation_split (each class of two images or more gives one
     at least: 0.01 of 300 classes of 3 images took a third of them), said: it was not, nor documented."""
     carved, train = settled.count("validation"), settled.count("train")
-    if listed.count("validation") or not carved:
+    # carved: every validation image is a listed training image (a listed validation/ whose images were all bad is
+    # carved too)
+    if not carved or not set(settled.items("validation")[0]) <= set(listed.items("train")[0]):
         return
     share, asked = carved / (carved + train), cfg.data.validation_split
     if share > 2 * asked and share - asked > 0.05:
@@ -456,6 +458,12 @@ def prepare(cfg: Config) -> Run | dict:
     parts, unfreeze = _build_model(cfg, cluster, source.layout.classes, work)
     lease = _take_lease(cfg, out) if cluster.is_chief else None  # the first write to the output
     try:
+        if lease and state != "complete" and not cfg.output.overwrite and out.exists("_SUCCESS"):
+            # Another attempt of this run (a second `train`, a duplicate Job) completed it while this one waited for
+            # the lease: this one resumed from its "trained" checkpoint and exported over the finished run.
+            lease.release()
+            log.warning(f"run {cfg.run_id} was completed by another attempt while this one waited for its lease")
+            return complete_run(cfg, (out, "complete"))
         if state == "complete":
             # Only a complete run is redone from scratch: an incomplete one is this run's own earlier
             # attempt (a preempted or failed pod of the same Job) and resumes.

@@ -847,6 +847,27 @@ def test_a_complete_run_asked_again_with_another_recipe_says_so(tmp_path, capsys
     assert "it has no onnx" in asked(["onnx"])
 
 
+def test_a_run_completed_by_another_attempt_while_waiting_for_the_lease_is_not_redone(tmp_path, monkeypatch, capsys):
+    # A second `train` of one run_id waited for the first's lease; once it had it, it resumed from the "trained"
+    # checkpoint and exported over the finished run (its manifest, timings and SavedModel replaced), exit 0.
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "d"), "image_size": [32, 32],
+                                          "cache_dir": str(tmp_path / "cache")},
+                                 "output": {"uri": str(tmp_path / "out")}, "run_id": "r1",
+                                 "model": {"weights": "none", "backbone": "mobilenet"}})
+    taken = pipeline._take_lease
+
+    def the_other_finishes_first(cfg, out):
+        lease = taken(cfg, out)
+        out.put_new("_SUCCESS", b"")  # (as the other attempt, done while this one waited)
+        return lease
+
+    monkeypatch.setattr(pipeline, "_take_lease", the_other_finishes_first)
+    assert pipeline.prepare(cfg)["status"] == "already complete"
+    assert "was completed by another attempt while this one waited for its lease" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out" / "r1").iterdir()) == ["_SUCCESS"]  # its lease given back
+
+
 def test_a_complete_run_asked_again_after_its_dataset_changed_says_so(tmp_path, capsys):
     # A class added to the dataset, then `train` again: "already complete", exit 0, a model without the class and
     # not a word. manifest.json keeps the listing's fingerprint; a rerun compares it.
@@ -980,7 +1001,8 @@ def test_a_carved_validation_split_far_above_its_fraction_is_said(tmp_path, caps
     assert "holds 33% of the training images, not the 1% of data.validation_split" in said(3, 0.01)
     assert said(100, 0.01) == "" and said(3, 0.3) == "" and said(10, 0.2) == ""  # as asked, or near it
     given = listed(3)  # a validation/ folder of the user's: not carved, nothing to say
-    given.files["validation"] = {c: list(v) for c, v in given.files["train"].items()}
+    given.files["validation"] = {c: [k.replace("train/", "validation/") for k in v]
+                                 for c, v in given.files["train"].items()}
     capsys.readouterr()
     pipeline._warn_carved_share(config(tmp_path, validation_split=0.01), given, given)
     assert capsys.readouterr().out == ""
@@ -1016,15 +1038,19 @@ def test_a_pack_that_fails_midway_says_what_the_destination_holds(tmp_path, monk
 
     monkeypatch.setattr(pack_module, "_read", failing)
     where = re.escape(str(tmp_path / "shards"))
-    with pytest.raises(StorageError, match=rf"access denied; pack stopped midway: {where} "
-                                           rf"holds part of a pack and no classes.txt, so it is no dataset \(the {old} "
-                                           r"shard\(s\) there before were deleted first, --overwrite\); pack again "
+    with pytest.raises(StorageError, match=rf"access denied; pack stopped midway: {where} has no classes.txt, so it "
+                                           rf"is no dataset \(shards there are this unfinished pack's; the {old} "
+                                           r"shard\(s\) there before were deleted first \(--overwrite\)\); pack again "
                                            r"with --overwrite"):
         pack(str(tmp_path / "a"), str(tmp_path / "shards"), shard_size=2_000, overwrite=True)
     assert not (tmp_path / "shards" / "classes.txt").exists()
     reads.clear()
-    with pytest.raises(StorageError, match=r"so it is no dataset; pack again with --overwrite"):  # nothing deleted
+    with pytest.raises(StorageError, match=r"so it is no dataset \(shards there are this unfinished pack's\); pack "
+                                           r"again with --overwrite"):  # nothing deleted
         pack(str(tmp_path / "a"), str(tmp_path / "fresh"), shard_size=2_000)
+    reads[:] = range(100)  # fails at the first read: nothing written there nor deleted, the error as it was
+    with pytest.raises(StorageError, match=r"access denied$"):
+        pack(str(tmp_path / "a"), str(tmp_path / "untouched"), shard_size=2_000)
 
 
 @given(st.dictionaries(st.from_regex(r"train/shard-[0-9]{6}\.tar", fullmatch=True), st.integers(1, 300),
