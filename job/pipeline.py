@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import os
 import shutil
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 
 from job import distribute, evaluate, katib, layout, logs, metrics, recipe, runstate, storage
 from job.config import Config, redacted
-from job.errors import ConfigError, DataError, StorageError
+from job.errors import ConfigError, DataError, JobError, StorageError
 from job.readers import Reader, image_uri
 from job.runstate import RunState
 
@@ -269,8 +270,6 @@ def _warn_other_dataset(cfg: Config, out: storage.Store) -> None:
     rerun's business (the run is complete): said, without failing."""
     import json
 
-    from job.errors import JobError
-
     try:
         manifest = json.loads(out.read("manifest.json"))
         kept = manifest["dataset"]["fingerprint"]
@@ -424,10 +423,23 @@ def train(cfg: Config) -> dict:
         _drop_local_copies(run)
         return summary
     finally:
-        if run.board:
-            run.board.close()  # copied to storage on every exit, SIGTERM included
-        if run.lease:
-            run.lease.release()
+        try:
+            if run.board:
+                _close_board(run.board, failing=sys.exc_info()[1] is not None)
+        finally:
+            if run.lease:
+                run.lease.release()
+
+
+def _close_board(board, failing: bool) -> None:
+    """The event files copied to storage on every exit, SIGTERM included. When the run is failing already, a failure
+    to copy them is a warning: storage gone away during staging was reported as the event file's upload."""
+    try:
+        board.close()
+    except JobError as e:
+        if not failing:
+            raise
+        log.warning("tensorboard event files not copied to storage", reason=str(e))
 
 
 def prepare(cfg: Config) -> Run | dict:

@@ -1165,3 +1165,17 @@ def test_a_resume_whose_splits_differ_from_its_checkpoints_warns():
         pipeline._check_splits(moved)
     assert [r["log_level"] for r in logged] == ["warning"] and "run r1's checkpoint" in logged[0]["event"]
     assert moved.state.splits != first.state.splits == same.state.splits
+
+
+def test_a_failing_run_reports_its_own_error_not_the_event_files_upload():
+    # Storage gone away while staging: the run's error was replaced by the TensorBoard event file's upload failing in
+    # the `finally`, and the staging download that failed appeared nowhere.
+    class Board:
+        def close(self):
+            raise StorageError("uploading s3://b/runs/r1/tensorboard/events.out.tfevents.1: storage unreachable")
+
+    with structlog.testing.capture_logs() as logged:
+        pipeline._close_board(Board(), failing=True)
+    assert [r["event"] for r in logged] == ["tensorboard event files not copied to storage"]
+    with pytest.raises(StorageError, match="tensorboard/events"):  # a run that succeeded: the upload's own failure
+        pipeline._close_board(Board(), failing=False)
