@@ -6,10 +6,11 @@ the test server honour it), renews it every `checkpoint.lease_seconds / 6` with 
 own ETag, and deletes it when the run ends, whatever the reason (a SIGTERM-ed pod's successor takes
 it at once).
 
-A lease that exists is alive if it is renewed: the newcomer watches it for up to one renewal interval.
-Renewed -> another run holds it: exit 4 naming the holder and the lease's age. Not renewed for
-`checkpoint.lease_seconds` (by the storage server's clock) -> its holder died without letting go
-(kill -9, a lost node): the newcomer takes it over with `If-Match`, so of two newcomers only one can.
+A lease that exists is alive if it is renewed: the newcomer watches it, saying so. Renewed (within one renewal
+interval for a live holder) -> another run holds it: exit 4 naming the holder and the lease's age. Not renewed for
+`checkpoint.lease_seconds` (by the storage server's clock; the newcomer waits up to that long) -> its holder died
+without letting go (kill -9, a lost node, storage gone before it could delete it): the newcomer takes it over with
+`If-Match`, so of two newcomers only one can.
 Storage that ignores or rejects conditional writes gets a warning, and the run goes on without a lease.
 
 A conditional write whose reply is lost is retried by botocore, and the retry is refused (412): the first
@@ -100,6 +101,11 @@ class Lease:
         seen = self.store.stat(NAME)
         # Ages come from whole-second timestamps (HTTP Date, S3 LastModified): allow for their rounding.
         deadline = time.monotonic() + self.seconds + self.renew_every + 5
+        if seen is not None:  # a rerun after storage went away waited 3 minutes here without a word
+            log.info("waiting on the lease of another attempt of this run: a live one renews it (then exit 4), a "
+                     "dead one's goes stale and is taken over", lease=f"{self.store.uri}/{NAME}",
+                     seconds_since_renewed=round(seen[1]), stale_after_seconds=self.seconds,
+                     at_most_seconds=round(deadline - time.monotonic()))
         while time.monotonic() < deadline:
             if seen is None:  # released meanwhile
                 self.etag = self._write(lambda body: self.store.put_new(NAME, body))

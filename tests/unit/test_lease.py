@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+import structlog.testing
 from fault_proxy import FaultProxy
 
 from job import metrics, storage
@@ -51,9 +52,14 @@ def test_a_lease_not_renewed_is_taken_over_and_its_old_holder_notices(store):
     dead._thread.join()
     successor = Lease(store, "r1", seconds=3)
     t0 = time.monotonic()
-    successor.acquire()
+    with structlog.testing.capture_logs() as logged:
+        successor.acquire()
     try:
         assert 2 <= time.monotonic() - t0 < 12
+        # said at once, then the takeover (a rerun after storage went away waited 3 minutes without a word)
+        assert [r["event"].split(":")[0] for r in logged] == ["waiting on the lease of another attempt of this run",
+                                                              "took over a stale lease", "lease taken"]
+        assert logged[0]["stale_after_seconds"] == 3
         assert json.loads(store.read(NAME))["holder"] == successor.holder
         assert dead.store.replace(NAME, dead._body(), dead.etag) is None  # its ETag is stale now
     finally:
