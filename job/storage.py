@@ -132,6 +132,19 @@ def storage_errors(what: str) -> Iterator[None]:
         raise StorageError(f"{what}: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def _changed_since_listed(uri: str) -> Iterator[None]:
+    """A GET refused on its If-Match (412) as the StorageError that says why: the object was rewritten after the
+    listing (exit 4, so that a Job's retry lists it anew)."""
+    try:
+        yield
+    except StorageError as e:
+        if "PreconditionFailed" not in str(e) and "412" not in str(e):
+            raise
+        raise StorageError(f"{uri}: rewritten after the dataset was listed (its ETag is not the listing's); run again "
+                           "once the dataset stops changing: the rerun lists it anew") from None
+
+
 def _client_error(what: str, e) -> StorageError:
     code = str(e.response.get("Error", {}).get("Code", ""))
     status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -178,8 +191,10 @@ class S3Store:
                     return False
                 raise
 
-    def download(self, rel: str, dest: Path, size: int = 0) -> int:
-        """Atomic download to dest (a temporary name, then rename); returns the bytes written.
+    def download(self, rel: str, dest: Path, size: int = 0, etag: str = "") -> int:
+        """Atomic download to dest (a temporary name, then rename); returns the bytes written. With `etag` (the
+        listing's), only that version: an object rewritten since it was listed is a StorageError saying so (staging
+        recorded the listed version and trained on the new one).
 
         Objects of RANGED_MIN bytes and more (tar shards) go through boto3's transfer manager: parallel
         ranged GETs, each retried on its own. Smaller ones are one GET: botocore retries failed requests,
@@ -188,12 +203,14 @@ class S3Store:
         """
         from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
 
+        match = {"IfMatch": f'"{etag}"'} if etag else {}
         if size >= RANGED_MIN:
-            return self._download_ranged(rel, dest)
+            return self._download_ranged(rel, dest, match)
 
-        with storage_errors(f"downloading {join(self.uri, rel)}"), atomic_path(dest) as tmp:
+        with _changed_since_listed(join(self.uri, rel)), storage_errors(f"downloading {join(self.uri, rel)}"), \
+                atomic_path(dest) as tmp:
             for attempt in range(1, STREAM_ATTEMPTS + 1):
-                body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]  # botocore retries
+                body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel), **match)["Body"]  # retried
                 try:
                     with open(tmp, "wb") as f:
                         shutil.copyfileobj(body, f, 1 << 20)
@@ -207,11 +224,14 @@ class S3Store:
         metrics.s3_bytes_downloaded(size)
         return size
 
-    def _download_ranged(self, rel: str, dest: Path) -> int:
+    def _download_ranged(self, rel: str, dest: Path, match: dict) -> int:
         from boto3.s3.transfer import TransferConfig
 
         config = TransferConfig(multipart_threshold=RANGED_MIN, multipart_chunksize=RANGED_CHUNK, max_concurrency=8)
-        with storage_errors(f"downloading {join(self.uri, rel)}"), atomic_path(dest) as tmp:
+        with _changed_since_listed(join(self.uri, rel)), storage_errors(f"downloading {join(self.uri, rel)}"), \
+                atomic_path(dest) as tmp:
+            if match:  # (the transfer manager takes no If-Match: the version checked just before)
+                self.client.head_object(Bucket=self.bucket, Key=self._key(rel), **match)
             self.client.download_file(self.bucket, self._key(rel), str(tmp), Config=config,
                                       Callback=metrics.s3_bytes_downloaded)
         return dest.stat().st_size
@@ -336,7 +356,7 @@ class LocalStore:
     def exists(self, rel: str) -> bool:
         return (self.root / rel).exists()
 
-    def download(self, rel: str, dest: Path, size: int = 0) -> int:
+    def download(self, rel: str, dest: Path, size: int = 0, etag: str = "") -> int:  # (no versions here)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with storage_errors(f"copying {self.root / rel}"):
             shutil.copyfile(self.root / rel, dest)
@@ -513,7 +533,7 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
     ok = stopping = False
     futures: dict = {}
     try:
-        futures = {pool.submit(store.download, e.rel, staged(root, e.rel), e.size): e for e in todo}
+        futures = {pool.submit(store.download, e.rel, staged(root, e.rel), e.size, e.etag): e for e in todo}
         for fut in as_completed(futures):
             e = futures[fut]
             stats["bytes"] += fut.result()

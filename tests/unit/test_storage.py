@@ -39,6 +39,26 @@ def test_stage_downloads_once_and_refetches_changed_objects(s3, tmp_path):
     assert (root / "train/a/7.png").read_bytes() == b"IMAGE 7"
 
 
+def test_an_object_rewritten_after_the_listing_is_not_staged_as_the_listed_one(s3, tmp_path):
+    # The object rewritten between the listing and its GET: staging kept the new bytes under the listed size and
+    # ETag, and the run's dataset fingerprint described a version it never trained on.
+    bucket = s3.bucket()
+    s3.client.put_object(Bucket=bucket, Key="ds/train/a/0.png", Body=b"listed")
+    s3.client.put_object(Bucket=bucket, Key="ds/train/a/big.tar", Body=b"s" * storage.RANGED_MIN)
+    store = storage.open_store(f"s3://{bucket}/ds", s3.endpoint)
+    listed = store.list()
+    s3.client.put_object(Bucket=bucket, Key="ds/train/a/0.png", Body=b"rewritten")
+    s3.client.put_object(Bucket=bucket, Key="ds/train/a/big.tar", Body=b"t" * storage.RANGED_MIN)  # ranged GETs
+    for entry in listed:
+        with pytest.raises(StorageError, match=rf"ds/{entry.rel}: rewritten after the dataset was listed \(its ETag "
+                                               r"is not the listing's\); run again"):
+            storage.stage(store, [entry], tmp_path)
+    new = (b"rewritten", b"t" * storage.RANGED_MIN)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.read_bytes() in new]  # nothing of them staged
+    root, stats = storage.stage(store, store.list(), tmp_path / "again")  # listed anew: staged
+    assert (root / "train/a/0.png").read_bytes() == b"rewritten" and stats["downloaded"] == 2
+
+
 # A part of an S3 key may have 1,024 bytes; a local file name 255. A 300-byte file name failed the whole run with exit
 # 4 ("File name too long") after `validate` had said ok.
 LONG = {"ds/train/" + "\u00fc" * 130 + "/0.png": b"class name of 260 bytes",
