@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from job import logs, storage
-from job.errors import ConfigError
+from job.errors import ConfigError, StorageError
 
 log = logs.get()
 FOLDER = "tensorboard"
@@ -246,10 +246,22 @@ def serve(source: str, folder: Path, port: int, host: str, refresh_seconds: floa
     while not stop():
         time.sleep(0.2)
         if time.monotonic() >= due:
-            copied = mirror(store, folder, known, own)
-            if copied:
-                log.info("event files mirrored", files=copied)
+            refresh(store, folder, known, own)
             due = time.monotonic() + refresh_seconds
+
+
+def refresh(store, folder: Path, known: dict[str, str], own: str) -> None:
+    """One refresh of the mirror. Storage failing then is a warning, and what is mirrored stays served until the next
+    refresh: the first failed refresh stopped the server (exit 4), and under the chart's Deployment each S3 blip
+    restarted the pod and its mirror from nothing."""
+    try:
+        copied = mirror(store, folder, known, own)
+    except StorageError as e:
+        log.warning("event files not refreshed; serving what is mirrored, trying again at the next refresh",
+                    reason=str(e))
+        return
+    if copied:
+        log.info("event files mirrored", files=copied)
 
 
 def image_grid(pixels, labels: list[str]) -> bytes:

@@ -63,6 +63,32 @@ def test_the_mirror_copies_new_and_changed_event_files_and_drops_removed_ones(tm
     assert not (folder / "r1" / "events.1").exists() and (folder / "r2" / "events.2").read_bytes() == b"two"
 
 
+def test_a_refresh_that_storage_fails_keeps_the_mirror_served(tmp_path):
+    # The first refresh that failed (storage gone a moment) stopped `finetune-job tensorboard`, exit 4.
+    import structlog.testing
+
+    from job.errors import StorageError
+
+    runs = tmp_path / "runs"
+    (runs / "r1" / "tensorboard").mkdir(parents=True)
+    (runs / "r1" / "tensorboard" / "events.1").write_bytes(b"one")
+    store, folder, known = storage.open_store(str(runs)), tmp_path / "mirror", {}
+    tensorboard.mirror(store, folder, known)
+
+    class Gone:
+        def list(self):
+            raise StorageError(f"listing {runs}/: storage unreachable")
+
+    with structlog.testing.capture_logs() as logged:
+        tensorboard.refresh(Gone(), folder, known, "run")
+    assert [r["event"] for r in logged] == ["event files not refreshed; serving what is mirrored, trying again at "
+                                            "the next refresh"]
+    assert (folder / "r1" / "events.1").read_bytes() == b"one"  # still served
+    (runs / "r1" / "tensorboard" / "events.1").write_bytes(b"one, grown")
+    tensorboard.refresh(store, folder, known, "run")  # storage back: mirrored again
+    assert (folder / "r1" / "events.1").read_bytes() == b"one, grown"
+
+
 def test_the_mirror_of_one_runs_folder_serves_that_run():
     # `--from <output.uri>/<run_id>` (one run's folder) mirrored nothing: its events are `tensorboard/...`.
     assert tensorboard.event_file("r1/tensorboard/events.1", "out") == ("r1", "events.1")
