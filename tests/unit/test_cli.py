@@ -142,6 +142,23 @@ def test_a_model_that_is_no_run_says_where_the_runs_are(tmp_path):
         with pytest.raises(StorageError) as e, fetched_run(str(tmp_path / "runs" / "r1")):
             pass
         assert str(e.value) == f"{tmp_path}/runs/r1/{said}"
+    # A file of the artifact that the manifest does not list (a manifest edited to drop a corrupted one): it was
+    # loaded unchecked, a traceback (DataLossError, exit 1).
+    pb = tmp_path / "runs" / "r1" / "saved_model" / "saved_model.pb"
+    pb.write_bytes(b"pb")
+    (pb.parent / "variables").mkdir()
+    (pb.parent / "variables" / "variables.data-00000-of-00001").write_bytes(b"corrupted")
+    (pb.parent / ".DS_Store").write_bytes(b"a copy's")  # hidden: not the model's
+    (tmp_path / "runs" / "r1" / "manifest.json").write_text(json.dumps(
+        {"files": {"labels.txt": {"bytes": 4, "sha256": labels_sha},
+                   "saved_model/saved_model.pb": {"bytes": 2, "sha256": hashlib.sha256(b"pb").hexdigest()}}}))
+    with pytest.raises(StorageError) as e, fetched_run(str(tmp_path / "runs" / "r1")):
+        pass
+    assert str(e.value) == (f"{tmp_path}/runs/r1/saved_model/variables/variables.data-00000-of-00001: not in the "
+                            "manifest, so it cannot be checked; export the run again")
+    (pb.parent / "variables" / "variables.data-00000-of-00001").unlink()
+    with fetched_run(str(tmp_path / "runs" / "r1")) as folder:  # every file listed and matching: fetched
+        assert folder == tmp_path / "runs" / "r1"
     # No manifest, a cut one, or one that is no run's: a traceback (FileNotFoundError, JSONDecodeError), exit 1.
     manifest = tmp_path / "runs" / "r1" / "manifest.json"
     for body, said in ((None, "manifest.json: missing, so the run's files cannot be checked"),
