@@ -1251,5 +1251,7 @@ def test_extra_volumes_reach_the_training_pods_and_tensorboard() -> None:
         render({**values, "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ca"}]})
     with pytest.raises(helm_python.HelmRenderError, match="extraVolumes: \"tmp\" is a volume of the chart's own"):
         render({"extraVolumes": [{"name": "tmp", "emptyDir": {}}]})
+    with pytest.raises(helm_python.HelmRenderError, match="mounts at /tmp, where the chart mounts a volume of its own"):
+        render({**values, "extraVolumeMounts": [{"name": "s3-ca", "mountPath": "/tmp"}]})
     with pytest.raises(helm_python.HelmValuesError, match="/extraVolumeMounts/0"):
         render({**values, "extraVolumeMounts": [{"name": "s3-ca"}]})

@@ -207,9 +207,13 @@ volume the pod lacks, or a name the chart's own volumes use, rendered a pod the 
 {{- end }}
 {{- $names = append $names .name }}
 {{- end }}
+{{- $taken := list "/tmp" "/dev/shm" (include "finetune-job.configDir" .) (include "finetune-job.cacheDir" .) }}
 {{- range .Values.extraVolumeMounts }}
 {{- if not (has .name $names) }}
 {{- fail (printf "extraVolumeMounts: %q is none of extraVolumes; add it there" .name) }}
+{{- end }}
+{{- if has (trimSuffix "/" .mountPath) $taken }}
+{{- fail (printf "extraVolumeMounts: %q mounts at %s, where the chart mounts a volume of its own; choose another path" .name .mountPath) }}
 {{- end }}
 {{- end }}
 {{- with .Values.extraVolumes }}
