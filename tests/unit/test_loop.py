@@ -371,7 +371,7 @@ def test_a_diverged_phase_stops_before_its_epoch_is_saved(tmp_path, cluster, dat
     phase = phase_of(model, data, 3, lambda: {"val_loss": 0.5, "val_accuracy": 0.5})
     phase = dataclasses.replace(phase, learning_rate=1e38)  # Adam steps by about the rate: weights of 1e38
     with pytest.raises(ConfigError, match=r"^training diverged: head epoch 1 has loss (nan|inf) at learning rate "
-                                          r"1e\+38; lower train\.head\.learning_rate$"):
+                                          r"1e\+38; lower train\.head\.learning_rate, under a new run_id "):
         loop.run_phase(phase, cluster, BATCH, loop.Options(), ckpt, state)
     assert ckpt.latest is None and state.epoch == 0  # nothing of the diverged epoch kept
     scripted = iter([0.5, float("nan")])  # the validation loss alone, in the second epoch
@@ -401,7 +401,8 @@ def test_a_search_whose_every_trial_diverged_stops_the_run(tmp_path, cluster, da
                           cfg=SimpleNamespace(train=SimpleNamespace(batch_size=BATCH)), work=tmp_path, multi=False,
                           state=RunState(), ckpt=checkpoints(tmp_path, cluster))
     with pytest.raises(ConfigError, match=r"^training diverged: every train.search trial has val_loss nan "
-                                          r"\(learning rates 0.1, 0.3\); lower train.search.learning_rates$"):
+                                          r"\(learning rates 0.1, 0.3\); lower train.search.learning_rates, under a "
+                                          r"new run_id"):
         search.run(run, make_phase, [0.1, 0.3], 1, lambda record: None)
     assert run.ckpt.latest is None  # nothing of the diverged trials kept in storage
 
