@@ -132,17 +132,18 @@ def storage_errors(what: str) -> Iterator[None]:
         raise StorageError(f"{what}: {e.strerror or e}") from None
 
 
-@contextlib.contextmanager
-def _changed_since_listed(uri: str) -> Iterator[None]:
-    """A GET refused on its If-Match (412) as the StorageError that says why: the object was rewritten after the
-    listing (exit 4, so that a Job's retry lists it anew)."""
-    try:
-        yield
-    except StorageError as e:
-        if "PreconditionFailed" not in str(e) and "412" not in str(e):
-            raise
-        raise StorageError(f"{uri}: rewritten after the dataset was listed (its ETag is not the listing's); run again "
-                           "once the dataset stops changing: the rerun lists it anew") from None
+def _same_version(uri: str, reply: dict, size: int, etag: str) -> None:
+    """StorageError when a GET's or HEAD's reply is of another size than the listing's (the object was rewritten
+    after it); a warning when only its ETag differs."""
+    if not etag:
+        return
+    got = reply.get("ContentLength")
+    if size and got is not None and got != size:
+        raise StorageError(f"{uri}: rewritten after the dataset was listed ({got} bytes, listed {size}); run again "
+                           "once the dataset stops changing: the rerun lists it anew")
+    if str(reply.get("ETag", "")).strip('"') not in ("", etag):
+        log.warning("an object's ETag on download is not its listing's: rewritten at the same size, or the store "
+                    "gives GETs other ETags than listings (encrypted objects)", uri=uri)
 
 
 def _client_error(what: str, e) -> StorageError:
@@ -192,9 +193,11 @@ class S3Store:
                 raise
 
     def download(self, rel: str, dest: Path, size: int = 0, etag: str = "") -> int:
-        """Atomic download to dest (a temporary name, then rename); returns the bytes written. With `etag` (the
-        listing's), only that version: an object rewritten since it was listed is a StorageError saying so (staging
-        recorded the listed version and trained on the new one).
+        """Atomic download to dest (a temporary name, then rename); returns the bytes written. With `etag` and
+        `size` (the listing's), the reply is checked against them: an object rewritten since it was listed, to
+        another size, is a StorageError saying so (staging recorded the listed version and trained on the new one);
+        one whose reply has another ETag at the listed size is a warning (a store may give GETs other ETags than
+        listings, encrypted objects on MinIO; no condition is sent, which some stores mishandle).
 
         Objects of RANGED_MIN bytes and more (tar shards) go through boto3's transfer manager: parallel
         ranged GETs, each retried on its own. Smaller ones are one GET: botocore retries failed requests,
@@ -203,17 +206,16 @@ class S3Store:
         """
         from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
 
-        match = {"IfMatch": f'"{etag}"'} if etag else {}
         if size >= RANGED_MIN:
-            return self._download_ranged(rel, dest, match)
+            return self._download_ranged(rel, dest, size, etag)
 
-        with _changed_since_listed(join(self.uri, rel)), storage_errors(f"downloading {join(self.uri, rel)}"), \
-                atomic_path(dest) as tmp:
+        with storage_errors(f"downloading {join(self.uri, rel)}"), atomic_path(dest) as tmp:
             for attempt in range(1, STREAM_ATTEMPTS + 1):
-                body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel), **match)["Body"]  # retried
+                reply = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))  # botocore retries
+                _same_version(join(self.uri, rel), reply, size, etag)
                 try:
                     with open(tmp, "wb") as f:
-                        shutil.copyfileobj(body, f, 1 << 20)
+                        shutil.copyfileobj(reply["Body"], f, 1 << 20)
                     break
                 except (ResponseStreamingError, ReadTimeoutError):
                     metrics.s3_error("GetObject")
@@ -224,14 +226,14 @@ class S3Store:
         metrics.s3_bytes_downloaded(size)
         return size
 
-    def _download_ranged(self, rel: str, dest: Path, match: dict) -> int:
+    def _download_ranged(self, rel: str, dest: Path, size: int, etag: str) -> int:
         from boto3.s3.transfer import TransferConfig
 
         config = TransferConfig(multipart_threshold=RANGED_MIN, multipart_chunksize=RANGED_CHUNK, max_concurrency=8)
-        with _changed_since_listed(join(self.uri, rel)), storage_errors(f"downloading {join(self.uri, rel)}"), \
-                atomic_path(dest) as tmp:
-            if match:  # (the transfer manager takes no If-Match: the version checked just before)
-                self.client.head_object(Bucket=self.bucket, Key=self._key(rel), **match)
+        with storage_errors(f"downloading {join(self.uri, rel)}"), atomic_path(dest) as tmp:
+            if etag:  # the version checked just before (the transfer manager's own HEAD and parts follow it)
+                _same_version(join(self.uri, rel), self.client.head_object(Bucket=self.bucket, Key=self._key(rel)),
+                              size, etag)
             self.client.download_file(self.bucket, self._key(rel), str(tmp), Config=config,
                                       Callback=metrics.s3_bytes_downloaded)
         return dest.stat().st_size
