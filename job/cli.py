@@ -148,7 +148,8 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
         metrics.finish(False, preempted=isinstance(exc, Preempted))
         _fail(exc)
     logs.get().info("run finished", **summary)
-    metrics.finish(True)
+    # completed by another attempt while this one waited for the lease: its final values are that attempt's
+    metrics.finish(True, push=summary.get("status") != "already complete")
 
 
 @app.command()

@@ -384,8 +384,8 @@ def _refuse_divergence(phase: str, record: dict) -> None:
         key = "train.head.learning_rate" if phase.endswith("head") else \
             "train.finetune.learning_rate or train.search.learning_rates (from scratch: train.head.learning_rate)"
         raise ConfigError(f"training diverged: {phase} epoch {record['epoch']} has {lost[0]} {record[lost[0]]} at "
-                          f"learning rate {record['learning_rate']:.3g}; lower {key}, under a new run_id (this "
-                          "one's checkpoints hold the recipe that diverged, and a resume refuses another)")
+                          f"learning rate {record['learning_rate']:.3g}; lower {key} (under a new run_id "
+                          "where this one has checkpoints: a resume refuses another recipe)")
 
 
 def _value(variable):

@@ -301,14 +301,15 @@ def checkpoint_saved() -> None:
     CHECKPOINTS.labels(**_run.labels).inc()
 
 
-def finish(success: bool, preempted: bool = False) -> None:
+def finish(success: bool, preempted: bool = False, push: bool = True) -> None:
     """End the run: record its status, push the final state (the chief) or remove this worker's
     group (the others), keep /metrics up for `linger_seconds` so the last values get scraped, stop.
 
     A preempted run (SIGTERM, checkpoint saved) is "preempted", not "failed": it resumes, and
     FinetuneJobFailed must not fire on every routine eviction. It does not linger: the pod's grace period is the
     checkpoint's, and a linger that outlasted it ended in SIGKILL (exit 137, counted as a failure by the chart's Job)
-    where the run had stopped cleanly; the Pushgateway, when set, has its final state."""
+    where the run had stopped cleanly; the Pushgateway, when set, has its final state. `push` False: nothing pushed
+    at the end (an attempt that found its run completed by another: its push replaced that run's final values)."""
     run = _run.labels
     status = "succeeded" if success else "preempted" if preempted else "failed"
     for name in STATUSES:
@@ -316,7 +317,7 @@ def finish(success: bool, preempted: bool = False) -> None:
     if success:
         LAST_SUCCESS.labels(**run).set_to_current_time()
     _stop_pusher(_run)
-    if _run.pushgateway:
+    if _run.pushgateway and push:
         if _run.is_chief:
             _push(_run)
         else:

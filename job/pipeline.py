@@ -436,10 +436,11 @@ def _close_board(board, failing: bool) -> None:
     to copy them is a warning: storage gone away during staging was reported as the event file's upload."""
     try:
         board.close()
-    except JobError as e:
+    except Exception as e:  # noqa: BLE001 (a full disk fails the events' flush with TensorFlow's own error)
         if not failing:
             raise
-        log.warning("tensorboard event files not copied to storage", reason=str(e))
+        log.warning("tensorboard event files not copied to storage", reason=str(e).strip().splitlines()[0][:300]
+                    if str(e).strip() else type(e).__name__)
 
 
 def prepare(cfg: Config) -> Run | dict:
@@ -470,9 +471,11 @@ def prepare(cfg: Config) -> Run | dict:
     parts, unfreeze = _build_model(cfg, cluster, source.layout.classes, work)
     lease = _take_lease(cfg, out) if cluster.is_chief else None  # the first write to the output
     try:
-        if lease and state != "complete" and not cfg.output.overwrite and out.exists("_SUCCESS"):
+        if lease and cluster.num_workers == 1 and state != "complete" and not cfg.output.overwrite \
+                and out.exists("_SUCCESS"):
             # Another attempt of this run (a second `train`, a duplicate Job) completed it while this one waited for
-            # the lease: this one resumed from its "trained" checkpoint and exported over the finished run.
+            # the lease: this one resumed from its "trained" checkpoint and exported over the finished run. (Several
+            # workers would need to agree on it: the chief alone returning left the others waiting on it.)
             lease.release()
             log.warning(f"run {cfg.run_id} was completed by another attempt while this one waited for its lease")
             return complete_run(cfg, (out, "complete"))

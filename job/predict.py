@@ -60,11 +60,12 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
         # A file of the artifact that the manifest does not list cannot be checked: a manifest edited to drop a
         # corrupted one loaded it, a traceback (exit 1). Hidden files (.DS_Store of a copy) are not the model's.
         inside = [p for p in ([folder / target] if (folder / target).is_file() else (folder / target).rglob("*"))
-                  if p.is_file() and not p.name.startswith(".")]
-        unlisted = sorted(r for r in (p.relative_to(folder).as_posix() for p in inside) if r not in manifest["files"])
+                  if p.is_file()]
+        unlisted = sorted(r for r in (p.relative_to(folder).as_posix() for p in inside) if r not in manifest["files"]
+                          and not any(part.startswith(".") for part in r.split("/")))
         if unlisted:
-            raise StorageError(f"{model_uri}/{unlisted[0]}: not in the manifest, so it cannot be checked; export the "
-                               "run again")
+            raise StorageError(f"{model_uri}/{unlisted[0]}: not in the manifest, so it cannot be checked; remove it "
+                               "if it is a stray file, else export the run again")
         yield folder
 
 

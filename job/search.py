@@ -94,8 +94,8 @@ def run(run, make_phase: Callable[..., object], learning_rates: list[float], run
     if recipe.diverged(results[chosen]):  # every trial: its NaN weights were continued, or exported as complete
         raise ConfigError(f"training diverged: every train.search trial has val_loss {results[chosen]['val_loss']} "
                           f"(learning rates {', '.join(f'{r:.3g}' for r in learning_rates)}); lower "
-                          "train.search.learning_rates, under a new run_id (this one's checkpoints hold the recipe "
-                          "that diverged, and a resume refuses another)")
+                          "train.search.learning_rates, under a new run_id (the head phase's checkpoints hold this "
+                          "recipe, and a resume refuses another)")
     for i, r in enumerate(results):
         r["chosen"] = i == chosen
     log.info("search chose", **{k: v for k, v in results[chosen].items() if k != "chosen"}, trial=chosen + 1)

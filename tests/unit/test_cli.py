@@ -149,13 +149,16 @@ def test_a_model_that_is_no_run_says_where_the_runs_are(tmp_path):
     (pb.parent / "variables").mkdir()
     (pb.parent / "variables" / "variables.data-00000-of-00001").write_bytes(b"corrupted")
     (pb.parent / ".DS_Store").write_bytes(b"a copy's")  # hidden: not the model's
+    (pb.parent / ".ipynb_checkpoints").mkdir()
+    (pb.parent / ".ipynb_checkpoints" / "x.pb").write_bytes(b"a notebook's")
     (tmp_path / "runs" / "r1" / "manifest.json").write_text(json.dumps(
         {"files": {"labels.txt": {"bytes": 4, "sha256": labels_sha},
                    "saved_model/saved_model.pb": {"bytes": 2, "sha256": hashlib.sha256(b"pb").hexdigest()}}}))
     with pytest.raises(StorageError) as e, fetched_run(str(tmp_path / "runs" / "r1")):
         pass
     assert str(e.value) == (f"{tmp_path}/runs/r1/saved_model/variables/variables.data-00000-of-00001: not in the "
-                            "manifest, so it cannot be checked; export the run again")
+                            "manifest, so it cannot be checked; remove it if it is a stray file, else export the run "
+                            "again")
     (pb.parent / "variables" / "variables.data-00000-of-00001").unlink()
     with fetched_run(str(tmp_path / "runs" / "r1")) as folder:  # every file listed and matching: fetched
         assert folder == tmp_path / "runs" / "r1"

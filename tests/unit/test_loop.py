@@ -371,7 +371,7 @@ def test_a_diverged_phase_stops_before_its_epoch_is_saved(tmp_path, cluster, dat
     phase = phase_of(model, data, 3, lambda: {"val_loss": 0.5, "val_accuracy": 0.5})
     phase = dataclasses.replace(phase, learning_rate=1e38)  # Adam steps by about the rate: weights of 1e38
     with pytest.raises(ConfigError, match=r"^training diverged: head epoch 1 has loss (nan|inf) at learning rate "
-                                          r"1e\+38; lower train\.head\.learning_rate, under a new run_id "):
+                                          r"1e\+38; lower train\.head\.learning_rate \(under a new run_id where "):
         loop.run_phase(phase, cluster, BATCH, loop.Options(), ckpt, state)
     assert ckpt.latest is None and state.epoch == 0  # nothing of the diverged epoch kept
     scripted = iter([0.5, float("nan")])  # the validation loss alone, in the second epoch

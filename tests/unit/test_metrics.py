@@ -253,6 +253,16 @@ def test_pushgateway_failure_push_has_no_success_timestamp(run, gateway):
     assert "finetune_job_last_success_timestamp_seconds" not in final
 
 
+def test_an_attempt_that_found_its_run_complete_pushes_nothing_at_the_end(run, gateway):
+    # It waited for the lease while another attempt completed the run: its final push replaced that run's values.
+    run(run_id="run-done-by-another", pushgateway=gateway.url, push_interval_seconds=60)
+    metrics.step_done("head", 8, 0.1, 0.0)
+    metrics.finish(True, push=False)
+    final = group(gateway, "run-done-by-another")  # as its start pushed it: no final push of this attempt's values
+    assert pushed_value(final, "finetune_job_run_status", status="succeeded") == 0
+    assert pushed_value(final, "finetune_job_run_status", status="running") == 1
+
+
 def test_a_preempted_run_is_not_reported_failed(run, gateway):
     run(run_id="run-preempted", pushgateway=gateway.url, push_interval_seconds=60)
     metrics.set_phase("finetune")
