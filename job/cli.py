@@ -143,9 +143,10 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
     try:
         summary = pipeline.train(cfg)  # it loads TensorFlow once the dataset is listed
     except BaseException as exc:  # noqa: BLE001
-        from job.errors import Preempted
+        from job.errors import LeaseHeld, Preempted
 
-        metrics.finish(False, preempted=isinstance(exc, Preempted))
+        # refused by a live attempt's lease: its Pushgateway group is that attempt's, which is not failing
+        metrics.finish(False, preempted=isinstance(exc, Preempted), push=not isinstance(exc, LeaseHeld))
         _fail(exc)
     logs.get().info("run finished", **summary)
     # completed by another attempt while this one waited for the lease: its final values are that attempt's

@@ -25,6 +25,11 @@ class StorageError(JobError):
     exit_code = 4
 
 
+class LeaseHeld(StorageError):
+    """Another attempt of the run holds its lease and renews it (exit 4). That attempt is alive: this one's metrics
+    must not report the run failed (its Pushgateway group is the live attempt's)."""
+
+
 class WorkerLost(JobError):
     """Another worker of a multi-worker run went away mid-run (exit 1: the Job's next attempt resumes)."""
 

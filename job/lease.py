@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 from job import logs
-from job.errors import StorageError
+from job.errors import LeaseHeld, StorageError
 from job.storage import ConditionalWritesUnsupported, Store
 
 NAME = "_LEASE"
@@ -123,14 +123,14 @@ class Lease:
             seen = now
         raise self._held_by_another()
 
-    def _held_by_another(self) -> StorageError:
+    def _held_by_another(self) -> LeaseHeld:
         try:
             info = json.loads(self.store.read(NAME))
             age = f"{time.time() - float(info['acquired']):.0f} s old"
             holder = info.get("holder", "unknown")
         except (StorageError, ValueError, KeyError, TypeError):
             holder, age = "unknown", "age unknown"
-        return StorageError(f"run {self.run_id} is being written by another run: its lease {self.store.uri}/{NAME} "
+        return LeaseHeld(f"run {self.run_id} is being written by another run: its lease {self.store.uri}/{NAME} "
                             f"is held by {holder} ({age}); use another run_id, or stop that run")
 
     # ------------------------------------------------------------ holding it

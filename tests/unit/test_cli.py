@@ -188,3 +188,28 @@ def test_an_image_uri_naming_only_a_bucket_says_so():
     for uri in ("s3://odd", "s3://odd/"):
         with pytest.raises(ConfigError, match=f"^{uri}: names a bucket, not an image"):
             read_image(uri)
+
+
+def test_a_run_refused_by_a_live_attempts_lease_reports_no_failure_to_its_group(tmp_path, monkeypatch):
+    # The refused attempt pushed "failed" into the live attempt's Pushgateway group (the same job and run_id): the
+    # failure alert fired for a healthy run.
+    import pytest
+    import typer
+
+    from job import cli, metrics, pipeline
+    from job.errors import LeaseHeld, StorageError
+
+    finished = []
+    monkeypatch.setattr(metrics, "start", lambda **kw: None)
+    monkeypatch.setattr(metrics, "finish", lambda success, **kw: finished.append((success, kw)))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{uri: {tmp_path}/d}}\noutput: {{uri: {tmp_path}/o}}\nrun_id: r1\n")
+    for error, push in ((LeaseHeld("run r1 is being written by another run"), False),
+                        (StorageError("storage unreachable"), True)):
+        def train(cfg, error=error):
+            raise error
+
+        monkeypatch.setattr(pipeline, "train", train)
+        with pytest.raises(typer.Exit) as e:
+            cli.train(config, None)
+        assert e.value.exit_code == 4 and finished[-1] == (False, {"preempted": False, "push": push})
