@@ -137,7 +137,7 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
         metrics.start(run_id=cfg.run_id, backbone=cfg.model.backbone, version=job.__version__, worker=worker,
                       is_chief=worker == 0, host=cfg.metrics.host, port=cfg.metrics.port,
                       pushgateway=cfg.metrics.pushgateway,
-                      linger_seconds=cfg.metrics.linger_seconds)
+                      linger_seconds=cfg.metrics.linger_seconds, owned=False)  # pushes once the lease is held
     except BaseException as exc:  # noqa: BLE001 - every failure leaves through _fail
         _fail(exc)
     try:

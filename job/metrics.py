@@ -159,6 +159,7 @@ class _Run:
         self.server_thread: threading.Thread | None = None
         self.pusher: threading.Thread | None = None
         self.stop_pushing = threading.Event()
+        self.owned = threading.Event()  # the run is this attempt's (its lease taken): periodic pushes may begin
         self.push_failing = False
         self.next_memory_sample = 0.0
 
@@ -203,14 +204,19 @@ def start(
     push_interval_seconds: float = 15.0,
     linger_seconds: float = 15.0,
     host: str = "0.0.0.0",
+    owned: bool = True,
 ) -> None:
     """Begin a run: reset the registry, serve it on host:port (port 0: not served) and, with a
-    Pushgateway URL, push it every `push_interval_seconds` from a background thread."""
+    Pushgateway URL, push it every `push_interval_seconds` from a background thread. `owned` False: the periodic
+    pushes wait for `owned()` (the run's lease taken): a second attempt of one run id, waiting on the live one's
+    lease, pushed its own "running" values into the live one's group every 15 s."""
     global _run
     _stop()
     # _created series would double the series count (and the Pushgateway's); rate() does not need them.
     disable_created_metrics()
     _run = _Run(run_id, worker, is_chief, pushgateway, push_interval_seconds, linger_seconds)
+    if owned:
+        _run.owned.set()
     _reset()
     INFO.labels(**_run.labels).info({"backbone": backbone, "version": version})
     if port:
@@ -353,7 +359,15 @@ def _stop_pusher(run: _Run) -> None:
         run.pusher = None
 
 
+def owned() -> None:
+    """This attempt holds the run (its lease, or a worker's place in it): its periodic pushes begin."""
+    _run.owned.set()
+
+
 def _push_periodically(run: _Run) -> None:
+    while not run.owned.is_set():
+        if run.stop_pushing.wait(0.2):
+            return
     while True:
         _push(run)
         if run.stop_pushing.wait(run.push_interval_seconds):

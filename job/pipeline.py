@@ -470,6 +470,7 @@ def prepare(cfg: Config) -> Run | dict:
     work.mkdir(parents=True, exist_ok=True)
     parts, unfreeze = _build_model(cfg, cluster, source.layout.classes, work)
     lease = _take_lease(cfg, out) if cluster.is_chief else None  # the first write to the output
+    metrics.owned()  # the chief holds the run now (the other workers' groups are their own)
     try:
         if lease and cluster.num_workers == 1 and state != "complete" and not cfg.output.overwrite \
                 and out.exists("_SUCCESS"):

@@ -253,6 +253,18 @@ def test_pushgateway_failure_push_has_no_success_timestamp(run, gateway):
     assert "finetune_job_last_success_timestamp_seconds" not in final
 
 
+def test_an_attempt_pushes_once_it_holds_the_run(run, gateway):
+    # A second attempt of one run id, waiting on the live one's lease, pushed its own "running" values (its counters
+    # at 0) into the live one's group every 15 s.
+    run(run_id="run-waiting", pushgateway=gateway.url, owned=False)
+    metrics.step_done("head", 8, 0.1, 0.0)
+    time.sleep(1.0)  # five push intervals
+    assert group(gateway, "run-waiting") is None
+    metrics.owned()  # the lease taken
+    pushed = wait_until(lambda: group(gateway, "run-waiting"))
+    assert pushed_value(pushed, "finetune_job_images_processed_total", phase="head") == 8
+
+
 def test_an_attempt_that_found_its_run_complete_pushes_nothing_at_the_end(run, gateway):
     # It waited for the lease while another attempt completed the run: its final push replaced that run's values.
     run(run_id="run-done-by-another", pushgateway=gateway.url, push_interval_seconds=60)
