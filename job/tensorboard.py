@@ -177,13 +177,21 @@ def mirror(store: storage.Store, folder: Path, known: dict[str, str], own: str =
         found = event_file(entry.rel, own)
         if found:
             wanted[entry.rel] = (entry, Path(folder) / found[0] / found[1])
-    copied = 0
+    copied, missed = 0, []
     for rel, (entry, target) in wanted.items():
         if known.get(rel) != entry.etag or not target.is_file():
+            try:
+                data = store.read(rel)
+            except StorageError as e:  # one file gone or unreadable (a resumed run rewrites its events): the
+                missed.append(str(e))  # others are still copied; it is tried again at the next refresh
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(store.read(rel))
+            target.write_bytes(data)
             known[rel] = entry.etag
             copied += 1
+    if missed:
+        log.warning("event files not copied this time; tried again at the next refresh", files=len(missed),
+                    example=missed[0])
     for rel in [r for r in known if r not in wanted]:
         run, rest = event_file(rel, own)
         (Path(folder) / run / rest).unlink(missing_ok=True)

@@ -87,6 +87,27 @@ def test_a_refresh_that_storage_fails_keeps_the_mirror_served(tmp_path):
     (runs / "r1" / "tensorboard" / "events.1").write_bytes(b"one, grown")
     tensorboard.refresh(store, folder, known, "run")  # storage back: mirrored again
     assert (folder / "r1" / "events.1").read_bytes() == b"one, grown"
+    # One file that fails (gone between the listing and its read, as a resumed run rewrites its events): the
+    # others are copied still, and it is tried again at the next refresh.
+    (runs / "r2" / "tensorboard").mkdir(parents=True)
+    (runs / "r2" / "tensorboard" / "events.2").write_bytes(b"two")
+    (runs / "r1" / "tensorboard" / "events.1").write_bytes(b"one, grown again")
+    real_read = store.read
+
+    def read(rel, *args):
+        if rel == "r1/tensorboard/events.1":
+            raise StorageError(f"reading {runs}/{rel}: NoSuchKey")
+        return real_read(rel, *args)
+
+    store.read = read
+    with structlog.testing.capture_logs() as logged:
+        tensorboard.refresh(store, folder, known, "run")
+    assert (folder / "r2" / "events.2").read_bytes() == b"two"  # copied although events.1 failed
+    assert [r["event"] for r in logged] == ["event files not copied this time; tried again at the next refresh",
+                                            "event files mirrored"]
+    store.read = real_read
+    tensorboard.refresh(store, folder, known, "run")
+    assert (folder / "r1" / "events.1").read_bytes() == b"one, grown again"
 
 
 def test_the_mirror_of_one_runs_folder_serves_that_run():
