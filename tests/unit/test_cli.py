@@ -196,10 +196,12 @@ def test_a_run_refused_by_a_live_attempts_lease_reports_no_failure_to_its_group(
     import pytest
     import typer
 
-    from job import cli, metrics, pipeline
+    from job import cli, logs, metrics, pipeline
     from job.errors import LeaseHeld, StorageError
 
     finished = []
+    # (logs.setup would bind structlog to this test's captured stdout, and later tests of the worker print nowhere)
+    monkeypatch.setattr(logs, "setup", lambda *a, **kw: None)
     monkeypatch.setattr(metrics, "start", lambda **kw: None)
     monkeypatch.setattr(metrics, "finish", lambda success, **kw: finished.append((success, kw)))
     config = tmp_path / "c.yaml"
