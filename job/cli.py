@@ -65,8 +65,9 @@ def _fail(exc: BaseException) -> None:
 
     from job import logs
     from job.distribute import tf_config_workers
-    from job.errors import JobError, StorageError, WorkerLost, exit_code_for
+    from job.errors import JobError, StorageError, WorkerLost, carried, exit_code_for
 
+    exc = carried(exc)
     several = tf_config_workers()[1] > 1
     if several and type(exc).__name__ in _PEER_ERRORS and type(exc).__module__.startswith("tensorflow"):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -48,6 +48,23 @@ class ExportFailed(JobError):
     exit_code = 1
 
 
+_carried: list[JobError] = []
+
+
+def carry(exc: JobError) -> None:
+    """Remember an expected error raised inside a tf.data generator (a streamed shard that cannot be read):
+    TensorFlow hands it on as its own UnknownError, the traceback in the message, which was exit 1 "unexpected
+    error" for a storage or data failure; the CLI reports this one instead (`carried`)."""
+    _carried[:] = [exc]
+
+
+def carried(exc: BaseException) -> BaseException:
+    """The expected error a TensorFlow error carries (see `carry`), or `exc` itself."""
+    if _carried and type(exc).__module__.startswith("tensorflow") and str(_carried[0]) in str(exc):
+        return _carried[0]
+    return exc
+
+
 def exit_code_for(exc: BaseException) -> int:
     """Exit code of the contract for any exception: typed errors carry theirs, the rest is 1."""
     return exc.exit_code if isinstance(exc, JobError) else 1

@@ -166,10 +166,10 @@ class Copied(Reader):
 class Streamed(Reader):
     mode = "stream"
 
-    def __init__(self, listed, bad, where, image_size, store: storage.Store, etags: dict[str, str],
+    def __init__(self, listed, bad, where, image_size, store: storage.Store, versions: dict[str, storage.Entry],
                  keep: Path | None = None):
         super().__init__(listed, bad, where, image_size)
-        self.store, self.etags = store, etags  # shard -> ETag
+        self.store, self.versions = store, versions  # shard -> its listing (size, ETag)
         self.keep = keep  # where decoded shards are kept after their first read (job/stream.py), or None
 
     def shards(self, split: str, share: Share | None = None) -> list[str]:
@@ -185,7 +185,8 @@ class Streamed(Reader):
 
     def samples(self, split):
         keys = set(self.items(split)[0])
-        yield from sorted(read_shards(self.store, self.shards(split), self.layout.classes, keys, multi=self.multi))
+        yield from sorted(read_shards(self.store, self.shards(split), self.layout.classes, keys, multi=self.multi,
+                                      versions=self.versions))
 
     def images(self, split, batch, *, shuffle=False, seed=0, repeat=False, share=None, start=0):
         from job import stream
@@ -196,18 +197,19 @@ class Streamed(Reader):
         keys = set(self.items(split, share)[0])
         return stream.dataset(self.store, self.shards(split, share), self.layout.classes, keys, self.image_size,
                               batch, shuffle=shuffle, seed=seed, repeat=repeat, multi=self.multi, keep=self.keep,
-                              etags=self.etags)
+                              versions=self.versions)
 
     def identity(self, split, share=None):
         keys, labels = self.items(split, share)
-        return [[rel, self.etags[rel]] for rel in self.shards(split, share)] + sorted(zip(keys, labels))
+        return [[rel, self.versions[rel].etag] for rel in self.shards(split, share)] + sorted(zip(keys, labels))
 
     def pixels(self, split, keys=None):
         from job import stream
 
         wanted = set(self.items(split)[0] if keys is None else keys)
         rels = sorted({shard_of(k) for k in wanted})
-        return stream.pixels(self.store, rels, self.layout.classes, wanted, self.image_size, multi=self.multi)
+        return stream.pixels(self.store, rels, self.layout.classes, wanted, self.image_size, multi=self.multi,
+                             versions=self.versions)
 
 
 def balanced(images: dict[str, int], workers: int) -> list[list[str]]:
@@ -234,11 +236,12 @@ def shard_of(key: str) -> str:
 
 
 def read_shards(store: storage.Store, rels: list[str], classes: list[str], allowed: set[str] | None = None,
-                ignored: list[str] | None = None, multi: bool = False) -> Iterator[tuple[str, bytes, int | tuple]]:
+                ignored: list[str] | None = None, multi: bool = False,
+                versions: dict[str, storage.Entry] | None = None) -> Iterator[tuple[str, bytes, int | tuple]]:
     """(key, encoded image, label) of the shards `rels`, in order, read as streams (no TensorFlow); `multi`:
-    each label a tuple of indices."""
+    each label a tuple of indices; `versions`: the shards' listings, each read checked against its own."""
     for rel in rels:
-        body = store.open_stream(rel)
+        body = store.open_stream(rel, (versions or {}).get(rel))
         try:
             for sample in shards.samples(body, f"{store.uri}/{rel}", classes, ignored, multi):
                 key = f"{rel}:{sample.key}{sample.ext}"
@@ -388,7 +391,8 @@ def _stream(source: Source, how: Staging) -> Streamed:
         pairs, seen = found.setdefault(split, []), shards.SplitKeys(split)
         for entry in entries:
             chunk = []
-            for key, image, label in read_shards(source.store, [entry.rel], classes, ignored=ignored, multi=multi):
+            for key, image, label in read_shards(source.store, [entry.rel], classes, ignored=ignored, multi=multi,
+                                                 versions={entry.rel: entry}):
                 seen.add(shards.member_key(key.split(":", 1)[1], key)[0], f"{source.uri}/{key}")
                 pairs.append((key, label))
                 chunk.append((key, image))
@@ -399,10 +403,10 @@ def _stream(source: Source, how: Staging) -> Streamed:
             how.progress(1)
             how.stop()
     _warn_ignored(ignored)
-    etags = {e.rel: e.etag for es in source.shard_entries.values() for e in es}
+    versions = {e.rel: e for es in source.shard_entries.values() for e in es}
     listed = layout.build(classes, found, multi)
     total = sum(listed.count(split) for split in listed.splits)
-    streamed = Streamed(listed, bad, source.uri, how.image_size, source.store, etags, _keep(how, total))
+    streamed = Streamed(listed, bad, source.uri, how.image_size, source.store, versions, _keep(how, total))
     streamed.digests = digests
     return streamed
 

@@ -141,9 +141,32 @@ def _same_version(uri: str, reply: dict, size: int, etag: str) -> None:
     if size and got is not None and got != size:
         raise StorageError(f"{uri}: rewritten after the dataset was listed ({got} bytes, listed {size}); run again "
                            "once the dataset stops changing: the rerun lists it anew")
-    if str(reply.get("ETag", "")).strip('"') not in ("", etag):
-        log.warning("an object's ETag on download is not its listing's: rewritten at the same size, or the store "
-                    "gives GETs other ETags than listings (encrypted objects)", uri=uri)
+    if str(reply.get("ETag", "")).strip('"') not in ("", etag) and uri not in _warned_versions:
+        _warned_versions.add(uri)  # once: a streamed shard is read every epoch
+        if is_s3(uri):
+            log.warning("an object's ETag on download is not its listing's: rewritten at the same size, or the "
+                        "store gives GETs other ETags than listings (encrypted objects)", uri=uri)
+        else:
+            log.warning("a file's modification time is not its listing's: rewritten at the same size since the "
+                        "dataset was listed", path=uri)
+
+
+_warned_versions: set[str] = set()
+
+
+class _KnownVersion:
+    """A transfer-manager subscriber that hands it the size and ETag a HEAD found, so it makes no HEAD of its own
+    and conditions every ranged GET on that version; it also counts the bytes in `finetune_job_s3_bytes_*`."""
+
+    def __init__(self, size: int, etag: str | None):
+        self.size, self.etag = size, etag
+
+    def on_queued(self, future, **_) -> None:
+        future.meta.provide_transfer_size(self.size)
+        future.meta.provide_object_etag(self.etag)
+
+    def on_progress(self, future, bytes_transferred: int, **_) -> None:
+        metrics.s3_bytes_downloaded(bytes_transferred)
 
 
 def _client_error(what: str, e) -> StorageError:
@@ -227,15 +250,27 @@ class S3Store:
         return size
 
     def _download_ranged(self, rel: str, dest: Path, size: int, etag: str) -> int:
-        from boto3.s3.transfer import TransferConfig
+        """The transfer manager's parallel ranged GETs, every one of them conditional (If-Match) on the version a
+        HEAD found here, checked against the listing first: a rewrite after that HEAD fails the parts (412) where
+        the manager's own HEAD took the new version and staged it as the listed one."""
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+        from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 
         config = TransferConfig(multipart_threshold=RANGED_MIN, multipart_chunksize=RANGED_CHUNK, max_concurrency=8)
-        with storage_errors(f"downloading {join(self.uri, rel)}"), atomic_path(dest) as tmp:
-            if etag:  # the version checked just before (the transfer manager's own HEAD and parts follow it)
-                _same_version(join(self.uri, rel), self.client.head_object(Bucket=self.bucket, Key=self._key(rel)),
-                              size, etag)
-            self.client.download_file(self.bucket, self._key(rel), str(tmp), Config=config,
-                                      Callback=metrics.s3_bytes_downloaded)
+        uri = join(self.uri, rel)
+        with storage_errors(f"downloading {uri}"), atomic_path(dest) as tmp:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+            _same_version(uri, head, size, etag)
+            with create_transfer_manager(self.client, config) as manager:
+                future = manager.download(self.bucket, self._key(rel), str(tmp),
+                                          subscribers=[_KnownVersion(head["ContentLength"], head.get("ETag"))])
+                try:
+                    future.result()
+                except S3DownloadFailedError:  # the manager's word for a part refused by its If-Match (412)
+                    raise StorageError(f"{uri}: rewritten while it downloaded; run again once the dataset stops "
+                                       "changing") from None
+                except RetriesExceededError as e:  # a part failed every retry: what failed it, in one line
+                    raise e.last_exception from None
         return dest.stat().st_size
 
     def upload(self, src: Path, rel: str) -> None:
@@ -287,10 +322,12 @@ class S3Store:
         now, written = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc) for t in (now, written))
         return reply["ETag"].strip('"'), max(0.0, (now - written).total_seconds())
 
-    def open_stream(self, rel: str) -> _Resumable:
+    def open_stream(self, rel: str, listed: Entry | None = None) -> _Resumable:
         """The object's body as a file-like stream (read as it arrives; job.stream); a connection lost in the
-        middle is picked up where it stopped."""
-        return _Resumable(self.client, self.bucket, self._key(rel), join(self.uri, rel))
+        middle is picked up where it stopped. With `listed` (its listing), the reply is checked against it as a
+        download's is: a streamed run reads its shards every epoch, and a shard rewritten in the middle of the run
+        mixed two versions of the dataset into one training."""
+        return _Resumable(self.client, self.bucket, self._key(rel), join(self.uri, rel), listed)
 
     def read(self, rel: str, head: int = 0) -> bytes:
         """The object's bytes; its first `head` bytes only if given (a ranged GET)."""
@@ -397,9 +434,15 @@ class LocalStore:
             return None
         return str(st.st_mtime_ns), max(0.0, time.time() - st.st_mtime)
 
-    def open_stream(self, rel: str):
+    def open_stream(self, rel: str, listed: Entry | None = None):
+        """The file, checked against its listing when given (size, then modification time), as S3Store's."""
         with storage_errors(f"reading {self.root / rel}"):
-            return open(self.root / rel, "rb")  # noqa: SIM115 (the reader closes it)
+            f = open(self.root / rel, "rb")  # noqa: SIM115 (the reader closes it)
+            if listed is not None:
+                st = os.fstat(f.fileno())
+                _same_version(str(self.root / rel), {"ContentLength": st.st_size, "ETag": str(st.st_mtime_ns)},
+                              listed.size, listed.etag)
+            return f
 
     def read(self, rel: str, head: int = 0) -> bytes:
         with storage_errors(f"reading {self.root / rel}"), open(self.root / rel, "rb") as f:
@@ -421,15 +464,17 @@ class _Resumable:
     resumed with a ranged GET from the byte where it stopped, on the same version of the object (If-Match its
     ETag), STREAM_ATTEMPTS times in all with backoff; each loss counts in finetune_job_s3_errors_total."""
 
-    def __init__(self, client, bucket: str, key: str, uri: str):
+    def __init__(self, client, bucket: str, key: str, uri: str, listed: Entry | None = None):
         self.client, self.bucket, self.key, self.uri = client, bucket, key, uri
         self.offset, self.etag, self.losses = 0, "", 0
-        self.body = self._get()
+        self.body = self._get(listed)
 
-    def _get(self):
+    def _get(self, listed: Entry | None = None):
         ranged = {"Range": f"bytes={self.offset}-", "IfMatch": self.etag} if self.offset else {}
         with storage_errors(f"reading {self.uri}"):
             reply = self.client.get_object(Bucket=self.bucket, Key=self.key, **ranged)  # botocore retries
+            if listed is not None:
+                _same_version(self.uri, reply, listed.size, listed.etag)
         self.etag = self.etag or reply["ETag"]
         return reply["Body"]
 

@@ -21,9 +21,10 @@ import numpy as np
 import tensorflow as tf
 
 from job.dataset import AUTOTUNE, decode_and_resize
+from job.errors import JobError, carry
 from job.files import atomic_path
 from job.readers import read_shards
-from job.storage import Store
+from job.storage import Entry, Store
 
 SHUFFLE_BUFFER = 2048
 PARALLEL_SHARDS = 4
@@ -70,7 +71,7 @@ def _decoder(image_size: tuple[int, int]):
 
 
 def _decoded(store: Store, rel: str, classes: list[str], allowed: set[str], image_size: tuple[int, int],
-             multi: bool, kept: Path | None):
+             multi: bool, kept: Path | None, listed: Entry | None = None):
     """(uint8 images [n, h, w, 3], labels [n]) chunks of one shard's allowed samples: from its kept files, or
     read from storage and decoded, then kept (when `kept` is set and the shard was read to its end)."""
     rows, labels_file = (kept.with_name(kept.name + ".rows"), kept.with_name(kept.name + ".labels.npy")) \
@@ -86,7 +87,8 @@ def _decoded(store: Store, rel: str, classes: list[str], allowed: set[str], imag
         if kept is not None:
             kept.parent.mkdir(parents=True, exist_ok=True)
             out = stack.enter_context(open(stack.enter_context(atomic_path(rows)), "wb"))
-        for chunk in _chunks(read_shards(store, [rel], classes, allowed, multi=multi)):
+        for chunk in _chunks(read_shards(store, [rel], classes, allowed, multi=multi,
+                                         versions={rel: listed} if listed else None)):
             images = _decoder(tuple(image_size))(tf.constant([encoded for encoded, _ in chunk])).numpy()
             ys = np.stack([_target(label, len(classes), multi) for _, label in chunk]).astype(empty.dtype)
             if out is not None:
@@ -121,19 +123,26 @@ def _target(label, n: int, multi: bool):
 
 def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str], image_size: tuple[int, int],
             batch_size: int, *, shuffle: bool = False, seed: int = 0, repeat: bool = False,
-            multi: bool = False, keep: Path | None = None, etags: dict[str, str] | None = None) -> tf.data.Dataset:
+            multi: bool = False, keep: Path | None = None,
+            versions: dict[str, Entry] | None = None) -> tf.data.Dataset:
     """(image float32 0..255, label) batches streamed from the shards: a seeded new shard order every pass,
     PARALLEL_SHARDS shards read at a time, then a shuffle buffer within the pass (`repeat`: pass after pass, each
     every sample once). `multi`: labels float32 [labels] 0/1. `keep`: the folder where decoded shards are kept
-    (`etags`: each shard's ETag, part of the kept file's name)."""
+    (`versions`: each shard's listing: every read is checked against it, and its ETag is part of the kept file's
+    name)."""
     label_spec = tf.TensorSpec([None, len(classes)], tf.float32) if multi else tf.TensorSpec([None], tf.int32)
     signature = (tf.TensorSpec([None, *image_size, 3], tf.uint8), label_spec)
-    files = {rel: keep / kept_name(rel, (etags or {}).get(rel, ""), allowed, image_size, multi)
+    versions = versions or {}
+    files = {rel: keep / kept_name(rel, versions[rel].etag if rel in versions else "", allowed, image_size, multi)
              if keep is not None else None for rel in rels}
 
     def shard(rel):
         rel = rel.decode()
-        yield from _decoded(store, rel, classes, allowed, image_size, multi, files[rel])
+        try:
+            yield from _decoded(store, rel, classes, allowed, image_size, multi, files[rel], versions.get(rel))
+        except JobError as e:  # TensorFlow passes it on as an UnknownError: the CLI reports this one
+            carry(e)
+            raise
 
     order = tf.data.Dataset.from_tensor_slices(rels)
     if shuffle:
@@ -151,10 +160,10 @@ def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str]
 
 
 def pixels(store: Store, rels: list[str], classes: list[str], allowed: set[str], image_size: tuple[int, int],
-           multi: bool = False) -> tuple[np.ndarray, np.ndarray]:
+           multi: bool = False, versions: dict[str, Entry] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A split in memory: uint8 [n, h, w, 3] and labels (evaluation of the exported formats)."""
     xs, ys = [], []
-    for images, labels in dataset(store, rels, classes, allowed, image_size, 64, multi=multi):
+    for images, labels in dataset(store, rels, classes, allowed, image_size, 64, multi=multi, versions=versions):
         xs.append(tf.cast(images, tf.uint8).numpy())
         ys.append(labels.numpy())
     if not xs:

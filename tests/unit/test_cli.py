@@ -215,3 +215,39 @@ def test_a_run_refused_by_a_live_attempts_lease_reports_no_failure_to_its_group(
         with pytest.raises(typer.Exit) as e:
             cli.train(config, None)
         assert e.value.exit_code == 4 and finished[-1] == (False, {"preempted": False, "push": push})
+
+
+def test_an_expected_error_inside_a_tf_data_generator_keeps_its_exit_code_and_line(tmp_path, monkeypatch, capsys):
+    # A streamed shard that cannot be read (connection lost 5 times, rewritten, cut) raised its StorageError or
+    # DataError inside tf.data's generator; TensorFlow passed it on as an UnknownError: exit 1, "unexpected error"
+    # with the generator's traceback in the message.
+    import pytest
+    import tensorflow as tf
+    import typer
+
+    from job import cli, errors, logs, metrics, pipeline
+    from job.errors import StorageError
+
+    monkeypatch.setattr(logs, "setup", lambda *a, **kw: None)
+    monkeypatch.setattr(metrics, "start", lambda **kw: None)
+    monkeypatch.setattr(metrics, "finish", lambda success, **kw: None)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{uri: {tmp_path}/d}}\noutput: {{uri: {tmp_path}/o}}\nrun_id: r1\n")
+
+    def shard():
+        e = StorageError("reading s3://b/d/shard-000003.tar: connection lost 5 times, last at byte 9")
+        errors.carry(e)
+        raise e
+        yield
+
+    def train(cfg):
+        for _ in tf.data.Dataset.from_generator(shard, output_signature=tf.TensorSpec([], tf.int32)):
+            pass
+
+    monkeypatch.setattr(pipeline, "train", train)
+    capsys.readouterr()
+    with pytest.raises(typer.Exit) as e:
+        cli.train(config, None)
+    err = capsys.readouterr().err
+    assert e.value.exit_code == 4
+    assert err == "finetune-job: error: reading s3://b/d/shard-000003.tar: connection lost 5 times, last at byte 9\n"

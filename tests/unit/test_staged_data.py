@@ -23,7 +23,7 @@ import structlog.testing
 from conftest import tar_bytes
 from hypothesis import given
 
-from job import files, layout, pipeline, readers, shards, sources
+from job import errors, files, layout, pipeline, readers, shards, sources
 from job.config import Config
 from job.errors import ConfigError, DataError, StorageError
 from job.pack import pack
@@ -343,7 +343,7 @@ def test_streaming_workers_each_need_a_training_shard_after_the_validation_split
     staged = stage(root, "stream", tmp_path)
 
     def carved(seed):
-        return readers.Streamed(staged.layout, {}, "d", (8, 8), staged.store, staged.etags).settle(0.2, seed)
+        return readers.Streamed(staged.layout, {}, "d", (8, 8), staged.store, staged.versions).settle(0.2, seed)
 
     seed = next(s for s in range(100) if "train/shard-000001.tar:z.png" in carved(s).items("validation")[0])
     reader = carved(seed)
@@ -363,7 +363,7 @@ def test_streaming_workers_each_need_a_training_shard_after_the_validation_split
     with pytest.raises(DataError, match="1 shard\\(s\\) hold training images .* for 2 workers"):
         pipeline._workers_agree_on_dataset(run_of(1))
     # Uncarved, the workers hold 9 and 1 training images: the chief says the one is seen 9 times as often.
-    reader = readers.Streamed(staged.layout, {}, "d", (8, 8), staged.store, staged.etags).settle(0, seed)
+    reader = readers.Streamed(staged.layout, {}, "d", (8, 8), staged.store, staged.versions).settle(0, seed)
     rows[:] = [[], []]
     capsys.readouterr()
     pipeline._workers_agree_on_dataset(run_of(1))
@@ -443,7 +443,7 @@ def test_streamed_shards_are_kept_decoded_and_read_back_as_copy_mode_reads_them(
     kept = sorted(p.name for p in streamed.keep.iterdir())
     assert len(kept) == 2 * len(streamed.shards("train")) and all(n.endswith((".rows", ".labels.npy")) for n in kept)
 
-    def unreachable(rel):
+    def unreachable(rel, listed=None):
         raise AssertionError(f"{rel} read from storage")
 
     monkeypatch.setattr(streamed.store, "open_stream", unreachable)
@@ -929,6 +929,41 @@ def test_each_pass_of_a_repeated_stream_is_every_training_sample_once(tmp_path):
     passes = [sorted(rows[i * 24:(i + 1) * 24]) for i in range(3)]
     assert len(set(passes[0])) == 24 and passes[0] == passes[1] == passes[2]
     assert rows[:24] != rows[24:48]  # each pass in an order of its own
+
+
+def test_a_streamed_shard_rewritten_during_the_run_is_not_read_as_the_listed_one(tmp_path):
+    """A streamed run reads its shards every epoch: a shard rewritten after the listing was read as it then was,
+    and one training mixed two versions of the dataset. Another size is refused; the same size, a warning once."""
+    import os
+
+    import structlog.testing
+
+    from job import stream
+
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=6, size=8, seed=0, test_per_class=0)
+    pack(str(tmp_path / "d"), str(tmp_path / "s"), shard_size=100_000)
+    reader = stage(tmp_path / "s", "stream", tmp_path).settle(0, 0)
+    keys, rels = set(reader.items("train")[0]), reader.shards("train")
+    shard = tmp_path / "s" / rels[0]
+
+    def one_pass():
+        ds = stream.dataset(reader.store, rels, reader.layout.classes, keys, (8, 8), 4, versions=reader.versions)
+        return sum(len(y) for _, y in ds)
+
+    assert one_pass() == 12
+    body = shard.read_bytes()
+    shard.write_bytes(body)  # the same bytes written again: another modification time
+    with structlog.testing.capture_logs() as logged:
+        assert one_pass() == one_pass() == 12
+    assert [r["event"].split(":")[0] for r in logged if r["log_level"] == "warning"] == [
+        "a file's modification time is not its listing's"]
+    shard.write_bytes(body + b"\0" * 512)
+    with pytest.raises(Exception) as raised:  # TensorFlow's own error, from the tf.data generator
+        one_pass()
+    error = errors.carried(raised.value)  # what the CLI reports: the error the generator raised
+    assert isinstance(error, StorageError) and re.fullmatch(
+        rf".*/{rels[0]}: rewritten after the dataset was listed \({len(body) + 512} bytes, listed {len(body)}\); "
+        "run again once the dataset stops changing: the rerun lists it anew", str(error))
 
 
 @pytest.mark.parametrize("mode", ["copy", "stream"])

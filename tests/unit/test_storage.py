@@ -69,6 +69,42 @@ def test_an_object_rewritten_after_the_listing_is_not_staged_as_the_listed_one(s
         "an object's ETag on download is not its listing's"]
 
 
+def test_a_shard_rewritten_after_its_check_fails_its_download(s3, tmp_path, monkeypatch):
+    # The ranged download checked the version by a HEAD, then the transfer manager made a HEAD of its own and
+    # fetched whatever it found: a rewrite at the listed size in between was staged as the listed version.
+    bucket = s3.bucket()
+    body = b"s" * (storage.RANGED_MIN + 1)
+    s3.client.put_object(Bucket=bucket, Key="ds/train/a/big.tar", Body=body)
+    store = storage.open_store(f"s3://{bucket}/ds", s3.endpoint)
+    listed = store.list()
+    checked = storage._same_version
+
+    def check_then_rewrite(uri, reply, size, etag):
+        checked(uri, reply, size, etag)
+        s3.client.put_object(Bucket=bucket, Key="ds/train/a/big.tar", Body=b"t" * len(body))
+
+    monkeypatch.setattr(storage, "_same_version", check_then_rewrite)
+    with pytest.raises(StorageError, match=r"ds/train/a/big.tar: rewritten while it downloaded; run again"):
+        storage.stage(store, listed, tmp_path)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.read_bytes().startswith(b"t")]
+    monkeypatch.setattr(storage, "_same_version", checked)
+    root, stats = storage.stage(store, store.list(), tmp_path / "again")
+    assert (root / "train/a/big.tar").read_bytes() == b"t" * len(body) and stats["downloaded"] == 1
+
+
+def test_a_stream_of_an_object_rewritten_since_its_listing_is_refused(s3):
+    # Streamed shards are read every epoch, each read checked against the listing as a download is.
+    bucket = s3.bucket()
+    s3.client.put_object(Bucket=bucket, Key="d/shard-000000.tar", Body=b"listed")
+    store = storage.S3Store(f"s3://{bucket}/d", s3.endpoint)
+    [listed] = store.list()
+    assert store.open_stream(listed.rel, listed).read() == b"listed"
+    s3.client.put_object(Bucket=bucket, Key="d/shard-000000.tar", Body=b"rewritten")
+    with pytest.raises(StorageError, match=r"d/shard-000000.tar: rewritten after the dataset was listed \(9 bytes"):
+        store.open_stream(listed.rel, listed)
+    assert store.open_stream(listed.rel).read() == b"rewritten"  # unchecked without a listing (predict, pack)
+
+
 # A part of an S3 key may have 1,024 bytes; a local file name 255. A 300-byte file name failed the whole run with exit
 # 4 ("File name too long") after `validate` had said ok.
 LONG = {"ds/train/" + "\u00fc" * 130 + "/0.png": b"class name of 260 bytes",
