@@ -472,13 +472,11 @@ def prepare(cfg: Config) -> Run | dict:
     lease = _take_lease(cfg, out) if cluster.is_chief else None  # the first write to the output
     metrics.owned()  # the chief holds the run now (the other workers' groups are their own)
     try:
-        if lease and cluster.num_workers == 1 and state != "complete" and not cfg.output.overwrite \
-                and out.exists("_SUCCESS"):
-            # Another attempt of this run (a second `train`, a duplicate Job) completed it while this one waited for
-            # the lease: this one resumed from its "trained" checkpoint and exported over the finished run. (Several
-            # workers would need to agree on it: the chief alone returning left the others waiting on it.)
-            lease.release()
-            log.warning(f"run {cfg.run_id} was completed by another attempt while this one waited for its lease")
+        if _completed_meanwhile(cfg, out, state, lease, cluster):
+            if lease:
+                lease.release()
+            if cluster.is_chief:
+                log.warning(f"run {cfg.run_id} was completed by another attempt while this one waited for its lease")
             return complete_run(cfg, (out, "complete"))
         if state == "complete":
             # Only a complete run is redone from scratch: an incomplete one is this run's own earlier
@@ -549,6 +547,17 @@ def _start_strategy(cfg: Config):
     log.info("strategy ready", strategy=cluster.kind, replicas=cluster.replicas, workers=cluster.num_workers,
              mixed_precision=cluster.mixed_precision)
     return cluster
+
+
+def _completed_meanwhile(cfg: Config, out: storage.Store, state: str, lease, cluster) -> bool:
+    """Whether another attempt of this run (a second `train`, a duplicate Job) completed it while this one waited for
+    the lease: this one resumed from its "trained" checkpoint and exported over the finished run. The chief, which
+    holds the lease, looks; with several workers it tells the others in one collective (the chief alone returning
+    left them waiting on it)."""
+    done = bool(lease) and state != "complete" and not cfg.output.overwrite and out.exists("_SUCCESS")
+    if cluster.num_workers > 1:
+        done = any(row[0] for row in cluster.gather([int(done)]))
+    return done
 
 
 def _take_lease(cfg: Config, out: storage.Store):

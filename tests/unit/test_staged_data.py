@@ -867,6 +867,33 @@ def test_a_run_completed_by_another_attempt_while_waiting_for_the_lease_is_not_r
     assert "was completed by another attempt while this one waited for its lease" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out" / "r1").iterdir()) == ["_SUCCESS"]  # its lease given back
 
+    # Two workers: the chief looks, and tells the other in one gather (it resumed and exported over the run too).
+    (tmp_path / "out" / "r1" / "_SUCCESS").unlink()
+    started = pipeline._start_strategy
+    asked = []
+
+    def worker(index, chief_found):
+        def two_workers(cfg):
+            cluster = started(cfg)
+            cluster.worker_index, cluster.num_workers = index, 2
+
+            def gather(values):
+                asked.append(values)
+                rows = [[int(chief_found)], values] if index else [values, [0]]
+                return rows
+            cluster.gather = gather
+            return cluster
+        return two_workers
+
+    monkeypatch.setattr(pipeline, "_start_strategy", worker(1, True))
+    assert pipeline.prepare(cfg)["status"] == "already complete" and asked == [[0]]  # it holds no lease: 0
+    monkeypatch.setattr(pipeline, "_start_strategy", worker(0, False))
+    assert pipeline.prepare(cfg)["status"] == "already complete" and asked[-1] == [1]  # the chief found _SUCCESS
+    (tmp_path / "out" / "r1" / "_SUCCESS").unlink()
+    monkeypatch.setattr(pipeline, "_take_lease", taken)
+    monkeypatch.setattr(pipeline, "_start_strategy", worker(1, False))
+    assert isinstance(pipeline.prepare(cfg), pipeline.Run)  # nothing found: the run goes on
+
 
 def test_a_complete_run_asked_again_after_its_dataset_changed_says_so(tmp_path, capsys):
     # A class added to the dataset, then `train` again: "already complete", exit 0, a model without the class and
@@ -934,10 +961,6 @@ def test_each_pass_of_a_repeated_stream_is_every_training_sample_once(tmp_path):
 def test_a_streamed_shard_rewritten_during_the_run_is_not_read_as_the_listed_one(tmp_path):
     """A streamed run reads its shards every epoch: a shard rewritten after the listing was read as it then was,
     and one training mixed two versions of the dataset. Another size is refused; the same size, a warning once."""
-    import os
-
-    import structlog.testing
-
     from job import stream
 
     write_sample_dataset(tmp_path / "d", classes=2, per_class=6, size=8, seed=0, test_per_class=0)
