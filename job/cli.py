@@ -229,7 +229,7 @@ def predict(
                     if as_json:
                         typer.echo(json_text(r))
                     continue
-                typer.echo(json_text(r) if as_json else r["image"] + ": " + _shown(r))
+                typer.echo(json_text(r) if as_json else _name(r["image"]) + ": " + _shown(r))
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     if undecodable:
@@ -242,6 +242,14 @@ def _shown(result: dict) -> str:
         return ", ".join(f"{_label(t['label'])} {t['score']:.3f}" for t in result["labels"]) or \
             "(no label above threshold)"
     return ", ".join(f"{_label(t['label'])} {t['probability']:.3f}" for t in result["top"])
+
+
+def _name(image: str) -> str:
+    """An image's name as predict's line prints it: in JSON quotes when it holds a line break or another control
+    character, a quote or `: `, or begins or ends with a space (`new<LF>line.png` printed as two lines), else as it
+    is."""
+    odd = any(ord(c) < 32 or c == "\x7f" for c in image) or '"' in image or ": " in image or image != image.strip()
+    return json.dumps(image, ensure_ascii=False) if odd else image
 
 
 def _label(name: str) -> str:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from job import backbones, recipe
 from job.errors import ConfigError, did_you_mean
-from job.uris import is_s3, split_s3, within
+from job.uris import s3_form, within
 
 ENV_PREFIX = "FINETUNE_"
 RUN_ID_MAX = 128  # as the chart's values.schema.json
@@ -38,7 +38,7 @@ class _Section(BaseModel):
     def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
         """A YAML boolean (`true`, `yes`, `on`, `no`) where a key takes none: pydantic made it 1 or 0, so
         `unfreeze: yes` unfroze one layer and `unfreeze: no` skipped the fine-tuning, without a word. (A text key
-        says to quote it: _one_line.)"""
+        says to quote it: one_line.)"""
         annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool) and annotation is not str and not _takes_bool(annotation):
             raise ValueError("YAML read a boolean (true/yes/on, false/no/off), which this key does not take: give "
@@ -55,18 +55,6 @@ def home_path(v: str) -> str:
     too): left as it was, it made a folder named `~` in the working directory (the image cache, Katib's file) or
     was "no such file"."""
     return os.path.expanduser(v) if v.startswith("~") else v
-
-
-def s3_form(v: str) -> str:
-    """A location whose text starts with `s3:` must be s3://bucket[/prefix]: `s3:/bucket/models` (one slash) or
-    `s3://` (no bucket) were local folders named `s3:` in the working directory, where the artifacts were lost
-    with the pod."""
-    bucket = split_s3(v)[0] if is_s3(v) else ""
-    if v[:3].lower() == "s3:" and not bucket:
-        raise ValueError("expected s3://bucket/prefix (two slashes, then the bucket)")
-    if bucket and not re.fullmatch(r"[A-Za-z0-9._-]+", bucket):  # boto3's check: exit 4, "storage unreachable"
-        raise ValueError(f"bucket name {bucket!r}: letters, digits, '.', '-' and '_' only")
-    return v
 
 
 class DataConfig(_Section):
@@ -188,7 +176,7 @@ class SearchConfig(_Section):
 
 class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1)
-    seed: int = 1337
+    seed: int = Field(1337, ge=0, le=2**32 - 1)  # NumPy's range: -1 failed after TensorFlow loaded, exit 1
     mixed_precision: Literal["auto"] | bool = "auto"
     head: HeadConfig = HeadConfig()
     finetune: FinetuneConfig = FinetuneConfig()
@@ -378,7 +366,20 @@ def _set_path(tree: dict, path: list[str], value: Any, source: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{source}: '{'.'.join(path)}' goes below '{part}', which is not a section")
         node = child
+    if isinstance(value, dict) and isinstance(node.get(path[-1]), dict) and _is_section(path):
+        for key, inner in value.items():  # `--set 'train={batch_size: 8}'` reset every other key of train
+            _set_path(tree, [*path, str(key)], inner, source)
+        return
     node[path[-1]] = value
+
+
+def _is_section(path: list[str]) -> bool:
+    """Whether `path` names a section of the config (train, train.head), whose keys a mapping sets one by one."""
+    model: Any = Config
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = getattr(field, "annotation", None)
+    return isinstance(model, type) and issubclass(model, BaseModel)
 
 
 class _UniqueKeys(yaml.SafeLoader):
@@ -450,6 +451,10 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any, str]]:
             # the file's batch size without a word.
             raise ConfigError(f"environment variable {name} is not read: did you mean "
                               f"{ENV_PREFIX}{'__'.join(meant).upper()}? (`__` between a section and its key)")
+        elif len(path) > 1 and not _SERVICE_LINK.match(environ[name]):
+            # FINETUNE_TRIAN__BATCH_SIZE: `__` is written for the job alone; ignored, it trained without a word
+            raise ConfigError(f"environment variable {name}: no config section '{path[0]}'"
+                              f"{did_you_mean(path[0], sections)} (FINETUNE_<SECTION>__<KEY>)")
     return found
 
 
@@ -512,7 +517,7 @@ def _field_path(loc: tuple) -> tuple:
     return tuple(path)
 
 
-def _one_line(err: ValidationError) -> str:
+def one_line(err: ValidationError) -> str:
     """The first pydantic error, as `key: problem` on one line, with a did-you-mean for typos.
 
     A value that fits none of a union's forms gets all of them: "Input should be 'auto' or ... boolean".
@@ -569,7 +574,7 @@ def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: d
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
     if not cfg.run_id:
         from job.distribute import tf_config_workers
 

@@ -26,8 +26,9 @@ def interactive() -> bool:
 def setup(json: bool | None = None, level: str = "INFO", stream=None) -> None:
     """Log records to `stream` (standard output unless given); JSON lines are strict JSON (NaN as null)."""
     json = not interactive() if json is None else json
+    out = stream or sys.stdout
     renderer = structlog.processors.JSONRenderer(serializer=json_text) if json else \
-        structlog.dev.ConsoleRenderer(colors=True)
+        structlog.dev.ConsoleRenderer(colors=_is_terminal(out))  # colour codes in a file or a pipe are noise
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -37,11 +38,18 @@ def setup(json: bool | None = None, level: str = "INFO", stream=None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     # TensorFlow's C++ logging below errors is noise in a job log; TF_CPP_MIN_LOG_LEVEL=0 turns it back on.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 # ------------------------------------------------------------ TensorFlow's native logging

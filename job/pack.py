@@ -50,18 +50,40 @@ def parse_size(text: str) -> int:
     return value
 
 
+# The config keys pack fills in, by the options they come from
+_OPTIONS = {"data.uri": "--from", "data.manifest": "--from", "output.uri": "--to", "s3.endpoint_url": "--endpoint-url"}
+
+
+def _config(data_uri: str, manifest: str, dest_uri: str, endpoint: str):
+    """The config of the source and destination, refused as their options (`--to s3:/b/x` was exit 1 with pydantic's
+    traceback naming output.uri, which the user never set)."""
+    from pydantic import ValidationError
+
+    from job import sources
+    from job.config import Config, one_line
+
+    fields = {"data": {"uri": data_uri, "manifest": manifest}, "output": {"uri": dest_uri},
+              "s3": {"endpoint_url": endpoint}, "model": {"weights": "none"}}
+    try:
+        Config.model_validate(fields)
+        task = sources.manifest_task(manifest, endpoint) if manifest else "single_label"
+        return Config.model_validate({**fields, "task": task})
+    except ValidationError as e:
+        line = one_line(e).removeprefix("config: ")
+        key = line.partition(":")[0]
+        raise ConfigError(f"{_OPTIONS.get(key, key)}{line[len(key):]}") from None
+
+
 def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", seed: int = 0,
          overwrite: bool = False) -> dict:
     """Write the shards; returns index.json's content plus where they went."""
     from job import sources
-    from job.config import Config, home_path
+    from job.config import home_path
 
     source_uri = home_path(source_uri)  # as data.uri and data.manifest take it (`--from=~/...`: no shell expands it)
     manifest = source_uri if source_uri.lower().endswith((".csv", *JSON_LINES)) else ""
     data_uri = source_uri.rsplit("/", 1)[0] if manifest else source_uri
-    cfg = Config.model_validate({"data": {"uri": data_uri, "manifest": manifest}, "output": {"uri": dest_uri},
-                                 "s3": {"endpoint_url": endpoint}, "model": {"weights": "none"},
-                                 "task": sources.manifest_task(manifest, endpoint) if manifest else "single_label"})
+    cfg = _config(data_uri, manifest, dest_uri, endpoint)
     source = sources.open_source(cfg)
     if source.kind == "shards":
         raise ConfigError(f"--from {source_uri}: already shards")

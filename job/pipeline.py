@@ -145,11 +145,17 @@ def validate(cfg: Config):
     from job import readers
 
     source = read_listing(cfg)
-    if source.kind != "shards":
-        _bad_in_listing(cfg, source)
-    output_state(cfg)  # proves the output location is reachable with these credentials
+    known_bad = _bad_in_listing(cfg, source) if source.kind != "shards" else set()
+    out, state = output_state(cfg)  # proves the output location is reachable with these credentials
+    if state == "complete" and not cfg.output.overwrite:  # validate said ok, and train then did nothing
+        log.warning(f"run {cfg.run_id} is complete in {out.uri}: train will end 'already complete' and train "
+                    "nothing; choose another run_id, or set output.overwrite to redo it")
     check_weights(cfg)
     katib.check_path(cfg.metrics.file)  # what train refuses anywhere (validate said ok); no write here
+    replicas = cfg.distribution.cpu_replicas
+    if replicas > 1 and cfg.train.batch_size % replicas:
+        log.warning(f"train.batch_size {cfg.train.batch_size} is not divisible by distribution.cpu_replicas "
+                    f"{replicas}: train refuses it on a machine without GPUs")
     try:
         distribute.check_strategy(cfg.distribution.strategy)
     except ConfigError as e:  # the chart sets TF_CONFIG in the Job's pods only (its `helm test` validates without it)
@@ -160,8 +166,8 @@ def validate(cfg: Config):
         how = readers.Staging(Path(cfg.data.cache_dir), Path(cfg.data.cache_dir), tuple(cfg.data.image_size))
         layout = readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout
         class_weights(cfg, layout)  # multi-label shards: the labels are known once read
-    else:
-        layout = source.layout.carve(cfg.data.validation_split, cfg.train.seed).nonempty()
+    else:  # the images it knows training will skip are left out, as train leaves them out before the carve
+        layout = source.layout.without(known_bad).carve(cfg.data.validation_split, cfg.train.seed).nonempty()
     _check_val_map(cfg, layout)
     return layout
 
@@ -317,11 +323,12 @@ def _check_val_map(cfg: Config, listed) -> None:
 BMP_CHECKED = 1000  # at most this many BMPs' first bytes does validate read (ranged GETs, 16 at a time)
 
 
-def _bad_in_listing(cfg: Config, source) -> None:
+def _bad_in_listing(cfg: Config, source) -> set[str]:
     """validate downloads no image, but the listing gives each image's size, and it reads the first bytes of the
     BMPs it lists (up to BMP_CHECKED, a seeded sample beyond): an empty file, and a BMP whose colour table or masks
     TensorFlow's decoder ignores (headers.PALETTE_BMP), are bad images to `train`, so they are warned about here,
-    and past `data.max_bad_fraction` refused as `train` would refuse them after staging."""
+    and past `data.max_bad_fraction` refused as `train` would refuse them after staging. Returns their keys (the
+    table leaves them out: it counted them, and train did not)."""
     import random
     from concurrent.futures import ThreadPoolExecutor
 
@@ -354,6 +361,7 @@ def _bad_in_listing(cfg: Config, source) -> None:
         reason = misread[min(misread)]
         log.warning(f"BMPs that training will skip as bad images: {reason}", count=len(misread), checked=len(checked),
                     bmps=len(bmps), examples=[image_uri(cfg.data.uri, k) for k in sorted(misread)[:5]])
+    return set(bad)
 
 
 def _warn_carved_share(cfg: Config, listed, settled) -> None:

@@ -107,7 +107,17 @@ def read_image(uri: str, endpoint: str = "") -> bytes:
         if not split_s3(uri)[1]:  # `s3://bucket`: its parent `s3:` was read as a local folder
             raise ConfigError(f"{uri}: names a bucket, not an image (s3://bucket/key)")
         parent, _, name = uri.rpartition("/")
-        return storage.open_store(parent, endpoint).read(name)
+        store = storage.open_store(parent, endpoint)
+        try:
+            return store.read(name)
+        except StorageError:
+            if store.exists(name):
+                raise
+            # A GET's NoSuchKey (exit 4), for a prefix or a pattern that no shell expands
+            pattern = any(c in name for c in "*?[")
+            why = "no such object; s3:// URIs are not patterns: name each object" if pattern else \
+                f"a prefix: name its image objects, e.g. {uri}/x.jpg" if store.list(name) else "no such object"
+            raise ConfigError(f"{uri}: cannot read image ({why})") from None
     try:
         return Path(uri).read_bytes()
     except OSError as e:
@@ -137,9 +147,11 @@ def predict(model_uri: str, images: list[str], top_k: int | None, endpoint: str 
 
 
 def check_images(images: list[str]) -> None:
-    """ConfigError for the first local image argument that cannot be read: a mistyped path, a folder."""
+    """ConfigError for the first image argument that cannot be read: a mistyped local path, a folder, an s3://
+    prefix ending in `/`."""
     for uri in images:
-        why = "" if storage.is_s3(uri) else _unreadable(Path(uri))
+        why = ("a prefix: name its image objects, e.g. " + uri + "x.jpg" if uri.endswith("/") else "") \
+            if storage.is_s3(uri) else _unreadable(Path(uri))
         if why:
             raise ConfigError(f"{uri}: cannot read image ({why})")
 
@@ -192,6 +204,8 @@ def _classifier(fmt: str, path: Path, multi: bool = False):
             return (out[0][0], out[1][0] > 0.5) if multi else out[0]
 
     def classify(uri: str, blob: bytes):
+        if not blob:  # as training, validate and pack say it
+            raise DataError(f"{uri}: empty (0 bytes)")
         unread = unread_format(blob)  # an RGB WebP was classified, though training leaves WebP out (it may abort)
         if unread:
             raise DataError(f"{uri}: {unread_reason(unread)} (training leaves them out too)")

@@ -26,7 +26,7 @@ from job import logs, metrics
 from job.errors import ConfigError, DataError, StorageError
 from job.files import atomic_path, write_text
 from job.layout import IMAGE_EXTENSIONS
-from job.uris import is_s3, split_s3
+from job.uris import is_s3, s3_form, split_s3
 
 DOWNLOAD_THREADS = 32
 RANGED_MIN = 16 * 2**20  # objects this large (tar shards) are fetched with parallel ranged GETs
@@ -515,6 +515,10 @@ class ConditionalWritesUnsupported(StorageError):
 
 
 def open_store(uri: str, endpoint: str = "") -> Store:
+    try:  # `s3:/bucket/x` (one slash) was a local folder named `s3:`: `predict --model`, `pack --to`, `tensorboard`
+        s3_form(uri)
+    except ValueError as e:
+        raise ConfigError(f"{uri}: {e}") from None
     if is_s3(uri):
         return S3Store(uri, endpoint)
     if "://" in uri and not uri.startswith("file://"):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -29,3 +30,15 @@ def within(uri: str, folder: str) -> bool:
     else:
         inner, outer = (Path(u.removeprefix("file://")).expanduser().resolve().parts for u in (uri, folder))
     return list(inner[:len(outer)]) == list(outer)
+
+
+def s3_form(v: str) -> str:
+    """A location whose text starts with `s3:` must be s3://bucket[/prefix]: `s3:/bucket/models` (one slash) or
+    `s3://` (no bucket) were local folders named `s3:` in the working directory, where the artifacts were lost
+    with the pod."""
+    bucket = split_s3(v)[0] if is_s3(v) else ""
+    if v[:3].lower() == "s3:" and not bucket:
+        raise ValueError("expected s3://bucket/prefix (two slashes, then the bucket)")
+    if bucket and not re.fullmatch(r"[A-Za-z0-9._-]+", bucket):  # boto3's check: exit 4, "storage unreachable"
+        raise ValueError(f"bucket name {bucket!r}: letters, digits, '.', '-' and '_' only")
+    return v

@@ -251,3 +251,55 @@ def test_an_expected_error_inside_a_tf_data_generator_keeps_its_exit_code_and_li
     err = capsys.readouterr().err
     assert e.value.exit_code == 4
     assert err == "finetune-job: error: reading s3://b/d/shard-000003.tar: connection lost 5 times, last at byte 9\n"
+
+
+NAME = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
+
+
+@given(NAME)
+def test_predicts_line_names_an_image_so_that_it_reads_back(image):
+    # A file named `new<LF>line.png` printed over two lines; `colon: x.png` read as the image `colon`.
+    from job.cli import _name
+
+    shown = _name(image)
+    assert "\n" not in shown and "\r" not in shown and ": " not in (shown if not shown.startswith('"') else "")
+    assert (json.loads(shown) if shown.startswith('"') else shown) == image
+
+
+def test_an_s3_prefix_or_pattern_given_as_an_image_says_so(s3):
+    # Both were "NoSuchKey: The specified key does not exist", exit 4, once the model had loaded.
+    import pytest
+
+    from job.errors import ConfigError
+    from job.predict import check_images, read_image
+
+    bucket = s3.bucket()
+    s3.client.put_object(Bucket=bucket, Key="imgs/a.png", Body=b"x")
+    with pytest.raises(ConfigError, match=f"^s3://{bucket}/imgs/: cannot read image \\(a prefix: name its image "):
+        check_images([f"s3://{bucket}/imgs/"])  # before TensorFlow loads
+    said = {}
+    for name in ("imgs", "imgs/*.png", "imgs/b.png"):
+        with pytest.raises(ConfigError) as e:
+            read_image(f"s3://{bucket}/{name}", s3.endpoint)
+        said[name] = str(e.value).removeprefix(f"s3://{bucket}/{name}: cannot read image (")
+    assert said == {"imgs": f"a prefix: name its image objects, e.g. s3://{bucket}/imgs/x.jpg)",
+                    "imgs/*.png": "no such object; s3:// URIs are not patterns: name each object)",
+                    "imgs/b.png": "no such object)"}
+    assert read_image(f"s3://{bucket}/imgs/a.png", s3.endpoint) == b"x"
+
+
+def test_log_lines_on_a_file_or_a_pipe_carry_no_colour_codes(tmp_path):
+    # predict's records on stderr (its console renderer without --json) were coloured in a file: ESC[2m...
+    import io
+
+    import structlog
+
+    from job import logs
+
+    stream, was = io.StringIO(), structlog.get_config()
+    try:
+        logs.setup(json=False, stream=stream)
+        structlog.get_logger().warning("a record")
+    finally:  # as it was: set up again, structlog would print to this test's captured stdout in later tests
+        structlog.configure(**was)
+    assert "a record" in stream.getvalue() and "\x1b[" not in stream.getvalue()

@@ -177,6 +177,9 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         # A binary yes/no task: YAML reads those keys as booleans (the error said "a valid string").
         ("train.class_weight={yes: 2.0, no: 1.0}", "train.class_weight: YAML read a class name as True: quote class "
                                                    "names such as yes, no, on, off, true, false, null ('yes': 2.0)"),
+        # NumPy's seed range: -1 failed after TensorFlow had loaded, exit 1 with a traceback.
+        ("train.seed=-1", "train.seed: Input should be greater than or equal to 0 (got -1)"),
+        ("train.seed=4294967296", "train.seed: Input should be less than or equal to 4294967295"),
         ("train.search.learning_rates=[1e-4, 0]", "train.search.learning_rates: each learning rate must be > 0"),
         ("train.search.learning_rates=[1e-4, 1e-4]", "the learning rates must be distinct"),
         ("train.search.rates=[1e-4]", "unknown key 'train.search.rates'"),
@@ -243,6 +246,22 @@ def test_xception_minimum_size(cfg_file):
 def test_env_typo_is_caught(cfg_file):
     with pytest.raises(ConfigError, match="did you mean 'train.batch_size'"):
         config.load(cfg_file, environ={"FINETUNE_TRAIN__BATCHSIZE": "4"})
+    # A mistyped section: `__` is written for the job alone; ignored, the run trained at the file's batch size.
+    with pytest.raises(ConfigError, match="^environment variable FINETUNE_TRIAN__BATCH_SIZE: no config section "
+                                          "'trian' \\(did you mean 'train'\\?\\)"):
+        config.load(cfg_file, environ={"FINETUNE_TRIAN__BATCH_SIZE": "4"})
+
+
+def test_a_section_set_as_a_mapping_sets_its_keys_and_keeps_the_others(cfg_file):
+    # `--set 'train={batch_size: 8}'` replaced the file's whole train section: its epochs and search went back to
+    # the defaults without a word. Sections merge, as Helm's values do; a key that holds a mapping is replaced.
+    file = config.load(cfg_file, ["train.class_weight={a: 1, b: 2}"], environ={})
+    cfg = config.load(cfg_file, ["train.class_weight={a: 1, b: 2}",
+                                 "train={batch_size: 4, head: {learning_rate: 0.01}}", "train.class_weight={a: 3}"],
+                      environ={"FINETUNE_TRAIN": "{seed: 7}"})
+    assert (cfg.train.batch_size, cfg.train.head.learning_rate, cfg.train.seed) == (4, 0.01, 7)
+    assert cfg.train.head.epochs == file.train.head.epochs == 4 and cfg.train.finetune == file.train.finetune
+    assert cfg.train.class_weight == {"a": 3.0}  # a value, not a section: replaced whole
 
 
 @pytest.mark.parametrize(("name", "meant"), [("FINETUNE_TRAIN_BATCH_SIZE", "FINETUNE_TRAIN__BATCH_SIZE"),

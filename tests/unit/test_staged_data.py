@@ -131,6 +131,28 @@ def test_pack_refuses_a_destination_with_shards_unless_overwrite(tmp_path):
     assert not (tmp_path / "a" / "classes.txt").exists()
 
 
+@pytest.mark.parametrize("source, dest, endpoint, expected", [
+    ("s3:/bkt/ds", "x", "", "--from: expected s3://bucket/prefix (two slashes, then the bucket) (got 's3:/bkt/ds')"),
+    ("{d}", "s3://", "", "--to: expected s3://bucket/prefix"),
+    ("{d}", "s3://bad bucket/x", "", "--to: bucket name 'bad bucket': letters, digits, '.', '-' and '_' only"),
+    ("s3://b/ds", "x", "127.0.0.1:9", "--endpoint-url: expected a URL such as http://127.0.0.1:9"),
+])
+def test_pack_refuses_malformed_locations_by_their_options(tmp_path, source, dest, endpoint, expected):
+    # Exit 1, "unexpected error", and pydantic's traceback naming data.uri or output.uri, which pack users never set.
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}"):
+        pack(source.format(d=tmp_path), dest, shard_size=2_000, endpoint=endpoint)
+
+
+@pytest.mark.parametrize("uri", ["s3:/bkt/models/run1", "S3:bkt/x", "s3://", "s3://my bucket/x"])
+def test_every_command_refuses_an_s3_location_of_the_wrong_form(uri):
+    # `predict --model s3:/b/x` and `tensorboard --from s3:/b/x` read a local folder named `s3:`: "no such folder"
+    # (exit 4), or a TensorBoard serving nothing with only a "no runs yet" warning.
+    from job import storage
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(uri)}: (expected s3://bucket/prefix|bucket name)"):
+        storage.open_store(uri)
+
+
 def test_pack_names_the_images_training_will_skip_with_the_members_they_became(tmp_path):
     # pack copied an empty file, a WebP named .jpg and a text named .png without a word, renumbered: training then
     # named `shard-000000.tar:00000036.jpg`, which nothing traced back to the user's file.
@@ -401,6 +423,20 @@ def test_validate_refuses_what_train_would(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     pipeline.validate(multi)
     assert "multi_worker needs TF_CONFIG" in capsys.readouterr().out
+    # It said ok where train then refused the batch (a machine without GPUs), or did nothing (a complete run).
+    odd = cfg.model_copy(update={"distribution": cfg.distribution.model_copy(update={"cpu_replicas": 3})})
+    pipeline.validate(odd)
+    assert "train.batch_size 32 is not divisible by distribution.cpu_replicas 3: train refuses it" in \
+        capsys.readouterr().out
+    (tmp_path / "out" / cfg.run_id).mkdir(parents=True)
+    (tmp_path / "out" / cfg.run_id / "_SUCCESS").write_text("")
+    done = cfg.model_copy(update={"output": cfg.output.model_copy(update={"uri": str(tmp_path / "out")})})
+    pipeline.validate(done)
+    assert f"run {cfg.run_id} is complete in {tmp_path / 'out' / cfg.run_id}: train will end 'already complete'" in \
+        capsys.readouterr().out
+    redo = done.model_copy(update={"output": done.output.model_copy(update={"overwrite": True})})
+    pipeline.validate(redo)
+    assert "is complete" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("strategy", ["one_device", "mirrored"])
@@ -690,7 +726,7 @@ def _validated(place: tuple[str, str], tmp_path: Path, capsys, **data) -> str:
     cfg = Config.model_validate({"data": {"uri": uri, "validation_split": 0.0, **data},
                                  "output": {"uri": str(tmp_path / "out")}, "model": {"weights": "none"},
                                  "s3": {"endpoint_url": endpoint}})
-    pipeline.validate(cfg)
+    _validated.layout = pipeline.validate(cfg)
     return capsys.readouterr().out
 
 
@@ -706,6 +742,9 @@ def test_validate_reads_the_bmps_headers_warns_of_palette_ones_and_refuses_as_tr
     assert "BMP" not in validated(0)  # grey BMPs are read right
     (line,) = [x for x in validated(2, max_bad_fraction=0.2).splitlines() if "BMPs that training will skip" in x]
     assert "colour palette" in line and "count=2" in line and "checked=4" in line  # 2 of 4 BMPs, 2 of 16 images
+    # and left out of the table, as train leaves them out (it counted them, and the run then trained 2 fewer)
+    kept = _validated.layout.keys()
+    assert _validated.layout.count("train") == 14 and not [k for k in kept if k.endswith(".BMP")]
     with pytest.raises(DataError, match=r"^3 of 17 images are bad \(17\.6% > data\.max_bad_fraction 1\.0%\), "
                                         r"e\.g\. .*/train/\w+/p0\.BMP: a BMP with a colour palette"):
         validated(3)
@@ -730,6 +769,7 @@ def test_validate_counts_empty_images_as_train_does(tmp_path, where, request, ca
     assert "empty.bmp: empty (0 bytes)" in line and "empty.jpg: empty (0 bytes)" in line
     assert ("count=3" in line and "gone.jpg: cannot be read (a broken link" in line) if where == "local" else \
         "count=2" in line
+    assert _validated.layout.count("train") == 12  # the empty ones left out of the table, as train leaves them
     (folder / "gone.jpg").unlink(missing_ok=True)
     with pytest.raises(DataError, match=r"^2 of 14 images are bad \(14\.3% > data\.max_bad_fraction 1\.0%\), "
                                         r"e\.g\. .*/train/\w+/empty\.bmp: empty \(0 bytes\)$"):
