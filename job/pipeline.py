@@ -549,8 +549,11 @@ def _staging(cfg: Config, source) -> str:
 
 
 def _start_strategy(cfg: Config):
+    from job import signals
+
     cluster = distribute.setup(cfg.distribution.strategy, cfg.distribution.cpu_replicas, cfg.train.mixed_precision,
                                cfg.distribution.connect_timeout_seconds)
+    signals.take_back()  # from TensorFlow's own handler, which the multi-worker strategy installs
     logs.bind(worker=cluster.worker_index)
     log.info("strategy ready", strategy=cluster.kind, replicas=cluster.replicas, workers=cluster.num_workers,
              mixed_precision=cluster.mixed_precision)
@@ -779,7 +782,10 @@ def _final_summaries(run: Run, reports: dict, folder: Path) -> None:
     if run.misclassified and len(run.misclassified[0]):
         images.append(("misclassified_test_images", tensorboard.image_grid(*run.misclassified)))
     step = sum(map(len, run.state.history.values()))
-    run.board.finish(tensorboard.hparams(run.cfg), tensorboard.final_metrics(reports), images, step)
+    from job.search import chosen_rate
+
+    run.board.finish(tensorboard.hparams(run.cfg, chosen_rate(run.state)), tensorboard.final_metrics(reports), images,
+                     step, run.cfg.run_id)
 
 
 def _workers_agree_on_dataset(run: Run) -> None:

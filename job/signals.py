@@ -32,6 +32,15 @@ def install() -> None:
         signal.signal(signal.SIGINT, _handler)
 
 
+def take_back() -> None:
+    """Route the signals to the flag again, keeping a stop already asked for: MultiWorkerMirroredStrategy installs
+    TensorFlow's own SIGTERM handler in C, which `signal.getsignal` does not show, and the job's never ran again (a
+    multi-worker run trained on to SIGKILL, exit 137, its work since the last checkpoint lost)."""
+    if not _requested.is_set() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+
 def requested() -> bool:
     return _requested.is_set()
 

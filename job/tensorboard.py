@@ -82,13 +82,15 @@ class Board:
             if record["epoch"] == 1:
                 self.tf.summary.text("phase_start", f"{phase} starts at step {step}")
 
-    def finish(self, hparams: dict, final: dict[str, float], images: list[tuple[str, object]], step: int) -> None:
+    def finish(self, hparams: dict, final: dict[str, float], images: list[tuple[str, object]], step: int,
+               run_id: str = "") -> None:
         """The end of the run: an HParams summary (the recipe and the final metrics) and images (name, uint8
-        [n, h, w, 3] or a PNG's bytes)."""
+        [n, h, w, 3] or a PNG's bytes). The run id is the HParams trial: without one TensorBoard grouped the runs
+        of one recipe (on any dataset) into one row and showed the mean of their metrics."""
         from tensorboard.plugins.hparams import api as hp
 
         with self.writer.as_default(step=step):
-            hp.hparams(hparams, trial_id=None)
+            hp.hparams(hparams, trial_id=run_id or None)
             for tag, value in final.items():
                 self.tf.summary.scalar(f"final/{tag}", value)
             for name, pixels in images:
@@ -113,14 +115,15 @@ class Board:
             self.writer = None
 
 
-def hparams(cfg) -> dict:
-    """The resolved recipe as HParams: what a comparison of runs varies."""
+def hparams(cfg, finetune_rate: float | None = None) -> dict:
+    """The resolved recipe as HParams: what a comparison of runs varies. `finetune_rate`: the rate train.search
+    chose (the configured one was shown, so runs whose search chose differently looked alike)."""
     t = cfg.train
-    return {"task": cfg.task, "backbone": cfg.model.backbone, "weights": cfg.model.weights,
+    return {"task": cfg.task, "data": cfg.data.uri, "backbone": cfg.model.backbone, "weights": cfg.model.weights,
             "image_size": f"{cfg.data.image_size[0]}x{cfg.data.image_size[1]}", "head_units": cfg.model.head_units,
             "head_dropout": cfg.model.head_dropout, "batch_size": t.batch_size, "seed": t.seed,
             "head_epochs": t.head.epochs, "head_learning_rate": t.head.learning_rate, "head_mode": t.head.mode,
-            "finetune_epochs": t.finetune.epochs, "finetune_learning_rate": t.finetune.learning_rate,
+            "finetune_epochs": t.finetune.epochs, "finetune_learning_rate": finetune_rate or t.finetune.learning_rate,
             "unfreeze": str(t.finetune.unfreeze), "augment": str(t.finetune.augment),
             "layer_decay": t.finetune.layer_decay,
             "class_weight": str(t.class_weight), "early_stopping_metric": t.early_stopping_metric,

@@ -317,6 +317,10 @@ def test_schema_accepts_the_new_values() -> None:
         ({"workers": 2, "workload": {"kind": "JobSet"}, "config": {"distribution": {"strategy": "one_device"}}},
          "config.distribution.strategy one_device trains on one node, but workers is 2"),
         ({"config": {"distribution": {"strategy": "multi_worker"}}}, "multi_worker needs several workers"),
+        # rendered with ReadWriteOnce: pods on other nodes hung on a multi-attach error, waiting for each other
+        ({"workers": 2, "cache": {"persistence": {"enabled": True}}},
+         "cache.persistence: the claim is shared by the 2 workers' pods, which run on several nodes: its "
+         "accessModes need ReadWriteMany (got [ReadWriteOnce])"),
     ],
 )
 def test_contradictory_values_fail_with_a_message(values: dict[str, Any], complaint: str) -> None:

@@ -92,15 +92,31 @@ class Running:
         return rc
 
 
-def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(s3, dataset, tmp_path):
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
-    for index in range(2):
-        cfg = make_config(tmp_path / f"w{index}.yaml", dataset, "two-workers", tmp_path / f"cache{index}",
-                          distribution={"connect_timeout_seconds": 120})
-        env = {**s3.env(), "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        procs.append(Running(cfg, env))
+def test_two_workers_stopped_resume_to_identical_weights_and_only_the_chief_writes(s3, dataset, tmp_path):
+    def start_both():
+        ports = free_ports(2)
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+        procs = []
+        for index in range(2):
+            cfg = make_config(tmp_path / f"w{index}.yaml", dataset, "two-workers", tmp_path / f"cache{index}",
+                              distribution={"connect_timeout_seconds": 120})
+            env = {**s3.env(), "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                        "task": {"type": "worker", "index": index}})}
+            procs.append(Running(cfg, env))
+        return procs
+
+    # SIGTERM to the second worker alone, in fine-tuning: both stop at the same step (the flag rides on the step's
+    # all-reduce), the chief saves the checkpoint, both exit 143. The strategy had put TensorFlow's own handler in
+    # the job's place: they trained on to the end, or to SIGKILL.
+    procs = start_both()
+    procs[0].wait_for(lambda r: r["event"] == "epoch done" and r.get("phase") == "head" and r["epoch"] == 2)
+    procs[1].proc.send_signal(signal.SIGTERM)
+    codes = [p.wait(120) for p in procs]
+    assert codes == [143, 143], [p.stderr[-1500:] for p in procs]
+    assert all("stopped by SIGTERM" in p.stderr and "Traceback" not in p.stderr for p in procs)
+    assert "runs/two-workers/_SUCCESS" not in s3.keys(dataset, "runs/two-workers/")
+
+    procs = start_both()  # the Job's next attempt: resumed, then complete
     codes = [p.wait(600) for p in procs]
     assert codes == [0, 0], [p.stderr[-1500:] for p in procs]
     done = [next(r for r in p.lines if r["event"] == "training done") for p in procs]
@@ -108,6 +124,7 @@ def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(s3, da
     assert [next(r for r in p.lines if r["event"] == "strategy ready")["workers"] for p in procs] == [2, 2]
     assert procs[0].lines[-1]["status"] == "complete" and procs[1].lines[-1]["status"] == "done (worker)"
     assert not any(r["event"] == "checkpoint saved" for r in procs[1].lines)  # the chief alone uploads
+    assert all(next(r for r in p.lines if r["event"] == "resuming from checkpoint") for p in procs)
     keys = s3.keys(dataset, "runs/two-workers/")
     assert "runs/two-workers/_SUCCESS" in keys
     manifest = json.loads(s3.client.get_object(Bucket=dataset, Key="runs/two-workers/manifest.json")["Body"].read())

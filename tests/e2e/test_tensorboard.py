@@ -97,6 +97,8 @@ def test_event_files_hold_the_history_the_images_and_the_hparams(s3, dataset, tr
     assert info.hparams["finetune_learning_rate"].number_value == pytest.approx(1e-4)
     assert info.hparams["seed"].number_value == 1337
     assert info.hparams["layer_decay"].number_value == 1.0
+    # One row per run: without a trial id TensorBoard grouped runs of one recipe and showed their mean.
+    assert info.group_name == "tb-run" and info.hparams["data"].string_value == f"s3://{dataset}/data"
 
 
 def test_a_resumed_run_continues_its_curves_without_a_repeated_step(s3, dataset, trained, tmp_path):

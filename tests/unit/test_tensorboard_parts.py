@@ -31,6 +31,17 @@ def test_final_metrics_per_task():
     assert tensorboard.final_metrics(multi) == {"test_map": 0.8, "test_micro_f1": 0.7, "test_loss": 0.2}
 
 
+def test_the_hparams_show_the_rate_the_search_chose_and_the_dataset():
+    # The configured rate was shown: runs whose search chose 3e-4 and 1e-4 looked alike (and, without a trial id,
+    # were one row of averaged metrics).
+    from job.config import Config
+
+    cfg = Config.model_validate({"data": {"uri": "s3://b/flowers"}, "output": {"uri": "/tmp/o"}})
+    assert tensorboard.hparams(cfg)["finetune_learning_rate"] == cfg.train.finetune.learning_rate == 1e-4
+    chosen = tensorboard.hparams(cfg, 3e-4)
+    assert chosen["finetune_learning_rate"] == 3e-4 and chosen["data"] == "s3://b/flowers"
+
+
 def test_misclassified_examples_and_their_captions():
     images = np.arange(4)
     picked, captions = tensorboard.misclassified(images, np.eye(3)[[0, 2, 1, 1]], np.array([0, 1, 1, 2]),
