@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,14 @@ SHUFFLE_BUFFER = 2048
 PARALLEL_SHARDS = 4
 
 
-def kept_name(rel: str, etag: str, allowed: set[str], image_size: tuple[int, int], multi: bool) -> str:
+def kept_name(rel: str, etag: str, allowed: set[str], image_size: tuple[int, int], multi: bool,
+              classes: list[str]) -> str:
     """The files a shard's decoded samples are kept in (`<name>.rows`, `<name>.labels.npy`): named by the
-    shard's version, the samples it holds of this split, the size and the label kind, so that nothing stale
-    is ever read back."""
+    shard's version, the samples it holds of this split, the size, the label kind and the classes its labels
+    index (a classes.txt reordered or grown met the old indices: every class trained under another's name), so
+    that nothing stale is ever read back."""
     mine = sorted(k for k in allowed if k.startswith(rel + ":"))
-    key = "\n".join([rel, etag, f"{image_size[0]}x{image_size[1]}", str(multi), *mine])
+    key = "\n".join([rel, etag, f"{image_size[0]}x{image_size[1]}", str(multi), json.dumps(classes), *mine])
     return f"shard-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
 
@@ -133,7 +136,8 @@ def dataset(store: Store, rels: list[str], classes: list[str], allowed: set[str]
     label_spec = tf.TensorSpec([None, len(classes)], tf.float32) if multi else tf.TensorSpec([None], tf.int32)
     signature = (tf.TensorSpec([None, *image_size, 3], tf.uint8), label_spec)
     versions = versions or {}
-    files = {rel: keep / kept_name(rel, versions[rel].etag if rel in versions else "", allowed, image_size, multi)
+    files = {rel: keep / kept_name(rel, versions[rel].etag if rel in versions else "", allowed, image_size, multi,
+                                   classes)
              if keep is not None else None for rel in rels}
 
     def shard(rel):

@@ -488,6 +488,34 @@ def test_streamed_shards_are_kept_decoded_and_read_back_as_copy_mode_reads_them(
         _pixels(streamed, "validation")
 
 
+def test_kept_shards_are_not_read_back_under_other_classes(tmp_path):
+    # The kept rows hold class indices: an overwrite of the run with classes.txt reordered (or a class added) read
+    # them back under the new order, and every class trained under another's name, exit 0.
+    from PIL import Image
+
+    from job import stream
+
+    def png(i):
+        out = io.BytesIO()
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(out, "PNG")
+        return out.getvalue()
+
+    members = [m for i in range(12) for m in ((f"{i}.png", png(i)), (f"{i}.txt", b"cat" if i % 2 else b"dog"))]
+    root = shard_dataset(tmp_path / "s", {"train": [members]})  # labels by name (.txt), as webdataset writes them
+    reader = stage(root, "stream", tmp_path).settle(0, 0)
+    keys, rels, classes = set(reader.items("train")[0]), reader.shards("train"), reader.layout.classes
+
+    def labelled(order):
+        ds = stream.dataset(reader.store, rels, order, keys, (8, 8), 4, keep=tmp_path / "kept",
+                            versions=reader.versions)
+        return {x.tobytes(): order[int(y)] for xs, ys in ds for x, y in zip(xs.numpy(), ys.numpy())}
+
+    first = labelled(classes)
+    assert len(first) == 12 and sorted(first.values()) == sorted(classes * 6)
+    assert labelled(classes) == first  # read back from the kept rows
+    assert labelled(classes[::-1]) == first  # the same names under the other order
+
+
 def test_a_shard_read_partly_is_not_kept(tmp_path, monkeypatch):
     from job import stream
 
