@@ -132,16 +132,21 @@ def storage_errors(what: str) -> Iterator[None]:
         raise StorageError(f"{what}: {e.strerror or e}") from None
 
 
-def _same_version(uri: str, reply: dict, size: int, etag: str) -> None:
+def _same_version(uri: str, reply: dict, size: int, etag: str, again: bool = False) -> None:
     """StorageError when a GET's or HEAD's reply is of another size than the listing's (the object was rewritten
-    after it); a warning when only its ETag differs."""
+    after it); a warning when only its ETag differs. `again` (a streamed shard, read every epoch): each later read
+    must have the ETag of the first in this process, else a StorageError (a rewrite at the same size, which tar's
+    padding makes the rule, was a warning, and the run trained on both versions)."""
     if not etag:
         return
-    got = reply.get("ContentLength")
+    got, tag = reply.get("ContentLength"), str(reply.get("ETag", "")).strip('"')
     if size and got is not None and got != size:
         raise StorageError(f"{uri}: rewritten after the dataset was listed ({got} bytes, listed {size}); run again "
                            "once the dataset stops changing: the rerun lists it anew")
-    if str(reply.get("ETag", "")).strip('"') not in ("", etag) and uri not in _warned_versions:
+    if again and _first_read.setdefault(uri, tag) != tag:
+        raise StorageError(f"{uri}: rewritten during the run (the same size, another version than its first read); "
+                           "run again once the dataset stops changing: the rerun lists it anew")
+    if tag not in ("", etag) and uri not in _warned_versions:
         _warned_versions.add(uri)  # once: a streamed shard is read every epoch
         if is_s3(uri):
             log.warning("an object's ETag on download is not its listing's: rewritten at the same size, or the "
@@ -152,6 +157,7 @@ def _same_version(uri: str, reply: dict, size: int, etag: str) -> None:
 
 
 _warned_versions: set[str] = set()
+_first_read: dict[str, str] = {}  # a streamed shard's ETag (local: modification time) at its first read
 
 
 class _KnownVersion:
@@ -441,7 +447,7 @@ class LocalStore:
             if listed is not None:
                 st = os.fstat(f.fileno())
                 _same_version(str(self.root / rel), {"ContentLength": st.st_size, "ETag": str(st.st_mtime_ns)},
-                              listed.size, listed.etag)
+                              listed.size, listed.etag, again=True)
             return f
 
     def read(self, rel: str, head: int = 0) -> bytes:
@@ -474,7 +480,7 @@ class _Resumable:
         with storage_errors(f"reading {self.uri}"):
             reply = self.client.get_object(Bucket=self.bucket, Key=self.key, **ranged)  # botocore retries
             if listed is not None:
-                _same_version(self.uri, reply, listed.size, listed.etag)
+                _same_version(self.uri, reply, listed.size, listed.etag, again=True)
         self.etag = self.etag or reply["ETag"]
         return reply["Body"]
 
