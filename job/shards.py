@@ -161,6 +161,7 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
     key = None
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            _keep_last_header(tar)
             for member in tar:
                 if not member.isfile():
                     continue
@@ -178,20 +179,39 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
                                     f"case; {member.name} is the second)")
                 current[found[1]] = tar.extractfile(member).read()
             _check_end(tar, name)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    # (TypeError: tarfile's gzip reader on a stream cut inside the gzip header, `ord(b"")`: exit 1, a traceback)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, TypeError) as e:
         raise DataError(f"{name}: not a readable tar file ({type(e).__name__}: {e}); is it truncated?") from None
     if key is not None:
         yield key, current
 
 
+def _keep_last_header(tar: tarfile.TarFile) -> None:
+    """Keep the last header block tarfile reads (`tar.fileobj.last_block`): it ends the archive at a header that is
+    cut short or damaged as it ends it at the end-of-archive block, and only the block tells them apart."""
+    stream, read = tar.fileobj, tar.fileobj.read
+
+    def reading(size=None):
+        data = read(size)
+        if size == tarfile.BLOCKSIZE:
+            stream.last_block = data
+        return data
+
+    stream.read = reading
+
+
 def _check_end(tar: tarfile.TarFile, name: str) -> None:
     """A tar read to its end has its end-of-archive block, and only zeros after it. tarfile reads a tar cut at a
-    member's boundary as a shorter tar, and stops at the first end of tars joined one after the other (`cat a.tar
-    b.tar`): either way samples were lost without a word."""
+    member's boundary or inside a header as a shorter tar, stops at a damaged header as at an end, and stops at the
+    first end of tars joined one after the other (`cat a.tar b.tar`): each way samples were lost without a word."""
     stream = tar.fileobj  # the (decompressed) stream: at the end, it has read the end block past the last member
-    if stream.tell() == tar.offset:
-        raise DataError(f"{name}: ends after a member, without the tar's end-of-archive block: cut short (a copy or "
-                        "upload that stopped?); copy it again, or pack again")
+    last = getattr(stream, "last_block", None)
+    if stream.tell() == tar.offset or (last is not None and len(last) < tarfile.BLOCKSIZE):
+        raise DataError(f"{name}: ends after a member or inside a member's header, without the tar's end-of-archive "
+                        "block: cut short (a copy or upload that stopped?); copy it again, or pack again")
+    if last is not None and last.strip(b"\0"):
+        raise DataError(f"{name}: a damaged member header at byte {tar.offset} (not a tar header, and not the "
+                        "end-of-archive block): the shard is corrupt; copy it again, or pack again")
     if any(chunk.strip(b"\0") for chunk in _rest(stream)):
         raise DataError(f"{name}: holds data after the tar's end-of-archive block (tars joined with `cat`?), whose "
                         "samples would be lost; write one tar (`tar -A` joins tars), or pack again")

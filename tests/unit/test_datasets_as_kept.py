@@ -164,8 +164,8 @@ def test_a_tar_cut_at_a_members_end_or_joined_to_another_is_refused(images, data
     assert [s.image for s in read(tar_bytes(members, "w:gz"))] == images
     j = data.draw(st.integers(0, len(members) - 1), label="cut after member")
     cut = _member_ends(members)[j]
-    with pytest.raises(DataError, match="shard-000000.tar: ends after a member, without the tar's end-of-archive "
-                                        "block: cut short"):
+    with pytest.raises(DataError, match="shard-000000.tar: ends after a member or inside a member's header, "
+                                        "without the tar's end-of-archive block: cut short"):
         read(whole[:cut])
     if j % 2:  # cut after a label, then ended as a tar: a shorter tar, read as it is
         assert [s.image for s in read(whole[:cut] + bytes(1024))] == images[:(j + 1) // 2]
@@ -174,6 +174,25 @@ def test_a_tar_cut_at_a_members_end_or_joined_to_another_is_refused(images, data
         with pytest.raises(DataError, match="holds data after the tar's end-of-archive block .tars joined with `cat`"):
             read(joined)
     assert [s.image for s in read(tar_bytes(members, "w:gz") + bytes(100))] == images  # zeros after it are padding
+
+
+@given(st.lists(st.binary(min_size=1, max_size=1500), min_size=2, max_size=5), st.data())
+def test_a_tar_cut_anywhere_or_with_a_damaged_header_never_reads_as_a_shorter_one(images, data):
+    """Cut inside a header after the first member, tarfile ends the archive there: 343 of 1,367 cut points read as
+    a shorter tar, exit 0, samples lost. A damaged header was "tars joined with `cat`", or nothing at all."""
+    members = [m for i, image in enumerate(images) for m in ((f"k{i}.png", image), (f"k{i}.cls", b"0"))]
+    whole = tar_bytes(members)
+    for body in (whole, tar_bytes(members, "w:gz")):
+        cut = data.draw(st.integers(1, len(body) - 1), label="cut at")
+        try:
+            assert [s.image for s in read(body[:cut])] == images  # only a cut in the end blocks reads: all of it
+        except DataError as e:
+            assert "shard-000000.tar:" in str(e)
+    header = data.draw(st.sampled_from(_member_ends(members)[:-1]), label="damaged header at")
+    damaged = bytearray(whole)
+    damaged[header + data.draw(st.integers(0, 99), label="in its name")] ^= 0x5A  # its checksum no longer holds
+    with pytest.raises(DataError, match=f"shard-000000.tar: a damaged member header at byte {header} "):
+        read(bytes(damaged))
 
 
 @given(st.sampled_from(["train", "validation", "test", "val", "Train", "dev", "."]),
