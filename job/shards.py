@@ -160,8 +160,7 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
     current: dict[str, bytes] = {}
     key = None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-            _keep_last_header(tar)
+        with _Tar.open(fileobj=fileobj, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -186,13 +185,26 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
         yield key, current
 
 
-def _keep_last_header(tar: tarfile.TarFile) -> None:
-    """Keep the last header block tarfile reads (`tar.fileobj.last_block`): it ends the archive at a header that is
-    cut short or damaged as it ends it at the end-of-archive block, and only the block tells them apart."""
-    stream, read = tar.fileobj, tar.fileobj.read
+class _Tar(tarfile.TarFile):
+    """A TarFile whose stream keeps what _check_end needs from its first read on (the first header is read as the
+    TarFile is made)."""
+
+    def __init__(self, name=None, mode="r", fileobj=None, **kwargs):
+        if fileobj is not None and hasattr(fileobj, "comptype"):  # the stream of mode `r|*`
+            _keep_last_header(fileobj)
+        super().__init__(name, mode, fileobj, **kwargs)
+
+
+def _keep_last_header(stream) -> None:
+    """Keep the last header block tarfile reads (`last_block`): it ends the archive at a header that is cut short or
+    damaged as it ends it at the end-of-archive block, and only the block tells them apart. And the CRC-32 of
+    everything read (`crc`): tarfile checks no gzip trailer, so a damaged .tar.gz gave other pixels."""
+    read = stream.read
+    stream.crc = 0
 
     def reading(size=None):
         data = read(size)
+        stream.crc = zlib.crc32(data, stream.crc)
         if size == tarfile.BLOCKSIZE:
             stream.last_block = data
         return data
@@ -212,19 +224,27 @@ def _check_end(tar: tarfile.TarFile, name: str) -> None:
     if last is not None and last.strip(b"\0"):
         raise DataError(f"{name}: a damaged member header at byte {tar.offset} (not a tar header, and not the "
                         "end-of-archive block): the shard is corrupt; copy it again, or pack again")
-    if any(chunk.strip(b"\0") for chunk in _rest(stream)):
+    if any(chunk.strip(b"\0") for chunk in _rest(stream, name)):
         raise DataError(f"{name}: holds data after the tar's end-of-archive block (tars joined with `cat`?), whose "
                         "samples would be lost; write one tar (`tar -A` joins tars), or pack again")
 
 
-def _rest(stream) -> Iterator[bytes]:
+def _rest(stream, name: str) -> Iterator[bytes]:
     """What follows the tar's end block: the rest of its (decompressed) stream, then for a compressed tar what
     follows the compressed stream's end (tarfile decompresses one gzip member: `cat a.tar.gz b.tar.gz` read as a)."""
     while chunk := stream.read(1 << 16):
         yield chunk
     comptype = getattr(stream, "comptype", "tar")
     if comptype != "tar":
-        yield getattr(stream.cmp, "unused_data", b"")[8 if comptype == "gz" else 0:]  # gzip's CRC and size: 8 bytes
+        after = getattr(stream.cmp, "unused_data", b"")
+        if comptype == "gz":  # its trailer: the CRC-32 and size of what it holds, 8 bytes
+            while len(after) < 8 and (more := stream.fileobj.read(8 - len(after))):
+                after += more
+            if len(after) < 8 or int.from_bytes(after[:4], "little") != getattr(stream, "crc", None):
+                raise DataError(f"{name}: its gzip data fails its CRC check "
+                                "(damaged or cut short); copy it again, or pack again")
+            after = after[8:]
+        yield after
         while chunk := stream.fileobj.read(1 << 16):
             yield chunk
 
