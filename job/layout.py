@@ -184,6 +184,12 @@ def _no_train_hint(rels: list[str], where: str) -> str:
     archives = _archive_hint([r for r in rels if "/" not in r])
     if archives:
         return archives
+    tars = sorted((r.split("/") for r in rels if r.count("/") == 1 and r.split("/")[0] in SPLITS
+                   and r.lower().endswith((".tar", ".tar.gz", ".tgz"))), key=lambda p: (SPLITS.index(p[0]), p[1]))
+    tars = ["/".join(p) for p in tars]
+    if tars:  # WebDataset's own names (imagenet-train-000000.tar): "no train/ folder", not a word of the tars
+        return (f"; {tars[0]} looks like a tar shard: shards are read as <split>/shard-NNNNNN.tar (six digits), "
+                "with classes.txt beside the split folders: rename them (or write them with finetune-job pack)")
     manifests = sorted(r for r in rels if "/" not in r and r.lower().endswith((".csv", ".jsonl", ".ndjson")))
     if manifests:
         return f"; {manifests[0]} looks like a manifest: set data.manifest to {where.rstrip('/')}/{manifests[0]}"

@@ -158,10 +158,17 @@ def samples(fileobj, name: str, classes: list[str] | None, ignored: list[str] | 
 def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) of each run of adjacent members that share a key."""
     current: dict[str, bytes] = {}
+    names: dict[str, str] = {}  # the member names of `current`
     key = None
     try:
         with _Tar.open(fileobj=fileobj, mode="r|*") as tar:
             for member in tar:
+                if (member.islnk() or member.issym()) and member.name.lower().endswith(IMAGE_EXTENSIONS):
+                    # an image dropped, and its label named as a member of no sample
+                    raise DataError(f"{name}: member {member.name} is a {'hard' if member.islnk() else 'symbolic'} "
+                                    f"link (to {member.linkname}), which a shard read as a stream cannot follow; "
+                                    "write the shard with the files themselves (tar --hard-dereference "
+                                    "--dereference), or pack it")
                 if not member.isfile():
                     continue
                 found = member_key(member.name, name)
@@ -172,11 +179,12 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
                 if found[0] != key:
                     if key is not None:
                         yield key, current
-                    key, current = found[0], {}
+                    key, current, names = found[0], {}, {}
                 if found[1] in current:  # `x.cls` and `x.CLS`: the last one won, without a word
-                    raise DataError(f"{name}: sample {key} has two {found[1]} members (extensions differ only in "
-                                    f"case; {member.name} is the second)")
-                current[found[1]] = tar.extractfile(member).read()
+                    raise DataError(f"{name}: member {member.name} occurs twice" if names[found[1]] == member.name
+                                    else f"{name}: sample {key} has two {found[1]} members (extensions differ only "
+                                    f"in case; {member.name} is the second)")
+                current[found[1]], names[found[1]] = tar.extractfile(member).read(), member.name
             _check_end(tar, name)
     # (TypeError: tarfile's gzip reader on a stream cut inside the gzip header, `ord(b"")`: exit 1, a traceback)
     except (tarfile.TarError, EOFError, OSError, zlib.error, TypeError) as e:

@@ -203,6 +203,12 @@ def _shard_source(cfg: Config, store: storage.Store, listing: list[storage.Entry
                                    indexed=not multi)
     if "train" not in found:
         raise DataError(f"{cfg.data.uri}: shards but no train/shard-NNNNNN.tar")
+    beside = sorted(e.rel for e in listing if e.rel.split("/", 1)[0] in layouts.SPLITS and "/" in e.rel
+                    and e.rel.lower().endswith(layouts.IMAGE_EXTENSIONS))
+    if beside:  # a test/ folder of images beside train/ shards: never read, and the run had no test report
+        raise DataError(f"{cfg.data.uri}/{beside[0]}: {len(beside)} image(s) in split folders beside the tar shards, "
+                        "which would not be read (a dataset is all shards, or all class folders); pack them too "
+                        "(finetune-job pack), or move them out")
     counts, images, packed_counts = {}, {}, {}
     if shards.INDEX in by_rel:
         index = _read_index(store, f"{cfg.data.uri}/{shards.INDEX}")

@@ -100,6 +100,10 @@ def test_bad_layouts_say_what_and_where(objects, message):
     # A dataset uploaded as an archive: said so, before any other guess.
     ("s3://b/up", ["flowers.tar.gz", "README.md"], "; flowers.tar.gz is an archive: the job reads a folder per class, "
      "a manifest or tar shards (<split>/shard-NNNNNN.tar), not an archive of them: extract it into storage)"),
+    # WebDataset's own shard names: "no train/ folder" without a word of the tars.
+    ("s3://b/wds", ["train/imagenet-train-000000.tar", "test/imagenet-test-000000.tar", "classes.txt"],
+     "; train/imagenet-train-000000.tar looks like a tar shard: shards are read as <split>/shard-NNNNNN.tar (six "
+     "digits), with classes.txt beside the split folders: rename them"),
     # A folder holding a manifest, data.manifest not set: "no train/ folder" alone.
     ("s3://b/m", ["labels.csv", "imgs/cat/1.png"], "; labels.csv looks like a manifest: set data.manifest to "
      "s3://b/m/labels.csv"),

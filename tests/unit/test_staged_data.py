@@ -352,6 +352,20 @@ def test_bad_images_leave_before_the_validation_split(tmp_path):
     assert settled.layout.counts() == {"train": {"circle": 1, "square": 1}, "validation": {"circle": 0, "square": 1}}
 
 
+def test_images_in_split_folders_beside_shards_are_refused(tmp_path):
+    # train/ as shards and test/<class>/*.png as a folder: the test images were never read, and the run said only
+    # "no test images" at info level; loose images beside the training shards, not a word.
+    root = shard_dataset(tmp_path / "d", {"train": [[("x.jpg", b"A"), ("x.cls", b"0")]]})
+    sources.open_source(config(root))
+    (root / "test" / "cat").mkdir(parents=True)
+    (root / "test" / "cat" / "1.png").write_bytes(b"P")
+    (root / "test" / "cat" / "2.PNG").write_bytes(b"P")
+    (root / "README.png").write_bytes(b"P")  # beside the splits: not the dataset's
+    with pytest.raises(DataError, match=f"^{re.escape(str(root))}/test/cat/1.png: 2 image\\(s\\) in split folders "
+                                        "beside the tar shards, which would not be read"):
+        sources.open_source(config(root))
+
+
 def test_a_file_and_a_folder_of_the_same_name_in_a_shard(tmp_path):
     root = shard_dataset(tmp_path / "d", {"train": [[("x.jpg", b"A"), ("x.cls", b"0"), ("x.jpg/y.jpg", b"B"),
                                                     ("x.jpg/y.cls", b"1")]]})
