@@ -54,7 +54,8 @@ def artifacts(run, reports: dict, folder: Path) -> dict:
         (folder / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         (folder / "MODEL_CARD.md").write_text(model_card.render(
             cfg.run_id, redacted(cfg), classes, _counts(run.data.layout), reports, checked["formats"],
-            len(run.data.bad), versions(), run.state.search, refit_fields(run), history, checked["checked_on"]),
+            len(run.data.bad), versions(), run.state.search, refit_fields(run), history, checked["checked_on"],
+            run.thresholds if run.multi else ()),
             encoding="utf-8")
     return checked
 

@@ -86,11 +86,13 @@ MULTI = {"kind_title": "a multi-label image classifier of {n} label{s}", "kind_n
 
 def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict[str, int]], reports: dict,
            formats: dict[str, dict], bad_images: int, versions: dict[str, str], search: list[dict] = (),
-           refit: dict | None = None, history: dict[str, list[dict]] | None = None, checked_on: str = "") -> str:
+           refit: dict | None = None, history: dict[str, list[dict]] | None = None, checked_on: str = "",
+           thresholds: list[dict] = ()) -> str:
     """`history`: the epochs trained per phase (history.json), so that the recipe says what ran, not what was set.
     `checked_on`: the split the formats were scored on (manifest.json's formats_checked_on). Without validation and
     test splits, nothing is measured on images the model did not train on, and the card says so (it claimed
-    recall on validation, and the formats' scores on the training images as validation's)."""
+    recall on validation, and the formats' scores on the training images as validation's). `thresholds`:
+    multi-label, each label's threshold and how it was chosen (thresholds.json), so the card names the fallbacks."""
     data, model = config["data"], config["model"]
     height, width = data["image_size"]
     split = next((s for s in ("test", "validation") if s in reports), "")
@@ -105,7 +107,8 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
         counts_table=_counts_table(classes, counts), bad_images=bad_images,
         recipe=_recipe(config["train"], search, refit or {}, history, model["weights"] == "none", validated,
                        "test" in reports),
-        results_table=(_multi_results(reports, per_label, split) if multi else _results_table(reports)) if split
+        results_table=(_multi_results(reports, per_label, split, _fallbacks(classes, thresholds)) if multi
+                       else _results_table(reports)) if split
         else NOT_MEASURED, checked=_checked(checked_on or split or "train", bool(refit)),
         formats_table=_formats_table(formats), limits=(_limits(per_label, split, multi) if split else
                                                        f"- {NOT_MEASURED}") + _format_drops(formats),
@@ -176,14 +179,27 @@ def _counts_table(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
     return _table(["class", *counts], rows)
 
 
-def _multi_results(reports: dict, per_label: dict[str, dict], split: str) -> str:
-    """Multi-label: the splits' mAP, F1s and subset accuracy, then each label on the headline split."""
+def _fallbacks(classes: list[str], thresholds: list[dict]) -> list[str]:
+    """The labels whose threshold is the 0.5 fallback (no validation images, or none carrying the label)."""
+    return [c for c, t in zip(classes, thresholds) if t.get("chosen_by") != "validation_f1"]
+
+
+def _multi_results(reports: dict, per_label: dict[str, dict], split: str, fallbacks: list[str] = ()) -> str:
+    """Multi-label: the splits' mAP, F1s and subset accuracy, then each label on the headline split, at thresholds
+    chosen on validation but for `fallbacks` (the card said "chosen on validation" of a run without validation)."""
     rows = [_row(name, r["examples"], _pct(r["map"]), _pct(r["micro_f1"]), _pct(r["macro_f1"]),
                  _pct(r["subset_accuracy"]), f"{r['loss']:.3f}") for name, r in reports.items()]
     table = _table(["split", "images", "mAP", "micro-F1", "macro-F1", "subset accuracy", "loss"], rows)
     labels = [_row(c, v["support"], _pct(v["average_precision"]), _pct(v["precision"]), _pct(v["recall"]),
                    _pct(v["f1"]), f"{v['threshold']:.3f}") for c, v in per_label.items()]
-    return table + f"\n\nPer label on {split}, at the thresholds chosen on validation:\n\n" + _table(
+    if fallbacks and len(fallbacks) == len(per_label):
+        how = "at the fallback threshold 0.5 (no validation image carries any label: none was chosen)"
+    elif fallbacks:
+        shown = ", ".join(_code(c) for c in fallbacks[:10]) + f", ... {len(fallbacks)} in all" * (len(fallbacks) > 10)
+        how = f"at the thresholds chosen on validation, but 0.5 for {shown} (no validation image carries them)"
+    else:
+        how = "at the thresholds chosen on validation"
+    return table + f"\n\nPer label on {split}, {how}:\n\n" + _table(
         ["label", "images with it", "average precision", "precision", "recall", "F1", "threshold"], labels)
 
 

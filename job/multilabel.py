@@ -136,7 +136,11 @@ def micro_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _label_entry(tp: int, fp: int, fn: int, ap: float | None, threshold: float) -> dict:
-    """Returns the per-label part of a report from that label's counts."""
+    """Returns the per-label part of a report from that label's counts. A label the split lacks and that was never
+    predicted there has no precision, recall or F1 (None, as its average precision): they were 0."""
+    if tp + fp + fn == 0:
+        return {"precision": None, "recall": None, "f1": None, "average_precision": ap, "support": 0,
+                "threshold": float(threshold)}
     return {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
             "average_precision": ap, "support": tp + fn, "threshold": float(threshold)}
 
@@ -163,7 +167,10 @@ def report(scores: np.ndarray, truth: np.ndarray, thresholds: list[float], class
         "loss": binary_cross_entropy(s, t),
         "map": mean_average_precision(s, t),
         "micro_f1": micro_f1(predicted, t),
-        "macro_f1": float(np.mean([e["f1"] for e in per_label.values()])) if classes else 0.0,
+        # Over the labels the split has or that were predicted, as single-label's macro-F1 (and mAP over the labels
+        # with a positive): an unmeasured label counted as 0 held a split of every image right at 0.5 for 2 labels.
+        "macro_f1": float(np.mean(measured)) if (measured := [e["f1"] for e in per_label.values()
+                                                              if e["f1"] is not None]) else 0.0,
         "subset_accuracy": _ratio(int((predicted == t).all(axis=1).sum()), n),
         "hamming_accuracy": _ratio(int((predicted == t).sum()), int(t.size)),
         "labels_without_positives": [name for name, e in per_label.items() if e["support"] == 0],

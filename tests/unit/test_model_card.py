@@ -141,6 +141,19 @@ def test_a_multilabel_card_gives_map_f1s_and_each_labels_threshold():
     report["map"] = float("nan")  # no positive in the split: no mean average precision
     card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {})
     assert _tables(card)[1][2][2] == "n/a" and "nan" not in card
+    assert "Per label on test, at the thresholds chosen on validation:" in card
+    # The thresholds' fallbacks named: "chosen on validation" was said of a run without validation images.
+    chosen = [{"threshold": 0.41, "chosen_by": "validation_f1"}, {"threshold": 0.5, "chosen_by": "no_positive_example"}]
+    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {}, thresholds=chosen)
+    assert "Per label on test, at the thresholds chosen on validation, but 0.5 for `tulip` (no validation image " \
+           "carries them):" in card
+    none = [{"threshold": 0.5, "chosen_by": "no_validation_images"}] * 2
+    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {}, thresholds=none)
+    assert "Per label on test, at the fallback threshold 0.5 (no validation image carries any label" in card
+    # A label neither in the split nor predicted has no precision, recall or F1 (they were 0.0%, in macro-F1 too).
+    report["per_label"]["tulip"].update(precision=None, recall=None, f1=None, support=0)
+    assert _tables(model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0,
+                                     {}))[2][3][3:6] == ["n/a", "n/a", "n/a"]
 
 
 def test_the_card_names_the_rate_the_search_chose_and_every_trials_scores():

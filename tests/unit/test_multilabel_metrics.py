@@ -133,8 +133,11 @@ def test_report_counts_match_hand_computation(data, threshold):
     n = len(rows)
     assert rep["subset_accuracy"] == pytest.approx(sum(p == r for p, r in rows) / n if n else 0.0)
     assert rep["hamming_accuracy"] == pytest.approx(1 - (fp + fn) / (n * labels) if n else 0.0)
-    f1s = [f1_at(scores[:, j], truth[:, j], threshold) for j in range(labels)]
-    assert rep["macro_f1"] == pytest.approx(sum(f1s) / labels)
+    # over the labels the split has or that were predicted (an unmeasured label counted as 0 halved a perfect score)
+    measured = [j for j in range(labels) if truth[:, j].any() or (scores[:, j] >= threshold).any()]
+    f1s = [f1_at(scores[:, j], truth[:, j], threshold) for j in measured]
+    assert rep["macro_f1"] == pytest.approx(sum(f1s) / len(f1s) if f1s else 0.0)
+    assert all(rep["per_label"][classes[j]]["f1"] is None for j in range(labels) if j not in measured)
     assert rep["labels_without_positives"] == [c for j, c in enumerate(classes) if not truth[:, j].any()]
     assert rep["examples"] == n and plain(rep)
     json.dumps(rep, allow_nan=True)
@@ -158,7 +161,8 @@ def test_hand_checked_thresholds_and_report():
     assert rep["per_label"]["cat"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8),
                                        "average_precision": pytest.approx(5 / 6), "support": 2,
                                        "threshold": pytest.approx(0.65)}
-    assert rep["per_label"]["dog"]["average_precision"] is None and rep["per_label"]["dog"]["f1"] == 0.0
+    assert rep["per_label"]["dog"]["average_precision"] is None and rep["per_label"]["dog"]["f1"] is None
+    assert rep["macro_f1"] == pytest.approx(0.8)  # cat's alone: dog is neither in the split nor predicted
     assert rep["labels_without_positives"] == ["dog"] and rep["map"] == pytest.approx(5 / 6)
     assert rep["subset_accuracy"] == 0.75 and rep["hamming_accuracy"] == 0.875
     # Only one candidate, at the lowest score: threshold is half of it.
