@@ -48,20 +48,23 @@ class ExportFailed(JobError):
     exit_code = 1
 
 
-_carried: list[JobError] = []
+_carried: dict[str, JobError] = {}  # by message, the latest few (shards are read several at a time)
 
 
 def carry(exc: JobError) -> None:
     """Remember an expected error raised inside a tf.data generator (a streamed shard that cannot be read):
     TensorFlow hands it on as its own UnknownError, the traceback in the message, which was exit 1 "unexpected
     error" for a storage or data failure; the CLI reports this one instead (`carried`)."""
-    _carried[:] = [exc]
+    _carried[str(exc)] = exc
+    while len(_carried) > 16:
+        del _carried[next(iter(_carried))]
 
 
 def carried(exc: BaseException) -> BaseException:
-    """The expected error a TensorFlow error carries (see `carry`), or `exc` itself."""
-    if _carried and type(exc).__module__.startswith("tensorflow") and str(_carried[0]) in str(exc):
-        return _carried[0]
+    """The expected error a TensorFlow error carries (see `carry`): the one whose message it holds, or `exc`."""
+    if type(exc).__module__.startswith("tensorflow"):
+        text = str(exc)
+        return next((e for message, e in reversed(_carried.items()) if message in text), exc)
     return exc
 
 

@@ -185,7 +185,7 @@ def _no_train_hint(rels: list[str], where: str) -> str:
     if archives:
         return archives
     tars = sorted((r.split("/") for r in rels if r.count("/") == 1 and r.split("/")[0] in SPLITS
-                   and r.lower().endswith((".tar", ".tar.gz", ".tgz"))), key=lambda p: (SPLITS.index(p[0]), p[1]))
+                   and r.lower().endswith(ARCHIVES[1:6])), key=lambda p: (SPLITS.index(p[0]), p[1]))
     tars = ["/".join(p) for p in tars]
     if tars:  # WebDataset's own names (imagenet-train-000000.tar): "no train/ folder", not a word of the tars
         return (f"; {tars[0]} looks like a tar shard: shards are read as <split>/shard-NNNNNN.tar (six digits), "

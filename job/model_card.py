@@ -193,7 +193,7 @@ def _multi_results(reports: dict, per_label: dict[str, dict], split: str, fallba
     labels = [_row(c, v["support"], _pct(v["average_precision"]), _pct(v["precision"]), _pct(v["recall"]),
                    _pct(v["f1"]), f"{v['threshold']:.3f}") for c, v in per_label.items()]
     if fallbacks and len(fallbacks) == len(per_label):
-        how = "at the fallback threshold 0.5 (no validation image carries any label: none was chosen)"
+        how = "at the fallback threshold 0.5 (no validation images carry the labels: none was chosen on them)"
     elif fallbacks:
         shown = ", ".join(_code(c) for c in fallbacks[:10]) + f", ... {len(fallbacks)} in all" * (len(fallbacks) > 10)
         how = f"at the thresholds chosen on validation, but 0.5 for {shown} (no validation image carries them)"

@@ -166,8 +166,8 @@ def validate(cfg: Config):
         how = readers.Staging(Path(cfg.data.cache_dir), Path(cfg.data.cache_dir), tuple(cfg.data.image_size))
         layout = readers.create(source, "stream", how).settle(cfg.data.validation_split, cfg.train.seed).layout
         class_weights(cfg, layout)  # multi-label shards: the labels are known once read
-    else:  # the images it knows training will skip are left out, as train leaves them out before the carve
-        layout = source.layout.without(known_bad).carve(cfg.data.validation_split, cfg.train.seed).nonempty()
+    else:  # the images it knows training will skip are left out, and refused, as train settles them (`Reader.settle`)
+        layout = readers.settled(source.layout, known_bad, cfg.data.uri, cfg.data.validation_split, cfg.train.seed)
     _check_val_map(cfg, layout)
     return layout
 
@@ -565,9 +565,19 @@ def _completed_meanwhile(cfg: Config, out: storage.Store, state: str, lease, clu
     the lease: this one resumed from its "trained" checkpoint and exported over the finished run. The chief, which
     holds the lease, looks; with several workers it tells the others in one collective (the chief alone returning
     left them waiting on it)."""
-    done = bool(lease) and state != "complete" and not cfg.output.overwrite and out.exists("_SUCCESS")
+    failed = None
+    try:
+        done = bool(lease) and state != "complete" and not cfg.output.overwrite and out.exists("_SUCCESS")
+    except StorageError as e:  # raised after the gather: alone, the chief left the others waiting in it for ever
+        done, failed = False, e
     if cluster.num_workers > 1:
-        done = any(row[0] for row in cluster.gather([int(done)]))
+        rows = cluster.gather([int(done), int(failed is not None)])
+        done = any(row[0] for row in rows)
+        if failed is None and any(row[1] for row in rows):
+            raise StorageError("the chief could not read the run's output (see its log); the Job's next attempt "
+                               "tries again")
+    if failed is not None:
+        raise failed
     return done
 
 

@@ -116,7 +116,7 @@ def read_image(uri: str, endpoint: str = "") -> bytes:
             # A GET's NoSuchKey (exit 4), for a prefix or a pattern that no shell expands
             pattern = any(c in name for c in "*?[")
             why = "no such object; s3:// URIs are not patterns: name each object" if pattern else \
-                f"a prefix: name its image objects, e.g. {uri}/x.jpg" if store.list(name) else "no such object"
+                f"a prefix: name its image objects, e.g. {uri}/x.jpg" if store.holds_any(name) else "no such object"
             raise ConfigError(f"{uri}: cannot read image ({why})") from None
     try:
         return Path(uri).read_bytes()

@@ -64,16 +64,7 @@ class Reader:
     def settle(self, validation_split: float, seed: int) -> Reader:
         """Leave the bad images out, carve the validation split from what is left, drop empty splits (once,
         after staging)."""
-        kept = self.layout.without(set(self.bad))
-        before, after = self.layout.counts(), kept.counts()
-        # A class left without training images cannot be learned. One left without validation or test images is
-        # what an empty folder there is: a warning that those scores do not measure it (pipeline.unmeasured); it was
-        # exit 3 when its images were bad and a warning when its folder was empty.
-        emptied = [c for c, n in after.get("train", {}).items() if not n and before["train"][c]]
-        if emptied:
-            raise DataError(f"{self.where}/train/: no usable images left in {', '.join(emptied)}")
-        kept.require_training_images(self.where)
-        self.layout = kept.carve(validation_split, seed).nonempty()
+        self.layout = settled(self.layout, set(self.bad), self.where, validation_split, seed)
         return self
 
     def targets(self, labels: list):
@@ -161,6 +152,22 @@ class Copied(Reader):
         label_of = dict(zip(all_keys, labels))
         return (dataset.pixels(self._paths(keys), self.image_size, None),
                 self.targets([label_of[k] for k in keys]))
+
+
+def settled(listed, bad: set[str], where: str, validation_split: float, seed: int):
+    """The layout without the bad images, the validation split carved from what is left, empty splits dropped;
+    DataError for a class left without training images (`validate` with the images it knows to be bad, as `train`
+    after staging: it showed such a class with 0 and said ok)."""
+    kept = listed.without(bad)
+    before, after = listed.counts(), kept.counts()
+    # A class left without training images cannot be learned. One left without validation or test images is what
+    # an empty folder there is: a warning that those scores do not measure it (pipeline.unmeasured); it was exit 3
+    # when its images were bad and a warning when its folder was empty.
+    emptied = [c for c, n in after.get("train", {}).items() if not n and before["train"][c]]
+    if emptied:
+        raise DataError(f"{where}/train/: no usable images left in {', '.join(emptied)}")
+    kept.require_training_images(where)
+    return kept.carve(validation_split, seed).nonempty()
 
 
 class Streamed(Reader):

@@ -161,10 +161,10 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
     names: dict[str, str] = {}  # the member names of `current`
     key = None
     try:
-        with _Tar.open(fileobj=fileobj, mode="r|*") as tar:
+        with _open(fileobj) as tar:
             for member in tar:
-                if (member.islnk() or member.issym()) and member.name.lower().endswith(IMAGE_EXTENSIONS):
-                    # an image dropped, and its label named as a member of no sample
+                if (member.islnk() or member.issym()) and (member_key(member.name, name) or ("", ""))[1] in \
+                        IMAGE_EXTENSIONS:  # an image dropped, and its label named as a member of no sample
                     raise DataError(f"{name}: member {member.name} is a {'hard' if member.islnk() else 'symbolic'} "
                                     f"link (to {member.linkname}), which a shard read as a stream cannot follow; "
                                     "write the shard with the files themselves (tar --hard-dereference "
@@ -186,11 +186,18 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
                                     f"in case; {member.name} is the second)")
                 current[found[1]], names[found[1]] = tar.extractfile(member).read(), member.name
             _check_end(tar, name)
-    # (TypeError: tarfile's gzip reader on a stream cut inside the gzip header, `ord(b"")`: exit 1, a traceback)
-    except (tarfile.TarError, EOFError, OSError, zlib.error, TypeError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{name}: not a readable tar file ({type(e).__name__}: {e}); is it truncated?") from None
     if key is not None:
         yield key, current
+
+
+def _open(fileobj) -> tarfile.TarFile:
+    """The shard as a tar stream (`r|*`: compressed or not)."""
+    try:
+        return _Tar.open(fileobj=fileobj, mode="r|*")
+    except TypeError:  # tarfile's gzip reader on a stream cut inside the gzip header, `ord(b"")`: exit 1, a traceback
+        raise tarfile.ReadError("cut inside the gzip header") from None
 
 
 class _Tar(tarfile.TarFile):

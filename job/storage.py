@@ -143,7 +143,7 @@ def _same_version(uri: str, reply: dict, size: int, etag: str, again: bool = Fal
     if size and got is not None and got != size:
         raise StorageError(f"{uri}: rewritten after the dataset was listed ({got} bytes, listed {size}); run again "
                            "once the dataset stops changing: the rerun lists it anew")
-    if again and _first_read.setdefault(uri, tag) != tag:
+    if again and _first_read.setdefault((uri, etag), tag) != tag:  # per listing: a rerun in this process lists anew
         raise StorageError(f"{uri}: rewritten during the run (the same size, another version than its first read); "
                            "run again once the dataset stops changing: the rerun lists it anew")
     if tag not in ("", etag) and uri not in _warned_versions:
@@ -157,7 +157,7 @@ def _same_version(uri: str, reply: dict, size: int, etag: str, again: bool = Fal
 
 
 _warned_versions: set[str] = set()
-_first_read: dict[str, str] = {}  # a streamed shard's ETag (local: modification time) at its first read
+_first_read: dict[tuple[str, str], str] = {}  # (shard, listed ETag) -> the ETag (local: mtime) at its first read
 
 
 class _KnownVersion:
@@ -208,6 +208,12 @@ class S3Store:
                 for obj in page.get("Contents", []):
                     out.append(Entry(obj["Key"][len(root):], obj["Size"], obj["ETag"].strip('"')))
         return out
+
+    def holds_any(self, sub: str) -> bool:
+        """Whether any object lies below `sub/` (one request, one key: a prefix of millions is not listed)."""
+        with storage_errors(f"listing {join(self.uri, sub)}"):
+            reply = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(sub) + "/", MaxKeys=1)
+        return bool(reply.get("KeyCount") or reply.get("Contents"))
 
     def exists(self, rel: str) -> bool:
         from botocore.exceptions import ClientError
@@ -262,7 +268,9 @@ class S3Store:
         from boto3.s3.transfer import TransferConfig, create_transfer_manager
         from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 
-        config = TransferConfig(multipart_threshold=RANGED_MIN, multipart_chunksize=RANGED_CHUNK, max_concurrency=8)
+        # the classic manager: the CRT one (awscrt installed, on some GPU instances) takes no known size or ETag
+        config = TransferConfig(multipart_threshold=RANGED_MIN, multipart_chunksize=RANGED_CHUNK, max_concurrency=8,
+                                preferred_transfer_client="classic")
         uri = join(self.uri, rel)
         with storage_errors(f"downloading {uri}"), atomic_path(dest) as tmp:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
@@ -446,8 +454,12 @@ class LocalStore:
             f = open(self.root / rel, "rb")  # noqa: SIM115 (the reader closes it)
             if listed is not None:
                 st = os.fstat(f.fileno())
-                _same_version(str(self.root / rel), {"ContentLength": st.st_size, "ETag": str(st.st_mtime_ns)},
-                              listed.size, listed.etag, again=True)
+                try:
+                    _same_version(str(self.root / rel), {"ContentLength": st.st_size, "ETag": str(st.st_mtime_ns)},
+                                  listed.size, listed.etag, again=True)
+                except StorageError:
+                    f.close()
+                    raise
             return f
 
     def read(self, rel: str, head: int = 0) -> bytes:

@@ -251,6 +251,12 @@ def test_an_expected_error_inside_a_tf_data_generator_keeps_its_exit_code_and_li
     err = capsys.readouterr().err
     assert e.value.exit_code == 4
     assert err == "finetune-job: error: reading s3://b/d/shard-000003.tar: connection lost 5 times, last at byte 9\n"
+    # Shards are read several at a time: another's error carried after it is not the one TensorFlow reports.
+    errors.carry(StorageError("reading s3://b/d/shard-000004.tar: rewritten during the run"))
+    reported = tf.errors.UnknownError(None, None, "StorageError: reading s3://b/d/shard-000003.tar: connection lost "
+                                                  "5 times, last at byte 9\nTraceback ...")
+    assert str(errors.carried(reported)).startswith("reading s3://b/d/shard-000003.tar")
+    assert errors.carried(ValueError("reading s3://b/d/shard-000003.tar")).__class__ is ValueError  # not TensorFlow's
 
 
 NAME = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)

@@ -149,7 +149,7 @@ def test_a_multilabel_card_gives_map_f1s_and_each_labels_threshold():
            "carries them):" in card
     none = [{"threshold": 0.5, "chosen_by": "no_validation_images"}] * 2
     card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {}, thresholds=none)
-    assert "Per label on test, at the fallback threshold 0.5 (no validation image carries any label" in card
+    assert "Per label on test, at the fallback threshold 0.5 (no validation images carry the labels" in card
     # A label neither in the split nor predicted has no precision, recall or F1 (they were 0.0%, in macro-F1 too).
     report["per_label"]["tulip"].update(precision=None, recall=None, f1=None, support=0)
     assert _tables(model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0,

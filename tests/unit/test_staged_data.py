@@ -23,7 +23,7 @@ import structlog.testing
 from conftest import tar_bytes
 from hypothesis import given
 
-from job import errors, files, layout, pipeline, readers, shards, sources
+from job import errors, files, layout, pipeline, readers, shards, sources, storage
 from job.config import Config
 from job.errors import ConfigError, DataError, StorageError
 from job.pack import pack
@@ -817,6 +817,12 @@ def test_validate_counts_empty_images_as_train_does(tmp_path, where, request, ca
                                         r"e\.g\. .*/train/\w+/empty\.bmp: empty \(0 bytes\)$"):
         validated()
     assert dataset_find_bad([str(folder / "empty.jpg")]) == {str(folder / "empty.jpg"): "empty (0 bytes)"}
+    # A class whose every image is known bad: train refuses it (exit 3); validate showed it with 0 and said ok.
+    other = next(p for p in (root / "train").iterdir() if p != folder)
+    for image in other.iterdir():
+        image.write_bytes(b"")
+    with pytest.raises(DataError, match=f"/train/: no usable images left in {other.name}$"):
+        _validated(_placed(root, where, request), tmp_path, capsys, max_bad_fraction=1.0)
 
 
 def dataset_find_bad(paths: list[str]) -> dict:
@@ -961,20 +967,57 @@ def test_a_run_completed_by_another_attempt_while_waiting_for_the_lease_is_not_r
 
             def gather(values):
                 asked.append(values)
-                rows = [[int(chief_found)], values] if index else [values, [0]]
+                rows = [[int(chief_found), 0], values] if index else [values, [0, 0]]
                 return rows
             cluster.gather = gather
             return cluster
         return two_workers
 
     monkeypatch.setattr(pipeline, "_start_strategy", worker(1, True))
-    assert pipeline.prepare(cfg)["status"] == "already complete" and asked == [[0]]  # it holds no lease: 0
+    assert pipeline.prepare(cfg)["status"] == "already complete" and asked == [[0, 0]]  # it holds no lease: 0
     monkeypatch.setattr(pipeline, "_start_strategy", worker(0, False))
-    assert pipeline.prepare(cfg)["status"] == "already complete" and asked[-1] == [1]  # the chief found _SUCCESS
+    assert pipeline.prepare(cfg)["status"] == "already complete" and asked[-1] == [1, 0]  # the chief found _SUCCESS
     (tmp_path / "out" / "r1" / "_SUCCESS").unlink()
     monkeypatch.setattr(pipeline, "_take_lease", taken)
     monkeypatch.setattr(pipeline, "_start_strategy", worker(1, False))
     assert isinstance(pipeline.prepare(cfg), pipeline.Run)  # nothing found: the run goes on
+    # The chief's look fails (storage): it still meets the others in the gather, and all stop (it raised before it,
+    # and the others waited in the gather for ever).
+    asked.clear()
+    exists, leased = storage.LocalStore.exists, []
+
+    def failing(self, rel):
+        if rel == "_SUCCESS" and leased:  # (output_state's look, before the lease, goes through)
+            raise StorageError("checking s3://b/out/r1/_SUCCESS: storage unreachable")
+        return exists(self, rel)
+
+    def lease_then_fail(cfg, out):
+        leased.append(1)
+        return taken(cfg, out)
+
+    monkeypatch.setattr(storage.LocalStore, "exists", failing)
+    monkeypatch.setattr(pipeline, "_take_lease", lease_then_fail)
+
+    def two(index):
+        def two_workers(cfg):
+            cluster = started(cfg)
+            cluster.worker_index, cluster.num_workers = index, 2
+
+            def gather(values):
+                asked.append(values)
+                return [values, [0, 0]] if index == 0 else [[0, 1], values]
+            cluster.gather = gather
+            return cluster
+        return two_workers
+
+    monkeypatch.setattr(pipeline, "_start_strategy", two(0))
+    with pytest.raises(StorageError, match="storage unreachable"):
+        pipeline.prepare(cfg)
+    assert asked[-1] == [0, 1]  # it told the others
+    leased.clear()  # this worker takes no lease: its own looks go through
+    monkeypatch.setattr(pipeline, "_start_strategy", two(1))
+    with pytest.raises(StorageError, match="the chief could not read the run's output"):
+        pipeline.prepare(cfg)
 
 
 def test_a_complete_run_asked_again_after_its_dataset_changed_says_so(tmp_path, capsys):
