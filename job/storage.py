@@ -622,8 +622,8 @@ def stage(store: Store, entries: list[Entry], cache_dir: Path, progress: Callabl
         # seconds (a SIGTERM's grace is short; a shard may take minutes) and keeps those that ended: the index had
         # only the files seen done (1 of 60 on disk), so the rerun fetched them again.
         pool.shutdown(wait=ok, cancel_futures=True)
-        if stopping:
-            wait_for(futures, timeout=STOP_WAIT_SECONDS)
+        if stopping:  # (a cancelled future is never "done" to wait(): every stop waited the whole 10 s)
+            wait_for([f for f in futures if not f.cancelled()], timeout=STOP_WAIT_SECONDS)
         for fut, e in futures.items():
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 index[e.rel] = [e.size, e.etag]

@@ -312,9 +312,11 @@ def test_file_and_folder_finds_a_key_that_is_another_keys_folder(keys):
         assert found[0] in keys and found[1] in keys and found[1].startswith(found[0] + "/")
 
 
-def test_a_stop_during_staging_keeps_every_file_it_fetched(s3, tmp_path):
+def test_a_stop_during_staging_keeps_every_file_it_fetched(s3, tmp_path, monkeypatch):
     # SIGTERM while staging: the index held only the files the loop had seen done (1 of 60 on disk), so the rerun
     # downloaded the others again ("nothing is downloaded twice", the README said).
+    from concurrent.futures import wait
+
     bucket = s3.bucket()
     for i in range(40):
         s3.client.put_object(Bucket=bucket, Key=f"d/train/c/{i}.png", Body=bytes([i]) * 50_000)
@@ -326,8 +328,14 @@ def test_a_stop_during_staging_keeps_every_file_it_fetched(s3, tmp_path):
     def stop():
         raise Stop
 
+    waited = []
+    monkeypatch.setattr(storage, "wait_for", lambda fs, timeout: waited.append(list(fs)) or wait(fs, timeout=timeout))
     with pytest.raises(Stop):
         storage.stage(store, store.list(), tmp_path, stop=stop)
+    # It waits for the GETs in flight, not for the cancelled ones too: wait() never counts a cancelled future done,
+    # so every stop in staging spent STOP_WAIT_SECONDS (10 s) of the pod's grace period on nothing.
+    (passed,) = waited
+    assert not any(f.cancelled() for f in passed)
     root = storage.staged(tmp_path / bucket, "d")
     on_disk = [p for p in root.rglob("*.png")]
     again = storage.stage(store, store.list(), tmp_path)[1]
