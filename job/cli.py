@@ -146,8 +146,10 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
     except BaseException as exc:  # noqa: BLE001
         from job.errors import LeaseHeld, Preempted
 
-        # refused by a live attempt's lease: its Pushgateway group is that attempt's, which is not failing
-        metrics.finish(False, preempted=isinstance(exc, Preempted), push=not isinstance(exc, LeaseHeld))
+        # refused by a live attempt's lease, or failed before taking it while one holds it: the Pushgateway group is
+        # that attempt's, which is not failing
+        held = isinstance(exc, LeaseHeld) or (not metrics.is_owned() and pipeline.another_attempt_holds(cfg))
+        metrics.finish(False, preempted=isinstance(exc, Preempted), push=not held)
         _fail(exc)
     logs.get().info("run finished", **summary)
     # completed by another attempt while this one waited for the lease: its final values are that attempt's

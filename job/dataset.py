@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from job import logs
+from job import logs, metrics
 from job.files import atomic_path
 from job.headers import EMPTY, UNREADABLE, header
 
@@ -149,12 +149,17 @@ def cache_images(paths: list[str], image_size: tuple[int, int], cache_dir: Path)
         logs.get().warning("image cache skipped: not enough free disk, decoding every epoch",
                            folder=str(cache_dir), needed_bytes=need, free_bytes=free)
         return None
-    # Written with plain writes, not through a memory map: the rows never count as this process's memory.
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+    # Written with plain writes, not through a memory map: the rows never count as this process's memory. Its
+    # progress is a stage of its own ("decoding"): minutes of it at scale moved no metric, and FinetuneJobStalled
+    # fired on a healthy run.
+    with atomic_path(out) as tmp, open(tmp, "wb") as f, logs.progress(
+            "decoding images", len(paths), report=lambda done, of: metrics.stage_progress("decoding", done, of)) \
+            as advance:
         np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
                                                  "shape": (len(paths), h, w, 3)})
         for images, _ in image_dataset(paths, np.zeros(len(paths), np.int32), image_size, 64):
             f.write(tf.cast(tf.round(images), tf.uint8).numpy().tobytes())
+            advance(len(images))
     return out
 
 

@@ -35,6 +35,16 @@ NAME = "_LEASE"
 log = logs.get()
 
 
+def held_by_another(store: Store, seconds: float) -> bool:
+    """Whether a lease on this run was renewed within `seconds` (a live attempt holds it), for an attempt that
+    never took it; False when storage cannot tell."""
+    try:
+        seen = store.stat(NAME)
+    except StorageError:
+        return False
+    return seen is not None and seen[1] <= seconds
+
+
 class Lease:
     def __init__(self, store: Store, run_id: str, seconds: float):
         self.store = store

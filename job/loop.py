@@ -506,7 +506,7 @@ def _train_epoch(phase: Phase, cluster: Cluster, global_batch: int, steps: int, 
                  options: Options, saver: _Saver) -> dict:
     """The rest of the current epoch (all of it unless resumed mid-epoch), then validation: its record."""
     epoch, first = state.epoch + 1, state.step  # a resumed epoch runs from its step `first`
-    metrics.epoch_started(phase.name, epoch, phase.epochs, steps)
+    metrics.epoch_started(phase.name, epoch, phase.epochs, steps, first)
     started = time.monotonic()
     local_images = global_batch // cluster.num_workers
     with logs.progress(f"{phase.name} epoch {epoch}/{phase.epochs}", steps - state.step) as advance:

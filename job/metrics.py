@@ -247,13 +247,14 @@ def stage_progress(stage: str, done: int, total: int) -> None:
     STAGE_ITEMS.labels(**_run.labels, stage=stage).set(total)
 
 
-def epoch_started(phase: str, epoch: int, epochs: int, steps_per_epoch: int) -> None:
-    """Epoch `epoch` (1-based) of `epochs` begins; it has `steps_per_epoch` steps."""
+def epoch_started(phase: str, epoch: int, epochs: int, steps_per_epoch: int, steps_done: int = 0) -> None:
+    """Epoch `epoch` (1-based) of `epochs` begins, or goes on after `steps_done` steps (a resume); it has
+    `steps_per_epoch` steps."""
     run = _run.labels
     EPOCH.labels(**run, phase=phase).set(epoch)
     EPOCHS.labels(**run, phase=phase).set(epochs)
     STEPS_PER_EPOCH.labels(**run, phase=phase).set(steps_per_epoch)
-    EPOCH_STEP.labels(**run, phase=phase).set(0)
+    EPOCH_STEP.labels(**run, phase=phase).set(steps_done)  # (0: an epoch resumed mid-way never reached its total)
 
 
 def step_done(phase: str, images: int, step_seconds: float, data_wait_seconds: float) -> None:
@@ -362,6 +363,10 @@ def _stop_pusher(run: _Run) -> None:
 def owned() -> None:
     """This attempt holds the run (its lease, or a worker's place in it): its periodic pushes begin."""
     _run.owned.set()
+
+
+def is_owned() -> bool:
+    return _run.owned.is_set()
 
 
 def _push_periodically(run: _Run) -> None:

@@ -407,6 +407,7 @@ def train(cfg: Config) -> dict:
     run = prepare(cfg)
     if isinstance(run, dict):
         return run
+    _replay_metrics(run)
     try:
         if run.cluster.is_chief:
             from job.tensorboard import Board
@@ -507,6 +508,19 @@ def prepare(cfg: Config) -> Run | dict:
                initial=initial, resumed_from=was)
 
 
+def _replay_metrics(run: Run) -> None:
+    """A resumed attempt's gauges start from the checkpoint's history: each phase's last epoch and its results (its
+    registry is new, and its final Pushgateway push, which replaces the group, lost the phases an earlier attempt
+    had finished)."""
+    for phase, records in run.state.history.items():
+        if records:
+            r = {k: float("nan") if v is None else v for k, v in records[-1].items()}  # (null: not finite)
+            metrics.epoch_done(phase, r["epoch"], train_loss=r["loss"], train_accuracy=r["accuracy"],
+                               val_loss=r.get("val_loss", float("nan")),
+                               val_accuracy=r.get("val_accuracy", float("nan")),
+                               val_map=r.get("val_map", float("nan")) if run.multi else None)
+
+
 def _resumed_from(state: RunState) -> dict:
     """Where an attempt takes over from a checkpoint: its phase, the epochs that phase ran (early stopping sets the
     state's epoch to the budget) and the steps of a part-finished one; {"phase": "trained"} when only evaluation and
@@ -579,6 +593,19 @@ def _completed_meanwhile(cfg: Config, out: storage.Store, state: str, lease, clu
     if failed is not None:
         raise failed
     return done
+
+
+def another_attempt_holds(cfg: Config) -> bool:
+    """Whether a live attempt holds this run's lease: an attempt that failed before it took the lease (a dataset
+    listing that failed, a SIGTERM while it waited) must push nothing into that attempt's Pushgateway group (its
+    "failed" fired FinetuneJobFailed on a healthy run, and zeroed its counters)."""
+    from job.lease import held_by_another
+
+    try:
+        out = storage.open_store(storage.join(cfg.output.uri, cfg.run_id), cfg.s3.endpoint_url)
+    except JobError:
+        return False
+    return held_by_another(out, cfg.checkpoint.lease_seconds)
 
 
 def _take_lease(cfg: Config, out: storage.Store):

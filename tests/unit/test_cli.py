@@ -206,6 +206,7 @@ def test_a_run_refused_by_a_live_attempts_lease_reports_no_failure_to_its_group(
     monkeypatch.setattr(metrics, "finish", lambda success, **kw: finished.append((success, kw)))
     config = tmp_path / "c.yaml"
     config.write_text(f"data: {{uri: {tmp_path}/d}}\noutput: {{uri: {tmp_path}/o}}\nrun_id: r1\n")
+    monkeypatch.setattr(metrics, "is_owned", lambda: False)  # (failed before taking the lease)
     for error, push in ((LeaseHeld("run r1 is being written by another run"), False),
                         (StorageError("storage unreachable"), True)):
         def train(cfg, error=error):
@@ -215,6 +216,20 @@ def test_a_run_refused_by_a_live_attempts_lease_reports_no_failure_to_its_group(
         with pytest.raises(typer.Exit) as e:
             cli.train(config, None)
         assert e.value.exit_code == 4 and finished[-1] == (False, {"preempted": False, "push": push})
+    # Failed before it took the lease (its dataset listing, exit 3) while a live attempt holds it: it pushed
+    # "failed" into that attempt's group, FinetuneJobFailed fired on a healthy run and its counters went to 0.
+    from job.errors import DataError
+
+    monkeypatch.setattr(pipeline, "train", lambda cfg: (_ for _ in ()).throw(DataError("no train/ folder")))
+    (tmp_path / "o" / "r1").mkdir(parents=True)
+    (tmp_path / "o" / "r1" / "_LEASE").write_text("{}")  # renewed just now
+    with pytest.raises(typer.Exit) as e:
+        cli.train(config, None)
+    assert e.value.exit_code == 3 and finished[-1] == (False, {"preempted": False, "push": False})
+    monkeypatch.setattr(metrics, "is_owned", lambda: True)  # its own lease: its failure is the run's
+    with pytest.raises(typer.Exit):
+        cli.train(config, None)
+    assert finished[-1] == (False, {"preempted": False, "push": True})
 
 
 def test_an_expected_error_inside_a_tf_data_generator_keeps_its_exit_code_and_line(tmp_path, monkeypatch, capsys):

@@ -160,9 +160,13 @@ def test_a_palette_bmp_on_disk_is_a_bad_image_named_with_its_reason(tmp_path):
     assert dataset.find_bad([str(palette), str(grey), str(full)], 10**8) == {str(palette): headers.PALETTE_BMP}
 
 
-def test_image_cache_gives_the_decoded_images(tmp_path):
+def test_image_cache_gives_the_decoded_images(tmp_path, monkeypatch):
     """Decoded pixels cached on disk feed training the same images and labels as decoding every epoch:
     within 8-bit rounding, in evaluation order and shuffled."""
+    from job import metrics
+
+    reported = []  # the decoding pass moves a stage gauge: minutes of it moved nothing, and the stall alert fired
+    monkeypatch.setattr(metrics, "stage_progress", lambda stage, done, of: reported.append((stage, done, of)))
     write_sample_dataset(tmp_path / "data", classes=2, per_class=9, size=40, seed=1, test_per_class=0)
     paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.*"))
     ids = list(range(len(paths)))  # one label per image identifies it
@@ -177,6 +181,7 @@ def test_image_cache_gives_the_decoded_images(tmp_path):
     assert all(x.dtype == np.float32 and x.shape == (*size, 3) for _, x in got)
     assert max(float(np.abs(x - decoded[y]).max()) for y, x in got) <= 0.5
     assert len(list(cache.glob("*.npy"))) == 1
+    assert reported[0] == ("decoding", 0, len(paths)) and reported[-1] == ("decoding", len(paths), len(paths))
 
     def pairs(ds):
         out = []

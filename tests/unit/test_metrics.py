@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -446,3 +447,24 @@ def test_a_run_whose_output_storage_fails_at_start_is_pushed_as_failed(gateway, 
     result = run_cli("train", "--config", str(config), env=s3.env(), timeout=120)
     assert result.returncode == 4, result.stderr[-1500:]
     assert pushed_value(group(gateway, "denied-1"), "finetune_job_run_status", status="failed") == 1
+
+
+def test_a_resumed_attempt_starts_from_the_checkpoints_history(run):
+    # A resumed attempt's registry was new: its final push, which replaces the group, had no results of the phases
+    # an earlier attempt finished; and an epoch resumed mid-way counted its steps from 0, never reaching its total.
+    from types import SimpleNamespace
+
+    from job import pipeline
+
+    run(run_id="run-resumed")
+    history = {"head": [{"epoch": 1, "loss": 1.5, "accuracy": 0.25, "val_loss": 1.25, "val_accuracy": 0.5},
+                        {"epoch": 2, "loss": 0.5, "accuracy": 0.75, "val_loss": None, "val_accuracy": 0.625}],
+               "finetune": []}
+    pipeline._replay_metrics(SimpleNamespace(state=SimpleNamespace(history=history), multi=False))
+    assert registry_value("finetune_job_epoch", "run-resumed", phase="head") == 2
+    assert registry_value("finetune_job_train_loss", "run-resumed", phase="head") == 0.5
+    assert registry_value("finetune_job_val_accuracy", "run-resumed", phase="head") == 0.625
+    assert math.isnan(registry_value("finetune_job_val_loss", "run-resumed", phase="head"))  # null: not finite
+    assert registry_value("finetune_job_epoch", "run-resumed", phase="finetune") is None
+    metrics.epoch_started("finetune", 2, 3, 6, steps_done=1)
+    assert registry_value("finetune_job_epoch_step", "run-resumed", phase="finetune") == 1
