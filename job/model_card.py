@@ -69,7 +69,7 @@ out = serve(image_bytes=tf.constant([open("image.jpg", "rb").read()]))
 $usage
 ```
 
-Or `finetune-job predict --model <this run> image.jpg [--format tf_serving|tflite|tflite_int8|onnx]`.
+Or `finetune-job predict --model <this run> image.jpg$predict_formats`.
 """)
 
 
@@ -110,8 +110,8 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
         results_table=(_multi_results(reports, per_label, split, _fallbacks(classes, thresholds)) if multi
                        else _results_table(reports)) if split
         else NOT_MEASURED, checked=_checked(checked_on or split or "train", bool(refit)),
-        formats_table=_formats_table(formats), limits=(_limits(per_label, split, multi) if split else
-                                                       f"- {NOT_MEASURED}") + _format_drops(formats),
+        predict_formats=_predict_formats(formats), formats_table=_formats_table(formats),
+        limits=(_limits(per_label, split, multi) if split else f"- {NOT_MEASURED}") + _format_drops(formats),
         smallest=_smallest(min((v.get("images", sum(v.values())) for v in counts.values()), default=0)))
 
 
@@ -177,6 +177,12 @@ def _counts_table(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
     rows = [_row(c, *(counts[s].get(c, 0) for s in counts)) for c in classes]
     rows.append(_row("**total**", *(sum(v.values()) for v in counts.values())))
     return _table(["class", *counts], rows)
+
+
+def _predict_formats(formats: dict[str, dict]) -> str:
+    """predict's `--format` choices this run has (it offered every format, those not exported too)."""
+    others = [f for f, r in formats.items() if f != "saved_model" and "error" not in r]
+    return f" [--format {'|'.join(others)}]" if others else ""
 
 
 def _fallbacks(classes: list[str], thresholds: list[dict]) -> list[str]:

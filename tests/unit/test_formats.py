@@ -58,6 +58,11 @@ def test_model_card():
     assert "| test | 40 | 75.0% | 74.0% | 75.0% | 0.600 |" in card
     assert "`tulip`: recall 55.0% on test" in card and "`rose`: recall" not in card
     assert "| onnx | not written: onnx: conversion failed" in card
+    # predict's formats: the ones this run has (every format was offered, onnx here too)
+    assert "`finetune-job predict --model <this run> image.jpg`." in card
+    checked["tflite"] = {"accuracy": 0.75, "agreement": 1.0, "bytes": 2e6, "latency_ms_batch1": 1.0}
+    assert "image.jpg [--format tflite]`." in model_card.render(
+        "r7", cfg, ["rose", "tulip"], {"train": {"rose": 80, "tulip": 70}}, {"test": report}, checked, 2, {})
     assert "2 image(s) were skipped" in card
 
 
@@ -98,6 +103,40 @@ def test_multilabel_agreement_is_of_label_decisions_not_whole_label_sets(tmp_pat
         with pytest.raises(formats.ConversionError, match=r"^tflite: its scores differ from the SavedModel's by up "
                                                           r"to (nan|0\.9\d*) \(at most 0\.1 expected"):
             formats._judge("tflite", {**result, "agreement": 0.995}, {}, 0.02, False, Log())
+
+
+def test_a_multilabel_decision_float16_turns_at_its_threshold_does_not_fail_a_float_format(tmp_path):
+    # 15 images x 3 labels: one score 0.00036 above its threshold came out below it in float16, agreement 97.8% of
+    # 45 decisions < 99%, and a listed `tflite` failed a multi-label run after training (exit 1).
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    n, labels = 15, 3
+    scores = rng.uniform(0, 1, (n, labels)).astype(np.float32)
+    scores[4, 1] = 0.50036
+    reference = (scores, scores >= 0.5)
+
+    def checked(at_4_1):
+        out = scores.copy()
+        out[4, 1] = at_4_1
+
+        class Run:
+            def predict(self, x):
+                rows = x[:, 0, 0, 0].astype(int)
+                return out[rows], (out[rows] >= 0.5).astype(np.float32)
+
+        pixels = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 1, 1, 3), np.float32)
+        (tmp_path / "m").write_bytes(b"x")
+        return formats.check_multi(Run(), pixels, (scores > 0.6).astype(np.float32), reference, tmp_path / "m")
+
+    rounded = checked(0.4998)  # across the threshold by rounding
+    assert rounded["agreement"] == pytest.approx(44 / 45) and rounded["near_ties"] == 1
+    assert rounded["agreement_beyond_near_ties"] == 1.0
+    formats._judge("tflite", rounded, {}, 0.02, False, Log())
+    wrong = checked(0.45)  # across it by far more than rounding: the export's own doing
+    assert wrong["near_ties"] == 0 and wrong["agreement_beyond_near_ties"] == pytest.approx(44 / 45)
+    with pytest.raises(formats.ConversionError, match=r"on 97\.8% of label decisions \(image and label\) \(at least"):
+        formats._judge("tflite", wrong, {}, 0.02, False, Log())
 
 
 def test_a_near_tie_that_float16_turns_does_not_fail_a_float_format(tmp_path):
