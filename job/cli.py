@@ -144,11 +144,13 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
     try:
         summary = pipeline.train(cfg)  # it loads TensorFlow once the dataset is listed
     except BaseException as exc:  # noqa: BLE001
-        from job.errors import LeaseHeld, Preempted
+        from job.errors import LeaseHeld, Preempted, StorageError
 
         # refused by a live attempt's lease, or failed before taking it while one holds it: the Pushgateway group is
         # that attempt's, which is not failing
-        held = isinstance(exc, LeaseHeld) or (not metrics.is_owned() and pipeline.another_attempt_holds(cfg))
+        # (not asked of storage that just failed: a server that never answers took its 6 minutes again)
+        held = isinstance(exc, LeaseHeld) or (not metrics.is_owned() and not isinstance(exc, StorageError)
+                                              and pipeline.another_attempt_holds(cfg))
         metrics.finish(False, preempted=isinstance(exc, Preempted), push=not held)
         _fail(exc)
     logs.get().info("run finished", **summary)

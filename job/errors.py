@@ -1,5 +1,7 @@
 """Typed errors raised by the domain code; only the CLI turns them into exit codes."""
 
+import threading
+
 
 class JobError(Exception):
     """An expected failure with a one-line message and a documented exit code."""
@@ -48,23 +50,28 @@ class ExportFailed(JobError):
     exit_code = 1
 
 
-_carried: dict[str, JobError] = {}  # by message, the latest few (shards are read several at a time)
+_carried: dict[str, JobError] = {}  # by message, the latest few (shards are read several at a time, in threads)
+_carried_lock = threading.Lock()
 
 
 def carry(exc: JobError) -> None:
     """Remember an expected error raised inside a tf.data generator (a streamed shard that cannot be read):
     TensorFlow hands it on as its own UnknownError, the traceback in the message, which was exit 1 "unexpected
     error" for a storage or data failure; the CLI reports this one instead (`carried`)."""
-    _carried[str(exc)] = exc
-    while len(_carried) > 16:
-        del _carried[next(iter(_carried))]
+    if str(exc):  # (an empty message would match any error)
+        with _carried_lock:
+            _carried[str(exc)] = exc
+            while len(_carried) > 16:
+                del _carried[next(iter(_carried))]
 
 
 def carried(exc: BaseException) -> BaseException:
     """The expected error a TensorFlow error carries (see `carry`): the one whose message it holds, or `exc`."""
     if type(exc).__module__.startswith("tensorflow"):
         text = str(exc)
-        return next((e for message, e in reversed(_carried.items()) if message in text), exc)
+        with _carried_lock:
+            known = list(_carried.items())
+        return next((e for message, e in reversed(known) if message in text), exc)
     return exc
 
 

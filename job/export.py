@@ -95,7 +95,7 @@ def _formats(run, clean: keras.Model, folder: Path) -> dict:
     e = run.cfg.export
     checked = formats.export_all(folder, clean, run.size, run.classes, e.formats, np.asarray(pixels),
                                  np.asarray(labels), calibration, e.max_accuracy_drop, e.fail_on_accuracy_drop,
-                                 logs.get(), run.multi)
+                                 logs.get(), run.multi, [t["threshold"] for t in run.thresholds] if run.multi else None)
     return {"formats": checked, "checked_on": split}
 
 

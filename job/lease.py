@@ -36,13 +36,15 @@ log = logs.get()
 
 
 def held_by_another(store: Store, seconds: float) -> bool:
-    """Whether a lease on this run was renewed within `seconds` (a live attempt holds it), for an attempt that
-    never took it; False when storage cannot tell."""
+    """Whether a live attempt holds this run's lease (of `seconds`), for an attempt that never took it: one renewed
+    within a renewal interval (seconds / 6, plus the rounding of storage's clock). A dead attempt's lease, older, is
+    not (a lease left by an OOM-killed pod kept the next pods' failures from being pushed); False when storage
+    cannot tell."""
     try:
         seen = store.stat(NAME)
     except StorageError:
         return False
-    return seen is not None and seen[1] <= seconds
+    return seen is not None and seen[1] <= seconds / 6 + 5
 
 
 class Lease:

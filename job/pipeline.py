@@ -407,8 +407,8 @@ def train(cfg: Config) -> dict:
     run = prepare(cfg)
     if isinstance(run, dict):
         return run
-    _replay_metrics(run)
     try:
+        _replay_metrics(run)
         if run.cluster.is_chief:
             from job.tensorboard import Board
 
@@ -478,10 +478,16 @@ def prepare(cfg: Config) -> Run | dict:
     work = Path(cfg.data.cache_dir) / "runs" / cfg.run_id / f"worker-{cluster.worker_index}"
     work.mkdir(parents=True, exist_ok=True)
     parts, unfreeze = _build_model(cfg, cluster, source.layout.classes, work)
-    lease = _take_lease(cfg, out) if cluster.is_chief else None  # the first write to the output
-    metrics.owned()  # the chief holds the run now (the other workers' groups are their own)
+    lease, refused = None, None
+    if cluster.is_chief:
+        try:
+            lease = _take_lease(cfg, out)  # the first write to the output
+        except StorageError as e:  # (a live attempt's, an output that denies writes): told the others, then raised
+            refused = e
+    if refused is None:
+        metrics.owned()  # the chief holds the run now (the other workers' groups are their own)
     try:
-        if _completed_meanwhile(cfg, out, state, lease, cluster):
+        if _completed_meanwhile(cfg, out, state, lease, cluster, refused):
             if lease:
                 lease.release()
             if cluster.is_chief:
@@ -574,22 +580,25 @@ def _start_strategy(cfg: Config):
     return cluster
 
 
-def _completed_meanwhile(cfg: Config, out: storage.Store, state: str, lease, cluster) -> bool:
+def _completed_meanwhile(cfg: Config, out: storage.Store, state: str, lease, cluster,
+                         failed: StorageError | None = None) -> bool:
     """Whether another attempt of this run (a second `train`, a duplicate Job) completed it while this one waited for
     the lease: this one resumed from its "trained" checkpoint and exported over the finished run. The chief, which
     holds the lease, looks; with several workers it tells the others in one collective (the chief alone returning
-    left them waiting on it)."""
-    failed = None
-    try:
-        done = bool(lease) and state != "complete" and not cfg.output.overwrite and out.exists("_SUCCESS")
-    except StorageError as e:  # raised after the gather: alone, the chief left the others waiting in it for ever
-        done, failed = False, e
+    left them waiting on it), and so it does of its own failure (`failed`: taking the lease) or its look's: raised
+    after the collective, where alone it left the others waiting in it for ever."""
+    done = False
+    if failed is None:
+        try:
+            done = bool(lease) and state != "complete" and not cfg.output.overwrite and out.exists("_SUCCESS")
+        except StorageError as e:
+            failed = e
     if cluster.num_workers > 1:
         rows = cluster.gather([int(done), int(failed is not None)])
         done = any(row[0] for row in rows)
         if failed is None and any(row[1] for row in rows):
-            raise StorageError("the chief could not read the run's output (see its log); the Job's next attempt "
-                               "tries again")
+            raise StorageError("the chief could not take or read the run's output (see its log); the Job's next "
+                               "attempt tries again")
     if failed is not None:
         raise failed
     return done
@@ -602,10 +611,10 @@ def another_attempt_holds(cfg: Config) -> bool:
     from job.lease import held_by_another
 
     try:
-        out = storage.open_store(storage.join(cfg.output.uri, cfg.run_id), cfg.s3.endpoint_url)
-    except JobError:
+        return held_by_another(storage.open_store(storage.join(cfg.output.uri, cfg.run_id), cfg.s3.endpoint_url),
+                               cfg.checkpoint.lease_seconds)
+    except Exception:  # noqa: BLE001 - on the way out of a failure: cannot tell, so the failure is pushed
         return False
-    return held_by_another(out, cfg.checkpoint.lease_seconds)
 
 
 def _take_lease(cfg: Config, out: storage.Store):
@@ -939,10 +948,10 @@ def _features(run: Run, split: str, share: tuple[int, int] | None):
     key = [cfg.model.backbone, weights_fingerprint(run.parts.base), list(cfg.data.image_size), split, run.classes,
            run.data.identity(split, share)]
     count = len(run.data.items(split, share)[0])
+    images = run.data.images(split, 64, share=share)  # (the image cache, built here, has its own progress: not nested)
     with logs.progress(f"{split} features", count,
                        report=lambda done, of: metrics.stage_progress("features", done, of)) as advance:
-        return dataset.cached_features(run.parts.features, run.data.images(split, 64, share=share), count, key,
-                                       run.cache, advance)
+        return dataset.cached_features(run.parts.features, images, count, key, run.cache, advance)
 
 
 def finetune_phase(run: Run) -> None:

@@ -225,7 +225,8 @@ def main() -> int:
     print(f"  reports         {local / 'metrics.json'}, {local / 'curves.png'}, {local / 'confusion_matrix.png'}")
     print(f"  /metrics        http://127.0.0.1:{extra['metrics_port']}/metrics  (while the job ran)")
     if "prometheus" in extra:
-        stop = f"kill {extra['prometheus_pid']}" if "prometheus_pid" in extra else "docker compose down -v"
+        stop = f"kill {extra['prometheus_pid']}" if "prometheus_pid" in extra else (
+            f"docker compose -f {ROOT / 'docker-compose.yaml'} down; -v deletes MinIO's data, the artifacts too")
         print(f"  Prometheus      {extra['prometheus']}  (query finetune_job_val_accuracy; stop with: {stop})")
     if "grafana" in extra:
         print(f"  Grafana         {extra['grafana']}  (dashboard: finetune-job)")

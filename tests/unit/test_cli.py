@@ -226,6 +226,16 @@ def test_a_run_refused_by_a_live_attempts_lease_reports_no_failure_to_its_group(
     with pytest.raises(typer.Exit) as e:
         cli.train(config, None)
     assert e.value.exit_code == 3 and finished[-1] == (False, {"preempted": False, "push": False})
+    # A dead attempt's lease (not renewed for a renewal interval, 30 s of the default 180) is no live attempt's: the
+    # failure is pushed (the group kept the dead pod's "running", and FinetuneJobFailed never fired).
+    import os
+    import time
+
+    os.utime(tmp_path / "o" / "r1" / "_LEASE", (time.time() - 100, time.time() - 100))
+    with pytest.raises(typer.Exit):
+        cli.train(config, None)
+    assert finished[-1] == (False, {"preempted": False, "push": True})
+    os.utime(tmp_path / "o" / "r1" / "_LEASE")
     monkeypatch.setattr(metrics, "is_owned", lambda: True)  # its own lease: its failure is the run's
     with pytest.raises(typer.Exit):
         cli.train(config, None)

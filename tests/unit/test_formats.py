@@ -114,29 +114,43 @@ def test_a_multilabel_decision_float16_turns_at_its_threshold_does_not_fail_a_fl
     n, labels = 15, 3
     scores = rng.uniform(0, 1, (n, labels)).astype(np.float32)
     scores[4, 1] = 0.50036
-    reference = (scores, scores >= 0.5)
+    thresholds = np.full(labels, 0.5, np.float32)
+    reference = (scores, scores >= 0.5, thresholds)
+    pixels = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 1, 1, 3), np.float32)
+    (tmp_path / "m").write_bytes(b"x")
 
-    def checked(at_4_1):
-        out = scores.copy()
-        out[4, 1] = at_4_1
-
+    def checked(out, above=None, ref=reference):
         class Run:
             def predict(self, x):
                 rows = x[:, 0, 0, 0].astype(int)
-                return out[rows], (out[rows] >= 0.5).astype(np.float32)
+                return out[rows], (out[rows] >= ref[2] if above is None else above[rows]).astype(np.float32)
 
-        pixels = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 1, 1, 3), np.float32)
-        (tmp_path / "m").write_bytes(b"x")
-        return formats.check_multi(Run(), pixels, (scores > 0.6).astype(np.float32), reference, tmp_path / "m")
+        return formats.check_multi(Run(), pixels, (scores > 0.6).astype(np.float32), ref, tmp_path / "m")
 
-    rounded = checked(0.4998)  # across the threshold by rounding
+    def at_4_1(value):
+        out = scores.copy()
+        out[4, 1] = value
+        return out
+
+    rounded = checked(at_4_1(0.4998))  # across the threshold by rounding
     assert rounded["agreement"] == pytest.approx(44 / 45) and rounded["near_ties"] == 1
     assert rounded["agreement_beyond_near_ties"] == 1.0
     formats._judge("tflite", rounded, {}, 0.02, False, Log())
-    wrong = checked(0.45)  # across it by far more than rounding: the export's own doing
-    assert wrong["near_ties"] == 0 and wrong["agreement_beyond_near_ties"] == pytest.approx(44 / 45)
+    wrong = checked(at_4_1(0.45))  # across it by far more than rounding: the export's own doing
+    assert wrong["near_ties"] == 0 and "agreement_beyond_near_ties" not in wrong
     with pytest.raises(formats.ConversionError, match=r"on 97\.8% of label decisions \(image and label\) \(at least"):
         formats._judge("tflite", wrong, {}, 0.02, False, Log())
+    # Broken exports the rule must not excuse (a review's cases): decisions inverted with the scores right; a
+    # constant 0.5 export of a model whose scores sit at its thresholds; all zeros from a low-confidence model.
+    near = (0.5 + rng.uniform(-0.015, 0.015, (n, labels))).astype(np.float32)
+    low = rng.uniform(0, 0.018, (n, labels)).astype(np.float32)
+    low_thresholds = np.full(labels, 0.009, np.float32)
+    for result in (checked(scores, above=scores < 0.5),
+                   checked(np.full_like(near, 0.5), ref=(near, near >= 0.5, thresholds)),
+                   checked(np.zeros_like(low), ref=(low, low >= 0.009, low_thresholds))):
+        assert result["near_ties"] == 0, result
+        with pytest.raises(formats.ConversionError):
+            formats._judge("tflite", result, {}, 0.02, False, Log())
 
 
 def test_a_near_tie_that_float16_turns_does_not_fail_a_float_format(tmp_path):

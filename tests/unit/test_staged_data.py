@@ -1014,9 +1014,20 @@ def test_a_run_completed_by_another_attempt_while_waiting_for_the_lease_is_not_r
     with pytest.raises(StorageError, match="storage unreachable"):
         pipeline.prepare(cfg)
     assert asked[-1] == [0, 1]  # it told the others
+    # Its lease refused (an output that denies writes, a live attempt's): the same, before the chief raises.
+    def refused(cfg, out):
+        raise StorageError("writing s3://b/out/r1/_LEASE: access denied")
+
+    monkeypatch.setattr(pipeline, "_take_lease", refused)
+    asked.clear()
+    leased.clear()
+    with pytest.raises(StorageError, match="access denied"):
+        pipeline.prepare(cfg)
+    assert asked == [[0, 1]]
+    monkeypatch.setattr(pipeline, "_take_lease", lease_then_fail)
     leased.clear()  # this worker takes no lease: its own looks go through
     monkeypatch.setattr(pipeline, "_start_strategy", two(1))
-    with pytest.raises(StorageError, match="the chief could not read the run's output"):
+    with pytest.raises(StorageError, match="the chief could not take or read the run's output"):
         pipeline.prepare(cfg)
 
 
