@@ -397,12 +397,12 @@ def _gateway_call(run: _Run, call, *args, **kwargs) -> None:
         call(*args, **kwargs)
     except Exception as exc:  # any failure of an optional sink: training goes on
         PUSH_ERRORS.labels(**run.labels).inc()
-        if not run.push_failing:
-            log.warning("pushgateway_failed", url=run.pushgateway, error=str(exc))
+        if not run.push_failing:  # (its labels: the pusher's thread does not have the run's bound log context)
+            log.warning("pushgateway_failed", url=run.pushgateway, error=str(exc), **run.labels)
         run.push_failing = True
     else:
         if run.push_failing:
-            log.info("pushgateway_recovered", url=run.pushgateway)
+            log.info("pushgateway_recovered", url=run.pushgateway, **run.labels)
         run.push_failing = False
 
 

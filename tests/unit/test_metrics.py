@@ -327,6 +327,8 @@ def test_unreachable_pushgateway_is_counted_not_raised(run):
     assert registry_value("finetune_job_last_success_timestamp_seconds", "run-no-gateway") > 0
     warnings = [e for e in logs if e["event"] == "pushgateway_failed"]
     assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"  # one per outage, not per push
+    # logged from the pusher's thread, which has not the run's bound context: the record had no run_id
+    assert warnings[0]["run_id"] == "run-no-gateway" and warnings[0]["worker"] == "0"
 
 
 def test_pushgateway_that_never_answers_times_out(run, monkeypatch):
