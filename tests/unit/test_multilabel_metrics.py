@@ -132,6 +132,7 @@ def test_report_counts_match_hand_computation(data, threshold):
     assert rep["micro_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     n = len(rows)
     assert rep["subset_accuracy"] == pytest.approx(sum(p == r for p, r in rows) / n if n else 0.0)
+    assert rep["accuracy"] == rep["subset_accuracy"]  # CONTRACT section 6's key, in every metrics.json
     assert rep["hamming_accuracy"] == pytest.approx(1 - (fp + fn) / (n * labels) if n else 0.0)
     # over the labels the split has or that were predicted (an unmeasured label counted as 0 halved a perfect score)
     measured = [j for j in range(labels) if truth[:, j].any() or (scores[:, j] >= threshold).any()]
