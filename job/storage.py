@@ -132,6 +132,11 @@ def storage_errors(what: str) -> Iterator[None]:
         raise StorageError(f"{what}: {e.strerror or e}") from None
 
 
+def _backoff(attempt: int, scale: float = 1.0) -> None:
+    """The wait before retrying a read the job retries itself: full jitter, doubling, at most 20 s."""
+    time.sleep(min(20.0, random.uniform(0, 2**attempt) * scale))
+
+
 def _same_version(uri: str, reply: dict, size: int, etag: str, again: bool = False) -> None:
     """StorageError when a GET's or HEAD's reply is of another size than the listing's (the object was rewritten
     after it); a warning when only its ETag differs. `again` (a streamed shard, read every epoch): each later read
@@ -256,7 +261,7 @@ class S3Store:
                     metrics.s3_error("GetObject")
                     if attempt == STREAM_ATTEMPTS:
                         raise
-                    time.sleep(min(20.0, random.uniform(0, 2**attempt)))
+                    _backoff(attempt)
         size = dest.stat().st_size
         metrics.s3_bytes_downloaded(size)
         return size
@@ -518,7 +523,7 @@ class _Resumable:
         log.warning("object read interrupted; resuming with a ranged GET", uri=self.uri, at_byte=self.offset,
                     attempt=self.losses + 1)
         self.body.close()
-        time.sleep(min(20.0, random.uniform(0, 2**self.losses) / 4))
+        _backoff(self.losses, 0.25)
         self.body = self._get()
 
     def close(self) -> None:
