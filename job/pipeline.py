@@ -129,9 +129,14 @@ def read_listing(cfg: Config):
     return sources.open_source(cfg)
 
 
+def run_store(cfg: Config) -> storage.Store:
+    """The run's folder in storage: `<output.uri>/<run_id>`."""
+    return storage.open_store(storage.join(cfg.output.uri, cfg.run_id), cfg.s3.endpoint_url)
+
+
 def output_state(cfg: Config) -> tuple[storage.Store, str]:
     """The run's output store and its state: 'complete', 'empty' or 'incomplete'."""
-    out = storage.open_store(storage.join(cfg.output.uri, cfg.run_id), cfg.s3.endpoint_url)
+    out = run_store(cfg)
     if out.exists("_SUCCESS"):
         return out, "complete"
     return out, "incomplete" if out.list() else "empty"
@@ -611,8 +616,7 @@ def another_attempt_holds(cfg: Config) -> bool:
     from job.lease import held_by_another
 
     try:
-        return held_by_another(storage.open_store(storage.join(cfg.output.uri, cfg.run_id), cfg.s3.endpoint_url),
-                               cfg.checkpoint.lease_seconds)
+        return held_by_another(run_store(cfg), cfg.checkpoint.lease_seconds)
     except Exception:  # noqa: BLE001 - on the way out of a failure: cannot tell, so the failure is pushed
         return False
 
