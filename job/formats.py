@@ -138,6 +138,10 @@ def _describe(path: Path, fmt: str, image_size: tuple[int, int], classes: list[s
         info["input"]["quantization"] = "scale 1, zero point 0: the uint8 pixel values themselves"
         for out in (info["output"].values() if multi else [info["output"]]):
             out["quantization"] = "value = (raw - zero_point) * scale (see the model's output details)"
+        if multi:
+            info["output"]["above"]["decided"] = ("inside the model on the float score, before the score is rounded "
+                                                  "to uint8: a dequantized score may read up to one step (scale) "
+                                                  "below a threshold it passed")
     Path(f"{path}.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
