@@ -582,6 +582,7 @@ def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: d
             raise ConfigError("config: run_id: required when TF_CONFIG lists several workers (all must share it)")
         cfg.run_id = default_run_id()
     _check_output_outside_splits(cfg)
+    _check_inputs_outside_the_run(cfg)
     return cfg
 
 
@@ -597,6 +598,18 @@ def _check_output_outside_splits(cfg: Config) -> None:
             raise ConfigError(f"config: output.uri: the run's artifacts ({run_folder}) would go inside the dataset's "
                               f"{split}/ folder, where the next run would read them as images; choose an output "
                               "outside data.uri's train/, validation/ and test/")
+
+
+def _check_inputs_outside_the_run(cfg: Config) -> None:
+    """ConfigError when the dataset, its manifest or the weights file lie in the run's own folder: an overwrite
+    (`output.overwrite`) deletes that folder's files, and took the user's images or base weights with them."""
+    run_folder = f"{cfg.output.uri.rstrip('/')}/{cfg.run_id}"
+    inputs = {"data.uri": cfg.data.uri, "data.manifest": cfg.data.manifest,
+              "model.weights": "" if cfg.model.weights in ("imagenet", "none") else cfg.model.weights}
+    for key, uri in inputs.items():
+        if uri and within(uri, run_folder):
+            raise ConfigError(f"config: {key}: {uri} lies inside the run's own folder ({run_folder}), whose files "
+                              "an overwrite deletes and the run writes over; keep inputs outside output.uri's run")
 
 
 def _redact_url(url: str) -> str:

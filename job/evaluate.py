@@ -105,11 +105,16 @@ GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
 
 
 @contextlib.contextmanager
-def missing_glyphs(plot: str):
-    """Matplotlib's font has no glyphs for many scripts (CJK, Thai, ...): it draws such class names as boxes and
-    warned on stderr once per glyph and call, raw lines amid the JSON log. One log record instead, naming the
-    characters; other warnings pass as they were."""
-    with warnings.catch_warnings(record=True) as caught:
+def drawing_class_names(plot: str):
+    """Inside, text is drawn as written: matplotlib read the text between two `$` as mathematics, so a class named
+    `cost_$1_to_$5` failed the run after training (ParseSyntaxException, exit 1, and again at every rerun).
+
+    Its font has no glyphs for many scripts (CJK, Thai, ...): it draws such class names as boxes and warned on
+    stderr once per glyph and call, raw lines amid the JSON log. One log record instead, naming the characters;
+    other warnings pass as they were."""
+    import matplotlib
+
+    with warnings.catch_warnings(record=True) as caught, matplotlib.rc_context({"text.parse_math": False}):
         warnings.simplefilter("always")
         yield
     missing = set()
@@ -127,7 +132,7 @@ def missing_glyphs(plot: str):
 
 
 def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str) -> None:
-    with missing_glyphs(path.name):
+    with drawing_class_names(path.name):
         _plot_confusion(cm, classes, path, title)
 
 

@@ -155,7 +155,9 @@ def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[
     tf.string, each label's name where its score reaches its threshold, else "".
 
     A second signature, `serving_pixels`, takes `images`: float32 [batch, h, w, 3] RGB pixels in 0..255,
-    already resized; the LiteRT and ONNX formats are converted from it (job/formats.py)."""
+    already resized, and returns the numbers only (`probabilities`; multi-label `scores` and `above`): the LiteRT
+    formats are converted from it (job/formats.py), and a string output there made the "full integer" int8 file
+    carry string tensors and a second output that its one-output readers took by position."""
     labels = tf.constant(classes)
     shape = tf.TensorSpec([*image_size, 3], tf.float32)
 
@@ -166,14 +168,15 @@ def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[
         if multi:
             out = model(images, training=False)
             return {"scores": out["scores"], "above": out["above"]}
-        probs = model(images, training=False)
-        return {"probabilities": probs, "label": tf.gather(labels, tf.argmax(probs, axis=-1))}
+        return {"probabilities": model(images, training=False)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve(image_bytes):
         out = outputs(tf.map_fn(lambda b: decode_and_resize(b, image_size), image_bytes, fn_output_signature=shape))
         if multi:
             out["labels"] = tf.where(out["above"] > 0.5, labels[tf.newaxis, :], tf.constant(""))
+        else:
+            out["label"] = tf.gather(labels, tf.argmax(out["probabilities"], axis=-1))
         return out
 
     # A plain tf.Module holding the TensorFlow variables the two functions read and the functions, not Keras'

@@ -134,6 +134,10 @@ def _describe(path: Path, fmt: str, image_size: tuple[int, int], classes: list[s
                           "above": {"shape": [None, len(classes)], "dtype": info["output"]["dtype"],
                                     "meaning": "1 where the label's score reaches its threshold (thresholds.json, "
                                                "built in), else 0: the predicted label set"}}
+    if fmt == "onnx":  # its outputs by position (Keras' exporter sorts a multi-label model's by name: above first)
+        import onnx
+
+        info["output_names_in_order"] = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
     if fmt == "tflite_int8":
         info["input"]["quantization"] = "scale 1, zero point 0: the uint8 pixel values themselves"
         for out in (info["output"].values() if multi else [info["output"]]):

@@ -169,11 +169,16 @@ def _unreadable(path: Path) -> str:
 def _result(uri: str, output, labels: list[str], top_k: int | None, multi: bool) -> dict:
     """Single-label: the `top_k` (default 3) most probable labels. Multi-label: the labels above their thresholds,
     the `top_k` highest of them if given (it was ignored without a word); every score in "scores"."""
+    import numpy as np
+
+    # Highest first, ties in label order: the model's own `label` (argmax) names the first of tied labels, and int8's
+    # uint8 scores tie often (argsort()[::-1] put the last first).
     if multi:
         scores, above = output
-        chosen = [{"label": labels[i], "score": float(scores[i])} for i in scores.argsort()[::-1] if above[i]]
+        chosen = [{"label": labels[i], "score": float(scores[i])} for i in np.argsort(-scores, kind="stable")
+                  if above[i]]
         return {"image": uri, "labels": chosen[:top_k], "scores": {c: float(v) for c, v in zip(labels, scores)}}
-    order = output.argsort()[::-1][:top_k or 3]
+    order = np.argsort(-output, kind="stable")[:top_k or 3]
     return {"image": uri, "top": [{"label": labels[i], "probability": float(output[i])} for i in order]}
 
 

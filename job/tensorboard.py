@@ -277,9 +277,9 @@ def refresh(store, folder: Path, known: dict[str, str], own: str) -> None:
 
 def image_grid(pixels, labels: list[str]) -> bytes:
     """A PNG of images in a row with a caption each (misclassified examples)."""
-    from job.evaluate import missing_glyphs
+    from job.evaluate import drawing_class_names
 
-    with missing_glyphs("misclassified_test_images"):
+    with drawing_class_names("misclassified_test_images"):
         return _image_grid(pixels, labels)
 
 

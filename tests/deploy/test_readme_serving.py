@@ -4,9 +4,9 @@ REST body name the run's real layout and signature."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -34,17 +34,22 @@ def test_tf_serving_commands_use_the_written_layout_and_signature():
         assert path.split("/")[0] in SERVING, fmt
 
 
-def _documented_bodies() -> tuple[str, list[dict], dict]:
+def _documented_bodies(folder: Path) -> tuple[str, list[dict], dict]:
     """What the README says of the REST API: the signature and input it names, the request bodies (the one
-    in prose and the curl command's, with a real image in it) and the response's first prediction."""
-    named = re.search(r"the bytes of the string input `(\w+)` of `(\w+)`", SERVING)
-    prose = json.loads(re.search(r"The request body is `(\{.*?\})`", SERVING).group(1))
-    curl = re.search(r'-d "(\{.*\})"\n', SERVING).group(1).replace('\\"', '"')
-    image = io.BytesIO()
+    in prose, and the one its shell line writes for curl, run as written on a 1.2 MB photo in `folder`) and the
+    response's first prediction."""
+    import numpy as np
     from PIL import Image
 
-    Image.new("RGB", (40, 30), (200, 30, 30)).save(image, "PNG")
-    curl = json.loads(curl.replace("$(base64 -w0 rose.jpg)", base64.b64encode(image.getvalue()).decode()))
+    named = re.search(r"the bytes of the string input `(\w+)` of `(\w+)`", SERVING)
+    prose = json.loads(re.search(r"The request body is `(\{.*?\})`", SERVING).group(1))
+    line = re.search(r"\n(echo .* > (\S+))\ncurl -s \S+:predict -d @(\S+)\n", SERVING)
+    assert line.group(2) == line.group(3)  # curl sends the file the line writes
+    noise = np.random.default_rng(0).integers(0, 256, (600, 700, 3)).astype(np.uint8)  # past curl's argument limit
+    Image.fromarray(noise).save(folder / "rose.jpg", quality=95)
+    assert (folder / "rose.jpg").stat().st_size > 200_000
+    subprocess.run(["bash", "-c", line.group(1)], cwd=folder, check=True, timeout=60)
+    curl = json.loads((folder / line.group(2)).read_text())
     response = json.loads(re.search(r"# (\{\"predictions\".*\})\n", SERVING).group(1).replace("[...]", "[]"))
     return named.group(1), [prose, curl], {"signature": named.group(2), **response["predictions"][0]}
 
@@ -58,7 +63,7 @@ def test_the_documented_rest_body_fits_the_real_savedmodel_signature(tmp_path):
 
     from job import export
 
-    input_name, bodies, documented = _documented_bodies()
+    input_name, bodies, documented = _documented_bodies(tmp_path)
     classes, size = ["roses", "tulips"], (24, 24)
     inputs = keras.Input((*size, 3))
     pooled = keras.layers.GlobalAveragePooling2D()(inputs)

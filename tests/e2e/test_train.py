@@ -411,12 +411,15 @@ def test_each_format_classifies_encoded_test_images_in_its_own_runtime(run_folde
     pixels = _decoded(files, (SIZE, SIZE))
     session = ort.InferenceSession(str(run_folder / "model.onnx"), providers=["CPUExecutionProvider"])
     probs["onnx"] = session.run(None, {session.get_inputs()[0].name: pixels.astype(np.float32)})[0]
+    described = json.loads((run_folder / "model.onnx.json").read_text())["output_names_in_order"]
+    assert described == [o.name for o in session.get_outputs()] and len(described) == 1
     for fmt, name in (("tflite", "model.tflite"), ("tflite_int8", "model_int8.tflite")):
         interpreter = Interpreter(model_path=str(run_folder / name))
         source = interpreter.get_input_details()[0]
         interpreter.resize_tensor_input(source["index"], list(pixels.shape))
         interpreter.allocate_tensors()
         source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        assert len(interpreter.get_output_details()) == 1, fmt  # the probabilities only: no string tensor
         interpreter.set_tensor(source["index"], (np.round(pixels) if fmt == "tflite_int8" else pixels).astype(
             source["dtype"]))
         interpreter.invoke()

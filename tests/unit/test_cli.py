@@ -79,6 +79,21 @@ def test_top_k_caps_a_multilabel_images_labels_above_their_thresholds():
     assert [x["label"] for x in _result("x.png", probabilities, labels, 1, multi=False)["top"]] == ["d"]
 
 
+def test_tied_scores_are_listed_in_label_order_as_the_models_own_label_names_them():
+    # int8's uint8 probabilities tie (6 of 291 images in a probe): predict printed `square 0.395, circle 0.395`
+    # where the SavedModel's `label` (argmax: the first of the tied) and metrics.json said circle.
+    import numpy as np
+
+    from job.predict import _result
+
+    labels = ["a", "b", "c", "d"]
+    tied = np.array([0.1, 0.4, 0.1, 0.4], np.float32)
+    assert [x["label"] for x in _result("x.png", tied, labels, None, multi=False)["top"]] == ["b", "d", "a"]
+    assert _result("x.png", tied, labels, 1, multi=False)["top"][0]["label"] == labels[int(tied.argmax())]
+    above = np.array([True, True, False, True])
+    assert [x["label"] for x in _result("x.png", (tied, above), labels, None, multi=True)["labels"]] == ["b", "d", "a"]
+
+
 LINE_ENTRY = re.compile(r'("(?:[^"\\]|\\.)*"|[^,"]*?) (\d\.\d{3})(?:, |$)')
 LABEL = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=12)
 

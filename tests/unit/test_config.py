@@ -332,6 +332,26 @@ def test_onnx_for_a_backbone_it_does_not_convert_exits_2(cfg_file):
     assert "onnx does not convert for model.backbone efficientnet_b0" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("key, value, refused", [
+    ("data.uri", "s3://b/out/r1/data", True),  # an overwrite deleted all 48 images, then exit 3 "48 bad images"
+    ("data.uri", "s3://b/out/r1", True),
+    ("data.uri", "s3://b/out/r10/data", False),  # another run's folder that only starts like this one's
+    ("data.uri", "s3://b/out", False),  # the output root itself: the run's folder is left out of its listing
+    ("data.manifest", "s3://b/out/r1/labels.csv", True),
+    ("model.weights", "s3://b/out/r1/base.weights.h5", True),  # an overwrite deleted it: the next run exit 2
+    ("model.weights", "s3://b/out/base.weights.h5", False),
+])
+def test_inputs_inside_the_runs_own_folder_are_refused(cfg_file, key, value, refused):
+    sets = ["output.uri=s3://b/out/", "run_id=r1", f"{key}={value}"]
+    if key == "data.manifest":
+        sets.append("data.uri=s3://b/data")
+    if refused:
+        with pytest.raises(ConfigError, match=f"config: {key}: .* lies inside the run's own folder \\(s3://b/out/r1\\)"):
+            config.load(cfg_file, sets)
+    else:
+        assert config.load(cfg_file, sets).run_id == "r1"
+
+
 @pytest.mark.parametrize("data, output, run_id, refused", [
     ("s3://b/flowers", "s3://b/flowers/train/roses", "r1", "train/"),  # artifacts among the roses
     ("s3://b/flowers/", "s3://b/flowers//validation", "r1", "validation/"),

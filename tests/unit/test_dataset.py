@@ -282,6 +282,20 @@ def test_long_class_names_are_shortened_on_the_confusion_plot(tmp_path):
         evaluate.plot_confusion(np.eye(3, dtype=int).tolist(), names, tmp_path / "cm.png", "test")
 
 
+def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path):
+    # Matplotlib read `$1_to_$` as mathematics: a class `cost_$1_to_$5` failed the run after training, exit 1, and
+    # every rerun of it. The confusion matrix and TensorBoard's misclassified images both draw class names.
+    from PIL import Image
+
+    from job.tensorboard import image_grid
+
+    names = ["cost_$1_to_$5", "a$_$b", "$x^$"]
+    evaluate.plot_confusion(np.eye(3, dtype=int).tolist(), names, tmp_path / "cm.png", "test")
+    assert Image.open(tmp_path / "cm.png").size[0] > 0
+    png = image_grid(np.zeros((2, 8, 8, 3), np.uint8), [f"{names[0]} -> {names[1]}", f"{names[2]} -> x"])
+    assert png.startswith(b"\x89PNG")
+
+
 def test_names_the_plot_font_cannot_draw_are_one_log_record_not_raw_warnings(tmp_path):
     # Matplotlib's DejaVu Sans has no CJK glyphs: it warned on stderr once per glyph and call, amid the JSON log.
     import warnings
