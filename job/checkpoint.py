@@ -40,6 +40,15 @@ def _read_whole(path: str) -> RunState:
     return RunState.from_json(reader.get_tensor("state/.ATTRIBUTES/VARIABLE_VALUE").decode())
 
 
+def latest_in_index(text: bytes) -> str | None:
+    """The latest checkpoint's name (`ckpt-N`) that CheckpointManager's index names, or None where it names none
+    readable. Read here, not with tf.train.get_checkpoint_state, which printed a raw warning for a cut index and
+    raised for an empty or undecodable one."""
+    found = re.search(rb'^model_checkpoint_path: "([^"\n]*)"\r?$', text, re.M)
+    name = Path(found.group(1).decode("utf-8", errors="replace")).name if found else ""
+    return name if number(name + ".index") is not None else None
+
+
 def number(name: str) -> int | None:
     """ckpt-12.index -> 12; None for anything that is not a checkpoint file."""
     match = _CHECKPOINT_FILE.match(name)
@@ -79,14 +88,18 @@ class Checkpoints:
             return None
         shutil.rmtree(self.restore_dir, ignore_errors=True)
         self.store.download(f"{REMOTE}/{STATE_FILE}", self.restore_dir / STATE_FILE)
-        index = tf.train.get_checkpoint_state(str(self.restore_dir))
-        if index is None or not index.model_checkpoint_path:
-            return None
+        latest = latest_in_index((self.restore_dir / STATE_FILE).read_bytes())
+        if latest is None:  # TensorFlow's reader returned None for a cut index (the run started over, its checkpoints
+            # then pruned) and raised for an empty or undecodable one (exit 1): the checkpoints are there to read
+            log.warning("checkpoint index unreadable; trying the checkpoints in storage, newest first",
+                        index=storage_name(self.store, STATE_FILE))
         # The index's latest, then the older ones in storage, newest first (a resumed attempt's index lists only
         # the checkpoints it saved itself)
-        latest = Path(index.model_checkpoint_path).name
-        older = sorted({n for n in remote.values() if n < (number(latest + ".index") or 0)}, reverse=True)
-        names = [latest] + [f"ckpt-{n}" for n in older]
+        below = number(latest + ".index") if latest else self.number + 1
+        older = sorted({n for n in remote.values() if n < below}, reverse=True)
+        names = ([latest] if latest else []) + [f"ckpt-{n}" for n in older]
+        if not names:
+            return None
         for name in names:
             for rel in remote:
                 if rel.startswith(name + "."):
@@ -105,10 +118,19 @@ class Checkpoints:
                            f"(damaged or incomplete); delete that folder to train the run again from the start")
 
     def restore(self, **objects) -> None:
-        """Load the latest checkpoint (fetched, or saved by this run) into `objects` (weights=, optimizer=, ...)."""
+        """Load the latest checkpoint (fetched, or saved by this run) into `objects` (weights=, optimizer=, ...);
+        StorageError where it lacks a value for one of their variables (a checkpoint holding only the run state
+        resumed with the weights as built, the training before it lost without a word)."""
         if self.latest is None:
             raise RuntimeError("no checkpoint to restore: none was fetched or saved")
-        self._checkpoint(**objects).restore(self.latest).expect_partial()
+        status = self._checkpoint(**objects).restore(self.latest)
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError as e:
+            raise StorageError(f"{storage_name(self.store, Path(self.latest).name)}: holds no value for some of the "
+                               f"run's variables ({str(e).splitlines()[0][:200]}); delete the checkpoints folder to "
+                               "train the run again from the start") from None
+        status.expect_partial()
 
     # ------------------------------------------------------------ save
 

@@ -132,7 +132,8 @@ def discover(rels: list[str], where: str) -> Layout:
         else:
             ignored.append(rel)
     _refuse_split_aliases(rels, found, where)
-    ignored += [rel for rel in rels if _beside_the_splits(rel, found.get("train", {}))]
+    trained = {_folded(c) for c in found.get("train", {})}  # `Validation/Cat/` beside `train/cat/` too
+    ignored += [rel for rel in rels if _beside_the_splits(rel, trained)]
     if not rels:
         raise DataError(f"nothing under {where}: no such folder or prefix, or an empty one (expected "
                         f"{where}/train/<class>/<image>){_archive_hint([where.rpartition('/')[2]])}")
@@ -223,12 +224,19 @@ def _hidden_image(parts: list[str]) -> bool:
             and not any(p in JUNK_FOLDERS for p in parts))
 
 
-def _beside_the_splits(rel: str, trained: dict) -> bool:
-    """Whether `rel` is an image in a folder named like a training class under a top-level folder that is not a
-    split (`holdout/cat/1.jpg`, `test.bak/cat/1.jpg`): ignored, and said so. A run's artifacts under the data
-    (`runs/<run id>/curves.png`) are not in a class folder."""
+def metadata_file(path: str) -> bool:
+    """Whether `path` is an operating system's metadata, never an image: macOS's AppleDouble `._name` (and its
+    `__MACOSX/` folder in an unzipped archive) or a NAS's thumbnail folder (`JUNK_FOLDERS`)."""
+    parts = path.split("/")
+    return parts[-1].startswith("._") or any(p in JUNK_FOLDERS for p in parts[:-1])
+
+
+def _beside_the_splits(rel: str, trained: set[str]) -> bool:
+    """Whether `rel` is an image in a folder named like a training class (`trained`: their names as `_folded`) under
+    a top-level folder that is not a split (`holdout/cat/1.jpg`, `test.bak/cat/1.jpg`): ignored, and said so. A
+    run's artifacts under the data (`runs/<run id>/curves.png`) are not in a class folder."""
     parts = rel.split("/")
-    return (len(parts) >= 3 and parts[0] not in SPLITS and parts[1] in trained
+    return (len(parts) >= 3 and parts[0] not in SPLITS and _folded(parts[1]) in trained
             and not any(p.startswith(".") or p in JUNK_FOLDERS for p in parts)
             and parts[-1].lower().endswith(IMAGE_EXTENSIONS))
 
@@ -243,11 +251,11 @@ def _refuse_split_aliases(rels: list[str], found: dict[str, dict[str, list[str]]
         parts = rel.split("/")
         if len(parts) >= 3 and parts[0] not in SPLITS and parts[-1].lower().endswith(IMAGE_EXTENSIONS):
             aliased.setdefault(parts[0], set()).add(parts[1])
-    trained = set(found.get("train", {}))
+    trained = {_folded(c) for c in found.get("train", {})}  # `Validation/Cat/` beside `train/cat/`: meant as one
     for folder, classes in sorted(aliased.items()):
         name = folder.strip().lower()  # `validation ` with a space: the folder the user meant, misnamed
         split = SPLIT_ALIASES.get(name, name if name in SPLITS else None)
-        if split and (classes & trained or split == "train" and not trained):
+        if split and ({_folded(c) for c in classes} & trained or split == "train" and not trained):
             fix = f"merge it into {split}/ or remove it" if split in found else f"rename it {split}/"
             raise DataError(f"{where}/{folder}/: the job reads the splits train/, validation/ and test/, so its "
                             f"images would be ignored; {fix}")
@@ -290,8 +298,22 @@ def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
     (a folder `cat ` beside `cat`, `ice  cream` beside `ice cream`): likely one class, named twice."""
     groups: dict[str, list[str]] = {}
     for c in classes:
-        groups.setdefault(" ".join(unicodedata.normalize("NFKC", c).casefold().split()), []).append(c)
+        groups.setdefault(_folded(c), []).append(c)
     return [tuple(g) for g in groups.values() if len(g) > 1]
+
+
+def _folded(name: str) -> str:
+    """What a name looks like: case, Unicode form and spacing folded, and invisible format characters (a zero-width
+    space, a byte-order mark, a soft hyphen: `cat\u200b` printed as `cat`, a third class beside `cat`) left out."""
+    visible = "".join(ch for ch in unicodedata.normalize("NFKC", name) if unicodedata.category(ch) != "Cf")
+    return " ".join(visible.casefold().split())
+
+
+def numbers_in_text_order(classes: list[str]) -> bool:
+    """Whether every class name is a whole number and their order is not the numbers' (`0, 1, 10, 2`, as sorted
+    text): output column k is then not class k, which a client reading `probabilities[:, k]` as class k assumed."""
+    numbers = [int(c) for c in classes if c.isascii() and c.isdigit()]
+    return len(numbers) == len(classes) > 1 and numbers != sorted(numbers)
 
 
 def lookalike(name: str, known) -> str:
@@ -318,7 +340,8 @@ def _alike(missing: list[str], extra: list[str]) -> str:
 def shown(name: str) -> str:
     """A class name as messages and tables print it: escaped unless in canonical Unicode form with single spaces
     between words, so that look-alikes (`café` composed and decomposed, `cat` and `cat `) can be told apart."""
-    plain = unicodedata.is_normalized("NFKC", name) and name == " ".join(name.split())
+    plain = unicodedata.is_normalized("NFKC", name) and name == " ".join(name.split()) and not any(
+        unicodedata.category(ch) == "Cf" for ch in name)
     return name if plain else ascii(name)
 
 

@@ -42,9 +42,19 @@ def held_by_another(store: Store, seconds: float) -> bool:
     cannot tell."""
     try:
         seen = store.stat(NAME)
+        return seen is not None and seen[1] <= max(seconds, holders_seconds(store)) / 6 + 5
     except StorageError:
         return False
-    return seen is not None and seen[1] <= seconds / 6 + 5
+
+
+def holders_seconds(store: Store) -> float:
+    """The `checkpoint.lease_seconds` the lease's holder renews it by (its body says; 0 when it does not): an attempt
+    with a shorter one judged a live holder's lease stale and took it over."""
+    try:
+        value = json.loads(store.read(NAME)).get("seconds", 0)
+        return float(value) if isinstance(value, (int, float)) and value > 0 else 0.0
+    except (StorageError, ValueError, AttributeError):
+        return 0.0
 
 
 class Lease:
@@ -64,7 +74,7 @@ class Lease:
 
     def _body(self) -> bytes:
         return json.dumps({"holder": self.holder, "run_id": self.run_id, "acquired": self.acquired,
-                           "renewed": time.time()}).encode()
+                           "renewed": time.time(), "seconds": self.seconds}).encode()
 
     def _write(self, conditional_write: Callable[[bytes], str | None]) -> str | None:
         """One conditional write of a fresh body: the lease's new ETag, or None if it is not ours."""
@@ -111,17 +121,18 @@ class Lease:
     def _wait_or_take_over(self) -> None:
         """Someone's lease is there: watch it until it is renewed (a live holder) or goes stale."""
         seen = self.store.stat(NAME)
+        stale = max(self.seconds, holders_seconds(self.store))  # the holder's own renewal interval, if longer
         # Ages come from whole-second timestamps (HTTP Date, S3 LastModified): allow for their rounding.
-        deadline = time.monotonic() + self.seconds + self.renew_every + 5
+        deadline = time.monotonic() + stale + stale / 6 + 5
         if seen is not None:  # a rerun after storage went away waited 3 minutes here without a word
             log.info("waiting on the lease of another attempt of this run: a live one renews it (then exit 4), a "
                      "dead one's goes stale and is taken over", lease=f"{self.store.uri}/{NAME}",
-                     seconds_since_renewed=round(seen[1]), stale_after_seconds=self.seconds,
+                     seconds_since_renewed=round(seen[1]), stale_after_seconds=round(stale, 1),
                      at_most_seconds=round(deadline - time.monotonic()))
         while time.monotonic() < deadline:
             if seen is None:  # released meanwhile
                 self.etag = self._write(lambda body: self.store.put_new(NAME, body))
-            elif seen[1] > self.seconds:
+            elif seen[1] > stale:
                 self.etag = self._write(lambda body, old=seen[0]: self.store.replace(NAME, body, old))
                 if self.etag is not None:
                     log.warning("took over a stale lease", lease=f"{self.store.uri}/{NAME}",

@@ -273,16 +273,28 @@ def _local_key(path: str, data_uri: str) -> str:
     return path
 
 
-def to_layout(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> Layout:
+def to_layout(rows: list[Row], name: str, data_uri: str, existing: set[str], classes: list[str] | None = None,
+              classes_name: str = "") -> Layout:
     """The layout of the manifest's rows. Paths become keys: relative to `data_uri` when inside it, else the
     full URI. `existing` holds the keys of the objects that exist (from listings): anything else is
-    missing. Splits named nowhere make every row train (the seeded validation split applies then)."""
+    missing. Splits named nowhere make every row train (the seeded validation split applies then). The classes
+    are `classes` in its order (classes.txt beside the manifest, named `classes_name`: a label outside it, or a
+    class of it without training images, is a DataError), else the training labels sorted."""
+    if classes is not None:
+        for row in rows:
+            if row.label not in classes:
+                raise DataError(f"{name} line {row.line}: label {row.label!r} is not in {classes_name}"
+                                f"{lookalike(row.label, classes)}")
     files: dict[str, dict[str, list[str]]] = {}
     for row, key in zip(rows, _keys(rows, name, data_uri, existing)):
         files.setdefault(row.split or "train", {}).setdefault(row.label, []).append(key)
     if "train" not in files:
         raise DataError(f"{name}: no training images (every row has split validation or test)")
-    classes = sorted(files["train"])
+    untrained = [c for c in classes or [] if c not in files["train"]]
+    if untrained:
+        raise DataError(f"{classes_name}: class {untrained[0]!r} has no training images in {name} "
+                        f"({len(untrained)} such); every class needs one, or remove it from {classes_name}")
+    classes = classes or sorted(files["train"])
     if len(classes) < 2:
         raise DataError(f"{name}: {len(classes)} class(es) in train; at least 2 are needed")
     for row in rows:

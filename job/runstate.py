@@ -8,7 +8,7 @@ fits the one the checkpoint was trained with (`config_changes`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from job import recipe
@@ -56,7 +56,16 @@ class RunState:
 
     @classmethod
     def from_json(cls, text: str) -> RunState:
-        return cls(**json.loads(text))
+        """ValueError for a state this version cannot read (a newer version's fields, not an object): a TypeError
+        from the constructor was exit 1 with a traceback."""
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError("the run state is not a JSON object")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"the run state has fields this version of the job does not know: {', '.join(unknown)} "
+                             "(written by a newer version?)")
+        return cls(**values)
 
     # ------------------------------------------------------------ transitions
 

@@ -33,7 +33,7 @@ INDEX = "index.json"
 @dataclass(frozen=True)
 class Sample:
     key: str  # the member path up to the first dot of its file name: `cat/0001` for `cat/0001.jpg`
-    ext: str  # ".png", ...
+    ext: str  # ".png", ...: the image member's, as the tar writes it (".JPG" too)
     image: bytes
     label: int | tuple[int, ...]  # index into the classes; multi-label: the indices (sorted, maybe none)
 
@@ -146,8 +146,8 @@ def samples(fileobj, name: str, classes: list[str] | None, ignored: list[str] | 
     `multi`: labels from `<key>.json` (multi-label); a sample labelled the other way is a ConfigError."""
     groups = _groups(fileobj, name, ignored)
     seen: set[str] = set()
-    for key, members in groups:
-        for sample in _sample(key, members, name, classes, ignored, multi):
+    for key, members, written in groups:
+        for sample in _sample(key, members, written, name, classes, ignored, multi):
             if key in seen:
                 raise DataError(f"{name}: sample {key} occurs twice (its members are not adjacent, or two "
                                 "samples share a key)")
@@ -155,8 +155,9 @@ def samples(fileobj, name: str, classes: list[str] | None, ignored: list[str] | 
             yield sample
 
 
-def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of each run of adjacent members that share a key."""
+def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str, dict[str, bytes], dict[str, str]]]:
+    """(key, {extension: bytes}, {extension: member name}) of each run of adjacent members that share a key; the
+    extensions lower-case."""
     current: dict[str, bytes] = {}
     names: dict[str, str] = {}  # the member names of `current`
     key = None
@@ -178,7 +179,7 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
                     continue
                 if found[0] != key:
                     if key is not None:
-                        yield key, current
+                        yield key, current, names
                     key, current, names = found[0], {}, {}
                 if found[1] in current:  # `x.cls` and `x.CLS`: the last one won, without a word
                     raise DataError(f"{name}: member {member.name} occurs twice" if names[found[1]] == member.name
@@ -189,7 +190,7 @@ def _groups(fileobj, name: str, ignored: list[str] | None) -> Iterator[tuple[str
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{name}: not a readable tar file ({type(e).__name__}: {e}); is it truncated?") from None
     if key is not None:
-        yield key, current
+        yield key, current, names
 
 
 def _open(fileobj) -> tarfile.TarFile:
@@ -264,7 +265,7 @@ def _rest(stream, name: str) -> Iterator[bytes]:
             yield chunk
 
 
-def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] | None,
+def _sample(key: str, members: dict[str, bytes], written: dict[str, str], name: str, classes: list[str] | None,
             ignored: list[str] | None, multi: bool = False) -> Iterator[Sample]:
     images = [ext for ext in members if ext in IMAGE_EXTENSIONS]
     if not images:  # not a sample: a LICENSE.txt, a notes.json
@@ -281,7 +282,8 @@ def _sample(key: str, members: dict[str, bytes], name: str, classes: list[str] |
         raise ConfigError(f"{name}: sample {key} has a label list ({key}.json): a multi-label dataset; set "
                           "task: multi_label")
     label = _label_list(key, members, name, classes) if multi else _label(key, members, name, classes, images[0])
-    yield Sample(key, images[0], members[images[0]], label)
+    # the image's extension as the tar writes it: a bad `x.JPG` was reported as `x.jpg`, which `tar xf` cannot find
+    yield Sample(key, "." + written[images[0]].rpartition("/")[2].partition(".")[2], members[images[0]], label)
 
 
 def _holds_labels(data: bytes | None) -> bool:

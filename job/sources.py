@@ -78,8 +78,12 @@ def open_source(cfg: Config) -> Source:
         raise DataError(f"{cfg.data.uri}: a class named {blank[0]!r}, only spaces (a folder, or a JSON label): it "
                         "prints as nothing, and classes.txt skips blank lines, so a packed copy lost it; rename it")
     for names in case_clashes(source.layout.classes):
-        log.warning("class names that differ only in case, Unicode form or spaces are different classes",
-                    classes=[layouts.shown(n) for n in names])
+        log.warning("class names that differ only in case, Unicode form, spaces or invisible characters are "
+                    "different classes", classes=[layouts.shown(n) for n in names])
+    if layouts.numbers_in_text_order(source.layout.classes):
+        log.warning("class names are numbers, in the order of text: output column k is labels.txt's line k+1, not "
+                    "class k; name them with as many digits each (01, 02, ... 10), or list their order in a "
+                    "classes.txt beside a manifest", order=_few(source.layout.classes))
     return source
 
 
@@ -148,6 +152,13 @@ def _warn_joined(joined: dict[str, str], multi: bool, **where) -> None:
 def _manifest_source(cfg: Config, store: storage.Store) -> Source:
     name = cfg.data.manifest
     rows = manifest.parse(_read(name, cfg.s3.endpoint_url), name)
+    metadata = [r for r in rows if layouts.metadata_file(r.path)]
+    if metadata:  # `find -name '*.jpg'` after unzipping a Mac's archive: validate counted them, train refused them
+        rows = [r for r in rows if not layouts.metadata_file(r.path)]
+        log.warning("manifest rows left out: macOS or NAS metadata files, not images (._name, __MACOSX/, @eaDir/)",
+                    manifest=name, rows=len(metadata), first=f"line {metadata[0].line}: {metadata[0].path}")
+        if not rows:
+            raise DataError(f"{name}: every row names a metadata file (._name, __MACOSX/, @eaDir/), no image")
     _check_task(cfg, manifest.is_multi_label(rows), name)
     _warn_joined(manifest.joined_labels(rows), manifest.is_multi_label(rows), manifest=name)
     entries: dict[str, tuple[storage.Store, storage.Entry]] = {}
@@ -157,14 +168,16 @@ def _manifest_source(cfg: Config, store: storage.Store) -> Source:
         for e in where.list():
             key = e.rel if where is store else f"{prefix}/{e.rel}"
             entries[key] = (where, e)
-    if manifest.is_multi_label(rows):
-        parent = name.rstrip("/").rpartition("/")[0]
-        classes_uri = f"{parent}/{shards.CLASSES}" if parent else shards.CLASSES
-        classes = _read_optional(classes_uri, cfg.s3.endpoint_url)
-        parsed = shards.parse_classes(classes, classes_uri, 1, indexed=False) if classes else None
+    # classes.txt beside the manifest, when there, sets the classes' order (a single-label manifest's was ignored)
+    parent = name.rstrip("/").rpartition("/")[0]
+    classes_uri = f"{parent}/{shards.CLASSES}" if parent else shards.CLASSES
+    classes = _read_optional(classes_uri, cfg.s3.endpoint_url)
+    multi = manifest.is_multi_label(rows)
+    parsed = shards.parse_classes(classes, classes_uri, 1 if multi else 2, indexed=False) if classes else None
+    if multi:
         layout = manifest.to_multi_layout(rows, name, cfg.data.uri, set(entries), parsed, classes_uri)
     else:
-        layout = manifest.to_layout(rows, name, cfg.data.uri, set(entries))
+        layout = manifest.to_layout(rows, name, cfg.data.uri, set(entries), parsed, classes_uri)
     wanted = layout.keys()
     return Source("manifest", cfg.data.uri, layout, {k: v for k, v in entries.items() if k in wanted}, store=store)
 

@@ -4,6 +4,8 @@ copy), and the run state, numbering, pruning, stray files and the non-chief path
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -320,9 +322,67 @@ def test_fetch_with_no_checkpoint_returns_none(tmp_path):
     (remote / "ckpt-4.index").write_bytes(b"")
     (remote / "ckpt-4.data-00000-of-00001").write_bytes(b"")
     assert ckpt.fetch() is None and ckpt.number == 4 and ckpt.latest is None
-    # An index that is not one.
+    # An index that is not one, over checkpoint files that cannot be read either: exit 4 with the advice, not a
+    # fresh start beside them.
+    from job.errors import StorageError
+
     (remote / STATE_FILE).write_text("not a checkpoint state {")
-    assert ckpt.fetch() is None and ckpt.number == 4 and ckpt.latest is None
+    with pytest.raises(StorageError, match="none of the 1 checkpoint.s. kept can be read"):
+        ckpt.fetch()
+
+
+@pytest.mark.parametrize("damage", ["cut", "empty", "not utf-8"])
+def test_a_damaged_index_reads_the_checkpoints_in_storage_newest_first(tmp_path, damage):
+    # A cut index made TensorFlow's reader print a raw warning and return None: the run started over from its head
+    # phase, and its good checkpoints were pruned later. An empty or undecodable one raised: exit 1, a traceback.
+    ckpt = checkpoints(tmp_path, keep=5)
+    model = tiny_model(0)
+    for step in (1, 2, 3):
+        ckpt.save(state_of(step=step), weights=model)
+    index = tmp_path / "out" / REMOTE / STATE_FILE
+    text = index.read_bytes()
+    index.write_bytes({"cut": text[:20], "empty": b"", "not utf-8": b"\xff\xfe" + text[5:]}[damage])
+    again = checkpoints(tmp_path)
+    with capture_logs() as logs:
+        assert again.fetch() == state_of(step=3) and again.number == 3
+    assert [x["index"] for x in logs if x["event"].startswith("checkpoint index unreadable")] == [
+        storage_name(again.store, STATE_FILE)]
+    restored = tiny_model(9)
+    again.restore(weights=restored)
+    assert_same(values(restored.weights), values(model.weights))
+
+
+def test_the_index_names_its_latest_checkpoint():
+    from job.checkpoint import latest_in_index
+
+    written = b'model_checkpoint_path: "ckpt-12"\nall_model_checkpoint_paths: "ckpt-11"\n'
+    assert latest_in_index(written) == "ckpt-12"
+    assert latest_in_index(b'model_checkpoint_path: "/work/checkpoints/ckpt-3"\r\n') == "ckpt-3"
+    for bad in (b"", b'model_checkpoint_path: "ckpt-1', b'model_checkpoint_path: "other-2"\n', b"\xff\xfe\x00"):
+        assert latest_in_index(bad) is None, bad
+
+
+def test_a_checkpoint_without_the_weights_is_refused_not_resumed_from_fresh_weights(tmp_path):
+    # A checkpoint holding only the run state (another layout, another model) resumed with the weights as built and
+    # `resumed_from` set: the training before it lost without a word.
+    from job.errors import StorageError
+
+    ckpt = checkpoints(tmp_path)
+    ckpt.save(state_of(step=2))  # the state alone
+    again = checkpoints(tmp_path)
+    assert again.fetch() == state_of(step=2)
+    with pytest.raises(StorageError, match="ckpt-1: holds no value for some of the run's variables"):
+        again.restore(weights=tiny_model(0))
+
+
+def test_a_state_written_by_a_newer_version_is_a_value_error_naming_its_fields():
+    # RunState(**values) raised TypeError, which nothing caught: exit 1 and a traceback.
+    state = json.loads(state_of(step=2).to_json())
+    with pytest.raises(ValueError, match="fields this version of the job does not know: later, next"):
+        RunState.from_json(json.dumps({**state, "next": 1, "later": 2}))
+    with pytest.raises(ValueError, match="not a JSON object"):
+        RunState.from_json("[1, 2]")
+    assert RunState.from_json(json.dumps(state)) == state_of(step=2)
 
 
 def test_fetch_downloads_only_the_latest_checkpoint_into_a_clean_folder(tmp_path):

@@ -118,6 +118,19 @@ def test_case_clashes_are_groups_of_two_or_more():
         ("circle", "circle "), ("ice cream", "ice  cream", "ice\tcream")]
     assert [layout.shown(n) for n in ("circle", "circle ", " circle", "ice  cream", "ice cream")] == [
         "circle", "'circle '", "' circle'", "'ice  cream'", "ice cream"]
+    # Invisible format characters (a zero-width space, a byte-order mark, a soft hyphen) printed `cat` twice without
+    # a warning; a CSV's trimming keeps them.
+    assert layout.case_clashes(["cat", "cat\u200b", "\ufeffcat", "dog", "ice\u00adcream", "icecream"]) == [
+        ("cat", "cat\u200b", "\ufeffcat"), ("ice\u00adcream", "icecream")]
+    assert [layout.shown(n) for n in ("cat\u200b", "\ufeffcat", "cat")] == ["'cat\\u200b'", "'\\ufeffcat'", "cat"]
+
+
+def test_numbers_in_text_order():
+    assert layout.numbers_in_text_order(["0", "1", "10", "2"])
+    assert not layout.numbers_in_text_order(["00", "01", "02", "10"])  # as many digits: text order is number order
+    assert not layout.numbers_in_text_order(["1", "2", "cat"]) and not layout.numbers_in_text_order(["10"])
+    assert not layout.numbers_in_text_order(["0", "1", "2"])
+    assert not layout.numbers_in_text_order(["\u0661", "\u0660"])  # Arabic-Indic digits: not what int() ordering means
 
 
 def _train(**sizes: int) -> Layout:
@@ -380,6 +393,14 @@ NAME = "s3://b/train/shard-000000.tar"
 def read(data: bytes, classes=("a", "b"), ignored=None):
     return [(s.key, s.ext, s.image, s.label)
             for s in shards.samples(io.BytesIO(data), NAME, None if classes is None else list(classes), ignored)]
+
+
+def test_a_samples_extension_is_the_one_its_tar_writes():
+    # Matched in lower case, but named so too: a bad `bad.BMP` was reported as `shard.tar:bad.bmp`, a member `tar xf`
+    # does not find.
+    data = tar_bytes([("x/bad.BMP", b"BM"), ("x/bad.cls", b"0"), ("y.Jpeg", b"\xff"), ("y.CLS", b"1"),
+                      ("z.png", b"\x89"), ("z.txt", b"a")])
+    assert [(key, ext) for key, ext, _, _ in read(data)] == [("x/bad", ".BMP"), ("y", ".Jpeg"), ("z", ".png")]
 
 
 def shard_refusal(members, classes=("a", "b")) -> str:

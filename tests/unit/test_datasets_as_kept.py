@@ -385,3 +385,62 @@ def test_pack_into_the_dataset_it_reads_is_refused_before_writing(tmp_path):
     (tmp_path / "data" / "m.csv").write_text("path,label\n" + "\n".join(listed) + "\n")
     result = pack(str(tmp_path / "data" / "m.csv"), str(tmp_path / "data" / "shards"), shard_size=20_000)
     assert sum(result["images"].values()) == len(listed)
+
+
+def test_a_single_label_manifests_classes_txt_sets_the_order_and_numbers_in_text_order_are_warned(tmp_path):
+    # Labels 0..10 came out 0, 1, 10, 2, ...: output column 2 was class "10", without a word, and a classes.txt beside
+    # the manifest listing them in order was read for multi-label manifests only.
+    from structlog.testing import capture_logs
+
+    root = tmp_path / "d"
+    labels = [str(n) for n in range(11)]
+    (root / "img").mkdir(parents=True)
+    for label in labels:
+        (root / "img" / f"{label}.png").write_bytes(b"\x89PNG")  # listed, never read here
+    (root / "m.csv").write_text("path,label\n" + "".join(f"img/{c}.png,{c}\n" for c in labels))
+    cfg = Config.model_validate({"data": {"uri": str(root), "manifest": str(root / "m.csv")},
+                                 "output": {"uri": str(tmp_path / "o")}, "model": {"weights": "none"}})
+    with capture_logs() as logs:
+        assert sources.open_source(cfg).layout.classes == sorted(labels)
+    warned = [r for r in logs if r["event"].startswith("class names are numbers, in the order of text")]
+    assert len(warned) == 1 and warned[0]["order"].startswith("0, 1, 10, 2,")
+    (root / "classes.txt").write_text("\n".join(labels) + "\n")
+    with capture_logs() as logs:
+        assert sources.open_source(cfg).layout.classes == labels
+    assert not [r for r in logs if r["event"].startswith("class names are numbers")]
+    (root / "classes.txt").write_text("\n".join(labels[:-1]) + "\n")
+    with pytest.raises(DataError, match=r"m.csv line 12: label '10' is not in .*/classes.txt"):
+        sources.open_source(cfg)
+    (root / "classes.txt").write_text("\n".join([*labels, "11"]) + "\n")
+    with pytest.raises(DataError, match=r"/classes.txt: class '11' has no training images in .*m.csv"):
+        sources.open_source(cfg)
+
+
+def test_a_manifests_rows_of_macos_metadata_files_are_left_out_and_said(tmp_path):
+    # `find -name '*.jpg'` after unzipping a Mac's archive lists `__MACOSX/.../._1.jpg` too: validate counted them as
+    # images, and train refused them after staging ("12 of 24 images are bad").
+    from structlog.testing import capture_logs
+
+    root = tmp_path / "d"
+    lines = ["path,label"]
+    for label in ("cat", "dog"):
+        (root / "photos" / label).mkdir(parents=True)
+        (root / "__MACOSX" / "photos" / label).mkdir(parents=True)
+        for i in range(2):
+            (root / "photos" / label / f"{i}.jpg").write_bytes(b"\xff\xd8")
+            (root / "__MACOSX" / "photos" / label / f"._{i}.jpg").write_bytes(b"\x00\x05\x16\x07")
+            lines += [f"photos/{label}/{i}.jpg,{label}", f"__MACOSX/photos/{label}/._{i}.jpg,{label}"]
+    (root / "photos" / "cat" / "._x.jpg").write_bytes(b"\x00\x05\x16\x07")
+    lines.append("photos/cat/._x.jpg,cat")
+    (root / "m.csv").write_text("\n".join(lines) + "\n")
+    cfg = Config.model_validate({"data": {"uri": str(root), "manifest": str(root / "m.csv")},
+                                 "output": {"uri": str(tmp_path / "o")}, "model": {"weights": "none"}})
+    with capture_logs() as logs:
+        source = sources.open_source(cfg)
+    assert source.layout.counts() == {"train": {"cat": 2, "dog": 2}}
+    assert all("._" not in key for key in source.entries)
+    said = [r for r in logs if r["event"].startswith("manifest rows left out: macOS or NAS metadata")]
+    assert [(r["rows"], r["first"]) for r in said] == [(5, "line 3: __MACOSX/photos/cat/._0.jpg")]
+    (root / "m.csv").write_text("path,label\n__MACOSX/photos/cat/._0.jpg,cat\n")
+    with pytest.raises(DataError, match="every row names a metadata file"):
+        sources.open_source(cfg)

@@ -44,3 +44,28 @@ def test_the_first_2_kb_of_a_palette_bmp_tell_it():
         .quantize(256).save(out, format="BMP")
     blob = out.getvalue()
     assert len(blob) > 60_000 and headers.misread(blob[: headers.BMP_HEAD_BYTES]) == headers.PALETTE_BMP
+
+
+def _gif_with_frame_at(left: int, top: int, canvas: int = 8) -> bytes:
+    """A 4x4 red frame at (left, top) of a `canvas`-square GIF (as `convert x.gif -trim` writes without +repage)."""
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), (220, 20, 20)).save(out, format="GIF")
+    data = bytearray(out.getvalue())
+    data[6:10] = canvas.to_bytes(2, "little") * 2  # the logical screen (the canvas)
+    at = data.index(b"\x2c\x00\x00\x00\x00\x04\x00\x04\x00")  # the image descriptor: at (0, 0), 4x4
+    data[at + 1:at + 5] = left.to_bytes(2, "little") + top.to_bytes(2, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("left, top, canvas, partial", [(4, 4, 8, True), (0, 0, 8, True), (0, 0, 4, False)])
+def test_a_gif_whose_first_frame_covers_part_of_its_canvas_is_misread(left, top, canvas, partial):
+    # TensorFlow decodes the frame clipped at its offset: a trimmed GIF trained as a black-filled crop, and predict
+    # classified it, where viewers (and the README's Pillow recipe for LiteRT) show the whole picture.
+    tf = pytest.importorskip("tensorflow")
+    blob = _gif_with_frame_at(left, top, canvas)
+    with Image.open(io.BytesIO(blob)) as image:
+        assert image.size == (canvas, canvas)
+    assert headers.misread(blob) == (headers.PARTIAL_GIF if partial else "")
+    decoded = tf.io.decode_image(blob, channels=3, expand_animations=False).numpy()
+    whole = decoded.shape[:2] == (canvas, canvas) and (decoded[top:top + 4, left:left + 4, 0] > 150).all()
+    assert whole != partial  # the premise: TensorFlow's pixels are not the picture exactly where it is refused

@@ -36,9 +36,10 @@ def test_images_left_out_of_the_splits_are_said_and_thumbnails_and_metadata_are_
         "train/.old/1.jpg", "train/a/.1.png", "holdout/a/1.jpg", "test.bak/b/2.png", "holdout/zzz/1.jpg",
         "runs/r1/curves.png", "train/a/._1.jpg", "train/.DS_Store", "train/a/@eaDir/1.jpg/SYNOPHOTO_THUMB_M.jpg",
         "__MACOSX/train/a/._1.jpg", "train/__MACOSX/a/._1.jpg", "holdout/a/@eaDir/1.jpg/SYNOPHOTO_THUMB_XL.jpg",
-        "@eaDir/a/x.jpg"], "d")
+        "@eaDir/a/x.jpg", "holdout/B/3.png"], "d")
     assert layout.counts() == {"train": {"a": 2, "b": 2}}
-    assert sorted(layout.ignored) == ["holdout/a/1.jpg", "test.bak/b/2.png", "train/.old/1.jpg", "train/a/.1.png"]
+    assert sorted(layout.ignored) == ["holdout/B/3.png", "holdout/a/1.jpg", "test.bak/b/2.png", "train/.old/1.jpg",
+                                      "train/a/.1.png"]
 
 
 @pytest.mark.parametrize(
@@ -54,6 +55,9 @@ def test_images_left_out_of_the_splits_are_said_and_thumbnails_and_metadata_are_
         (rels({"train": {"a": 3, "b": 2}, "Test": {"a": 1, "b": 1}}), "rename it test/"),
         (rels({"Train": {"a": 3, "b": 2}}), "Train/: the job reads the splits train/, validation/ and test/"),
         (rels({"training": {"a": 3, "b": 2}}), "rename it train/"),
+        # Its class folders in another case too: `Validation/Cat/` beside `train/cat/` was dropped without a word.
+        (rels({"train": {"cat": 3, "dog": 2}, "Validation": {"Cat": 1, "Dog": 1}}), "rename it validation/"),
+        (rels({"train": {"cat": 3, "dog": 2}, "val": {"kitty": 1, "CAT": 1}}), "val/: the job reads the splits"),
         # A split folder with a space before or after its name, or named `tests/` or `validate/`.
         (rels({"train": {"a": 3, "b": 2}, "validation ": {"a": 1, "b": 1}}), "d/validation /: the job reads"),
         (rels({"train ": {"a": 3, "b": 2}}), "rename it train/"),

@@ -67,6 +67,23 @@ def test_a_lease_not_renewed_is_taken_over_and_its_old_holder_notices(store):
         successor.release()
 
 
+def test_a_newcomer_with_a_shorter_lease_waits_by_the_holders(store):
+    # checkpoint.lease_seconds may change between attempts: a newcomer with 1 s judged a live holder's 18 s lease
+    # (renewed every 3 s) stale after a second, took it over and resumed from its checkpoint; the holder then exited 4.
+    holder = Lease(store, "r1", seconds=18)
+    holder.acquire()
+    try:
+        assert json.loads(store.read(NAME))["seconds"] == 18
+        time.sleep(2.2)  # older than the newcomer's 1 s by the storage's whole-second clock, younger than 3 s
+        newcomer = Lease(store, "r1", seconds=1)
+        newcomer.holder = "other-pod/pid-1"
+        with pytest.raises(LeaseHeld, match="held by " + holder.holder):
+            newcomer.acquire()
+        holder.check()  # still its own
+    finally:
+        holder.release()
+
+
 def test_a_holder_whose_lease_was_taken_stops_writing(store):
     holder = Lease(store, "r1", seconds=3)
     holder.acquire()

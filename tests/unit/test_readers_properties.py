@@ -347,7 +347,7 @@ def shard_datasets(draw):
             if noise and noise not in shard:  # once a shard (test_a_repeated_non_sample_member_is_skipped)
                 shard.append(noise)
             shard.extend(members if draw(st.booleans()) else members[::-1])
-            want.append((key + ext.lower(), data, classes[label], split))
+            want.append((key + ext, data, classes[label], split))  # the member as the tar names it
     return classes, shards, sorted(want)
 
 
