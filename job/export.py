@@ -55,7 +55,7 @@ def artifacts(run, reports: dict, folder: Path) -> dict:
         (folder / "MODEL_CARD.md").write_text(model_card.render(
             cfg.run_id, redacted(cfg), classes, _counts(run.data.layout), reports, checked["formats"],
             len(run.data.bad), versions(), run.state.search, refit_fields(run), history, checked["checked_on"],
-            run.thresholds if run.multi else ()),
+            run.thresholds if run.multi else (), bool(run.resumed_from.get("splits_changed"))),
             encoding="utf-8")
     return checked
 

@@ -132,7 +132,7 @@ def discover(rels: list[str], where: str) -> Layout:
         else:
             ignored.append(rel)
     _refuse_split_aliases(rels, found, where)
-    trained = {_folded(c) for c in found.get("train", {})}  # `Validation/Cat/` beside `train/cat/` too
+    trained = {folded(c) for c in found.get("train", {})}  # `Validation/Cat/` beside `train/cat/` too
     ignored += [rel for rel in rels if _beside_the_splits(rel, trained)]
     if not rels:
         raise DataError(f"nothing under {where}: no such folder or prefix, or an empty one (expected "
@@ -232,11 +232,11 @@ def metadata_file(path: str) -> bool:
 
 
 def _beside_the_splits(rel: str, trained: set[str]) -> bool:
-    """Whether `rel` is an image in a folder named like a training class (`trained`: their names as `_folded`) under
+    """Whether `rel` is an image in a folder named like a training class (`trained`: their names as `folded`) under
     a top-level folder that is not a split (`holdout/cat/1.jpg`, `test.bak/cat/1.jpg`): ignored, and said so. A
     run's artifacts under the data (`runs/<run id>/curves.png`) are not in a class folder."""
     parts = rel.split("/")
-    return (len(parts) >= 3 and parts[0] not in SPLITS and _folded(parts[1]) in trained
+    return (len(parts) >= 3 and parts[0] not in SPLITS and folded(parts[1]) in trained
             and not any(p.startswith(".") or p in JUNK_FOLDERS for p in parts)
             and parts[-1].lower().endswith(IMAGE_EXTENSIONS))
 
@@ -251,11 +251,11 @@ def _refuse_split_aliases(rels: list[str], found: dict[str, dict[str, list[str]]
         parts = rel.split("/")
         if len(parts) >= 3 and parts[0] not in SPLITS and parts[-1].lower().endswith(IMAGE_EXTENSIONS):
             aliased.setdefault(parts[0], set()).add(parts[1])
-    trained = {_folded(c) for c in found.get("train", {})}  # `Validation/Cat/` beside `train/cat/`: meant as one
+    trained = {folded(c) for c in found.get("train", {})}  # `Validation/Cat/` beside `train/cat/`: meant as one
     for folder, classes in sorted(aliased.items()):
         name = folder.strip().lower()  # `validation ` with a space: the folder the user meant, misnamed
         split = SPLIT_ALIASES.get(name, name if name in SPLITS else None)
-        if split and ({_folded(c) for c in classes} & trained or split == "train" and not trained):
+        if split and ({folded(c) for c in classes} & trained or split == "train" and not trained):
             fix = f"merge it into {split}/ or remove it" if split in found else f"rename it {split}/"
             raise DataError(f"{where}/{folder}/: the job reads the splits train/, validation/ and test/, so its "
                             f"images would be ignored; {fix}")
@@ -298,11 +298,11 @@ def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
     (a folder `cat ` beside `cat`, `ice  cream` beside `ice cream`): likely one class, named twice."""
     groups: dict[str, list[str]] = {}
     for c in classes:
-        groups.setdefault(_folded(c), []).append(c)
+        groups.setdefault(folded(c), []).append(c)
     return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
-def _folded(name: str) -> str:
+def folded(name: str) -> str:
     """What a name looks like: case, Unicode form and spacing folded, and invisible format characters (a zero-width
     space, a byte-order mark, a soft hyphen: `cat\u200b` printed as `cat`, a third class beside `cat`) left out."""
     visible = "".join(ch for ch in unicodedata.normalize("NFKC", name) if unicodedata.category(ch) != "Cf")

@@ -21,6 +21,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 
+from job import layout
 from job.errors import DataError
 from job.layout import IMAGE_EXTENSIONS, SPLIT_ALIASES, SPLITS, UNREAD_IMAGE_EXTENSIONS, Layout, MultiLayout, lookalike
 
@@ -252,10 +253,19 @@ def _keys(rows: list[Row], name: str, data_uri: str, existing: set[str]) -> list
                             "to it, or full s3:// URIs: set data.uri to a folder that holds them all")
         if key not in existing:
             slashed = key.replace("\\", "/").removeprefix("./")  # a path written on Windows (`.\\a\\1.png` too)
-            hint = f" ({slashed} does: write paths with '/')" if "\\" in key and slashed in existing else ""
+            hint = f" ({slashed} does: write paths with '/')" if "\\" in key and slashed in existing else \
+                _lookalike_key(key, existing)
             raise DataError(f"{name} line {row.line}: {row.path} does not exist"
                             + ("" if "://" in key else f" under {data_uri}") + hint)
     return list(seen)
+
+
+def _lookalike_key(key: str, existing: set[str]) -> str:
+    """A hint naming the object that `key` names in another case or Unicode form (`café` composed in the manifest,
+    decomposed in storage as macOS uploads it: the message printed two names that looked the same), else ""."""
+    target = layout.folded(key)
+    other = next((k for k in sorted(existing) if layout.folded(k) == target), None)
+    return f" (storage holds {ascii(other)}: the same name in another case or Unicode form)" if other else ""
 
 
 def _local_key(path: str, data_uri: str) -> str:

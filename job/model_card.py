@@ -87,12 +87,13 @@ MULTI = {"kind_title": "a multi-label image classifier of {n} label{s}", "kind_n
 def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict[str, int]], reports: dict,
            formats: dict[str, dict], bad_images: int, versions: dict[str, str], search: list[dict] = (),
            refit: dict | None = None, history: dict[str, list[dict]] | None = None, checked_on: str = "",
-           thresholds: list[dict] = ()) -> str:
+           thresholds: list[dict] = (), splits_changed: bool = False) -> str:
     """`history`: the epochs trained per phase (history.json), so that the recipe says what ran, not what was set.
     `checked_on`: the split the formats were scored on (manifest.json's formats_checked_on). Without validation and
     test splits, nothing is measured on images the model did not train on, and the card says so (it claimed
     recall on validation, and the formats' scores on the training images as validation's). `thresholds`:
-    multi-label, each label's threshold and how it was chosen (thresholds.json), so the card names the fallbacks."""
+    multi-label, each label's threshold and how it was chosen (thresholds.json), so the card names the fallbacks.
+    `splits_changed`: the run resumed a checkpoint trained on other splits (manifest.json's resumed_from says so)."""
     data, model = config["data"], config["model"]
     height, width = data["image_size"]
     split = next((s for s in ("test", "validation") if s in reports), "")
@@ -111,10 +112,14 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
                        else _results_table(reports)) if split
         else NOT_MEASURED, checked=_checked(checked_on or split or "train", bool(refit)),
         predict_formats=_predict_formats(formats), formats_table=_formats_table(formats),
-        limits=(_limits(per_label, split, multi) if split else f"- {NOT_MEASURED}") + _format_drops(formats),
+        limits=(_limits(per_label, split, multi) if split else f"- {NOT_MEASURED}") + _format_drops(formats)
+        + SPLITS_CHANGED * splits_changed,
         smallest=_smallest(min((v.get("images", sum(v.values())) for v in counts.values()), default=0)))
 
 
+SPLITS_CHANGED = ("\n- This run resumed a checkpoint trained on other images (added, removed or relabelled since): "
+                  "its epochs before the resume trained on those, and the counts above are the images as they are "
+                  "now.")
 NOT_MEASURED = ("not measured: the run had no validation or test images, so nothing was scored on images the model "
                 "did not train on.")
 

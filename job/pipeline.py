@@ -780,9 +780,13 @@ def _check_splits(run: Run) -> None:
     now = digest.hexdigest()[:20]
     if run.state.splits and run.state.splits != now:
         log.warning(f"the images of each split are not those run {run.cfg.run_id}'s checkpoint was trained with "
-                    "(images added or removed, found bad otherwise, or the validation split carved otherwise by "
-                    "another version of the job): the run goes on with the splits as they are now, so its validation "
-                    "images may be ones it trained on")
+                    "(images added, removed or relabelled, found bad otherwise, or the validation split carved "
+                    "otherwise by another version of the job): the run goes on with the splits as they are now, so "
+                    "its validation images may be ones it trained on; early stopping starts over on them")
+        # The best epoch so far was judged on the old validation split: kept, it won over every epoch on the new one
+        # (a probe's export was an epoch that never saw the changed data, while the card described it).
+        run.state.best, run.state.best_epoch, run.state.patience_used = None, 0, 0
+        run.resumed_from = {**run.resumed_from, "splits_changed": True}
     run.state.splits = now
 
 

@@ -299,6 +299,19 @@ def test_manifest_layout_messages():
                           existing=existing) == "m.csv line 4: class 'emu' of split validation has no training images"
 
 
+def test_a_missing_path_names_the_object_it_is_in_another_case_or_unicode_form():
+    # A manifest's `train/café/1.png` (composed) against storage's decomposed key, as macOS uploads it: "does not
+    # exist", printing a name that looked exactly like the one in storage.
+    existing = {"train/cafe\u0301/1.png", "train/cat/1.png", "train/dog/2.png"}
+    assert layout_refusal(rows_of("train/caf\u00e9/1.png,cafe,", "train/dog/2.png,dog,"), existing=existing) == (
+        "m.csv line 2: train/caf\u00e9/1.png does not exist under s3://b/data (storage holds "
+        "'train/cafe\\u0301/1.png': the same name in another case or Unicode form)")
+    assert layout_refusal(rows_of("train/Cat/1.png,cat,", "train/dog/2.png,dog,"), existing=existing).endswith(
+        "(storage holds 'train/cat/1.png': the same name in another case or Unicode form)")
+    assert layout_refusal(rows_of("train/emu/1.png,emu,", "train/dog/2.png,dog,"), existing=existing).endswith(
+        "train/emu/1.png does not exist under s3://b/data")
+
+
 def test_listing_prefixes_per_bucket_at_the_edges():
     def prefixes(*paths, data_uri="s3://b/data"):
         return manifest.listing_prefixes(rows_of(*(f"{p},c," for p in paths)), data_uri)

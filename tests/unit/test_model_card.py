@@ -20,12 +20,12 @@ FORMATS = {"saved_model": {"accuracy": 0.75, "bytes": 9e6, "latency_ms_batch1": 
 COUNTS = {"train": {"rose": 80, "tulip": 70}, "test": {"rose": 20, "tulip": 20, "daisy": 3}}
 
 
-def _card(reports=None, overrides=()) -> str:
+def _card(reports=None, overrides=(), **keywords) -> str:
     cfg = config.redacted(config.load(None, ["data.uri=s3://b/flowers", "output.uri=/o", "run_id=r7",
                                              "data.image_size=[96,128]", *overrides], environ={}))
     return model_card.render("r7", cfg, ["rose", "tulip", "daisy"], COUNTS,
                              reports or {"validation": VALIDATION, "test": TEST}, FORMATS, 2,
-                             {"finetune_job": "0.2.0", "tensorflow": "2.21.0"})
+                             {"finetune_job": "0.2.0", "tensorflow": "2.21.0"}, **keywords)
 
 
 def _tables(card: str) -> list[list[list[str]]]:
@@ -280,3 +280,10 @@ def test_known_limits_name_at_most_the_twenty_weakest_classes():
     assert len(lines) == 21 and lines[0].startswith("- `c000`: recall 0.0% on test")
     assert lines[19].startswith("- `c019`:") and lines[20] == ("- ... and 780 more classes with a recall below 80.0% "
                                                                "on test (metrics.json has each).")
+
+
+def test_a_run_resumed_on_changed_images_says_so():
+    # A resume whose dataset changed exported a card describing only the new images, with no word of the old ones.
+    changed = _card(splits_changed=True)
+    assert "resumed a checkpoint trained on other images" in changed.split("## Known limits")[1].split("## How")[0]
+    assert "resumed a checkpoint" not in _card()

@@ -1345,8 +1345,9 @@ def test_a_resume_whose_splits_differ_from_its_checkpoints_warns():
     from job.runstate import RunState
 
     def run(files: dict, kept: str) -> SimpleNamespace:
-        return SimpleNamespace(data=SimpleNamespace(layout=Layout(["a", "b"], files)), state=RunState(splits=kept),
-                               cfg=SimpleNamespace(run_id="r1"))
+        state = RunState(phase="finetune", epoch=2, best=[0.3, 0.9], best_epoch=1, patience_used=1, splits=kept)
+        return SimpleNamespace(data=SimpleNamespace(layout=Layout(["a", "b"], files)), state=state,
+                               cfg=SimpleNamespace(run_id="r1"), resumed_from={"phase": "finetune"})
 
     first = run({"train": {"a": ["1", "2"], "b": ["3", "4"]}, "validation": {"a": ["5"], "b": ["6"]}}, "")
     with structlog.testing.capture_logs() as logged:
@@ -1361,6 +1362,11 @@ def test_a_resume_whose_splits_differ_from_its_checkpoints_warns():
         pipeline._check_splits(moved)
     assert [r["log_level"] for r in logged] == ["warning"] and "run r1's checkpoint" in logged[0]["event"]
     assert moved.state.splits != first.state.splits == same.state.splits
+    # The best epoch was judged on the old validation images: kept, it won over every later epoch and was exported,
+    # while the card described the new dataset. Early stopping starts over, and manifest and card say so.
+    assert (moved.state.best, moved.state.best_epoch, moved.state.patience_used) == (None, 0, 0)
+    assert moved.resumed_from == {"phase": "finetune", "splits_changed": True}
+    assert (same.state.best, same.state.best_epoch, same.resumed_from) == ([0.3, 0.9], 1, {"phase": "finetune"})
 
 
 def test_a_failing_run_reports_its_own_error_not_the_event_files_upload():
