@@ -25,6 +25,8 @@ from job.uris import s3_form, within
 
 ENV_PREFIX = "FINETUNE_"
 RUN_ID_MAX = 128  # as the chart's values.schema.json
+# The longest wait a key may ask for: 1e10 s overflowed time.sleep after a complete run (exit 1, a traceback).
+DAY = 86400.0
 
 
 class _Section(BaseModel):
@@ -40,14 +42,31 @@ class _Section(BaseModel):
         `unfreeze: yes` unfroze one layer and `unfreeze: no` skipped the fine-tuning, without a word. (A text key
         says to quote it: one_line.)"""
         annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and annotation is not str and not _takes_bool(annotation):
+        section = isinstance(annotation, type) and issubclass(annotation, BaseModel)  # its own keys say
+        if not section and _holds_bool(value) and annotation is not str and not _takes_bool(annotation):  # in lists:
             raise ValueError("YAML read a boolean (true/yes/on, false/no/off), which this key does not take: give "
-                             "a number or a name")
+                             "a number or a name")  # `learning_rates: [yes, 1e-4]` tried a rate of 1.0
         return value
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(map(_holds_bool, value.values()))
+    if isinstance(value, (list, tuple)):
+        return any(map(_holds_bool, value))
+    return isinstance(value, bool)
 
 
 def _takes_bool(annotation: Any) -> bool:
     return annotation is bool or any(_takes_bool(a) for a in typing.get_args(annotation))
+
+
+def http_url(v: str) -> str:
+    """An http(s) URL, or "" (none): boto3's ValueError was exit 1, "unexpected"; a Pushgateway at `ftp://x` only
+    warned at each push."""
+    if v and not v.lower().startswith(("http://", "https://")):
+        raise ValueError(f"expected a URL such as http://{v}")
+    return v
 
 
 def home_path(v: str) -> str:
@@ -61,7 +80,7 @@ class DataConfig(_Section):
     uri: str = Field(min_length=1)
     image_size: tuple[int, int] = (180, 180)
     validation_split: float = Field(0.2, ge=0.0, lt=1.0)
-    cache_dir: str = "/tmp/finetune-job/cache"
+    cache_dir: str = Field("/tmp/finetune-job/cache", min_length=1)  # "" was the working directory
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     # Larger images are skipped as bad, judged from the header before decoding (Pillow's own bomb limit).
     max_image_pixels: int = Field(90_000_000, ge=1)
@@ -225,7 +244,7 @@ class DistributionConfig(_Section):
     cpu_replicas: int = Field(0, ge=0, le=64)
     # Multi-worker: how long a worker waits for the others (start-up, then each collective) before it
     # fails with a clear message instead of hanging.
-    connect_timeout_seconds: float = Field(300.0, gt=0.0)
+    connect_timeout_seconds: float = Field(300.0, gt=0.0, le=DAY)
 
 
 class OutputConfig(_Section):
@@ -246,23 +265,24 @@ class ExportConfig(_Section):
 class CheckpointConfig(_Section):
     # At the first epoch or step boundary this long after the last checkpoint (0: every epoch end); always at
     # a phase's end and on SIGTERM. every_steps adds one every N steps inside an epoch.
-    every_seconds: float = Field(300.0, ge=0.0)
+    every_seconds: float = Field(300.0, ge=0.0, le=DAY)
     every_steps: int = Field(0, ge=0)
     keep: int = Field(3, ge=1)
     # The run's lease on its output prefix (job/lease.py) is renewed every lease_seconds / 6; one not renewed
     # for lease_seconds is taken over by the next attempt.
-    lease_seconds: float = Field(180.0, ge=3.0)
+    lease_seconds: float = Field(180.0, ge=3.0, le=DAY)
 
 
 class MetricsConfig(_Section):
     port: int = Field(8000, ge=0, le=65535)
     host: str = "0.0.0.0"  # address the /metrics server binds; 127.0.0.1 keeps it local
     pushgateway: str = ""
-    linger_seconds: float = Field(15.0, ge=0.0)
+    linger_seconds: float = Field(15.0, ge=0.0, le=DAY)
     # A local path: the chief appends one line per epoch and one at the end in Katib's TEXT format (job/katib.py)
     file: str = ""
 
     _expand_home = field_validator("file")(home_path)
+    _a_url = field_validator("pushgateway")(http_url)
 
     @field_validator("host")
     @classmethod
@@ -275,12 +295,7 @@ class MetricsConfig(_Section):
 class S3Config(_Section):
     endpoint_url: str = ""
 
-    @field_validator("endpoint_url")
-    @classmethod
-    def _a_url(cls, v: str) -> str:
-        if v and not v.lower().startswith(("http://", "https://")):  # boto3's ValueError: exit 1, "unexpected"
-            raise ValueError(f"expected a URL such as http://{v}")
-        return v
+    _a_url = field_validator("endpoint_url")(http_url)
 
 
 class Config(_Section):
@@ -310,8 +325,9 @@ class Config(_Section):
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, v: str) -> str:
-        if v and (not all(c.isalnum() or c in "._-" for c in v) or v.startswith(".")):
-            raise ValueError("only letters, digits, '.', '_' and '-' (it becomes a storage prefix)")
+        if v and (not all(c.isascii() and c.isalnum() or c in "._-" for c in v) or v.startswith(".")):
+            raise ValueError("only ASCII letters, digits, '.', '_' and '-' (it becomes a storage prefix and a "
+                             "Kubernetes label, as the chart's schema says)")
         if len(v.encode()) > RUN_ID_MAX:  # a folder name holds 255 bytes: 300 characters failed with a traceback
             raise ValueError(f"at most {RUN_ID_MAX} bytes of UTF-8, not {len(v.encode())} (it becomes a folder name)")
         return v
@@ -334,8 +350,10 @@ class Config(_Section):
             raise ValueError(f"train.early_stopping_metric: {metric} does not apply to task {self.task} ({fits})")
         if multi and self.train.label_smoothing:
             raise ValueError("train.label_smoothing: applies to single_label only")
-        if "learning_rate" in self.train.finetune.model_fields_set and "search" not in self.train.model_fields_set:
-            # The user chose the rate: no search unless it is asked for too.
+        if "learning_rate" in self.train.finetune.model_fields_set and \
+                "learning_rates" not in self.train.search.model_fields_set:
+            # The user chose the rate: no search unless its rates are asked for too (a `search: {epochs: 2}` beside
+            # the rate searched the default rates, the chosen one never used).
             self.train.search = SearchConfig(learning_rates=[])
         if multi and "learning_rate" not in self.train.finetune.model_fields_set:
             # The task's own default (job.recipe.MULTI_LABEL_FINETUNE_RATE); an explicit value is kept.
@@ -398,6 +416,10 @@ class _UniqueKeys(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
                 continue
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # a list or mapping as a key: PyYAML's own check below says so (this raised TypeError)
+                continue
             if key in first:
                 raise yaml.MarkedYAMLError(problem=f"{key!r} written twice in one mapping (first on line "
                                                    f"{first[key] + 1}); the second would replace the first",
@@ -414,7 +436,7 @@ def _parse_value(raw: str, path: list[str] = ()) -> Any:
     """YAML-typed value: `64` -> int, `true` -> bool, `[64, 64]` -> list, else the string. A key that holds a
     string takes the text as it is: `FINETUNE_RUN_ID=2024-01-01` is that run id, not a date (nor `007` the int 7)."""
     if _annotation_at(path) is str:
-        return raw
+        return raw.strip()  # as YAML reads the file's: `output.uri= /tmp/out` wrote into a folder named " "
     try:
         return yaml.load(raw, Loader=_UniqueKeys) if raw != "" else ""  # a SafeLoader
     except yaml.YAMLError:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ import job
 from job import evaluate, formats, logs, model_card, signals
 from job.config import redacted, to_yaml
 from job.dataset import decode_and_resize
+from job.errors import StorageError
 from job.files import MANIFEST, SUCCESS, THRESHOLDS, json_text, sha256, write_labels  # noqa: F401
 from job.model import Parts, build, with_thresholds
 from job.readers import image_uri
@@ -95,8 +97,37 @@ def _formats(run, clean: keras.Model, folder: Path) -> dict:
     e = run.cfg.export
     checked = formats.export_all(folder, clean, run.size, run.classes, e.formats, np.asarray(pixels),
                                  np.asarray(labels), calibration, e.max_accuracy_drop, e.fail_on_accuracy_drop,
-                                 logs.get(), run.multi, [t["threshold"] for t in run.thresholds] if run.multi else None)
+                                 logs.get(), run.multi, [t["threshold"] for t in run.thresholds] if run.multi else None,
+                                 lambda fmt: converting(run.out, fmt, folder.parent))
     return {"formats": checked, "checked_on": split}
+
+
+CONVERTING = "checkpoints/converting"  # beside the checkpoints: no artifact, and kept by a rerun's cleanup
+
+
+@contextlib.contextmanager
+def converting(store: Store, fmt: str, scratch: Path):
+    """Around one format's conversion and check: a marker in storage naming it and the attempts that began it,
+    removed once it ends (raising or not). TensorFlow's LiteRT converter can abort the whole process (a probe's
+    `double free or corruption`, exit 134, after training: its int8 calibration of a weak model), and every later
+    attempt, resumed at the export, aborted again. A format whose conversion two attempts died in is now left out
+    (a ConversionError: a listed format fails the run, exit 1); one death may be a pod killed meanwhile."""
+    try:
+        found = store.read(CONVERTING).decode(errors="replace") if store.exists(CONVERTING) else ""
+    except StorageError:  # gone meanwhile, or unreadable: no marker
+        found = ""
+    name, _, began = found.partition(" ")
+    died = int(began) if name == fmt and began.isdigit() else 0
+    if died >= 2:
+        raise formats.ConversionError(f"{fmt}: {died} earlier attempts of this run died inside its conversion "
+                                      f"({store.uri}/{CONVERTING}); left out")
+    marker = scratch / "converting"
+    marker.write_text(f"{fmt} {died + 1}", encoding="utf-8")
+    store.upload(marker, CONVERTING)
+    try:
+        yield
+    finally:
+        store.delete([CONVERTING])
 
 
 def manifest_fields(run, checked: dict) -> dict:

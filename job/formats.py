@@ -23,6 +23,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,12 +319,15 @@ def _size_and_latency(run: Runner, pixels: np.ndarray, path: Path) -> dict:
 def export_all(folder: Path, keras_model, image_size: tuple[int, int], classes: list[str],
                requested: list[str] | None, pixels: np.ndarray, labels: np.ndarray,
                calibration: Callable[[], Iterator[np.ndarray]], max_drop: float, fail_on_drop: bool,
-               log, multi: bool = False, thresholds: list[float] | None = None) -> dict[str, dict]:
+               log, multi: bool = False, thresholds: list[float] | None = None,
+               attempt: Callable[[str], AbstractContextManager] = lambda fmt: nullcontext()) -> dict[str, dict]:
     """Convert every requested format (None: the defaults) beside saved_model/ and check each on `pixels`.
 
     A float format must agree with the SavedModel's top-1 on FLOAT_AGREEMENT of the images; int8 reports
     its accuracy drop, flagged past `max_drop` (an error with `fail_on_drop`). A format the user listed
-    that fails raises ExportFailed (exit 1); a default one that fails is a warning and an entry here.
+    that fails raises ExportFailed (exit 1); a default one that fails is a warning and an entry here. Each format's
+    conversion and check run inside `attempt(fmt)`, which may raise ConversionError (job.export: a converter that
+    aborted the process in an earlier attempt).
     """
     from job.errors import ExportFailed
 
@@ -341,7 +345,7 @@ def export_all(folder: Path, keras_model, image_size: tuple[int, int], classes: 
     for fmt in wanted:
         started = time.monotonic()
         try:
-            with logs.native_lines_filtered():  # the converters' and LiteRT's info lines
+            with attempt(fmt), logs.native_lines_filtered():  # the converters' and LiteRT's info lines
                 path = convert(fmt, folder, keras_model, image_size, calibration(), classes, multi)
                 try:
                     result = judge(runner(fmt, path, multi), pixels, labels, reference, path)

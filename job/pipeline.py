@@ -664,7 +664,7 @@ def resolve_weights(cfg: Config, work: Path) -> tuple[str | None, bool]:
         local = work / "weights" / name
         storage.open_store(parent, cfg.s3.endpoint_url).download(name, local)
         return str(local), False
-    return str(Path(weights).expanduser()), False
+    return str(Path(weights.removeprefix("file://")).expanduser()), False
 
 
 def check_weights(cfg: Config) -> None:
@@ -676,7 +676,7 @@ def check_weights(cfg: Config) -> None:
         parent, _, name = weights.rstrip("/").rpartition("/")
         there = storage.open_store(parent, cfg.s3.endpoint_url).exists(name)
     else:
-        there = Path(weights).expanduser().is_file()
+        there = Path(weights.removeprefix("file://")).expanduser().is_file()  # file:// as data.uri takes it
     if not there:
         raise ConfigError(f"config: model.weights: no weights file at {weights} (imagenet | none | a path | s3://...)")
 

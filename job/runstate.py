@@ -125,10 +125,18 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any], grow: bool =
     for key in sorted(set(stored) | set(current)):
         old, new = stored.get(key), current.get(key)
         grown = grow and key in MAY_GROW and isinstance(old, int) and isinstance(new, int) and new > old
-        if old == new or grown:
+        if old == new or grown or key in SAME_WITHOUT_A_LAST_SLASH and _unslashed(old) == _unslashed(new):
             continue
         changes.append(f"{key}: {old!r} -> {new!r}")
     return changes
+
+
+# Locations that name the same folder with or without a last `/` (`s3://b/data/` was refused as another dataset).
+SAME_WITHOUT_A_LAST_SLASH = ("data.uri",)
+
+
+def _unslashed(value: Any) -> Any:
+    return value.rstrip("/") if isinstance(value, str) and value.rstrip("/") else value
 
 
 ORDER = ("head", "finetune", "refit_head", "refit", "trained")

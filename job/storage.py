@@ -544,8 +544,6 @@ def open_store(uri: str, endpoint: str = "") -> Store:
         raise ConfigError(f"{uri}: {e}") from None
     if is_s3(uri):
         return S3Store(uri, endpoint)
-    if "://" in uri and not uri.startswith("file://"):
-        raise StorageError(f"{uri}: unsupported scheme (use s3://bucket/prefix or a local path)")
     return LocalStore(uri)
 
 

@@ -35,7 +35,12 @@ def within(uri: str, folder: str) -> bool:
 def s3_form(v: str) -> str:
     """A location whose text starts with `s3:` must be s3://bucket[/prefix]: `s3:/bucket/models` (one slash) or
     `s3://` (no bucket) were local folders named `s3:` in the working directory, where the artifacts were lost
-    with the pod."""
+    with the pod. Another scheme than s3:// or file:// (gs://, http://) is refused."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", v)
+    if scheme and scheme.group(1).lower() not in ("s3", "file"):  # exit 4 "unsupported scheme" for output.uri, exit 3
+        # "no such file" for data.manifest: a config error, and said so before any work
+        raise ValueError(f"{scheme.group(1)}:// is not storage the job reads: s3://bucket/prefix (AWS S3, or other "
+                         "S3-compatible storage through s3.endpoint_url) or a local path")
     bucket = split_s3(v)[0] if is_s3(v) else ""
     if v[:3].lower() == "s3:" and not bucket:
         raise ValueError("expected s3://bucket/prefix (two slashes, then the bucket)")

@@ -92,6 +92,7 @@ def test_every_artifact_is_in_storage(trained, s3):
     manifest = json.loads(_get(s3, trained, "manifest.json"))
     checkpoints = {k for k in keys if k.startswith("checkpoints/")}
     assert "checkpoints/checkpoint" in checkpoints  # kept for resumption; not part of the artifacts
+    assert "checkpoints/converting" not in checkpoints  # each format's marker gone once it converted
     events = {k for k in keys if k.startswith("tensorboard/")}
     assert events and all(k.startswith("tensorboard/events.out.tfevents.") for k in events)  # watched, not artifacts
     assert set(manifest["files"]) == keys - checkpoints - events - {"manifest.json", "_SUCCESS"}

@@ -186,7 +186,7 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("run_id=../escape", "run_id:"),
         # Longer than a folder name holds: a traceback (OSError: File name too long), exit 1.
         ("run_id=" + "a" * 300, "run_id: at most 128 bytes of UTF-8, not 300 (it becomes a folder name)"),
-        ("run_id=" + "\u00e9" * 65, "run_id: at most 128 bytes of UTF-8, not 130"),
+        ("run_id=" + "a" * 129, "run_id: at most 128 bytes of UTF-8, not 129"),
         # NaN and infinity (YAML's .nan, .inf): a NaN class weight trained a model of NaNs to exit 0.
         ("train.class_weight={cat: .nan, dog: 1}", "train.class_weight: Input should be 'none' or 'auto' or Input "
                                                    "should be a finite number"),
@@ -371,3 +371,64 @@ def test_an_output_inside_a_split_folder_is_refused(cfg_file, data, output, run_
             config.load(cfg_file, sets)
     # A manifest names its files: its dataset's folders are never listed, so any output is fine.
     assert config.load(cfg_file, [*sets, f"data.manifest={data}/labels.csv"]).run_id == run_id
+
+
+@pytest.mark.parametrize("key, value", [("output.uri", "gs://b/p"), ("data.uri", "http://x/y"),
+                                        ("data.manifest", "gs://x/m.csv"), ("model.weights", "https://h/w.h5")])
+def test_a_storage_scheme_the_job_does_not_read_is_a_config_error(cfg_file, key, value):
+    # gs:// or http:// was exit 4 ("unsupported scheme", output.uri) or exit 3 ("no such file", data.manifest).
+    with pytest.raises(ConfigError, match=f"config: {key}: .*is not storage the job reads"):
+        config.load(cfg_file, [f"{key}={value}"], environ={})
+
+
+def test_spaces_around_a_text_value_of_set_or_the_environment_go_as_in_yaml(cfg_file):
+    # `--set 'output.uri= /tmp/out'` wrote the run into a folder named " " below the working directory, exit 0.
+    cfg = config.load(cfg_file, ["output.uri= /tmp/out ", "run_id=  r9"], environ={"FINETUNE_DATA__URI": "/data "})
+    assert (cfg.output.uri, cfg.run_id, cfg.data.uri) == ("/tmp/out", "r9", "/data")
+
+
+def test_an_explicit_finetune_rate_turns_the_search_off_unless_its_rates_are_given(cfg_file):
+    # `train: {search: {epochs: 2}}` beside an explicit rate searched the default rates: the rate was never used.
+    cfg = config.load(cfg_file, ["train.search.epochs=2", "train.finetune.learning_rate=1e-3"], environ={})
+    assert cfg.train.search.learning_rates == [] and cfg.train.finetune.learning_rate == 1e-3
+    both = config.load(cfg_file, ["train.search.learning_rates=[1e-4, 1e-3]", "train.finetune.learning_rate=1e-3"],
+                       environ={})
+    assert both.train.search.learning_rates == [1e-4, 1e-3]
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["train.search.learning_rates=[yes, 1e-4]"], "train.search.learning_rates"),  # a trial at rate 1.0
+    (["train.class_weight={a: on, b: 2}"], "train.class_weight"),
+])
+def test_a_yaml_boolean_inside_a_list_or_mapping_is_refused(cfg_file, sets, key):
+    with pytest.raises(ConfigError, match=f"{key}: YAML read a boolean"):
+        config.load(cfg_file, sets, environ={})
+
+
+@pytest.mark.parametrize("text", ["data:\n  ? [a]\n  : 1\n", "train:\n  class_weight: {? {a: 1} : 2}\n"])
+def test_a_list_or_mapping_as_a_yaml_key_is_a_config_error(tmp_path, text):
+    # `if key in first` raised TypeError (unhashable): exit 1 with a traceback.
+    path = tmp_path / "c.yaml"
+    path.write_text("output: {uri: /o}\n" + text)
+    with pytest.raises(ConfigError, match="unhashable"):
+        config.load(path, [], environ={})
+
+
+@pytest.mark.parametrize("key", ["metrics.linger_seconds", "checkpoint.lease_seconds", "checkpoint.every_seconds",
+                                 "distribution.connect_timeout_seconds"])
+def test_waits_are_at_most_a_day(cfg_file, key):
+    # metrics.linger_seconds=1e10 overflowed time.sleep after the run was complete: exit 1 with a traceback.
+    assert config.load(cfg_file, [f"{key}=86400"], environ={})
+    with pytest.raises(ConfigError, match=f"{key}: Input should be less than or equal to 86400"):
+        config.load(cfg_file, [f"{key}=1e10"], environ={})
+
+
+@pytest.mark.parametrize("sets, complaint", [
+    (["run_id=caf\u00e9"], "run_id: only ASCII letters"),  # the chart's schema refused it; this did not
+    (["run_id=\uff21\uff22"], "run_id: only ASCII letters"),
+    (["data.cache_dir="], "data.cache_dir: String should have at least 1 character"),
+    (["metrics.pushgateway=ftp://x"], "metrics.pushgateway: expected a URL"),
+])
+def test_what_the_chart_refuses_the_config_refuses(cfg_file, sets, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        config.load(cfg_file, sets, environ={})

@@ -63,6 +63,15 @@ def test_config_changes_name_the_keys_that_matter():
         "train.class_weight: 'auto' -> {'a': 2.0}"]
 
 
+def test_a_data_uri_with_or_without_its_last_slash_is_the_same_dataset():
+    # `s3://b/data/` after `s3://b/data` was refused as a config change ("data.uri: ... -> ...").
+    assert runstate.config_changes({"data.uri": "s3://b/data"}, {"data.uri": "s3://b/data/"}) == []
+    assert runstate.config_changes({"data.uri": "/d//"}, {"data.uri": "/d"}) == []
+    assert runstate.config_changes({"data.uri": "s3://b/data"}, {"data.uri": "s3://b/data2"}) == [
+        "data.uri: 's3://b/data' -> 's3://b/data2'"]
+    assert runstate.config_changes({"data.manifest": "m.csv"}, {"data.manifest": "m.csv/"}) != []
+
+
 def test_a_new_state_starts_the_head_phase_from_nothing():
     state = RunState()
     assert (state.phase, state.epoch, state.step, state.sums) == ("head", 0, 0, [0.0, 0.0])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 
 from job import metrics, storage
-from job.errors import StorageError
+from job.errors import ConfigError, StorageError
 
 
 def test_listing_paginates_past_1000_keys(s3):
@@ -190,7 +190,7 @@ def test_unreachable_storage_is_a_storage_error(tmp_path):
 def test_missing_bucket_and_bad_scheme(s3):
     with pytest.raises(StorageError, match="bucket does not exist"):
         storage.open_store("s3://no-such-bucket-here/x", s3.endpoint).list()
-    with pytest.raises(StorageError, match="unsupported scheme"):
+    with pytest.raises(ConfigError, match="^gs://bucket/x: gs:// is not storage the job reads"):  # exit 2, not 4
         storage.open_store("gs://bucket/x")
 
 
