@@ -38,9 +38,12 @@ def report(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    # A class the split lacks has no recall, and one neither in the split nor predicted no score at all: null, as
+    # multi-label's (0.0 read as a class always missed)
     per_class = {
-        c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-            "support": int(support[i])}
+        c: {"precision": float(precision[i]) if support[i] or predicted[i] else None,
+            "recall": float(recall[i]) if support[i] else None,
+            "f1": float(f1[i]) if support[i] or predicted[i] else None, "support": int(support[i])}
         for i, c in enumerate(classes)
     }
     return {

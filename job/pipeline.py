@@ -174,6 +174,7 @@ def validate(cfg: Config):
     else:  # the images it knows training will skip are left out, and refused, as train settles them (`Reader.settle`)
         layout = readers.settled(source.layout, known_bad, cfg.data.uri, cfg.data.validation_split, cfg.train.seed)
     _check_val_map(cfg, layout)
+    _warn_carved_share(cfg, source.layout, layout)  # train said it, validate did not
     return layout
 
 
@@ -1017,7 +1018,13 @@ def refit_phases(run: Run) -> None:
         for variable, value in zip(run.parts.model.variables, run.initial):
             variable.assign(value)
         state.start("refit_head")
-    options = dataclasses.replace(run.options, patience=0)  # nothing to stop on
+    # Nothing to stop on; `auto` weights from the images it trains on (the training split's were kept: a validation
+    # split of 2 and 40 images trained at weights 1 and 1)
+    weights = class_weights(cfg, run.data.layout, refit.SPLIT)
+    if weights and weights != list(run.options.class_weights or []):
+        log.info("positive weights" if run.multi else "class weights", on=refit.SPLIT,
+                 weights=dict(zip(run.classes, [round(w, 4) for w in weights])))
+    options = dataclasses.replace(run.options, patience=0, class_weights=tuple(weights) if weights else None)
     common = {"examples": run.data.count(refit.SPLIT), "restore_best": False}
     if state.phase == "refit_head":
         metrics.set_phase("refit_head")
@@ -1076,13 +1083,14 @@ def _replay(run: Run, record: dict) -> None:
     katib.epoch_done(run.cfg.metrics.file, "finetune", record, chief=run.cluster.is_chief)
 
 
-def class_weights(cfg: Config, listed) -> list[float] | None:
-    """`train.class_weight` against the layout's training counts (multi-label: positive weights per label);
-    ConfigError for unknown classes."""
-    counts = listed.counts().get("train", {c: 0 for c in listed.classes})
+def class_weights(cfg: Config, listed, split: str = "train") -> list[float] | None:
+    """`train.class_weight` against the layout's counts of `split` (the training split; the refit's
+    `train+validation`) (multi-label: positive weights per label); ConfigError for unknown classes."""
+    per_split = listed.counts()
+    counts = {c: sum(per_split.get(s, {}).get(c, 0) for s in split.split("+")) for c in listed.classes}
     try:
         if listed.multi_label:
-            return recipe.positive_weights(cfg.train.class_weight, listed.classes, counts, listed.count("train"))
+            return recipe.positive_weights(cfg.train.class_weight, listed.classes, counts, listed.count(split))
         return recipe.class_weights(cfg.train.class_weight, listed.classes, counts)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None

@@ -258,6 +258,12 @@ def test_macro_f1_averages_the_classes_a_split_has_or_predicts(case):
         f1s.append(2 * tp / (sum(lab == c for lab, _ in pairs) + sum(p == c for _, p in pairs)))
     report = evaluate.report(np.eye(n, dtype=np.float32)[predicted], labels, [f"c{i}" for i in range(n)])
     assert report["macro_f1"] == pytest.approx(sum(f1s) / len(f1s))
+    # A class neither in the split nor predicted has no score (0.0 read as a class always missed), one the split
+    # lacks no recall; the others have all three, as multi-label's per-label entries.
+    for i in range(n):
+        entry = report["per_class"][f"c{i}"]
+        assert (entry["recall"] is None) == (i not in set(labels))
+        assert (entry["precision"] is None) == (entry["f1"] is None) == (i not in present)
 
 
 def test_the_confusion_plot_is_bounded_for_many_classes(tmp_path):

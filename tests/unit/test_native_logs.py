@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from job import logs
 from job.logs import is_native_chatter
 
 INFO = "I0000 00:00:1796453644.687724   23047 port.cc:153] oneDNN custom operations are on."
@@ -118,3 +120,16 @@ def test_a_long_stage_logs_its_progress_without_a_terminal(monkeypatch):
     with structlog.testing.capture_logs() as logged, logs.progress("staging", 40) as step:
         step(40)
     assert not logged  # a short stage says nothing
+
+
+@pytest.mark.parametrize("level, quiet", [("2", True), ("3", True), ("1", False), ("0", False)])
+def test_tensorflows_python_warnings_follow_its_native_level(monkeypatch, level, quiet):
+    # `WARNING:tensorflow:5 out of the last 7 calls to ... triggered tf.function retracing` reached stderr (train.search
+    # with averaging and refit), TensorFlow's Python logger left as it was.
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)  # restored after the test
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+    logs.quiet_tensorflow()
+    assert (logger.level == logging.ERROR) == quiet

@@ -1202,6 +1202,10 @@ def test_a_carved_validation_split_far_above_its_fraction_is_said(tmp_path, caps
     capsys.readouterr()
     pipeline._warn_carved_share(config(tmp_path, validation_split=0.01), given, given)
     assert capsys.readouterr().out == ""
+    # validate says it too (train did, and validate printed "ok" above a validation split of 50%)
+    write_sample_dataset(tmp_path / "d", classes=4, per_class=2, size=8, seed=0, test_per_class=0)
+    pipeline.validate(config(tmp_path / "d", validation_split=0.2))
+    assert "the carved validation split holds 50% of the training images, not the 20%" in capsys.readouterr().out
 
 
 def test_pack_logs_its_progress(tmp_path, monkeypatch):
@@ -1381,3 +1385,19 @@ def test_a_failing_run_reports_its_own_error_not_the_event_files_upload():
     assert [r["event"] for r in logged] == ["tensorboard event files not copied to storage"]
     with pytest.raises(StorageError, match="tensorboard/events"):  # a run that succeeded: the upload's own failure
         pipeline._close_board(Board(), failing=False)
+
+
+def test_the_refits_auto_class_weights_count_the_images_it_trains_on():
+    # The refit trains on train + validation, with the weights of the training split: a validation split of 2 and 40
+    # images trained at weights 1 and 1, so `auto`'s "every class the same total weight" did not hold for the export.
+    from job.layout import Layout, MultiLayout
+
+    listed = Layout(["a", "b"], {"train": {"a": ["1"] * 10, "b": ["2"] * 10},
+                                 "validation": {"a": ["3"] * 2, "b": ["4"] * 40}})
+    cfg = config("/d")
+    assert pipeline.class_weights(cfg, listed) == [1.0, 1.0]
+    assert pipeline.class_weights(cfg, listed, "train+validation") == [62 / (2 * 12), 62 / (2 * 50)]
+    multi = MultiLayout(["x", "y"], {"train": {"1": (0,), "2": (1,)}, "validation": {"3": (0,), "4": (0,)}})
+    assert pipeline.class_weights(cfg.model_copy(update={"task": "multi_label"}), multi, "train+validation") == \
+        pipeline.class_weights(cfg, MultiLayout(["x", "y"], {"train": {**multi.sets["train"],
+                                                                       **multi.sets["validation"]}}))
