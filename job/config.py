@@ -62,8 +62,7 @@ def _takes_bool(annotation: Any) -> bool:
 
 
 def http_url(v: str) -> str:
-    """An http(s) URL, or "" (none): boto3's ValueError was exit 1, "unexpected"; a Pushgateway at `ftp://x` only
-    warned at each push."""
+    """An http(s) URL, or "" (none): boto3's ValueError was exit 1, "unexpected"."""
     if v and not v.lower().startswith(("http://", "https://")):
         raise ValueError(f"expected a URL such as http://{v}")
     return v
@@ -282,7 +281,15 @@ class MetricsConfig(_Section):
     file: str = ""
 
     _expand_home = field_validator("file")(home_path)
-    _a_url = field_validator("pushgateway")(http_url)
+
+    @field_validator("pushgateway")
+    @classmethod
+    def _a_gateway(cls, v: str) -> str:
+        """An http(s) URL, or host:port as prometheus_client takes it (it adds http://); `ftp://x` only warned at
+        each push."""
+        if "://" in v and not v.lower().startswith(("http://", "https://")):
+            raise ValueError(f"expected http://host:port or host:port, not {v.split('://')[0]}://")
+        return v
 
     @field_validator("host")
     @classmethod

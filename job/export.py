@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import platform
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,8 @@ from job.files import MANIFEST, SUCCESS, THRESHOLDS, json_text, sha256, write_la
 from job.model import Parts, build, with_thresholds
 from job.readers import image_uri
 from job.storage import Store
+
+log = logs.get()
 
 
 def artifacts(run, reports: dict, folder: Path) -> dict:
@@ -107,27 +110,40 @@ CONVERTING = "checkpoints/converting"  # beside the checkpoints: no artifact, an
 
 @contextlib.contextmanager
 def converting(store: Store, fmt: str, scratch: Path):
-    """Around one format's conversion and check: a marker in storage naming it and the attempts that began it,
-    removed once it ends (raising or not). TensorFlow's LiteRT converter can abort the whole process (a probe's
-    `double free or corruption`, exit 134, after training: its int8 calibration of a weak model), and every later
-    attempt, resumed at the export, aborted again. A format whose conversion two attempts died in is now left out
-    (a ConversionError: a listed format fails the run, exit 1); one death may be a pod killed meanwhile."""
-    try:
-        found = store.read(CONVERTING).decode(errors="replace") if store.exists(CONVERTING) else ""
-    except StorageError:  # gone meanwhile, or unreadable: no marker
-        found = ""
-    name, _, began = found.partition(" ")
-    died = int(began) if name == fmt and began.isdigit() else 0
-    if died >= 2:
-        raise formats.ConversionError(f"{fmt}: {died} earlier attempts of this run died inside its conversion "
-                                      f"({store.uri}/{CONVERTING}); left out")
-    marker = scratch / "converting"
-    marker.write_text(f"{fmt} {died + 1}", encoding="utf-8")
-    store.upload(marker, CONVERTING)
+    """Around one format's conversion and check: a marker in storage counting, per format, the attempts that began
+    it and did not end it. TensorFlow's LiteRT converter can abort the whole process (a probe's `double free or
+    corruption`, exit 134, after training: its int8 calibration of a weak model), and every later attempt, resumed at
+    the export, aborted again. A format two attempts died in is left out (a ConversionError: a listed format fails the
+    run, exit 1); one death may be a pod killed meanwhile. The marker is best-effort: storage trouble with it is a
+    warning, not the export's end."""
+    died = _deaths(store)
+    if died.get(fmt, 0) >= 2:
+        raise formats.ConversionError(f"{fmt}: {died[fmt]} earlier attempts of this run died inside its conversion; "
+                                      f"left out (delete {store.uri}/{CONVERTING} to try it again)")
+    _write_deaths(store, {**died, fmt: died.get(fmt, 0) + 1}, scratch)
     try:
         yield
-    finally:
-        store.delete([CONVERTING])
+    finally:  # it ended, raising or not: not a death, and an earlier one no longer counts
+        _write_deaths(store, {k: v for k, v in died.items() if k != fmt}, scratch)
+
+
+def _deaths(store: Store) -> dict[str, int]:
+    try:
+        found = json.loads(store.read(CONVERTING)) if store.exists(CONVERTING) else {}
+    except (StorageError, ValueError):  # unreadable: as if none
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, int)} if isinstance(found, dict) else {}
+
+
+def _write_deaths(store: Store, died: dict[str, int], scratch: Path) -> None:
+    try:
+        if died:
+            (scratch / "converting").write_text(json.dumps(died), encoding="utf-8")
+            store.upload(scratch / "converting", CONVERTING)
+        else:
+            store.delete([CONVERTING])
+    except StorageError as e:
+        log.warning("conversion marker not written", marker=f"{store.uri}/{CONVERTING}", reason=str(e))
 
 
 def manifest_fields(run, checked: dict) -> dict:

@@ -326,13 +326,14 @@ def _check_val_map(cfg: Config, listed) -> None:
                         "is undefined: use val_loss, or validation images that carry labels")
 
 
-BMP_CHECKED = 1000  # at most this many BMPs' first bytes does validate read (ranged GETs, 16 at a time)
+BMP_CHECKED = 1000  # at most this many BMPs' and GIFs' first bytes does validate read (ranged GETs, 16 at a time)
 
 
 def _bad_in_listing(cfg: Config, source) -> set[str]:
     """validate downloads no image, but the listing gives each image's size, and it reads the first bytes of the
-    BMPs it lists (up to BMP_CHECKED, a seeded sample beyond): an empty file, and a BMP whose colour table or masks
-    TensorFlow's decoder ignores (headers.PALETTE_BMP), are bad images to `train`, so they are warned about here,
+    BMPs and GIFs it lists (up to BMP_CHECKED, a seeded sample beyond): an empty file, a BMP whose colour table or
+    masks TensorFlow's decoder ignores (headers.PALETTE_BMP) and a GIF whose frame it crops (headers.PARTIAL_GIF) are
+    bad images to `train`, so they are warned about here,
     and past `data.max_bad_fraction` refused as `train` would refuse them after staging. Returns their keys (the
     table leaves them out: it counted them, and train did not)."""
     import random
@@ -343,12 +344,12 @@ def _bad_in_listing(cfg: Config, source) -> set[str]:
     # A local broken link is listed with size 0 and no modification time: train says it cannot be read.
     empty = {k: headers.EMPTY if entry.etag else headers.UNREADABLE for k, (_, entry) in source.entries.items()
              if entry.size == 0}
-    bmps = sorted(k for k in source.entries if k.lower().endswith(".bmp") and k not in empty)
+    bmps = sorted(k for k in source.entries if k.lower().endswith((".bmp", ".gif")) and k not in empty)
     checked = random.Random(0).sample(bmps, min(len(bmps), BMP_CHECKED))
 
     def why(key: str) -> str:
         store, entry = source.entries[key]
-        if entry.size < 26:  # no BMP header (train counts it undecodable)
+        if entry.size < 26:  # no BMP or GIF header (train counts it undecodable)
             return ""
         return headers.misread(store.read(entry.rel, head=headers.BMP_HEAD_BYTES))
 
@@ -365,8 +366,9 @@ def _bad_in_listing(cfg: Config, source) -> set[str]:
                     examples=[f"{image_uri(cfg.data.uri, k)}: {why}" for k, why in sorted(empty.items())[:5]])
     if misread:
         reason = misread[min(misread)]
-        log.warning(f"BMPs that training will skip as bad images: {reason}", count=len(misread), checked=len(checked),
-                    bmps=len(bmps), examples=[image_uri(cfg.data.uri, k) for k in sorted(misread)[:5]])
+        log.warning(f"BMPs or GIFs that training will skip as bad images: {reason}", count=len(misread),
+                    checked=len(checked), bmps_and_gifs=len(bmps),
+                    examples=[image_uri(cfg.data.uri, k) for k in sorted(misread)[:5]])
     return set(bad)
 
 
@@ -509,7 +511,8 @@ def prepare(cfg: Config) -> Run | dict:
         from job.checkpoint import Checkpoints
 
         ckpt = Checkpoints(out, work, cluster, cfg.checkpoint.keep, guard=lease.check if lease else None)
-        resumed = _resume_point(cfg, ckpt, state, source.layout.classes, source.fingerprint(), _base_weights(parts))
+        resumed = _resume_point(cfg, ckpt, state, source.layout.classes, source.fingerprint(), _base_weights(parts),
+                                _keep_order(source))
     except BaseException:
         if lease:
             lease.release()
@@ -689,10 +692,25 @@ def _base_weights(parts) -> str:
     return "" if parts.from_scratch else weights_fingerprint(parts.base)
 
 
-def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: str, base: str = "") -> RunState:
+def _keep_order(source):
+    """For a single-label manifest: a function that puts its classes in a checkpoint's order and gives the listing's
+    fingerprint then. A `classes.txt` beside such a manifest sets the order since this version; a run begun before
+    kept them sorted, and its resume was refused as "another order". None for the other kinds of dataset."""
+    if source.kind != "manifest" or source.layout.multi_label:
+        return None
+
+    def keep(order: list[str]) -> tuple[list[str], str]:
+        source.layout = layout.Layout(order, source.layout.files, source.layout.ignored)
+        return order, source.fingerprint()
+    return keep
+
+
+def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: str, base: str = "",
+                  keep_order=None) -> RunState:
     """The fetched checkpoint's run state if there is one and its config, the base's weights (`base`: their
     fingerprint) and the dataset's classes still fit; else a new state. A dataset changed under the same classes
-    (`dataset`: its listing's fingerprint) is a warning."""
+    (`dataset`: its listing's fingerprint) is a warning; the same classes in another order are refused, or kept in
+    the checkpoint's where `keep_order` can (`_keep_order`)."""
     current = runstate.training_config(redacted(cfg))
     state = ckpt.fetch() if output == "incomplete" else None
     if state is None:
@@ -713,6 +731,11 @@ def _resume_point(cfg: Config, ckpt, output: str, classes: list[str], dataset: s
         raise ConfigError(
             f"config: model.weights: the base weights of {cfg.model.weights} are not those run {cfg.run_id}'s "
             f"checkpoint was trained on ({how}), so resuming would mix the two; restore them, or start a new run_id")
+    if keep_order and state.classes and state.classes != list(classes) and sorted(state.classes) == sorted(classes):
+        log.warning(f"the manifest's classes are in another order than run {cfg.run_id}'s checkpoint was trained "
+                    "with (a classes.txt beside it, which earlier versions did not read?): the run keeps the "
+                    "checkpoint's order, which labels.txt gives", order=", ".join(state.classes)[:300])
+        classes, dataset = keep_order(list(state.classes))
     changed = runstate.class_changes(state.classes, list(classes))
     if changed:
         raise DataError(
@@ -772,23 +795,47 @@ def _check_splits(run: Run) -> None:
     """Warn when a resumed run's splits are not its checkpoint's though the config is (images found bad otherwise,
     or a validation split carved otherwise by another version of the job): its validation images may be ones it
     trained on. Then keep this attempt's."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256()
-    for split in run.data.layout.splits:
-        digest.update(json.dumps([split, *run.data.layout.items(split)], default=int).encode())
-    now = digest.hexdigest()[:20]
-    if run.state.splits and run.state.splits != now:
+    now = _splits_digest(run.data.layout)
+    # A shard member's key keeps its extension's case from this version on (`x.JPG`, was `x.jpg`): a checkpoint of
+    # an earlier version holds the other digest of the same splits
+    if run.state.splits and run.state.splits not in (now, _splits_digest(run.data.layout, lower_extensions=True)):
         log.warning(f"the images of each split are not those run {run.cfg.run_id}'s checkpoint was trained with "
                     "(images added, removed or relabelled, found bad otherwise, or the validation split carved "
                     "otherwise by another version of the job): the run goes on with the splits as they are now, so "
                     "its validation images may be ones it trained on; early stopping starts over on them")
         # The best epoch so far was judged on the old validation split: kept, it won over every epoch on the new one
-        # (a probe's export was an epoch that never saw the changed data, while the card described it).
-        run.state.best, run.state.best_epoch, run.state.patience_used = None, 0, 0
+        # (a probe's export was an epoch that never saw the changed data, while the card described it). A phase with
+        # no epoch left keeps it: nothing would be judged again, and its best weights would not be restored.
+        if run.state.phase in ("head", "finetune") and run.state.epoch < _phase_epochs(run, run.state.phase):
+            run.state.best, run.state.best_epoch, run.state.patience_used = None, 0, 0
         run.resumed_from = {**run.resumed_from, "splits_changed": True}
     run.state.splits = now
+
+
+def _phase_epochs(run: Run, phase: str) -> int:
+    """The epochs `phase` (head or finetune) runs at most (early stopping sets the state's epoch to it)."""
+    t = run.cfg.train
+    if phase == "head":
+        return t.head.epochs
+    return recipe.finetune_schedule(t.head.epochs, t.head.learning_rate, t.finetune.epochs, t.finetune.learning_rate,
+                                    run.parts.from_scratch)[0]
+
+
+def _splits_digest(listed, lower_extensions: bool = False) -> str:
+    """A digest of the images of each split with their labels (`lower_extensions`: shard members' extensions, after
+    `shard.tar:`, in lower case)."""
+    import hashlib
+    import json
+
+    def key(k: str) -> str:
+        stem, dot, ext = k.rpartition(".")
+        return f"{stem}.{ext.lower()}" if lower_extensions and ":" in k and dot else k
+
+    digest = hashlib.sha256()
+    for split in listed.splits:
+        keys, labels = listed.items(split)
+        digest.update(json.dumps([split, [key(k) for k in keys], labels], default=int).encode())
+    return digest.hexdigest()[:20]
 
 
 def _warn_identical(run: Run) -> None:

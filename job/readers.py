@@ -35,7 +35,9 @@ from job.sources import Source, warn_ignored
 
 log = logs.get()
 Share = tuple[int, int]  # (this worker's index, number of workers): the part of a split it reads
-EXTRACTED_FORMAT = 3  # the extraction record's layout; older records are extracted again
+# The extraction record's layout; older records are extracted again (4: members named with their extension's case,
+# `x.JPG`, where 3 wrote `x.jpg`)
+EXTRACTED_FORMAT = 4
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ SAFE_TO_CHANGE = ("run_id", "output.", "checkpoint.", "metrics.", "s3.", "distri
 MAY_GROW = ("train.head.epochs", "train.finetune.epochs")
 
 
+class NewerState(ValueError):
+    """A checkpoint's run state written by a newer version of the job (fields this one does not know)."""
+
+
 @dataclass
 class RunState:
     phase: str = "head"  # head | finetune | refit_head | refit | trained
@@ -63,8 +67,8 @@ class RunState:
             raise ValueError("the run state is not a JSON object")
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"the run state has fields this version of the job does not know: {', '.join(unknown)} "
-                             "(written by a newer version?)")
+            raise NewerState(f"its run state has fields this version of the job does not know: {', '.join(unknown)}: "
+                             "written by a newer version; resume it with that version's image")
         return cls(**values)
 
     # ------------------------------------------------------------ transitions

@@ -240,6 +240,10 @@ def test_schema_accepts_the_shipped_values(value_set: str) -> None:
         ({"config": {"run_id": ".hidden"}}, "/config/run_id"),
         ({"config": {"trian": {}}}, "additional properties 'trian'"),
         ({"config": {"metrics": {"port": -5}}}, "/config/metrics/port"),
+        # As the job's config refuses them (it did; the schema did not).
+        ({"config": {"data": {"cache_dir": ""}}}, "/config/data/cache_dir"),
+        ({"config": {"metrics": {"pushgateway": "ftp://x"}}}, "/config/metrics/pushgateway"),
+        ({"config": {"metrics": {"linger_seconds": 1e10}}}, "/config/metrics/linger_seconds"),
         ({"workload": {"kind": "Pod"}}, "/workload/kind"),
         ({"workload": {"kind": "jobset"}}, "/workload/kind"),
         ({"workload": {"type": "Job"}}, "additional properties 'type'"),

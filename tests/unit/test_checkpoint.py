@@ -375,10 +375,29 @@ def test_a_checkpoint_without_the_weights_is_refused_not_resumed_from_fresh_weig
         again.restore(weights=tiny_model(0))
 
 
+def test_a_checkpoint_of_a_newer_version_is_exit_4_not_a_fallback_to_an_older_one(tmp_path):
+    # The newer state was "unreadable, trying the one before it": with ckpt-1 of this version kept, the run rolled
+    # back to it with a warning; with none, the advice was to delete the folder, the newer version's training too.
+    from job.errors import StorageError
+
+    ckpt = checkpoints(tmp_path)
+    model = tiny_model(0)
+    ckpt.save(state_of(step=1), weights=model)
+    newer = json.loads(state_of(step=2).to_json())
+    newer["next_version_field"] = 1
+    ckpt.state_var.assign(json.dumps(newer))
+    manager = tf.train.CheckpointManager(ckpt._checkpoint(weights=model), str(ckpt.dir), max_to_keep=3)
+    manager.save(checkpoint_number=2)
+    ckpt._mirror("ckpt-2")
+    with pytest.raises(StorageError, match=r"ckpt-2: its run state has fields this version of the job does not know: "
+                                           r"next_version_field: written by a newer version"):
+        checkpoints(tmp_path).fetch()
+
+
 def test_a_state_written_by_a_newer_version_is_a_value_error_naming_its_fields():
     # RunState(**values) raised TypeError, which nothing caught: exit 1 and a traceback.
     state = json.loads(state_of(step=2).to_json())
-    with pytest.raises(ValueError, match="fields this version of the job does not know: later, next"):
+    with pytest.raises(ValueError, match="fields this version of the job does not know: later, next: written by a"):
         RunState.from_json(json.dumps({**state, "next": 1, "later": 2}))
     with pytest.raises(ValueError, match="not a JSON object"):
         RunState.from_json("[1, 2]")

@@ -427,8 +427,13 @@ def test_waits_are_at_most_a_day(cfg_file, key):
     (["run_id=caf\u00e9"], "run_id: only ASCII letters"),  # the chart's schema refused it; this did not
     (["run_id=\uff21\uff22"], "run_id: only ASCII letters"),
     (["data.cache_dir="], "data.cache_dir: String should have at least 1 character"),
-    (["metrics.pushgateway=ftp://x"], "metrics.pushgateway: expected a URL"),
+    (["metrics.pushgateway=ftp://x"], "metrics.pushgateway: expected http://host:port or host:port, not ftp://"),
 ])
 def test_what_the_chart_refuses_the_config_refuses(cfg_file, sets, complaint):
     with pytest.raises(ConfigError, match=complaint):
         config.load(cfg_file, sets, environ={})
+
+
+def test_a_pushgateway_without_a_scheme_is_taken_as_prometheus_client_takes_it(cfg_file):
+    assert config.load(cfg_file, ["metrics.pushgateway=pg.monitoring:9091"], environ={}).metrics.pushgateway == \
+        "pg.monitoring:9091"

@@ -682,6 +682,29 @@ def test_a_resume_on_a_changed_dataset_warns_and_keeps_the_new_fingerprint(tmp_p
     assert pipeline._resume_point(cfg, None, "empty", ["a", "b"], "f3").dataset == "f3"  # a new run keeps it
 
 
+def test_a_resume_keeps_its_checkpoints_class_order_where_a_manifests_classes_txt_sets_another(tmp_path, capsys):
+    # A run begun before this version read classes.txt beside a single-label manifest kept its classes sorted; its
+    # resume met them in classes.txt's order and was refused, exit 3 "another order".
+    from job.errors import DataError
+    from job.runstate import RunState, training_config
+
+    cfg = config(tmp_path / "d")
+    cfg.run_id = "r1"
+    stored = RunState(phase="finetune", epoch=2, config=training_config(pipeline.redacted(cfg)),
+                      classes=["0", "1", "10", "2"], dataset="f-sorted")
+    ckpt = SimpleNamespace(fetch=lambda: stored)
+    kept = []
+    state = pipeline._resume_point(cfg, ckpt, "incomplete", ["0", "1", "2", "10"], "f-listed", "",
+                                   lambda order: (kept.append(order) or order, "f-sorted"))
+    assert kept == [["0", "1", "10", "2"]] and state.classes == ["0", "1", "10", "2"] and state.dataset == "f-sorted"
+    out = capsys.readouterr().out
+    assert "the run keeps the checkpoint's order" in out and "changed since" not in out
+    with pytest.raises(DataError, match="another order"):  # where nothing can keep it (folders, shards): refused
+        pipeline._resume_point(cfg, ckpt, "incomplete", ["0", "1", "2", "10"], "f-listed")
+    with pytest.raises(DataError, match="new: 3"):  # other classes are refused whatever the order
+        pipeline._resume_point(cfg, ckpt, "incomplete", ["0", "1", "2", "3"], "f", "", lambda order: (order, "f"))
+
+
 def test_a_resume_over_other_base_weights_at_the_same_path_is_refused(tmp_path):
     # The weights file replaced between attempts: the head trained on the old base's features went on over the new
     # base, and the run was exported as complete, matching neither an uninterrupted run on the one nor the other.
@@ -782,7 +805,8 @@ def test_validate_reads_the_bmps_headers_warns_of_palette_ones_and_refuses_as_tr
         return _validated(place, tmp_path, capsys, **data)
 
     assert "BMP" not in validated(0)  # grey BMPs are read right
-    (line,) = [x for x in validated(2, max_bad_fraction=0.2).splitlines() if "BMPs that training will skip" in x]
+    (line,) = [x for x in validated(2, max_bad_fraction=0.2).splitlines() if "BMPs or GIFs that training will skip"
+               in x]
     assert "colour palette" in line and "count=2" in line and "checked=4" in line  # 2 of 4 BMPs, 2 of 16 images
     # and left out of the table, as train leaves them out (it counted them, and the run then trained 2 fewer)
     kept = _validated.layout.keys()
@@ -790,6 +814,28 @@ def test_validate_reads_the_bmps_headers_warns_of_palette_ones_and_refuses_as_tr
     with pytest.raises(DataError, match=r"^3 of 17 images are bad \(17\.6% > data\.max_bad_fraction 1\.0%\), "
                                         r"e\.g\. .*/train/\w+/p0\.BMP: a BMP with a colour palette"):
         validated(3)
+
+
+def test_validate_reads_the_gifs_headers_too(tmp_path, capsys):
+    # A GIF whose frame is placed away from its canvas' corner is a bad image to train (headers.PARTIAL_GIF); validate
+    # read BMPs' headers only, said ok, and train refused the dataset after staging.
+    import io as _io
+
+    from PIL import Image
+
+    root = _with_bmps(tmp_path / "d", 0, 0)
+    folder = next((root / "train").iterdir())
+    out = _io.BytesIO()
+    Image.new("RGB", (4, 4), (220, 20, 20)).save(out, format="GIF")
+    data = bytearray(out.getvalue())
+    data[6:10] = (8).to_bytes(2, "little") * 2  # an 8x8 canvas
+    at = data.index(b"\x2c\x00\x00\x00\x00\x04\x00\x04\x00")
+    data[at + 1:at + 5] = (4).to_bytes(2, "little") * 2  # the frame at (4, 4)
+    (folder / "trimmed.gif").write_bytes(bytes(data))
+    (line,) = [x for x in _validated((str(root), ""), tmp_path, capsys, max_bad_fraction=0.2).splitlines()
+               if "BMPs or GIFs that training will skip" in x]
+    assert "placed away from its canvas' corner" in line and "count=1" in line
+    assert _validated.layout.count("train") == 12
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -1351,7 +1397,8 @@ def test_a_resume_whose_splits_differ_from_its_checkpoints_warns():
     def run(files: dict, kept: str) -> SimpleNamespace:
         state = RunState(phase="finetune", epoch=2, best=[0.3, 0.9], best_epoch=1, patience_used=1, splits=kept)
         return SimpleNamespace(data=SimpleNamespace(layout=Layout(["a", "b"], files)), state=state,
-                               cfg=SimpleNamespace(run_id="r1"), resumed_from={"phase": "finetune"})
+                               cfg=config("/d"), resumed_from={"phase": "finetune"},
+                               parts=SimpleNamespace(from_scratch=False))
 
     first = run({"train": {"a": ["1", "2"], "b": ["3", "4"]}, "validation": {"a": ["5"], "b": ["6"]}}, "")
     with structlog.testing.capture_logs() as logged:
@@ -1364,13 +1411,28 @@ def test_a_resume_whose_splits_differ_from_its_checkpoints_warns():
     with structlog.testing.capture_logs() as logged:
         pipeline._check_splits(same)
         pipeline._check_splits(moved)
-    assert [r["log_level"] for r in logged] == ["warning"] and "run r1's checkpoint" in logged[0]["event"]
+    assert [r["log_level"] for r in logged] == ["warning"] and "checkpoint was trained with" in logged[0]["event"]
     assert moved.state.splits != first.state.splits == same.state.splits
     # The best epoch was judged on the old validation images: kept, it won over every later epoch and was exported,
     # while the card described the new dataset. Early stopping starts over, and manifest and card say so.
     assert (moved.state.best, moved.state.best_epoch, moved.state.patience_used) == (None, 0, 0)
     assert moved.resumed_from == {"phase": "finetune", "splits_changed": True}
     assert (same.state.best, same.state.best_epoch, same.resumed_from) == ([0.3, 0.9], 1, {"phase": "finetune"})
+    # A phase with no epoch left keeps its best (it is restored at its end): the head early-stopped, then the pod
+    # died before the fine-tuning began.
+    done = run({"train": {"a": ["1", "5"], "b": ["3", "4"]}, "validation": {"a": ["2"], "b": ["6"]}},
+               first.state.splits)
+    done.state.phase, done.state.epoch = "head", done.cfg.train.head.epochs
+    with structlog.testing.capture_logs():
+        pipeline._check_splits(done)
+    assert (done.state.best_epoch, done.resumed_from["splits_changed"]) == (1, True)
+    # A shard member's key kept its extension's case from this version on: an earlier version's digest still fits.
+    shard = {"train": {"a": ["s.tar:x/1.JPG"], "b": ["s.tar:y/2.png"]}}
+    old = run(shard, pipeline._splits_digest(Layout(["a", "b"], {"train": {"a": ["s.tar:x/1.jpg"],
+                                                                          "b": ["s.tar:y/2.png"]}})))
+    with structlog.testing.capture_logs() as logged:
+        pipeline._check_splits(old)
+    assert not logged and old.state.best_epoch == 1
 
 
 def test_a_failing_run_reports_its_own_error_not_the_event_files_upload():
