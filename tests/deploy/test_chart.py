@@ -240,6 +240,16 @@ def test_schema_accepts_the_shipped_values(value_set: str) -> None:
         ({"config": {"run_id": ".hidden"}}, "/config/run_id"),
         ({"config": {"trian": {}}}, "additional properties 'trian'"),
         ({"config": {"metrics": {"port": -5}}}, "/config/metrics/port"),
+        # Each rendered a pod or resource the API server refuses, or put credentials in plain text (a probe's).
+        ({"resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"nvidia.com/gpu": "0.5"}}},
+         "/resources/limits/nvidia.com~1gpu"),
+        ({"resources": {"requests": {"cpu": "1", "memory": "1Gi", "gpu": 1}}}, "/resources/requests"),
+        ({"helmTest": {"resources": {"requests": {"cpu": "lots"}}}}, "/helmTest/resources/requests/cpu"),
+        ({"nameOverride": "FineTune"}, "/nameOverride"),
+        ({"kueue": {"priorityClass": "p" * 64}}, "/kueue/priorityClass"),
+        ({"s3": {"endpointUrl": "https://AKIA:s3cr3t@minio:9000"}}, "/s3/endpointUrl"),
+        ({"pushgateway": {"url": "http://user:pass@pg:9091"}}, "/pushgateway/url"),
+        ({"config": {"s3": {"endpoint_url": "https://AKIA:s3cr3t@minio:9000"}}}, "/config/s3/endpoint_url"),
         # As the job's config refuses them (it did; the schema did not).
         ({"config": {"data": {"cache_dir": ""}}}, "/config/data/cache_dir"),
         ({"config": {"metrics": {"pushgateway": "ftp://x"}}}, "/config/metrics/pushgateway"),
@@ -321,6 +331,14 @@ def test_schema_accepts_the_new_values() -> None:
         ({"workers": 2, "workload": {"kind": "JobSet"}, "config": {"distribution": {"strategy": "one_device"}}},
          "config.distribution.strategy one_device trains on one node, but workers is 2"),
         ({"config": {"distribution": {"strategy": "multi_worker"}}}, "multi_worker needs several workers"),
+        # Prometheus scraped nothing: the job served /metrics inside the pod only
+        ({"podMonitor": {"enabled": True}, "config": {"metrics": {"host": "127.0.0.1"}}},
+         "config.metrics.host 127.0.0.1 serves /metrics inside the pod only"),
+        # appended after the chart's own, each won silently: /metrics moved off the PodMonitor's port, another run ran
+        ({"extraEnv": [{"name": "FINETUNE_METRICS__PORT", "value": "9000"}]},
+         "extraEnv: FINETUNE_METRICS__PORT is set by the chart"),
+        ({"extraEnv": [{"name": "AWS_ACCESS_KEY_ID", "value": "x"}]},
+         "extraEnv: AWS_ACCESS_KEY_ID is set by the chart"),
         # rendered with ReadWriteOnce: pods on other nodes hung on a multi-attach error, waiting for each other
         ({"workers": 2, "cache": {"persistence": {"enabled": True}}},
          "cache.persistence: the claim is shared by the 2 workers' pods, which run on several nodes: its "
@@ -399,6 +417,12 @@ def test_job_policies() -> None:
         "action": "Ignore",
         "onExitCodes": {"containerName": "train", "operator": "In", "values": [143]},
     }
+    # Large numbers as integers: `{{ .Values.x }}` printed 1e+07, which the API server's schema refuses.
+    long = render({"activeDeadlineSeconds": 10_000_000, "ttlSecondsAfterFinished": 20_000_000,
+                   "terminationGracePeriodSeconds": 30_000_000})
+    assert [p for m in long if (p := helm_lint.validate(m, "1.29.0"))] == []
+    assert only(long, "Job")["spec"]["activeDeadlineSeconds"] == 10_000_000
+    assert train_pod(long)["spec"]["terminationGracePeriodSeconds"] == 30_000_000
     unlimited = only(render({"activeDeadlineSeconds": None, "ttlSecondsAfterFinished": None}), "Job")["spec"]
     assert "activeDeadlineSeconds" not in unlimited and "ttlSecondsAfterFinished" not in unlimited
 
@@ -420,6 +444,25 @@ def test_long_release_names_stay_within_dns_limits() -> None:
     assert len(f"{job}-11") <= 63  # Indexed Job pod hostnames; the job-name label of the pods
     assert len(only(manifests, "Service")["metadata"]["name"]) <= 63
     assert len(only(manifests, "Pod")["metadata"]["name"]) <= 63
+
+
+@pytest.mark.parametrize("kind", ["Job", "JobSet"])
+def test_long_release_names_alike_at_the_start_name_different_workloads(kind: str) -> None:
+    # Cut without more, `flowers-efficientnet-b0-lr-sweep-2024-06-01-trial-01` and `...-02` both made the Job
+    # `flowers-efficientnet-b0-lr-sweep-2024-06-01-tria-1` (and one TensorBoard name): the second install failed.
+    values = {"workload": {"kind": kind}, "workers": 2, "config": {"distribution": {"strategy": "multi_worker"}},
+              "tensorboard": {"enabled": True}}
+    names = []
+    for release in ("flowers-efficientnet-b0-lr-sweep-2024-06-01-trial-01",
+                    "flowers-efficientnet-b0-lr-sweep-2024-06-01-trial-02"):
+        manifests = render(values, name=release)
+        tensorboard = [m["metadata"]["name"] for m in manifests if m["kind"] == "Deployment"]
+        names.append((workload(manifests)["metadata"]["name"], *tensorboard))
+        assert [p for m in manifests if (p := helm_lint.validate(m, "1.29.0"))] == []
+    assert all(a != b for a, b in zip(*names)), names
+    assert all(len(n) <= 63 for n in names[0] + names[1])
+    short = render({"workload": {"kind": kind}})  # a name that fits is not touched
+    assert workload(short)["metadata"]["name"] == "finetune-finetune-job-1"
 
 
 def test_container_command_config_and_environment() -> None:
@@ -1263,3 +1306,10 @@ def test_extra_volumes_reach_the_training_pods_and_tensorboard() -> None:
         render({**values, "extraVolumeMounts": [{"name": "s3-ca", "mountPath": "/tmp"}]})
     with pytest.raises(helm_python.HelmValuesError, match="/extraVolumeMounts/0"):
         render({**values, "extraVolumeMounts": [{"name": "s3-ca"}]})
+    # The API server refuses two mounts at one path; one inside the read-only config volume fails the container.
+    twice = [{"name": "s3-ca", "mountPath": "/etc/ca"}, {"name": "s3-ca", "mountPath": "/etc/ca/"}]
+    with pytest.raises(helm_python.HelmRenderError, match="mounts at /etc/ca/, where the chart mounts a volume of its "
+                                                          "own or another of extraVolumeMounts"):
+        render({**values, "extraVolumeMounts": twice})
+    with pytest.raises(helm_python.HelmRenderError, match="inside the chart's read-only config volume"):
+        render({**values, "extraVolumeMounts": [{"name": "s3-ca", "mountPath": "/etc/finetune-job/ca"}]})

@@ -53,7 +53,20 @@ webhook checks that). */}}
 {{- define "finetune-job.jobName" -}}
 {{- $suffix := printf "-%d" (int .Release.Revision) }}
 {{- $keep := eq .Values.workload.kind "JobSet" | ternary (sub 43 (len $suffix)) 48 }}
-{{- printf "%s%s" (include "finetune-job.fullname" . | trunc (int $keep) | trimSuffix "-") $suffix }}
+{{- printf "%s%s" (include "finetune-job.cut" (list (include "finetune-job.fullname" .) (int $keep))) $suffix }}
+{{- end }}
+
+{{/* A name cut to at most N characters (list NAME N): where it is longer, its first characters and 6 of its
+SHA-256, so that two long release names that share their first N characters do not make one resource name (the
+second install failed on the first's Job, JobSet or TensorBoard). */}}
+{{- define "finetune-job.cut" -}}
+{{- $name := index . 0 }}
+{{- $most := index . 1 | int }}
+{{- if le (len $name) $most }}
+{{- $name }}
+{{- else }}
+{{- printf "%s-%s" ($name | trunc (sub $most 7 | int) | trimSuffix "-") ($name | sha256sum | trunc 6) }}
+{{- end }}
 {{- end }}
 
 {{/* The one replicated Job of the JobSet: all workers, as the indexes of one Indexed Job. */}}
@@ -177,6 +190,15 @@ TensorBoard: both take it here, first, as the job does */}}
       name: {{ . }}
       key: {{ $keys.secretAccessKey }}
 {{- end }}
+{{- $own := list "HOME" "KERAS_HOME" "AWS_ENDPOINT_URL_S3" "AWS_REGION" "AWS_DEFAULT_REGION" "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" "TF_CONFIG" "TF_CONFIG_CLUSTER" }}
+{{- range .Values.extraEnv }}
+{{- /* Appended after the chart's own, a duplicate won silently: FINETUNE_METRICS__PORT moved /metrics away from the
+containerPort and the PodMonitor, FINETUNE_RUN_ID ran another run than NOTES named, and the render's guards
+(strategy, ports) were bypassed */}}
+{{- if or (has .name $own) (hasPrefix "FINETUNE_" .name) }}
+{{- fail (printf "extraEnv: %s is set by the chart (from config:, s3:, pushgateway: or workers): set it there" .name) }}
+{{- end }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -212,9 +234,14 @@ volume the pod lacks, or a name the chart's own volumes use, rendered a pod the 
 {{- if not (has .name $names) }}
 {{- fail (printf "extraVolumeMounts: %q is none of extraVolumes; add it there" .name) }}
 {{- end }}
-{{- if has (trimSuffix "/" .mountPath) $taken }}
-{{- fail (printf "extraVolumeMounts: %q mounts at %s, where the chart mounts a volume of its own; choose another path" .name .mountPath) }}
+{{- $path := trimSuffix "/" .mountPath }}
+{{- if has $path $taken }}
+{{- fail (printf "extraVolumeMounts: %q mounts at %s, where the chart mounts a volume of its own or another of extraVolumeMounts; choose another path" .name .mountPath) }}
 {{- end }}
+{{- if hasPrefix (printf "%s/" (include "finetune-job.configDir" $)) $path }}
+{{- fail (printf "extraVolumeMounts: %q mounts at %s, inside the chart's read-only config volume; choose another path" .name .mountPath) }}
+{{- end }}
+{{- $taken = append $taken $path }}
 {{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
@@ -355,7 +382,7 @@ metadata:
   {{- end }}
 spec:
   restartPolicy: Never
-  terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+  terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds | int64 }}
   {{- include "finetune-job.podCommon" . | nindent 2 }}
   {{- if and (gt $workers 1) (ne .Values.workload.kind "JobSet") }}
   subdomain: {{ include "finetune-job.jobName" . }}
