@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from job import logs, metrics
 from job.distribute import Cluster
-from job.errors import StorageError
+from job.errors import ConfigError, StorageError
 from job.runstate import NewerState, RunState
 from job.storage import Store
 
@@ -106,8 +106,9 @@ class Checkpoints:
                     self.store.download(f"{REMOTE}/{rel}", self.restore_dir / rel)
             try:
                 state = _read_whole(str(self.restore_dir / name))
-            except NewerState as e:  # not damaged: an older checkpoint would roll the newer version's training back
-                raise StorageError(f"{storage_name(self.store, name)}: {e}") from None
+            except NewerState as e:  # not damaged: an older checkpoint would roll the newer version's training back.
+                # Exit 2, which the chart's pod failure policy fails at once: no retry of this image can read it
+                raise ConfigError(f"{storage_name(self.store, name)}: {e}") from None
             except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:  # damaged, cut or missing: exit 1
                 log.warning("checkpoint unreadable, trying the one before it",
                             checkpoint=storage_name(self.store, name), error=str(e).splitlines()[0][:300])

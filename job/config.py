@@ -289,6 +289,8 @@ class MetricsConfig(_Section):
         each push."""
         if "://" in v and not v.lower().startswith(("http://", "https://")):
             raise ValueError(f"expected http://host:port or host:port, not {v.split('://')[0]}://")
+        if "://" not in v and "@" in v.split("/")[0]:  # masked in config.yaml only with a scheme
+            raise ValueError("a user:password@ needs the scheme: http://user:password@host:port")
         return v
 
     @field_validator("host")

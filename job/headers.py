@@ -22,10 +22,13 @@ PALETTE_BMP = ("a BMP with a colour palette: TensorFlow's decoder reads its pale
 # It ignores a 32-bit BMP's colour masks too, reading every pixel as B, G, R: masks in another order swapped colours.
 MASKED_BMP = ("a BMP whose colour masks are not in blue-green-red order: TensorFlow's decoder ignores them and "
               "swaps its colours (convert it to PNG)")
-# TensorFlow decodes a GIF's first frame at the frame's size and clips it at its offset: one placed away from the
-# canvas' corner (ImageMagick's `-trim` without `+repage` writes them) came out cropped and black-filled, or all black.
-PARTIAL_GIF = ("a GIF whose first frame is placed away from its canvas' corner: TensorFlow's decoder crops it and "
-               "fills the rest with black, where viewers show the whole picture (convert it to PNG)")
+# TensorFlow decodes a GIF's first frame alone, at the frame's size, clipped at its offset: one that covers only part
+# of the canvas (ImageMagick's `-trim` or `-crop` without `+repage` writes them) came out cropped and black-filled,
+# all black, or the frame without the canvas around it, where viewers (and Pillow, the README's LiteRT recipe) show
+# the whole canvas.
+PARTIAL_GIF = ("a GIF whose first frame covers only part of its canvas: TensorFlow's decoder reads the frame alone "
+               "(cropped and black-filled when it is placed away from the corner), where viewers show the whole "
+               "canvas (convert it to PNG)")
 # An image file of no bytes (a failed copy, a placeholder): a bad image, known from its size before any read.
 EMPTY = "empty (0 bytes)"
 UNREADABLE = "cannot be read (a broken link, or no permission)"
@@ -50,9 +53,9 @@ def header(source) -> tuple[tuple[int, int] | None, str]:
         with Image.open(source) as image:
             if image.format not in READ_FORMATS:
                 return image.size, unread_reason(str(image.format))
-            if image.format == "GIF":  # (a frame at 0,0 smaller than its canvas is decoded whole, as the frame)
-                offset = tuple(image.tile[0][1][:2]) if image.tile else (0, 0)
-                return image.size, PARTIAL_GIF if offset != (0, 0) else ""
+            if image.format == "GIF":
+                extent = tuple(image.tile[0][1]) if image.tile else None
+                return image.size, PARTIAL_GIF if extent not in (None, (0, 0, *image.size)) else ""
             return image.size, _bmp_misread(image) if image.format == "BMP" else ""
     except (OSError, ValueError, SyntaxError):
         return None, ""

@@ -305,14 +305,8 @@ def case_clashes(classes: list[str]) -> list[tuple[str, ...]]:
 def folded(name: str) -> str:
     """What a name looks like: case, Unicode form and spacing folded, and invisible format characters (a zero-width
     space, a byte-order mark, a soft hyphen: `cat\u200b` printed as `cat`, a third class beside `cat`) left out."""
-    visible = "".join(ch for ch in unicodedata.normalize("NFKC", name)
-                      if unicodedata.category(ch) != "Cf" or ch in JOINERS)
+    visible = "".join(ch for ch in unicodedata.normalize("NFKC", name) if unicodedata.category(ch) != "Cf")
     return " ".join(visible.casefold().split())
-
-
-# Format characters that carry meaning: the zero-width joiner and non-joiner shape Persian and Indic words and join
-# emoji; a name with one is not a look-alike of the name without.
-JOINERS = "\u200c\u200d"
 
 
 def numbers_in_text_order(classes: list[str]) -> bool:
@@ -347,7 +341,7 @@ def shown(name: str) -> str:
     """A class name as messages and tables print it: escaped unless in canonical Unicode form with single spaces
     between words, so that look-alikes (`café` composed and decomposed, `cat` and `cat `) can be told apart."""
     plain = unicodedata.is_normalized("NFKC", name) and name == " ".join(name.split()) and not any(
-        unicodedata.category(ch) == "Cf" and ch not in JOINERS for ch in name)
+        unicodedata.category(ch) == "Cf" for ch in name)
     return name if plain else ascii(name)
 
 

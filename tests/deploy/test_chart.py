@@ -334,6 +334,11 @@ def test_schema_accepts_the_new_values() -> None:
         # Prometheus scraped nothing: the job served /metrics inside the pod only
         ({"podMonitor": {"enabled": True}, "config": {"metrics": {"host": "127.0.0.1"}}},
          "config.metrics.host 127.0.0.1 serves /metrics inside the pod only"),
+        ({"podMonitor": {"enabled": True}, "config": {"metrics": {"host": "LOCALHOST"}}},
+         "config.metrics.host localhost serves /metrics inside the pod only"),
+        ({"extraEnv": [{"name": "FINETUNE_DISTRIBUTION__STRATEGY", "value": "mirrored"}], "workers": 2,
+          "config": {"distribution": {"strategy": "multi_worker"}}},
+         "extraEnv: FINETUNE_DISTRIBUTION__STRATEGY is set by the chart, or read by its checks"),
         # appended after the chart's own, each won silently: /metrics moved off the PodMonitor's port, another run ran
         ({"extraEnv": [{"name": "FINETUNE_METRICS__PORT", "value": "9000"}]},
          "extraEnv: FINETUNE_METRICS__PORT is set by the chart"),
@@ -419,7 +424,8 @@ def test_job_policies() -> None:
     }
     # Large numbers as integers: `{{ .Values.x }}` printed 1e+07, which the API server's schema refuses.
     long = render({"activeDeadlineSeconds": 10_000_000, "ttlSecondsAfterFinished": 20_000_000,
-                   "terminationGracePeriodSeconds": 30_000_000})
+                   "terminationGracePeriodSeconds": 30_000_000, "backoffLimit": 10_000_000})
+    assert only(long, "Job")["spec"]["backoffLimit"] == 10_000_000
     assert [p for m in long if (p := helm_lint.validate(m, "1.29.0"))] == []
     assert only(long, "Job")["spec"]["activeDeadlineSeconds"] == 10_000_000
     assert train_pod(long)["spec"]["terminationGracePeriodSeconds"] == 30_000_000
@@ -463,6 +469,18 @@ def test_long_release_names_alike_at_the_start_name_different_workloads(kind: st
     assert all(len(n) <= 63 for n in names[0] + names[1])
     short = render({"workload": {"kind": kind}})  # a name that fits is not touched
     assert workload(short)["metadata"]["name"] == "finetune-finetune-job-1"
+
+
+def test_what_the_new_checks_leave_working() -> None:
+    # Dotted override names made Jobs, ConfigMaps and Secrets the API takes (a Service refuses them: the fullname
+    # helper says so where one renders); a config key from a ConfigMap through extraEnv, and a Pushgateway as
+    # host:port or an IPv6 address, as the job and prometheus_client take them.
+    from_map = {"name": "FINETUNE_DATA__URI", "valueFrom": {"configMapKeyRef": {"name": "ds", "key": "uri"}}}
+    manifests = render({"fullnameOverride": "flowers.v2", "extraEnv": [from_map],
+                        "pushgateway": {"url": "[fd00::1]:9091"}, "config": {"metrics": {"pushgateway": "pg:9091"},
+                                                                            "s3": {"endpoint_url": "HTTPS://m:9000"}}})
+    assert only(manifests, "Job")["metadata"]["name"] == "flowers.v2-1"
+    assert from_map in job_container(manifests)["env"]
 
 
 def test_container_command_config_and_environment() -> None:

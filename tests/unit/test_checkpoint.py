@@ -375,10 +375,11 @@ def test_a_checkpoint_without_the_weights_is_refused_not_resumed_from_fresh_weig
         again.restore(weights=tiny_model(0))
 
 
-def test_a_checkpoint_of_a_newer_version_is_exit_4_not_a_fallback_to_an_older_one(tmp_path):
+def test_a_checkpoint_of_a_newer_version_is_exit_2_not_a_fallback_to_an_older_one(tmp_path):
     # The newer state was "unreadable, trying the one before it": with ckpt-1 of this version kept, the run rolled
     # back to it with a warning; with none, the advice was to delete the folder, the newer version's training too.
-    from job.errors import StorageError
+    # Exit 2: the chart's pod failure policy fails the Job at once (no retry of this image can read it).
+    from job.errors import ConfigError
 
     ckpt = checkpoints(tmp_path)
     model = tiny_model(0)
@@ -389,7 +390,7 @@ def test_a_checkpoint_of_a_newer_version_is_exit_4_not_a_fallback_to_an_older_on
     manager = tf.train.CheckpointManager(ckpt._checkpoint(weights=model), str(ckpt.dir), max_to_keep=3)
     manager.save(checkpoint_number=2)
     ckpt._mirror("ckpt-2")
-    with pytest.raises(StorageError, match=r"ckpt-2: its run state has fields this version of the job does not know: "
+    with pytest.raises(ConfigError, match=r"ckpt-2: its run state has fields this version of the job does not know: "
                                            r"next_version_field: written by a newer version"):
         checkpoints(tmp_path).fetch()
 

@@ -437,3 +437,8 @@ def test_what_the_chart_refuses_the_config_refuses(cfg_file, sets, complaint):
 def test_a_pushgateway_without_a_scheme_is_taken_as_prometheus_client_takes_it(cfg_file):
     assert config.load(cfg_file, ["metrics.pushgateway=pg.monitoring:9091"], environ={}).metrics.pushgateway == \
         "pg.monitoring:9091"
+    # A password is masked in config.yaml only in a URL with its scheme: without one, it would be kept as written.
+    with pytest.raises(ConfigError, match="a user:password@ needs the scheme"):
+        config.load(cfg_file, ["metrics.pushgateway=user:s3cret@pg:9091"], environ={})
+    kept = config.load(cfg_file, ["metrics.pushgateway=http://user:s3cret@pg:9091"], environ={})
+    assert "s3cret" not in config.redacted(kept)["metrics"]["pushgateway"]

@@ -123,9 +123,9 @@ def test_case_clashes_are_groups_of_two_or_more():
     assert layout.case_clashes(["cat", "cat\u200b", "\ufeffcat", "dog", "ice\u00adcream", "icecream"]) == [
         ("cat", "cat\u200b", "\ufeffcat"), ("ice\u00adcream", "icecream")]
     assert [layout.shown(n) for n in ("cat\u200b", "\ufeffcat", "cat")] == ["'cat\\u200b'", "'\\ufeffcat'", "cat"]
-    # The joiners carry meaning (Persian and Indic words, emoji sequences): no look-alikes, shown as written.
-    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
-    assert layout.case_clashes([persian, persian.replace("\u200c", "")]) == [] and layout.shown(persian) == persian
+    # A joiner too (`cat\u200d` printed as `cat`), though it shapes Persian and Indic words: a warning of two classes
+    # that do differ costs less than two that print alike unsaid.
+    assert layout.case_clashes(["cat", "cat\u200d"]) == [("cat", "cat\u200d")]
 
 
 def test_numbers_in_text_order():

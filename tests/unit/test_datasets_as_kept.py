@@ -444,3 +444,29 @@ def test_a_manifests_rows_of_macos_metadata_files_are_left_out_and_said(tmp_path
     (root / "m.csv").write_text("path,label\n__MACOSX/photos/cat/._0.jpg,cat\n")
     with pytest.raises(DataError, match="every row names a metadata file"):
         sources.open_source(cfg)
+
+
+def test_keeping_a_checkpoints_order_gives_the_listing_an_earlier_version_fingerprinted(tmp_path):
+    # A run begun before classes.txt beside a single-label manifest was read kept its classes sorted, and its
+    # checkpoint the fingerprint of that listing: kept in that order, the listing is that dataset again.
+    from job import pipeline
+
+    root = tmp_path / "d"
+    (root / "img").mkdir(parents=True)
+    labels = ["0", "1", "2", "10"]
+    for label in labels:
+        (root / "img" / f"{label}.png").write_bytes(b"\x89PNG")
+    (root / "m.csv").write_text("path,label\n" + "".join(f"img/{c}.png,{c}\n" for c in labels))
+    cfg = Config.model_validate({"data": {"uri": str(root), "manifest": str(root / "m.csv")},
+                                 "output": {"uri": str(tmp_path / "o")}, "model": {"weights": "none"}})
+    earlier = sources.open_source(cfg)  # no classes.txt: sorted, as every earlier version listed it
+    (root / "classes.txt").write_text("\n".join(labels) + "\n")
+    now = sources.open_source(cfg)
+    assert now.layout.classes == labels and now.fingerprint() != earlier.fingerprint()
+    order, fingerprint = pipeline._keep_order(now)(list(earlier.layout.classes))
+    assert now.layout.classes == order == ["0", "1", "10", "2"] and fingerprint == earlier.fingerprint()
+    write_sample_dataset(tmp_path / "f", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    folders = sources.open_source(Config.model_validate({"data": {"uri": str(tmp_path / "f")},
+                                                         "output": {"uri": str(tmp_path / "o")},
+                                                         "model": {"weights": "none"}}))
+    assert pipeline._keep_order(folders) is None  # sorted folders: no order to keep but their own

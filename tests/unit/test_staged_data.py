@@ -817,7 +817,7 @@ def test_validate_reads_the_bmps_headers_warns_of_palette_ones_and_refuses_as_tr
 
 
 def test_validate_reads_the_gifs_headers_too(tmp_path, capsys):
-    # A GIF whose frame is placed away from its canvas' corner is a bad image to train (headers.PARTIAL_GIF); validate
+    # A GIF whose frame is covering only part of its canvas is a bad image to train (headers.PARTIAL_GIF); validate
     # read BMPs' headers only, said ok, and train refused the dataset after staging.
     import io as _io
 
@@ -834,7 +834,7 @@ def test_validate_reads_the_gifs_headers_too(tmp_path, capsys):
     (folder / "trimmed.gif").write_bytes(bytes(data))
     (line,) = [x for x in _validated((str(root), ""), tmp_path, capsys, max_bad_fraction=0.2).splitlines()
                if "BMPs or GIFs that training will skip" in x]
-    assert "placed away from its canvas' corner" in line and "count=1" in line
+    assert "covers only part of its canvas" in line and "count=1" in line
     assert _validated.layout.count("train") == 12
 
 

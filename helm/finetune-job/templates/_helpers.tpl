@@ -190,13 +190,13 @@ TensorBoard: both take it here, first, as the job does */}}
       name: {{ . }}
       key: {{ $keys.secretAccessKey }}
 {{- end }}
-{{- $own := list "HOME" "KERAS_HOME" "AWS_ENDPOINT_URL_S3" "AWS_REGION" "AWS_DEFAULT_REGION" "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" "TF_CONFIG" "TF_CONFIG_CLUSTER" }}
+{{- $own := list "HOME" "KERAS_HOME" "AWS_ENDPOINT_URL_S3" "AWS_REGION" "AWS_DEFAULT_REGION" "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" "TF_CONFIG" "TF_CONFIG_CLUSTER" "FINETUNE_RUN_ID" "FINETUNE_DATA__CACHE_DIR" "FINETUNE_METRICS__PUSHGATEWAY" "FINETUNE_METRICS__PORT" "FINETUNE_METRICS__HOST" "FINETUNE_DISTRIBUTION__STRATEGY" "FINETUNE_DISTRIBUTION" "FINETUNE_METRICS" }}
 {{- range .Values.extraEnv }}
 {{- /* Appended after the chart's own, a duplicate won silently: FINETUNE_METRICS__PORT moved /metrics away from the
 containerPort and the PodMonitor, FINETUNE_RUN_ID ran another run than NOTES named, and the render's guards
 (strategy, ports) were bypassed */}}
-{{- if or (has .name $own) (hasPrefix "FINETUNE_" .name) }}
-{{- fail (printf "extraEnv: %s is set by the chart (from config:, s3:, pushgateway: or workers): set it there" .name) }}
+{{- if has .name $own }}
+{{- fail (printf "extraEnv: %s is set by the chart, or read by its checks (from config:, s3:, pushgateway: or workers): set it there" .name) }}
 {{- end }}
 {{- end }}
 {{- with .Values.extraEnv }}
