@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -61,13 +62,14 @@ _PEER_ERRORS = {"UnavailableError", "CancelledError", "AbortedError", "DeadlineE
 
 def _fail(exc: BaseException) -> None:
     """Log the error and exit with its code: one line for expected errors, a traceback otherwise."""
-    import os
-
     from job import logs
     from job.distribute import tf_config_workers
     from job.errors import JobError, StorageError, WorkerLost, carried, exit_code_for
 
     exc = carried(exc)
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C in pack or predict: a traceback and exit 1 ("unexpected")
+        typer.echo("finetune-job: interrupted", err=True)
+        raise typer.Exit(130)
     several = tf_config_workers()[1] > 1
     if several and type(exc).__name__ in _PEER_ERRORS and type(exc).__module__.startswith("tensorflow"):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -234,6 +236,9 @@ def predict(
                         typer.echo(json_text(r))
                     continue
                 typer.echo(json_text(r) if as_json else _name(r["image"]) + ": " + _shown(r))
+    except BrokenPipeError:  # `predict ... | head -1`: the reader has what it wanted (it was a traceback, exit 1)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit would fail too)
+        raise typer.Exit(0) from None
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     if undecodable:
@@ -291,7 +296,7 @@ def pack(
 @app.command()
 def tensorboard(
     source: Annotated[str, typer.Option("--from", help="Where the runs are: output.uri (s3://... or a folder).")],
-    port: Annotated[int, typer.Option("--port", help="TensorBoard's port.")] = 6006,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TensorBoard's port.")] = 6006,
     host: Annotated[str, typer.Option("--host", help="Address to bind; 127.0.0.1 keeps it local.")] = "0.0.0.0",
     folder: Annotated[Path, typer.Option("--folder", help="Local mirror of the event files (emptied at start; "
                                          "a folder of other files is refused).")]

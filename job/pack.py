@@ -82,7 +82,12 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
 
     source_uri = home_path(source_uri)  # as data.uri and data.manifest take it (`--from=~/...`: no shell expands it)
     manifest = source_uri if source_uri.lower().endswith((".csv", *JSON_LINES)) else ""
-    data_uri = source_uri.rsplit("/", 1)[0] if manifest else source_uri
+    # a manifest's folder: `--from labels.csv` read its paths under a "folder" named labels.csv (exit 3)
+    data_uri = (source_uri.rsplit("/", 1)[0] if "/" in source_uri else ".") if manifest else source_uri
+    if manifest and within(dest_uri, data_uri) and within(data_uri, dest_uri):
+        raise ConfigError(f"--to {dest_uri}: the manifest's own folder, where the pack's classes.txt would become the "
+                          f"manifest's class list (a label added later was refused); pack into another prefix, e.g. "
+                          f"{data_uri.rstrip('/')}/shards")
     cfg = _config(data_uri, manifest, dest_uri, endpoint)
     source = sources.open_source(cfg)
     if source.kind == "shards":

@@ -61,6 +61,12 @@ def fetched_run(model_uri: str, endpoint: str = "", fmt: str = "saved_model") ->
         # corrupted one loaded it, a traceback (exit 1). Hidden files (.DS_Store of a copy) are not the model's.
         inside = [p for p in ([folder / target] if (folder / target).is_file() else (folder / target).rglob("*"))
                   if p.is_file()]
+        # and the side files predict reads: labels.txt always (a manifest edited to drop it had a reordered one
+        # read unchecked), thresholds.json where it is (a stray one made a single-label run multi-label: KeyError)
+        if "labels.txt" not in manifest["files"]:
+            raise StorageError(f"{model_uri}/{MANIFEST}: does not list labels.txt, so the labels cannot be checked; "
+                               "export the run again")
+        inside += [folder / THRESHOLDS] * (folder / THRESHOLDS).is_file()
         unlisted = sorted(r for r in (p.relative_to(folder).as_posix() for p in inside) if r not in manifest["files"]
                           and not any(part.startswith(".") for part in r.split("/")))
         if unlisted:

@@ -365,6 +365,18 @@ class SplitKeys:
 # ---------------------------------------------------------------- writing (finetune-job pack)
 
 
+def _in_tar(size: int) -> int:
+    """The bytes a member of `size` bytes takes in a tar: its header block and its data padded to whole blocks (the
+    members' names are short: no extended header)."""
+    return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _closed(members: int) -> int:
+    """A tar's size once closed: its members, the two end-of-archive blocks, padded to whole records (tarfile's
+    10,240 bytes). `--shard-size 1MB` made shards of 1,126,400 bytes when this was left out."""
+    return -(-(members + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class ShardWriter:
     """Writes samples into `<folder>/<split>/shard-NNNNNN.tar` files of at most `max_bytes` each (one
     sample may exceed it alone); `on_shard(path)` runs for each shard once it is complete."""
@@ -377,13 +389,13 @@ class ShardWriter:
     def add(self, key: str, ext: str, image: bytes, label: int | list[str]) -> str:
         """One sample: its label an index (`<key>.cls`) or, multi-label, a list of names (`<key>.json`); returns
         where its image went, as training names it (`train/shard-000000.tar:00000036.jpg`)."""
-        size = len(image) + 3 * 512
-        if self.tar is None or (self.size and self.size + size > self.max_bytes):
-            self._next()
         if isinstance(label, int):
             member = (f"{key}.cls", str(label).encode())
         else:
             member = (f"{key}.json", json.dumps({"labels": label}).encode())
+        size = _in_tar(len(image)) + _in_tar(len(member[1]))
+        if self.tar is None or (self.size and _closed(self.size + size) > self.max_bytes):
+            self._next()
         for name, data in ((f"{key}{ext}", image), member):
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, 0

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from job import logs, storage
 from job.errors import ConfigError, StorageError
+from job.uris import within
 
 log = logs.get()
 FOLDER = "tensorboard"
@@ -236,6 +237,10 @@ def serve(source: str, folder: Path, port: int, host: str, refresh_seconds: floa
     from tensorboard import program
 
     store = storage.open_store(source, endpoint)
+    if not storage.is_s3(source) and within(str(folder), source):  # it mirrored its own mirror at each refresh
+        raise ConfigError(f"tensorboard --folder {folder}: inside --from {source}, whose event files it would "
+                          "mirror again at every refresh (a/, then src/a/, src/src/a/, ...); choose a folder outside "
+                          "it")
     known: dict[str, str] = {}
     own = source.rstrip("/").rpartition("/")[2] or "run"
     mirror_folder(folder)

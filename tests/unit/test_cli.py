@@ -349,3 +349,47 @@ def test_log_lines_on_a_file_or_a_pipe_carry_no_colour_codes(tmp_path):
     finally:  # as it was: set up again, structlog would print to this test's captured stdout in later tests
         structlog.configure(**was)
     assert "a record" in stream.getvalue() and "\x1b[" not in stream.getvalue()
+
+
+def test_predict_checks_the_side_files_it_reads_against_the_manifest(tmp_path):
+    # A stray thresholds.json in a single-label run made predict read it as multi-label (KeyError 'scores', exit 1);
+    # a manifest edited to drop labels.txt had a reordered labels.txt read unchecked (a circle printed "triangle").
+    import hashlib
+
+    import pytest
+
+    from job.errors import StorageError
+    from job.predict import fetched_run
+
+    run = tmp_path / "r1"
+    (run / "saved_model").mkdir(parents=True)
+    (run / "saved_model" / "saved_model.pb").write_bytes(b"pb")
+    (run / "labels.txt").write_text("a\nb\n")
+    (run / "_SUCCESS").write_text("")
+
+    def listed(*rels: str) -> None:
+        files = {r: {"sha256": hashlib.sha256((run / r).read_bytes()).hexdigest()} for r in rels}
+        (run / "manifest.json").write_text(json.dumps({"files": files, "formats": {"saved_model": {}}}))
+
+    listed("saved_model/saved_model.pb", "labels.txt")
+    with fetched_run(str(run)) as folder:
+        assert folder == run
+    (run / "thresholds.json").write_text("{}")
+    with pytest.raises(StorageError, match="thresholds.json: not in the manifest"), fetched_run(str(run)):
+        pass
+    (run / "thresholds.json").unlink()
+    listed("saved_model/saved_model.pb")
+    with pytest.raises(StorageError, match="does not list labels.txt"), fetched_run(str(run)):
+        pass
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(capsys):
+    # pack and predict install no handler: Ctrl-C was "unexpected error: KeyboardInterrupt", a traceback, exit 1.
+    import pytest
+    import typer
+
+    from job.cli import _fail
+
+    with pytest.raises(typer.Exit) as e:
+        _fail(KeyboardInterrupt())
+    assert e.value.exit_code == 130 and capsys.readouterr().err == "finetune-job: interrupted\n"

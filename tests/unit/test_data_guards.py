@@ -10,6 +10,7 @@ import os
 import re
 import tarfile
 
+import numpy as np
 import pytest
 from conftest import tar_bytes
 from hypothesis import given
@@ -565,28 +566,41 @@ def _members(path):
 
 
 def test_shard_writer_fills_shards_up_to_max_bytes(tmp_path):
-    # A sample counts its image and 3 tar blocks (two headers and the label's data block).
-    one = 100 + 3 * 512
-    writer, done = _writer(tmp_path, 2 * one)
-    for n in range(5):
-        writer.add(f"c/{n}", ".png", b"x" * 100, n % 2)
+    # A shard on disk is at most max_bytes (a sample may exceed it alone) and holds as many samples as fit.
+    # `--shard-size 1MB` made shards of 1,126,400 bytes: the estimate left out the members' padding to whole blocks,
+    # the two end blocks and tarfile's padding of the archive to whole 10,240-byte records.
+    writer, done = _writer(tmp_path, 20_480)  # a 4,000-byte image and its label: 5,632 bytes in a tar; 3 fit
+    for n in range(7):
+        writer.add(f"c/{n}", ".png", b"x" * 4000, n % 2)
     writer.close()
     writer.close()  # once more: nothing is reported twice
     out = tmp_path / "out"
-    assert done == [out / "train/shard-000000.tar", out / "train/shard-000001.tar", out / "train/shard-000002.tar"]
-    assert writer.counts == {"train/shard-000000.tar": 2, "train/shard-000001.tar": 2, "train/shard-000002.tar": 1}
-    assert _members(done[0]) == [("c/0.png", 100, 0o644, 0, tarfile.REGTYPE, b"x" * 100),
-                                 ("c/0.cls", 1, 0o644, 0, tarfile.REGTYPE, b"0"),
-                                 ("c/1.png", 100, 0o644, 0, tarfile.REGTYPE, b"x" * 100),
-                                 ("c/1.cls", 1, 0o644, 0, tarfile.REGTYPE, b"1")]
+    assert done == [out / f"train/shard-00000{n}.tar" for n in range(3)]
+    assert writer.counts == {"train/shard-000000.tar": 3, "train/shard-000001.tar": 3, "train/shard-000002.tar": 1}
+    assert [p.stat().st_size for p in done] == [20_480, 20_480, 10_240]
+    assert _members(done[0])[:2] == [("c/0.png", 4000, 0o644, 0, tarfile.REGTYPE, b"x" * 4000),
+                                     ("c/0.cls", 1, 0o644, 0, tarfile.REGTYPE, b"0")]
     with open(done[2], "rb") as f:
-        assert [(s.key, s.ext, s.label) for s in shards.samples(f, "s", ["a", "b"])] == [("c/4", ".png", 0)]
-
-    writer, done = _writer(tmp_path / "less", 2 * one - 1)
-    for n in range(3):
-        writer.add(f"c/{n}", ".png", b"x" * 100, 0)
+        assert [(s.key, s.ext, s.label) for s in shards.samples(f, "s", ["a", "b"])] == [("c/6", ".png", 0)]
+    # Samples of many sizes against a 1 MB limit: every shard within it, none that the next sample would have fit.
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 3000, 1500).tolist()  # small images: their blocks' padding is a good share of them
+    writer, done = _writer(tmp_path / "many", 1_000_000)
+    for n, size in enumerate(sizes):
+        writer.add(f"c/{n}", ".jpg", b"j" * size, 0)
     writer.close()
-    assert writer.counts == {f"train/shard-00000{n}.tar": 1 for n in range(3)}
+    assert all(p.stat().st_size <= 1_000_000 for p in done)
+    firsts = np.cumsum([0, *(writer.counts[p.relative_to(tmp_path / "many" / "out").as_posix()] for p in done)])
+    for i, path in enumerate(done[:-1]):  # the next shard's first sample would not have fitted in this one
+        grown = tmp_path / "grown.tar"
+        with tarfile.open(path) as tar, tarfile.open(grown, "w") as out_tar:
+            for member in tar.getmembers():
+                out_tar.addfile(member, tar.extractfile(member))
+            for name, data in ((f"c/{firsts[i + 1]}.jpg", b"j" * sizes[firsts[i + 1]]), ("x.cls", b"0")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                out_tar.addfile(info, io.BytesIO(data))
+        assert grown.stat().st_size > 1_000_000
 
 
 def test_shard_writer_puts_an_oversized_sample_alone(tmp_path):

@@ -385,6 +385,22 @@ def test_pack_into_the_dataset_it_reads_is_refused_before_writing(tmp_path):
     (tmp_path / "data" / "m.csv").write_text("path,label\n" + "\n".join(listed) + "\n")
     result = pack(str(tmp_path / "data" / "m.csv"), str(tmp_path / "data" / "shards"), shard_size=20_000)
     assert sum(result["images"].values()) == len(listed)
+    # Not into the manifest's own folder: its classes.txt became the manifest's class list (a label added later was
+    # refused by every pack and run after).
+    for dest in (tmp_path / "data", tmp_path / "data" / "."):
+        with pytest.raises(ConfigError, match="the manifest's own folder"):
+            pack(str(tmp_path / "data" / "m.csv"), str(dest), shard_size=20_000)
+    assert not (tmp_path / "data" / "classes.txt").exists()
+
+
+def test_pack_from_a_manifest_named_without_its_folder_reads_beside_it(tmp_path, monkeypatch):
+    # `pack --from labels.csv` in the manifest's folder read its paths under a "folder" labels.csv: exit 3.
+    write_sample_dataset(tmp_path / "data", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    listed = [f"{p.relative_to(tmp_path / 'data')},{p.parent.name}" for p in sorted((tmp_path / "data").rglob("*.png"))]
+    (tmp_path / "data" / "labels.csv").write_text("path,label\n" + "\n".join(listed) + "\n")
+    monkeypatch.chdir(tmp_path / "data")
+    result = pack("labels.csv", str(tmp_path / "shards"), shard_size=20_000)
+    assert sum(result["images"].values()) == 4
 
 
 def test_a_single_label_manifests_classes_txt_sets_the_order_and_numbers_in_text_order_are_warned(tmp_path):

@@ -196,3 +196,27 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path):
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"^tensorboard --host 127.0.0.1 --port {port}: .*"):
             tensorboard.serve(str(tmp_path / "runs"), tmp_path / "mirror", port, "127.0.0.1", 30, stop=lambda: True)
+
+
+def test_a_mirror_inside_the_runs_it_mirrors_is_refused(tmp_path):
+    # `--from runs --folder runs/tb` copied its own copies again at every refresh: a/, runs/a/, runs/runs/a/, ...
+    import pytest
+
+    from job.errors import ConfigError
+
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ConfigError, match="inside --from .*runs, whose event files it would mirror again"):
+        tensorboard.serve(str(tmp_path / "runs"), tmp_path / "runs" / "tb", 0, "127.0.0.1", 30, stop=lambda: True)
+    assert not (tmp_path / "runs" / "tb").exists()
+
+
+def test_a_port_out_of_range_is_usage():
+    # --port -1 was OverflowError, exit 1, a traceback (the README promised exit 2).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "finetune-job"
+    out = subprocess.run([str(cli), "tensorboard", "--from", "/nonexistent", "--port", "-1"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "--port" in out.stderr
