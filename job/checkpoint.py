@@ -65,6 +65,7 @@ class Checkpoints:
         self.restore_dir = work / "checkpoints-restore"
         self.number = 0  # the last checkpoint's number; continues after a resume, never reused
         self.latest: str | None = None  # path prefix of the checkpoint to restore: fetched or saved last
+        self._prune_refused = False  # storage refused to delete old checkpoints (said once)
         with tf.device("/cpu:0"):
             self.state_var = tf.Variable("{}", dtype=tf.string, trainable=False)
 
@@ -163,7 +164,12 @@ class Checkpoints:
         kept = set(sorted(set(remote.values()))[-self.keep:])
         stale = [f"{REMOTE}/{rel}" for rel, n in remote.items() if n not in kept]
         if stale:
-            self.store.delete(stale)
+            try:
+                self.store.delete(stale)
+            except StorageError as e:  # storage that refuses deletes (no s3:DeleteObject): they stay, said once
+                if not self._prune_refused:
+                    log.warning("old checkpoints not deleted; they stay in storage", reason=str(e), keep=self.keep)
+                self._prune_refused = True
 
 
 def storage_name(store: Store, name: str) -> str:

@@ -68,6 +68,14 @@ def http_url(v: str) -> str:
     return v
 
 
+def local_path(v: str) -> str:
+    """A path on this machine's disk (data.cache_dir, metrics.file): `s3://out/cache` or `gs://b/c` made folders
+    named `s3:` and `gs:` in the working directory, exit 0."""
+    if "://" in v:
+        raise ValueError(f"a local path (this machine's disk), not {v.split('://')[0]}://")
+    return v
+
+
 def home_path(v: str) -> str:
     """A local path written `~/...`, expanded as data.uri, output.uri and model.weights expand it (`pack --from`
     too): left as it was, it made a folder named `~` in the working directory (the image cache, Katib's file) or
@@ -87,6 +95,7 @@ class DataConfig(_Section):
     staging: Literal["auto", "copy", "stream"] = "auto"  # stream: shards read from storage every epoch
 
     _expand_home = field_validator("cache_dir", "manifest")(home_path)
+    _a_local_path = field_validator("cache_dir")(local_path)
     _s3_form = field_validator("uri", "manifest")(s3_form)
 
     @field_validator("image_size", mode="before")
@@ -281,6 +290,7 @@ class MetricsConfig(_Section):
     file: str = ""
 
     _expand_home = field_validator("file")(home_path)
+    _a_local_path = field_validator("file")(local_path)
 
     @field_validator("pushgateway")
     @classmethod

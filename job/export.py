@@ -136,12 +136,16 @@ def _deaths(store: Store) -> dict[str, int]:
 
 
 def _write_deaths(store: Store, died: dict[str, int], scratch: Path) -> None:
+    """The marker as `died` says: deleted when it counts nothing (written `{}` where storage refuses deletes: left
+    as it was, it counted deaths that did not happen)."""
     try:
-        if died:
-            (scratch / "converting").write_text(json.dumps(died), encoding="utf-8")
-            store.upload(scratch / "converting", CONVERTING)
-        else:
-            store.delete([CONVERTING])
+        if not died:
+            try:
+                return store.delete([CONVERTING])
+            except StorageError:
+                pass
+        (scratch / "converting").write_text(json.dumps(died), encoding="utf-8")
+        store.upload(scratch / "converting", CONVERTING)
     except StorageError as e:
         log.warning("conversion marker not written", marker=f"{store.uri}/{CONVERTING}", reason=str(e))
 

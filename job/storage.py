@@ -357,10 +357,19 @@ class S3Store:
         return data
 
     def delete(self, rels: list[str]) -> None:
+        """StorageError where a key is not deleted: DeleteObjects answers 200 and lists each refused key under
+        `Errors` (a policy without s3:DeleteObject). Thrown away, the lease stayed for each next attempt to wait
+        out, `output.overwrite` deleted nothing and said it had, and `checkpoint.keep: 1` kept four."""
         with storage_errors(f"deleting below {self.uri}"):
             for i in range(0, len(rels), 1000):
                 batch = [{"Key": self._key(k)} for k in rels[i : i + 1000]]
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                reply = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                refused = reply.get("Errors") or []
+                if refused:
+                    code = str(refused[0].get("Code", ""))
+                    why = f"access denied ({code})" if code in _DENIED else f"{code}: {refused[0].get('Message', '')}"
+                    raise StorageError(f"deleting s3://{self.bucket}/{refused[0].get('Key', '')}: {why} "
+                                       f"({len(refused)} of {len(batch)} keys not deleted)")
 
     def delete_all(self) -> None:
         self.delete([e.rel for e in self.list()])

@@ -62,7 +62,10 @@ class Board:
     def start(self, history: dict[str, list[dict]]) -> None:
         """A fresh set of event files holding `history` (a resumed run's epochs so far; empty for a new run)."""
         shutil.rmtree(self.local, ignore_errors=True)
-        self.out.delete([e.rel for e in self.out.list(FOLDER + "/")])
+        try:
+            self.out.delete([e.rel for e in self.out.list(FOLDER + "/")])
+        except StorageError as e:  # storage that refuses deletes: the earlier attempt's files stay beside the new ones
+            log.warning("earlier event files not deleted; TensorBoard may show their curves twice", reason=str(e))
         self.writer = self.tf.summary.create_file_writer(str(self.local))
         for phase, records in history.items():
             for record in records:

@@ -476,3 +476,23 @@ def test_checkpoint_file_names():
     for name in ("checkpoint", ".ckpt-7.index.1-2.part", "x-1.txt", "ckpt-1.index.part", "xckpt-1.index",
                  "ckpt-.index", "ckpt-1.data", "ckpt-1.data-0-of-", "ckpt-1.meta", "ckpt-1.index\nx"):
         assert number(name) is None, name
+
+
+def test_storage_that_refuses_deletes_keeps_old_checkpoints_with_one_warning(tmp_path, monkeypatch):
+    # Refused deletes were thrown away without a word (checkpoint.keep: 1 kept four); now that storage says so, the
+    # pruning must not end the training: the old ones stay, said once.
+    from job.errors import StorageError
+
+    ckpt = checkpoints(tmp_path, keep=1)
+
+    def refused(rels):
+        raise StorageError("deleting: access denied (AccessDenied)")
+
+    monkeypatch.setattr(ckpt.store, "delete", refused)
+    model = tiny_model(0)
+    with capture_logs() as logs:
+        for step in (1, 2, 3):
+            ckpt.save(state_of(step=step), weights=model)
+    assert [r["event"] for r in logs if "not deleted" in r["event"]] == ["old checkpoints not deleted; they stay in "
+                                                                         "storage"]
+    assert remote_numbers(tmp_path) == {1, 2, 3} and checkpoints(tmp_path).fetch() == state_of(step=3)

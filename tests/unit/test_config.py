@@ -442,3 +442,11 @@ def test_a_pushgateway_without_a_scheme_is_taken_as_prometheus_client_takes_it(c
         config.load(cfg_file, ["metrics.pushgateway=user:s3cret@pg:9091"], environ={})
     kept = config.load(cfg_file, ["metrics.pushgateway=http://user:s3cret@pg:9091"], environ={})
     assert "s3cret" not in config.redacted(kept)["metrics"]["pushgateway"]
+
+
+@pytest.mark.parametrize("key", ["data.cache_dir", "metrics.file"])
+@pytest.mark.parametrize("value", ["s3://out/cache", "gs://b/c", "file:///tmp/x"])
+def test_local_paths_are_no_uris(cfg_file, key, value):
+    # They made folders named `s3:` or `gs:` in the working directory (exit 0); file:///tmp/x was never written.
+    with pytest.raises(ConfigError, match=f"config: {key}: a local path .this machine's disk., not"):
+        config.load(cfg_file, [f"{key}={value}"], environ={})

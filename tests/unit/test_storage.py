@@ -342,3 +342,25 @@ def test_a_stop_during_staging_keeps_every_file_it_fetched(s3, tmp_path, monkeyp
     on_disk = [p for p in root.rglob("*.png")]
     again = storage.stage(store, store.list(), tmp_path)[1]
     assert len(on_disk) >= 1 and again["reused"] == len(on_disk) and again["downloaded"] == 40 - len(on_disk)
+
+
+def test_keys_that_storage_refuses_to_delete_are_a_storage_error(s3, monkeypatch):
+    # DeleteObjects answers 200 and lists each refused key under `Errors` (a policy without s3:DeleteObject): thrown
+    # away, the lease stayed for each next attempt to wait out, `output.overwrite` deleted nothing and said it had,
+    # and the conversion marker counted deaths that did not happen. The reply is AWS's documented shape; the test
+    # server enforces no policy, so its client's answer is replaced for this one call.
+    bucket = s3.bucket()
+    store = storage.S3Store(f"s3://{bucket}/runs/r1", s3.endpoint)
+    store.client.put_object(Bucket=bucket, Key="runs/r1/_LEASE", Body=b"{}")
+    real = store.client.delete_objects
+
+    def refusing(**kwargs):
+        real(**kwargs)  # (it does delete here; storage that refuses would not)
+        return {"Errors": [{"Key": "runs/r1/_LEASE", "Code": "AccessDenied", "Message": "Access Denied"}]}
+
+    monkeypatch.setattr(store.client, "delete_objects", refusing)
+    with pytest.raises(StorageError, match=rf"^deleting s3://{bucket}/runs/r1/_LEASE: access denied \(AccessDenied\) "
+                                           r"\(1 of 1 keys not deleted\)$"):
+        store.delete(["_LEASE"])
+    monkeypatch.setattr(store.client, "delete_objects", real)
+    store.delete(["_LEASE", "absent"])  # deleted, and a key that is not there: no error
