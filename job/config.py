@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from job import backbones, recipe
 from job.errors import ConfigError, did_you_mean
-from job.uris import s3_form, within
+from job.uris import is_s3, s3_form, split_s3, within
 
 ENV_PREFIX = "FINETUNE_"
 RUN_ID_MAX = 128  # as the chart's values.schema.json
@@ -624,7 +624,25 @@ def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: d
         cfg.run_id = default_run_id()
     _check_output_outside_splits(cfg)
     _check_inputs_outside_the_run(cfg)
+    _check_key_length(cfg)
     return cfg
+
+
+# S3 keys hold at most 1,024 bytes; the longest the job writes below a run's folder is a TensorBoard event file's
+# (`tensorboard/events.out.tfevents.<time>.<host, up to 63>.<pid>.<n>.v2`, about 130 bytes): room left for it.
+S3_KEY_BYTES, LONGEST_ARTIFACT = 1024, 200
+
+
+def _check_key_length(cfg: Config) -> None:
+    """ConfigError when the run's S3 keys would pass S3's limit: a 968-byte output prefix took the lease and failed
+    3 s later on an event file's key (KeyTooLongError, exit 4, which the chart retries in vain)."""
+    if not is_s3(cfg.output.uri):
+        return
+    prefix = "/".join(p for p in (split_s3(cfg.output.uri)[1], cfg.run_id) if p)
+    if len(prefix.encode()) + 1 + LONGEST_ARTIFACT > S3_KEY_BYTES:
+        raise ConfigError(f"config: output.uri: the run's folder ({len(prefix.encode())} bytes of key with run_id) "
+                          f"leaves too little of S3's {S3_KEY_BYTES}-byte key for the files it holds (up to "
+                          f"{LONGEST_ARTIFACT} more); choose a shorter prefix")
 
 
 def _check_output_outside_splits(cfg: Config) -> None:

@@ -450,3 +450,11 @@ def test_local_paths_are_no_uris(cfg_file, key, value):
     # They made folders named `s3:` or `gs:` in the working directory (exit 0); file:///tmp/x was never written.
     with pytest.raises(ConfigError, match=f"config: {key}: a local path .this machine's disk., not"):
         config.load(cfg_file, [f"{key}={value}"], environ={})
+
+
+def test_an_output_prefix_too_long_for_s3_keys_is_a_config_error(cfg_file):
+    # A 968-byte prefix took the lease, then failed on an event file's key (KeyTooLongError, exit 4, retried in vain).
+    assert config.load(cfg_file, ["output.uri=s3://b/" + "p" * 800, "run_id=r1"], environ={})
+    with pytest.raises(ConfigError, match="output.uri: the run's folder .* leaves too little of S3's 1024-byte key"):
+        config.load(cfg_file, ["output.uri=s3://b/" + "p" * 968, "run_id=r1"], environ={})
+    assert config.load(cfg_file, ["output.uri=/tmp/" + "p" * 200, "run_id=r1"], environ={})  # local: not S3's rule
