@@ -60,6 +60,24 @@ def main(
 _PEER_ERRORS = {"UnavailableError", "CancelledError", "AbortedError", "DeadlineExceededError"}
 
 
+def _stop_on_signals() -> None:
+    """pack and predict: SIGTERM and Ctrl-C raise Preempted (exit 143, or 130), so that their temporary folders are
+    removed and pack says what its destination holds (a SIGTERM left up to a shard, or a model's copy, in /tmp, and
+    Ctrl-C was a traceback)."""
+    import signal
+
+    from job.errors import Preempted
+
+    def stop(number, _frame):
+        name = signal.Signals(number).name
+        stopped = Preempted(f"stopped by {name}" + (" (Ctrl-C)" if name == "SIGINT" else ""))
+        stopped.exit_code = 130 if name == "SIGINT" else 143
+        raise stopped
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, stop)
+
+
 def _fail(exc: BaseException) -> None:
     """Log the error and exit with its code: one line for expected errors, a traceback otherwise."""
     from job import logs
@@ -219,6 +237,7 @@ def predict(
     from job.errors import DataError
 
     undecodable = 0
+    _stop_on_signals()
     try:
         # Its log records on stderr: stdout keeps one line (--json: one object) per image, nothing else.
         logs.setup(json=as_json, level="WARNING", stream=sys.stderr)
@@ -279,6 +298,7 @@ def pack(
     """Turn a folder-per-class dataset or a manifest into tar shards (WebDataset convention) in storage."""
     from job import logs
 
+    _stop_on_signals()
     try:
         logs.setup()
         from job.pack import pack as write_shards

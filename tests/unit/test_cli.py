@@ -393,3 +393,32 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_130(capsys):
     with pytest.raises(typer.Exit) as e:
         _fail(KeyboardInterrupt())
     assert e.value.exit_code == 130 and capsys.readouterr().err == "finetune-job: interrupted\n"
+
+
+def test_pack_and_predict_stop_on_sigterm_and_ctrl_c_through_their_cleanup(tmp_path):
+    # A SIGTERM left pack's partial shard (up to 256 MB) or predict's model copy in /tmp, without a word; Ctrl-C was
+    # a traceback. Both now raise Preempted where the command runs: its `with` blocks clean up, and _fail says one line.
+    import os
+    import signal
+    import tempfile
+
+    import pytest
+    import typer
+
+    from job.cli import _fail, _stop_on_signals
+    from job.errors import Preempted
+
+    saved = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _stop_on_signals()
+        for number, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+            with pytest.raises(Preempted) as e, tempfile.TemporaryDirectory(dir=tmp_path, prefix="finetune-job-"):
+                os.kill(os.getpid(), number)  # (Python runs the handler before the next line)
+                pytest.fail("not stopped")
+            assert e.value.exit_code == code and not list(tmp_path.iterdir())  # its temporary folder removed
+            with pytest.raises(typer.Exit) as done:
+                _fail(e.value)
+            assert done.value.exit_code == code
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
