@@ -85,7 +85,7 @@ def _fail(exc: BaseException) -> None:
     from job.errors import JobError, StorageError, WorkerLost, carried, exit_code_for
 
     exc = carried(exc)
-    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C in pack or predict: a traceback and exit 1 ("unexpected")
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C where nothing turned it into Preempted (validate): a traceback
         typer.echo("finetune-job: interrupted", err=True)
         raise typer.Exit(130)
     several = tf_config_workers()[1] > 1

@@ -291,8 +291,9 @@ def to_layout(rows: list[Row], name: str, data_uri: str, existing: set[str], cla
     are `classes` in its order (classes.txt beside the manifest, named `classes_name`: a label outside it, or a
     class of it without training images, is a DataError), else the training labels sorted."""
     if classes is not None:
+        named = set(classes)  # (a list's lookup, for each of a large manifest's rows)
         for row in rows:
-            if row.label not in classes:
+            if row.label not in named:
                 raise DataError(f"{name} line {row.line}: label {row.label!r} is not in {classes_name}"
                                 f"{lookalike(row.label, classes)}")
     files: dict[str, dict[str, list[str]]] = {}

@@ -668,7 +668,12 @@ def resolve_weights(cfg: Config, work: Path) -> tuple[str | None, bool]:
         local = work / "weights" / name
         storage.open_store(parent, cfg.s3.endpoint_url).download(name, local)
         return str(local), False
-    return str(Path(weights.removeprefix("file://")).expanduser()), False
+    return str(_local_weights(weights)), False
+
+
+def _local_weights(weights: str) -> Path:
+    """A local `model.weights` as a path: `~` expanded, and `file://` taken as data.uri takes it."""
+    return Path(weights.removeprefix("file://")).expanduser()
 
 
 def check_weights(cfg: Config) -> None:
@@ -680,7 +685,7 @@ def check_weights(cfg: Config) -> None:
         parent, _, name = weights.rstrip("/").rpartition("/")
         there = storage.open_store(parent, cfg.s3.endpoint_url).exists(name)
     else:
-        there = Path(weights.removeprefix("file://")).expanduser().is_file()  # file:// as data.uri takes it
+        there = _local_weights(weights).is_file()
     if not there:
         raise ConfigError(f"config: model.weights: no weights file at {weights} (imagenet | none | a path | s3://...)")
 
