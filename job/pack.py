@@ -89,7 +89,11 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
                           f"manifest's class list (a label added later was refused); pack into another prefix, e.g. "
                           f"{data_uri.rstrip('/')}/shards")
     cfg = _config(data_uri, manifest, dest_uri, endpoint)
-    source = sources.open_source(cfg)
+    try:
+        source = sources.open_source(cfg)
+    except JobError as e:  # the layout's hints name the config keys ("set data.uri to ..."): here they are --from
+        e.args = (re.sub(r"\bdata\.(uri|manifest)\b", "--from", str(e.args[0] if e.args else e)),)
+        raise
     if source.kind == "shards":
         raise ConfigError(f"--from {source_uri}: already shards")
     if not manifest and within(dest_uri, data_uri):  # a manifest names its files: shards beside them are not read

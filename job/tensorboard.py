@@ -244,6 +244,7 @@ def serve(source: str, folder: Path, port: int, host: str, refresh_seconds: floa
         raise ConfigError(f"tensorboard --folder {folder}: inside --from {source}, whose event files it would "
                           "mirror again at every refresh (a/, then src/a/, src/src/a/, ...); choose a folder outside "
                           "it")
+    bindable(host, port)
     known: dict[str, str] = {}
     own = source.rstrip("/").rpartition("/")[2] or "run"
     mirror_folder(folder)
@@ -267,6 +268,21 @@ def serve(source: str, folder: Path, port: int, host: str, refresh_seconds: floa
         if time.monotonic() >= due:
             refresh(store, folder, known, own)
             due = time.monotonic() + refresh_seconds
+
+
+def bindable(host: str, port: int) -> None:
+    """ConfigError naming the reason when `host:port` cannot be bound: TensorBoard prints it on a line of its own and
+    exits 1, which read "cannot serve there (1)". Checked again by TensorBoard itself (a port taken in between)."""
+    import socket
+
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(address)
+    except OSError as e:
+        raise ConfigError(f"tensorboard --host {host} --port {port}: cannot serve there: "
+                          f"{e.strerror or e}") from None
 
 
 def refresh(store, folder: Path, known: dict[str, str], own: str) -> None:

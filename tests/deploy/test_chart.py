@@ -283,6 +283,15 @@ def test_schema_accepts_the_shipped_values(value_set: str) -> None:
          "/tolerations/0"),
         ({"tolerations": [{"key": "k", "operator": "Exists", "tolerationSeconds": 30}]}, "/tolerations/0"),
         ({"cache": {"persistence": {"storageClass": "Fast SSD"}}}, "/cache/persistence/storageClass"),
+        # The job refused each at start, after the pod was scheduled; the schema took them.
+        ({"config": {"model": {"backbone": "resnet_50"}}}, "/config/model/backbone"),
+        ({"config": {"data": {"image_size": [16, 16]}}}, "/config/data/image_size/0"),
+        ({"config": {"data": {"image_size": [224, 8192]}}}, "/config/data/image_size/1"),
+        ({"config": {"train": {"finetune": {"unfreeze": "12"}}}}, "/config/train/finetune/unfreeze"),
+        # The job writes the cache: a read-only claim failed at the first staged image.
+        ({"cache": {"persistence": {"accessModes": ["ReadOnlyMany"]}}}, "/cache/persistence/accessModes"),
+        ({"podMonitor": {"interval": "90"}}, "/podMonitor/interval"),
+        ({"resources": {"requests": {"cpu": "-1", "memory": "1Gi"}}}, "/resources/requests/cpu"),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
@@ -313,10 +322,25 @@ def test_schema_accepts_the_new_values() -> None:
                         {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "extraEnv": [{"name": "A", "value": "1"},
                      {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        # valid quantities and durations the schema refused
+        "tmp": {"sizeLimit": ".5Gi"},
+        "cache": {"sizeLimit": "1e9", "persistence": {"accessModes": ["ReadOnlyMany", "ReadWriteMany"]}},
+        "podMonitor": {"interval": "1m30s"},
+        "helmTest": {"resources": {"requests": {"cpu": ".5", "memory": "256Mi"}}},
+        "config": {"model": {"backbone": "efficientnet_v2_b0"}, "train": {"finetune": {"unfreeze": "block_16"}}},
     }
     with helm_python.Chart.load(CHART) as chart:
         chart.validate_schema(chart.merge_values(values))
     assert {"JobSet", "Deployment", "Service"} <= set(kinds(render(values)))
+
+
+def test_the_schemas_backbones_are_the_jobs() -> None:
+    # The schema's pattern took any lower_snake_case name (resnet_50), which the job refused once the pod ran.
+    from job.backbones import BACKBONES
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    model = schema["properties"]["config"]["properties"]["model"]["properties"]
+    assert model["backbone"]["enum"] == sorted(BACKBONES)
 
 
 @pytest.mark.parametrize(
@@ -1264,6 +1288,29 @@ def test_pod_labels_may_not_be_the_charts_own(label: str) -> None:
     with pytest.raises(Exception, match=f"podLabels: {label} is one of the chart's own labels"):
         render({"podLabels": {label: "x"}, "workers": 2})
     assert train_pod(render({"podLabels": {"team": "vision"}}))["metadata"]["labels"]["team"] == "vision"
+
+
+@pytest.mark.parametrize("key", ["podMonitor", "prometheusRule", "grafanaDashboard"])
+def test_extra_labels_may_not_be_the_charts_own(key: str) -> None:
+    # A repeated key rendered twice in metadata.labels: one value silently lost, or the manifest refused.
+    values = {"config": {"metrics": {"port": 9100}}, key: {"enabled": True, "labels": {"helm.sh/chart": "x"}}}
+    with pytest.raises(Exception, match=f"{key}.labels: helm.sh/chart is one of the chart's own labels"):
+        render(values)
+    values[key]["labels"] = {"release": "prometheus"}
+    kind = {"podMonitor": "PodMonitor", "prometheusRule": "PrometheusRule", "grafanaDashboard": "ConfigMap"}[key]
+    theirs = [m for m in render(values)
+              if m["kind"] == kind and (kind != "ConfigMap" or "-dashboard-" in m["metadata"]["name"])]
+    assert theirs and all(m["metadata"]["labels"]["release"] == "prometheus" for m in theirs)
+
+
+def test_the_dashboards_sidecar_label_takes_the_users_value_once() -> None:
+    # The Grafana sidecar's label value is its own setting (labelValue): `grafana_dashboard: "true"` rendered the key
+    # twice, "1" and "true".
+    with helm_python.Chart.load(CHART) as loaded:
+        rendered = loaded.render({"grafanaDashboard": {"enabled": True, "labels": {"grafana_dashboard": "true"}}},
+                                 **helm_lint.RELEASE)
+    (text,) = [t for name, t in rendered.items() if name.endswith("dashboards.yaml")]
+    assert re.findall(r"^ +grafana_dashboard: .*$", text, re.M) == ['    grafana_dashboard: "true"']
 
 
 @pytest.mark.parametrize("release", ["1flowers", "my.run"])

@@ -403,6 +403,15 @@ def test_pack_from_a_manifest_named_without_its_folder_reads_beside_it(tmp_path,
     assert sum(result["images"].values()) == 4
 
 
+def test_packs_layout_hints_name_its_own_option(tmp_path):
+    # `pack --from data/train` said "set data.uri to data", a key the user never set; pack's is --from.
+    write_sample_dataset(tmp_path / "data", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    with pytest.raises(DataError, match=f"it looks like a split folder: set --from to {tmp_path / 'data'}, the "
+                                        "folder that holds train/\\)$") as e:
+        pack(str(tmp_path / "data" / "train"), str(tmp_path / "shards"), shard_size=20_000)
+    assert "data.uri" not in str(e.value)
+
+
 def test_a_single_label_manifests_classes_txt_sets_the_order_and_numbers_in_text_order_are_warned(tmp_path):
     # Labels 0..10 came out 0, 1, 10, 2, ...: output column 2 was class "10", without a word, and a classes.txt beside
     # the manifest listing them in order was read for multi-label manifests only.

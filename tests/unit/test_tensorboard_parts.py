@@ -198,6 +198,18 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path):
             tensorboard.serve(str(tmp_path / "runs"), tmp_path / "mirror", port, "127.0.0.1", 30, stop=lambda: True)
 
 
+def test_a_host_it_cannot_bind_names_the_reason(tmp_path):
+    # It said "cannot serve there (1)": TensorBoard printed the reason on a line of its own and exited 1.
+    import pytest
+
+    from job.errors import ConfigError
+
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ConfigError, match=r"^tensorboard --host 192\.0\.2\.1 --port 0: cannot serve there: "
+                                          r"[A-Z][a-z' ]*assign requested address$"):  # Linux: Cannot, macOS: Can't
+        tensorboard.serve(str(tmp_path / "runs"), tmp_path / "mirror", 0, "192.0.2.1", 30, stop=lambda: True)
+
+
 def test_a_mirror_inside_the_runs_it_mirrors_is_refused(tmp_path):
     # `--from runs --folder runs/tb` copied its own copies again at every refresh: a/, runs/a/, runs/runs/a/, ...
     import pytest

@@ -39,6 +39,21 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* A values key's extra labels, as YAML (list CONTEXT "where" LABELS): a key the chart sets on every resource is
+refused, as it rendered twice (one silently lost, or the manifest refused for a duplicate key). */}}
+{{- define "finetune-job.extraLabels" -}}
+{{- $own := include "finetune-job.labels" (index . 0) | fromYaml }}
+{{- $extra := index . 2 | default dict }}
+{{- range $key, $_ := $extra }}
+{{- if hasKey $own $key }}
+{{- fail (printf "%s: %s is one of the chart's own labels, set on every resource it renders; choose another key" (index $ 1) $key) }}
+{{- end }}
+{{- end }}
+{{- with $extra }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
 {{/* Labels that select this release's pods. */}}
 {{- define "finetune-job.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "finetune-job.name" . }}
