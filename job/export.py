@@ -221,14 +221,23 @@ def write_saved_model(model: keras.Model, classes: list[str], image_size: tuple[
             return {"scores": out["scores"], "above": out["above"]}
         return {"probabilities": model(images, training=False)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve(image_bytes):
+    def answer(image_bytes):
         out = outputs(tf.map_fn(lambda b: decode_and_resize(b, image_size), image_bytes, fn_output_signature=shape))
         if multi:
             out["labels"] = tf.where(out["above"] > 0.5, labels[tf.newaxis, :], tf.constant(""))
         else:
             out["label"] = tf.gather(labels, tf.argmax(out["probabilities"], axis=-1))
         return out
+
+    def nothing():  # a batch of 0 images failed in BatchNormalization on CPU (oneDNN: "Incompatible shapes")
+        n = len(classes)
+        if multi:
+            return {"scores": tf.zeros([0, n]), "above": tf.zeros([0, n]), "labels": tf.zeros([0, n], tf.string)}
+        return {"probabilities": tf.zeros([0, n]), "label": tf.zeros([0], tf.string)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(image_bytes):
+        return tf.cond(tf.size(image_bytes) > 0, lambda: answer(image_bytes), nothing)
 
     # A plain tf.Module holding the TensorFlow variables the two functions read and the functions, not Keras'
     # ExportArchive tracking the model: the archive walked every layer's trackable children and wrote each variable

@@ -43,6 +43,10 @@ def test_each_variable_is_written_once_and_the_signatures_are_the_model(tmp_path
     whole = model(pixels.astype(np.uint8).astype(np.float32), training=False).numpy()
     np.testing.assert_allclose(served["probabilities"].numpy(), whole, rtol=1e-5, atol=1e-6)
     assert [b.decode() for b in served["label"].numpy()] == [classes[i] for i in whole.argmax(-1)]
+    # A batch of none: it failed in BatchNormalization on CPU (oneDNN: "Incompatible shapes [0,8,8,4] vs [4]").
+    empty = loaded.signatures["serving_default"](image_bytes=tf.constant([], tf.string))
+    assert (empty["probabilities"].shape, empty["label"].shape) == ((0, len(classes)), (0,))
+    assert loaded.signatures["serving_default"].structured_outputs["probabilities"].shape.as_list() == [None, 3]
 
 
 def test_the_bytes_signature_sees_the_pixels_training_read(tmp_path):
