@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import urllib.parse
 
 import structlog
 from prometheus_client import (
@@ -33,6 +34,7 @@ from prometheus_client import (
     push_to_gateway,
     start_http_server,
 )
+from prometheus_client.exposition import basic_auth_handler, default_handler
 
 log = structlog.get_logger()
 
@@ -152,7 +154,7 @@ class _Run:
     ):
         self.labels = {"run_id": run_id, "worker": str(worker)}
         self.is_chief = is_chief
-        self.pushgateway = pushgateway
+        self.pushgateway, self.shown, self.handler = _gateway(pushgateway)
         self.push_interval_seconds = push_interval_seconds
         self.linger_seconds = linger_seconds
         self.server = None
@@ -168,6 +170,24 @@ class _Run:
         if self.is_chief:
             return {"run_id": self.labels["run_id"]}
         return dict(self.labels)
+
+
+def _gateway(url: str):
+    """(the URL without user:password@, the URL as logged, the handler sending them): prometheus_client takes no
+    credentials from the URL (every push failed, "Name or service not known" for `user:pw@host`) and the failure's
+    log line printed the password."""
+    parts = urllib.parse.urlsplit(url) if "://" in url else None
+    if parts is None or "@" not in parts.netloc:
+        return url, url, default_handler
+    user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+    host = parts.netloc.rpartition("@")[2]
+    bare = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+    def handler(url, method, timeout, headers, data):
+        return basic_auth_handler(url, method, timeout, headers, data, user, password)
+
+    shown = urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    return bare, shown, handler
 
 
 _run = _Run()
@@ -335,6 +355,7 @@ def finish(success: bool, preempted: bool = False, push: bool = True) -> None:
                 job=JOB,
                 grouping_key=_run.grouping_key,
                 timeout=PUSH_TIMEOUT_SECONDS,
+                handler=_run.handler,
             )
     if _run.server is not None and _run.linger_seconds > 0 and not preempted:
         time.sleep(_run.linger_seconds)
@@ -388,6 +409,7 @@ def _push(run: _Run) -> None:
         registry=REGISTRY,
         grouping_key=run.grouping_key,
         timeout=PUSH_TIMEOUT_SECONDS,
+        handler=run.handler,
     )
 
 
@@ -398,11 +420,11 @@ def _gateway_call(run: _Run, call, *args, **kwargs) -> None:
     except Exception as exc:  # any failure of an optional sink: training goes on
         PUSH_ERRORS.labels(**run.labels).inc()
         if not run.push_failing:  # (its labels: the pusher's thread does not have the run's bound log context)
-            log.warning("pushgateway_failed", url=run.pushgateway, error=str(exc), **run.labels)
+            log.warning("pushgateway_failed", url=run.shown, error=str(exc), **run.labels)
         run.push_failing = True
     else:
         if run.push_failing:
-            log.info("pushgateway_recovered", url=run.pushgateway, **run.labels)
+            log.info("pushgateway_recovered", url=run.shown, **run.labels)
         run.push_failing = False
 
 

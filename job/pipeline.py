@@ -529,11 +529,15 @@ def _replay_metrics(run: Run) -> None:
     had finished)."""
     for phase, records in run.state.history.items():
         if records:
-            r = {k: float("nan") if v is None else v for k, v in records[-1].items()}  # (null: not finite)
-            metrics.epoch_done(phase, r["epoch"], train_loss=r["loss"], train_accuracy=r["accuracy"],
-                               val_loss=r.get("val_loss", float("nan")),
-                               val_accuracy=r.get("val_accuracy", float("nan")),
-                               val_map=r.get("val_map", float("nan")) if run.multi else None)
+            _gauges(run, phase, records[-1])
+
+
+def _gauges(run: Run, phase: str, record: dict) -> None:
+    """A history record (an epoch's results) into the epoch gauges."""
+    r = {k: float("nan") if v is None else v for k, v in record.items()}  # (null: not finite)
+    metrics.epoch_done(phase, r["epoch"], train_loss=r["loss"], train_accuracy=r["accuracy"],
+                       val_loss=r.get("val_loss", float("nan")), val_accuracy=r.get("val_accuracy", float("nan")),
+                       val_map=r.get("val_map", float("nan")) if run.multi else None)
 
 
 def _resumed_from(state: RunState) -> dict:
@@ -1129,10 +1133,12 @@ def end_training(run: Run) -> None:
 
 
 def _replay(run: Run, record: dict) -> None:
-    """An epoch the search ran before its choice, now the fine-tuning phase's: into TensorBoard and Katib's file."""
+    """An epoch the search ran before its choice, now the fine-tuning phase's: into TensorBoard, Katib's file and the
+    epoch gauges (they held the last trial's, a loser's, to the end where the chosen one ran no epoch more)."""
     if run.board:
         run.board.epoch(run.state.history, "finetune", record)
     katib.epoch_done(run.cfg.metrics.file, "finetune", record, chief=run.cluster.is_chief)
+    _gauges(run, "finetune", record)
 
 
 def class_weights(cfg: Config, listed, split: str = "train") -> list[float] | None:

@@ -39,6 +39,10 @@ def _wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: fl
         try:
             get(url, timeout=2)
             return
+        except urllib.error.HTTPError as e:
+            if e.code == 401:  # up, and asking for credentials
+                return
+            time.sleep(0.2)
         except OSError:
             time.sleep(0.2)
     raise TimeoutError(f"{url} not ready after {timeout} s:\n{log_path.read_text()}")
@@ -82,7 +86,8 @@ class Pushgateway:
 
 
 @contextlib.contextmanager
-def pushgateway(workdir: Path | None = None):
+def pushgateway(workdir: Path | None = None, web_config: str = ""):
+    """`web_config`: its --web.config.file's text (basic_auth_users: the readiness check then waits on a 401)."""
     with contextlib.ExitStack() as stack:
         workdir = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pushgateway-")))
         port = free_port()
@@ -92,6 +97,9 @@ def pushgateway(workdir: Path | None = None):
             "--persistence.file=",
             "--log.level=warn",
         ]
+        if web_config:
+            (workdir / "web.yml").write_text(web_config)
+            args.append(f"--web.config.file={workdir / 'web.yml'}")
         stack.enter_context(_process(args, f"http://127.0.0.1:{port}/-/ready", workdir))
         yield Pushgateway(port)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,48 @@ def test_unit_tests_catch_a_broken_rule(tmp_path, original, broken):
     shutil.copy(TESTS, tmp_path / TESTS.name)
     result = promtool("test", "rules", TESTS.name, cwd=tmp_path)
     assert result.returncode != 0, result.stdout
+
+
+def _panel_exprs(title: str) -> list[str]:
+    sys.path.insert(0, str(ALERTS.parents[2] / "scripts"))
+    import render_dashboard
+
+    (panel,) = [p for p in render_dashboard.panels() if p["title"].startswith(title)]
+    return [render_dashboard.expand(t["expr"], "r1", "1m") for t in panel["targets"]]
+
+
+def test_the_current_phase_is_the_scraped_copys_where_both_are_there(tmp_path):
+    """Scraped and pushed at once (the README's set-up): the pushed copy lags by up to a push interval, and the Phase,
+    Epoch and ETA panels showed two phases at each change (export and finetune, ETA 0). Pushed series have no
+    instance label (honor_labels); the scraped copy's phase is taken where it is there, the pushed one's otherwise
+    (the pod gone)."""
+    scraped, pushed = 'instance="10.0.0.7:8000", job="ml/finetune-job"', 'job="finetune-job"'
+    series = []
+    for labels, moved_at in ((scraped, 4), (pushed, 6)):  # the pushed copy changes phase 2 minutes later
+        head, before, after = f'run_id="r1", worker="0", {labels}', moved_at - 1, 9 - moved_at
+        series += [
+            {"series": f'finetune_job_phase{{{head}, phase="finetune"}}', "values": f"1x{before} 0x{after}"},
+            {"series": f'finetune_job_phase{{{head}, phase="export"}}', "values": f"0x{before} 1x{after}"},
+            {"series": f'finetune_job_epoch{{{head}, phase="finetune"}}', "values": "3x9"},
+            {"series": f'finetune_job_epochs{{{head}, phase="finetune"}}', "values": "5x9"},
+            {"series": f'finetune_job_epoch{{{head}, phase="export"}}', "values": "0x9"},
+            {"series": f'finetune_job_epochs{{{head}, phase="export"}}', "values": "0x9"},
+        ]
+    phase, (epoch, _) = _panel_exprs("Phase")[0], _panel_exprs("Epoch")
+    cases = [
+        {"expr": phase, "eval_time": "2m", "exp_samples": [{"labels": '{phase="finetune"}', "value": 1}]},
+        {"expr": phase, "eval_time": "5m", "exp_samples": [{"labels": '{phase="export"}', "value": 1}]},
+        {"expr": epoch, "eval_time": "5m", "exp_samples": [{"labels": '{phase="export"}', "value": 0}]},
+    ]
+    tests = {"rule_files": [], "evaluation_interval": "1m",
+             "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": cases}]}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = promtool("test", "rules", "t.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Only the pushed copy (the pod gone, or no scraping): its phase.
+    tests["tests"][0]["input_series"] = [s for s in series if "instance" not in s["series"]]
+    tests["tests"][0]["promql_expr_test"] = [{"expr": phase, "eval_time": "5m",
+                                              "exp_samples": [{"labels": '{phase="finetune"}', "value": 1}]}]
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = promtool("test", "rules", "t.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

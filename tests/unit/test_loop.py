@@ -407,6 +407,34 @@ def test_a_search_whose_every_trial_diverged_stops_the_run(tmp_path, cluster, da
     assert run.ckpt.latest is None  # nothing of the diverged trials kept in storage
 
 
+def test_the_epoch_gauges_show_the_chosen_trial_not_the_last_one(tmp_path, cluster, data):
+    # The gauges held the last trial's results (a loser's) to the end where the chosen trial ran no epoch more.
+    from types import SimpleNamespace
+
+    from job import metrics, pipeline, search
+
+    model = tiny_model(cluster)
+    scores = iter([1.0, 1.0, 3.0, 3.0])  # trial 1 (chosen), then trial 2, two epochs each
+
+    def validate():
+        return {"val_loss": next(scores), "val_accuracy": 0.5}
+
+    def make_phase(rate, pause_after=0, on_epoch=False):
+        return dataclasses.replace(phase_of(model, data, 2, validate), name="finetune", learning_rate=rate,
+                                   pause_after=pause_after)
+
+    run = SimpleNamespace(parts=SimpleNamespace(model=model), cluster=cluster, options=loop.Options(),
+                          cfg=SimpleNamespace(train=SimpleNamespace(batch_size=BATCH),
+                                              metrics=SimpleNamespace(file="")),
+                          work=tmp_path, multi=False, board=None, state=RunState(), ckpt=checkpoints(tmp_path, cluster))
+    search.run(run, make_phase, [1e-3, 3e-3], 2, lambda record: pipeline._replay(run, record))
+    assert [r["chosen"] for r in run.state.search] == [True, False]
+    labels = {**metrics._run.labels, "phase": "finetune"}
+    assert metrics.REGISTRY.get_sample_value("finetune_job_val_loss", labels) == 1.0
+    assert metrics.REGISTRY.get_sample_value("finetune_job_train_loss", labels) == run.state.history["finetune"][-1][
+        "loss"]
+
+
 def test_one_search_rate_is_no_search_and_says_so(capsys):
     # `learning_rates: [3e-4]` fine-tuned at the default 1e-4 without a word, and config.yaml kept the 3e-4.
     from job import config, search

@@ -314,6 +314,34 @@ def test_only_the_chief_pushes_the_final_summary(run, gateway):
     assert pushed_value(chief, "finetune_job_run_status", status="succeeded", worker="0") == 1
 
 
+# bcrypt of "s3cret" (the Pushgateway's web config takes hashes only)
+_HASH = "$2b$12$DR2Fs3ejOrtztBrX5e1lO.gGHdMDUHY9AVzOnoVReiuYpkae0PZoi"
+
+
+def test_a_pushgateway_behind_basic_auth_gets_the_urls_credentials_and_the_log_not(run):
+    # prometheus_client took `user:pw@host` for the host name: every push failed ("Name or service not known"), exit
+    # 0, and the warning printed the password.
+    import base64
+    import urllib.request
+
+    need_tool(PUSHGATEWAY)
+    with pushgateway(web_config=f"basic_auth_users:\n  ml: {_HASH}\n") as pg:
+        run(run_id="run-auth", pushgateway=pg.url.replace("://", "://ml:s3cret@"), push_interval_seconds=60)
+        metrics.finish(True)
+        request = urllib.request.Request(f"{pg.url}/api/v1/metrics", headers={
+            "Authorization": "Basic " + base64.b64encode(b"ml:s3cret").decode()})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            groups = json.loads(reply.read())["data"]
+        assert [g["labels"]["run_id"] for g in groups] == ["run-auth"]
+        assert registry_value("finetune_job_push_errors_total", "run-auth") == 0
+        with capture_logs() as logs:
+            run(run_id="run-refused", pushgateway=pg.url.replace("://", "://ml:wr%40ng@"), push_interval_seconds=60)
+            metrics.finish(True)
+    (warning,) = [e for e in logs if e["event"] == "pushgateway_failed"]
+    assert warning["url"] == pg.url.replace("://", "://***@") and "401" in warning["error"]
+    assert "wr%40ng" not in json.dumps(logs) and "wr@ng" not in json.dumps(logs)
+
+
 def test_unreachable_pushgateway_is_counted_not_raised(run):
     port = free_port()  # nothing listens there
     with capture_logs() as logs:
