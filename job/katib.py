@@ -56,6 +56,7 @@ def check_writable(path: str) -> None:
 
     if not path:
         return
+    check_path(path)  # below a file: "cannot be written (File exists)" pointed the wrong way
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).open("a", encoding="utf-8").close()

@@ -2,6 +2,7 @@
 against Katib's Experiment schema, Kubernetes' Job schema, the restricted profile and the job's config."""
 
 import json
+import os
 import re
 import shlex
 import sys
@@ -176,9 +177,17 @@ def test_a_metrics_file_that_cannot_be_written_is_refused_before_training(tmp_pa
 
     (tmp_path / "folder").mkdir()
     (tmp_path / "a-file").write_text("x")
-    for path in (tmp_path / "folder", tmp_path / "a-file" / "katib.txt"):
-        with pytest.raises(ConfigError, match=f"^config: metrics.file {path}: cannot be written \\("):
-            katib.check_writable(str(path))
+    with pytest.raises(ConfigError, match=f"^config: metrics.file {tmp_path / 'folder'}: a folder, not a file$"):
+        katib.check_writable(str(tmp_path / "folder"))
+    for below in ("katib.txt", "sub/katib.txt"):  # it said "cannot be written (File exists)", or (Not a directory)
+        with pytest.raises(ConfigError, match=f"^config: metrics.file {tmp_path / 'a-file' / below}: "
+                                              f"{tmp_path / 'a-file'} is a file, so no file can be below it$"):
+            katib.check_writable(str(tmp_path / "a-file" / below))
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(ConfigError, match=f"^config: metrics.file {tmp_path / 'ro' / 'k.txt'}: cannot be "
+                                              "written \\(Permission denied\\)$"):
+            katib.check_writable(str(tmp_path / "ro" / "k.txt"))
     katib.check_writable(str(tmp_path / "new" / "katib.txt"))
     assert (tmp_path / "new" / "katib.txt").read_text() == ""  # created, no line in it
     write_sample_dataset(tmp_path / "d", classes=2, per_class=3, size=8, seed=0, test_per_class=0)
