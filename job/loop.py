@@ -272,19 +272,28 @@ def predict(model: keras.Model, dataset: tf.data.Dataset, infer=None, inspect=No
     return np.concatenate(probs).astype(np.float32), np.concatenate(labels)
 
 
-def validator(model: keras.Model, dataset: tf.data.Dataset | None, multi_label: bool = False
+def validator(model: keras.Model, dataset: tf.data.Dataset | None, multi_label: bool = False, images: int = 0
               ) -> Callable[[], dict | None]:
     """The validation entries of an epoch's record: val_loss and val_accuracy; multi-label val_loss and
-    val_map. None without validation data."""
+    val_map. None without validation data. Its progress is the `validation` stage's (`images` in all): a pass
+    that moves no other metric for 10 minutes (a large validation split on CPU) fired FinetuneJobStalled."""
     infer = inference(model)
 
     def run():
         if dataset is None:
             return None
+        done = [0]
+
+        def progress(x, probabilities, labels):
+            done[0] += len(probabilities)
+            metrics.stage_progress("validation", done[0], images)
+
+        metrics.stage_progress("validation", 0, images)
+        results = predict(model, dataset, infer, progress)
         if multi_label:
-            loss, mean_ap = multilabel.loss_and_map(*predict(model, dataset, infer))
+            loss, mean_ap = multilabel.loss_and_map(*results)
             return {"val_loss": loss, "val_map": mean_ap}
-        loss, accuracy = evaluate.loss_and_accuracy(*predict(model, dataset, infer))
+        loss, accuracy = evaluate.loss_and_accuracy(*results)
         return {"val_loss": loss, "val_accuracy": accuracy}
 
     return run

@@ -91,8 +91,8 @@ VAL_ACCURACY = _gauge("val_accuracy", "Validation accuracy (0..1) of the last fi
 VAL_MAP = _gauge("val_map", "Validation mean average precision (0..1) of the last finished epoch (multi_label).",
                  "phase")
 IMAGES = _counter("images_processed", "Training images processed by this worker.", "phase")
-STAGE_DONE = _gauge("stage_items_done", "Items done of a stage before training: staging (images, or shards read), "
-                    "features (images through the frozen base).", "stage")
+STAGE_DONE = _gauge("stage_items_done", "Items done of a stage: staging (images, or shards read), decoding, "
+                    "features (images through the frozen base), validation (at each epoch's end).", "stage")
 STAGE_ITEMS = _gauge("stage_items", "Items of that stage in all (with stage_items_done: its progress).", "stage")
 STEP_DURATION = Histogram(
     "finetune_job_step_duration_seconds",
@@ -262,7 +262,7 @@ def set_phase(phase: str) -> None:
 
 
 def stage_progress(stage: str, done: int, total: int) -> None:
-    """`done` of `total` items of a stage before training (staging, features): a long one shows it moves."""
+    """`done` of `total` items of a stage (staging, decoding, features, validation): a long one shows it moves."""
     STAGE_DONE.labels(**_run.labels, stage=stage).set(done)
     STAGE_ITEMS.labels(**_run.labels, stage=stage).set(total)
 

@@ -942,6 +942,13 @@ def _validation_images(run: Run):
     return run.data.images("validation", 64) if run.data.count("validation") else None
 
 
+def _validator(run: Run):
+    """The whole model's validation at each epoch's end."""
+    from job import loop
+
+    return loop.validator(run.parts.model, _validation_images(run), run.multi, run.data.count("validation"))
+
+
 def head_phase(run: Run) -> None:
     """Phase 1: the new head on the frozen base."""
     from job import loop, signals
@@ -968,7 +975,7 @@ def head_phase(run: Run) -> None:
     else:
         # The base is frozen: checkpoints hold the head, the base comes from model.weights again.
         phase = loop.Phase(model=run.parts.model, dataset_fn=_training_batches(run),
-                           validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
+                           validate=_validator(run),
                            augment=_augmentation(run, head.augment, cfg.train.seed), **common)
     loop.run_phase(phase, run.cluster, cfg.train.batch_size, run.options, run.ckpt, run.state)
 
@@ -1038,7 +1045,7 @@ def finetune_phase(run: Run) -> None:
         def phase(learning_rate: float, pause_after: int = 0, on_epoch: bool = False):
             return loop.Phase(name="finetune", model=run.parts.model, dataset_fn=_training_batches(run),
                               examples=run.data.count("train"), epochs=epochs, learning_rate=learning_rate,
-                              validate=loop.validator(run.parts.model, _validation_images(run), run.multi),
+                              validate=_validator(run),
                               augment=augment,
                               on_epoch=_on_epoch(run, "finetune") if on_epoch else None,
                               pause_after=pause_after, rate_scales=scales,

@@ -178,6 +178,23 @@ def test_a_multilabel_phase_trains_and_validates_on_map(tmp_path, cluster, data)
     assert state.best_epoch == max(range(1, 5), key=lambda e: (records[e - 1]["val_map"], -records[e - 1]["val_loss"]))
 
 
+def test_validation_reports_its_progress_as_a_stage(cluster, data, monkeypatch):
+    # A validation pass moved no metric: a long one (a large validation split on CPU) fired FinetuneJobStalled.
+    from job import metrics
+
+    x, y = data
+    keras.utils.set_random_seed(0)
+    model = keras.Model(inputs := keras.Input((4,)), keras.layers.Dense(2, activation="softmax")(inputs))
+    seen = []
+    real = metrics.stage_progress
+    monkeypatch.setattr(metrics, "stage_progress", lambda *a: seen.append(a) or real(*a))
+    record = loop.validator(model, dataset.feature_dataset(x, y, 16), images=len(y))()
+    assert set(record) == {"val_loss", "val_accuracy"}
+    assert seen == [("validation", done, 40) for done in (0, 16, 32, 40)]
+    labels = {**metrics._run.labels, "stage": "validation"}
+    assert metrics.REGISTRY.get_sample_value("finetune_job_stage_items_done", labels) == 40
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 9), st.integers(0, 40), st.integers(0, 3))
 def test_the_training_order_read_on_from_any_point_is_the_uninterrupted_one(n, start, seed):
