@@ -88,7 +88,10 @@ def _fail(exc: BaseException) -> None:
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C where nothing turned it into Preempted (validate): a traceback
         typer.echo("finetune-job: interrupted", err=True)
         raise typer.Exit(130)
-    several = tf_config_workers()[1] > 1
+    try:
+        several = tf_config_workers()[1] > 1
+    except JobError:  # a broken TF_CONFIG: it failed again here, inside the handler, with a traceback (exit 1)
+        several = False
     if several and type(exc).__name__ in _PEER_ERRORS and type(exc).__module__.startswith("tensorflow"):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         exc = WorkerLost(f"lost contact with another worker mid-run ({first}); "

@@ -43,21 +43,47 @@ class Cluster:
 def tf_config_workers(environ=os.environ) -> tuple[int, int]:
     """(this worker's index, number of workers) from TF_CONFIG; (0, 1) without one.
 
-    A `chief` task counts as worker 0 and shifts the `worker` tasks up by one.
-    """
+    A `chief` task counts as worker 0 and shifts the `worker` tasks up by one. ConfigError (exit 2, one line) for a
+    TF_CONFIG TensorFlow would fail on after start-up: an index past the cluster's end, no task type, one address
+    twice (exit 1 with TensorFlow's traceback, and the Job retried it)."""
     raw = environ.get("TF_CONFIG", "")
     if not raw:
         return 0, 1
     try:
         tf_config = json.loads(raw)
-        cluster = tf_config.get("cluster", {})
-        task = tf_config.get("task", {})
-        chiefs = len(cluster.get("chief", []))
-        total = chiefs + len(cluster.get("worker", []))
-        index = int(task.get("index", 0)) + (chiefs if task.get("type") == "worker" else 0)
-    except (ValueError, AttributeError, TypeError) as e:
-        raise ConfigError(f"TF_CONFIG is not valid: {e}") from None
-    return index, max(total, 1)
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG is not JSON: {e}") from None
+    return _place(tf_config)
+
+
+def _place(tf_config) -> tuple[int, int]:
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"TF_CONFIG: {why}")
+
+    if not isinstance(tf_config, dict) or not isinstance(tf_config.get("cluster", {}), dict) \
+            or not isinstance(tf_config.get("task", {}), dict):
+        raise bad('expected {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": N}}')
+    cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
+    roles = {role: cluster[role] for role in ("chief", "worker") if role in cluster}
+    for role, addresses in roles.items():
+        if not isinstance(addresses, list) or not all(isinstance(a, str) and a.strip() for a in addresses):
+            raise bad(f"cluster.{role} must be a list of host:port addresses")
+    everyone = roles.get("chief", []) + roles.get("worker", [])
+    if len(roles.get("chief", [])) > 1:
+        raise bad(f"{len(roles['chief'])} chiefs; a cluster has at most one")
+    if len(everyone) <= 1 and not task:
+        return 0, 1
+    twice = sorted({a for a in everyone if everyone.count(a) > 1})
+    if twice:
+        raise bad(f"{twice[0]} is listed twice in the cluster; each worker needs its own host:port")
+    kind, index = task.get("type"), task.get("index", 0)
+    if kind not in roles:
+        raise bad(f"task.type must be {' or '.join(sorted(roles)) or 'worker'} (a role the cluster lists), not "
+                  f"{kind!r}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(roles[kind]):
+        raise bad(f"task.index {index!r} is not a place in cluster.{kind}, which lists {len(roles[kind])} "
+                  f"(0..{len(roles[kind]) - 1})")
+    return index + (len(roles.get("chief", [])) if kind == "worker" else 0), max(len(everyone), 1)
 
 
 def check_strategy(strategy: str, environ=os.environ) -> None:

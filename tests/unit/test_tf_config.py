@@ -1,0 +1,73 @@
+"""job.distribute.tf_config_workers: where this worker stands in TF_CONFIG, or one line (exit 2) for a TF_CONFIG
+TensorFlow would fail on after start-up. A wrong index, no task type or one address twice were exit 1 with
+TensorFlow's traceback (the Job retried them to its backoff limit); TF_CONFIG that is no JSON failed again inside the
+error handler, exit 1 with a traceback; `validate` said ok."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from job.distribute import tf_config_workers
+from job.errors import ConfigError
+
+
+def place(tf_config) -> tuple[int, int]:
+    return tf_config_workers({"TF_CONFIG": tf_config if isinstance(tf_config, str) else json.dumps(tf_config)})
+
+
+@given(chief=st.booleans(), workers=st.integers(1, 6), data=st.data())
+def test_every_place_in_a_valid_cluster_is_its_own_index(chief, workers, data):
+    cluster = {"worker": [f"w{i}:2222" for i in range(workers)], **({"chief": ["c:2222"]} if chief else {})}
+    kind = data.draw(st.sampled_from(["worker", "chief"] if chief else ["worker"]))
+    index = 0 if kind == "chief" else data.draw(st.integers(0, workers - 1))
+    expected = 0 if kind == "chief" else index + chief
+    assert place({"cluster": cluster, "task": {"type": kind, "index": index}}) == (expected, workers + chief)
+
+
+@given(workers=st.integers(1, 6), index=st.one_of(st.integers(), st.text(max_size=3), st.booleans(), st.none(),
+                                                   st.floats(allow_nan=False)))
+def test_an_index_outside_the_cluster_is_refused(workers, index):
+    cluster = {"worker": [f"w{i}:2222" for i in range(workers)]}
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < workers:
+        assert place({"cluster": cluster, "task": {"type": "worker", "index": index}}) == (index, workers)
+    else:
+        with pytest.raises(ConfigError, match=r"^TF_CONFIG: task.index .* is not a place in cluster.worker, which "
+                                              f"lists {workers} "):
+            place({"cluster": cluster, "task": {"type": "worker", "index": index}})
+
+
+@pytest.mark.parametrize(("tf_config", "complaint"), [
+    ('{"cluster": [', "TF_CONFIG is not JSON: "),
+    ("[1]", 'TF_CONFIG: expected {"cluster"'),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"index": 1}}, "task.type must be worker .*not None"),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "evaluator", "index": 0}}, "task.type must be worker"),
+    ({"cluster": {"worker": ["a:1", "a:1"]}, "task": {"type": "worker", "index": 1}}, "a:1 is listed twice"),
+    ({"cluster": {"chief": ["a:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, "a:1 is listed"),
+    ({"cluster": {"chief": ["a:1", "b:1"]}, "task": {"type": "chief", "index": 0}}, "2 chiefs"),
+    ({"cluster": {"worker": "a:1,b:1"}, "task": {"type": "worker", "index": 0}}, "cluster.worker must be a list"),
+])
+def test_a_tf_config_tensorflow_would_fail_on_is_one_line(tf_config, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        place(tf_config)
+
+
+def test_no_tf_config_or_a_cluster_of_one_is_one_worker():
+    assert tf_config_workers({}) == (0, 1)
+    assert place({}) == (0, 1)
+    assert place({"cluster": {"worker": ["a:1"]}}) == (0, 1)
+
+
+def test_a_broken_tf_config_is_exit_2_in_one_line_not_a_traceback(tmp_path):
+    # _fail asked TF_CONFIG for the worker count again, inside the handler: exit 1, a traceback.
+    (tmp_path / "c.yaml").write_text(f"data: {{uri: {tmp_path}/d}}\noutput: {{uri: {tmp_path}/o}}\n")
+    result = subprocess.run([sys.executable, "-m", "job", "train", "--config", str(tmp_path / "c.yaml")],
+                            capture_output=True, text=True, timeout=120, env={"TF_CONFIG": '{"cluster": ['})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ["finetune-job: error: TF_CONFIG is not JSON: Expecting value: line 1 column "
+                                          "14 (char 13)"]
