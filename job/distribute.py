@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from job.errors import ConfigError
+from job.errors import ConfigError, WorkerLost
 
 
 @dataclass
@@ -180,11 +181,19 @@ def _multi_worker(tf, worker_index: int, num_workers: int, timeout: float):
                "(distribution.connect_timeout_seconds); check that every worker runs and its port is reachable")
     watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
                                 stdin=subprocess.PIPE)
-    dist = tf.distribute.MultiWorkerMirroredStrategy()
-    count = tf.function(lambda: dist.reduce(tf.distribute.ReduceOp.SUM, dist.run(lambda: tf.constant(1.0)), axis=None))
-    answered = int(count())
-    watchdog.stdin.close()
-    watchdog.wait()
+    try:
+        dist = tf.distribute.MultiWorkerMirroredStrategy()
+        count = tf.function(lambda: dist.reduce(tf.distribute.ReduceOp.SUM, dist.run(lambda: tf.constant(1.0)),
+                                                axis=None))
+        answered = int(count())
+    except tf.errors.OpError as e:  # read as "lost contact with another worker mid-run" before anything ran
+        first = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", (e.message or type(e).__name__).strip()).splitlines()[0]
+        raise WorkerLost(f"worker {worker_index} could not start the cluster of {num_workers} workers in TF_CONFIG "
+                         f"({first}); check that every worker's TF_CONFIG lists the same addresses in the same order"
+                         ) from None
+    finally:
+        watchdog.stdin.close()
+        watchdog.wait()
     if answered != dist.num_replicas_in_sync:
         raise RuntimeError(f"all-reduce over the workers gave {answered}, expected {dist.num_replicas_in_sync}")
     return dist

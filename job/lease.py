@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from job import logs
+from job import logs, signals
 from job.errors import LeaseHeld, StorageError
 from job.storage import ConditionalWritesUnsupported, Store
 
@@ -139,7 +139,7 @@ class Lease:
                                 seconds_since_renewed=round(seen[1]))
             if self.etag is not None:
                 return self._start()
-            time.sleep(min(2.0, self.renew_every / 2))
+            signals.pause(min(2.0, self.renew_every / 2), "while waiting on another attempt's lease (nothing taken)")
             now = self.store.stat(NAME)
             if seen is not None and now is not None and now[0] != seen[0]:
                 raise self._held_by_another()

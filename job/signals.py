@@ -51,6 +51,13 @@ def check(where: str) -> None:
         raise stopped(f"during {where}")
 
 
+def pause(seconds: float, where: str) -> None:
+    """Sleep up to `seconds`, or raise Preempted as soon as a stop is asked for (a wait that slept on through SIGTERM
+    was SIGKILLed at the end of the pod's grace period)."""
+    if _requested.wait(seconds):
+        raise stopped(where)
+
+
 def stopped(where: str) -> Preempted:
     logs.get().warning("stop requested", signal=_signal_name[0], where=where)
     return Preempted(f"stopped by {_signal_name[0]} {where}; re-run the same run_id to resume")

@@ -67,6 +67,30 @@ def test_a_lease_not_renewed_is_taken_over_and_its_old_holder_notices(store):
         successor.release()
 
 
+def test_a_stop_asked_for_while_waiting_on_a_stale_lease_stops_at_once(store):
+    # The wait slept on through SIGTERM, took the lease over, began to resume and only then stopped ("during
+    # staging"); at the default 180 s it outlasted the pod's grace period: SIGKILL, exit 137.
+    import threading
+
+    from job import signals
+    from job.errors import Preempted
+
+    dead = Lease(store, "r1", seconds=30)
+    dead.acquire()
+    dead._stop.set()  # killed with -9: it goes stale only after 30 s
+    dead._thread.join()
+    signals._requested.clear()  # (the handlers are not installed here: the flag is all the job reads)
+    threading.Timer(1.0, signals._requested.set).start()  # what the handler does when SIGTERM arrives a second in
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Preempted, match="^stopped by SIGTERM while waiting on another attempt's lease"):
+            Lease(store, "r1", seconds=30).acquire()
+        assert time.monotonic() - t0 < 10
+        assert json.loads(store.read(NAME))["holder"] == dead.holder  # not taken
+    finally:
+        signals._requested.clear()
+
+
 def test_a_newcomer_with_a_shorter_lease_waits_by_the_holders(store):
     # checkpoint.lease_seconds may change between attempts: a newcomer with 1 s judged a live holder's 18 s lease
     # (renewed every 3 s) stale after a second, took it over and resumed from its checkpoint; the holder then exited 4.
