@@ -58,20 +58,19 @@ def artifacts(run, reports: dict, folder: Path) -> dict:
                                     f"{split} confusion matrix")
         (folder / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         (folder / "MODEL_CARD.md").write_text(model_card.render(
-            cfg.run_id, redacted(cfg), classes, _counts(run.data.layout), reports, checked["formats"],
+            cfg.run_id, redacted(cfg), classes, run.data.layout.counts(), reports, checked["formats"],
             len(run.data.bad), versions(), run.state.search, refit_fields(run), history, checked["checked_on"],
-            run.thresholds if run.multi else (), bool(run.resumed_from.get("splits_changed"))),
+            run.thresholds if run.multi else (), bool(run.resumed_from.get("splits_changed")),
+            _totals(run.data.layout)),
             encoding="utf-8")
     return checked
 
 
-def _counts(listed) -> dict[str, dict[str, int]]:
-    """Images per class and split; multi-label: carrying each label, plus `(no label)` and `images` rows."""
-    counts = listed.counts()
-    if listed.multi_label:
-        for split in counts:
-            counts[split] = {**counts[split], "(no label)": listed.unlabelled(split), "images": listed.count(split)}
-    return counts
+def _totals(listed) -> dict[str, dict[str, int]] | None:
+    """Multi-label: each split's images and those with no label (the card's last rows); None for single-label."""
+    if not listed.multi_label:
+        return None
+    return {split: {"unlabelled": listed.unlabelled(split), "images": listed.count(split)} for split in listed.counts()}
 
 
 def thresholds_file(classes: list[str], thresholds: list[dict]) -> dict:
@@ -159,6 +158,7 @@ def manifest_fields(run, checked: dict) -> dict:
         # fingerprint: what the listing said when the run started (a complete run asked again compares it)
         "dataset": {"uri": cfg.data.uri, "fingerprint": run.state.dataset, "staging": run.data.mode,
                     "counts": run.data.layout.counts(),
+                    **({"images": _totals(run.data.layout)} if run.multi else {}),  # counts are labels' there
                     "bad_images": len(run.data.bad), "identical_images": run.identical},
         "strategy": {"kind": cluster.kind, "replicas": cluster.replicas, "workers": cluster.num_workers,
                      "mixed_precision": cluster.mixed_precision},

@@ -87,25 +87,28 @@ MULTI = {"kind_title": "a multi-label image classifier of {n} label{s}", "kind_n
 def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict[str, int]], reports: dict,
            formats: dict[str, dict], bad_images: int, versions: dict[str, str], search: list[dict] = (),
            refit: dict | None = None, history: dict[str, list[dict]] | None = None, checked_on: str = "",
-           thresholds: list[dict] = (), splits_changed: bool = False) -> str:
+           thresholds: list[dict] = (), splits_changed: bool = False,
+           totals: dict[str, dict[str, int]] | None = None) -> str:
     """`history`: the epochs trained per phase (history.json), so that the recipe says what ran, not what was set.
     `checked_on`: the split the formats were scored on (manifest.json's formats_checked_on). Without validation and
     test splits, nothing is measured on images the model did not train on, and the card says so (it claimed
     recall on validation, and the formats' scores on the training images as validation's). `thresholds`:
     multi-label, each label's threshold and how it was chosen (thresholds.json), so the card names the fallbacks.
-    `splits_changed`: the run resumed a checkpoint trained on other splits (manifest.json's resumed_from says so)."""
+    `splits_changed`: the run resumed a checkpoint trained on other splits (manifest.json's resumed_from says so).
+    `totals`: multi-label, each split's `images` and those of them with no label (`unlabelled`), apart from `counts`
+    (a label named `images` or `(no label)` had its counts overwritten by them)."""
     data, model = config["data"], config["model"]
     height, width = data["image_size"]
     split = next((s for s in ("test", "validation") if s in reports), "")
     multi = config.get("task") == "multi_label"
     kind = {k: v.format(n=len(classes), s="s" * (len(classes) != 1)) for k, v in (MULTI if multi else SINGLE).items()}
     per_label = reports.get(split, {}).get("per_label" if multi else "per_class", {})
-    validated = _images(counts, "validation") > 0
+    validated = _images(counts, totals, "validation") > 0
     return CARD.substitute(**kind,
         run_id=run_id, backbone=model["backbone"], weights=model["weights"], data_uri=data["uri"],
         version=versions.get("finetune_job", ""), tensorflow=versions.get("tensorflow", ""),
         num_classes=len(classes), class_list=", ".join(_code(c) for c in classes), height=height, width=width,
-        counts_table=_counts_table(classes, counts), bad_images=bad_images,
+        counts_table=_counts_table(classes, counts, totals), bad_images=bad_images,
         recipe=_recipe(config["train"], search, refit or {}, history, model["weights"] == "none", validated,
                        "test" in reports),
         results_table=(_multi_results(reports, per_label, split, _fallbacks(classes, thresholds)) if multi
@@ -133,10 +136,11 @@ def _smallest(images: int) -> str:
             "to the next at that size.\n")
 
 
-def _images(counts: dict[str, dict[str, int]], split: str) -> int:
-    """A split's images in the card's counts (multi-label: its `images` entry)."""
-    found = counts.get(split) or {}
-    return found["images"] if "images" in found else sum(found.values())
+def _images(counts: dict[str, dict[str, int]], totals: dict[str, dict[str, int]] | None, split: str) -> int:
+    """A split's images (multi-label: its `totals` entry; a single-label class named `images` was taken for it)."""
+    if totals is not None:
+        return (totals.get(split) or {}).get("images", 0)
+    return sum((counts.get(split) or {}).values())
 
 
 def _checked(split: str, refit: bool = False) -> str:
@@ -174,10 +178,12 @@ def _table(header: list[str], rows: list[str]) -> str:
     return "\n".join([_row(*header), "|" + "---|" * len(header), *rows])
 
 
-def _counts_table(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
-    if any("images" in v for v in counts.values()):  # multi-label: images carrying each label
-        rows = [_row(c, *(counts[s].get(c, 0) for s in counts)) for c in [*classes, "(no label)"]]
-        rows.append(_row("**images**", *(v["images"] for v in counts.values())))
+def _counts_table(classes: list[str], counts: dict[str, dict[str, int]],
+                  totals: dict[str, dict[str, int]] | None) -> str:
+    if totals is not None:  # multi-label: images carrying each label, then those carrying none, and all
+        rows = [_row(c, *(counts[s].get(c, 0) for s in counts)) for c in classes]
+        rows.append(_row("*(no label)*", *(totals[s]["unlabelled"] for s in counts)))
+        rows.append(_row("**images**", *(totals[s]["images"] for s in counts)))
         return _table(["label", *counts], rows)
     rows = [_row(c, *(counts[s].get(c, 0) for s in counts)) for c in classes]
     rows.append(_row("**total**", *(sum(v.values()) for v in counts.values())))

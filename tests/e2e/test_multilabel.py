@@ -204,6 +204,9 @@ def test_pack_carries_label_lists_and_a_streamed_mirrored_run_trains_on_them(s3,
     train = [r for r in multi["rows"] if r["split"] == "train"]
     for label in LABELS:  # every image kept its labels through the shards
         assert counts["train"][label] + counts["validation"][label] == sum(label in r["labels"] for r in train)
+    images = manifest["dataset"]["images"]  # the images themselves, and those with no label: not in the counts
+    assert images["train"]["images"] + images["validation"]["images"] == len(train) == 72
+    assert images["train"]["unlabelled"] + images["validation"]["unlabelled"] == sum(not r["labels"] for r in train)
     assert "thresholds.json" in manifest["files"]
     single = config(tmp_path, dataset, multi, "ml-stream-single", uri=packed, staging="stream", task="single_label")
     out = run_cli("validate", "--config", str(single), env=s3.env())

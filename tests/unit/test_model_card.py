@@ -113,19 +113,28 @@ def test_a_multilabel_card_gives_map_f1s_and_each_labels_threshold():
                            "threshold": 0.5}}
     report = {"examples": 40, "map": 0.97, "micro_f1": 0.85, "macro_f1": 0.77, "subset_accuracy": 0.6, "loss": 0.31,
               "per_label": per_label}
-    counts = {"train": {"rose": 30, "tulip": 12, "(no label)": 5, "images": 40}}
+    counts, totals = {"train": {"rose": 30, "tulip": 12}}, {"train": {"unlabelled": 5, "images": 40}}
     formats = {"saved_model": {"map": 0.97, "micro_f1": 0.85, "bytes": 9e6, "latency_ms_batch1": 3.0},
                "tflite": {"map": 0.96, "micro_f1": 0.84, "agreement": 0.99, "bytes": 2e6, "latency_ms_batch1": 1.0}}
     cfg = config.redacted(config.load(None, ["data.uri=/d", "output.uri=/o", "task=multi_label"], environ={}))
-    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {})
+    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {}, totals=totals)
     assert "# m1: a multi-label image classifier of 2 labels" in card and "Labels, in output order" in card
     assert 'there is no "none of them"' not in card and "maybe none" in card
     # It said an image "must show one object of one of the classes above", beside "maybe none".
     assert "one object of one of" not in card and "may show what any of the labels above names" in card
-    one = model_card.render("m1", cfg, ["rose"], counts, {"test": report}, formats, 0, {})
+    one = model_card.render("m1", cfg, ["rose"], counts, {"test": report}, formats, 0, {}, totals=totals)
     assert "# m1: a multi-label image classifier of 1 label\n" in one  # not "of 1 labels"
     data, results, labels, fmts = _tables(card)
-    assert data[-2:] == [["(no label)", "5"], ["**images**", "40"]]
+    assert data[-2:] == [["*(no label)*", "5"], ["**images**", "40"]]
+    # A label named `images` or `(no label)` had its counts overwritten by those rows (45 for 31).
+    named = model_card.render("m1", cfg, ["(no label)", "images"], {"train": {"(no label)": 30, "images": 31}},
+                              {"test": report}, formats, 0, {}, totals=totals)
+    assert _tables(named)[0][2:] == [["(no label)", "30"], ["images", "31"], ["*(no label)*", "5"],
+                                     ["**images**", "40"]]
+    single = config.redacted(config.load(None, ["data.uri=/d", "output.uri=/o"], environ={}))
+    plain = model_card.render("s1", single, ["cat", "images"], {"train": {"cat": 3, "images": 4}},
+                              {"test": TEST | {"per_class": {}}}, FORMATS, 0, {})
+    assert _tables(plain)[0][2:] == [["cat", "3"], ["images", "4"], ["**total**", "7"]]
     assert results[2] == ["test", "40", "97.0%", "85.0%", "77.0%", "60.0%", "0.310"]
     assert labels[2] == ["rose", "20", "97.0%", "90.0%", "95.0%", "92.0%", "0.410"]
     assert labels[3][2] == "n/a"  # no positive example: no average precision
@@ -135,11 +144,11 @@ def test_a_multilabel_card_gives_map_f1s_and_each_labels_threshold():
     assert "- every label measured has a recall of at least 80.0% on test.\n- not measured, no test image carries " \
            "them: `tulip`." in card
     report["per_label"]["tulip"]["support"] = 6
-    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {})
+    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {}, totals=totals)
     assert "- `tulip`: recall 50.0% on test (often missed on images that carry it)." in card
     assert "not measured" not in card
     report["map"] = float("nan")  # no positive in the split: no mean average precision
-    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {})
+    card = model_card.render("m1", cfg, ["rose", "tulip"], counts, {"test": report}, formats, 0, {}, totals=totals)
     assert _tables(card)[1][2][2] == "n/a" and "nan" not in card
     assert "Per label on test, at the thresholds chosen on validation:" in card
     # The thresholds' fallbacks named: "chosen on validation" was said of a run without validation images.
