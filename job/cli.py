@@ -19,12 +19,36 @@ import job
 from job.files import json_text
 from job.layout import FEW, case_clashes, shown
 
+
+class _OneLineUsage(typer.core.TyperGroup):
+    """Usage errors (an unknown option, `--top-k 0`) in one line, exit 2, as every other error: they were a box of
+    four lines or more."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.Abort:  # Ctrl-C while the parser runs
+            typer.echo("finetune-job: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # click's UsageError (typer's own copy of click): exit code 2 and a message
+            if getattr(e, "exit_code", None) != 2 or not hasattr(e, "format_message"):
+                raise
+            where, said = e.ctx.command_path if getattr(e, "ctx", None) else "finetune-job", e.format_message()
+            if said.strip():  # (no command at all: the help was printed, and nothing more is to say)
+                typer.echo(f"finetune-job: error: {' '.join(said.split())} (see {where} --help)", err=True)
+            sys.exit(2)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="finetune-job",
     help="Fine-tune a keras.applications image classifier on a folder-per-class dataset in S3.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=_OneLineUsage,
 )
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file (CONTRACT section 4).")]

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import CLI
 from hypothesis import given
 from hypothesis import strategies as st
@@ -35,6 +36,20 @@ def test_each_command_has_help():
 def test_version():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"finetune-job {job.__version__}"
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["train", "--bogus"], "No such option: --bogus (see finetune-job train --help)"),
+    (["train"], "Missing option '--config' / '-c'. (see finetune-job train --help)"),
+    (["predict", "--model", "m", "--top-k", "0", "a.png"],
+     "Invalid value for '--top-k' / '-k': Input should be greater than or equal to 1 "
+     "(see finetune-job predict --help)"),
+    (["bogus"], "No such command 'bogus'. (see finetune-job --help)"),
+])
+def test_usage_errors_are_one_line_exit_2(argv, said):
+    # They were a box of four lines and more (CONTRACT section 7: one clear line).
+    result = subprocess.run([sys.executable, "-m", "job", *argv], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"finetune-job: error: {said}\n")
 
 
 def test_pure_modules_and_help_import_no_tensorflow():
