@@ -128,7 +128,7 @@ def warn_ignored(ignored: list[str], why: str) -> None:
 
 def _read(uri: str, endpoint: str) -> bytes:
     parent, _, name = uri.rstrip("/").rpartition("/")
-    if not storage.is_s3(uri) and not Path(uri).is_file():
+    if not storage.is_s3(uri) and not Path(uri.removeprefix("file://")).is_file():  # file://: as data.uri takes it
         raise DataError(f"{uri}: no such file")
     try:
         return storage.open_store(parent or ".", endpoint).read(name)

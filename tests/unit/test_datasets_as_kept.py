@@ -403,6 +403,16 @@ def test_pack_from_a_manifest_named_without_its_folder_reads_beside_it(tmp_path,
     assert sum(result["images"].values()) == 4
 
 
+def test_a_manifest_given_as_a_file_uri_is_read(tmp_path):
+    # data.manifest took file:// (as data.uri does), then said "no such file" (exit 3) of a file that was there.
+    write_sample_dataset(tmp_path / "data", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    listed = [f"{p.relative_to(tmp_path / 'data')},{p.parent.name}" for p in sorted((tmp_path / "data").rglob("*.png"))]
+    (tmp_path / "data" / "m.csv").write_text("path,label\n" + "\n".join(listed) + "\n")
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "data"), "manifest": f"file://{tmp_path}/data/m.csv"},
+                                 "output": {"uri": str(tmp_path / "o")}, "model": {"weights": "none"}})
+    assert sources.open_source(cfg).layout.count("train") == 4
+
+
 def test_packs_layout_hints_name_its_own_option(tmp_path):
     # `pack --from data/train` said "set data.uri to data", a key the user never set; pack's is --from.
     write_sample_dataset(tmp_path / "data", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
