@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -101,8 +102,9 @@ def client(endpoint: str = ""):
             try:
                 c = boto3.session.Session().client("s3", endpoint_url=url or None, config=cfg)
             except ValueError as e:  # AWS_ENDPOINT_URL=127.0.0.1:9000 (no scheme): exit 1, "unexpected"
-                raise ConfigError(f"config: S3 endpoint {url!r} (s3.endpoint_url or AWS_ENDPOINT_URL): {e}; write "
-                                  f"it as a URL, http://host:port") from None
+                shown, why = _masked(repr(url)), _masked(str(e))
+                raise ConfigError(f"config: S3 endpoint {shown} (s3.endpoint_url or AWS_ENDPOINT_URL): {why}; write it "
+                                  f"as a URL, http://host:port") from None
             c.meta.events.register("needs-retry.s3", _count_failed_attempt)
             _clients[url] = c
         return _clients[url]
@@ -126,10 +128,15 @@ def storage_errors(what: str) -> Iterator[None]:
     except S3UploadFailedError as e:  # the transfer manager wraps the ClientError that caused it
         cause = e.__context__
         raise (_client_error(what, cause) if isinstance(cause, ClientError) else StorageError(f"{what}: {e}")) from None
-    except BotoCoreError as e:
-        raise StorageError(f"{what}: storage unreachable ({e})") from None
+    except BotoCoreError as e:  # its text quotes the endpoint's URL: user:password@ there is masked
+        raise StorageError(f"{what}: storage unreachable ({_masked(str(e))})") from None
     except OSError as e:
         raise StorageError(f"{what}: {e.strerror or e}") from None
+
+
+def _masked(text: str) -> str:
+    """`text` with the user:password@ of any URL in it as ***@ (config.yaml masks them so; errors printed them)."""
+    return re.sub(r"(?i)(\b[a-z][a-z0-9+.-]*://|^|[\s\"'(])[^/\s\"']+@", r"\1***@", text)
 
 
 def _backoff(attempt: int, scale: float = 1.0) -> None:
