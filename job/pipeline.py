@@ -507,6 +507,8 @@ def prepare(cfg: Config) -> Run | dict:
             if cluster.is_chief:
                 log.warning("overwriting the complete run", artifacts=out.uri)
                 out.delete(doomed)
+                if isinstance(out, storage.LocalStore):
+                    out.remove_emptied(doomed)
             state = "empty"
         from job.checkpoint import Checkpoints
 

@@ -492,6 +492,15 @@ class LocalStore:
             for rel in rels:
                 (self.root / rel).unlink(missing_ok=True)
 
+    def remove_emptied(self, rels: list[str]) -> None:
+        """The folders below the root that deleting `rels` left empty, deepest first (a folder on S3 is gone with its
+        last object): an overwrite with fewer formats left tf_serving/classifier/1/variables/ behind, empty, which a
+        TF Serving watching it took for a broken version 1."""
+        folders = {p for rel in rels for p in (self.root / rel).parents if self.root in p.parents}
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty, or gone
+                folder.rmdir()
+
     def delete_all(self) -> None:
         with storage_errors(f"deleting {self.root}"):
             shutil.rmtree(self.root, ignore_errors=True)

@@ -364,3 +364,23 @@ def test_keys_that_storage_refuses_to_delete_are_a_storage_error(s3, monkeypatch
         store.delete(["_LEASE"])
     monkeypatch.setattr(store.client, "delete_objects", real)
     store.delete(["_LEASE", "absent"])  # deleted, and a key that is not there: no error
+
+
+def test_folders_a_local_delete_empties_go_with_it(tmp_path):
+    # An overwrite with fewer formats left tf_serving/classifier/1/variables/ behind, empty: a TF Serving watching the
+    # folder took it for a broken version 1. (On S3 a folder is gone with its last object.)
+    store = storage.LocalStore(str(tmp_path / "run"))
+    kept = ["saved_model/saved_model.pb", "tf_serving/other/1/x"]
+    gone = ["tf_serving/classifier/1/variables/variables.index", "tf_serving/classifier/1/saved_model.pb",
+            "model.tflite", "saved_model/variables/v"]
+    for rel in kept + gone:
+        (tmp_path / "run" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / rel).write_text("x")
+    store.delete(gone)
+    store.remove_emptied(gone)
+    left = sorted(str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*"))
+    assert left == ["saved_model", "saved_model/saved_model.pb", "tf_serving", "tf_serving/other", "tf_serving/other/1",
+                    "tf_serving/other/1/x"]
+    store.delete(kept)
+    store.remove_emptied(kept)
+    assert (tmp_path / "run").is_dir() and not any((tmp_path / "run").iterdir())  # the root stays
