@@ -373,7 +373,8 @@ class Config(_Section):
                 "learning_rates" not in self.train.search.model_fields_set:
             # The user chose the rate: no search unless its rates are asked for too (a `search: {epochs: 2}` beside
             # the rate searched the default rates, the chosen one never used).
-            self.train.search = SearchConfig(learning_rates=[])
+            given = self.train.search.model_dump(include=self.train.search.model_fields_set)  # config.yaml keeps them
+            self.train.search = SearchConfig(**{**given, "learning_rates": []})
         if multi and "learning_rate" not in self.train.finetune.model_fields_set:
             # The task's own default (job.recipe.MULTI_LABEL_FINETUNE_RATE); an explicit value is kept.
             self.train.finetune = self.train.finetune.model_copy(

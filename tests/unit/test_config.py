@@ -391,6 +391,7 @@ def test_an_explicit_finetune_rate_turns_the_search_off_unless_its_rates_are_giv
     # `train: {search: {epochs: 2}}` beside an explicit rate searched the default rates: the rate was never used.
     cfg = config.load(cfg_file, ["train.search.epochs=2", "train.finetune.learning_rate=1e-3"], environ={})
     assert cfg.train.search.learning_rates == [] and cfg.train.finetune.learning_rate == 1e-3
+    assert cfg.train.search.epochs == 2  # as written: the resolved config.yaml said 3
     both = config.load(cfg_file, ["train.search.learning_rates=[1e-4, 1e-3]", "train.finetune.learning_rate=1e-3"],
                        environ={})
     assert both.train.search.learning_rates == [1e-4, 1e-3]
