@@ -592,7 +592,25 @@ def _start_strategy(cfg: Config):
     logs.bind(worker=cluster.worker_index)
     log.info("strategy ready", strategy=cluster.kind, replicas=cluster.replicas, workers=cluster.num_workers,
              mixed_precision=cluster.mixed_precision)
+    _workers_agree_on_config(cfg, cluster)
     return cluster
+
+
+def _workers_agree_on_config(cfg: Config, cluster) -> None:
+    """Workers started with configs that differ in what trains a model (an env override on one pod) failed on
+    TensorFlow's own words after their first epoch ("Collective instance 400 expected type 0"), exit 1 and retried:
+    one exact all-gather of each worker's training config digest first, and all refuse together (exit 2)."""
+    import json
+
+    if cluster.num_workers < 2:
+        return
+    trained = json.dumps(runstate.training_config(redacted(cfg)), sort_keys=True, default=str)
+    rows = cluster.gather([zlib.crc32(trained.encode())])
+    others = [i for i, row in enumerate(rows) if row != rows[0]]
+    if others:
+        raise ConfigError(f"the workers run different configs in what trains a model: worker(s) "
+                          f"{', '.join(map(str, others))} differ from worker 0 (the chief); give every worker one "
+                          f"config (train.*, model.*, data.uri, data.image_size, ...)")
 
 
 def _completed_meanwhile(cfg: Config, out: storage.Store, state: str, lease, cluster,

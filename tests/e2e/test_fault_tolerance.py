@@ -148,6 +148,31 @@ def test_a_worker_alone_fails_clearly_within_the_timeout(s3, dataset, tmp_path):
     assert "could not reach all 2 workers in TF_CONFIG within 10 s" in result.stderr
 
 
+def test_workers_that_disagree_fail_at_start_saying_why(s3, dataset, tmp_path):
+    """Configs that differ in what trains (an env override on one pod) failed after the first epoch on TensorFlow's
+    words ("Collective instance 400 expected type 0"), exit 1; clusters that differ (one worker's TF_CONFIG lists
+    another address) read "lost contact with another worker mid-run" before anything ran."""
+    def both(configs, clusters) -> list[Running]:
+        return [Running(cfg, {**s3.env(), "TF_CONFIG": json.dumps({"cluster": {"worker": cluster},
+                                                                   "task": {"type": "worker", "index": i}})})
+                for i, (cfg, cluster) in enumerate(zip(configs, clusters))]
+
+    a, b, c = (f"127.0.0.1:{p}" for p in free_ports(3))
+    configs = [make_config(tmp_path / f"w{i}.yaml", dataset, "disagree", tmp_path / f"cache{i}",
+                           distribution={"connect_timeout_seconds": 60}, train={"head": {"epochs": 1 + i}})
+               for i in range(2)]
+    procs = both(configs, [[a, b], [a, b]])
+    assert [p.wait(120) for p in procs] == [2, 2], [p.stderr[-1500:] for p in procs]
+    assert all("finetune-job: error: the workers run different configs in what trains a model: worker(s) 1 differ "
+               "from worker 0" in p.stderr for p in procs)
+    procs = both([configs[0], configs[0]], [[a, b], [a, c]])
+    assert [p.wait(120) for p in procs] == [1, 1], [p.stderr[-1500:] for p in procs]
+    for i, p in enumerate(procs):
+        assert f"finetune-job: error: worker {i} could not start the cluster of 2 workers in TF_CONFIG (" in p.stderr
+        assert "mid-run" not in p.stderr and "Traceback" not in p.stderr
+    assert not s3.keys(dataset, "runs/disagree/")  # nothing written: no lease, no checkpoint
+
+
 def test_sigterm_in_finetuning_checkpoints_and_the_rerun_resumes_through_storage_faults(s3, dataset, tmp_path):
     cfg = make_config(tmp_path / "c.yaml", dataset, "preempted", tmp_path / "cache",
                       train={"finetune": {"epochs": 3}}, checkpoint={"every_steps": 2})
