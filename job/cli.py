@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -117,7 +118,8 @@ def _fail(exc: BaseException) -> None:
     except JobError:  # a broken TF_CONFIG: it failed again here, inside the handler, with a traceback (exit 1)
         several = False
     if several and type(exc).__name__ in _PEER_ERRORS and type(exc).__module__.startswith("tensorflow"):
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        said = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(exc)).strip()  # TensorFlow's graph node
+        first = said.splitlines()[0] if said else type(exc).__name__
         exc = WorkerLost(f"lost contact with another worker mid-run ({first}); "
                          "the Job's next attempt resumes from the last checkpoint")
     if not isinstance(exc, JobError) and _disk_full(exc):

@@ -435,9 +435,11 @@ def train(cfg: Config) -> dict:
             reports = evaluate_splits(run)
         if not run.cluster.is_chief:
             _drop_local_copies(run)
+            _meet_at_the_end(run)
             return {"status": "done (worker)", "artifacts": run.out.uri}
         summary = export_run(run, reports, started)
         _drop_local_copies(run)
+        _meet_at_the_end(run)
         return summary
     finally:
         try:
@@ -446,6 +448,16 @@ def train(cfg: Config) -> dict:
         finally:
             if run.lease:
                 run.lease.release()
+
+
+def _meet_at_the_end(run: Run) -> None:
+    """The other workers wait for the chief's export in one collective: they exited 0 as it began, the chief's log
+    then said "The tasks have crashed" of every successful run, and a chief stopped in its export could never resume
+    (its rerun waited for workers that had finished, exit 137). A chief that fails there fails them too (exit 1)."""
+    if run.cluster.num_workers > 1:
+        if not run.cluster.is_chief:
+            log.info("waiting for the chief's export")
+        run.cluster.gather([0])
 
 
 def _close_board(board, failing: bool) -> None:

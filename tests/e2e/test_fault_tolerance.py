@@ -123,6 +123,10 @@ def test_two_workers_stopped_resume_to_identical_weights_and_only_the_chief_writ
     assert done[0]["weights_sha256"] == done[1]["weights_sha256"]
     assert [next(r for r in p.lines if r["event"] == "strategy ready")["workers"] for p in procs] == [2, 2]
     assert procs[0].lines[-1]["status"] == "complete" and procs[1].lines[-1]["status"] == "done (worker)"
+    # The other worker waits for the chief's export: it exited as the export began ("The tasks have crashed" in the
+    # chief's log), and a chief stopped there could not resume without it.
+    uploading = next(r for r in procs[0].lines if r["event"] == "uploading the artifacts")["timestamp"]
+    assert procs[1].lines[-1]["timestamp"] > uploading
     assert not any(r["event"] == "checkpoint saved" for r in procs[1].lines)  # the chief alone uploads
     assert all(next(r for r in p.lines if r["event"] == "resuming from checkpoint") for p in procs)
     keys = s3.keys(dataset, "runs/two-workers/")
