@@ -290,9 +290,9 @@ def validator(model: keras.Model, dataset: tf.data.Dataset | None, multi_label: 
 
         metrics.stage_progress("validation", 0, images)
         results = predict(model, dataset, infer, progress)
-        if multi_label:
+        if multi_label:  # val_accuracy as the epoch's training accuracy is measured (CONTRACT section 8 names it)
             loss, mean_ap = multilabel.loss_and_map(*results)
-            return {"val_loss": loss, "val_map": mean_ap}
+            return {"val_loss": loss, "val_accuracy": multilabel.binary_accuracy(*results), "val_map": mean_ap}
         loss, accuracy = evaluate.loss_and_accuracy(*results)
         return {"val_loss": loss, "val_accuracy": accuracy}
 

@@ -294,16 +294,15 @@ def epoch_done(
     phase: str, epoch: int, *, train_loss: float, train_accuracy: float, val_loss: float, val_accuracy: float,
     val_map: float | None = None,
 ) -> None:
-    """Epoch `epoch` of `phase` finished with these results (`val_map`: multi-label runs, which have no validation
-    accuracy: its series stays absent, not NaN)."""
+    """Epoch `epoch` of `phase` finished with these results (`val_map`: multi-label runs only, whose accuracies are
+    binary: each label decided at 0.5)."""
     run = _run.labels
     EPOCH.labels(**run, phase=phase).set(epoch)
     TRAIN_LOSS.labels(**run, phase=phase).set(train_loss)
     TRAIN_ACCURACY.labels(**run, phase=phase).set(train_accuracy)
     VAL_LOSS.labels(**run, phase=phase).set(val_loss)
-    if val_map is None:
-        VAL_ACCURACY.labels(**run, phase=phase).set(val_accuracy)
-    else:
+    VAL_ACCURACY.labels(**run, phase=phase).set(val_accuracy)
+    if val_map is not None:
         VAL_MAP.labels(**run, phase=phase).set(val_map)
 
 

@@ -123,6 +123,12 @@ def loss_and_map(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return binary_cross_entropy(scores, truth), mean_average_precision(scores, truth)
 
 
+def binary_accuracy(scores: np.ndarray, truth: np.ndarray) -> float:
+    """The share of (image, label) decisions right at 0.5: the epoch's `accuracy` as training measures it."""
+    s, t = _matrix_pair(scores, truth)
+    return _ratio(int(((s >= 0.5) == t).sum()), int(t.size))
+
+
 def _ratio(numerator: int, denominator: int) -> float:
     """Returns numerator / denominator as a float, 0.0 when the denominator is 0."""
     return numerator / denominator if denominator else 0.0

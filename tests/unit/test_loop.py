@@ -172,8 +172,11 @@ def test_a_multilabel_phase_trains_and_validates_on_map(tmp_path, cluster, data)
     loop.run_phase(phase, cluster, BATCH, loop.Options(patience=0, multi_label=True, metric="val_map"),
                    checkpoints(tmp_path, cluster), state)
     records = state.history["head"]
-    keys = ["accuracy", "epoch", "images_per_second", "learning_rate", "loss", "seconds", "val_loss", "val_map"]
+    keys = ["accuracy", "epoch", "images_per_second", "learning_rate", "loss", "seconds", "val_accuracy", "val_loss",
+            "val_map"]
     assert [sorted(r) for r in records] == [keys] * 4
+    probs = model.predict(x, verbose=0)  # the best epoch's weights: its record's binary accuracy at 0.5
+    assert records[state.best_epoch - 1]["val_accuracy"] == pytest.approx(float(np.mean((probs >= 0.5) == y)))
     assert records[-1]["val_loss"] < records[0]["val_loss"] and 0 < records[-1]["val_map"] <= 1
     assert state.best_epoch == max(range(1, 5), key=lambda e: (records[e - 1]["val_map"], -records[e - 1]["val_loss"]))
 
