@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from job import backbones, recipe
 from job.errors import ConfigError, did_you_mean
-from job.uris import is_s3, s3_form, split_s3, within
+from job.uris import credentials_parse, is_s3, masked, s3_form, split_s3, within
 
 ENV_PREFIX = "FINETUNE_"
 RUN_ID_MAX = 128  # as the chart's values.schema.json
@@ -63,8 +63,12 @@ def _takes_bool(annotation: Any) -> bool:
 
 def http_url(v: str) -> str:
     """An http(s) URL, or "" (none): boto3's ValueError was exit 1, "unexpected"."""
+    if v and "://" in v and not v.lower().startswith(("http://", "https://")):
+        raise ValueError(f"expected http:// or https://, not {v.split('://')[0]}://")
     if v and not v.lower().startswith(("http://", "https://")):
-        raise ValueError(f"expected a URL such as http://{v}")
+        raise ValueError(f"expected a URL such as http://{masked(v)}")
+    if v:
+        credentials_parse(v)
     return v
 
 
@@ -301,6 +305,8 @@ class MetricsConfig(_Section):
             raise ValueError(f"expected http://host:port or host:port, not {v.split('://')[0]}://")
         if "://" not in v and "@" in v.split("/")[0]:  # masked in config.yaml only with a scheme
             raise ValueError("a user:password@ needs the scheme: http://user:password@host:port")
+        if "://" in v:
+            credentials_parse(v)
         return v
 
     @field_validator("host")
@@ -581,11 +587,11 @@ def one_line(err: ValidationError) -> str:
     msg = e["msg"].removeprefix("Value error, ")
     if key:
         given = e.get("input")
-        shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+        shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {masked(repr(given))})"
         if e["type"] == "string_type" and isinstance(given, (bool, int, float, dt.date)):  # YAML typed the text
             kind = {bool: "a boolean", int: "a number", float: "a number"}.get(type(given), "a date")
             shown = f": YAML read {given!r} as {kind}; quote it ({loc[-1]}: \"...\")"
-        return f"config: {key}: {msg}{shown}"
+        return f"config: {key}: {msg}{shown}"  # (the value: a URL's user:password@ as config.yaml shows it)
     return f"config: {msg}"
 
 
@@ -673,13 +679,13 @@ def _check_inputs_outside_the_run(cfg: Config) -> None:
 
 
 def _redact_url(url: str) -> str:
+    """`url` with its user:password@ as ***@ (the host as written: an IPv6 host kept its brackets, a port that is no
+    number failed here with a traceback)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
+    if "@" in parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
         return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
-    return url
+    return masked(url)
 
 
 def redacted(cfg: Config) -> dict[str, Any]:

@@ -36,6 +36,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import basic_auth_handler, default_handler
 
+from job.uris import masked
+
 log = structlog.get_logger()
 
 JOB = "finetune-job"
@@ -178,7 +180,7 @@ def _gateway(url: str):
     log line printed the password."""
     parts = urllib.parse.urlsplit(url) if "://" in url else None
     if parts is None or "@" not in parts.netloc:
-        return url, url, default_handler
+        return url, masked(url), default_handler
     user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
     host = parts.netloc.rpartition("@")[2]
     bare = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
@@ -186,8 +188,7 @@ def _gateway(url: str):
     def handler(url, method, timeout, headers, data):
         return basic_auth_handler(url, method, timeout, headers, data, user, password)
 
-    shown = urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
-    return bare, shown, handler
+    return bare, masked(url), handler
 
 
 _run = _Run()

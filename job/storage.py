@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import threading
 import time
@@ -27,7 +26,7 @@ from job import logs, metrics
 from job.errors import ConfigError, DataError, StorageError
 from job.files import atomic_path, write_text
 from job.layout import IMAGE_EXTENSIONS
-from job.uris import is_s3, s3_form, split_s3
+from job.uris import is_s3, masked, s3_form, split_s3
 
 DOWNLOAD_THREADS = 32
 RANGED_MIN = 16 * 2**20  # objects this large (tar shards) are fetched with parallel ranged GETs
@@ -102,7 +101,7 @@ def client(endpoint: str = ""):
             try:
                 c = boto3.session.Session().client("s3", endpoint_url=url or None, config=cfg)
             except ValueError as e:  # AWS_ENDPOINT_URL=127.0.0.1:9000 (no scheme): exit 1, "unexpected"
-                shown, why = _masked(repr(url)), _masked(str(e))
+                shown, why = masked(repr(url)), masked(str(e))
                 raise ConfigError(f"config: S3 endpoint {shown} (s3.endpoint_url or AWS_ENDPOINT_URL): {why}; write it "
                                   f"as a URL, http://host:port") from None
             c.meta.events.register("needs-retry.s3", _count_failed_attempt)
@@ -129,14 +128,9 @@ def storage_errors(what: str) -> Iterator[None]:
         cause = e.__context__
         raise (_client_error(what, cause) if isinstance(cause, ClientError) else StorageError(f"{what}: {e}")) from None
     except BotoCoreError as e:  # its text quotes the endpoint's URL: user:password@ there is masked
-        raise StorageError(f"{what}: storage unreachable ({_masked(str(e))})") from None
+        raise StorageError(f"{what}: storage unreachable ({masked(str(e))})") from None
     except OSError as e:
         raise StorageError(f"{what}: {e.strerror or e}") from None
-
-
-def _masked(text: str) -> str:
-    """`text` with the user:password@ of any URL in it as ***@ (config.yaml masks them so; errors printed them)."""
-    return re.sub(r"(?i)(\b[a-z][a-z0-9+.-]*://|^|[\s\"'(])[^/\s\"']+@", r"\1***@", text)
 
 
 def _backoff(attempt: int, scale: float = 1.0) -> None:

@@ -45,5 +45,34 @@ def s3_form(v: str) -> str:
     if v[:3].lower() == "s3:" and not bucket:
         raise ValueError("expected s3://bucket/prefix (two slashes, then the bucket)")
     if bucket and not re.fullmatch(r"[A-Za-z0-9._-]+", bucket):  # boto3's check: exit 4, "storage unreachable"
-        raise ValueError(f"bucket name {bucket!r}: letters, digits, '.', '-' and '_' only")
+        raise ValueError(f"bucket name {masked(repr(bucket))}: letters, digits, '.', '-' and '_' only")
     return v
+
+
+# A URL's user:password@ in text: from its scheme to the last `@` before white space, unencoded `/ # ? ' "` in the
+# password included (they ended the match, and the password's tail or all of it was printed); or, without a scheme,
+# a `user:password@` that begins a value.
+_WITH_SCHEME = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)\S+@")
+_WITHOUT = re.compile(r"(^|[\s\"'(`])(?!\S*://)[^\s\"'(`/:@]+:\S*@")
+
+
+def masked(text: str) -> str:
+    """`text` with the user:password@ of any URL in it as `***@` (config.yaml masks them so; error lines printed
+    them). Errs on the side of masking: a path's `@` masks what precedes it too."""
+    return _WITHOUT.sub(r"\1***@", _WITH_SCHEME.sub(r"\1***@", text))
+
+
+def credentials_parse(url: str) -> None:
+    """ValueError unless a URL's user:password@ parse as such: `#`, `?` or `/` unencoded in the password cut the
+    URL there (the host read as `user`, the port as the password's start: every push failed, exit 0, and the
+    password went into the log and config.yaml unmasked); a port that is not a number was exit 1, a traceback."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if "@" in url and "@" not in parts.netloc:
+        raise ValueError("user:password@ cut short by a character the URL reads otherwise: percent-encode # ? / @ : "
+                         "in them (%23 %3F %2F %40 %3A)")
+    try:
+        parts.port  # noqa: B018 (urllib checks it when asked)
+    except ValueError:
+        raise ValueError("the port must be a number 0..65535") from None

@@ -249,6 +249,8 @@ def test_schema_accepts_the_shipped_values(value_set: str) -> None:
         ({"kueue": {"priorityClass": "p" * 64}}, "/kueue/priorityClass"),
         ({"s3": {"endpointUrl": "https://AKIA:s3cr3t@minio:9000"}}, "/s3/endpointUrl"),
         ({"pushgateway": {"url": "http://user:pass@pg:9091"}}, "/pushgateway/url"),
+        ({"pushgateway": {"url": "http://user:pa/ss@pg:9091"}}, "/pushgateway/url"),  # `/` in the password got past
+        ({"s3": {"endpointUrl": "https://AKIA:s3/cr3t@minio:9000"}}, "/s3/endpointUrl"),
         ({"config": {"s3": {"endpoint_url": "https://AKIA:s3cr3t@minio:9000"}}}, "/config/s3/endpoint_url"),
         # As the job's config refuses them (it did; the schema did not).
         ({"config": {"data": {"cache_dir": ""}}}, "/config/data/cache_dir"),
@@ -321,7 +323,9 @@ def test_schema_accepts_the_new_values() -> None:
         "tolerations": [{"key": "k", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
                         {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "extraEnv": [{"name": "A", "value": "1"},
-                     {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                     {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                     {"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {"name": "sts", "key": "token"}}},
+                     {"name": "DOCS", "value": "https://example.com/models"}],
         # valid quantities and durations the schema refused
         "tmp": {"sizeLimit": ".5Gi"},
         "cache": {"sizeLimit": "1e9", "persistence": {"accessModes": ["ReadOnlyMany", "ReadWriteMany"]}},
@@ -368,6 +372,11 @@ def test_the_schemas_backbones_are_the_jobs() -> None:
          "extraEnv: FINETUNE_METRICS__PORT is set by the chart"),
         ({"extraEnv": [{"name": "AWS_ACCESS_KEY_ID", "value": "x"}]},
          "extraEnv: AWS_ACCESS_KEY_ID is set by the chart"),
+        # credentials in the pod spec in plain text (the chart's own URLs refuse user:password@)
+        ({"extraEnv": [{"name": "AWS_SESSION_TOKEN", "value": "x"}]},
+         "extraEnv: AWS_SESSION_TOKEN holds a credential: take it from a Secret"),
+        ({"extraEnv": [{"name": "AWS_ENDPOINT_URL", "value": "http://u:p/w@minio:9000"}]},
+         "extraEnv: AWS_ENDPOINT_URL: a URL with user:password@ would be in the pod spec in plain text"),
         # rendered with ReadWriteOnce: pods on other nodes hung on a multi-attach error, waiting for each other
         ({"workers": 2, "cache": {"persistence": {"enabled": True}}},
          "cache.persistence: the claim is shared by the 2 workers' pods, which run on several nodes: its "

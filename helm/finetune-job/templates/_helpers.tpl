@@ -213,6 +213,14 @@ containerPort and the PodMonitor, FINETUNE_RUN_ID ran another run than NOTES nam
 {{- if has .name $own }}
 {{- fail (printf "extraEnv: %s is set by the chart, or read by its checks (from config:, s3:, pushgateway: or workers): set it there" .name) }}
 {{- end }}
+{{- /* Credentials in a plain value are in the pod spec, readable by anyone who can read the Job: as the chart's own
+URLs refuse user:password@, and its keys come from a Secret */}}
+{{- if and (hasKey . "value") (regexMatch "(?i)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL)" .name) }}
+{{- fail (printf "extraEnv: %s holds a credential: take it from a Secret (valueFrom.secretKeyRef), not a plain value in the pod spec" .name) }}
+{{- end }}
+{{- if and (hasKey . "value") (regexMatch "[A-Za-z][A-Za-z0-9+.-]*://[^\\s]*@" (toString .value)) }}
+{{- fail (printf "extraEnv: %s: a URL with user:password@ would be in the pod spec in plain text: take it from a Secret (valueFrom.secretKeyRef)" .name) }}
+{{- end }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
