@@ -107,7 +107,7 @@ def _fail(exc: BaseException) -> None:
     """Log the error and exit with its code: one line for expected errors, a traceback otherwise."""
     from job import logs
     from job.distribute import tf_config_workers
-    from job.errors import JobError, StorageError, WorkerLost, carried, exit_code_for
+    from job.errors import JobError, StorageError, WorkerLost, carried, disk_full, exit_code_for
 
     exc = carried(exc)
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C where nothing turned it into Preempted (validate): a traceback
@@ -122,10 +122,12 @@ def _fail(exc: BaseException) -> None:
         first = said.splitlines()[0] if said else type(exc).__name__
         exc = WorkerLost(f"lost contact with another worker mid-run ({first}); "
                          "the Job's next attempt resumes from the last checkpoint")
-    if not isinstance(exc, JobError) and _disk_full(exc):
-        exc = StorageError(f"no space left on the local disk ({type(exc).__name__}); data.cache_dir holds the staged "
-                           "images, their decoded cache and the checkpoints before upload: give the pod more "
-                           "ephemeral storage, or point data.cache_dir at a larger volume, and rerun the same run_id")
+    full = disk_full(exc) if not isinstance(exc, JobError) else None
+    if full is not None:
+        exc = StorageError(f"no space left on the local disk ({full or type(exc).__name__}); " + (
+            "data.cache_dir holds the staged images, their decoded cache and the checkpoints before upload: give "
+            "the pod more ephemeral storage, or point data.cache_dir at a larger volume, and rerun the same run_id"
+            if _command() == "train" else "free space there (or set TMPDIR to a larger folder) and run it again"))
     code = exit_code_for(exc)
     if isinstance(exc, JobError):
         logs.get().error(str(exc), exit_code=code)
@@ -141,18 +143,9 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code)
 
 
-def _disk_full(exc: BaseException) -> bool:
-    """Whether `exc` or an exception it came from is a full local disk (OSError ENOSPC, or TensorFlow's
-    ResourceExhaustedError when it writes a checkpoint or a cache file)."""
-    import errno
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+def _command() -> str:
+    """The command being run (train, pack, ...), as the command line named it."""
+    return next((a for a in sys.argv[1:] if not a.startswith("-")), "")
 
 
 def _load(path: Path, sets: list[str] | None):

@@ -75,6 +75,21 @@ def carried(exc: BaseException) -> BaseException:
     return exc
 
 
+def disk_full(exc: BaseException) -> str | None:
+    """Where a full local disk is the cause of `exc` or of an exception it came from (OSError ENOSPC, or
+    TensorFlow's ResourceExhaustedError when it writes a checkpoint or a cache file): the file it was writing when
+    known, else "" ; None when it is not."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left on device" in str(exc):
+            return str(getattr(exc, "filename", "") or "")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def exit_code_for(exc: BaseException) -> int:
     """Exit code of the contract for any exception: typed errors carry theirs, the rest is 1."""
     return exc.exit_code if isinstance(exc, JobError) else 1

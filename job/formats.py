@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from job import logs
+from job.errors import StorageError, disk_full
 
 FORMATS = ("saved_model", "tf_serving", "tflite", "tflite_int8", "onnx")
 # What `export.formats` means when not set: every format that converted and ran for every backbone of
@@ -78,6 +79,11 @@ def convert(fmt: str, folder: Path, keras_model, image_size: tuple[int, int], ca
         else:
             path.write_bytes(_tflite(folder / "saved_model", fmt == "tflite_int8", calibration))
     except Exception as e:  # the converters raise anything from ValueError to ConverterError
+        full = disk_full(e)
+        if full is not None:  # left out as "conversion failed", a default format went missing from a complete run
+            raise StorageError(f"{fmt}: no space left on the local disk ({full or folder}) while converting; give "
+                               "the pod more ephemeral storage, or point data.cache_dir at a larger volume, and "
+                               "rerun the same run_id (it exports again from the trained checkpoint)") from None
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise ConversionError(f"{fmt}: conversion failed: {type(e).__name__}: {first}") from None
     _describe(path, fmt, image_size, classes, multi)

@@ -107,13 +107,17 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     uploaded: list[str] = []
     try:
         return _write(source, layout, cfg, dest, shard_size, seed, source_uri, uploaded)
-    except JobError as e:  # a read or an upload failed midway: what the destination holds now, and what to do
+    except (JobError, OSError) as e:  # a read, an upload or the local shard failed midway: what the destination
+        # holds now, and what to do (a full TMPDIR said nothing of the unfinished pack it left)
+        if isinstance(e, OSError):
+            e = StorageError(f"writing a shard in {tempfile.gettempdir()}: {e.strerror or e} (set TMPDIR to a "
+                             "larger folder)")
         if not uploaded and not deleted:  # nothing written nor deleted there (a destination that denies writes)
-            raise
+            raise e from None
         before = f"; the {deleted} shard(s) there before were deleted first (--overwrite)" if deleted else ""
         e.args = (f"{e.args[0] if e.args else e}; pack stopped midway: {dest.uri} has no {shards.CLASSES}, so it is "
                   f"no dataset (shards there are this unfinished pack's{before}); pack again with --overwrite",)
-        raise
+        raise e from None
 
 
 def _write(source, layout, cfg, dest: storage.Store, shard_size: int, seed: int, source_uri: str,

@@ -443,8 +443,12 @@ class LocalStore:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 return None
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except BaseException:  # a full disk left an empty lease, which the next attempt waited out as live
+                path.unlink(missing_ok=True)
+                raise
             return str(path.stat().st_mtime_ns)
 
     def replace(self, rel: str, data: bytes, etag: str) -> str | None:

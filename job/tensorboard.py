@@ -25,6 +25,7 @@ from pathlib import Path
 
 from job import logs, storage
 from job.errors import ConfigError, StorageError
+from job.files import atomic_path
 from job.uris import within
 
 log = logs.get()
@@ -192,8 +193,8 @@ def mirror(store: storage.Store, folder: Path, known: dict[str, str], own: str =
             except StorageError as e:  # one file gone or unreadable (a resumed run rewrites its events): the
                 missed.append(str(e))  # others are still copied; it is tried again at the next refresh
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            with atomic_path(target) as part:  # whole or not at all: a full --folder left a cut event file
+                part.write_bytes(data)
             known[rel] = entry.etag
             copied += 1
     if missed:
@@ -291,9 +292,9 @@ def refresh(store, folder: Path, known: dict[str, str], own: str) -> None:
     restarted the pod and its mirror from nothing."""
     try:
         copied = mirror(store, folder, known, own)
-    except StorageError as e:
+    except (StorageError, OSError) as e:  # (a full --folder stopped the server, exit 4)
         log.warning("event files not refreshed; serving what is mirrored, trying again at the next refresh",
-                    reason=str(e))
+                    reason=str(e) if isinstance(e, StorageError) else f"{e.strerror or e}: {e.filename or folder}")
         return
     if copied:
         log.info("event files mirrored", files=copied)

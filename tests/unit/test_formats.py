@@ -225,3 +225,30 @@ def test_a_broken_export_of_a_low_confidence_model_is_refused(tmp_path, broken):
     with pytest.raises(formats.ConversionError, match="^onnx: every check image is a near tie, and its scores differ "
                                                       "from the SavedModel's by up to"):
         formats._judge("onnx", result, {"accuracy": 1.0}, 0.02, False, Log())
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "tf_serving"])
+def test_a_full_disk_while_converting_is_a_storage_error_not_a_format_left_out(tmp_path, monkeypatch, fmt):
+    # A default format that hit a full disk was "left out" (a warning), the run exit 0 with _SUCCESS and without it,
+    # and its rerun "already complete"; a listed one was exit 1. Now exit 4: the retry exports again.
+    import errno
+    import shutil
+
+    from job.errors import StorageError
+
+    (tmp_path / "saved_model").mkdir()
+
+    def full(*_a, **_k):
+        if fmt == "tf_serving":  # copytree gathers its failures in one shutil.Error, errno None
+            raise shutil.Error([("a", "b", "[Errno 28] No space left on device: 'b'")])
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.tflite"))
+
+    monkeypatch.setattr(formats, "_tflite", full)
+    monkeypatch.setattr(formats.shutil, "copytree", full)
+    with pytest.raises(StorageError, match=f"^{fmt}: no space left on the local disk .* while converting; .*rerun "
+                                           "the same run_id") as e:
+        formats.convert(fmt, tmp_path, None, (8, 8), iter(()), ["a", "b"])
+    assert e.value.exit_code == 4
+    monkeypatch.setattr(formats, "_tflite", lambda *a: (_ for _ in ()).throw(ValueError("unsupported op")))
+    with pytest.raises(formats.ConversionError, match="tflite: conversion failed: ValueError: unsupported op"):
+        formats.convert("tflite", tmp_path, None, (8, 8), iter(()), ["a", "b"])

@@ -1297,6 +1297,22 @@ def test_a_pack_that_fails_midway_says_what_the_destination_holds(tmp_path, monk
     reads[:] = range(100)  # fails at the first read: nothing written there nor deleted, the error as it was
     with pytest.raises(StorageError, match=r"access denied$"):
         pack(str(tmp_path / "a"), str(tmp_path / "untouched"), shard_size=2_000)
+    # A full TMPDIR (the local shard): exit 4 with advice for train's cache, and not a word of the unfinished pack.
+    import errno
+
+    monkeypatch.setattr(pack_module, "_read", real)
+    added, add = [], pack_module.shards.ShardWriter.add
+
+    def full(self, *args):
+        added.append(1)
+        if len(added) > 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return add(self, *args)
+
+    monkeypatch.setattr(pack_module.shards.ShardWriter, "add", full)
+    with pytest.raises(StorageError, match=r"^writing a shard in .*: No space left on device \(set TMPDIR to a larger "
+                                           r"folder\); pack stopped midway: .* has no classes.txt"):
+        pack(str(tmp_path / "a"), str(tmp_path / "tmpdir-full"), shard_size=2_000)
 
 
 @given(st.dictionaries(st.from_regex(r"train/shard-[0-9]{6}\.tar", fullmatch=True), st.integers(1, 300),

@@ -384,3 +384,22 @@ def test_folders_a_local_delete_empties_go_with_it(tmp_path):
     store.delete(kept)
     store.remove_emptied(kept)
     assert (tmp_path / "run").is_dir() and not any((tmp_path / "run").iterdir())  # the root stays
+
+
+def test_a_local_create_that_fails_midway_leaves_no_file(tmp_path, monkeypatch):
+    # A full disk left an empty _LEASE behind: the next attempt waited it out (3 minutes) as another attempt's.
+    import errno
+    import io
+
+    store = storage.LocalStore(str(tmp_path / "run"))
+
+    class Full(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "fdopen", lambda fd, mode: Full(fd, "wb"))
+    with pytest.raises(StorageError, match="No space left on device"):
+        store.put_new("_LEASE", b'{"holder": "me"}')
+    assert not (tmp_path / "run" / "_LEASE").exists()
+    monkeypatch.undo()
+    assert store.put_new("_LEASE", b"{}") is not None and (tmp_path / "run" / "_LEASE").read_bytes() == b"{}"

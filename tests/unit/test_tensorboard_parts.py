@@ -3,6 +3,8 @@ metrics, misclassified examples, and the mirror of a prefix's event files (a loc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from job import storage, tensorboard
@@ -74,7 +76,7 @@ def test_the_mirror_copies_new_and_changed_event_files_and_drops_removed_ones(tm
     assert not (folder / "r1" / "events.1").exists() and (folder / "r2" / "events.2").read_bytes() == b"two"
 
 
-def test_a_refresh_that_storage_fails_keeps_the_mirror_served(tmp_path):
+def test_a_refresh_that_storage_fails_keeps_the_mirror_served(tmp_path, monkeypatch):
     # The first refresh that failed (storage gone a moment) stopped `finetune-job tensorboard`, exit 4.
     import structlog.testing
 
@@ -119,6 +121,26 @@ def test_a_refresh_that_storage_fails_keeps_the_mirror_served(tmp_path):
     store.read = real_read
     tensorboard.refresh(store, folder, known, "run")
     assert (folder / "r1" / "events.1").read_bytes() == b"one, grown again"
+    # A full --folder: the server stopped (exit 4), a cut event file left behind.
+    import errno
+
+    (runs / "r2" / "tensorboard" / "events.2").write_bytes(b"two, grown")
+    real_write = Path.write_bytes
+
+    def full(path, data):
+        real_write(path, data[:2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with structlog.testing.capture_logs() as logged:
+        tensorboard.refresh(store, folder, known, "run")
+    monkeypatch.undo()
+    assert [r["event"] for r in logged] == ["event files not refreshed; serving what is mirrored, trying again at "
+                                            "the next refresh"] and "No space left on device" in logged[0]["reason"]
+    assert sorted(p.name for p in (folder / "r2").iterdir()) == ["events.2"]  # no part file left
+    assert (folder / "r2" / "events.2").read_bytes() == b"two"  # the last whole copy, still served
+    tensorboard.refresh(store, folder, known, "run")
+    assert (folder / "r2" / "events.2").read_bytes() == b"two, grown"
 
 
 def test_the_mirror_of_one_runs_folder_serves_that_run():
