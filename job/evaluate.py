@@ -75,8 +75,11 @@ def plot_curves(history: dict[str, list[dict]], path: Path) -> None:
         x = [offset + r["epoch"] for r in records]
         for ax, key in zip(axes, ("loss", "accuracy")):
             ax.plot(x, [r[key] for r in records], marker="o", label=f"{phase} train")
-            if "val_" + key in records[0]:
-                ax.plot(x, [r["val_" + key] for r in records], marker="s", linestyle="--", label=f"{phase} validation")
+            if any("val_" + key in r for r in records):  # (a run resumed across versions: some epochs lack it,
+                # and the export failed with KeyError on every attempt; a gap in the line there)
+                values = [r.get("val_" + key, float("nan")) for r in records]
+                ax.plot(x, [float("nan") if v is None else v for v in values], marker="s", linestyle="--",
+                        label=f"{phase} validation")
         if offset:
             for ax in axes:
                 ax.axvline(offset + 0.5, color="grey", linestyle=":")

@@ -118,8 +118,13 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def training_config(config: dict) -> dict[str, Any]:
-    """The flattened config minus the keys that are safe to change between attempts."""
-    return {k: v for k, v in flatten(config).items() if not k.startswith(SAFE_TO_CHANGE)}
+    """The flattened config minus the keys that are safe to change between attempts, and train.search's other keys
+    when it searches nothing (one rate or none): they train nothing then, and a version that kept `search.epochs` as
+    written beside a set rate refused to resume a run the one before had begun ("train.search.epochs: 3 -> 1")."""
+    flat = {k: v for k, v in flatten(config).items() if not k.startswith(SAFE_TO_CHANGE)}
+    if len(flat.get("train.search.learning_rates") or []) <= 1:
+        flat = {k: v for k, v in flat.items() if not k.startswith("train.search.") or k.endswith(".learning_rates")}
+    return flat
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any], grow: bool = True) -> list[str]:

@@ -194,6 +194,15 @@ def test_training_config_drops_exactly_the_keys_safe_to_change():
                                              "train.head.epochs": 3}
 
 
+def test_the_searchs_other_keys_train_nothing_when_it_searches_nothing():
+    # 0e14115 reset train.search.epochs to 3 beside a set rate, this version keeps it as written: a run begun by one
+    # was refused by the other ("train.search.epochs: 3 -> 1"), and a complete one warned of "another config".
+    off = [_training(**{"train.finetune.learning_rate": 3e-4, "train.search.epochs": e}) for e in (1, 3)]
+    assert off[0] == off[1] and runstate.config_changes(*off) == []
+    on = [_training(**{"train.search.learning_rates": "[1e-4, 3e-4]", "train.search.epochs": e}) for e in (1, 3)]
+    assert runstate.config_changes(*on) == ["train.search.epochs: 1 -> 3"]  # it searches: they train
+
+
 def test_only_the_epoch_budgets_may_grow():
     for key in ("train.head.epochs", "train.finetune.epochs"):
         assert runstate.config_changes({key: 3}, {key: 4}) == []
@@ -256,3 +265,16 @@ def test_epochs_may_grow_only_while_their_phase_is_under_way(phase, head, finetu
     assert scratch == ([f"train.head.epochs: {head} -> {head + more_head}"] if finetune_done and more_head else []) \
         + ([f"train.finetune.epochs: {finetune} -> {finetune + more_finetune}"] if finetune_done and more_finetune
            else [])
+
+
+def test_the_curves_draw_a_history_whose_epochs_have_different_keys(tmp_path):
+    # A multi-label run resumed across versions: some epochs have val_accuracy, others not, and the
+    # export failed (KeyError) on every attempt after training. A non-finite value is null in history.json.
+    from job import evaluate
+
+    history = {"head": [{"epoch": 1, "loss": 0.9, "accuracy": 0.6, "val_loss": 0.8, "val_accuracy": 0.75},
+                        {"epoch": 2, "loss": 0.7, "accuracy": 0.7, "val_loss": None},
+                        {"epoch": 3, "loss": 0.6, "accuracy": 0.7, "val_loss": 0.7}],
+               "finetune": [{"epoch": 1, "loss": 0.5, "accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.8}]}
+    evaluate.plot_curves(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
