@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import layout, logs, shards, storage
-from job.errors import DataError
+from job.errors import DataError, StorageError
 from job.files import write_text
 from job.sources import Source, warn_ignored
 
@@ -359,18 +361,51 @@ def _copy_shards(source: Source, cache_dir: Path, progress, stop):
 
 def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str], multi: bool) -> dict:
     """{"samples": [(member name, label)], "ignored": [...]} of a downloaded shard, its images extracted
-    into `folder` (under their own paths) once per ETag, class list and task (labels are indices into it)."""
-    done = folder / ".complete.json"
+    into `folder` (under their own paths) once per ETag, class list and task (labels are indices into it).
+
+    Extracted beside it and renamed into place whole: runs that shared data.cache_dir and extracted one shard at once
+    deleted each other's files (exit 1 "File exists", or images counted bad that another run had just deleted)."""
+    found = _extracted(folder, etag, classes, multi)
+    if found:
+        return found
+    part = folder.with_name(f".{folder.name}.{os.getpid()}-{threading.get_ident()}.part")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
     try:
-        record = json.loads(done.read_text(encoding="utf-8"))
+        record = {"etag": etag, **_extract_into(shard, part, where, classes, multi)}
+        write_text(part / ".complete.json", json.dumps(record))
+        for _ in range(3):
+            try:
+                os.rename(part, folder)  # refused where the folder is there and not empty
+                return record
+            except OSError:
+                found = _extracted(folder, etag, classes, multi)
+                if found:  # another run extracted the same shard meanwhile: its files, which it reads
+                    return found
+                stale = folder.with_name(f".{folder.name}.{os.getpid()}-{threading.get_ident()}.stale")
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(folder, stale)  # another ETag's, or an extraction cut short
+                shutil.rmtree(stale, ignore_errors=True)
+        raise StorageError(f"{where}: could not put its extracted images in place at {folder}")
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def _extracted(folder: Path, etag: str, classes: list[str], multi: bool) -> dict | None:
+    """The record of `folder` when it holds this ETag's extraction for this class list and task, else None."""
+    try:
+        record = json.loads((folder / ".complete.json").read_text(encoding="utf-8"))
         same = (record["etag"], record.get("format"), record.get("classes"), record.get("multi")) == \
             (etag, EXTRACTED_FORMAT, classes, multi)
         if same and all(storage.staged(folder, name).is_file() for name, _ in record["samples"]):
             return record
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    return None
+
+
+def _extract_into(shard: Path, folder: Path, where: str, classes: list[str], multi: bool) -> dict:
+    """Extract a shard's images into `folder`; its record but for the ETag."""
     samples, ignored = [], []
     with open(shard, "rb") as f:
         for sample in shards.samples(f, where, classes, ignored, multi):
@@ -383,10 +418,7 @@ def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str
                 raise DataError(f"{where}: member {name} collides with another member's path (a file and a "
                                 "folder of the same name)") from None
             samples.append((name, sample.label))
-    record = {"etag": etag, "format": EXTRACTED_FORMAT, "classes": classes, "multi": multi, "samples": samples,
-              "ignored": ignored}
-    write_text(done, json.dumps(record))
-    return record
+    return {"format": EXTRACTED_FORMAT, "classes": classes, "multi": multi, "samples": samples, "ignored": ignored}
 
 
 def _stream(source: Source, how: Staging) -> Streamed:

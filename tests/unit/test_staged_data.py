@@ -101,6 +101,42 @@ def test_the_same_key_in_two_splits_is_two_images(tmp_path):
     assert as_read(stage(root, "copy", tmp_path))["test"] == [(b"A", "cat"), (b"B", "dog")]
 
 
+def test_runs_extracting_one_shard_at_once_all_read_it_whole(tmp_path):
+    # Runs sharing data.cache_dir that extracted one shard at once deleted each other's files: exit 1 "File exists",
+    # or images counted bad (deleted by another run), exit 3.
+    import threading
+
+    from job import readers
+
+    members = [m for n in range(200) for m in ((f"c{n}/{n:04d}.jpg", b"%d" % n), (f"c{n}/{n:04d}.cls", b"%d" % (n % 2)))
+               ]
+    root = shard_dataset(tmp_path / "d", {"train": [members]})
+    shard = next((root / "train").glob("shard-*.tar"))
+    folder, results, errors = tmp_path / "extracted" / "x", [], []
+    start = threading.Barrier(4)
+
+    def extract():
+        start.wait()
+        try:
+            results.append(readers._extract(shard, folder, "etag-1", "shard", ["a", "b"], False))
+        except Exception as e:  # noqa: BLE001 - what a run would have died of
+            errors.append(e)
+
+    threads = [threading.Thread(target=extract) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == 4
+    samples = [[list(pair) for pair in r["samples"]] for r in results]  # (one's own, the others' read from JSON)
+    assert all(one == samples[0] for one in samples) and len(samples[0]) == 200
+    assert {name: (folder / name).read_bytes() for name, _ in results[0]["samples"]} == {
+        f"c{n}/{n:04d}.jpg": b"%d" % n for n in range(200)}
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["x"]  # no part or stale folder left
+    again = readers._extract(shard, folder, "etag-2", "shard", ["a", "b"], False)  # the shard rewritten: redone
+    assert again["etag"] == "etag-2" and sorted(p.name for p in folder.parent.iterdir()) == ["x"]
+
+
 def test_a_member_key_may_not_leave_the_extraction_folder():
     assert shards.member_key("./cat/0001.tar.gz", "s") == ("cat/0001", ".tar.gz")
     assert shards.member_key("README", "s") is None and shards.member_key("cat/.hidden", "s") is None
