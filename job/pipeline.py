@@ -495,7 +495,7 @@ def prepare(cfg: Config) -> Run | dict:
     # storage that cannot be reached fails once its retries are spent, without the import.
     logs.quiet_tensorflow()
     cluster = _start_strategy(cfg)
-    work = Path(cfg.data.cache_dir) / "runs" / cfg.run_id / f"worker-{cluster.worker_index}"
+    work = _work_folder(cfg) / f"worker-{cluster.worker_index}"
     work.mkdir(parents=True, exist_ok=True)
     parts, unfreeze = _build_model(cfg, cluster, source.layout.classes, work)
     lease, refused = None, None
@@ -593,6 +593,16 @@ def _staging(cfg: Config, source) -> str:
                         "needs at least one shard per worker (pack with a smaller --shard-size, or data.staging: "
                         "copy)")
     return mode
+
+
+def _work_folder(cfg: Config) -> Path:
+    """This run's local folder under data.cache_dir: per run id and output (two runs of one id into two outputs,
+    sharing a cache, shared it: one's export deleted the other's, exit 1, and their checkpoints' local copies
+    mixed)."""
+    import hashlib
+
+    output = hashlib.sha256(cfg.output.uri.rstrip("/").encode()).hexdigest()[:8]
+    return Path(cfg.data.cache_dir) / "runs" / cfg.run_id / f"output-{output}"
 
 
 def _start_strategy(cfg: Config):

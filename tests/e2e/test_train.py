@@ -109,7 +109,7 @@ def test_every_artifact_is_in_storage(trained, s3):
     assert {"staging_seconds", "head_seconds", "finetune_seconds", "export_seconds"} <= set(manifest["timings"])
     assert manifest["resumed_from"] is None  # one attempt: its timings are the run's
     # Evaluation read validation and test through the image cache: one decoded file per split, none twice.
-    cache = trained["tmp"] / "cache" / "runs" / "e2e" / "worker-0" / "cache"
+    (cache,) = (trained["tmp"] / "cache" / "runs" / "e2e").glob("output-*/worker-0/cache")  # (one output here)
     assert len(list(cache.glob("images-*.npy"))) == 3
     # The local copies of what storage now holds are gone: every finished run left ~80 MB of them behind.
     assert not [p.name for p in cache.parent.iterdir() if p.name.startswith(("checkpoints", "artifacts"))]

@@ -278,3 +278,16 @@ def test_the_curves_draw_a_history_whose_epochs_have_different_keys(tmp_path):
                "finetune": [{"epoch": 1, "loss": 0.5, "accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.8}]}
     evaluate.plot_curves(history, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_of_one_id_into_two_outputs_get_their_own_local_folders():
+    # Sharing data.cache_dir, they shared runs/<run_id>/: one's export deleted the other's (exit 1).
+    from job import pipeline
+
+    def folder(out: str):
+        return pipeline._work_folder(config.load(None, ["data.uri=/d", f"output.uri={out}", "run_id=same",
+                                                       "data.cache_dir=/c"], environ={}))
+
+    assert folder("s3://b/outA") != folder("s3://b/outB")
+    assert folder("s3://b/outA") == folder("s3://b/outA/")  # one output, one folder (an overwrite reuses its caches)
+    assert str(folder("s3://b/outA")).startswith("/c/runs/same/")
