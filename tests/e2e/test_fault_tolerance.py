@@ -53,10 +53,10 @@ def records(text: str) -> list[dict]:
 class Running:
     """`finetune-job train` in the background with its JSON log read line by line."""
 
-    def __init__(self, config, env):
+    def __init__(self, config, env, cwd=None):
         full = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env}
         self.proc = subprocess.Popen([CLI, "train", "--config", str(config)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=full)
+                                     stderr=subprocess.PIPE, text=True, env=full, cwd=cwd)
         self.lines: list[dict] = []
         self.stderr = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -328,16 +328,16 @@ def test_three_workers_that_see_different_datasets_all_exit_3(s3, sample_data, b
     ports = free_ports(3)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
-    for index in range(3):
-        data = tmp_path / f"data{index}"
+    for index in range(3):  # one config, `data` on each node holding other files (each worker runs in its own folder)
+        data = tmp_path / f"node{index}" / "data"
         shutil.copytree(sample_data, data)
         for extra in range(index):  # 90 + 0, 1, 2 training images
             shutil.copy(data / "train/circle/circle_0000.png", data / f"train/circle/extra_{extra}.png")
-        cfg = make_config(tmp_path / f"w{index}.yaml", bucket, "three", tmp_path / f"cache{index}",
-                          data={"uri": str(data), "validation_split": 0.0}, train={"batch_size": 18},
+        cfg = make_config(tmp_path / f"w{index}.yaml", bucket, "three", tmp_path / "cache",
+                          data={"uri": "data", "validation_split": 0.0}, train={"batch_size": 18},
                           distribution={"connect_timeout_seconds": 120})
         env = {**s3.env(), "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        procs.append(Running(cfg, env))
+        procs.append(Running(cfg, env, cwd=data.parent))
     codes = [p.wait(300) for p in procs]
     assert codes == [3, 3, 3], [p.stderr[-1500:] for p in procs]
     for p in procs:
