@@ -107,7 +107,7 @@ def _fail(exc: BaseException) -> None:
     """Log the error and exit with its code: one line for expected errors, a traceback otherwise."""
     from job import logs
     from job.distribute import tf_config_workers
-    from job.errors import JobError, StorageError, WorkerLost, carried, disk_full, exit_code_for
+    from job.errors import JobError, Preempted, StorageError, WorkerLost, carried, disk_full, exit_code_for
 
     exc = carried(exc)
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C where nothing turned it into Preempted (validate): a traceback
@@ -120,8 +120,14 @@ def _fail(exc: BaseException) -> None:
     if several and type(exc).__name__ in _PEER_ERRORS and type(exc).__module__.startswith("tensorflow"):
         said = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(exc)).strip()  # TensorFlow's graph node
         first = said.splitlines()[0] if said else type(exc).__name__
-        exc = WorkerLost(f"lost contact with another worker mid-run ({first}); "
-                         "the Job's next attempt resumes from the last checkpoint")
+        from job import signals
+
+        if signals.requested():  # this pod was stopped too (an eviction, a drain): 143, not a failure counted
+            exc = Preempted(f"stopped by SIGTERM while another worker stopped ({first}); re-run the same run_id to "
+                            "resume")
+        else:
+            exc = WorkerLost(f"lost contact with another worker mid-run ({first}); "
+                             "the Job's next attempt resumes from the last checkpoint")
     full = disk_full(exc) if not isinstance(exc, JobError) else None
     if full is not None:
         exc = StorageError(f"no space left on the local disk ({full or type(exc).__name__}); " + (

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from job import logs, shards, storage
-from job.errors import ConfigError, JobError, StorageError
+from job.errors import ConfigError, JobError, StorageError, disk_full
 from job.files import write_labels
 from job.headers import EMPTY, header
 from job.layout import IMAGE_EXTENSIONS, SPLITS
@@ -110,8 +110,8 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     except (JobError, OSError) as e:  # a read, an upload or the local shard failed midway: what the destination
         # holds now, and what to do (a full TMPDIR said nothing of the unfinished pack it left)
         if isinstance(e, OSError):
-            e = StorageError(f"writing a shard in {tempfile.gettempdir()}: {e.strerror or e} (set TMPDIR to a "
-                             "larger folder)")
+            e = StorageError(f"writing a shard in {tempfile.gettempdir()}: {e.strerror or e} (set TMPDIR to a larger "
+                             "folder)" if disk_full(e) is not None else f"{e.filename or 'pack'}: {e.strerror or e}")
         if not uploaded and not deleted:  # nothing written nor deleted there (a destination that denies writes)
             raise e from None
         before = f"; the {deleted} shard(s) there before were deleted first (--overwrite)" if deleted else ""

@@ -454,10 +454,16 @@ def _meet_at_the_end(run: Run) -> None:
     """The other workers wait for the chief's export in one collective: they exited 0 as it began, the chief's log
     then said "The tasks have crashed" of every successful run, and a chief stopped in its export could never resume
     (its rerun waited for workers that had finished, exit 137). A chief that fails there fails them too (exit 1)."""
-    if run.cluster.num_workers > 1:
-        if not run.cluster.is_chief:
-            log.info("waiting for the chief's export")
+    if run.cluster.num_workers < 2:
+        return
+    if not run.cluster.is_chief:
+        log.info("waiting for the chief's export")
         run.cluster.gather([0])
+        return
+    try:
+        run.cluster.gather([0])
+    except Exception as e:  # noqa: BLE001 - the run is complete (_SUCCESS written): a worker lost now changes nothing
+        log.warning("a worker was lost after the export; the run is complete", reason=str(e).strip()[:200])
 
 
 def _close_board(board, failing: bool) -> None:
@@ -626,7 +632,9 @@ def _workers_agree_on_config(cfg: Config, cluster) -> None:
 
     if cluster.num_workers < 2:
         return
-    trained = json.dumps(runstate.training_config(redacted(cfg)), sort_keys=True, default=str)
+    trained = runstate.training_config(redacted(cfg)) | {"run_id": cfg.run_id, "output": cfg.output.uri.rstrip("/")}
+    trained["data.uri"] = str(trained.get("data.uri", "")).rstrip("/")  # (the same dataset with or without it)
+    trained = json.dumps(trained, sort_keys=True, default=str)
     rows = cluster.gather([zlib.crc32(trained.encode())])
     others = [i for i, row in enumerate(rows) if row != rows[0]]
     if others:

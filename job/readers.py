@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -368,7 +368,8 @@ def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str
     found = _extracted(folder, etag, classes, multi)
     if found:
         return found
-    part = folder.with_name(f".{folder.name}.{os.getpid()}-{threading.get_ident()}.part")
+    unique = uuid.uuid4().hex  # (pods sharing a ReadWriteMany cache may share process and thread ids)
+    part = folder.with_name(f".{folder.name[:40]}.{unique}.part")  # (a name of 225 to 255 bytes has no room more)
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True)
     try:
@@ -382,7 +383,7 @@ def _extract(shard: Path, folder: Path, etag: str, where: str, classes: list[str
                 found = _extracted(folder, etag, classes, multi)
                 if found:  # another run extracted the same shard meanwhile: its files, which it reads
                     return found
-                stale = folder.with_name(f".{folder.name}.{os.getpid()}-{threading.get_ident()}.stale")
+                stale = folder.with_name(f".{folder.name[:40]}.{unique}.stale")
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(folder, stale)  # another ETag's, or an extraction cut short
                 shutil.rmtree(stale, ignore_errors=True)

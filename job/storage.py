@@ -564,7 +564,7 @@ def open_store(uri: str, endpoint: str = "") -> Store:
     try:  # `s3:/bucket/x` (one slash) was a local folder named `s3:`: `predict --model`, `pack --to`, `tensorboard`
         s3_form(uri)
     except ValueError as e:
-        raise ConfigError(f"{uri}: {e}") from None
+        raise ConfigError(f"{masked(uri)}: {e}") from None
     if is_s3(uri):
         return S3Store(uri, endpoint)
     return LocalStore(uri)

@@ -45,6 +45,10 @@ def s3_form(v: str) -> str:
     if v[:3].lower() == "s3:" and not bucket:
         raise ValueError("expected s3://bucket/prefix (two slashes, then the bucket)")
     if bucket and not re.fullmatch(r"[A-Za-z0-9._-]+", bucket):  # boto3's check: exit 4, "storage unreachable"
+        if ":" in bucket or "@" in v.split("/", 3)[2 if v.startswith("s3://") else 0]:  # a user:password@ (a `/` in
+            # the password cut the "bucket" there, and it was quoted: the key id and part of the secret)
+            raise ValueError("s3:// takes no user:password@: give credentials in the environment (AWS_ACCESS_KEY_ID, "
+                             "AWS_SECRET_ACCESS_KEY) or the chart's Secret")
         raise ValueError(f"bucket name {masked(repr(bucket))}: letters, digits, '.', '-' and '_' only")
     return v
 

@@ -325,7 +325,9 @@ def test_schema_accepts_the_new_values() -> None:
         "extraEnv": [{"name": "A", "value": "1"},
                      {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                      {"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {"name": "sts", "key": "token"}}},
-                     {"name": "DOCS", "value": "https://example.com/models"}],
+                     {"name": "DOCS", "value": "https://example.com/models"},
+                     {"name": "AWS_WEB_IDENTITY_TOKEN_FILE", "value": "/var/run/secrets/eks/token"},  # a path
+                     {"name": "TOKENIZERS_PARALLELISM", "value": "false"}],  # no credential word
         # valid quantities and durations the schema refused
         "tmp": {"sizeLimit": ".5Gi"},
         "cache": {"sizeLimit": "1e9", "persistence": {"accessModes": ["ReadOnlyMany", "ReadWriteMany"]}},

@@ -58,6 +58,9 @@ def test_an_endpoint_without_a_scheme_is_refused_masked():
     ("metrics.pushgateway", "http://PGUSERzz:PG#PASSzz@127.0.0.1:19091", "percent-encode # ? / @ :"),
     ("metrics.pushgateway", "http://PGUSERzz:PG/PASSzz@127.0.0.1:19091", "percent-encode # ? / @ :"),
     ("s3.endpoint_url", "http://EPUSERzz:EP?PASSzz@127.0.0.1:19555", "percent-encode # ? / @ :"),
+    # s3:// with credentials, a `/` in the password: the "bucket" before it was quoted (the key id, half the secret)
+    ("output.uri", "s3://USERzz:PASSzz/x@bucket/runs", "s3:// takes no user:password@"),
+    ("data.uri", "s3://USERzz:PASSzz@bucket/data", "s3:// takes no user:password@"),
     # a port that is no number: exit 1 with a traceback, after the lease was taken
     ("metrics.pushgateway", "http://PGUSERzz:PGPASSzz@127.0.0.1:notaport", "the port must be a number"),
     ("metrics.pushgateway", "http://PGUSERzz:PGPASSzz@127.0.0.1:99999", "the port must be a number"),

@@ -71,3 +71,74 @@ def test_a_broken_tf_config_is_exit_2_in_one_line_not_a_traceback(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == ["finetune-job: error: TF_CONFIG is not JSON: Expecting value: line 1 column "
                                           "14 (char 13)"]
+
+
+class _Cluster:
+    """Two workers; this one's gather records what it sent and returns `rows`, or raises `fails`."""
+
+    def __init__(self, index=0, rows=None, fails=None):
+        self.worker_index, self.num_workers, self.sent, self.rows, self.fails = index, 2, [], rows, fails
+
+    @property
+    def is_chief(self):
+        return self.worker_index == 0
+
+    def gather(self, values):
+        self.sent.append(values)
+        if self.fails:
+            raise self.fails
+        return self.rows or [values, values]
+
+
+def _digest(*sets) -> int:
+    from job import config, pipeline
+
+    cluster = _Cluster()
+    cfg = config.load(None, ["data.uri=s3://b/d", "output.uri=s3://b/o", "run_id=r", *sets], environ={})
+    pipeline._workers_agree_on_config(cfg, cluster)
+    return cluster.sent[0][0]
+
+
+def test_workers_compare_what_trains_and_where_they_write_not_how_it_is_spelled():
+    from job import config, pipeline
+
+    assert _digest() == _digest("data.uri=s3://b/d/") == _digest("output.uri=s3://b/o/") == _digest("metrics.port=9")
+    assert _digest() != _digest("train.head.epochs=3")
+    assert _digest() != _digest("output.uri=s3://b/other") != _digest("run_id=r2")  # each resumed its own run
+    cfg = config.load(None, ["data.uri=/d", "output.uri=/o", "run_id=r"], environ={})
+    with pytest.raises(ConfigError, match="the workers run different configs in what trains a model: worker"):
+        pipeline._workers_agree_on_config(cfg, _Cluster(rows=[[1], [2]]))
+
+
+def test_the_chief_past_its_export_is_not_failed_by_a_worker_lost_then():
+    # _SUCCESS written: a worker evicted while it waited made the chief exit 1, "the next attempt resumes".
+    from types import SimpleNamespace
+
+    from structlog.testing import capture_logs
+
+    from job import pipeline
+
+    lost = RuntimeError("Socket closed")
+    with capture_logs() as logs:
+        pipeline._meet_at_the_end(SimpleNamespace(cluster=_Cluster(0, fails=lost)))
+    assert [r["event"] for r in logs] == ["a worker was lost after the export; the run is complete"]
+    with pytest.raises(RuntimeError):  # a worker that loses the chief there: its failure is the chief's
+        pipeline._meet_at_the_end(SimpleNamespace(cluster=_Cluster(1, fails=lost)))
+
+
+def test_a_worker_stopped_with_the_others_exits_143_not_1(tmp_path):
+    # Evicted together, the workers that found the chief gone first said "lost contact", exit 1: counted as a failure.
+    code = """
+import sys, typer
+from job import cli, signals
+lost = type("UnavailableError", (Exception,), {"__module__": "tensorflow.python.framework.errors_impl"})
+signals._requested.set()
+try:
+    cli._fail(lost("Socket closed"))
+except typer.Exit as e:
+    sys.exit(e.exit_code)
+"""
+    env = {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}})}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 143, result.stderr
+    assert "finetune-job: error: stopped by SIGTERM while another worker stopped (Socket closed)" in result.stderr

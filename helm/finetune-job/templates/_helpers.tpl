@@ -215,7 +215,7 @@ containerPort and the PodMonitor, FINETUNE_RUN_ID ran another run than NOTES nam
 {{- end }}
 {{- /* Credentials in a plain value are in the pod spec, readable by anyone who can read the Job: as the chart's own
 URLs refuse user:password@, and its keys come from a Secret */}}
-{{- if and (hasKey . "value") (regexMatch "(?i)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL)" .name) }}
+{{- if and (hasKey . "value") (regexMatch "(?i)(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?)(_|$)" .name) (not (hasPrefix "/" (toString .value))) }}
 {{- fail (printf "extraEnv: %s holds a credential: take it from a Secret (valueFrom.secretKeyRef), not a plain value in the pod spec" .name) }}
 {{- end }}
 {{- if and (hasKey . "value") (regexMatch "[A-Za-z][A-Za-z0-9+.-]*://[^\\s]*@" (toString .value)) }}
