@@ -103,7 +103,7 @@ def _stop_on_signals() -> None:
         signal.signal(number, stop)
 
 
-def _fail(exc: BaseException) -> None:
+def _fail(exc: BaseException, command: str = "") -> None:
     """Log the error and exit with its code: one line for expected errors, a traceback otherwise."""
     from job import logs
     from job.distribute import tf_config_workers
@@ -133,7 +133,7 @@ def _fail(exc: BaseException) -> None:
         exc = StorageError(f"no space left on the local disk ({full or type(exc).__name__}); " + (
             "data.cache_dir holds the staged images, their decoded cache and the checkpoints before upload: give "
             "the pod more ephemeral storage, or point data.cache_dir at a larger volume, and rerun the same run_id"
-            if _command() == "train" else "free space there (or set TMPDIR to a larger folder) and run it again"))
+            if command == "train" else "free space there (or set TMPDIR to a larger folder) and run it again"))
     code = exit_code_for(exc)
     if isinstance(exc, JobError):
         logs.get().error(str(exc), exit_code=code)
@@ -147,11 +147,6 @@ def _fail(exc: BaseException) -> None:
         sys.stderr.flush()
         os._exit(code)
     raise typer.Exit(code)
-
-
-def _command() -> str:
-    """The command being run (train, pack, ...), as the command line named it."""
-    return next((a for a in sys.argv[1:] if not a.startswith("-")), "")
 
 
 def _load(path: Path, sets: list[str] | None):
@@ -200,7 +195,7 @@ def train(config: ConfigOption, set_: SetOption = None) -> None:
         held = isinstance(exc, LeaseHeld) or (not metrics.is_owned() and not isinstance(exc, StorageError)
                                               and pipeline.another_attempt_holds(cfg))
         metrics.finish(False, preempted=isinstance(exc, Preempted), push=not held)
-        _fail(exc)
+        _fail(exc, "train")
     logs.get().info("run finished", **summary)
     # completed by another attempt while this one waited for the lease: its final values are that attempt's
     metrics.finish(True, push=summary.get("status") != "already complete")

@@ -157,5 +157,5 @@ def test_a_search_stopped_three_times_resumes_to_the_same_choice_and_weights(s3,
     assert stopped["weights_sha256"] == manifest["weights_sha256"]
     assert stopped_history == history
     # The trials' local checkpoints are gone with the run's (an attempt stopped after the choice left one a rate).
-    work = tmp_path / "c-search-stopped" / "runs" / "search-stopped" / "worker-0"
+    (work,) = (tmp_path / "c-search-stopped" / "runs" / "search-stopped").glob("output-*/worker-0")
     assert work.is_dir() and not (work / "search").exists()
