@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -107,7 +106,7 @@ def _fail(exc: BaseException, command: str = "") -> None:
     """Log the error and exit with its code: one line for expected errors, a traceback otherwise."""
     from job import logs
     from job.distribute import tf_config_workers
-    from job.errors import JobError, Preempted, StorageError, WorkerLost, carried, disk_full, exit_code_for
+    from job.errors import JobError, Preempted, StorageError, WorkerLost, carried, disk_full, exit_code_for, first_line
 
     exc = carried(exc)
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C where nothing turned it into Preempted (validate): a traceback
@@ -118,8 +117,7 @@ def _fail(exc: BaseException, command: str = "") -> None:
     except JobError:  # a broken TF_CONFIG: it failed again here, inside the handler, with a traceback (exit 1)
         several = False
     if several and type(exc).__name__ in _PEER_ERRORS and type(exc).__module__.startswith("tensorflow"):
-        said = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(exc)).strip()  # TensorFlow's graph node
-        first = said.splitlines()[0] if said else type(exc).__name__
+        first = first_line(exc)
         from job import signals
 
         if signals.requested():  # this pod was stopped too (an eviction, a drain): 143, not a failure counted

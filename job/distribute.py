@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from job.errors import ConfigError, WorkerLost
+from job.errors import ConfigError, WorkerLost, first_line
 
 
 @dataclass
@@ -187,10 +186,9 @@ def _multi_worker(tf, worker_index: int, num_workers: int, timeout: float):
                                                 axis=None))
         answered = int(count())
     except tf.errors.OpError as e:  # read as "lost contact with another worker mid-run" before anything ran
-        first = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", (e.message or type(e).__name__).strip()).splitlines()[0]
         raise WorkerLost(f"worker {worker_index} could not start the cluster of {num_workers} workers in TF_CONFIG "
-                         f"({first}); check that every worker's TF_CONFIG lists the same addresses in the same order"
-                         ) from None
+                         f"({first_line(e)}); check that every worker's TF_CONFIG lists the same addresses in the "
+                         "same order") from None
     finally:
         watchdog.stdin.close()
         watchdog.wait()

@@ -90,6 +90,15 @@ def disk_full(exc: BaseException) -> str | None:
     return None
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a TensorFlow error's message, without the graph node it names (`{{function_node ...}}`),
+    or its type's name when it says nothing."""
+    import re
+
+    said = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(getattr(exc, "message", None) or exc)).strip()
+    return said.splitlines()[0] if said else type(exc).__name__
+
+
 def exit_code_for(exc: BaseException) -> int:
     """Exit code of the contract for any exception: typed errors carry theirs, the rest is 1."""
     return exc.exit_code if isinstance(exc, JobError) else 1
