@@ -182,8 +182,9 @@ class FinetuneConfig(_Section):
             raise ValueError("must be all, a layer count >= 1 or a layer name")
         if isinstance(v, str) and v.strip().isdigit():  # (YAML keeps `00` as text) taken for a layer's name
             raise ValueError(f"a layer count is a number: write {v.strip()} unquoted")
-        if isinstance(v, str) and not v.strip():
-            raise ValueError("must be all, a layer count >= 1 or a layer name")
+        if isinstance(v, str) and not v.strip()[:1].isalpha() and not v.strip().startswith("_"):
+            # (`"-1"`, `"1.5"`: no layer of the job's backbones is named so; it failed only once the model was built)
+            raise ValueError("must be all, a layer count >= 1 or a layer name (a name starts with a letter)")
         return v
 
 

@@ -290,6 +290,8 @@ def test_schema_accepts_the_shipped_values(value_set: str) -> None:
         ({"config": {"data": {"image_size": [16, 16]}}}, "/config/data/image_size/0"),
         ({"config": {"data": {"image_size": [224, 8192]}}}, "/config/data/image_size/1"),
         ({"config": {"train": {"finetune": {"unfreeze": "12"}}}}, "/config/train/finetune/unfreeze"),
+        ({"config": {"train": {"finetune": {"unfreeze": "-1"}}}}, "/config/train/finetune/unfreeze"),
+        ({"config": {"train": {"finetune": {"unfreeze": "1.5"}}}}, "/config/train/finetune/unfreeze"),
         # The job writes the cache: a read-only claim failed at the first staged image.
         ({"cache": {"persistence": {"accessModes": ["ReadOnlyMany"]}}}, "/cache/persistence/accessModes"),
         ({"podMonitor": {"interval": "90"}}, "/podMonitor/interval"),

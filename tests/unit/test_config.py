@@ -210,6 +210,10 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
                                         "which this key does not take: give a number or a name (got True)"),
         ("train.finetune.unfreeze='20'", "train.finetune.unfreeze: a layer count is a number: write 20 unquoted"),
         ("train.finetune.unfreeze=false", "train.finetune.unfreeze: YAML read a boolean"),
+        # Quoted, these were layer names the job looked for only once the model was built (after staging).
+        ("train.finetune.unfreeze='-1'", "train.finetune.unfreeze: must be all, a layer count >= 1 or a layer name"),
+        ("train.finetune.unfreeze='1.5'", "a layer name (a name starts with a letter)"),
+        ("train.finetune.unfreeze=' '", "train.finetune.unfreeze: must be all, a layer count >= 1 or a layer name"),
         ("train.batch_size=true", "train.batch_size: YAML read a boolean"),
         ("model.head_units=off", "model.head_units: YAML read a boolean"),
         ("train.early_stopping_patience=false", "train.early_stopping_patience: YAML read a boolean"),
