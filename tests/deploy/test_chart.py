@@ -1360,6 +1360,36 @@ def test_a_gpu_requested_other_than_its_limit_fails_the_render(limits: dict) -> 
     assert job_container(render({"resources": gpu}))["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+@pytest.mark.parametrize(("where", "asked_for", "limit"), [
+    ("resources", {"cpu": "4"}, {"cpu": "2"}),
+    ("resources", {"memory": "1025Mi"}, {"memory": "1Gi"}),
+    ("resources", {"memory": "1G"}, {"memory": "0.9Gi"}),
+    ("resources", {"ephemeral-storage": "2e9"}, {"ephemeral-storage": "1G"}),
+    ("tensorboard.resources", {"memory": "2Gi"}, {"memory": "1Gi"}),
+    ("helmTest.resources", {"cpu": "1"}, {"cpu": "500m"}),
+])
+def test_a_request_above_its_limit_fails_the_render(where: str, asked_for: dict, limit: dict) -> None:
+    # The API server refuses such a pod ("must be less than or equal to ... limit"): the Job then created no pod, and
+    # `helm install` had said nothing.
+    (name, asked), (_, most) = *asked_for.items(), *limit.items()
+    values: dict[str, Any] = {"tensorboard": {"enabled": True}}
+    section = values
+    for part in where.split(".")[:-1]:
+        section = section.setdefault(part, {})
+    section["resources"] = {"requests": asked_for, "limits": limit}
+    complaint = f"{where}.requests.{name}: {asked} is more than {where}.limits.{name}: {most}, which the API server"
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(complaint)):
+        render(values)
+
+
+@pytest.mark.parametrize(("asked_for", "limit"), [("300m", "0.3"), (".7", "700m"), ("1", "1000m"), ("3k", "3e3"),
+                                                ("1G", "1e+09"), ("1Gi", "1073741824"), ("1Mi", "1Gi"), (1, "2")])
+def test_a_request_at_or_below_its_limit_renders(asked_for: Any, limit: str) -> None:
+    # the same quantity written two ways is equal (no rounding taken for "more"), a smaller one renders
+    resources = {"requests": {"cpu": asked_for, "memory": asked_for}, "limits": {"cpu": limit, "memory": limit}}
+    assert job_container(render({"resources": resources}))["resources"]["requests"]["cpu"] == asked_for
+
+
 def test_extra_volumes_reach_the_training_pods_and_tensorboard() -> None:
     # A private CA for an https S3 endpoint: AWS_CA_BUNDLE named a file no pod had (read-only root filesystem, no way
     # to mount one), so the job and TensorBoard failed on TLS, exit 4.

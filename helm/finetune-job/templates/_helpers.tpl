@@ -458,6 +458,7 @@ spec:
       {{- fail (printf "resources.requests.%s: %v, but resources.limits.%s is %v; Kubernetes takes an extended resource as a limit (the request may only repeat it): set limits.%s: %v" $name $count $name (get $limits $name | default "not set") $name $count) }}
       {{- end }}
       {{- end }}
+      {{- include "finetune-job.checkRequests" (list "resources" .Values.resources) }}
       resources:
         {{- toYaml .Values.resources | nindent 8 }}
       securityContext:
@@ -467,4 +468,34 @@ spec:
   volumes:
     {{- include "finetune-job.volumes" . | nindent 4 }}
     {{- include "finetune-job.cacheVolume" . | nindent 4 }}
+{{- end }}
+
+{{/* A Kubernetes quantity (2, 500m, 8Gi, .5, 1e9) as a number of its unit, for comparisons. */}}
+{{- define "finetune-job.quantity" -}}
+{{- $q := toString . -}}
+{{- $number := regexFind "^([0-9]+(\\.[0-9]*)?|\\.[0-9]+)" $q -}}
+{{- $suffix := trimPrefix $number $q -}}
+{{- $scale := dict "" 1.0 "n" 1e-9 "u" 1e-6 "m" 1e-3 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 -}}
+{{- if hasKey $scale $suffix -}}
+{{- mulf (float64 $number) (get $scale $suffix) -}}
+{{- else -}}
+{{- float64 $q -}}
+{{- end -}}
+{{- end }}
+
+{{/* (list "resources" .Values.resources): a request above its limit rendered a pod the API server refuses ("must be
+less than or equal to ... limit"): the Job then created no pod, and `helm install` had said nothing. */}}
+{{- define "finetune-job.checkRequests" -}}
+{{- $where := index . 0 -}}
+{{- $resources := index . 1 | default dict -}}
+{{- $limits := $resources.limits | default dict -}}
+{{- range $name, $request := $resources.requests | default dict -}}
+{{- if and (hasKey $limits $name) (not (contains "/" $name)) -}}
+{{- $limit := get $limits $name -}}
+{{- /* (with a margin for rounding: 300m and 0.3 are equal) */ -}}
+{{- if gt (float64 (include "finetune-job.quantity" $request)) (mulf (float64 (include "finetune-job.quantity" $limit)) 1.000000001) -}}
+{{- fail (printf "%s.requests.%s: %v is more than %s.limits.%s: %v, which the API server refuses; raise the limit or lower the request" $where $name $request $where $name $limit) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end }}
