@@ -27,6 +27,11 @@ class StorageError(JobError):
     exit_code = 4
 
 
+class NotFound(StorageError):
+    """The object or file read is not there (S3's NoSuchKey / 404). Told by the reply's code, not by its text: a
+    message that quoted an endpoint on port 4040 was "no such object" (exit 3), where nothing listened (exit 4)."""
+
+
 class LeaseHeld(StorageError):
     """Another attempt of the run holds its lease and renews it (exit 4). That attempt is alive: this one's metrics
     must not report the run failed (its Pushgateway group is the live attempt's)."""

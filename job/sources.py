@@ -19,7 +19,7 @@ from pathlib import Path
 from job import layout as layouts
 from job import logs, manifest, shards, storage
 from job.config import Config
-from job.errors import ConfigError, DataError, StorageError
+from job.errors import ConfigError, DataError, NotFound
 from job.layout import Layout, MultiLayout, broken_lines, case_clashes, discover, require_training_images
 
 log = logs.get()
@@ -132,10 +132,8 @@ def _read(uri: str, endpoint: str) -> bytes:
         raise DataError(f"{uri}: no such file")
     try:
         return storage.open_store(parent or ".", endpoint).read(name)
-    except StorageError as e:
-        if "NoSuchKey" in str(e) or "404" in str(e):
-            raise DataError(f"{uri}: no such object") from None
-        raise
+    except NotFound:
+        raise DataError(f"{uri}: no such object") from None
 
 
 def _warn_joined(joined: dict[str, str], multi: bool, **where) -> None:

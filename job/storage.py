@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import logs, metrics
-from job.errors import ConfigError, DataError, StorageError
+from job.errors import ConfigError, DataError, NotFound, StorageError
 from job.files import atomic_path, write_text
 from job.layout import IMAGE_EXTENSIONS
 from job.uris import is_s3, masked, s3_form, split_s3
@@ -36,6 +36,7 @@ INDEX_NAME = ".finetune-job-staged.json"
 NAME_MAX = 255  # bytes of one file or folder name on Linux file systems; a part of an S3 key may have 1,024
 log = logs.get()
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ def storage_errors(what: str) -> Iterator[None]:
         raise (_client_error(what, cause) if isinstance(cause, ClientError) else StorageError(f"{what}: {e}")) from None
     except BotoCoreError as e:  # its text quotes the endpoint's URL: user:password@ there is masked
         raise StorageError(f"{what}: storage unreachable ({masked(str(e))})") from None
+    except FileNotFoundError as e:
+        raise NotFound(f"{what}: {e.strerror or e}") from None
     except OSError as e:
         raise StorageError(f"{what}: {e.strerror or e}") from None
 
@@ -188,6 +191,8 @@ def _client_error(what: str, e) -> StorageError:
         return StorageError(f"{what}: access denied ({code or status})")
     if code == "NoSuchBucket":
         return StorageError(f"{what}: bucket does not exist")
+    if code in _MISSING or status == 404:
+        return NotFound(f"{what}: {code or status}: {e.response.get('Error', {}).get('Message', e)}")
     return StorageError(f"{what}: {code or status}: {e.response.get('Error', {}).get('Message', e)}")
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 
 from job import metrics, storage
-from job.errors import ConfigError, StorageError
+from job.errors import ConfigError, DataError, StorageError
 
 
 def test_listing_paginates_past_1000_keys(s3):
@@ -249,7 +249,6 @@ def test_a_local_listing_follows_linked_folders_but_not_loops_and_lists_broken_l
 
 
 def test_a_broken_link_to_a_class_folder_is_refused_not_dropped(tmp_path):
-    from job.errors import DataError
 
     for c in ("a", "b"):
         (tmp_path / "train" / c).mkdir(parents=True)
@@ -291,7 +290,6 @@ def test_an_image_that_is_also_a_folder_is_refused_at_listing(s3):
     # S3 holds `cat/x.png` and `cat/x.png/y.png`; no local copy can: it validated, then its run failed with exit 4.
     from job import sources
     from job.config import Config
-    from job.errors import DataError
 
     bucket = s3.bucket()
     for key in ("d/train/cat/x.png", "d/train/cat/x.png/y.png", "d/train/dog/z.png"):
@@ -403,3 +401,19 @@ def test_a_local_create_that_fails_midway_leaves_no_file(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "_LEASE").exists()
     monkeypatch.undo()
     assert store.put_new("_LEASE", b"{}") is not None and (tmp_path / "run" / "_LEASE").read_bytes() == b"{}"
+
+
+def test_a_missing_object_is_told_by_the_replys_code_not_by_its_text(s3):
+    # "404" anywhere in an error's text (a bucket named so, an endpoint on port 4040) made any failure "no such object"
+    # (exit 3 where nothing listened, exit 4), and a classes.txt beside a manifest was then skipped without a word.
+    from job import sources
+
+    bucket = s3.bucket()
+    with pytest.raises(DataError, match="no such object"):
+        sources._read(f"s3://{bucket}/data/m.csv", s3.endpoint)
+    assert sources._read_optional(f"s3://{bucket}/data/classes.txt", s3.endpoint) is None
+    with pytest.raises(StorageError, match="bucket does not exist") as missing_bucket:
+        sources._read("s3://no-such-bucket-404/data/m.csv", s3.endpoint)
+    with pytest.raises(StorageError, match="storage unreachable") as unreachable:
+        sources._read_optional("s3://b404/data/classes.txt", f"http://127.0.0.1:{_closed_port()}")
+    assert not isinstance(missing_bucket.value, DataError) and not isinstance(unreachable.value, DataError)
