@@ -213,7 +213,12 @@ def complete_run(cfg: Config, found: tuple[storage.Store, str] | None = None) ->
     _warn_other_dataset(cfg, out)
     if cfg.metrics.file:
         katib.check_writable(cfg.metrics.file)
-        katib.run_done(cfg.metrics.file, json.loads(out.read("metrics.json")), chief=tf_config_workers()[0] == 0)
+        try:
+            reports = json.loads(out.read("metrics.json"))
+        except ValueError as e:  # (exit 1 with a traceback)
+            raise StorageError(f"{out.uri}/metrics.json: the complete run's metrics are not JSON ({e}), so "
+                               "metrics.file gets none; repair or delete the run (output.overwrite)") from None
+        katib.run_done(cfg.metrics.file, reports, chief=tf_config_workers()[0] == 0)
     return {"status": "already complete", "artifacts": out.uri}
 
 
@@ -925,7 +930,8 @@ def _too_many_bad(cfg: Config, staged: Reader) -> None:
     for key, reason in staged.bad.items():
         log.warning("bad image skipped", file=image_uri(cfg.data.uri, key), reason=reason)
     metrics.bad_images(len(staged.bad))
-    total = sum(n for per in staged.layout.counts().values() for n in per.values())
+    total = sum(staged.layout.count(split) for split in staged.layout.splits)  # (images: multi-label counts()
+    # holds labels, so an image with none was not counted and one with three thrice)
     fraction = len(staged.bad) / max(total, 1)
     if fraction > cfg.data.max_bad_fraction:
         example, reason = next(iter(staged.bad.items()))

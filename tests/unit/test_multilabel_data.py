@@ -360,3 +360,21 @@ def test_pack_counts_a_multilabel_manifests_labels_as_labels(tmp_path):
     out = run_cli("pack", "--from", str(listed), "--to", str(tmp_path / "shards"))  # its own process and logging
     assert out.returncode == 0, out.stderr
     assert "packed 16 images of 2 labels into 2 shards under" in out.stdout
+
+
+@pytest.mark.parametrize(("carried", "limit", "refused"), [
+    (lambda i: (0,) if i < 6 else (), 0.05, None),  # 1 of 40 images (2.5%): it was "1 of 6 images are bad" (16.7%)
+    (lambda i: (0, 1, 2), 0.02, "1 of 40 images are bad (2.5% > data.max_bad_fraction 2.0%)"),  # it was 1 of 120
+])
+def test_the_bad_share_of_a_multilabel_dataset_is_of_its_images_not_of_its_labels(carried, limit, refused):
+    from job import pipeline
+
+    listed = layout.MultiLayout(["a", "b", "c"], {"train": {f"{i}.png": carried(i) for i in range(32)},
+                                                  "test": {f"t{i}.png": carried(i) for i in range(8)}})
+    staged = readers.Reader(listed, {"0.png": "cannot be decoded"}, "/d", (8, 8))
+    cfg = config("/d", max_bad_fraction=limit)
+    if refused is None:
+        pipeline._too_many_bad(cfg, staged)
+    else:
+        with pytest.raises(DataError, match=re.escape(refused)):
+            pipeline._too_many_bad(cfg, staged)

@@ -1515,3 +1515,20 @@ def test_the_refits_auto_class_weights_count_the_images_it_trains_on():
     assert pipeline.class_weights(cfg.model_copy(update={"task": "multi_label"}), multi, "train+validation") == \
         pipeline.class_weights(cfg, MultiLayout(["x", "y"], {"train": {**multi.sets["train"],
                                                                        **multi.sets["validation"]}}))
+
+
+def test_a_complete_runs_damaged_metrics_for_metrics_file_is_a_storage_error(tmp_path):
+    # A complete run asked again with metrics.file (Katib's) read its metrics.json: damaged, exit 1 with a traceback.
+    from job.config import to_yaml
+
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=2, size=8, seed=0, test_per_class=0)
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "d")}, "output": {"uri": str(tmp_path / "out")},
+                                 "model": {"weights": "none"}, "run_id": "r1",
+                                 "metrics": {"file": str(tmp_path / "katib" / "metrics.log")}})
+    run = tmp_path / "out" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    (run / "metrics.json").write_text('{"test": {"accuracy": 0.9')  # cut short
+    (run / "_SUCCESS").write_text("")
+    with pytest.raises(StorageError, match=r"r1/metrics.json: the complete run's metrics are not JSON \("):
+        pipeline.prepare(cfg)
