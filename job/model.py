@@ -176,7 +176,8 @@ def layer_depths(base: keras.Model, variables: list) -> tuple[list[int | None], 
 
 
 def check_unfreeze(base: keras.Model, unfreeze: int | str, backbone: str) -> int:
-    """Number of top layers `unfreeze` names ("all", a count, a layer name); ConfigError when it does not fit."""
+    """Number of top layers `unfreeze` names ("all", a count, a layer name); ConfigError when it does not fit, or
+    when those layers hold nothing to train."""
     layers = unfreezable_layers(base)
     if unfreeze == "all":
         return len(layers)
@@ -185,12 +186,28 @@ def check_unfreeze(base: keras.Model, unfreeze: int | str, backbone: str) -> int
             raise ConfigError(
                 f"config: train.finetune.unfreeze: {unfreeze} is more than the {len(layers)} layers of {backbone}"
             )
-        return unfreeze
-    names = [layer.name for layer in layers]
-    if unfreeze not in names:
-        hint = did_you_mean(unfreeze, names)
-        raise ConfigError(f"config: train.finetune.unfreeze: {backbone} has no layer '{unfreeze}'{hint}")
-    return len(layers) - names.index(unfreeze)
+        count = unfreeze
+    else:
+        names = [layer.name for layer in layers]
+        if unfreeze not in names:
+            hint = did_you_mean(unfreeze, names)
+            raise ConfigError(f"config: train.finetune.unfreeze: {backbone} has no layer '{unfreeze}'{hint}")
+        count = len(layers) - names.index(unfreeze)
+    _trains_something(layers, count, unfreeze)
+    return count
+
+
+def _trains_something(layers: list, count: int, unfreeze: int | str) -> None:
+    """ConfigError when the top `count` layers have no weights but BatchNormalization's (kept frozen): `unfreeze: 1`
+    (MobileNetV2's out_relu) fine-tuned none of the base without a word, as `unfreeze: 0`, which is refused."""
+    batch_norm = keras.layers.BatchNormalization
+    trains = [i for i, layer in enumerate(layers) if layer.weights and not isinstance(layer, batch_norm)]
+    if trains and trains[-1] < len(layers) - count:
+        need = len(layers) - trains[-1]
+        raise ConfigError(f"config: train.finetune.unfreeze: {unfreeze} unfreezes no layer with weights to train "
+                          f"({', '.join(layer.name for layer in layers[len(layers) - count:])}: none, or "
+                          f"BatchNormalization, kept frozen); the top one is {layers[trains[-1]].name}: unfreeze "
+                          f"{need} or more")
 
 
 def batch_normalization(model: keras.Model) -> list[keras.layers.BatchNormalization]:

@@ -488,3 +488,24 @@ def test_the_features_cache_key_follows_the_base_weights(monkeypatch, tmp_path):
     base.layers[0].kernel.assign(base.layers[0].kernel + 1.0)  # another base at the same path
     pipeline._features(run, "train", None)
     assert keys[0] == keys[1] != keys[2]
+
+
+def test_an_unfreeze_that_names_nothing_to_train_is_refused():
+    """`unfreeze: 1` (MobileNetV2's out_relu: no weights) or down to a BatchNormalization (kept frozen) fine-tuned
+    none of the base without a word, where `unfreeze: 0` is refused; the first count that reaches weights trains."""
+    from job import model as model_lib
+    from job.errors import ConfigError
+
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(2, 3, name="first")(inputs)
+    x = keras.layers.Conv2D(2, 3, name="last")(x)
+    x = keras.layers.BatchNormalization(name="norm")(x)
+    base = keras.Model(inputs, keras.layers.ReLU(name="relu")(x))
+    for unfreeze in (1, 2, "norm", "relu"):
+        with pytest.raises(ConfigError, match=r"^config: train.finetune.unfreeze: \S+ unfreezes no layer with weights "
+                                              r"to train \((norm, )?relu: none, or BatchNormalization, kept frozen\); "
+                                              r"the top one is last: unfreeze 3 or more$"):
+            model_lib.check_unfreeze(base, unfreeze, "tiny")
+    assert [model_lib.check_unfreeze(base, u, "tiny") for u in (3, "last", "all")] == [3, 3, 4]
+    model_lib.unfreeze_top(base, 3)
+    assert [v.path for v in base.trainable_variables] == ["last/kernel", "last/bias"]
