@@ -117,7 +117,7 @@ def render(run_id: str, config: dict, classes: list[str], counts: dict[str, dict
         predict_formats=_predict_formats(formats), formats_table=_formats_table(formats),
         limits=(_limits(per_label, split, multi) if split else f"- {NOT_MEASURED}") + _format_drops(formats)
         + SPLITS_CHANGED * splits_changed,
-        smallest=_smallest(min((v.get("images", sum(v.values())) for v in counts.values()), default=0)))
+        smallest=_smallest(min((_images(counts, totals, split) for split in counts), default=0)))
 
 
 SPLITS_CHANGED = ("\n- This run resumed a checkpoint trained on other images (added, removed or relabelled since): "

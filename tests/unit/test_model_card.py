@@ -135,6 +135,10 @@ def test_a_multilabel_card_gives_map_f1s_and_each_labels_threshold():
     plain = model_card.render("s1", single, ["cat", "images"], {"train": {"cat": 3, "images": 4}},
                               {"test": TEST | {"per_class": {}}}, FORMATS, 0, {})
     assert _tables(plain)[0][2:] == [["cat", "3"], ["images", "4"], ["**total**", "7"]]
+    # The smallest split's line read a class named `images` as the split's size, and summed multi-label counts
+    # (labels, not images: 42 where the split has 40).
+    assert "- the smallest split has 7 images:" in plain
+    assert "- the smallest split has 40 images:" in card
     assert results[2] == ["test", "40", "97.0%", "85.0%", "77.0%", "60.0%", "0.310"]
     assert labels[2] == ["rose", "20", "97.0%", "90.0%", "95.0%", "92.0%", "0.410"]
     assert labels[3][2] == "n/a"  # no positive example: no average precision
