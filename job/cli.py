@@ -114,7 +114,7 @@ def _fail(exc: BaseException, command: str = "") -> None:
         raise typer.Exit(130)
     try:
         several = tf_config_workers()[1] > 1
-    except JobError:  # a broken TF_CONFIG: it failed again here, inside the handler, with a traceback (exit 1)
+    except Exception:  # noqa: BLE001 - a broken TF_CONFIG: it failed again here, inside the handler (a traceback)
         several = False
     if several and type(exc).__name__ in _PEER_ERRORS and type(exc).__module__.startswith("tensorflow"):
         first = first_line(exc)

@@ -84,7 +84,17 @@ def home_path(v: str) -> str:
     """A local path written `~/...`, expanded as data.uri, output.uri and model.weights expand it (`pack --from`
     too): left as it was, it made a folder named `~` in the working directory (the image cache, Katib's file) or
     was "no such file"."""
-    return os.path.expanduser(v) if v.startswith("~") else v
+    return os.path.expanduser(known_home(v)) if v.startswith("~") else v
+
+
+def known_home(v: str) -> str:
+    """ValueError for `~user/...` of a user this machine does not know: a traceback (exit 1) where a path was
+    expanded, or a folder named `~user` in the working directory."""
+    path = v.removeprefix("file://")
+    if path.startswith("~") and os.path.expanduser(path) == path:
+        raise ValueError(f"{path.split('/')[0]}: no such user here, so no home folder to expand; write the path "
+                         "in full")
+    return v
 
 
 class DataConfig(_Section):
@@ -101,6 +111,7 @@ class DataConfig(_Section):
     _expand_home = field_validator("cache_dir", "manifest")(home_path)
     _a_local_path = field_validator("cache_dir")(local_path)
     _s3_form = field_validator("uri", "manifest")(s3_form)
+    _known_home = field_validator("uri")(known_home)
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -117,6 +128,7 @@ class ModelConfig(_Section):
     head_dropout: float = Field(0.5, ge=0.0, lt=1.0)
 
     _s3_form = field_validator("weights")(s3_form)
+    _known_home = field_validator("weights")(known_home)
 
     @field_validator("backbone")
     @classmethod
@@ -265,6 +277,7 @@ class OutputConfig(_Section):
     overwrite: bool = False
 
     _s3_form = field_validator("uri")(s3_form)
+    _known_home = field_validator("uri")(known_home)
 
 
 class ExportConfig(_Section):
@@ -435,7 +448,13 @@ class _UniqueKeys(yaml.SafeLoader):
 
     def construct_yaml_int(self, node):
         text = self.construct_scalar(node)
-        return int(text) if re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", text) else text
+        # (past 4,300 digits int() raises ValueError, exit 1 with a traceback; as text the key refuses it)
+        return int(text) if re.fullmatch(r"[-+]?(0|[1-9][0-9]{0,99})", text) else text
+
+    def get_single_data(self):
+        data = super().get_single_data()
+        _acyclic(data)
+        return data
 
     def construct_mapping(self, node, deep=False):
         first: dict = {}
@@ -457,6 +476,15 @@ class _UniqueKeys(yaml.SafeLoader):
 
 
 _UniqueKeys.add_constructor("tag:yaml.org,2002:int", _UniqueKeys.construct_yaml_int)
+
+
+def _acyclic(value: Any, inside: tuple[int, ...] = ()) -> None:
+    """yaml.YAMLError for a list or mapping that holds itself (`&a [*a]`): the checks recursed without end (exit 1)."""
+    if isinstance(value, (dict, list)):
+        if id(value) in inside:
+            raise yaml.constructor.ConstructorError(problem="an alias (*name) names a list or mapping that holds it")
+        for item in value.values() if isinstance(value, dict) else value:
+            _acyclic(item, (*inside, id(value)))
 
 
 def _parse_value(raw: str, path: list[str] = ()) -> Any:
@@ -566,6 +594,11 @@ def _field_path(loc: tuple) -> tuple:
     return tuple(path)
 
 
+def _cut(text: str, most: int = 120) -> str:
+    """`text` up to `most` characters, the rest counted (a number of 4,301 digits was quoted whole)."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
+
+
 def one_line(err: ValidationError) -> str:
     """The first pydantic error, as `key: problem` on one line, with a did-you-mean for typos.
 
@@ -582,13 +615,13 @@ def one_line(err: ValidationError) -> str:
     if e["type"] == "extra_forbidden":
         parent = _describe(loc[:-1])
         hint = did_you_mean(str(loc[-1]), _field_names_at(loc[:-1]), prefix=f"{parent}." if parent else "")
-        return f"config: unknown key '{key}'{hint}"
+        return f"config: unknown key {key!r}{hint}"  # (repr: a line break in it printed two lines)
     if e["type"] == "missing":
         return f"config: '{key}' is required"
     msg = e["msg"].removeprefix("Value error, ")
     if key:
         given = e.get("input")
-        shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {masked(repr(given))})"
+        shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {_cut(masked(repr(given)))})"
         if e["type"] == "string_type" and isinstance(given, (bool, int, float, dt.date)):  # YAML typed the text
             kind = {bool: "a boolean", int: "a number", float: "a number"}.get(type(given), "a date")
             shown = f": YAML read {given!r} as {kind}; quote it ({loc[-1]}: \"...\")"
@@ -614,7 +647,8 @@ def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: d
             # An unclosed `[` is found at the end of the file: the line where it began is the one to look at.
             context = f"; {e.context} begun on line {begun.line + 1}" if begun and getattr(e, "context", None) and \
                 (not mark or begun.line != mark.line) else ""
-            raise ConfigError(f"config file {p}{where}: not valid YAML ({getattr(e, 'problem', e)}{context})") from None
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())  # (a ReaderError's is two lines)
+            raise ConfigError(f"config file {p}{where}: not valid YAML ({problem}{context})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: expected a mapping of keys at the top level")
         tree = loaded or {}
@@ -682,7 +716,10 @@ def _check_inputs_outside_the_run(cfg: Config) -> None:
 def _redact_url(url: str) -> str:
     """`url` with its user:password@ as ***@ (the host as written: an IPv6 host kept its brackets, a port that is no
     number failed here with a traceback)."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # `file://[d]/data`: "'d' does not appear to be an IPv4 or IPv6 address", exit 1 at training
+        return masked(url)
     if "@" in parts.netloc:
         host = parts.netloc.rpartition("@")[2]
         return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))

@@ -77,7 +77,7 @@ def _place(tf_config) -> tuple[int, int]:
     if twice:
         raise bad(f"{twice[0]} is listed twice in the cluster; each worker needs its own host:port")
     kind, index = task.get("type"), task.get("index", 0)
-    if kind not in roles:
+    if not isinstance(kind, str) or kind not in roles:  # (a list: "unhashable type", a traceback)
         raise bad(f"task.type must be {' or '.join(sorted(roles)) or 'worker'} (a role the cluster lists), not "
                   f"{kind!r}")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(roles[kind]):

@@ -119,7 +119,7 @@ def _jsonl(text: str, name: str) -> list[Row]:
                             "silently)") from None
         except ValueError as e:
             spread = "; an object over several lines? JSON lines keep each object on one line" * (raw.strip() == "{")
-            raise DataError(f"{name} line {line}: not a JSON object ({e.msg}){spread}") from None
+            raise DataError(f"{name} line {line}: not a JSON object ({getattr(e, 'msg', e)}){spread}") from None
         _refuse_other_keys(values, line, name)
         if not isinstance(values, dict) or "path" not in values or ("label" in values) == ("labels" in values):
             raise DataError(f"{name} line {line}: expected an object with \"path\" and \"label\" (multi-label: "

@@ -222,6 +222,17 @@ def test_unrelated_finetune_env_vars_are_ignored(cfg_file):
         ("metrics.host=not a host!!", "metrics.host: expected an address or host name to bind"),
         ("batch_size", "expected KEY=VALUE"),
         ("train.batch_size.x=1", "not a section"),
+            # Each was exit 1 with a traceback: int() past 4,300 digits, checks that recursed into a list holding
+        # itself, a home folder of a user this machine does not know.
+        ("train.batch_size=" + "1" * 4301, "train.batch_size: Unable to parse input string as an integer"),
+        ("train.batch_size=" + "1" * 4301, "1111... (4303 characters))"),
+        ("train.search.learning_rates=&a [*a]", "train.search.learning_rates: Input should be a valid list"),
+        ("train.class_weight=&a {a: *a}", "train.class_weight: Input should be"),
+        ("data.uri=~nosuchuser-here/data", "data.uri: ~nosuchuser-here: no such user here, so no home folder"),
+        ("output.uri=file://~nosuchuser-here/o", "output.uri: ~nosuchuser-here: no such user here"),
+        ("model.weights=~nosuchuser-here/w.h5", "model.weights: ~nosuchuser-here: no such user here"),
+        ("data.cache_dir=~nosuchuser-here/c", "data.cache_dir: ~nosuchuser-here: no such user here"),
+        ("train.bad\nkey=1", "unknown key 'train.bad\\nkey'"),  # (a line break in a key printed two lines)
     ],
 )
 def test_bad_values_name_the_key_on_one_line(cfg_file, override, expected):
@@ -284,6 +295,25 @@ def test_a_kubernetes_service_link_named_like_a_key_is_ignored(cfg_file):
     assert config.load(cfg_file, environ=env).metrics.port == config.load(cfg_file, environ={}).metrics.port
 
 
+def test_a_config_file_that_cannot_be_read_as_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  class_weight: &a {a: *a}\n")  # (checks recursed without end: exit 1)
+    with pytest.raises(ConfigError, match=r"not valid YAML \(an alias \(\*name\) names a list or mapping that "
+                                          r"holds it\)$"):
+        config.load(bad, environ={})
+    bad.write_text("run_id: r1\x07\n")  # a reader's error: two lines
+    with pytest.raises(ConfigError, match=r"not valid YAML \(unacceptable character #x0007: special characters are "
+                                          r"not allowed in \"<unicode string>\", position 10\)$"):
+        config.load(bad, environ={})
+    bad.write_text("data: {uri: /d}\noutput: {uri: /o}\ntrain:\n  batch_size: " + "1" * 4301 + "\n")
+    with pytest.raises(ConfigError, match="train.batch_size: Unable to parse input string as an integer"):
+        config.load(bad, environ={})
+    shared = tmp_path / "shared.yaml"  # an alias used twice is no loop
+    shared.write_text("data: {uri: /d, image_size: &s [64, 64]}\noutput: {uri: /o}\nx: *s\n")
+    with pytest.raises(ConfigError, match="unknown key 'x'"):
+        config.load(shared, environ={})
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "nope.yaml", environ={})
@@ -308,6 +338,10 @@ def test_redaction_masks_credentials_in_urls(cfg_file):
     text = config.to_yaml(cfg)
     assert "secret" not in text and ":p@" not in text
     assert "http://***@minio:9000" in text
+    # A URL parser's ValueError (a "host" of `[d]`): validate passed, train failed after it with a traceback.
+    odd = config.load(cfg_file, ["data.uri=file://[d]/data", "output.uri=file://u:p@[o/out"], environ={})
+    assert config.redacted(odd)["data"]["uri"] == "file://[d]/data"
+    assert config.redacted(odd)["output"]["uri"] == "file://***@[o/out"
 
 
 @pytest.mark.parametrize("backbone", ["efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny"])

@@ -660,6 +660,12 @@ def test_a_jsonl_manifest_is_split_at_newlines_only_and_its_labels_are_exact():
             "rename it"
 
 
+def test_a_jsonl_number_past_pythons_digit_limit_is_a_data_error():
+    # json's ValueError for an int of over 4,300 digits has no .msg: AttributeError, exit 1 with a traceback
+    text = '{"path": "a.png", "label": ' + "1" * 4301 + "}\n"
+    assert refusal(text, "m.jsonl").startswith("m.jsonl line 1: not a JSON object (Exceeds the limit (4300 digits)")
+
+
 def test_a_cls_label_of_a_non_ascii_digit_is_a_data_error():
     # "²".isdigit() is True but int("²") raised ValueError: exit 1 instead of a DataError naming the member.
     for digit in ("²", "١"):

@@ -51,6 +51,9 @@ def test_an_index_outside_the_cluster_is_refused(workers, index):
     ({"cluster": {"chief": ["a:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, "a:1 is listed"),
     ({"cluster": {"chief": ["a:1", "b:1"]}, "task": {"type": "chief", "index": 0}}, "2 chiefs"),
     ({"cluster": {"worker": "a:1,b:1"}, "task": {"type": "worker", "index": 0}}, "cluster.worker must be a list"),
+    # "unhashable type": exit 1 with a traceback, and another one in the error handler
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": ["worker"]}}, r"task.type must be worker .*\['worker'\]"),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": {}}}, "task.type must be worker .*not {}"),
 ])
 def test_a_tf_config_tensorflow_would_fail_on_is_one_line(tf_config, complaint):
     with pytest.raises(ConfigError, match=complaint):
