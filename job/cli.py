@@ -37,9 +37,20 @@ class _OneLineUsage(typer.core.TyperGroup):
                 raise
             where, said = e.ctx.command_path if getattr(e, "ctx", None) else "finetune-job", e.format_message()
             if said.strip():  # (no command at all: the help was printed, and nothing more is to say)
-                typer.echo(f"finetune-job: error: {' '.join(said.split())} (see {where} --help)", err=True)
+                line = f"{' '.join(said.split())} (see {where} --help)"
+                _usage_record(line, where)
+                typer.echo(f"finetune-job: error: {line}", err=True)
             sys.exit(2)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_record(line: str, where: str) -> None:
+    """The `error` log record of a usage error, as every other error has (a shipper alerting on level=error saw
+    none); predict's on stderr, where its records go (its stdout holds one line per image)."""
+    from job import logs
+
+    logs.setup(stream=sys.stderr if where.endswith(" predict") else None)
+    logs.get().error(line, exit_code=2)
 
 
 app = typer.Typer(
@@ -102,6 +113,16 @@ def _stop_on_signals() -> None:
         signal.signal(number, stop)
 
 
+def _done() -> None:
+    """pack and predict, their work done: a SIGTERM or Ctrl-C now changes nothing (the handler above, still there,
+    raised in the closing line or in the interpreter's shutdown: a traceback, exit 1, or exit 0 with "Exception
+    ignored"), so it is ignored and the command ends as it would have."""
+    import signal
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, signal.SIG_IGN)
+
+
 def _fail(exc: BaseException, command: str = "") -> None:
     """Log the error and exit with its code: one line for expected errors, a traceback otherwise."""
     from job import logs
@@ -133,12 +154,15 @@ def _fail(exc: BaseException, command: str = "") -> None:
             "the pod more ephemeral storage, or point data.cache_dir at a larger volume, and rerun the same run_id"
             if command == "train" else "free space there (or set TMPDIR to a larger folder) and run it again"))
     code = exit_code_for(exc)
-    if isinstance(exc, JobError):
+    if isinstance(exc, Preempted):  # not a failure (run_status "preempted"): an alert on level=error paged for
+        logs.get().warning(str(exc), exit_code=code)  # every preemption and node drain
+        typer.echo(f"finetune-job: error: {exc}", err=True)
+    elif isinstance(exc, JobError):
         logs.get().error(str(exc), exit_code=code)
         typer.echo(f"finetune-job: error: {exc}", err=True)
-    else:
+    else:  # the record has the traceback; the line is one line
         logs.get().exception("unexpected error", exit_code=code)
-        typer.echo(f"finetune-job: unexpected error: {type(exc).__name__}: {exc}", err=True)
+        typer.echo(f"finetune-job: unexpected error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
     if several and "tensorflow" in sys.modules:
         # TensorFlow's exit waits at a shutdown barrier for every worker (minutes when one is gone).
         sys.stdout.flush()
@@ -270,12 +294,14 @@ def predict(
         with logs.native_lines_filtered():  # LiteRT's info lines (--format tflite)
             for r in classify(model, images, top_k, endpoint_url, str(getattr(fmt, "value", fmt))):
                 if "error" in r:  # not decodable: said on stderr, the other images still classified; stdout keeps
-                    undecodable += 1  # one line (--json: one object) per image, so no log record goes there
+                    undecodable += 1  # one line (--json: one object) per image: its log record goes to stderr too
+                    logs.get().error(r["error"], exit_code=DataError.exit_code)
                     typer.echo(f"finetune-job: error: {r['error']}", err=True)
                     if as_json:
                         typer.echo(json_text(r))
                     continue
                 typer.echo(json_text(r) if as_json else _name(r["image"]) + ": " + _shown(r))
+        _done()
     except BrokenPipeError:  # `predict ... | head -1`: the reader has what it wanted (it was a traceback, exit 1)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit would fail too)
         raise typer.Exit(0) from None
@@ -326,6 +352,7 @@ def pack(
         from job.pack import parse_size
 
         result = write_shards(source, dest, parse_size(shard_size), endpoint_url, overwrite=overwrite)
+        _done()
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     images = sum(result["images"].values())

@@ -420,12 +420,18 @@ def _gateway_call(run: _Run, call, *args, **kwargs) -> None:
     except Exception as exc:  # any failure of an optional sink: training goes on
         PUSH_ERRORS.labels(**run.labels).inc()
         if not run.push_failing:  # (its labels: the pusher's thread does not have the run's bound log context)
-            log.warning("pushgateway_failed", url=run.shown, error=str(exc), **run.labels)
+            log.warning("pushgateway_failed", url=run.shown, error=str(exc), **_as_logged(run.labels))
         run.push_failing = True
     else:
         if run.push_failing:
-            log.info("pushgateway_recovered", url=run.shown, **run.labels)
+            log.info("pushgateway_recovered", url=run.shown, **_as_logged(run.labels))
         run.push_failing = False
+
+
+def _as_logged(labels: dict[str, str]) -> dict:
+    """A run's metric labels as the log binds them: `worker` an int, as on every other record (a string here only,
+    which a log store that types fields by their first value refuses)."""
+    return {**labels, "worker": int(labels["worker"])}
 
 
 def _sample_device_memory() -> None:

@@ -230,6 +230,10 @@ def test_predict_command_reads_model_and_images_from_s3(trained, s3, sample_data
     assert bad == {"image": str(broken), "error": f"{broken}: not a decodable image"}
     assert misread["image"] == str(palette) and misread["error"].startswith(f"{palette}: a BMP with a colour palette")
     assert f"finetune-job: error: {broken}: not a decodable image" in out.stderr and "Traceback" not in out.stderr
+    # each with its `error` record (on stderr, with predict's other records), as every other error has
+    errors = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    assert [(r["level"], r["event"], r["exit_code"]) for r in errors if r["level"] == "error"] == [
+        ("error", bad["error"], 3), ("error", misread["error"], 3)]
     for result, image in ((first, images[0]), (last, images[1])):
         assert result["image"] == image and len(result["top"]) == 2
         assert result["top"][0]["probability"] >= result["top"][1]["probability"]

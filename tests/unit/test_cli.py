@@ -47,9 +47,14 @@ def test_version():
     (["bogus"], "No such command 'bogus'. (see finetune-job --help)"),
 ])
 def test_usage_errors_are_one_line_exit_2(argv, said):
-    # They were a box of four lines and more (CONTRACT section 7: one clear line).
+    # They were a box of four lines and more (CONTRACT section 7: one clear line), then one line without the `error`
+    # log record every other error has (a shipper alerting on level=error saw none). predict's records go to stderr.
     result = subprocess.run([sys.executable, "-m", "job", *argv], capture_output=True, text=True, timeout=60)
-    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"finetune-job: error: {said}\n")
+    records, other = (result.stderr, result.stdout) if argv[0] == "predict" else (result.stdout, "")
+    (record,) = [json.loads(line) for line in records.splitlines() if line.startswith("{")]
+    assert (record["level"], record["event"], record["exit_code"]) == ("error", said, 2)
+    assert (result.returncode, other) == (2, "")
+    assert [line for line in result.stderr.splitlines() if not line.startswith("{")] == [f"finetune-job: error: {said}"]
 
 
 def test_pure_modules_and_help_import_no_tensorflow():
@@ -437,3 +442,41 @@ def test_pack_and_predict_stop_on_sigterm_and_ctrl_c_through_their_cleanup(tmp_p
     finally:
         for number, handler in saved.items():
             signal.signal(number, handler)
+
+
+def test_a_stop_is_a_warning_record_and_an_unexpected_error_one_line():
+    # A preemption is not a failure (run_status "preempted"), but its record was level=error: an alert on errors paged
+    # for every preemption and node drain. An unexpected error's message of two lines printed two lines.
+    code = """
+import sys, typer
+from job import cli, logs
+from job.errors import Preempted
+logs.setup(json=True)
+for exc in (Preempted("stopped by SIGTERM in finetune epoch 1"), ValueError("boom\\nsecond line")):
+    try:
+        cli._fail(exc)
+    except typer.Exit as e:
+        print("exit", e.exit_code)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["level"], r["exit_code"]) for r in records] == [("warning", 143), ("error", 1)]
+    assert "exit 143" in result.stdout and "exit 1" in result.stdout
+    assert result.stderr.splitlines() == ["finetune-job: error: stopped by SIGTERM in finetune epoch 1",
+                                          "finetune-job: unexpected error: ValueError: boom second line"]
+
+
+def test_a_signal_after_pack_or_predict_is_done_changes_nothing():
+    # A SIGTERM just after `pack` had written everything raised from the handler in the closing line or at shutdown:
+    # a traceback (exit 1), or exit 0 with "Exception ignored".
+    code = """
+import os, signal
+from job import cli
+cli._stop_on_signals()
+cli._done()
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGINT)
+print("packed 3 images")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "packed 3 images\n", "")

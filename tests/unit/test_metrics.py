@@ -339,6 +339,7 @@ def test_a_pushgateway_behind_basic_auth_gets_the_urls_credentials_and_the_log_n
             metrics.finish(True)
     (warning,) = [e for e in logs if e["event"] == "pushgateway_failed"]
     assert warning["url"] == pg.url.replace("://", "://***@") and "401" in warning["error"]
+    assert warning["worker"] == 0  # an int, as on every other record (it was "0" here alone)
     assert "wr%40ng" not in json.dumps(logs) and "wr@ng" not in json.dumps(logs)
 
 
@@ -356,7 +357,7 @@ def test_unreachable_pushgateway_is_counted_not_raised(run):
     warnings = [e for e in logs if e["event"] == "pushgateway_failed"]
     assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"  # one per outage, not per push
     # logged from the pusher's thread, which has not the run's bound context: the record had no run_id
-    assert warnings[0]["run_id"] == "run-no-gateway" and warnings[0]["worker"] == "0"
+    assert warnings[0]["run_id"] == "run-no-gateway" and warnings[0]["worker"] == 0
 
 
 def test_pushgateway_that_never_answers_times_out(run, monkeypatch):
