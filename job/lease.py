@@ -129,7 +129,8 @@ class Lease:
                      "dead one's goes stale and is taken over", lease=f"{self.store.uri}/{NAME}",
                      seconds_since_renewed=round(seen[1]), stale_after_seconds=round(stale, 1),
                      at_most_seconds=round(deadline - time.monotonic()))
-        while time.monotonic() < deadline:
+        while True:  # each look acted on, the last too (with slow storage it came back past the deadline, stale,
+            # and a dead holder's lease was reported as another run's: exit 4)
             if seen is None:  # released meanwhile
                 self.etag = self._write(lambda body: self.store.put_new(NAME, body))
             elif seen[1] > stale:
@@ -139,22 +140,24 @@ class Lease:
                                 seconds_since_renewed=round(seen[1]))
             if self.etag is not None:
                 return self._start()
+            if time.monotonic() >= deadline:
+                raise self._held_by_another(seen)
             signals.pause(min(2.0, self.renew_every / 2), "while waiting on another attempt's lease (nothing taken)")
             now = self.store.stat(NAME)
             if seen is not None and now is not None and now[0] != seen[0]:
-                raise self._held_by_another()
+                raise self._held_by_another(now)
             seen = now
-        raise self._held_by_another()
 
-    def _held_by_another(self) -> LeaseHeld:
+    def _held_by_another(self, seen: tuple[str, float] | None) -> LeaseHeld:
+        """The live holder named, with how long ago storage says it renewed the lease (by storage's clock: the age
+        from its `acquired` by this machine's clock read "-548 s old" on a clock behind)."""
         try:
-            info = json.loads(self.store.read(NAME))
-            age = f"{time.time() - float(info['acquired']):.0f} s old"
-            holder = info.get("holder", "unknown")
-        except (StorageError, ValueError, KeyError, TypeError):
-            holder, age = "unknown", "age unknown"
+            holder = json.loads(self.store.read(NAME)).get("holder", "unknown")
+        except (StorageError, ValueError, AttributeError):
+            holder = "unknown"
+        renewed = f"renewed {seen[1]:.0f} s ago" if seen is not None else "just renewed"
         return LeaseHeld(f"run {self.run_id} is being written by another run: its lease {self.store.uri}/{NAME} "
-                            f"is held by {holder} ({age}); use another run_id, or stop that run")
+                            f"is held by {holder} ({renewed}); use another run_id, or stop that run")
 
     # ------------------------------------------------------------ holding it
 

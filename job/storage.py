@@ -16,6 +16,7 @@ import random
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from concurrent.futures import wait as wait_for
@@ -381,6 +382,26 @@ class S3Store:
         self.delete([e.rel for e in self.list()])
 
 
+CLOCK_PROBE = ".finetune-job-clock-"  # `_file_system_now`'s file, there for a moment: never listed
+
+
+def _file_system_now(folder: Path) -> float:
+    """The time by the clock that stamps files in `folder`: the modification time of a byte written there now. On a
+    shared volume (NFS, EFS) the file server stamps them, and a pod's clock minutes ahead of it took a live holder's
+    lease at once (or, minutes behind, waited out a dead one's for as long). This machine's clock where nothing can be
+    written there."""
+    probe = folder / f"{CLOCK_PROBE}{uuid.uuid4().hex}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        return probe.stat().st_mtime  # (after the close: a network file system's own stamp, not a cached one)
+    except OSError:
+        return time.time()
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
 class LocalStore:
     """Files below a local folder; same interface as S3Store."""
 
@@ -406,7 +427,8 @@ class LocalStore:
                 above[dirpath] = chain | {(st.st_dev, st.st_ino)}
                 dirnames.sort()
                 for name in sorted(filenames):
-                    out.append(self._entry(Path(dirpath, name)))
+                    if not name.startswith(CLOCK_PROBE):
+                        out.append(self._entry(Path(dirpath, name)))
         return out
 
     def _entry(self, p: Path) -> Entry:
@@ -466,11 +488,13 @@ class LocalStore:
         return str(path.stat().st_mtime_ns)
 
     def stat(self, rel: str) -> tuple[str, float] | None:
+        """(version, seconds since it was written), the age by the file system's clock, as S3's is by the server's."""
+        path = self.root / rel
         try:
-            st = (self.root / rel).stat()
+            st = path.stat()
         except FileNotFoundError:
             return None
-        return str(st.st_mtime_ns), max(0.0, time.time() - st.st_mtime)
+        return str(st.st_mtime_ns), max(0.0, _file_system_now(path.parent) - st.st_mtime)
 
     def open_stream(self, rel: str, listed: Entry | None = None):
         """The file, checked against its listing when given (size, then modification time), as S3Store's."""

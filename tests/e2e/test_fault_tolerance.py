@@ -311,7 +311,7 @@ def test_a_second_job_with_the_same_run_id_exits_4_naming_the_holder(s3, dataset
     second = run_cli("train", "--config", str(make_config(tmp_path / "b.yaml", dataset, "twice", tmp_path / "cache-b")),
                      env=s3.env(), timeout=120)
     assert second.returncode == 4, second.stderr[-2000:]
-    assert f"is held by {taken['holder']} (" in second.stderr and " s old)" in second.stderr
+    assert f"is held by {taken['holder']} (renewed " in second.stderr and " s ago)" in second.stderr
     assert second.stderr.count("finetune-job: error:") == 1 and "Traceback" not in second.stderr
     first.proc.send_signal(signal.SIGTERM)
     assert first.wait(60) == 143

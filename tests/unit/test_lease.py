@@ -34,7 +34,7 @@ def test_a_live_lease_refuses_a_second_holder(store, s3):
         with pytest.raises(StorageError) as e:
             second.acquire()
         message = str(e.value)
-        assert "held by " + first.holder in message and " s old" in message and "\n" not in message
+        assert "held by " + first.holder in message and " s ago)" in message and "\n" not in message
         assert isinstance(e.value, LeaseHeld)  # the CLI then reports nothing to the live run's Pushgateway group
         assert time.monotonic() - t0 < 6  # refused as soon as the first renewed it (every second)
         first.check()  # still ours
@@ -278,3 +278,51 @@ def test_refused_conditional_writes_and_absences_are_not_s3_errors(store, s3):
         proxied = storage.S3Store(store.uri, proxy.url)
         proxied.stat("_SUCCESS")  # fails once (a 5xx or a reset), then retried by botocore and answered
     assert metrics.s3_errors_total() == before + 1
+
+
+def test_the_last_look_at_a_stale_lease_takes_it_over_though_it_came_back_late(tmp_path, monkeypatch):
+    # With slow storage the newcomer's last look came back past its deadline, showing the lease stale (a dead holder),
+    # and it exited 4 "being written by another run" without acting on it.
+    from types import SimpleNamespace
+
+    from job import lease as lease_module
+
+    store = storage.LocalStore(str(tmp_path))
+    dead = Lease(store, "r1", seconds=3)
+    dead.holder = "dead-pod/pid-1"
+    assert store.put_new(NAME, dead._body()) is not None
+    clock = [0.0]
+    looks = []
+    real_stat = store.stat
+
+    def slow_stat(rel):  # each look takes the whole wait; the lease ages as the time passes
+        found = real_stat(rel)
+        clock[0] += 10.0
+        looks.append(clock[0])
+        return None if found is None else (found[0], clock[0] if len(looks) > 2 else 0.0)  # (the 1st: `_landed`)
+
+    monkeypatch.setattr(store, "stat", slow_stat)
+    monkeypatch.setattr(lease_module, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    monkeypatch.setattr(lease_module.signals, "pause", lambda seconds, why: None)
+    successor = Lease(store, "r1", seconds=3)
+    successor.acquire()  # the look that came back at 30 s (deadline 28.5 s) shows it 30 s old: taken over
+    successor._stop.set()
+    assert json.loads(store.read(NAME))["holder"] == successor.holder and looks[:3] == [10.0, 20.0, 30.0]
+
+
+def test_a_local_leases_age_is_by_the_file_systems_clock_not_this_machines(tmp_path, monkeypatch):
+    # On a shared volume a pod whose clock ran 10 minutes ahead of the file server's took a live holder's lease at
+    # once; one 10 minutes behind waited out a dead holder's for 10 minutes more ("-548 s old").
+    import os
+
+    store = storage.LocalStore(str(tmp_path))
+    store.put_new("fresh", b"x")
+    store.put_new("old", b"x")
+    real, now = time.time, time.time()
+    os.utime(tmp_path / "old", (now - 100, now - 100))
+    monkeypatch.setattr(storage.time, "time", lambda: real() + 600)  # this machine's clock ahead
+    assert store.stat("fresh")[1] < 60
+    monkeypatch.setattr(storage.time, "time", lambda: real() - 600)  # behind
+    assert 60 < store.stat("old")[1] < 300
+    assert sorted(e.rel for e in store.list()) == ["fresh", "old"]  # the clock's probe is never listed, nor left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "old"]
