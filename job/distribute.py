@@ -86,6 +86,11 @@ def _place(tf_config) -> tuple[int, int]:
     return index + (len(roles.get("chief", [])) if kind == "worker" else 0), max(len(everyone), 1)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a pod's cpuset, `taskset`), else all of them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_strategy(strategy: str, environ=os.environ) -> None:
     """ConfigError for a strategy this process cannot run (no TensorFlow: `validate` says it too)."""
     if strategy == "multi_worker" and tf_config_workers(environ)[1] < 2 and not environ.get("TF_CONFIG"):
@@ -113,8 +118,7 @@ def setup(strategy: str, cpu_replicas: int, mixed_precision: str | bool, connect
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
         # The logical devices share one intra-op pool: with every core per op the replicas fight over
         # them (2 replicas 0.70-0.80x one replica; with cores // replicas threads 1.06x, docs/BENCHMARKS.md).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        tf.config.threading.set_intra_op_parallelism_threads(max(1, cores // cpu_replicas))
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, usable_cpus() // cpu_replicas))
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
 

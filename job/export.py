@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import platform
@@ -160,13 +161,23 @@ def manifest_fields(run, checked: dict) -> dict:
                     "counts": run.data.layout.counts(),
                     **({"images": _totals(run.data.layout)} if run.multi else {}),  # counts are labels' there
                     "bad_images": len(run.data.bad), "identical_images": run.identical},
+        # cpu_threads: TensorFlow's op determinism holds for one thread count (the sums in the backward pass are
+        # split by it): the same seed on a node of other cores, or under another CPU affinity, trains other weights
         "strategy": {"kind": cluster.kind, "replicas": cluster.replicas, "workers": cluster.num_workers,
-                     "mixed_precision": cluster.mixed_precision},
+                     "mixed_precision": cluster.mixed_precision, "cpu_threads": cpu_threads()},
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "formats": checked["formats"], "formats_checked_on": checked["checked_on"], "timings": dict(run.timings),
         "resumed_from": run.resumed_from or None,  # the timings are this attempt's: where it took over, if it did
         "search": run.state.search,  # train.search's trials at their pause, [] without
         "refit": refit_fields(run),  # train.refit's epochs and rate, {} without
     }
+
+
+def cpu_threads() -> int:
+    """The threads TensorFlow's ops run on: as set, else the CPUs this process may use (its affinity)."""
+    from job.distribute import usable_cpus
+
+    return tf.config.threading.get_intra_op_parallelism_threads() or usable_cpus()
 
 
 def refit_fields(run) -> dict:
