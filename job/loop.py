@@ -312,6 +312,10 @@ def run_phase(phase: Phase, cluster: Cluster, global_batch: int, options: Option
     if phase.epochs <= 0:
         log.info("phase skipped", phase=phase.name, reason="epochs is 0")
         return False
+    # A stop asked at the phase boundary (the last one's end is checkpointed) waited for this phase to be built and
+    # traced, 5 to 25 s of the pod's grace, to save its first step. (Several workers agree on a stop in a step.)
+    if cluster.num_workers == 1 and not state.resumes(phase.name) and signals.requested():
+        raise signals.stopped(f"before {phase.name} began")
     steps = max(1, math.ceil(phase.examples / global_batch))
     variables = phase.model.trainable_variables
     # The best epoch's copy: the trained weights and, where BatchNormalization trains (from scratch), the

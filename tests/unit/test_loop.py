@@ -509,3 +509,23 @@ def test_an_unfreeze_that_names_nothing_to_train_is_refused():
     assert [model_lib.check_unfreeze(base, u, "tiny") for u in (3, "last", "all")] == [3, 3, 4]
     model_lib.unfreeze_top(base, 3)
     assert [v.path for v in base.trainable_variables] == ["last/kernel", "last/bias"]
+
+
+def test_a_stop_asked_before_a_phase_begins_stops_before_it_is_built(tmp_path, cluster, data):
+    # It waited for the phase to be built and traced (5 to 25 s of the grace period) to save its first step; what came
+    # before is checkpointed at its end. (A phase partway through, a resumed one or the search's continued trial, saves
+    # its next step and stops then, as before: tests/e2e/test_fault_tolerance.py.)
+    from job import signals
+    from job.errors import Preempted
+
+    model, state, ckpt = tiny_model(cluster), RunState(), checkpoints(tmp_path, cluster)
+    phase = phase_of(model, data, 3, lambda: {"val_loss": 0.5, "val_accuracy": 0.5})
+    before = [w.numpy() for w in model.weights]
+    signals._requested.set()  # what the handler does when SIGTERM arrives (the handlers are not installed here)
+    try:
+        with pytest.raises(Preempted, match="^stopped by SIGTERM before head began; re-run the same run_id"):
+            loop.run_phase(phase, cluster, BATCH, loop.Options(), ckpt, state)
+        assert state.step == 0 and ckpt.store.list() == []
+        assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
+    finally:
+        signals._requested.clear()
