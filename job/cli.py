@@ -6,6 +6,7 @@ exit codes here. Nothing at module level imports TensorFlow, so `--help` is fast
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -113,14 +114,20 @@ def _stop_on_signals() -> None:
         signal.signal(number, stop)
 
 
-def _done() -> None:
-    """pack and predict, their work done: a SIGTERM or Ctrl-C now changes nothing (the handler above, still there,
-    raised in the closing line or in the interpreter's shutdown: a traceback, exit 1, or exit 0 with "Exception
-    ignored"), so it is ignored and the command ends as it would have."""
+def _done(code: int) -> None:
+    """pack and predict, their work done: a SIGTERM or Ctrl-C now ends the command at once with the exit `code` it
+    would have had (the handler above, still there, raised in the closing line or in the interpreter's shutdown: a
+    traceback, exit 1, or exit 0 with "Exception ignored"). Not ignored: a shutdown that hangs stays stoppable."""
     import signal
 
+    def end(_number, _frame):
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
     for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, signal.SIG_IGN)
+        signal.signal(number, end)
 
 
 def _fail(exc: BaseException, command: str = "") -> None:
@@ -301,7 +308,7 @@ def predict(
                         typer.echo(json_text(r))
                     continue
                 typer.echo(json_text(r) if as_json else _name(r["image"]) + ": " + _shown(r))
-        _done()
+        _done(DataError.exit_code if undecodable else 0)
     except BrokenPipeError:  # `predict ... | head -1`: the reader has what it wanted (it was a traceback, exit 1)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit would fail too)
         raise typer.Exit(0) from None
@@ -352,7 +359,7 @@ def pack(
         from job.pack import parse_size
 
         result = write_shards(source, dest, parse_size(shard_size), endpoint_url, overwrite=overwrite)
-        _done()
+        _done(0)
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
     images = sum(result["images"].values())

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from job import backbones, recipe
 from job.errors import ConfigError, did_you_mean
-from job.uris import credentials_parse, is_s3, masked, s3_form, split_s3, within
+from job.uris import credentials_parse, expanded, is_s3, masked, s3_form, split_s3, within
 
 ENV_PREFIX = "FINETUNE_"
 RUN_ID_MAX = 128  # as the chart's values.schema.json
@@ -90,10 +90,7 @@ def home_path(v: str) -> str:
 def known_home(v: str) -> str:
     """ValueError for `~user/...` of a user this machine does not know: a traceback (exit 1) where a path was
     expanded, or a folder named `~user` in the working directory."""
-    path = v.removeprefix("file://")
-    if path.startswith("~") and os.path.expanduser(path) == path:
-        raise ValueError(f"{path.split('/')[0]}: no such user here, so no home folder to expand; write the path "
-                         "in full")
+    expanded(v)  # (the ValueError names the user)
     return v
 
 
@@ -478,13 +475,19 @@ class _UniqueKeys(yaml.SafeLoader):
 _UniqueKeys.add_constructor("tag:yaml.org,2002:int", _UniqueKeys.construct_yaml_int)
 
 
-def _acyclic(value: Any, inside: tuple[int, ...] = ()) -> None:
-    """yaml.YAMLError for a list or mapping that holds itself (`&a [*a]`): the checks recursed without end (exit 1)."""
+def _acyclic(value: Any, inside: tuple[int, ...] = (), done: set[int] | None = None) -> None:
+    """yaml.YAMLError for a list or mapping that holds itself (`&a [*a]`): the checks recursed without end (exit 1).
+    Each list or mapping is looked into once (`done`): aliases shared many times over are no loop, and walking each
+    use took minutes for ten lines of nine aliases a level."""
+    done = set() if done is None else done
     if isinstance(value, (dict, list)):
         if id(value) in inside:
             raise yaml.constructor.ConstructorError(problem="an alias (*name) names a list or mapping that holds it")
+        if id(value) in done:
+            return
+        done.add(id(value))
         for item in value.values() if isinstance(value, dict) else value:
-            _acyclic(item, (*inside, id(value)))
+            _acyclic(item, (*inside, id(value)), done)
 
 
 def _parse_value(raw: str, path: list[str] = ()) -> Any:
@@ -494,7 +497,7 @@ def _parse_value(raw: str, path: list[str] = ()) -> Any:
         return raw.strip()  # as YAML reads the file's: `output.uri= /tmp/out` wrote into a folder named " "
     try:
         return yaml.load(raw, Loader=_UniqueKeys) if raw != "" else ""  # a SafeLoader
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return raw
 
 
@@ -641,6 +644,8 @@ def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: d
             raise ConfigError(f"config file not found: {p}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} cannot be read: {e}") from None
+        except RecursionError:  # (PyYAML's parser, some 490 levels deep: exit 1, a traceback)
+            raise ConfigError(f"config file {p}: lists or mappings nested too deeply to read") from None
         except yaml.YAMLError as e:
             mark, begun = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

@@ -174,10 +174,15 @@ def manifest_fields(run, checked: dict) -> dict:
 
 
 def cpu_threads() -> int:
-    """The threads TensorFlow's ops run on: as set, else the CPUs this process may use (its affinity)."""
+    """The threads TensorFlow's ops run on: as set (in the job, or TF_NUM_INTRAOP_THREADS), else the CPUs this process
+    may use (its affinity)."""
+    import os
+
     from job.distribute import usable_cpus
 
-    return tf.config.threading.get_intra_op_parallelism_threads() or usable_cpus()
+    from_env = os.environ.get("TF_NUM_INTRAOP_THREADS", "").strip()
+    return tf.config.threading.get_intra_op_parallelism_threads() or (int(from_env) if from_env.isdigit() and
+                                                                       int(from_env) > 0 else usable_cpus())
 
 
 def refit_fields(run) -> dict:

@@ -7,10 +7,10 @@ own ETag, and deletes it when the run ends, whatever the reason (a SIGTERM-ed po
 it at once).
 
 A lease that exists is alive if it is renewed: the newcomer watches it, saying so. Renewed (within one renewal
-interval for a live holder) -> another run holds it: exit 4 naming the holder and the lease's age. Not renewed for
-`checkpoint.lease_seconds` (by the storage server's clock; the newcomer waits up to that long) -> its holder died
-without letting go (kill -9, a lost node, storage gone before it could delete it): the newcomer takes it over with
-`If-Match`, so of two newcomers only one can.
+interval for a live holder) -> another run holds it: exit 4 naming the holder and how long ago storage saw it
+renewed. Not renewed for `checkpoint.lease_seconds` (by the storage server's clock; the newcomer waits up to that
+long) -> its holder died without letting go (kill -9, a lost node, storage gone before it could delete it): the
+newcomer takes it over with `If-Match`, so of two newcomers only one can.
 Storage that ignores or rejects conditional writes gets a warning, and the run goes on without a lease.
 
 A conditional write whose reply is lost is retried by botocore, and the retry is refused (412): the first
@@ -140,8 +140,8 @@ class Lease:
                                 seconds_since_renewed=round(seen[1]))
             if self.etag is not None:
                 return self._start()
-            if time.monotonic() >= deadline:
-                raise self._held_by_another(seen)
+            if time.monotonic() >= deadline:  # (looked at again: another newcomer may have just taken it)
+                raise self._held_by_another(self.store.stat(NAME))
             signals.pause(min(2.0, self.renew_every / 2), "while waiting on another attempt's lease (nothing taken)")
             now = self.store.stat(NAME)
             if seen is not None and now is not None and now[0] != seen[0]:

@@ -176,8 +176,7 @@ def layer_depths(base: keras.Model, variables: list) -> tuple[list[int | None], 
 
 
 def check_unfreeze(base: keras.Model, unfreeze: int | str, backbone: str) -> int:
-    """Number of top layers `unfreeze` names ("all", a count, a layer name); ConfigError when it does not fit, or
-    when those layers hold nothing to train."""
+    """Number of top layers `unfreeze` names ("all", a count, a layer name); ConfigError when it does not fit."""
     layers = unfreezable_layers(base)
     if unfreeze == "all":
         return len(layers)
@@ -193,21 +192,21 @@ def check_unfreeze(base: keras.Model, unfreeze: int | str, backbone: str) -> int
             hint = did_you_mean(unfreeze, names)
             raise ConfigError(f"config: train.finetune.unfreeze: {backbone} has no layer '{unfreeze}'{hint}")
         count = len(layers) - names.index(unfreeze)
-    _trains_something(layers, count, unfreeze)
     return count
 
 
-def _trains_something(layers: list, count: int, unfreeze: int | str) -> None:
-    """ConfigError when the top `count` layers have no weights but BatchNormalization's (kept frozen): `unfreeze: 1`
-    (MobileNetV2's out_relu) fine-tuned none of the base without a word, as `unfreeze: 0`, which is refused."""
+def idle_unfreeze(base: keras.Model, count: int, unfreeze: int | str) -> str | None:
+    """What is wrong when the top `count` layers have no weights but BatchNormalization's (kept frozen), else None:
+    `unfreeze: 1` (MobileNetV2's out_relu) fine-tuned none of the base without a word, as `unfreeze: 0`, which is
+    refused."""
+    layers = unfreezable_layers(base)
     batch_norm = keras.layers.BatchNormalization
     trains = [i for i, layer in enumerate(layers) if layer.weights and not isinstance(layer, batch_norm)]
-    if trains and trains[-1] < len(layers) - count:
-        need = len(layers) - trains[-1]
-        raise ConfigError(f"config: train.finetune.unfreeze: {unfreeze} unfreezes no layer with weights to train "
-                          f"({', '.join(layer.name for layer in layers[len(layers) - count:])}: none, or "
-                          f"BatchNormalization, kept frozen); the top one is {layers[trains[-1]].name}: unfreeze "
-                          f"{need} or more")
+    if not trains or trains[-1] >= len(layers) - count:
+        return None
+    return (f"config: train.finetune.unfreeze: {unfreeze} unfreezes no layer with weights to train "
+            f"({', '.join(layer.name for layer in layers[len(layers) - count:])}: none, or BatchNormalization, kept "
+            f"frozen); the top one is {layers[trains[-1]].name}: unfreeze {len(layers) - trains[-1]} or more")
 
 
 def batch_normalization(model: keras.Model) -> list[keras.layers.BatchNormalization]:

@@ -80,7 +80,11 @@ def pack(source_uri: str, dest_uri: str, shard_size: int, endpoint: str = "", se
     from job import sources
     from job.config import home_path
 
-    source_uri = home_path(source_uri)  # as data.uri and data.manifest take it (`--from=~/...`: no shell expands it)
+    try:
+        # as data.uri and data.manifest take it (`--from=~/...`: no shell expands it)
+        source_uri = home_path(source_uri)
+    except ValueError as e:  # ~user of no user
+        raise ConfigError(f"--from {source_uri}: {e}") from None
     manifest = source_uri if source_uri.lower().endswith((".csv", *JSON_LINES)) else ""
     # a manifest's folder: `--from labels.csv` read its paths under a "folder" named labels.csv (exit 3)
     data_uri = (source_uri.rsplit("/", 1)[0] if "/" in source_uri else ".") if manifest else source_uri

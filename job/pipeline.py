@@ -215,9 +215,12 @@ def complete_run(cfg: Config, found: tuple[storage.Store, str] | None = None) ->
         katib.check_writable(cfg.metrics.file)
         try:
             reports = json.loads(out.read("metrics.json"))
+            if not isinstance(reports, dict) or not all(isinstance(reports.get(split, {}), dict)
+                                                        for split, _ in katib.SPLITS):
+                raise ValueError("not a mapping of splits to their scores")
         except ValueError as e:  # (exit 1 with a traceback)
-            raise StorageError(f"{out.uri}/metrics.json: the complete run's metrics are not JSON ({e}), so "
-                               "metrics.file gets none; repair or delete the run (output.overwrite)") from None
+            raise StorageError(f"{out.uri}/metrics.json: the complete run's metrics are not JSON of its splits ({e}), "
+                               "so metrics.file gets none; repair or delete the run (output.overwrite)") from None
         katib.run_done(cfg.metrics.file, reports, chief=tf_config_workers()[0] == 0)
     return {"status": "already complete", "artifacts": out.uri}
 
@@ -538,6 +541,7 @@ def prepare(cfg: Config) -> Run | dict:
         ckpt = Checkpoints(out, work, cluster, cfg.checkpoint.keep, guard=lease.check if lease else None)
         resumed = _resume_point(cfg, ckpt, state, source.layout.classes, source.fingerprint(), _base_weights(parts),
                                 _keep_order(source))
+        _unfreeze_trains_something(cfg, parts, unfreeze, _resumed_from(resumed))
     except BaseException:
         if lease:
             lease.release()
@@ -715,6 +719,23 @@ def _build_model(cfg: Config, cluster, classes: list[str], work: Path):
     if parts.from_scratch:  # every layer trains: train.finetune.unfreeze does not apply
         return parts, len(model.unfreezable_layers(parts.base))
     return parts, model.check_unfreeze(parts.base, cfg.train.finetune.unfreeze, cfg.model.backbone)
+
+
+def _unfreeze_trains_something(cfg: Config, parts, count: int, resumed_from: dict) -> None:
+    """ConfigError when train.finetune.unfreeze reaches no layer with weights to train (model.idle_unfreeze); only a
+    warning for a run resumed from a checkpoint (begun by a version that took it: the refusal's advice, another
+    value, was then refused as a change of recipe, and only a new run_id went on), and nothing where no fine-tuning
+    runs (epochs 0: unfreeze is unused, and said to be)."""
+    from job import model
+
+    if parts.from_scratch or cfg.train.finetune.epochs == 0:
+        return
+    idle = model.idle_unfreeze(parts.base, count, cfg.train.finetune.unfreeze)
+    if idle and not resumed_from:
+        raise ConfigError(idle)
+    if idle:
+        log.warning(f"{idle.removeprefix('config: ')}; this run began with it and goes on so: its fine-tuning trains "
+                    "the head alone")
 
 
 def resolve_weights(cfg: Config, work: Path) -> tuple[str | None, bool]:

@@ -27,7 +27,7 @@ from job import logs, metrics
 from job.errors import ConfigError, DataError, NotFound, StorageError
 from job.files import atomic_path, write_text
 from job.layout import IMAGE_EXTENSIONS
-from job.uris import is_s3, masked, s3_form, split_s3
+from job.uris import expanded, is_s3, masked, s3_form, split_s3
 
 DOWNLOAD_THREADS = 32
 RANGED_MIN = 16 * 2**20  # objects this large (tar shards) are fetched with parallel ranged GETs
@@ -388,18 +388,36 @@ CLOCK_PROBE = ".finetune-job-clock-"  # `_file_system_now`'s file, there for a m
 def _file_system_now(folder: Path) -> float:
     """The time by the clock that stamps files in `folder`: the modification time of a byte written there now. On a
     shared volume (NFS, EFS) the file server stamps them, and a pod's clock minutes ahead of it took a live holder's
-    lease at once (or, minutes behind, waited out a dead one's for as long). This machine's clock where nothing can be
-    written there."""
+    lease at once (or, minutes behind, waited out a dead one's for as long). A file with no name where the file system
+    makes one (O_TMPFILE: nothing to list, nothing left by a kill), else a named one, never listed; this machine's
+    clock, said once, where nothing can be written there."""
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except (AttributeError, OSError):  # (not Linux; NFS has no O_TMPFILE)
+        fd = None
+    if fd is not None:
+        try:
+            os.write(fd, b"0")
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
     probe = folder / f"{CLOCK_PROBE}{uuid.uuid4().hex}"
     try:
         with open(probe, "wb") as f:
             f.write(b"0")
         return probe.stat().st_mtime  # (after the close: a network file system's own stamp, not a cached one)
-    except OSError:
+    except OSError as e:
+        if not _clock_fallback_said:
+            _clock_fallback_said.append(True)
+            log.warning("lease ages by this machine's clock: nothing can be written beside the lease to read the file "
+                        "system's", folder=str(folder), reason=e.strerror or str(e))
         return time.time()
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()
+
+
+_clock_fallback_said: list[bool] = []
 
 
 class LocalStore:
@@ -407,7 +425,10 @@ class LocalStore:
 
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/") or "/"
-        self.root = Path(uri.removeprefix("file://")).expanduser()
+        try:
+            self.root = expanded(uri)
+        except ValueError as e:  # `--from ~nosuchuser/runs`: exit 1 with a traceback
+            raise ConfigError(f"{uri}: {e}") from None
 
     def list(self, sub: str = "") -> list[Entry]:
         base = self.root / sub
@@ -480,8 +501,11 @@ class LocalStore:
 
     def replace(self, rel: str, data: bytes, etag: str) -> str | None:
         path = self.root / rel
-        found = self.stat(rel)
-        if found is None or found[0] != etag:
+        try:
+            found = str(path.stat().st_mtime_ns)  # (its version only: no age, so no clock probe)
+        except FileNotFoundError:
+            return None
+        if found != etag:
             return None
         with storage_errors(f"writing {path}"), atomic_path(path) as tmp:
             tmp.write_bytes(data)

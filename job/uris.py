@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -28,8 +29,26 @@ def within(uri: str, folder: str) -> bool:
         inner, outer = (u.removeprefix("s3://").strip("/").split("/") for u in (uri, folder))
         inner, outer = [p for p in inner if p], [p for p in outer if p]
     else:
-        inner, outer = (Path(u.removeprefix("file://")).expanduser().resolve().parts for u in (uri, folder))
+        inner, outer = (_as_written_or_expanded(u).resolve().parts for u in (uri, folder))
     return list(inner[:len(outer)]) == list(outer)
+
+
+def expanded(uri: str) -> Path:
+    """A local location (a path or file://) as a Path, `~` and `~user` expanded; ValueError for a user this machine
+    does not know (pathlib's RuntimeError was exit 1 with a traceback)."""
+    path = uri.removeprefix("file://")
+    full = os.path.expanduser(path)
+    if path.startswith("~") and full == path:
+        raise ValueError(f"{path.split('/')[0]}: no such user here, so no home folder to expand; write the path in "
+                         "full")
+    return Path(full)
+
+
+def _as_written_or_expanded(uri: str) -> Path:
+    try:
+        return expanded(uri)
+    except ValueError:  # (compared as written: refused where it is used)
+        return Path(uri.removeprefix("file://"))
 
 
 def s3_form(v: str) -> str:

@@ -1364,6 +1364,7 @@ def test_a_gpu_requested_other_than_its_limit_fails_the_render(limits: dict) -> 
     ("resources", {"cpu": "4"}, {"cpu": "2"}),
     ("resources", {"memory": "1025Mi"}, {"memory": "1Gi"}),
     ("resources", {"memory": "1G"}, {"memory": "0.9Gi"}),
+    ("resources", {"memory": "1073741825"}, {"memory": "1Gi"}),  # one byte over (a rounding margin let it through)
     ("resources", {"ephemeral-storage": "2e9"}, {"ephemeral-storage": "1G"}),
     ("tensorboard.resources", {"memory": "2Gi"}, {"memory": "1Gi"}),
     ("helmTest.resources", {"cpu": "1"}, {"cpu": "500m"}),

@@ -111,7 +111,9 @@ def test_every_artifact_is_in_storage(trained, s3):
     assert {"staging_seconds", "head_seconds", "finetune_seconds", "export_seconds"} <= set(manifest["timings"])
     assert manifest["resumed_from"] is None  # one attempt: its timings are the run's
     # What a bit-for-bit rerun needs besides the seed (op determinism holds for one thread count), and when it ended
-    assert manifest["strategy"]["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)  # 2 CPU replicas share them
+    from job.distribute import usable_cpus
+
+    assert manifest["strategy"]["cpu_threads"] == max(1, usable_cpus() // 2)  # 2 CPU replicas share them
     assert abs(datetime.datetime.fromisoformat(manifest["finished_at"]).timestamp() - time.time()) < 86400
     # Evaluation read validation and test through the image cache: one decoded file per split, none twice.
     (cache,) = (trained["tmp"] / "cache" / "runs" / "e2e").glob("output-*/worker-0/cache")  # (one output here)

@@ -308,6 +308,15 @@ def test_a_config_file_that_cannot_be_read_as_yaml_is_one_line(tmp_path):
     bad.write_text("data: {uri: /d}\noutput: {uri: /o}\ntrain:\n  batch_size: " + "1" * 4301 + "\n")
     with pytest.raises(ConfigError, match="train.batch_size: Unable to parse input string as an integer"):
         config.load(bad, environ={})
+    bad.write_text("data: {uri: /d}\noutput: {uri: /o}\nx: " + "[" * 600 + "]" * 600 + "\n")  # PyYAML's recursion
+    with pytest.raises(ConfigError, match="bad.yaml: lists or mappings nested too deeply to read$"):
+        config.load(bad, environ={})
+    # Aliases shared nine times a level, ten levels (no loop): each use was walked, minutes; looked into once now.
+    levels = ["  a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]"
+                                                           for i in range(1, 11)]
+    bad.write_text("data: {uri: /d}\noutput: {uri: /o}\nx:\n" + "\n".join(levels) + "\n")
+    with pytest.raises(ConfigError, match="unknown key 'x'"):
+        config.load(bad, environ={})
     shared = tmp_path / "shared.yaml"  # an alias used twice is no loop
     shared.write_text("data: {uri: /d, image_size: &s [64, 64]}\noutput: {uri: /o}\nx: *s\n")
     with pytest.raises(ConfigError, match="unknown key 'x'"):

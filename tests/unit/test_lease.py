@@ -314,15 +314,25 @@ def test_a_local_leases_age_is_by_the_file_systems_clock_not_this_machines(tmp_p
     # On a shared volume a pod whose clock ran 10 minutes ahead of the file server's took a live holder's lease at
     # once; one 10 minutes behind waited out a dead holder's for 10 minutes more ("-548 s old").
     import os
+    from types import SimpleNamespace
 
     store = storage.LocalStore(str(tmp_path))
     store.put_new("fresh", b"x")
     store.put_new("old", b"x")
-    real, now = time.time, time.time()
+    now = time.time()
     os.utime(tmp_path / "old", (now - 100, now - 100))
-    monkeypatch.setattr(storage.time, "time", lambda: real() + 600)  # this machine's clock ahead
-    assert store.stat("fresh")[1] < 60
-    monkeypatch.setattr(storage.time, "time", lambda: real() - 600)  # behind
-    assert 60 < store.stat("old")[1] < 300
-    assert sorted(e.rel for e in store.list()) == ["fresh", "old"]  # the clock's probe is never listed, nor left
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "old"]
+
+    def clock(offset: float):  # this machine's clock, off by `offset` (the module's own time, not the process's)
+        monkeypatch.setattr(storage, "time", SimpleNamespace(time=lambda: time.time() + offset,
+                                                             monotonic=time.monotonic, sleep=time.sleep))
+
+    for named in (False, True):  # a file with no name (O_TMPFILE), or a named one where there is none (NFS)
+        if named:
+            monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+        clock(600)  # ahead
+        assert store.stat("fresh")[1] < 60
+        clock(-600)  # behind
+        assert 60 < store.stat("old")[1] < 300
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "old"]  # no probe left
+    (tmp_path / f"{storage.CLOCK_PROBE}left-by-a-kill").write_bytes(b"0")
+    assert sorted(e.rel for e in store.list()) == ["fresh", "old"]  # a probe a kill left is never listed

@@ -5,9 +5,11 @@ stopping restores the best epoch, a crashed phase resumes at its next epoch with
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
+import structlog.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -494,7 +496,6 @@ def test_an_unfreeze_that_names_nothing_to_train_is_refused():
     """`unfreeze: 1` (MobileNetV2's out_relu: no weights) or down to a BatchNormalization (kept frozen) fine-tuned
     none of the base without a word, where `unfreeze: 0` is refused; the first count that reaches weights trains."""
     from job import model as model_lib
-    from job.errors import ConfigError
 
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Conv2D(2, 3, name="first")(inputs)
@@ -502,11 +503,12 @@ def test_an_unfreeze_that_names_nothing_to_train_is_refused():
     x = keras.layers.BatchNormalization(name="norm")(x)
     base = keras.Model(inputs, keras.layers.ReLU(name="relu")(x))
     for unfreeze in (1, 2, "norm", "relu"):
-        with pytest.raises(ConfigError, match=r"^config: train.finetune.unfreeze: \S+ unfreezes no layer with weights "
-                                              r"to train \((norm, )?relu: none, or BatchNormalization, kept frozen\); "
-                                              r"the top one is last: unfreeze 3 or more$"):
-            model_lib.check_unfreeze(base, unfreeze, "tiny")
-    assert [model_lib.check_unfreeze(base, u, "tiny") for u in (3, "last", "all")] == [3, 3, 4]
+        count = model_lib.check_unfreeze(base, unfreeze, "tiny")
+        assert re.fullmatch(r"config: train.finetune.unfreeze: \S+ unfreezes no layer with weights to train "
+                            r"\((norm, )?relu: none, or BatchNormalization, kept frozen\); the top one is last: "
+                            r"unfreeze 3 or more", model_lib.idle_unfreeze(base, count, unfreeze))
+    counts = [model_lib.check_unfreeze(base, u, "tiny") for u in (3, "last", "all")]
+    assert counts == [3, 3, 4] and [model_lib.idle_unfreeze(base, c, "x") for c in counts] == [None] * 3
     model_lib.unfreeze_top(base, 3)
     assert [v.path for v in base.trainable_variables] == ["last/kernel", "last/bias"]
 
@@ -529,3 +531,29 @@ def test_a_stop_asked_before_a_phase_begins_stops_before_it_is_built(tmp_path, c
         assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
     finally:
         signals._requested.clear()
+
+
+def test_unfreeze_is_refused_for_a_new_run_only_where_the_fine_tuning_runs(tmp_path, cluster):
+    # With train.finetune.epochs: 0 unfreeze is unused (and said to be): `unfreeze: 1` was refused there too. A run
+    # begun by a version that took it, resumed from its checkpoint, goes on with a warning: the refusal's advice
+    # (another value) was refused as a change of recipe, and only a new run_id went on.
+    from job import model as model_lib
+    from job import pipeline
+    from job.config import Config
+    from job.errors import ConfigError
+
+    parts = model_lib.build("mobilenet_v2", None, (32, 32), 2, 16, 0.1)
+
+    def cfg(epochs: int) -> Config:
+        return Config.model_validate({"data": {"uri": "/d", "image_size": [32, 32]}, "output": {"uri": "/o"},
+                                      "model": {"weights": "/w.weights.h5"},
+                                      "train": {"finetune": {"epochs": epochs, "unfreeze": 1}}})
+
+    pipeline._unfreeze_trains_something(cfg(0), parts, 1, {})
+    with pytest.raises(ConfigError, match="^config: train.finetune.unfreeze: 1 unfreezes no layer with weights to "
+                                          "train .*the top one is Conv_1: unfreeze 3 or more$"):
+        pipeline._unfreeze_trains_something(cfg(1), parts, 1, {})
+    with structlog.testing.capture_logs() as logged:
+        pipeline._unfreeze_trains_something(cfg(1), parts, 1, {"phase": "head", "epochs_done": 1, "steps_done": 0})
+    assert [r["log_level"] for r in logged] == ["warning"] and "this run began with it" in logged[0]["event"]
+    pipeline._unfreeze_trains_something(cfg(1), parts, 3, {})

@@ -1530,5 +1530,7 @@ def test_a_complete_runs_damaged_metrics_for_metrics_file_is_a_storage_error(tmp
     (run / "config.yaml").write_text(to_yaml(cfg))
     (run / "metrics.json").write_text('{"test": {"accuracy": 0.9')  # cut short
     (run / "_SUCCESS").write_text("")
-    with pytest.raises(StorageError, match=r"r1/metrics.json: the complete run's metrics are not JSON \("):
-        pipeline.prepare(cfg)
+    for damaged in ('{"test": {"accuracy": 0.9', "null", '{"test": 1}'):  # cut short, or of another shape
+        (run / "metrics.json").write_text(damaged)
+        with pytest.raises(StorageError, match=r"r1/metrics.json: the complete run's metrics are not JSON of its "):
+            pipeline.prepare(cfg)

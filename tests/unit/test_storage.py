@@ -3,6 +3,7 @@
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
@@ -417,3 +418,16 @@ def test_a_missing_object_is_told_by_the_replys_code_not_by_its_text(s3):
     with pytest.raises(StorageError, match="storage unreachable") as unreachable:
         sources._read_optional("s3://b404/data/classes.txt", f"http://127.0.0.1:{_closed_port()}")
     assert not isinstance(missing_bucket.value, DataError) and not isinstance(unreachable.value, DataError)
+
+
+def test_a_home_folder_of_no_user_is_a_config_error_wherever_a_path_is_read(tmp_path):
+    # pathlib's RuntimeError ("Could not determine home directory"): predict --model, tensorboard --from, pack --to
+    # and --from were exit 1 with a traceback.
+    from job.pack import pack
+
+    for uri in ("~nosuchuser-here/runs", "file://~nosuchuser-here/runs"):
+        with pytest.raises(ConfigError, match="~nosuchuser-here: no such user here, so no home folder to expand"):
+            storage.open_store(uri)
+    with pytest.raises(ConfigError, match="^--from ~nosuchuser-here/d: ~nosuchuser-here: no such user here"):
+        pack("~nosuchuser-here/d", str(tmp_path / "out"), 1 << 20)
+    assert storage.open_store("~/x").root == Path.home() / "x"

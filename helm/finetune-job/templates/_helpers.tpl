@@ -492,8 +492,7 @@ less than or equal to ... limit"): the Job then created no pod, and `helm instal
 {{- range $name, $request := $resources.requests | default dict -}}
 {{- if and (hasKey $limits $name) (not (contains "/" $name)) -}}
 {{- $limit := get $limits $name -}}
-{{- /* (with a margin for rounding: 300m and 0.3 are equal) */ -}}
-{{- if gt (float64 (include "finetune-job.quantity" $request)) (mulf (float64 (include "finetune-job.quantity" $limit)) 1.000000001) -}}
+{{- if gt (float64 (include "finetune-job.quantity" $request)) (float64 (include "finetune-job.quantity" $limit)) -}}
 {{- fail (printf "%s.requests.%s: %v is more than %s.limits.%s: %v, which the API server refuses; raise the limit or lower the request" $where $name $request $where $name $limit) -}}
 {{- end -}}
 {{- end -}}
