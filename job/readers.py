@@ -220,7 +220,7 @@ class Streamed(Reader):
         wanted = set(self.items(split)[0] if keys is None else keys)
         rels = sorted({shard_of(k) for k in wanted})
         return stream.pixels(self.store, rels, self.layout.classes, wanted, self.image_size, multi=self.multi,
-                             versions=self.versions)
+                             versions=self.versions, spill=self.keep)
 
 
 def balanced(images: dict[str, int], workers: int) -> list[list[str]]:
