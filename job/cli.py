@@ -121,7 +121,7 @@ def _done(code: int) -> None:
     import signal
 
     def end(_number, _frame):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
@@ -359,13 +359,13 @@ def pack(
         from job.pack import parse_size
 
         result = write_shards(source, dest, parse_size(shard_size), endpoint_url, overwrite=overwrite)
+        images = sum(result["images"].values())
+        kind = "labels" if result.get("task") == "multi_label" else "classes"
+        typer.echo(f"packed {images} images of {len(result['classes'])} {kind} into {len(result['shards'])} shards "
+                   f"under {result['to']}")
         _done(0)
     except BaseException as exc:  # noqa: BLE001
         _fail(exc)
-    images = sum(result["images"].values())
-    kind = "labels" if result.get("task") == "multi_label" else "classes"
-    typer.echo(f"packed {images} images of {len(result['classes'])} {kind} into {len(result['shards'])} shards "
-               f"under {result['to']}")
 
 
 @app.command()

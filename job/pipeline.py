@@ -512,6 +512,8 @@ def prepare(cfg: Config) -> Run | dict:
     work = _work_folder(cfg) / f"worker-{cluster.worker_index}"
     work.mkdir(parents=True, exist_ok=True)
     parts, unfreeze = _build_model(cfg, cluster, source.layout.classes, work)
+    if state != "incomplete":  # no checkpoint to resume: refused before the lease, and before an overwrite deletes
+        _unfreeze_trains_something(cfg, parts, unfreeze, {})  # the complete run (it did, then refused the config)
     lease, refused = None, None
     if cluster.is_chief:
         try:
@@ -733,7 +735,7 @@ def _unfreeze_trains_something(cfg: Config, parts, count: int, resumed_from: dic
     idle = model.idle_unfreeze(parts.base, count, cfg.train.finetune.unfreeze)
     if idle and not resumed_from:
         raise ConfigError(idle)
-    if idle:
+    if idle and resumed_from.get("phase") != "trained":
         log.warning(f"{idle.removeprefix('config: ')}; this run began with it and goes on so: its fine-tuning trains "
                     "the head alone")
 

@@ -557,3 +557,28 @@ def test_unfreeze_is_refused_for_a_new_run_only_where_the_fine_tuning_runs(tmp_p
         pipeline._unfreeze_trains_something(cfg(1), parts, 1, {"phase": "head", "epochs_done": 1, "steps_done": 0})
     assert [r["log_level"] for r in logged] == ["warning"] and "this run began with it" in logged[0]["event"]
     pipeline._unfreeze_trains_something(cfg(1), parts, 3, {})
+
+
+def test_an_overwrite_refused_for_its_unfreeze_deletes_nothing(monkeypatch, tmp_path):
+    # Checked after the resume point, the refusal came after the overwrite had deleted the complete run: nothing left.
+    from job import pipeline
+    from job.config import Config
+    from job.errors import ConfigError
+    from job.sample_data import write_sample_dataset
+
+    monkeypatch.setattr(pipeline, "resolve_weights", lambda cfg, work: (None, False))  # a base as built, no file
+    monkeypatch.setattr(pipeline, "check_weights", lambda cfg: None)
+    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: None)  # (global: not for a test)
+    write_sample_dataset(tmp_path / "d", classes=2, per_class=4, size=32, seed=0, test_per_class=0)
+    run = tmp_path / "out" / "r1"
+    run.mkdir(parents=True)
+    for name in ("_SUCCESS", "model.keras", "metrics.json", "config.yaml"):
+        (run / name).write_text("{}")
+    cfg = Config.model_validate({"data": {"uri": str(tmp_path / "d"), "image_size": [32, 32],
+                                          "cache_dir": str(tmp_path / "cache")},
+                                 "output": {"uri": str(tmp_path / "out"), "overwrite": True}, "run_id": "r1",
+                                 "model": {"weights": "/w.weights.h5"}, "metrics": {"port": 0},
+                                 "train": {"finetune": {"unfreeze": 1}}})
+    with pytest.raises(ConfigError, match="train.finetune.unfreeze: 1 unfreezes no layer with weights to train"):
+        pipeline.prepare(cfg)
+    assert sorted(p.name for p in run.iterdir()) == ["_SUCCESS", "config.yaml", "metrics.json", "model.keras"]

@@ -1536,16 +1536,13 @@ def test_a_complete_runs_damaged_metrics_for_metrics_file_is_a_storage_error(tmp
             pipeline.prepare(cfg)
 
 
-@given(st.lists(st.text("ab/:", min_size=1, max_size=4), unique=True, max_size=4),
+@given(st.lists(st.text("ab/.", min_size=1, max_size=4), unique=True, max_size=4),  # (shard paths have no colon)
        st.lists(st.text("xy:", max_size=3), max_size=5), st.lists(st.text("ab:x", max_size=5), max_size=4))
 def test_each_shards_samples_are_found_in_one_pass_as_by_a_scan(rels, members, strays):
     # A scan of every key for each shard (58 s at 300,000 images in 790 shards, at every pass over the data) named
     # each shard's kept decoded rows; one pass must find the same keys, so that those files keep their names.
-    from hypothesis import assume
-
     from job import stream
 
-    assume(not any(a != b and b.startswith(a + ":") for a in rels for b in rels))  # (one shard per key)
     allowed = {f"{rel}:{m}" for rel in rels for m in members} | set(strays)
     assert stream.samples_of(rels, allowed) == {rel: sorted(k for k in allowed if k.startswith(rel + ":"))
                                                 for rel in rels}
