@@ -171,9 +171,41 @@ def event_file(rel: str, own: str) -> tuple[str, str] | None:
     """(run, path inside its tensorboard/) of an object under `--from`: `<run_id>/tensorboard/<rest>`, or
     `tensorboard/<rest>` when `--from` names one run's folder (the run `own`, its last part); None for the rest."""
     if rel.startswith(f"{FOLDER}/"):
-        return own, rel.removeprefix(f"{FOLDER}/")
-    run, _, rest = rel.partition(f"/{FOLDER}/")
-    return (run, rest) if rest and "/" not in run else None
+        run, rest = own, rel.removeprefix(f"{FOLDER}/")
+    else:
+        run, _, rest = rel.partition(f"/{FOLDER}/")
+        if not rest or "/" in run:
+            return None
+    parts = [run, *rest.split("/")]
+    # A key with a `..` part wrote outside --folder (and its deletion unlinked there); one ending in `/` is a folder
+    # marker, "NoSuchKey" at every refresh.
+    if any(part in ("", ".", "..") for part in parts):
+        return None
+    return run, rest
+
+
+def _write(target: Path, data: bytes) -> None:
+    """An event file grown in storage (the chief uploads it whole at every epoch's end) is appended to in place:
+    replaced by a new file, it was never read again by TensorBoard's server, which holds the old one open, so a run
+    stopped updating on the board while it trained. Any other change is a new file, whole or not at all (a full
+    --folder left a cut event file)."""
+    try:
+        size = target.stat().st_size
+        grown = 0 < size <= len(data) and target.read_bytes() == data[:size]
+    except OSError:
+        grown = False
+    if grown:
+        with open(target, "r+b") as f:
+            f.seek(size)
+            try:
+                f.write(data[size:])
+                f.flush()
+            except OSError:  # (a full --folder: the last whole copy stays served)
+                f.truncate(size)
+                raise
+        return
+    with atomic_path(target) as part:
+        part.write_bytes(data)
 
 
 def mirror(store: storage.Store, folder: Path, known: dict[str, str], own: str = "run") -> int:
@@ -193,8 +225,7 @@ def mirror(store: storage.Store, folder: Path, known: dict[str, str], own: str =
             except StorageError as e:  # one file gone or unreadable (a resumed run rewrites its events): the
                 missed.append(str(e))  # others are still copied; it is tried again at the next refresh
                 continue
-            with atomic_path(target) as part:  # whole or not at all: a full --folder left a cut event file
-                part.write_bytes(data)
+            _write(target, data)
             known[rel] = entry.etag
             copied += 1
     if missed:

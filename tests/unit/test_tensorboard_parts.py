@@ -124,7 +124,7 @@ def test_a_refresh_that_storage_fails_keeps_the_mirror_served(tmp_path, monkeypa
     # A full --folder: the server stopped (exit 4), a cut event file left behind.
     import errno
 
-    (runs / "r2" / "tensorboard" / "events.2").write_bytes(b"two, grown")
+    (runs / "r2" / "tensorboard" / "events.2").write_bytes(b"2, rewritten")  # (not grown: a new file)
     real_write = Path.write_bytes
 
     def full(path, data):
@@ -140,7 +140,7 @@ def test_a_refresh_that_storage_fails_keeps_the_mirror_served(tmp_path, monkeypa
     assert sorted(p.name for p in (folder / "r2").iterdir()) == ["events.2"]  # no part file left
     assert (folder / "r2" / "events.2").read_bytes() == b"two"  # the last whole copy, still served
     tensorboard.refresh(store, folder, known, "run")
-    assert (folder / "r2" / "events.2").read_bytes() == b"two, grown"
+    assert (folder / "r2" / "events.2").read_bytes() == b"2, rewritten"
 
 
 def test_the_mirror_of_one_runs_folder_serves_that_run():
@@ -254,3 +254,33 @@ def test_a_port_out_of_range_is_usage():
     out = subprocess.run([str(cli), "tensorboard", "--from", "/nonexistent", "--port", "-1"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "--port" in out.stderr
+
+
+def test_an_event_file_grown_in_storage_is_appended_to_in_place(tmp_path):
+    # Replaced by a new file at every epoch's upload, it was never read again by TensorBoard's server, which holds the
+    # old one open: a run stopped updating on the board while it trained. Any other change is a new file.
+    runs = tmp_path / "runs"
+    (runs / "r1" / "tensorboard").mkdir(parents=True)
+    source = runs / "r1" / "tensorboard" / "events.1"
+    source.write_bytes(b"epoch 1;")
+    store, folder, known = storage.open_store(str(runs)), tmp_path / "mirror", {}
+    tensorboard.mirror(store, folder, known)
+    inode = (folder / "r1" / "events.1").stat().st_ino
+    source.write_bytes(b"epoch 1;epoch 2;")
+    assert tensorboard.mirror(store, folder, known) == 1
+    assert (folder / "r1" / "events.1").read_bytes() == b"epoch 1;epoch 2;"
+    assert (folder / "r1" / "events.1").stat().st_ino == inode  # the same file, which the server keeps open
+    source.write_bytes(b"rewritten")  # (a resumed run's own file): a new one
+    tensorboard.mirror(store, folder, known)
+    assert (folder / "r1" / "events.1").read_bytes() == b"rewritten"
+
+
+def test_keys_that_leave_the_mirror_or_mark_folders_are_not_event_files():
+    # `run/tensorboard/../../x` and `../tensorboard/x` were written outside --folder (and unlinked there when gone);
+    # a folder marker `run/tensorboard/sub/` was "NoSuchKey" at every refresh.
+    assert tensorboard.event_file("r1/tensorboard/events.1", "own") == ("r1", "events.1")
+    assert tensorboard.event_file("tensorboard/sub/events.1", "own") == ("own", "sub/events.1")
+    for rel in ("r1/tensorboard/../../ESCAPED", "../tensorboard/ESCAPED", "r1/tensorboard/sub/", "tensorboard/../x",
+                "r1/tensorboard/./x", "r1/tensorboard/a//b", ".."):
+        assert tensorboard.event_file(rel, "own") is None, rel
+    assert tensorboard.event_file("tensorboard/x", "..") is None  # (--from a folder named ..)
