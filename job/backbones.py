@@ -68,4 +68,4 @@ def get(name: str) -> Backbone:
         same = [b.name for b in _ALL if _squashed(name) in (_squashed(b.name), _squashed(b.constructor))]
         hint = (f" (did you mean '{same[0]}'?)" if same else did_you_mean(name, BACKBONES)
                 or f" (one of: {', '.join(BACKBONES)})")
-        raise KeyError(f"unknown backbone '{name}'{hint}") from None
+        raise KeyError(f"unknown backbone {name!r}{hint}") from None  # (repr: a line break in it printed two lines)

@@ -628,8 +628,17 @@ def one_line(err: ValidationError) -> str:
         if e["type"] == "string_type" and isinstance(given, (bool, int, float, dt.date)):  # YAML typed the text
             kind = {bool: "a boolean", int: "a number", float: "a number"}.get(type(given), "a date")
             shown = f": YAML read {given!r} as {kind}; quote it ({loc[-1]}: \"...\")"
-        return f"config: {key}: {msg}{shown}"  # (the value: a URL's user:password@ as config.yaml shows it)
-    return f"config: {msg}"
+        return _on_one_line(f"config: {key}: {msg}{shown}")  # (the value: a URL's user:password@ as config.yaml
+    return _on_one_line(f"config: {msg}")  # shows it)
+
+
+# What str.splitlines breaks at: a value quoted raw in a validator's message (a backbone "0\r0") printed two lines.
+_LINE_BREAKS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+                for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
+
+
+def _on_one_line(message: str) -> str:
+    return message.translate(_LINE_BREAKS)
 
 
 def load(path: str | os.PathLike | None, assignments: list[str] = (), environ: dict | None = None) -> Config:

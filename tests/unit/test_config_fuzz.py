@@ -76,6 +76,8 @@ def test_any_set_is_a_config_or_one_line_and_reads_back(folder, assignments):
 @given(st.dictionaries(st.sampled_from(KEYS).map(lambda k: "FINETUNE_" + k.replace(".", "__").upper()),
                        VALUE_TEXT.filter(lambda v: "\x00" not in v), max_size=4))
 @example({"FINETUNE_TRAIN__BATCH_SIZE": "1" * 4301})
+@example({"FINETUNE_MODEL__BACKBONE": "0\r0"})  # (a backbone's name was quoted raw: two lines)
+@example({"FINETUNE_MODEL__BACKBONE": "mobilenet\u2028v2"})
 def test_any_environment_is_a_config_or_one_line_and_reads_back(folder, environ):
     path = folder / "base.yaml"
     path.write_text(yaml.safe_dump(_base(folder)), encoding="utf-8")
