@@ -181,8 +181,8 @@ def cpu_threads() -> int:
     from job.distribute import usable_cpus
 
     from_env = os.environ.get("TF_NUM_INTRAOP_THREADS", "").strip()
-    return tf.config.threading.get_intra_op_parallelism_threads() or (int(from_env) if from_env.isdigit() and
-                                                                       int(from_env) > 0 else usable_cpus())
+    set_here = tf.config.threading.get_intra_op_parallelism_threads()
+    return set_here or (int(from_env) if from_env.isdigit() else 0) or usable_cpus()
 
 
 def refit_fields(run) -> dict:

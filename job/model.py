@@ -185,14 +185,12 @@ def check_unfreeze(base: keras.Model, unfreeze: int | str, backbone: str) -> int
             raise ConfigError(
                 f"config: train.finetune.unfreeze: {unfreeze} is more than the {len(layers)} layers of {backbone}"
             )
-        count = unfreeze
-    else:
-        names = [layer.name for layer in layers]
-        if unfreeze not in names:
-            hint = did_you_mean(unfreeze, names)
-            raise ConfigError(f"config: train.finetune.unfreeze: {backbone} has no layer '{unfreeze}'{hint}")
-        count = len(layers) - names.index(unfreeze)
-    return count
+        return unfreeze
+    names = [layer.name for layer in layers]
+    if unfreeze not in names:
+        hint = did_you_mean(unfreeze, names)
+        raise ConfigError(f"config: train.finetune.unfreeze: {backbone} has no layer '{unfreeze}'{hint}")
+    return len(layers) - names.index(unfreeze)
 
 
 def idle_unfreeze(base: keras.Model, count: int, unfreeze: int | str) -> str | None:

@@ -543,7 +543,8 @@ def prepare(cfg: Config) -> Run | dict:
         ckpt = Checkpoints(out, work, cluster, cfg.checkpoint.keep, guard=lease.check if lease else None)
         resumed = _resume_point(cfg, ckpt, state, source.layout.classes, source.fingerprint(), _base_weights(parts),
                                 _keep_order(source))
-        _unfreeze_trains_something(cfg, parts, unfreeze, _resumed_from(resumed))
+        if state == "incomplete":  # (the others were checked before the lease)
+            _unfreeze_trains_something(cfg, parts, unfreeze, _resumed_from(resumed))
     except BaseException:
         if lease:
             lease.release()

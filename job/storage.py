@@ -421,6 +421,11 @@ def _file_system_now(folder: Path) -> float:
 _clock_fallback_said: list[bool] = []
 
 
+def _version(st: os.stat_result) -> str:
+    """A local file's version, as an ETag is an object's: its modification time in nanoseconds."""
+    return str(st.st_mtime_ns)
+
+
 class LocalStore:
     """Files below a local folder; same interface as S3Store."""
 
@@ -462,7 +467,7 @@ class LocalStore:
                 target = f" (to {os.readlink(p)})" if p.is_symlink() else ""
                 raise DataError(f"{p}: a broken link{target}; is a volume not mounted?") from None
             return Entry(rel, 0, "")  # a broken link to an image: left out as an image that cannot be read
-        return Entry(rel, st.st_size, str(st.st_mtime_ns))
+        return Entry(rel, st.st_size, _version(st))
 
     def empty_folders(self) -> list[str]:
         """`<rel>/` of every folder with nothing in it: what an S3 listing shows as a folder marker."""
@@ -498,19 +503,19 @@ class LocalStore:
             except BaseException:  # a full disk left an empty lease, which the next attempt waited out as live
                 path.unlink(missing_ok=True)
                 raise
-            return str(path.stat().st_mtime_ns)
+            return _version(path.stat())
 
     def replace(self, rel: str, data: bytes, etag: str) -> str | None:
         path = self.root / rel
         try:
-            found = str(path.stat().st_mtime_ns)  # (its version only: no age, so no clock probe)
+            found = _version(path.stat())  # (its version only: no age, so no clock probe)
         except FileNotFoundError:
             return None
         if found != etag:
             return None
         with storage_errors(f"writing {path}"), atomic_path(path) as tmp:
             tmp.write_bytes(data)
-        return str(path.stat().st_mtime_ns)
+        return _version(path.stat())
 
     def stat(self, rel: str) -> tuple[str, float] | None:
         """(version, seconds since it was written), the age by the file system's clock, as S3's is by the server's."""
@@ -519,7 +524,7 @@ class LocalStore:
             st = path.stat()
         except FileNotFoundError:
             return None
-        return str(st.st_mtime_ns), max(0.0, _file_system_now(path.parent) - st.st_mtime)
+        return _version(st), max(0.0, _file_system_now(path.parent) - st.st_mtime)
 
     def open_stream(self, rel: str, listed: Entry | None = None):
         """The file, checked against its listing when given (size, then modification time), as S3Store's."""
@@ -528,7 +533,7 @@ class LocalStore:
             if listed is not None:
                 st = os.fstat(f.fileno())
                 try:
-                    _same_version(str(self.root / rel), {"ContentLength": st.st_size, "ETag": str(st.st_mtime_ns)},
+                    _same_version(str(self.root / rel), {"ContentLength": st.st_size, "ETag": _version(st)},
                                   listed.size, listed.etag, again=True)
                 except StorageError:
                     f.close()
